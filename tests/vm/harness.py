@@ -1,0 +1,535 @@
+"""Run shell scripts in a throw-away QEMU guest that has real virtio-fs PCI functions.
+
+The guest boots a Debian kernel (unpacked into a cache directory once, see
+prepare-kernel.sh) under TCG. Its root file system is this host's ``/``, shared
+read-only over 9p, under a tmpfs overlay: host binaries, this checkout and its
+``.venv`` are visible at the same paths, and guest writes never reach the host.
+Each virtio-fs function is a ``vhost-user-fs-pci`` device, served either by a
+virtiofsd that the harness starts (and stops) for the run, or by a vhost-user
+backend that the caller already runs (``FsDevice(socket=...)``).
+
+The script runs as root with ``bash -e -o pipefail``; its stdout and stderr
+(combined) and its exit status come back through a per-run directory shared
+read-write over 9p (not through the serial console, which only carries kernel
+messages). Typical use::
+
+    from harness import FsDevice, run_in_guest, GUEST_PYTHON
+
+    r = run_in_guest(f"vfsdrv_vfio_bind $VFSDRV_VM_BDF; {GUEST_PYTHON} -m my.test", iommu=True)
+    assert r.returncode == 0, r.output
+
+Infrastructure problems (no qemu, the kernel cannot be prepared, the guest never
+reports a status, timeouts) raise GuestError subclasses with diagnostics; a
+returned GuestResult always carries the script's real exit status.
+
+Environment knobs: VFSDRV_VM_CACHE (cache directory), VFSDRV_VM_KPKG (kernel
+package, default: what linux-image-amd64 depends on), VFSDRV_VM_QEMU,
+VFSDRV_VM_VIRTIOFSD (binaries), VFSDRV_VM_KEEP=1 (keep run directories),
+VFSDRV_VM_VERBOSE=1 (no ``quiet`` on the kernel command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+VM_DIR = Path(__file__).resolve().parent
+REPO = VM_DIR.parents[1]
+#: The project's venv python; the guest sees it at the same path. Not resolved:
+#: the symlink's location is what makes it the venv's interpreter.
+GUEST_PYTHON = Path(os.path.abspath(REPO / ".venv" / "bin" / "python"))
+
+#: PCI slot of the first virtio-fs function; function i is at slot FS_SLOT + i.
+FS_SLOT = 0x03
+_9P_SLOT = 0x10  # 9p shares (host root, run directory, rw dirs) from here on
+DEFAULT_TAG = "myfs"
+
+
+class GuestError(RuntimeError):
+    """The guest could not be run or did not report a result."""
+
+
+class GuestSetupError(GuestError):
+    """The host cannot run guests (missing tools, kernel preparation failed)."""
+
+
+class GuestTimeout(GuestError):
+    """The guest did not finish in time; ``output`` has what the script printed."""
+
+    def __init__(self, message: str, output: str = "", console: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+        self.console = console
+
+
+def fs_bdf(index: int = 0) -> str:
+    """PCI address, in the guest, of the index-th virtio-fs function."""
+    return f"0000:00:{FS_SLOT + index:02x}.0"
+
+
+@dataclass(frozen=True)
+class FsDevice:
+    """One vhost-user-fs-pci function (virtio-fs, 1af4:105a) in the guest.
+
+    Either ``socket`` is the vhost-user socket of a backend the caller runs
+    (QEMU connects to it as a client; the backend must already listen), or the
+    harness starts a virtiofsd exporting ``fs_dir`` (default: an empty
+    temporary directory) for this run.
+    """
+
+    tag: str = DEFAULT_TAG
+    fs_dir: Path | None = None
+    socket: Path | None = None
+    num_request_queues: int = 1
+    queue_size: int | None = None  # vhost-user-fs-pci queue-size (default 128)
+    properties: str = ""  # extra device properties, e.g. ",cache-size=64M"
+
+    def __post_init__(self) -> None:
+        if self.fs_dir is not None and self.socket is not None:
+            raise ValueError("FsDevice: give fs_dir (harness runs virtiofsd) or socket, not both")
+        if self.num_request_queues < 1:
+            raise ValueError("FsDevice: num_request_queues must be >= 1")
+
+
+@dataclass
+class GuestResult:
+    returncode: int
+    output: str  # the script's stdout and stderr, combined
+    console: str  # serial console: kernel messages, guest-init errors
+    duration: float  # wall clock seconds for the whole run (virtiofsd, boot, script, exit)
+    boot_time: float | None  # guest uptime when the script started
+    backend_logs: dict[str, str] = field(default_factory=dict)  # tag -> virtiofsd log
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def __str__(self) -> str:
+        return (f"guest exit status {self.returncode} after {self.duration:.1f}s; "
+                f"output:\n{self.output}")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    kdir: Path
+    vmlinux: Path
+    initrd: Path
+    kroot: Path
+
+
+# -- host tools and the kernel cache ------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``${VFSDRV_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vfsdrv-vm}``"""
+    if os.environ.get("VFSDRV_VM_CACHE"):
+        return Path(os.environ["VFSDRV_VM_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "vfsdrv-vm"
+
+
+def qemu_binary() -> str:
+    name = os.environ.get("VFSDRV_VM_QEMU", "qemu-system-x86_64")
+    path = shutil.which(name)
+    if not path:
+        raise GuestSetupError(f"{name} not found: install qemu-system-x86 (tools/setup-env.sh)")
+    return path
+
+
+def virtiofsd_binary() -> str:
+    candidates = [os.environ.get("VFSDRV_VM_VIRTIOFSD", ""), "/usr/lib/qemu/virtiofsd",
+                  "/usr/libexec/virtiofsd", shutil.which("virtiofsd") or ""]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    raise GuestSetupError("virtiofsd not found (Debian 12: qemu-system-common, "
+                          "/usr/lib/qemu/virtiofsd); set VFSDRV_VM_VIRTIOFSD")
+
+
+def kernel_package() -> str:
+    if os.environ.get("VFSDRV_VM_KPKG"):
+        return os.environ["VFSDRV_VM_KPKG"]
+    try:
+        out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise GuestSetupError(f"cannot resolve linux-image-amd64 ({e}); set VFSDRV_VM_KPKG") from e
+    for line in out.splitlines():
+        dep = line.split(":", 1)[-1].strip()
+        if line.strip().startswith("Depends:") and dep.startswith("linux-image-"):
+            return dep
+    raise GuestSetupError("apt-cache knows no linux-image-amd64 (apt-get update?); "
+                          "set VFSDRV_VM_KPKG")
+
+
+def _digest(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _run_step(argv: list[str], what: str, env: Mapping[str, str] | None = None) -> None:
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise GuestSetupError(f"{what} failed (exit {p.returncode}):\n{p.stdout}{p.stderr}")
+
+
+def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
+    """Unpack the guest kernel and build the initramfs, once; later calls reuse the cache.
+
+    Safe to call concurrently (a lock file serialises preparation). The kernel
+    tree is redone when prepare-kernel.sh changes, the initramfs when
+    build-initramfs.sh or initramfs-init change.
+    """
+    for tool in ("apt-get", "dpkg-deb", "depmod", "cpio", "xz", "gzip", "make", "gcc"):
+        if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+            raise GuestSetupError(f"{tool} not found: run tools/setup-env.sh")
+    if not os.access("/bin/busybox", os.X_OK):
+        raise GuestSetupError("/bin/busybox not found: install busybox-static (tools/setup-env.sh)")
+    cache = cache_dir()
+    kpkg = kernel_package()
+    kdir = cache / kpkg
+    kstamp = _digest(VM_DIR / "prepare-kernel.sh")
+    istamp = _digest(VM_DIR / "build-initramfs.sh", VM_DIR / "initramfs-init")
+    initrd = kdir / f"initrd-{istamp}.gz"
+    with _locked(cache / ".lock"):
+        ok = kdir / "ok"
+        if not (ok.exists() and ok.read_text().strip() == kstamp):
+            if log:
+                print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
+            env = dict(os.environ, STAMP=kstamp)
+            _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
+                      f"preparing the guest kernel {kpkg}", env)
+        if not initrd.exists():
+            for old in kdir.glob("initrd-*.gz"):
+                old.unlink()
+            _run_step([str(VM_DIR / "build-initramfs.sh"), str(kdir), str(initrd)],
+                      "building the guest initramfs")
+    return Kernel(kdir=kdir, vmlinux=kdir / "vmlinux", initrd=initrd, kroot=kdir / "kroot")
+
+
+# -- one guest run ----------------------------------------------------------------------------
+
+
+def _no_space(p: Path | str, what: str) -> str:
+    s = str(p)
+    if any(c.isspace() for c in s) or "," in s:
+        raise GuestError(f"{what} {s!r}: paths with spaces or commas cannot go on the "
+                         "kernel/QEMU command line")
+    return s
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_in_guest(
+    script: str,
+    *,
+    iommu: bool = False,
+    noiommu: bool = False,
+    timeout: float = 120,
+    fs_dir: Path | None = None,
+    vhost_user_socket: Path | None = None,
+    num_request_queues: int = 1,
+    fs_devices: Sequence[FsDevice] | None = None,
+    bind_vfio: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    rw_dirs: Sequence[Path] = (),
+    kernel_args: Sequence[str] = (),
+    extra_qemu_args: Sequence[str] = (),
+    mem: str = "1G",
+    smp: int = 1,
+    stream: TextIO | None = None,
+) -> GuestResult:
+    """Boot a guest, run ``script`` in it (``bash -e -o pipefail``, as root) and return its result.
+
+    Devices: by default one virtio-fs function (tag ``myfs``, at ``fs_bdf(0)``)
+    described by ``fs_dir`` / ``vhost_user_socket`` / ``num_request_queues``;
+    ``fs_devices`` replaces that with any list (``[]``: none), e.g. a second
+    function with ``[FsDevice(), FsDevice(tag="fs2")]``.
+
+    Modes: ``iommu`` adds an emulated Intel IOMMU (``intel_iommu=on``): vfio-pci
+    gives type1 groups ``/dev/vfio/N``. ``noiommu`` loads vfio with
+    ``enable_unsafe_noiommu_mode=1``: ``/dev/vfio/noiommu-N``. Both load
+    vfio-pci before the script; ``bind_vfio`` also binds every virtio-fs
+    function to it. Beware: virtiofsd does not offer VIRTIO_F_ACCESS_PLATFORM,
+    so the device reads guest-physical addresses even behind the vIOMMU.
+
+    The guest environment has PATH (the venv's bin first), VFSDRV_REPO,
+    VFSDRV_PYTHON, VFSDRV_VM_BDF (first virtio-fs function), VFSDRV_VM_BDFS,
+    VFSDRV_VM_MODE (plain/iommu/noiommu) and ``env``; the script starts in
+    ``cwd`` (default: the repository). The helpers of guest-lib.sh
+    (vfsdrv_vfio_bind BDF, vfsdrv_vfio_group BDF, vfsdrv_virtiofs_bdfs) are
+    available. ``rw_dirs`` are host directories made writable in the guest at
+    the same paths. ``stream`` receives the script's output while it runs.
+    """
+    if iommu and noiommu:
+        raise ValueError("iommu and noiommu are mutually exclusive")
+    if fs_devices is None:
+        fs_devices = [FsDevice(fs_dir=fs_dir, socket=vhost_user_socket,
+                               num_request_queues=num_request_queues)]
+    elif fs_dir is not None or vhost_user_socket is not None or num_request_queues != 1:
+        raise ValueError("give fs_devices or fs_dir/vhost_user_socket/num_request_queues")
+    tags = [d.tag for d in fs_devices]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"virtio-fs tags must be unique: {tags}")
+    if bind_vfio and not (iommu or noiommu):
+        raise ValueError("bind_vfio needs iommu=True or noiommu=True")
+
+    qemu = qemu_binary()
+    vfsd = virtiofsd_binary() if any(d.socket is None for d in fs_devices) else ""
+    kernel = prepare_kernel()
+    for p, what in ((VM_DIR, "checkout"), (kernel.kdir, "cache directory")):
+        _no_space(p, what)
+
+    start = time.monotonic()
+    run = Path(tempfile.mkdtemp(prefix="vfsdrv-vm-"))
+    _no_space(run, "run directory")
+    backends: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    qproc: subprocess.Popen[bytes] | None = None
+    try:
+        # the guest's setup: env, modules, rw mounts, cwd
+        bdfs = [fs_bdf(i) for i in range(len(fs_devices))]
+        mode = "iommu" if iommu else "noiommu" if noiommu else "plain"
+        genv = {
+            "PATH": f"{GUEST_PYTHON.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+                    ":/sbin:/bin",
+            "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "PYTHONUNBUFFERED": "1",
+            "VFSDRV_REPO": str(REPO), "VFSDRV_PYTHON": str(GUEST_PYTHON),
+            "VFSDRV_VM_BDF": bdfs[0] if bdfs else "", "VFSDRV_VM_BDFS": " ".join(bdfs),
+            "VFSDRV_VM_MODE": mode, "VFSDRV_VM_RUN_DIR": str(run),
+        }
+        genv.update(env or {})
+        setup = ["# generated by harness.py, sourced by guest-init.sh (set -e)"]
+        setup += [f"export {k}={shlex.quote(v)}" for k, v in genv.items()]
+        for i, d in enumerate(rw_dirs):
+            path = _no_space(Path(d).resolve(), "rw dir")
+            setup.append(f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 "
+                         f"vfsdrv_rw{i} {shlex.quote(path)}")
+        if iommu or noiommu:
+            setup.append("modprobe vfio-pci")
+            if noiommu:
+                setup.append('[ "$(cat /sys/module/vfio/parameters/enable_unsafe_noiommu_mode)"'
+                             ' = Y ] || { echo "vfio: no-IOMMU mode is off" >&2; exit 1; }')
+        if bind_vfio:
+            setup += [f"vfsdrv_vfio_bind {b}" for b in bdfs]
+        setup.append(f"cd {shlex.quote(str(cwd or REPO))}")
+        (run / "setup.sh").write_text("\n".join(setup) + "\n")
+        (run / "script").write_text(script if script.endswith("\n") else script + "\n")
+
+        # virtiofsd for the devices without a caller-provided backend
+        sockets: list[Path] = []
+        for i, d in enumerate(fs_devices):
+            if d.socket is not None:
+                sock = Path(d.socket)
+                if not sock.is_socket():
+                    raise GuestError(f"vhost-user socket {sock} does not exist (backend not "
+                                     "listening?)")
+                sockets.append(sock)
+                continue
+            src = Path(d.fs_dir) if d.fs_dir is not None else run / f"fs{i}"
+            src.mkdir(parents=True, exist_ok=True)
+            sock = run / f"vfsd{i}.sock"
+            logf = run / f"virtiofsd{i}.log"
+            with open(logf, "wb") as lf:
+                p = subprocess.Popen([vfsd, f"--socket-path={sock}", "-o", f"source={src}",
+                                      "-o", "cache=auto"],
+                                     stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+            backends.append((d.tag, p, logf))
+            deadline = time.monotonic() + 10
+            while not sock.is_socket():
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise GuestSetupError(f"virtiofsd for {src} did not start:\n{_read(logf)}")
+                time.sleep(0.02)
+            sockets.append(sock)
+
+        # QEMU
+        machine = "q35,memory-backend=mem"
+        kargs = ["console=ttyS0", "panic=-1"]
+        if os.environ.get("VFSDRV_VM_VERBOSE") != "1":
+            kargs.append("quiet")
+        dev_iommu: list[str] = []
+        if iommu:
+            machine += ",kernel-irqchip=split"  # intremap=on needs the split irqchip
+            dev_iommu = ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+            kargs.append("intel_iommu=on")
+        if noiommu:
+            kargs.append("vfio.enable_unsafe_noiommu_mode=1")
+        kargs += list(kernel_args)
+        kargs += [f"vfsdrv_init={VM_DIR / 'guest-init.sh'}", f"vfsdrv_run={run}",
+                  f"vfsdrv_kroot={kernel.kroot}"]
+        argv = [
+            qemu, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", str(smp),
+            "-m", mem, "-nodefaults", "-display", "none", "-no-reboot",
+            "-chardev", f"file,id=con,path={run / 'console.log'}", "-serial", "chardev:con",
+            # vhost-user needs guest RAM that the backend can map
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-kernel", str(kernel.vmlinux), "-initrd", str(kernel.initrd),
+            "-append", " ".join(kargs),
+            *dev_iommu,  # before the PCI devices it translates
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=4",  # guest-init: qemu exits
+        ]
+        shares = [("hostroot", Path("/"), True), ("vfsdrv_run", run, False)]
+        shares += [(f"vfsdrv_rw{i}", Path(d).resolve(), False) for i, d in enumerate(rw_dirs)]
+        for i, (tag, path, ro) in enumerate(shares):
+            argv += ["-fsdev", f"local,id=fsdev{i},path={path},security_model=none,"
+                     f"multidevs=remap{',readonly=on' if ro else ''}",
+                     "-device", f"virtio-9p-pci,fsdev=fsdev{i},mount_tag={tag},"
+                     f"addr={_9P_SLOT + i:#x}"]
+        for i, (d, sock) in enumerate(zip(fs_devices, sockets, strict=True)):
+            props = f"num-request-queues={d.num_request_queues}"
+            if d.queue_size is not None:
+                props += f",queue-size={d.queue_size}"
+            argv += ["-chardev", f"socket,id=vfs{i},path={_no_space(sock, 'socket')}",
+                     "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag={d.tag},{props},"
+                     f"addr={FS_SLOT + i:#x}{d.properties}"]
+        argv += list(extra_qemu_args)
+        (run / "qemu.argv").write_text(shlex.join(argv) + "\n")
+
+        qlog = run / "qemu.log"
+        with open(qlog, "wb") as lf:
+            qproc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                     cwd=run)
+        out_path, pos = run / "output", 0
+        deadline = start + timeout
+        def pump() -> None:  # copy new script output to `stream`
+            nonlocal pos
+            if stream is None or not out_path.exists():
+                return
+            with open(out_path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            if chunk:
+                stream.write(chunk.decode(errors="replace"))
+                stream.flush()
+
+        while qproc.poll() is None:
+            pump()
+            if time.monotonic() > deadline:
+                qproc.kill()
+                qproc.wait()
+                raise GuestTimeout(
+                    f"guest timed out after {timeout:g}s; script output so far:\n"
+                    f"{_read(out_path)}\n--- console (tail):\n{_tail(_read(run / 'console.log'))}",
+                    _read(out_path), _read(run / "console.log"))
+            time.sleep(0.05)
+        pump()
+        output = _read(out_path)
+        for _, p, _ in backends:
+            _stop(p, 2)
+        console = _read(run / "console.log")
+        logs = {tag: _read(lf) for tag, _, lf in backends}
+        rc_text = _read(run / "rc").strip()
+        if not rc_text or not (run / "setup-ok").exists():
+            what = ("the guest setup failed" if rc_text else
+                    "the guest reported no exit status")
+            diag = [f"{what} (qemu exit {qproc.returncode}); output:", output,
+                    "--- qemu:", _read(qlog), "--- console (tail):", _tail(console)]
+            for tag, log in logs.items():
+                diag += [f"--- virtiofsd {tag}:", _tail(log, 20)]
+            raise GuestError("\n".join(diag))
+        t_start = _read(run / "t-start").strip()
+        return GuestResult(returncode=int(rc_text), output=output, console=console,
+                           duration=time.monotonic() - start,
+                           boot_time=float(t_start) if t_start else None, backend_logs=logs)
+    finally:
+        if qproc is not None and qproc.poll() is None:
+            qproc.kill()
+            qproc.wait()
+        for _, p, _ in backends:
+            _stop(p, 0)
+        if os.environ.get("VFSDRV_VM_KEEP") == "1":
+            print(f"vfsdrv-vm: kept {run}", file=sys.stderr)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+
+
+# -- command line (run-guest.sh) --------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="run-guest.sh", description="Run SCRIPT (bash) in a QEMU "
+                                 "guest with a virtio-fs PCI function; exit with its status "
+                                 "(125: the guest could not be run).")
+    ap.add_argument("script")
+    ap.add_argument("--iommu", action="store_true", help="vIOMMU: type1 VFIO groups")
+    ap.add_argument("--noiommu", action="store_true", help="vfio no-IOMMU mode")
+    ap.add_argument("--bind-vfio", action="store_true", help="bind virtio-fs functions to vfio")
+    ap.add_argument("--fs-dir", type=Path, help="directory the virtiofsd exports")
+    ap.add_argument("--socket", type=Path, help="vhost-user socket of a running backend")
+    ap.add_argument("--queues", type=int, default=1, help="number of request queues")
+    ap.add_argument("--second-fs", metavar="TAG", help="add a second virtio-fs function")
+    ap.add_argument("--rw-dir", type=Path, action="append", default=[])
+    ap.add_argument("--karg", action="append", default=[], help="extra kernel argument")
+    ap.add_argument("--qemu-arg", action="append", default=[], help="extra QEMU argument")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--prepare-only", action="store_true", help="prepare the kernel, then exit")
+    a = ap.parse_args(argv)
+    try:
+        if a.prepare_only:
+            print(prepare_kernel().kdir)
+            return 0
+        devs = [FsDevice(fs_dir=a.fs_dir, socket=a.socket, num_request_queues=a.queues)]
+        if a.second_fs:
+            devs.append(FsDevice(tag=a.second_fs))
+        r = run_in_guest(a.script, iommu=a.iommu, noiommu=a.noiommu, bind_vfio=a.bind_vfio,
+                         fs_devices=devs, rw_dirs=a.rw_dir, kernel_args=a.karg,
+                         extra_qemu_args=a.qemu_arg, timeout=a.timeout, cwd=Path.cwd(),
+                         stream=sys.stdout)
+    except GuestError as e:
+        print(f"run-guest: {e}", file=sys.stderr)
+        return 125
+    print(f"run-guest: exit status {r.returncode}, {r.duration:.1f}s "
+          f"(script started at guest uptime {r.boot_time}s)", file=sys.stderr)
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
