@@ -1,0 +1,661 @@
+"""The virtio-fs device: queue layout, FUSE_INIT, routing of requests, the table
+of requests in flight, the notification queue and blocking-lock waits.
+
+It knows nothing of PCI or vhost-user (only the Transport interface, through
+VirtioDevice) and nothing of frontends: a frontend fills a `Slot` (a DMA buffer)
+with a FUSE request, submits it, and gets a `Completion` back from `process()`.
+
+Queue layout (virtio 1.2 5.11.2): 0 = hiprio; with VIRTIO_FS_F_NOTIFICATION 1 =
+notification queue and requests from 2; without it requests from 1, which is what
+every device implements (the spec says 2, see docs/architecture.rst).
+
+A blocking lock (FUSE_SETLKW) is answered at once with the "wait" value +1 and
+completed later by FUSE_NOTIFY_LOCK {unique, error} on the notification queue;
+the two travel on different queues, so the notification may come first.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import DeviceError, DeviceGoneError, ProtocolError, RingError, VfsdrvError
+from ..virtio.device import VirtioDevice
+from ..virtio.memory import PAGE_SIZE, DmaBuffer
+from ..virtio.transport import Transport
+from ..virtio.virtqueue import QueueFull, Virtqueue
+from . import abi
+from .abi import FUSE_LOCK_WAIT, IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
+from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, check_notify_buf_size, parse_config
+from .sizing import reply_capacity
+
+log = logging.getLogger(__name__)
+
+HIPRIO_QUEUE = 0
+NOTIFY_QUEUE = 1
+IN_HEADER = struct.Struct("<IIQQIIIHH")
+OUT_HEADER = struct.Struct("<IiQ")
+LOCK_NOTIFY = struct.Struct("<Qii")
+#: largest errno a reply may carry (Linux MAX_ERRNO)
+MAX_ERRNO = 4095
+
+
+@dataclass
+class Completion:
+    """The outcome of one request. `reply` is the whole reply (out header and
+    payload) exactly as a FUSE daemon would write it to /dev/fuse; it is valid only
+    during the callback (it may point into DMA memory that is reused afterwards)."""
+
+    unique: int
+    opcode: int
+    error: int  # 0 or -errno
+    reply: memoryview | bytes
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.reply)[OUT_HEADER_SIZE:]
+
+
+OnDone = Callable[[Completion], None]
+OnNotify = Callable[[int, memoryview], None]  # (notify code, whole message incl. header)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One DMA buffer for one request: the device-readable request at offset 0, the
+    device-writable reply at `reply_off`, placed so that the reply payload starts
+    on a page boundary (data copies into page-aligned memory run several times
+    faster in the backend)."""
+
+    buf: DmaBuffer
+    large: bool
+    unique: int = 0
+    opcode: int = 0
+    in_len: int = 0
+    reply_off: int = 0
+    reply_cap: int | None = None
+    on_done: OnDone | None = None
+
+    @property
+    def view(self) -> memoryview:
+        return self.buf.view
+
+
+@dataclass
+class _Waiter:
+    opcode: int
+    on_done: OnDone | None
+
+
+@dataclass
+class _QueueState:
+    vq: Virtqueue
+    pending: collections.deque = field(default_factory=collections.deque)
+
+
+class VirtioFs:
+    """A virtio-fs device brought up over a transport."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        queue_size: int = 256,
+        request_queues: int | None = None,
+        notification: bool = True,
+        notify_lock_code: int = abi.DEFAULT_NOTIFY_LOCK_CODE,
+        notify_buffers: int = 16,
+        max_io: int = 1 << 20,
+        small_slots: int = 64,
+        large_slots: int = 16,
+        poll: bool = False,
+        on_notify: OnNotify | None = None,
+    ) -> None:
+        self.transport = transport
+        self.dev = VirtioDevice(transport)
+        self.queue_size = queue_size
+        self.want_request_queues = request_queues
+        self.want_notification = notification
+        self.notify_lock_code = notify_lock_code
+        self.notify_buffers = notify_buffers
+        self.max_io = max_io
+        self.poll = poll
+        self.on_notify = on_notify
+        self._small_count = small_slots
+        self._large_count = large_slots
+        self.config: FsConfig | None = None
+        self.notification = False
+        self.hiprio: _QueueState | None = None
+        self.notify_vq: Virtqueue | None = None
+        self.request_queues: list[_QueueState] = []
+        self._rr = 0
+        self._free_small: list[Slot] = []
+        self._free_large: list[Slot] = []
+        self._notify_bufs: list[DmaBuffer] = []
+        self._in_flight: dict[int, Slot] = {}
+        self._lock_waiters: dict[int, _Waiter] = {}
+        self._early_lock: dict[int, int] = {}  # unique -> error, notification before reply
+        self._next_unique = 2
+        self._broken: VfsdrvError | None = None
+        self.init_out = None
+        self.stats = collections.Counter()
+        self._poller: select.poll | None = None
+        self._fd_queue: dict[int, int] = {}
+        self.started = False
+
+    # -- bring-up -----------------------------------------------------------------
+    def start(self) -> VirtioFs:
+        """Negotiate, read config, set up queues, post notification buffers, DRIVER_OK."""
+        dev = self.dev
+        want = VIRTIO_FS_F_NOTIFICATION if self.want_notification else 0
+        dev.negotiate(want)
+        self.notification = dev.has(VIRTIO_FS_F_NOTIFICATION)
+        try:
+            raw = dev.read_config(0, 44 if self.notification else 40)
+            self.config = parse_config(raw, notification=self.notification)
+            self.hiprio = _QueueState(dev.setup_queue(HIPRIO_QUEUE, self.queue_size))
+            first = 2 if self.notification else 1
+            if self.notification:
+                self.notify_vq = dev.setup_queue(NOTIFY_QUEUE, self.queue_size)
+            n = self.config.num_request_queues
+            if self.want_request_queues:
+                n = min(n, self.want_request_queues)
+            for i in range(n):
+                self.request_queues.append(_QueueState(dev.setup_queue(first + i, self.queue_size)))
+            self._alloc_slots()
+            if self.notification:
+                self._post_notify_buffers()
+            if self.poll:
+                for qs in self._all_queues():
+                    qs.disable_interrupts()
+        except Exception:
+            dev.fail()
+            raise
+        dev.driver_ok()
+        if self.notify_vq is not None:
+            dev.kick(self.notify_vq)  # buffers were posted before DRIVER_OK; tell the device now
+        self._setup_poller()
+        self.started = True
+        log.info(
+            "%s: tag %r, %d request queue(s), notification queue %s", self.transport.name,
+            self.config.tag, len(self.request_queues),
+            f"on (notify_buf_size {self.config.notify_buf_size})" if self.notification else "off",
+        )
+        return self
+
+    def _all_queues(self) -> list[Virtqueue]:
+        qs = [self.hiprio.vq] if self.hiprio else []
+        if self.notify_vq:
+            qs.append(self.notify_vq)
+        return qs + [q.vq for q in self.request_queues]
+
+    @property
+    def slot_size_large(self) -> int:
+        return self.max_io + 3 * PAGE_SIZE
+
+    SLOT_SIZE_SMALL = 4 * PAGE_SIZE
+
+    def _alloc_slots(self) -> None:
+        pool = self.transport.dma_pool()
+        for _ in range(self._small_count):
+            self._free_small.append(Slot(pool.alloc(self.SLOT_SIZE_SMALL, PAGE_SIZE), False))
+        for _ in range(self._large_count):
+            self._free_large.append(Slot(pool.alloc(self.slot_size_large, PAGE_SIZE), True))
+
+    def _post_notify_buffers(self) -> None:
+        assert self.config is not None and self.notify_vq is not None
+        size = self.config.notify_buf_size or 0
+        check_notify_buf_size(size)
+        pool = self.transport.dma_pool()
+        count = min(self.notify_buffers, self.notify_vq.size)
+        for _ in range(count):
+            buf = pool.alloc((size + 63) & ~63, 64)
+            self._notify_bufs.append(buf)
+            self._add_notify_buffer(buf)
+
+    def _add_notify_buffer(self, buf: DmaBuffer) -> None:
+        size = self.config.notify_buf_size  # type: ignore[union-attr]
+        self.notify_vq.add([], buf.segments(0, size), buf)  # type: ignore[union-attr]
+
+    def _setup_poller(self) -> None:
+        self._poller = select.poll()
+        for vq in self._all_queues():
+            fd = self.transport.interrupt_fd(vq.index)
+            if fd is not None and not self.poll:
+                self._poller.register(fd, select.POLLIN)
+                self._fd_queue[fd] = vq.index
+        efd = self.transport.error_fd()
+        if efd is not None:
+            self._poller.register(efd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            self._fd_queue[efd] = -1
+
+    # -- FUSE_INIT ------------------------------------------------------------------
+    DEFAULT_INIT_FLAGS = (
+        abi.InitFlag.ASYNC_READ | abi.InitFlag.POSIX_LOCKS | abi.InitFlag.ATOMIC_O_TRUNC
+        | abi.InitFlag.BIG_WRITES | abi.InitFlag.DONT_MASK | abi.InitFlag.FLOCK_LOCKS
+        | abi.InitFlag.AUTO_INVAL_DATA | abi.InitFlag.DO_READDIRPLUS
+        | abi.InitFlag.READDIRPLUS_AUTO | abi.InitFlag.ASYNC_DIO | abi.InitFlag.PARALLEL_DIROPS
+        | abi.InitFlag.MAX_PAGES | abi.InitFlag.HANDLE_KILLPRIV | abi.InitFlag.CACHE_SYMLINKS
+    )
+
+    def init(
+        self,
+        flags: int = DEFAULT_INIT_FLAGS,
+        *,
+        minor: int = abi.KERNEL_MINOR_VERSION,
+        max_readahead: int | None = None,
+        timeout: float = 10.0,
+    ):
+        """Start the FUSE session (one FUSE_INIT on one request queue serves all)."""
+        flags |= abi.InitFlag.INIT_EXT
+        body = abi.pack(
+            "fuse_init_in", major=abi.KERNEL_VERSION, minor=minor,
+            max_readahead=self.max_io if max_readahead is None else max_readahead,
+            flags=flags & 0xFFFFFFFF, flags2=flags >> 32,
+        )
+        reply = self.call(Opcode.INIT, 0, body, timeout=timeout)
+        if len(reply) < 8:
+            raise ProtocolError(f"FUSE_INIT reply has {len(reply)} bytes")
+        data = bytes(reply) + bytes(max(0, abi.sizeof("fuse_init_out") - len(reply)))
+        out = abi.unpack("fuse_init_out", data)
+        if out.major != abi.KERNEL_VERSION:
+            raise ProtocolError(f"device speaks FUSE {out.major}.{out.minor}, we need 7.x")
+        if out.minor < abi.MIN_MINOR:
+            raise ProtocolError(f"device speaks FUSE 7.{out.minor}; at least 7.{abi.MIN_MINOR}")
+        self.init_out = out
+        granted = out.flags | (out.flags2 << 32 if out.flags & abi.InitFlag.INIT_EXT else 0)
+        self.init_flags = granted
+        self.minor = min(minor, out.minor)
+        self.max_write = min(out.max_write or 4096, self.max_io)
+        log.info(
+            "FUSE session 7.%d, max_write %d, flags %#x", self.minor, self.max_write, granted
+        )
+        return out
+
+    # -- slots and submission -----------------------------------------------------------
+    def next_unique(self) -> int:
+        u = self._next_unique
+        self._next_unique += 2  # even ids, as the kernel's (odd ones mark interrupts)
+        return u
+
+    def try_acquire(self, large: bool = False) -> Slot | None:
+        free = self._free_large if large else self._free_small
+        return free.pop() if free else None
+
+    def acquire(self, large: bool = False, timeout: float = 30.0) -> Slot:
+        """A free slot, waiting for completions while none is free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            slot = self.try_acquire(large)
+            if slot is not None:
+                return slot
+            self.wait(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                raise DeviceError("no request buffer became free: the device stopped answering")
+
+    def release(self, slot: Slot) -> None:
+        slot.on_done = None
+        (self._free_large if slot.large else self._free_small).append(slot)
+
+    def submit(self, slot: Slot, in_len: int, on_done: OnDone | None) -> None:
+        """Send the request already written at slot.view[:in_len]. Its fuse_in_header
+        gives the opcode and unique; the reply room is sized from the opcode."""
+        self._check_usable()
+        if in_len < IN_HEADER_SIZE or in_len > len(slot.view):
+            raise ValueError(f"request length {in_len} out of range")
+        hdr_len, opcode, unique = IN_HEADER.unpack_from(slot.view, 0)[:3]
+        if hdr_len != in_len:
+            raise ValueError(f"fuse_in_header.len {hdr_len} != request length {in_len}")
+        if unique in self._in_flight or unique in self._lock_waiters:
+            raise ValueError(f"unique {unique} is already in flight")
+        cap = reply_capacity(opcode, slot.view[IN_HEADER_SIZE:in_len], self.max_io)
+        slot.unique, slot.opcode, slot.in_len, slot.reply_cap = unique, opcode, in_len, cap
+        slot.on_done = on_done
+        if cap is None:
+            readable = slot.buf.segments(0, in_len)
+            writable: list[tuple[int, int]] = []
+            qs = self.hiprio
+        else:
+            # out header just before a page boundary, payload page-aligned
+            slot.reply_off = ((in_len + OUT_HEADER_SIZE + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) - 16
+            if slot.reply_off + OUT_HEADER_SIZE + cap > len(slot.view):
+                raise ValueError(f"reply room of {cap} bytes does not fit a slot")
+            readable = slot.buf.segments(0, in_len)
+            writable = slot.buf.segments(slot.reply_off, OUT_HEADER_SIZE + cap)
+            qs = self._pick_request_queue()
+        self._in_flight[unique] = slot
+        self._enqueue(qs, (readable, writable, slot))
+
+    def _pick_request_queue(self) -> _QueueState:
+        qs = self.request_queues
+        if len(qs) == 1:
+            return qs[0]
+        self._rr = (self._rr + 1) % len(qs)
+        best = max(range(len(qs)), key=lambda i: (qs[i].vq.num_free, i == self._rr))
+        return qs[best]
+
+    def _enqueue(self, qs: _QueueState, item) -> None:
+        if qs.pending:
+            qs.pending.append(item)  # keep order behind waiting requests
+            return
+        try:
+            qs.vq.add(*item)
+        except QueueFull:
+            qs.pending.append(item)
+            self.stats["queue_full"] += 1
+            return
+        self.dev.kick(qs.vq)
+
+    def _drain_pending(self, qs: _QueueState) -> None:
+        added = False
+        while qs.pending:
+            try:
+                qs.vq.add(*qs.pending[0])
+            except QueueFull:
+                break
+            qs.pending.popleft()
+            added = True
+        if added:
+            self.dev.kick(qs.vq)
+
+    # -- completion ---------------------------------------------------------------
+    def process(self) -> int:
+        """Harvest every used ring; run completions. Returns how many were handled."""
+        self._check_usable()
+        handled = 0
+        try:
+            if self.notify_vq is not None and self.notify_vq.has_used():
+                handled += self._process_notifications()
+            for qs in [self.hiprio, *self.request_queues]:
+                vq = qs.vq
+                while True:
+                    used = vq.get_used()
+                    for slot, length in used:
+                        self._complete(slot, length)
+                    handled += len(used)
+                    if self.poll or not vq.enable_interrupts():
+                        break
+                if qs.pending:
+                    self._drain_pending(qs)
+        except RingError as exc:
+            self._break(exc)
+            raise
+        return handled
+
+    def _complete(self, slot: Slot, length: int) -> None:
+        self._in_flight.pop(slot.unique, None)
+        if slot.reply_cap is None:  # hiprio: no reply expected
+            self.release(slot)
+            return
+        on_done = slot.on_done
+        comp = self._check_reply(slot, length)
+        if comp.error == FUSE_LOCK_WAIT:
+            self._park_lock(slot.unique, slot.opcode, on_done)
+            self.release(slot)
+            return
+        try:
+            if on_done is not None:
+                on_done(comp)
+        finally:
+            self.release(slot)
+
+    def _check_reply(self, slot: Slot, length: int) -> Completion:
+        """Validate the device's reply; a bad one completes the request with EIO."""
+        off = slot.reply_off
+        problem = None
+        if length < OUT_HEADER_SIZE:
+            problem = f"used length {length} is shorter than the out header"
+        else:
+            out_len, error, unique = OUT_HEADER.unpack_from(slot.view, off)
+            if unique != slot.unique:
+                problem = f"reply unique {unique} != request unique {slot.unique}"
+            elif not OUT_HEADER_SIZE <= out_len <= length:
+                problem = f"out header len {out_len} outside 16..{length} (used length)"
+            elif error > 0 and not (error == FUSE_LOCK_WAIT and self._may_wait(slot.opcode)):
+                problem = f"positive error {error} in reply to opcode {slot.opcode}"
+            elif error < -MAX_ERRNO:
+                problem = f"error {error} out of range"
+            elif error != 0 and out_len != OUT_HEADER_SIZE:
+                problem = f"error reply {error} carries {out_len - OUT_HEADER_SIZE} payload bytes"
+            else:
+                return Completion(unique, slot.opcode, error, slot.view[off : off + out_len])
+        self.stats["bad_reply"] += 1
+        log.warning("device sent a bad reply (opcode %d): %s", slot.opcode, problem)
+        return _synthetic(slot.unique, slot.opcode, -5)  # EIO
+
+    def _may_wait(self, opcode: int) -> bool:
+        return opcode == Opcode.SETLKW and self.notification
+
+    # -- blocking locks ---------------------------------------------------------------
+    def _park_lock(self, unique: int, opcode: int, on_done: OnDone | None) -> None:
+        early = self._early_lock.pop(unique, None)
+        if early is not None:
+            self.stats["lock_notify_before_reply"] += 1
+            if on_done is not None:
+                on_done(_synthetic(unique, opcode, early))
+            return
+        self._lock_waiters[unique] = _Waiter(opcode, on_done)
+        self.stats["lock_waits"] += 1
+
+    @property
+    def lock_waiters(self) -> int:
+        return len(self._lock_waiters)
+
+    def _process_notifications(self) -> int:
+        vq = self.notify_vq
+        assert vq is not None
+        n = 0
+        while True:
+            for buf, length in vq.get_used():
+                n += 1
+                try:
+                    self._handle_notification(buf, length)
+                except ProtocolError as exc:
+                    self.stats["bad_notification"] += 1
+                    log.warning("ignoring a malformed notification: %s", exc)
+                self._add_notify_buffer(buf)  # replenish at once
+            if self.poll or not vq.enable_interrupts():
+                break
+        self.dev.kick(vq)
+        return n
+
+    def _handle_notification(self, buf: DmaBuffer, length: int) -> None:
+        if length < OUT_HEADER_SIZE:
+            raise ProtocolError(f"notification of {length} bytes")
+        out_len, code, unique = OUT_HEADER.unpack_from(buf.view, 0)
+        if not OUT_HEADER_SIZE <= out_len <= length:
+            raise ProtocolError(f"notification header len {out_len}, used length {length}")
+        if unique != 0:
+            # FUSE marks notifications with unique 0; some devices do not. Dispatch anyway.
+            log.debug("notification code %d with non-zero unique %d", code, unique)
+        payload_len = out_len - OUT_HEADER_SIZE
+        if code == self.notify_lock_code and payload_len == LOCK_NOTIFY.size:
+            lock_unique, error, _pad = LOCK_NOTIFY.unpack_from(buf.view, OUT_HEADER_SIZE)
+            self._lock_notification(lock_unique, error)
+            return
+        if code == abi.NotifyCode.RESEND_OR_LOCK and payload_len == 0:
+            self.stats["notify_resend"] += 1
+            log.warning("device asked for FUSE_NOTIFY_RESEND, which this driver does not do")
+            return
+        self.stats[f"notify_{code}"] += 1
+        if self.on_notify is not None:
+            self.on_notify(code, buf.view[:out_len])
+        else:
+            log.debug("notification code %d (%d bytes) not handled", code, payload_len)
+
+    def _lock_notification(self, unique: int, error: int) -> None:
+        if error > 0 or error < -MAX_ERRNO:
+            raise ProtocolError(f"FUSE_NOTIFY_LOCK for {unique} with error {error}")
+        self.stats["lock_notifications"] += 1
+        waiter = self._lock_waiters.pop(unique, None)
+        if waiter is not None:
+            if waiter.on_done is not None:
+                waiter.on_done(_synthetic(unique, waiter.opcode, error))
+            return
+        slot = self._in_flight.get(unique)
+        if slot is not None and slot.opcode == Opcode.SETLKW:
+            self._early_lock[unique] = error  # the "wait" reply is still on its way
+            return
+        raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
+
+    # -- waiting --------------------------------------------------------------------------
+    def wait(self, timeout: float | None) -> int:
+        """Block until something completes (or `timeout`), then process it."""
+        self._check_usable()
+        if self.poll:
+            return self._poll_wait(timeout)
+        assert self._poller is not None
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        for fd, _events in self._poller.poll(ms):
+            self.on_fd_ready(fd)
+        return self.process()
+
+    def _poll_wait(self, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spins = 0
+        while True:
+            n = self.process()
+            if n:
+                return n
+            spins += 1
+            if spins % 1024 == 0:
+                self._device_gone_check()
+                time.sleep(0)
+            if deadline is not None and time.monotonic() >= deadline:
+                return 0
+
+    def _device_gone_check(self) -> None:
+        try:
+            self.transport.check_alive()
+        except DeviceGoneError as exc:
+            self._break(exc)
+            raise
+
+    def fds(self) -> list[int]:
+        """File descriptors a frontend's event loop should wait on, then call process()."""
+        return list(self._fd_queue)
+
+    def on_fd_ready(self, fd: int) -> None:
+        index = self._fd_queue.get(fd)
+        if index == -1:
+            self._device_gone_check()
+        elif index is not None:
+            self.transport.ack_interrupt(index)
+
+    # -- synchronous calls (used by the client API and by INIT) ------------------------
+    def call(
+        self, opcode: int, nodeid: int, *parts: bytes | memoryview, timeout: float | None = 60.0,
+        uid: int = 0, gid: int = 0, pid: int = 0,
+    ) -> bytes:
+        """Send one request and wait for its reply payload; OSError on a FUSE error."""
+        pending = self.call_async(opcode, nodeid, *parts, uid=uid, gid=gid, pid=pid)
+        return pending.result(timeout)
+
+    def call_async(
+        self, opcode: int, nodeid: int, *parts: bytes | memoryview,
+        uid: int = 0, gid: int = 0, pid: int = 0, unique: int | None = None,
+    ) -> Pending:
+        body_len = sum(len(p) for p in parts)
+        in_len = IN_HEADER_SIZE + body_len
+        large = in_len > self.SLOT_SIZE_SMALL // 2 or opcode in _LARGE_REPLY_OPCODES
+        slot = self.acquire(large)
+        if unique is None:
+            unique = self.next_unique()
+        view = slot.view
+        IN_HEADER.pack_into(view, 0, in_len, opcode, unique, nodeid, uid, gid, pid, 0, 0)
+        pos = IN_HEADER_SIZE
+        for p in parts:
+            view[pos : pos + len(p)] = p
+            pos += len(p)
+        pending = Pending(self, unique, opcode)
+        try:
+            self.submit(slot, in_len, pending._done)
+        except BaseException:
+            self._in_flight.pop(unique, None)
+            self.release(slot)
+            raise
+        if slot.reply_cap is None:
+            pending.completion = _synthetic(unique, opcode, 0)
+        return pending
+
+    # -- failure and teardown ----------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+
+    def _break(self, exc: VfsdrvError) -> None:
+        """The device is unusable: fail every request waiting on it."""
+        if self._broken is not None:
+            return
+        self._broken = exc
+        if not isinstance(exc, DeviceGoneError):
+            self.dev.fail()
+        waiting = list(self._in_flight.values())
+        self._in_flight.clear()
+        for slot in waiting:
+            if slot.on_done is not None and slot.reply_cap is not None:
+                slot.on_done(_synthetic(slot.unique, slot.opcode, -107))  # ENOTCONN
+        for unique, waiter in list(self._lock_waiters.items()):
+            if waiter.on_done is not None:
+                waiter.on_done(_synthetic(unique, waiter.opcode, -107))
+        self._lock_waiters.clear()
+
+    @property
+    def broken(self) -> VfsdrvError | None:
+        return self._broken
+
+    def close(self) -> None:
+        """Reset the device and release everything (no FUSE_DESTROY: the caller decides)."""
+        self.dev.close()
+
+
+_LARGE_REPLY_OPCODES = frozenset(
+    {Opcode.READ, Opcode.READDIR, Opcode.READDIRPLUS, Opcode.GETXATTR, Opcode.LISTXATTR}
+)
+
+
+def _synthetic(unique: int, opcode: int, error: int) -> Completion:
+    return Completion(unique, opcode, error, OUT_HEADER.pack(OUT_HEADER_SIZE, error, unique))
+
+
+class Pending:
+    """A request in flight for the synchronous/client API."""
+
+    __slots__ = ("fs", "unique", "opcode", "completion", "data")
+
+    def __init__(self, fs: VirtioFs, unique: int, opcode: int) -> None:
+        self.fs = fs
+        self.unique = unique
+        self.opcode = opcode
+        self.completion: Completion | None = None
+        self.data = b""
+
+    def _done(self, comp: Completion) -> None:
+        # copy out of DMA memory: the slot is reused as soon as we return
+        self.completion = Completion(comp.unique, comp.opcode, comp.error, b"")
+        self.data = bytes(comp.payload)
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    def result(self, timeout: float | None = 60.0) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.completion is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(
+                    f"no reply to FUSE opcode {self.opcode} (unique {self.unique}) "
+                    f"within {timeout} s"
+                )
+            self.fs.wait(remaining if remaining is None else min(remaining, 0.5))
+        err = self.completion.error
+        if err < 0:
+            raise OSError(-err, f"{os.strerror(-err)} (FUSE opcode {Opcode(self.opcode).name})")
+        return self.data
