@@ -299,11 +299,9 @@ def sizeof(struct: str) -> int:
 
 
 def new(struct: str, **fields: Any) -> Any:
-    """A zeroed struct (owned by Python) with the given fields set."""
-    obj = ffi.new(f"struct {struct} *")
-    for name, value in fields.items():
-        setattr(obj, name, value)
-    return obj
+    """A zeroed struct (owned by Python) with the given fields set (nested structs
+    as dicts)."""
+    return ffi.new(f"struct {struct} *", fields)
 
 
 def pack(struct: str, **fields: Any) -> bytes:

@@ -1,0 +1,413 @@
+"""A typed FUSE client over a virtio-fs device: one method per FUSE operation.
+
+Errors come back as OSError with the device's errno. Every method is synchronous;
+`VirtioFs.call_async` (used by `submit`) keeps many requests in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from ..errors import ProtocolError
+from . import abi
+from .abi import Opcode
+from .device import Pending, VirtioFs
+
+ROOT_ID = 1
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    size: int
+    blocks: int
+    atime: float
+    mtime: float
+    ctime: float
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    blksize: int
+
+    @classmethod
+    def from_c(cls, a) -> Attr:
+        return cls(
+            a.ino, a.size, a.blocks, a.atime + a.atimensec / 1e9, a.mtime + a.mtimensec / 1e9,
+            a.ctime + a.ctimensec / 1e9, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.blksize,
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    nodeid: int
+    generation: int
+    entry_valid: float
+    attr_valid: float
+    attr: Attr
+
+    @classmethod
+    def from_c(cls, e) -> Entry:
+        return cls(
+            e.nodeid, e.generation, e.entry_valid + e.entry_valid_nsec / 1e9,
+            e.attr_valid + e.attr_valid_nsec / 1e9, Attr.from_c(e.attr),
+        )
+
+
+@dataclass(frozen=True)
+class Opened:
+    fh: int
+    open_flags: int
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    ino: int
+    off: int
+    type: int
+    name: bytes
+    entry: Entry | None = None  # READDIRPLUS only
+
+
+@dataclass(frozen=True)
+class StatFs:
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+
+@dataclass(frozen=True)
+class Lock:
+    start: int
+    end: int  # inclusive; 2**63-1 = to end of file
+    type: int  # fcntl.F_RDLCK / F_WRLCK / F_UNLCK
+    pid: int
+
+
+OFFSET_MAX = (1 << 63) - 1
+
+
+def _name(name: bytes | str) -> bytes:
+    raw = name.encode() if isinstance(name, str) else name
+    if not raw or b"\0" in raw or b"/" in raw:
+        raise ValueError(f"bad file name {name!r}")
+    return raw + b"\0"
+
+
+class FuseClient:
+    """Typed FUSE operations. `uid`/`gid`/`pid` go in every request header (the
+    device creates files as that user)."""
+
+    def __init__(self, fs: VirtioFs, *, uid: int | None = None, gid: int | None = None) -> None:
+        self.fs = fs
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.pid = os.getpid()
+        self.timeout = 60.0
+
+    # -- plumbing -------------------------------------------------------------------
+    def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview) -> Pending:
+        return self.fs.call_async(
+            opcode, nodeid, *parts, uid=self.uid, gid=self.gid, pid=self.pid
+        )
+
+    def _call(self, opcode: int, nodeid: int, *parts: bytes | memoryview) -> bytes:
+        return self.submit(opcode, nodeid, *parts).result(self.timeout)
+
+    def _entry(self, opcode: int, nodeid: int, *parts: bytes) -> Entry:
+        return Entry.from_c(abi.unpack("fuse_entry_out", self._call(opcode, nodeid, *parts)))
+
+    def _attr(self, opcode: int, nodeid: int, body: bytes) -> Attr:
+        return Attr.from_c(abi.unpack("fuse_attr_out", self._call(opcode, nodeid, body)).attr)
+
+    # -- session --------------------------------------------------------------------
+    def init(self, flags: int | None = None):
+        return self.fs.init(VirtioFs.DEFAULT_INIT_FLAGS if flags is None else flags)
+
+    def destroy(self) -> None:
+        self._call(Opcode.DESTROY, 0)
+
+    # -- names and attributes ------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes | str) -> Entry:
+        return self._entry(Opcode.LOOKUP, parent, _name(name))
+
+    def forget(self, nodeid: int, nlookup: int = 1) -> None:
+        self.submit(Opcode.FORGET, nodeid, abi.pack("fuse_forget_in", nlookup=nlookup))
+
+    def batch_forget(self, items: list[tuple[int, int]]) -> None:
+        body = abi.pack("fuse_batch_forget_in", count=len(items)) + b"".join(
+            abi.pack("fuse_forget_one", nodeid=n, nlookup=c) for n, c in items
+        )
+        self.submit(Opcode.BATCH_FORGET, 0, body)
+
+    def getattr(self, nodeid: int, fh: int | None = None) -> Attr:
+        body = abi.pack(
+            "fuse_getattr_in", getattr_flags=0 if fh is None else abi.FUSE_GETATTR_FH, fh=fh or 0
+        )
+        return self._attr(Opcode.GETATTR, nodeid, body)
+
+    def setattr(
+        self, nodeid: int, *, mode: int | None = None, uid: int | None = None,
+        gid: int | None = None, size: int | None = None, atime: float | None = None,
+        mtime: float | None = None, fh: int | None = None,
+    ) -> Attr:
+        valid = 0
+        fields: dict[str, int] = {}
+        if mode is not None:
+            valid |= abi.FATTR_MODE
+            fields["mode"] = mode
+        if uid is not None:
+            valid |= abi.FATTR_UID
+            fields["uid"] = uid
+        if gid is not None:
+            valid |= abi.FATTR_GID
+            fields["gid"] = gid
+        if size is not None:
+            valid |= abi.FATTR_SIZE
+            fields["size"] = size
+        if atime is not None:
+            valid |= abi.FATTR_ATIME
+            fields["atime"], fields["atimensec"] = _split_time(atime)
+        if mtime is not None:
+            valid |= abi.FATTR_MTIME
+            fields["mtime"], fields["mtimensec"] = _split_time(mtime)
+        if fh is not None:
+            valid |= abi.FATTR_FH
+            fields["fh"] = fh
+        body = abi.pack("fuse_setattr_in", valid=valid, **fields)
+        return self._attr(Opcode.SETATTR, nodeid, body)
+
+    def readlink(self, nodeid: int) -> bytes:
+        return self._call(Opcode.READLINK, nodeid)
+
+    def symlink(self, parent: int, name: bytes | str, target: bytes | str) -> Entry:
+        t = target.encode() if isinstance(target, str) else target
+        return self._entry(Opcode.SYMLINK, parent, _name(name), t + b"\0")
+
+    def mknod(self, parent: int, name: bytes | str, mode: int, rdev: int = 0,
+              umask: int = 0) -> Entry:
+        body = abi.pack("fuse_mknod_in", mode=mode, rdev=rdev, umask=umask)
+        return self._entry(Opcode.MKNOD, parent, body, _name(name))
+
+    def mkdir(self, parent: int, name: bytes | str, mode: int = 0o755, umask: int = 0) -> Entry:
+        body = abi.pack("fuse_mkdir_in", mode=mode, umask=umask)
+        return self._entry(Opcode.MKDIR, parent, body, _name(name))
+
+    def unlink(self, parent: int, name: bytes | str) -> None:
+        self._call(Opcode.UNLINK, parent, _name(name))
+
+    def rmdir(self, parent: int, name: bytes | str) -> None:
+        self._call(Opcode.RMDIR, parent, _name(name))
+
+    def rename(self, parent: int, name: bytes | str, newparent: int, newname: bytes | str,
+               flags: int = 0) -> None:
+        if flags:
+            body = abi.pack("fuse_rename2_in", newdir=newparent, flags=flags)
+            self._call(Opcode.RENAME2, parent, body, _name(name), _name(newname))
+        else:
+            body = abi.pack("fuse_rename_in", newdir=newparent)
+            self._call(Opcode.RENAME, parent, body, _name(name), _name(newname))
+
+    def link(self, nodeid: int, newparent: int, newname: bytes | str) -> Entry:
+        body = abi.pack("fuse_link_in", oldnodeid=nodeid)
+        return self._entry(Opcode.LINK, newparent, body, _name(newname))
+
+    def access(self, nodeid: int, mask: int) -> None:
+        self._call(Opcode.ACCESS, nodeid, abi.pack("fuse_access_in", mask=mask))
+
+    def statfs(self, nodeid: int = ROOT_ID) -> StatFs:
+        st = abi.unpack("fuse_statfs_out", self._call(Opcode.STATFS, nodeid)).st
+        return StatFs(st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize,
+                      st.namelen, st.frsize)
+
+    # -- files ------------------------------------------------------------------------
+    def open(self, nodeid: int, flags: int = os.O_RDONLY) -> Opened:
+        reply = self._call(Opcode.OPEN, nodeid, abi.pack("fuse_open_in", flags=flags))
+        out = abi.unpack("fuse_open_out", reply)
+        return Opened(out.fh, out.open_flags)
+
+    def create(self, parent: int, name: bytes | str, mode: int = 0o644,
+               flags: int = os.O_RDWR | os.O_CREAT, umask: int = 0) -> tuple[Entry, Opened]:
+        body = abi.pack("fuse_create_in", flags=flags, mode=mode, umask=umask)
+        reply = self._call(Opcode.CREATE, parent, body, _name(name))
+        entry = Entry.from_c(abi.unpack("fuse_entry_out", reply))
+        out = abi.unpack("fuse_open_out", reply, abi.sizeof("fuse_entry_out"))
+        return entry, Opened(out.fh, out.open_flags)
+
+    def read_request(self, nodeid: int, fh: int, offset: int, size: int) -> tuple[int, bytes]:
+        return Opcode.READ, abi.pack("fuse_read_in", fh=fh, offset=offset, size=size)
+
+    def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        if size > self.fs.max_io:
+            raise ValueError(f"read of {size} bytes exceeds the driver's {self.fs.max_io}")
+        data = self._call(Opcode.READ, nodeid, abi.pack("fuse_read_in", fh=fh, offset=offset,
+                                                       size=size))
+        if len(data) > size:
+            raise ProtocolError(f"READ of {size} bytes returned {len(data)}")
+        return data
+
+    def write(self, nodeid: int, fh: int, offset: int, data: bytes | memoryview) -> int:
+        if len(data) > self.fs.max_write:
+            raise ValueError(f"write of {len(data)} bytes exceeds max_write {self.fs.max_write}")
+        body = abi.pack("fuse_write_in", fh=fh, offset=offset, size=len(data))
+        out = abi.unpack("fuse_write_out", self._call(Opcode.WRITE, nodeid, body, data))
+        if out.size > len(data):
+            raise ProtocolError(f"WRITE of {len(data)} bytes reported {out.size} written")
+        return out.size
+
+    def flush(self, nodeid: int, fh: int, lock_owner: int = 0) -> None:
+        self._call(Opcode.FLUSH, nodeid, abi.pack("fuse_flush_in", fh=fh, lock_owner=lock_owner))
+
+    def release(self, nodeid: int, fh: int, flags: int = 0, release_flags: int = 0,
+                lock_owner: int = 0) -> None:
+        body = abi.pack("fuse_release_in", fh=fh, flags=flags, release_flags=release_flags,
+                        lock_owner=lock_owner)
+        self._call(Opcode.RELEASE, nodeid, body)
+
+    def fsync(self, nodeid: int, fh: int, datasync: bool = False) -> None:
+        body = abi.pack("fuse_fsync_in", fh=fh,
+                        fsync_flags=abi.FUSE_FSYNC_FDATASYNC if datasync else 0)
+        self._call(Opcode.FSYNC, nodeid, body)
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int = 0) -> None:
+        body = abi.pack("fuse_fallocate_in", fh=fh, offset=offset, length=length, mode=mode)
+        self._call(Opcode.FALLOCATE, nodeid, body)
+
+    def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        body = abi.pack("fuse_lseek_in", fh=fh, offset=offset, whence=whence)
+        return abi.unpack("fuse_lseek_out", self._call(Opcode.LSEEK, nodeid, body)).offset
+
+    def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int = 0) -> int:
+        body = abi.pack("fuse_copy_file_range_in", fh_in=fh_in, off_in=off_in,
+                        nodeid_out=nodeid_out, fh_out=fh_out, off_out=off_out, len=length,
+                        flags=flags)
+        return abi.unpack("fuse_write_out",
+                          self._call(Opcode.COPY_FILE_RANGE, nodeid_in, body)).size
+
+    # -- extended attributes ------------------------------------------------------------------
+    def setxattr(self, nodeid: int, name: bytes | str, value: bytes, flags: int = 0) -> None:
+        body = abi.pack("fuse_setxattr_in", size=len(value), flags=flags)
+        if not self.fs.init_flags & abi.InitFlag.SETXATTR_EXT:
+            body = body[: abi.COMPAT_SETXATTR_IN_SIZE]
+        n = name.encode() if isinstance(name, str) else name
+        self._call(Opcode.SETXATTR, nodeid, body, n + b"\0", value)
+
+    def getxattr(self, nodeid: int, name: bytes | str, size: int = 65536) -> bytes:
+        n = name.encode() if isinstance(name, str) else name
+        return self._call(Opcode.GETXATTR, nodeid, abi.pack("fuse_getxattr_in", size=size),
+                          n + b"\0")
+
+    def getxattr_size(self, nodeid: int, name: bytes | str) -> int:
+        n = name.encode() if isinstance(name, str) else name
+        reply = self._call(Opcode.GETXATTR, nodeid, abi.pack("fuse_getxattr_in", size=0),
+                           n + b"\0")
+        return abi.unpack("fuse_getxattr_out", reply).size
+
+    def listxattr(self, nodeid: int, size: int = 65536) -> list[bytes]:
+        reply = self._call(Opcode.LISTXATTR, nodeid, abi.pack("fuse_getxattr_in", size=size))
+        return [n for n in reply.split(b"\0") if n]
+
+    def removexattr(self, nodeid: int, name: bytes | str) -> None:
+        n = name.encode() if isinstance(name, str) else name
+        self._call(Opcode.REMOVEXATTR, nodeid, n + b"\0")
+
+    # -- directories ------------------------------------------------------------------------
+    def opendir(self, nodeid: int, flags: int = os.O_RDONLY) -> Opened:
+        out = abi.unpack("fuse_open_out",
+                         self._call(Opcode.OPENDIR, nodeid, abi.pack("fuse_open_in", flags=flags)))
+        return Opened(out.fh, out.open_flags)
+
+    def readdir(self, nodeid: int, fh: int, offset: int = 0, size: int = 65536,
+                plus: bool = False) -> list[DirEntry]:
+        op = Opcode.READDIRPLUS if plus else Opcode.READDIR
+        data = self._call(op, nodeid, abi.pack("fuse_read_in", fh=fh, offset=offset, size=size))
+        return parse_dirents(data, plus)
+
+    def readdir_all(self, nodeid: int, plus: bool = False) -> list[DirEntry]:
+        """Every entry of a directory, following offsets until the end."""
+        d = self.opendir(nodeid)
+        out: list[DirEntry] = []
+        off = 0
+        try:
+            while True:
+                batch = self.readdir(nodeid, d.fh, off, plus=plus)
+                if not batch:
+                    return out
+                out.extend(batch)
+                off = batch[-1].off
+        finally:
+            self.releasedir(nodeid, d.fh)
+
+    def releasedir(self, nodeid: int, fh: int) -> None:
+        self._call(Opcode.RELEASEDIR, nodeid, abi.pack("fuse_release_in", fh=fh))
+
+    def fsyncdir(self, nodeid: int, fh: int) -> None:
+        self._call(Opcode.FSYNCDIR, nodeid, abi.pack("fuse_fsync_in", fh=fh))
+
+    # -- locks ----------------------------------------------------------------------------
+    def _lk(self, fh: int, owner: int, lock: Lock, flock: bool) -> bytes:
+        return abi.pack(
+            "fuse_lk_in", fh=fh, owner=owner,
+            lk={"start": lock.start, "end": lock.end, "type": lock.type, "pid": lock.pid},
+            lk_flags=abi.FUSE_LK_FLOCK if flock else 0,
+        )
+
+    def getlk(self, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        out = abi.unpack("fuse_lk_out", self._call(Opcode.GETLK, nodeid,
+                                                   self._lk(fh, owner, lock, False))).lk
+        return Lock(out.start, out.end, out.type, out.pid)
+
+    def setlk(self, nodeid: int, fh: int, owner: int, lock: Lock, *, flock: bool = False) -> None:
+        self._call(Opcode.SETLK, nodeid, self._lk(fh, owner, lock, flock))
+
+    def setlkw_async(self, nodeid: int, fh: int, owner: int, lock: Lock, *,
+                     flock: bool = False) -> Pending:
+        """A blocking lock request left in flight: `.result()` waits for the grant."""
+        return self.submit(Opcode.SETLKW, nodeid, self._lk(fh, owner, lock, flock))
+
+    def setlkw(self, nodeid: int, fh: int, owner: int, lock: Lock, *, flock: bool = False,
+               timeout: float | None = None) -> None:
+        self.setlkw_async(nodeid, fh, owner, lock, flock=flock).result(timeout)
+
+    def interrupt(self, unique: int) -> None:
+        """FUSE_INTERRUPT of a request in flight (e.g. a waiting SETLKW)."""
+        self.fs.call_async(Opcode.INTERRUPT, 0, abi.pack("fuse_interrupt_in", unique=unique),
+                           unique=unique | 1)
+
+
+def _split_time(t: float) -> tuple[int, int]:
+    sec = int(t // 1)
+    return sec, int(round((t - sec) * 1e9)) % 1_000_000_000
+
+
+_DIRENT = struct.Struct("<QQII")
+
+
+def parse_dirents(data: bytes, plus: bool) -> list[DirEntry]:
+    """Decode a READDIR(PLUS) reply, validating every length against the buffer."""
+    out: list[DirEntry] = []
+    pos = 0
+    entry_size = abi.sizeof("fuse_entry_out") if plus else 0
+    while pos < len(data):
+        entry = None
+        if plus:
+            entry = Entry.from_c(abi.unpack("fuse_entry_out", data, pos))
+        base = pos + entry_size
+        if base + _DIRENT.size > len(data):
+            raise ProtocolError(f"truncated dirent at offset {pos}")
+        ino, off, namelen, typ = _DIRENT.unpack_from(data, base)
+        if namelen == 0 or namelen > 1024 or base + _DIRENT.size + namelen > len(data):
+            raise ProtocolError(f"dirent name length {namelen} at offset {pos} is invalid")
+        name = bytes(data[base + _DIRENT.size : base + _DIRENT.size + namelen])
+        out.append(DirEntry(ino, off, typ, name, entry))
+        pos += (abi.direntplus_size(namelen) if plus else abi.dirent_size(namelen))
+    return out
