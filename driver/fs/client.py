@@ -242,8 +242,9 @@ class FuseClient:
         out = abi.unpack("fuse_open_out", reply, abi.sizeof("fuse_entry_out"))
         return entry, Opened(out.fh, out.open_flags)
 
-    def read_request(self, nodeid: int, fh: int, offset: int, size: int) -> tuple[int, bytes]:
-        return Opcode.READ, abi.pack("fuse_read_in", fh=fh, offset=offset, size=size)
+    def read_request(self, nodeid: int, fh: int, offset: int, size: int) -> tuple[int, int, bytes]:
+        """Arguments for `submit` of a READ left in flight."""
+        return Opcode.READ, nodeid, abi.pack("fuse_read_in", fh=fh, offset=offset, size=size)
 
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         if size > self.fs.max_io:

@@ -1,0 +1,273 @@
+"""Every FUSE client operation against Debian's real virtiofsd over vhost-user,
+with interrupts (eventfd) and with polling. Results are checked against the
+exported directory on the host side."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from vfsdrv.fs.abi import Opcode
+from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+
+MiB = 1 << 20
+
+
+def test_init_negotiates_a_session(client: FuseClient) -> None:
+    fs = client.fs
+    assert fs.init_out.major == 7
+    assert fs.minor >= 31
+    assert fs.max_write == MiB  # virtiofsd 7.2 offers 1 MiB, our slots carry it
+
+
+def test_getattr_root_matches_host(client: FuseClient, export_dir: Path) -> None:
+    attr = client.getattr(ROOT_ID)
+    st = export_dir.stat()
+    assert stat.S_ISDIR(attr.mode)
+    assert attr.ino == st.st_ino
+    assert attr.nlink == st.st_nlink
+
+
+def test_lookup_missing_gives_enoent(client: FuseClient) -> None:
+    with pytest.raises(FileNotFoundError) as exc:
+        client.lookup(ROOT_ID, "nope")
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_create_write_read_release(client: FuseClient, export_dir: Path) -> None:
+    entry, fh = client.create(ROOT_ID, "f.txt", 0o640)
+    assert client.write(entry.nodeid, fh.fh, 0, b"hello, device") == 13
+    assert client.read(entry.nodeid, fh.fh, 7, 100) == b"device"
+    client.flush(entry.nodeid, fh.fh)
+    client.fsync(entry.nodeid, fh.fh)
+    client.fsync(entry.nodeid, fh.fh, datasync=True)
+    client.release(entry.nodeid, fh.fh)
+    assert (export_dir / "f.txt").read_bytes() == b"hello, device"
+    assert stat.S_IMODE((export_dir / "f.txt").stat().st_mode) == 0o640
+    client.forget(entry.nodeid)
+
+
+def test_one_mib_read_and_write_byte_for_byte(client: FuseClient, export_dir: Path) -> None:
+    pattern = os.urandom(3 * MiB + 123)
+    (export_dir / "big").write_bytes(pattern)
+    e = client.lookup(ROOT_ID, "big")
+    assert e.attr.size == len(pattern)
+    h = client.open(e.nodeid)
+    got = bytearray()
+    off = 0
+    while True:
+        chunk = client.read(e.nodeid, h.fh, off, MiB)
+        if not chunk:
+            break
+        got += chunk
+        off += len(chunk)
+    client.release(e.nodeid, h.fh)
+    assert bytes(got) == pattern
+
+    data = os.urandom(MiB)
+    e2, h2 = client.create(ROOT_ID, "written", 0o644)
+    assert client.write(e2.nodeid, h2.fh, 0, data) == MiB
+    assert client.write(e2.nodeid, h2.fh, MiB, data[: MiB // 2]) == MiB // 2
+    client.release(e2.nodeid, h2.fh)
+    assert (export_dir / "written").read_bytes() == data + data[: MiB // 2]
+
+
+def test_setattr_truncate_chmod_times(client: FuseClient, export_dir: Path) -> None:
+    (export_dir / "a").write_bytes(b"x" * 100)
+    e = client.lookup(ROOT_ID, "a")
+    attr = client.setattr(e.nodeid, size=10, mode=0o600, atime=1_000_000_000.5,
+                          mtime=1_200_000_000.25)
+    assert attr.size == 10
+    st = (export_dir / "a").stat()
+    assert st.st_size == 10
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_mtime == pytest.approx(1_200_000_000.25, abs=1e-6)
+    assert st.st_atime == pytest.approx(1_000_000_000.5, abs=1e-6)
+
+
+def test_symlink_readlink(client: FuseClient, export_dir: Path) -> None:
+    e = client.symlink(ROOT_ID, "ln", "target/of/link")
+    assert stat.S_ISLNK(e.attr.mode)
+    assert client.readlink(e.nodeid) == b"target/of/link"
+    assert os.readlink(export_dir / "ln") == "target/of/link"
+
+
+def test_mknod_fifo_mkdir_rmdir_unlink(client: FuseClient, export_dir: Path) -> None:
+    e = client.mknod(ROOT_ID, "fifo", stat.S_IFIFO | 0o644)
+    assert stat.S_ISFIFO(e.attr.mode)
+    assert stat.S_ISFIFO((export_dir / "fifo").lstat().st_mode)
+    d = client.mkdir(ROOT_ID, "dir", 0o755)
+    assert stat.S_ISDIR(d.attr.mode)
+    assert (export_dir / "dir").is_dir()
+    with pytest.raises(OSError) as exc:
+        client.rmdir(ROOT_ID, "fifo")
+    assert exc.value.errno == errno.ENOTDIR
+    client.rmdir(ROOT_ID, "dir")
+    client.unlink(ROOT_ID, "fifo")
+    assert sorted(os.listdir(export_dir)) == []
+
+
+def test_rename_and_rename2_noreplace(client: FuseClient, export_dir: Path) -> None:
+    (export_dir / "a").write_text("A")
+    (export_dir / "b").write_text("B")
+    d = client.mkdir(ROOT_ID, "sub")
+    # virtiofsd wants the kernel's order: names are looked up before a rename (else EIO)
+    client.lookup(ROOT_ID, "a")
+    client.lookup(ROOT_ID, "b")
+    client.rename(ROOT_ID, "a", d.nodeid, "moved")
+    assert (export_dir / "sub" / "moved").read_text() == "A"
+    with pytest.raises(FileExistsError):
+        client.rename(d.nodeid, "moved", ROOT_ID, "b", flags=1)  # RENAME_NOREPLACE
+    client.rename(d.nodeid, "moved", ROOT_ID, "b")  # replaces
+    assert (export_dir / "b").read_text() == "A"
+
+
+def test_link_counts(client: FuseClient, export_dir: Path) -> None:
+    (export_dir / "orig").write_text("data")
+    e = client.lookup(ROOT_ID, "orig")
+    e2 = client.link(e.nodeid, ROOT_ID, "hard")
+    assert e2.attr.nlink == 2
+    assert (export_dir / "hard").stat().st_ino == (export_dir / "orig").stat().st_ino
+
+
+def test_statfs_matches_host(client: FuseClient, export_dir: Path) -> None:
+    st = client.statfs()
+    host = os.statvfs(export_dir)
+    assert st.bsize == host.f_bsize
+    assert st.blocks == host.f_blocks
+    assert st.namelen == host.f_namemax
+
+
+def test_access_reports_what_the_device_answers(client: FuseClient, export_dir: Path) -> None:
+    (export_dir / "r").write_text("r")
+    e = client.lookup(ROOT_ID, "r")
+    # virtiofsd 7.2 has no ACCESS handler (the kernel then checks permissions itself)
+    with pytest.raises(OSError) as exc:
+        client.access(e.nodeid, os.R_OK)
+    assert exc.value.errno == errno.ENOSYS
+
+
+def test_xattrs(client: FuseClient, export_dir: Path) -> None:
+    (export_dir / "x").write_text("x")
+    e = client.lookup(ROOT_ID, "x")
+    try:
+        client.setxattr(e.nodeid, "user.color", b"blue")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENOSYS):
+            pytest.fail(f"virtiofsd refused xattrs ({exc}); run it with -o xattr")
+        raise
+    assert client.getxattr(e.nodeid, "user.color") == b"blue"
+    assert client.getxattr_size(e.nodeid, "user.color") == 4
+    assert b"user.color" in client.listxattr(e.nodeid)
+    assert os.getxattr(export_dir / "x", "user.color") == b"blue"
+    client.removexattr(e.nodeid, "user.color")
+    with pytest.raises(OSError) as exc:
+        client.getxattr(e.nodeid, "user.color")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_readdir_and_readdirplus(client: FuseClient, export_dir: Path) -> None:
+    names = {f"file{i:03d}" for i in range(300)}
+    for n in names:
+        (export_dir / n).write_text(n)
+    plain = client.readdir_all(ROOT_ID)
+    assert {d.name.decode() for d in plain} - {".", ".."} == names
+    plus = client.readdir_all(ROOT_ID, plus=True)
+    by_name = {d.name.decode(): d for d in plus}
+    assert set(by_name) - {".", ".."} == names
+    e = by_name["file007"].entry
+    assert e is not None and e.attr.size == len("file007")
+    d = client.opendir(ROOT_ID)
+    client.fsyncdir(ROOT_ID, d.fh)
+    client.releasedir(ROOT_ID, d.fh)
+
+
+def test_fallocate_lseek_copy_file_range(client: FuseClient, export_dir: Path) -> None:
+    src, hs = client.create(ROOT_ID, "src")
+    client.write(src.nodeid, hs.fh, 0, b"0123456789")
+    client.fallocate(src.nodeid, hs.fh, 0, 1 << 16)
+    assert (export_dir / "src").stat().st_size == 1 << 16
+    # sparse: data at 0, hole after, data at 1 MiB
+    client.write(src.nodeid, hs.fh, MiB, b"tail")
+    try:
+        assert client.lseek(src.nodeid, hs.fh, 0, os.SEEK_DATA) == 0
+        hole = client.lseek(src.nodeid, hs.fh, 0, os.SEEK_HOLE)
+        assert 10 <= hole <= MiB
+    except OSError as exc:
+        assert exc.errno == errno.ENOSYS, exc  # 7.2 answers ENOSYS when it lacks lseek
+    dst, hd = client.create(ROOT_ID, "dst")
+    n = client.copy_file_range(src.nodeid, hs.fh, 0, dst.nodeid, hd.fh, 0, 10)
+    assert n == 10
+    client.release(dst.nodeid, hd.fh)
+    assert (export_dir / "dst").read_bytes() == b"0123456789"
+
+
+def test_posix_locks_as_virtiofsd_answers(client: FuseClient, export_dir: Path) -> None:
+    """virtiofsd 7.2 implements GETLK/SETLK with OFD locks and refuses SETLKW
+    (no notification queue): the driver reports what the device answers."""
+    e, h = client.create(ROOT_ID, "locked")
+    whole = Lock(0, OFFSET_MAX, fcntl.F_WRLCK, os.getpid())
+    try:
+        client.setlk(e.nodeid, h.fh, 1, whole)
+    except OSError as exc:
+        assert exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP), exc
+        return
+    free = client.getlk(e.nodeid, h.fh, 1, whole)
+    assert free.type == fcntl.F_UNLCK
+    with pytest.raises(OSError) as exc:
+        client.setlkw(e.nodeid, h.fh, 2, whole, timeout=5)
+    assert exc.value.errno == errno.EOPNOTSUPP
+
+
+def test_many_requests_in_flight(client: FuseClient, export_dir: Path) -> None:
+    for i in range(8):
+        (export_dir / f"p{i}").write_bytes(bytes([i]) * 4096)
+    entries = [client.lookup(ROOT_ID, f"p{i}") for i in range(8)]
+    pend = [client.submit(Opcode.GETATTR, e.nodeid, b"\0" * 16) for e in entries * 25]
+    assert len(pend) == 200  # more than the 64 small slots: submission waits, never fails
+    for p in pend:
+        p.result(10)
+    assert all(p.done for p in pend)
+    # reads in flight on every large slot, checked byte for byte
+    handles = [client.open(e.nodeid) for e in entries]
+    reads = [client.submit(*client.read_request(e.nodeid, h.fh, 0, 4096))
+             for e, h in zip(entries, handles, strict=True)]
+    for i, r in enumerate(reads):
+        assert r.result(10) == bytes([i]) * 4096
+
+
+def test_backend_killed_mid_request_gives_clear_error(virtiofsd_socket: Path,
+                                                     export_dir: Path) -> None:
+    import subprocess
+
+    from conftest import connect_virtiofsd
+    from vfsdrv.errors import DeviceGoneError
+
+    fs = connect_virtiofsd(virtiofsd_socket)
+    try:
+        client = FuseClient(fs)
+        client.init()
+        (export_dir / "f").write_bytes(b"x" * MiB)
+        e = client.lookup(ROOT_ID, "f")
+        h = client.open(e.nodeid)
+        pids = subprocess.run(["pgrep", "-f", str(virtiofsd_socket)], capture_output=True,
+                              text=True).stdout.split()
+        pend = [client.submit(*client.read_request(e.nodeid, h.fh, 0, MiB)) for _ in range(4)]
+        for pid in pids:
+            os.kill(int(pid), 9)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceGoneError):
+            for p in pend:
+                p.result(5)
+            client.getattr(ROOT_ID)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(DeviceGoneError):
+            client.getattr(ROOT_ID)
+    finally:
+        fs.close()
+
