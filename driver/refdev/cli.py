@@ -1,0 +1,72 @@
+"""Command line of the reference device: `python -m vfsdrv.refdev` and `vfsdrv refdev`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
+from .device import RefDevice
+
+
+def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Reference vhost-user virtio-fs device with a notification queue "
+        "and blocking POSIX/flock locks (FUSE_NOTIFY_LOCK).",
+    )
+    p.add_argument("--socket", required=True, help="vhost-user unix socket to listen on")
+    p.add_argument("--source", required=True, help="host directory to share")
+    p.add_argument("--tag", default="refdev", help="file system tag (config space)")
+    p.add_argument("--request-queues", type=int, default=1, metavar="N")
+    p.add_argument("--notify-buf-size", type=int, default=64, metavar="N")
+    p.add_argument("--max-waiting-locks", type=int, default=64, metavar="N")
+    p.add_argument(
+        "--notify-lock-code",
+        type=int,
+        default=DEFAULT_NOTIFY_LOCK_CODE,
+        metavar="N",
+        help="notify code of FUSE_NOTIFY_LOCK (default %(default)s, the 2021 proposal)",
+    )
+    p.add_argument(
+        "--no-notification",
+        action="store_true",
+        help="do not offer VIRTIO_FS_F_NOTIFICATION (blocking locks then fail, EOPNOTSUPP)",
+    )
+    p.add_argument("-d", "--debug", action="store_true", help="log every session event")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        device = RefDevice(
+            args.socket,
+            args.source,
+            tag=args.tag,
+            request_queues=args.request_queues,
+            notify_buf_size=args.notify_buf_size,
+            max_waiting_locks=args.max_waiting_locks,
+            notification=not args.no_notification,
+            notify_lock_code=args.notify_lock_code,
+        )
+    except ValueError as exc:
+        print(f"refdev: {exc}", file=sys.stderr)
+        return 2
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        device.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,282 @@
+"""Device side of a split virtqueue (virtio 1.2 2.7): take available chains, return used ones.
+
+Device-normative statements this module holds itself to:
+  * 2.7.5.1  "A device MUST NOT write to a device-readable buffer" and it never writes
+    a descriptor table entry (the descriptors are read once, into locals).
+  * 2.7.8.2  "The device MUST set len prior to updating the used idx" and "MUST write
+    at least len bytes to descriptor" before it: the element is written, then idx is
+    stored with release ordering; len is exactly the bytes written.
+  * 2.7.7.2  Without EVENT_IDX the device MUST ignore used_event and honours
+    avail->flags NO_INTERRUPT; with EVENT_IDX it ignores the flag and interrupts only
+    when the used index crosses used_event.
+  * 2.7.10   With EVENT_IDX the device publishes avail_event = the next avail index
+    it will read, then re-checks avail->idx after a full fence (no lost kick).
+  * 2.7.5.3  Indirect descriptors only when negotiated, never nested, never with NEXT;
+    a table length that is a multiple of 16.
+Everything the driver wrote is validated (indices, loop-free chains no longer than
+the queue, readable before writable, buffers inside shared memory); a violation
+raises RingError and the caller stops using the queue.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .._native import ffi, lib
+from ..errors import RingError
+from ..virtio import ring_layout as rl
+from .guest_memory import GuestMemory, MemoryAccessError
+
+#: a chain of more than 4 GiB is a driver bug (2.7.5.2: "MUST NOT add a chain longer than 2^32")
+MAX_CHAIN_BYTES = 1 << 32
+
+
+@dataclass
+class Chain:
+    """One available descriptor chain: the driver's readable and writable buffers."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+    def read_all(self) -> bytes:
+        return b"".join(bytes(v) for v in self.readable)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Scatter `data` over the writable buffers; returns the bytes written."""
+        src = memoryview(data)
+        done = 0
+        for dst in self.writable:
+            if done == len(src):
+                break
+            n = min(len(dst), len(src) - done)
+            dst[:n] = src[done : done + n]
+            done += n
+        return done
+
+
+class DeviceQueue:
+    """One virtqueue as configured by SET_VRING_*; usable once started and enabled."""
+
+    def __init__(self, index: int, *, event_idx: bool = False, indirect: bool = False) -> None:
+        self.index = index
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.size = 0
+        self.desc_user_addr = self.avail_user_addr = self.used_user_addr = 0
+        self.addresses_set = False
+        self.last_avail = 0  # next avail ring slot the device reads
+        self.used_idx = 0  # next used ring slot the device writes
+        self.signalled_used: int | None = None  # used idx at the last interrupt (EVENT_IDX)
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.enabled = False
+        self.started = False
+        self.broken = False
+        self._memory: GuestMemory | None = None
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+        self._avail_ptr = None
+        self._used_ptr = None
+
+    # -- configuration ---------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.started and self.enabled and not self.broken
+
+    def set_size(self, size: int) -> None:
+        if self.started:
+            raise RingError(f"queue {self.index}: SET_VRING_NUM on a running queue")
+        if not rl.is_valid_size(size):
+            raise RingError(f"queue {self.index}: size {size} is not a power of 2 <= 32768")
+        self.size = size
+
+    def set_addresses(self, desc: int, used: int, avail: int) -> None:
+        if self.started:
+            raise RingError(f"queue {self.index}: SET_VRING_ADDR on a running queue")
+        if desc % rl.DESC_ALIGN or avail % rl.AVAIL_ALIGN or used % rl.USED_ALIGN:
+            raise RingError(f"queue {self.index}: misaligned ring addresses")
+        self.desc_user_addr, self.avail_user_addr, self.used_user_addr = desc, avail, used
+        self.addresses_set = True
+
+    def set_base(self, base: int) -> None:
+        if self.started:
+            raise RingError(f"queue {self.index}: SET_VRING_BASE on a running queue")
+        if base > 0xFFFF:
+            raise RingError(f"queue {self.index}: base {base} is not a 16-bit index")
+        # Every chain is completed before it is popped again, so nothing is in flight.
+        self.last_avail = self.used_idx = base
+        self.signalled_used = None
+
+    def set_kick(self, fd: int | None) -> None:
+        _close(self.kick_fd)
+        self.kick_fd = fd
+
+    def set_call(self, fd: int | None) -> None:
+        _close(self.call_fd)
+        self.call_fd = fd
+
+    def start(self, memory: GuestMemory) -> None:
+        """Resolve the ring addresses in `memory` (again after every SET_MEM_TABLE)."""
+        if not self.size or not self.addresses_set:
+            raise RingError(f"queue {self.index}: started before SET_VRING_NUM/ADDR")
+        try:
+            self._desc = memory.user_addr(self.desc_user_addr, rl.desc_table_size(self.size))
+            self._avail = memory.user_addr(self.avail_user_addr, rl.avail_ring_size(self.size))
+            self._used = memory.user_addr(self.used_user_addr, rl.used_ring_size(self.size))
+        except MemoryAccessError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from exc
+        self._memory = memory
+        self._avail_ptr = ffi.cast("char *", ffi.from_buffer(self._avail))
+        self._used_ptr = ffi.cast("char *", ffi.from_buffer(self._used))
+        self.started = True
+
+    def stop(self) -> int:
+        """GET_VRING_BASE: stop and return the next avail index to read."""
+        self.started = False
+        self._desc = self._avail = self._used = None
+        self._avail_ptr = self._used_ptr = None
+        self._memory = None
+        return self.last_avail
+
+    def close(self) -> None:
+        self.stop()
+        self.set_kick(None)
+        self.set_call(None)
+
+    # -- the ring ----------------------------------------------------------------------
+    def _avail_idx(self) -> int:
+        return lib.vfsdrv_load_acquire_u16(self._avail_ptr + rl.AVAIL_IDX)
+
+    def pending(self) -> int:
+        """Chains the driver made available that the device has not taken yet."""
+        n = (self._avail_idx() - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise RingError(
+                f"queue {self.index}: avail idx moved {n} entries ahead of a {self.size}-entry ring"
+            )
+        return n
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the ring is empty."""
+        if not self.ready or not self.pending():
+            return None
+        assert self._avail is not None
+        slot = rl.AVAIL_RING + 2 * (self.last_avail % self.size)
+        head = int.from_bytes(self._avail[slot : slot + 2], "little")
+        chain = self._read_chain(head)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chain
+
+    def _read_chain(self, head: int) -> Chain:
+        assert self._desc is not None and self._memory is not None
+        if head >= self.size:
+            raise RingError(f"queue {self.index}: head {head} outside a {self.size}-entry ring")
+        chain = Chain(head)
+        table, table_size, index = self._desc, self.size, head
+        in_indirect = False
+        total = 0
+        seen = 0
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise RingError(f"queue {self.index}: descriptor chain at {head} loops")
+            addr, length, flags, nxt = rl.DESC.unpack_from(table, rl.DESC_SIZE * index)
+            if flags & rl.VRING_DESC_F_INDIRECT:
+                if in_indirect or not self.indirect or flags & rl.VRING_DESC_F_NEXT:
+                    raise RingError(f"queue {self.index}: invalid indirect descriptor at {head}")
+                if seen != 1 or not length or length % rl.DESC_SIZE:
+                    raise RingError(f"queue {self.index}: bad indirect table length {length}")
+                table = self._buffer(addr, length)
+                table_size, index, seen, in_indirect = length // rl.DESC_SIZE, 0, 0, True
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise RingError(f"queue {self.index}: chain at {head} exceeds 4 GiB")
+            buf = self._buffer(addr, length)
+            if flags & rl.VRING_DESC_F_WRITE:
+                chain.writable.append(buf)
+            elif chain.writable:
+                raise RingError(f"queue {self.index}: readable descriptor after a writable one")
+            else:
+                chain.readable.append(buf)
+            if not flags & rl.VRING_DESC_F_NEXT:
+                return chain
+            if nxt >= table_size:
+                raise RingError(f"queue {self.index}: next {nxt} outside the descriptor table")
+            index = nxt
+
+    def _buffer(self, addr: int, length: int) -> memoryview:
+        assert self._memory is not None
+        try:
+            return self._memory.gpa(addr, length)
+        except MemoryAccessError as exc:
+            raise RingError(f"queue {self.index}: {exc}") from exc
+
+    def push(self, chain: Chain, written: int) -> None:
+        """Return a chain with `written` bytes written to its writable part."""
+        assert self._used is not None
+        if written > chain.writable_len:
+            raise RingError(f"queue {self.index}: used len {written} > writable part")
+        slot = rl.USED_RING + rl.USED_ELEM.size * (self.used_idx % self.size)
+        rl.USED_ELEM.pack_into(self._used, slot, chain.head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # release: the element (and the data written before it) is visible before idx
+        lib.vfsdrv_store_release_u16(self._used_ptr + rl.USED_IDX, self.used_idx)
+
+    def signal(self) -> None:
+        """Interrupt the driver if it asked for it (used buffer notification)."""
+        if self.call_fd is None or not self.started:
+            return
+        assert self._avail is not None
+        lib.vfsdrv_mb()  # our used idx store before reading the driver's suppression
+        if self.event_idx:
+            off = rl.used_event_offset(self.size)
+            used_event = int.from_bytes(self._avail[off : off + 2], "little")
+            old = self.signalled_used
+            self.signalled_used = self.used_idx
+            if old is not None and not rl.need_event(used_event, self.used_idx, old):
+                return
+        else:
+            flags = int.from_bytes(self._avail[rl.AVAIL_FLAGS : rl.AVAIL_FLAGS + 2], "little")
+            if flags & rl.VRING_AVAIL_F_NO_INTERRUPT:
+                return
+        os.eventfd_write(self.call_fd, 1)
+
+    def arm_kick(self) -> bool:
+        """Ask for a kick at the next avail entry; True if entries arrived meanwhile."""
+        if not self.ready:
+            return False
+        if self.event_idx:
+            assert self._used is not None
+            off = rl.avail_event_offset(self.size)
+            self._used[off : off + 2] = self.last_avail.to_bytes(2, "little")
+            lib.vfsdrv_mb()  # avail_event store before the avail idx load
+        return self.pending() > 0
+
+    def drain_kick(self) -> None:
+        """Consume the kick eventfd's counter (non-blocking)."""
+        if self.kick_fd is None:
+            return
+        try:
+            os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            pass
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
