@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a Debian 12 machine, as root: installs what it needs
+# (apt packages, ./.venv, the package), lints, then runs pytest, QEMU guest tests
+# included. Extra arguments go to pytest (e.g. -m "not vm" to skip the guests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup-env.sh
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== pytest"
+exec .venv/bin/pytest "$@"

@@ -1,0 +1,64 @@
+"""Start and stop local vhost-user backends for the commands that need one
+(demo, bench): Debian's virtiofsd, found where Debian installs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import VfsdrvError
+
+VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
+
+
+def find_virtiofsd() -> str:
+    for path in VIRTIOFSD_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which("virtiofsd")
+    if found:
+        return found
+    raise VfsdrvError(
+        "virtiofsd not found; on Debian 12 install it with: apt-get install qemu-system-common"
+    )
+
+
+class Virtiofsd:
+    """One virtiofsd process serving `source` on `socket_path` (one connection)."""
+
+    def __init__(self, source: Path, socket_path: Path, *, extra: tuple[str, ...] = ()) -> None:
+        self.source = source
+        self.socket_path = socket_path
+        cmd = [find_virtiofsd(), f"--socket-path={socket_path}", "-o", f"source={source}",
+               "-o", "cache=auto", "-o", "xattr", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise VfsdrvError(f"virtiofsd exited at start: {err.strip()[-1000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise VfsdrvError("virtiofsd did not open its socket within 10 s")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> Virtiofsd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

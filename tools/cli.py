@@ -1,0 +1,55 @@
+"""`vfsdrv` command line: one sub-command per module in vfsdrv.tools.
+
+Each command module defines `NAME`s it serves through `register(subparsers)`,
+which adds its parsers and sets `func` on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import VfsdrvError
+
+#: modules of vfsdrv.tools that provide commands, in --help order
+COMMAND_MODULES = [
+    "demo",
+    # "bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfsdrv",
+        description="Userspace virtio-fs driver: VFIO/PCI and vhost-user transports, "
+        "notification queue and blocking POSIX locks, FUSE relay.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"vfsdrv.tools.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="vfsdrv: %(levelname)s: %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except VfsdrvError as exc:
+        print(f"vfsdrv: error: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"vfsdrv: error: {exc} (most commands need root)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
