@@ -122,6 +122,8 @@ class VhostUserSession:
         self._pending: collections.deque[tuple[int, int]] = collections.deque()
         self._pending_mutex = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_mutex = threading.Lock()  # the wake fd is written by other threads
+        self._closed = False
         self._stopping = False
         self._selector = selectors.DefaultSelector()
         self._thread: threading.Thread | None = None
@@ -154,7 +156,7 @@ class VhostUserSession:
     def stop(self) -> None:
         """Ask the session thread to end (from any thread) and wait for it."""
         self._stopping = True
-        os.eventfd_write(self._wake_fd, 1)
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
 
@@ -188,7 +190,9 @@ class VhostUserSession:
             q.close()
         self.memory.close()
         self.sock.close()
-        os.close(self._wake_fd)
+        with self._wake_mutex:
+            self._closed = True
+            os.close(self._wake_fd)
         if self.on_exit is not None:
             self.on_exit(self)
 
@@ -422,10 +426,12 @@ class VhostUserSession:
         """Called by the lock table, from any session's thread."""
         with self._pending_mutex:
             self._pending.append((unique, error))
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass  # the session is closing
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_mutex:
+            if not self._closed:
+                os.eventfd_write(self._wake_fd, 1)
 
     def _deliver_notifications(self) -> None:
         """Send what is pending while the driver has notification buffers; the rest
