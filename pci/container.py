@@ -65,6 +65,15 @@ def _open(path: str, what: str) -> int:
         raise PciError(f"cannot open {path} ({what}): {e.strerror}") from e
 
 
+def not_viable_error(group: int, members: list[str]) -> GroupNotViableError:
+    others = ", ".join(members) or "(see /sys/kernel/iommu_groups)"
+    return GroupNotViableError(
+        f"IOMMU group {group} is not viable: every function in it must be bound to vfio-pci "
+        f"or to no driver; other members: {others}. Unbind them (or bind them to vfio-pci) "
+        "first, or put the device in its own group (another slot, ACS)"
+    )
+
+
 class VfioGroup:
     def __init__(self, number: int, noiommu: bool) -> None:
         self.number = number
@@ -119,12 +128,7 @@ class VfioContainer(IommuContext):
                     "vfio_iommu_type1`"
                 )
             if not group.viable():
-                others = ", ".join(describe_members or []) or "(see /sys/kernel/iommu_groups)"
-                raise GroupNotViableError(
-                    f"IOMMU group {group.number} is not viable: every function in it must be "
-                    f"bound to vfio-pci or to no driver; other members: {others}. Unbind them "
-                    "(or bind them to vfio-pci) first"
-                )
+                raise not_viable_error(group.number, describe_members or [])
             gfd = ffi.new("int *", self.fd)
             vfio.ioctl(group.fd, vfio.VFIO_GROUP_SET_CONTAINER, gfd, what="GROUP_SET_CONTAINER")
             vfio.ioctl(self.fd, vfio.VFIO_SET_IOMMU, self.iommu_type, what="VFIO_SET_IOMMU")
