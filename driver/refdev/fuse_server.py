@@ -503,7 +503,8 @@ class FuseServer:
     def _open_node(self, node: Node, flags: int) -> int:
         if stat.S_ISLNK(os.stat(node.fd).st_mode):
             raise OSError(errno.ELOOP, "open of a symlink node")
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        # O_NOFOLLOW would refuse the /proc magic link; the node is known not to be a link
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
         return os.open(node.proc_path, flags | os.O_CLOEXEC)
 
     def open(self, hdr: Any, body: bytes) -> Any:
