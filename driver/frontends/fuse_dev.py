@@ -1,0 +1,227 @@
+"""/dev/fuse and the mount(2) / umount2(2) system calls for a root FUSE mount.
+
+Root mounts directly (no fusermount): open /dev/fuse, then mount(2) with
+``fd=N,rootmode=40000,user_id=U,group_id=G[,allow_other][,default_permissions]``
+and file system type ``fuse.<subtype>``. Mount options given by the user are
+split into mount(2) flags (ro, nosuid, ...) and FUSE options (max_read=...).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from ..errors import VfsdrvError
+
+DEV_FUSE = "/dev/fuse"
+FS_SUBTYPE = "vfsdrv"
+
+# <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+#: flag options: name -> (flags to set, flags to clear)
+FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0), "lazytime": (MS_LAZYTIME, 0),
+    "nolazytime": (0, MS_LAZYTIME),
+}
+#: FUSE options that take a number and go to the kernel as they are
+NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
+#: options that mount(8) passes along and that mean nothing here
+IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
+                             "_netdev", "nofail"})
+
+
+class MountError(VfsdrvError):
+    """The mount could not be made (mount point, /dev/fuse, options, mount(2))."""
+
+
+@dataclass
+class MountOptions:
+    """User mount options, parsed. `allow_other` and `default_permissions` are on by
+    default, as on the kernel's own virtio-fs mounts (every user may enter, the
+    kernel checks permissions from the attributes)."""
+
+    flags: int = 0
+    allow_other: bool = True
+    default_permissions: bool = True
+    fuse: list[str] = field(default_factory=list)  # extra key=value for the kernel
+    unknown: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, options: list[str]) -> MountOptions:
+        mo = cls()
+        for group in options:
+            for opt in group.split(","):
+                opt = opt.strip()
+                if not opt or opt in IGNORED_OPTIONS:
+                    continue
+                key, _, value = opt.partition("=")
+                if opt in FLAG_OPTIONS:
+                    on, off = FLAG_OPTIONS[opt]
+                    mo.flags = (mo.flags | on) & ~off
+                elif opt == "allow_other":
+                    mo.allow_other = True
+                elif opt in ("noallow_other", "no_allow_other"):
+                    mo.allow_other = False
+                elif opt == "default_permissions":
+                    mo.default_permissions = True
+                elif opt in ("nodefault_permissions", "no_default_permissions"):
+                    mo.default_permissions = False
+                elif key in NUMERIC_FUSE_OPTIONS and value.isdigit():
+                    mo.fuse.append(f"{key}={int(value)}")
+                else:
+                    mo.unknown.append(opt)
+        return mo
+
+    def check(self) -> None:
+        if self.unknown:
+            raise MountError(
+                f"unknown mount option(s): {', '.join(self.unknown)} (known: "
+                f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
+                "default_permissions, nodefault_permissions, max_read=N, blksize=N)"
+            )
+
+    def data(self, fd: int, uid: int, gid: int) -> str:
+        parts = [f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", f"user_id={uid}", f"group_id={gid}"]
+        if self.allow_other:
+            parts.append("allow_other")
+        if self.default_permissions:
+            parts.append("default_permissions")
+        return ",".join(parts + self.fuse)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        lib.mount.restype = ctypes.c_int
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.umount2.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def require_root(what: str = "mounting") -> None:
+    if os.geteuid() != 0:
+        raise MountError(f"{what} needs root (this process runs as uid {os.geteuid()})")
+
+
+def mount_table(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) of every mount this process can see."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                out.append((_unescape(fields[4]), rfields[0], _unescape(rfields[1])))
+    return out
+
+
+def _unescape(s: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def is_mount_point(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(mp == real for mp, _t, _s in mount_table())
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mount point, or MountError saying why it cannot be used."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise MountError(f"mount point {path} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"mount point {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {path} is not a directory")
+    if is_mount_point(real):
+        raise MountError(f"mount point {path} is busy: something is already mounted there")
+    return real
+
+
+def open_fuse_device() -> int:
+    if not os.path.exists(DEV_FUSE):
+        raise MountError(f"{DEV_FUSE} is missing: load the fuse module (`modprobe fuse`)")
+    try:
+        return os.open(DEV_FUSE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"cannot open {DEV_FUSE}: {exc.strerror}") from None
+
+
+def mount_fuse(fuse_fd: int, mountpoint: str, source: str, options: MountOptions,
+               subtype: str = FS_SUBTYPE) -> None:
+    """mount(2) the FUSE connection of `fuse_fd` on `mountpoint`."""
+    options.check()
+    data = options.data(fuse_fd, os.getuid(), os.getgid())
+    rc = _lib().mount(source.encode() or b"vfsdrv", mountpoint.encode(),
+                      f"fuse.{subtype}".encode(), options.flags, data.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        hint = ""
+        if err == errno.EPERM:
+            hint = " (mounting needs root)"
+        elif err == errno.ENODEV:
+            hint = " (the kernel has no FUSE support loaded: `modprobe fuse`)"
+        elif err == errno.EBUSY:
+            hint = " (something is already mounted there)"
+        raise MountError(f"mount of {mountpoint} failed: {os.strerror(err)}{hint}")
+
+
+def umount(mountpoint: str, *, lazy: bool = False) -> None:
+    """umount2(2); OSError on failure (EINVAL: not a mount point)."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    if _lib().umount2(mountpoint.encode(), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}", mountpoint)
+
+
+def umount_busy_lazy(mountpoint: str) -> bool:
+    """Unmount; when busy, detach lazily. False if it was not mounted."""
+    try:
+        umount(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            umount(mountpoint, lazy=True)
+        elif exc.errno == errno.EINVAL:
+            return False
+        else:
+            raise
+    return True
