@@ -15,6 +15,7 @@ from ..errors import VfsdrvError
 
 #: modules of vfsdrv.tools that provide commands, in --help order
 COMMAND_MODULES = [
+    "mount",
     "demo",
     # "bench",
 ]

@@ -1,0 +1,326 @@
+"""`vfsdrv mount` and `vfsdrv umount`, and the `mount.vfsdrv` helper for mount(8).
+
+    vfsdrv mount [--tag TAG | --device BDF | --vhost-user SOCKET] [--frontend relay|pyfuse3]
+                 [-o OPTIONS] [-f] [-d] MOUNTPOINT
+    vfsdrv umount [-l] MOUNTPOINT
+    mount -t vfsdrv SPEC MOUNTPOINT -o OPTIONS     (SPEC: a vhost-user socket path,
+        vhost-user:PATH, pci:BDF, or a tag; vfsdrv options in -o: tag=, request_queues=,
+        frontend=, debug)
+
+`mount` returns once the file system is usable: it forks, the child brings the
+device up, mounts and serves; the parent waits for the child's word on a pipe and
+exits 0, or prints the child's error and exits 1. With -f it serves in the
+foreground; -d logs every request (and implies -f). SIGTERM/SIGINT unmount cleanly;
+so do `vfsdrv umount`, `umount` and `fusermount3 -u`. A failure at any step leaves
+nothing mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import stat
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import VfsdrvError
+from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
+from ..frontends.fuse_dev import (
+    DEV_FUSE,
+    FS_SUBTYPE,
+    MountError,
+    MountOptions,
+    check_mountpoint,
+    mount_table,
+    require_root,
+    umount,
+)
+from ..fs.config import encode_config
+from ..fs.device import VirtioFs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VHOST_USER_TAG = "vfsdrv"
+BDF_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+
+
+@dataclass
+class MountRequest:
+    mountpoint: str
+    vhost_user: str | None = None
+    device: str | None = None
+    tag: str | None = None
+    request_queues: int = 1
+    frontend: str = DEFAULT_FRONTEND
+    options: list[str] = field(default_factory=list)
+    foreground: bool = False
+    debug: bool = False
+    poll: bool = False
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mount", help="mount a virtio-fs device through FUSE (relay or pyfuse3)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("device (one of)")
+    src.add_argument("--vhost-user", metavar="SOCKET",
+                     help="a vhost-user-fs backend's socket (virtiofsd, vfsdrv refdev)")
+    src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function, through VFIO")
+    src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
+                     "--vhost-user: the tag to use when the backend has no config space")
+    p.add_argument("--request-queues", type=int, default=1, metavar="N",
+                   help="with --vhost-user and no config space: request queues (default 1)")
+    p.add_argument("--frontend", choices=sorted(FRONTENDS), default=DEFAULT_FRONTEND,
+                   help=f"how the mount is served (default {DEFAULT_FRONTEND})")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, comma separated (ro, nosuid, noexec, max_read=N, "
+                   "noallow_other, nodefault_permissions, ...)")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="log every request (opcode, unique, nodeid, result); implies -f")
+    p.add_argument("--poll", action="store_true",
+                   help="poll the device's rings instead of waiting for interrupts")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=run_mount)
+
+    u = sub.add_parser("umount", help="unmount a vfsdrv mount",
+                       description="Unmount a vfsdrv FUSE mount (the serving process then "
+                       "ends the device session and exits).")
+    u.add_argument("-l", "--lazy", action="store_true",
+                   help="detach now even if busy; the file system goes when no longer used")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=run_umount)
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    chosen = [n for n in ("vhost_user", "device") if getattr(args, n)]
+    if len(chosen) > 1:
+        raise MountError("give one of --vhost-user, --device (or --tag alone)")
+    if not chosen and not args.tag:
+        raise MountError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
+    req = MountRequest(
+        mountpoint=args.mountpoint, vhost_user=args.vhost_user, device=args.device,
+        tag=args.tag, request_queues=args.request_queues, frontend=args.frontend,
+        options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
+        poll=args.poll,
+    )
+    return mount(req)
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    require_root("unmounting")
+    mp = os.path.realpath(args.mountpoint)
+    types = [t for m, t, _s in mount_table() if m == mp]
+    if not types:
+        raise MountError(f"{args.mountpoint} is not mounted")
+    if types[-1] != f"fuse.{FS_SUBTYPE}":
+        raise MountError(f"{args.mountpoint} is a {types[-1]} mount, not a vfsdrv one")
+    try:
+        umount(mp, lazy=args.lazy)
+    except OSError as exc:
+        hint = " (files are open there; -l detaches it anyway)" if exc.errno == 16 else ""
+        raise MountError(f"cannot unmount {args.mountpoint}: {exc.strerror}{hint}") from None
+    return 0
+
+
+# -- checks, device, serving -------------------------------------------------------------
+def precheck(req: MountRequest) -> None:
+    """Everything that can be told before forking, with a clear message."""
+    require_root()
+    if not os.path.exists(DEV_FUSE):
+        raise MountError(f"{DEV_FUSE} is missing: load the fuse module (`modprobe fuse`)")
+    MountOptions.parse(req.options).check()
+    req.mountpoint = check_mountpoint(req.mountpoint)
+    if req.frontend not in FRONTENDS:
+        raise MountError(f"unknown frontend {req.frontend!r}")
+    get_frontend(req.frontend)  # importable?
+    if req.vhost_user is not None:
+        try:
+            st = os.stat(req.vhost_user)
+        except FileNotFoundError:
+            raise MountError(
+                f"vhost-user socket {req.vhost_user} does not exist (is the backend running?)"
+            ) from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MountError(f"{req.vhost_user} is not a socket")
+        if req.request_queues < 1:
+            raise MountError("--request-queues must be at least 1")
+    elif req.device is not None and not BDF_RE.match(req.device):
+        raise MountError(f"{req.device!r} is not a PCI address (like 0000:00:04.0)")
+
+
+def open_device(req: MountRequest) -> VirtioFs:
+    """The started virtio-fs device the request names."""
+    if req.vhost_user is not None:
+        from ..virtio.vhost_user import VhostUserTransport
+
+        tag = req.tag or DEFAULT_VHOST_USER_TAG
+        # used only when the backend has no config space (virtiofsd): read it otherwise
+        transport = VhostUserTransport(
+            req.vhost_user, config=encode_config(tag, req.request_queues),
+            num_queues=1 + req.request_queues,
+        )
+    else:
+        transport = _pci_transport(req)
+    try:
+        return VirtioFs(transport, poll=req.poll).start()
+    except BaseException:
+        transport.close()
+        raise
+
+
+def _pci_transport(req: MountRequest):
+    try:
+        from ..virtio import pci as vpci
+    except ImportError as exc:
+        raise MountError(f"the VFIO/PCI transport is not available: {exc}") from exc
+    if req.device is not None:
+        return vpci.open_pci(req.device, poll=req.poll)
+    finder: Callable | None = getattr(vpci, "find_by_tag", None)
+    if finder is None:
+        raise MountError(
+            "--tag without --vhost-user (finding a PCI function by its tag) is not available "
+            "yet: give the function's address with --device BDF"
+        )
+    return vpci.open_pci(finder(req.tag), poll=req.poll)
+
+
+def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
+    """Bring the device up, mount, serve until unmounted; close the device."""
+    frontend = get_frontend(req.frontend)
+    fs = open_device(req)
+    try:
+        frontend(fs, req.mountpoint, options=req.options, debug=req.debug, ready=ready)
+    finally:
+        fs.close()
+
+
+def mount(req: MountRequest) -> int:
+    precheck(req)
+    if req.foreground:
+        serve(req)
+        return 0
+    return _daemonize(req)
+
+
+def _daemonize(req: MountRequest) -> int:
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child serves
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            _child(req, w)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            msg = str(exc) if isinstance(exc, VfsdrvError | OSError) else \
+                "".join(traceback.format_exception(exc)).strip()
+            try:
+                os.write(w, f"ERR {msg}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    text = data.decode(errors="replace").strip()
+    if text == "OK":
+        return 0
+    os.waitpid(pid, 0)
+    if text.startswith("ERR "):
+        raise MountError(text[4:])
+    raise MountError("the serving process exited before the mount was ready")
+
+
+def _child(req: MountRequest, w: int) -> None:
+    def ready() -> None:
+        # from now on the parent is gone: detach from its terminal and pipes
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        os.write(w, b"OK\n")
+        os.close(w)
+
+    serve(req, ready)
+
+
+# -- mount(8) helper -----------------------------------------------------------------------
+VFSDRV_OPTIONS = ("tag", "request_queues", "frontend", "debug", "poll")
+
+
+def parse_helper_args(argv: list[str]) -> MountRequest:
+    """mount.vfsdrv SPEC DIR [-sfnv] [-o OPTIONS]"""
+    positional: list[str] = []
+    opts: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "-o":
+            opts.append(next(it, ""))
+        elif a.startswith("-o"):
+            opts.append(a[2:])
+        elif a.startswith("-") and len(a) > 1:
+            continue  # -s (sloppy), -f (fake), -n (no mtab), -v: nothing to do
+        else:
+            positional.append(a)
+    if len(positional) != 2:
+        raise MountError("usage: mount.vfsdrv SPEC MOUNTPOINT [-o OPTIONS]")
+    spec, mountpoint = positional
+    req = MountRequest(mountpoint=mountpoint)
+    rest: list[str] = []
+    for group in opts:
+        for opt in group.split(","):
+            key, _, value = opt.partition("=")
+            if key == "tag":
+                req.tag = value
+            elif key == "request_queues":
+                req.request_queues = int(value)
+            elif key == "frontend":
+                req.frontend = value
+            elif key == "debug":
+                req.debug = True
+            elif key == "poll":
+                req.poll = True
+            elif opt:
+                rest.append(opt)
+    req.options = [",".join(rest)] if rest else []
+    if spec.startswith("vhost-user:"):
+        req.vhost_user = spec[len("vhost-user:"):]
+    elif spec.startswith("pci:"):
+        req.device = spec[len("pci:"):]
+    elif "/" in spec:
+        req.vhost_user = spec
+    elif BDF_RE.match(spec):
+        req.device = spec
+    else:
+        req.tag = spec
+    return req
+
+
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
+    try:
+        req = parse_helper_args(argv)
+        return mount(req)
+    except (VfsdrvError, OSError, ValueError) as exc:
+        print(f"mount.vfsdrv: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(mount_helper_main())
