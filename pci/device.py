@@ -122,6 +122,8 @@ class VfioPciDevice(PciFunction):
                 )
             self.sysfs.bind_vfio(self.bdf)
         self.fd = -1
+        #: DMA page size policy: None = huge pages when enough are free, True/False = force
+        self.hugepages: bool | None = None
         self.iommu: IommuContext | None = None
         self._maps: list[tuple[int, int]] = []  # (addr, length) to munmap
         self._bar_maps: dict[tuple[int, int], tuple[Any, int, int]] = {}
@@ -336,7 +338,7 @@ class VfioPciDevice(PciFunction):
         return self.iommu.kind if self.iommu is not None else "noiommu"
 
     def alloc_dma(self, size: int, iova: bool) -> DmaMemory:
-        return DmaMemory(size, self.iommu, iova=iova)
+        return DmaMemory(size, self.iommu, iova=iova, hugepages=self.hugepages)
 
     # -- teardown -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,8 +1,10 @@
-"""Read-only look at a PCI function through sysfs (config file, resourceN mmaps).
+"""A look at a PCI function through sysfs (config file, resourceN mmaps).
 
 For inspection without VFIO, e.g. reading a virtio-fs tag while the kernel's
 driver still owns the function (`vfsdrv list`, bind-by-tag, the "mounted?"
-check before unbinding). Only loads are possible: writes raise.
+check before unbinding). BAR mappings are read-only (writes raise); config
+space can be written (root), which is how capability-based access windows are
+driven when the kernel refuses BAR mmaps of a claimed device.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ class SysfsFunction(PciFunction):
         self.bdf = normalize_bdf(bdf)
         self.dir = self.sysfs.device_dir(self.bdf)
         self.name = f"sysfs:{self.bdf}"
-        with open(self.dir / "config", "rb") as f:
-            self._config = f.read(256)
+        self._cfg_fd = os.open(self.dir / "config", os.O_RDWR | os.O_CLOEXEC)
         self._bars: list[tuple[int, int]] = []  # (start, end) per BAR
         self._flags: list[int] = []
         for line in (self.dir / "resource").read_text().splitlines()[:6]:
@@ -46,12 +47,17 @@ class SysfsFunction(PciFunction):
         self.close()
 
     def config_read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or offset + length > len(self._config):
+        if offset < 0 or offset + length > 4096:
             raise PciError(f"{self.name}: config read {offset:#x}+{length} out of range")
-        return self._config[offset : offset + length]
+        data = os.pread(self._cfg_fd, length, offset)
+        if len(data) != length:
+            raise PciError(f"{self.name}: short config read at {offset:#x}")
+        return data
 
     def config_write(self, offset: int, data: bytes) -> None:
-        raise PciError(f"{self.name}: sysfs inspection is read-only")
+        """Config space writes (root; the kernel serialises them with its driver's)."""
+        if os.pwrite(self._cfg_fd, data, offset) != len(data):
+            raise PciError(f"{self.name}: short config write at {offset:#x}")
 
     def bar_size(self, index: int) -> int:
         if index >= len(self._bars) or not self._flags[index] & IORESOURCE_MEM:
@@ -69,6 +75,11 @@ class SysfsFunction(PciFunction):
             fd = os.open(self.dir / f"resource{index}", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except OSError as e:
+                raise BarError(
+                    f"{self.name}: BAR{index} cannot be mapped through sysfs ({e.strerror}; "
+                    "a kernel driver may own it)"
+                ) from e
             finally:
                 os.close(fd)
             self._maps[index] = (m, ffi.from_buffer(m))
@@ -85,4 +96,7 @@ class SysfsFunction(PciFunction):
             ffi.release(ptr)
             m.close()
         self._maps.clear()
+        if self._cfg_fd >= 0:
+            os.close(self._cfg_fd)
+            self._cfg_fd = -1
 

@@ -24,10 +24,17 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ..errors import CapabilityError, ConfigError, DeviceGoneError, TransportError
+from ..errors import (
+    CapabilityError,
+    ConfigError,
+    DeviceGoneError,
+    TransportError,
+    VfsdrvError,
+)
 from ..pci import config as pcicfg
 from ..pci.errors import DeviceBusyError, WrongDeviceError
 from ..pci.function import DmaMemoryLike, PciFunction, RegisterWindow
+from ..pci.sysfs import Sysfs
 from .constants import Feature
 from .memory import Arena, DmaBuffer, DmaPool
 from .transport import QueueAddresses, Transport
@@ -108,6 +115,7 @@ class VirtioPciCaps:
     device: CapRegion | None
     shared_memory: dict[int, CapRegion] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # why some capabilities were skipped
+    pci_cfg: int | None = None  # config-space offset of the first PCI cfg access capability
 
 
 def _check_region(cap: CapRegion, bar_size: int, align: int, min_len: int) -> None:
@@ -140,6 +148,7 @@ def parse_capabilities(fn: PciFunction) -> VirtioPciCaps:
     shm: dict[int, CapRegion] = {}
     ignored: list[str] = []
     errors: dict[int, CapabilityError] = {}
+    pci_cfg: int | None = None
     for cap in caps:
         if cap.id != pcicfg.CAP_ID_VNDR:
             continue
@@ -149,7 +158,11 @@ def parse_capabilities(fn: PciFunction) -> VirtioPciCaps:
         if cfg_type not in CAP_NAMES:
             ignored.append(f"{name}: reserved cfg_type, ignored")
             continue
-        if cfg_type in (PCI_CFG, VENDOR_CFG):
+        if cfg_type == PCI_CFG:
+            if pci_cfg is None and cap_len >= NOTIFY_CAP_SIZE and pos + cap_len <= 256:
+                pci_cfg = pos  # only for inspection while the kernel owns the BARs
+            continue
+        if cfg_type == VENDOR_CFG:
             continue  # not used by this driver
         if cap_len < CAP_SIZE:
             raise CapabilityError(
@@ -238,6 +251,7 @@ def parse_capabilities(fn: PciFunction) -> VirtioPciCaps:
         device=first.get(DEVICE_CFG),
         shared_memory=shm,
         ignored=ignored,
+        pci_cfg=pci_cfg,
     )
 
 
@@ -586,9 +600,32 @@ def decode_virtiofs_tag(raw: bytes) -> str:
         raise ConfigError(f"virtio-fs tag {body!r} is not valid UTF-8: {e}") from e
 
 
-def read_virtiofs_tag(fn: PciFunction, retries: int = 10) -> str:
+class PciCfgWindow(RegisterWindow):
+    """BAR registers reached through the VIRTIO_PCI_CAP_PCI_CFG window in config space
+    (virtio 1.2 4.1.4.9): set bar/offset/length in the capability, then access
+    pci_cfg_data. For reading a device whose BARs cannot be mapped (a kernel driver
+    owns them). Read-only here."""
+
+    def __init__(self, fn: PciFunction, cap_pos: int, bar: int, base: int, length: int,
+                 name: str) -> None:
+        super().__init__(length, name)
+        self.fn, self.pos, self.bar, self.base = fn, cap_pos, bar, base
+
+    def _read(self, off: int, width: int) -> int:
+        # cap.offset must be a multiple of cap.length: natural alignment, checked by _check
+        self.fn.config_write(self.pos + 4, bytes([self.bar]))
+        self.fn.config_write(self.pos + 8, struct.pack("<II", self.base + off, width))
+        return int.from_bytes(self.fn.config_read(self.pos + 16, width), "little")
+
+    def _write(self, off: int, width: int, value: int) -> None:
+        raise TransportError(f"{self.name}: the PCI cfg access window is used read-only")
+
+
+def read_virtiofs_tag(fn: PciFunction, retries: int = 10, *, via_pci_cfg: bool = False) -> str:
     """The tag of a virtio-fs PCI function, without the virtio core (for `list` and
-    bind-by-tag). Reading device config and config_generation has no side effects."""
+    bind-by-tag). Reading device config and config_generation has no side effects.
+    `via_pci_cfg` reads through the PCI cfg access capability instead of the BARs
+    (works while the kernel's driver owns them)."""
     check_identity(fn, VIRTIO_ID_FS)
     caps = parse_capabilities(fn)
     if caps.device is None:
@@ -600,8 +637,18 @@ def read_virtiofs_tag(fn: PciFunction, retries: int = 10) -> str:
             f"{caps.device.name}: length {caps.device.length} is below the {VIRTIO_FS_CONFIG_MIN}"
             "-byte virtio-fs config (tag + num_request_queues)"
         )
-    common = fn.bar_window(caps.common.bar, caps.common.offset, COMMON_CFG_MIN, "common cfg")
-    devcfg = fn.bar_window(caps.device.bar, caps.device.offset, VIRTIO_FS_TAG_SIZE, "device cfg")
+    if via_pci_cfg:
+        if caps.pci_cfg is None:
+            raise CapabilityError(f"{fn.name}: no PCI cfg access capability")
+        c, d = caps.common, caps.device
+        common: RegisterWindow = PciCfgWindow(fn, caps.pci_cfg, c.bar, c.offset, COMMON_CFG_MIN,
+                                              "common cfg")
+        devcfg: RegisterWindow = PciCfgWindow(fn, caps.pci_cfg, d.bar, d.offset,
+                                              VIRTIO_FS_TAG_SIZE, "device cfg")
+    else:
+        common = fn.bar_window(caps.common.bar, caps.common.offset, COMMON_CFG_MIN, "common cfg")
+        devcfg = fn.bar_window(caps.device.bar, caps.device.offset, VIRTIO_FS_TAG_SIZE,
+                               "device cfg")
     for _ in range(retries):
         gen = common.read8(CONFIG_GENERATION)
         raw = devcfg.read_bytes(0, VIRTIO_FS_TAG_SIZE)
@@ -633,6 +680,46 @@ def check_not_mounted(bdf: str, tag: str, mounts: str = "/proc/mounts") -> None:
         )
 
 
+def kernel_tag(bdf: str, sysfs: Sysfs) -> str | None:
+    """The tag of a virtio-fs function the kernel's driver owns: through the BAR if
+    sysfs lets us map it, else through the PCI cfg access capability."""
+    from ..pci.resource import SysfsFunction
+
+    for via_pci_cfg in (False, True):
+        try:
+            with SysfsFunction(bdf, sysfs) as sfn:
+                return read_virtiofs_tag(sfn, via_pci_cfg=via_pci_cfg)
+        except (OSError, VfsdrvError):
+            continue
+    return None
+
+
+def check_kernel_not_using(bdf: str, sysfs: Sysfs, mounts: str = "/proc/mounts") -> None:
+    """Refuse to take a virtio-fs function away from the kernel while it is mounted."""
+    tag = kernel_tag(bdf, sysfs)
+    if tag is not None:
+        check_not_mounted(bdf, tag, mounts)
+        return
+    # tag unreadable: refuse if the kernel's virtiofs driver holds it and anything is mounted
+    held = [p for p in sysfs.device_dir(bdf).glob("virtio*/driver")
+            if os.path.basename(os.readlink(p)) == "virtiofs"]
+    if held and any(mounted_virtiofs_all(mounts)):
+        raise DeviceBusyError(
+            f"{bdf} is in use by the kernel's virtiofs driver and virtiofs file systems are "
+            f"mounted ({', '.join(mounted_virtiofs_all(mounts))}); its tag could not be read "
+            "to tell which: unmount them first"
+        )
+
+
+def mounted_virtiofs_all(mounts: str = "/proc/mounts") -> list[str]:
+    try:
+        with open(mounts) as f:
+            return [ln.split()[1] for ln in f if len(ln.split()) >= 3
+                    and ln.split()[2] == "virtiofs"]
+    except OSError:
+        return []
+
+
 def open_pci(
     bdf: str,
     *,
@@ -646,7 +733,7 @@ def open_pci(
     return its transport. For a virtio-fs function bound to the kernel's virtio-pci,
     refuses if the file system is mounted."""
     from ..pci.device import VfioPciDevice
-    from ..pci.sysfs import Sysfs, normalize_bdf, require_root
+    from ..pci.sysfs import normalize_bdf, require_root
 
     require_root()
     sysfs = Sysfs()
@@ -662,15 +749,7 @@ def open_pci(
             f"(1af4:105a); virtio-fs functions here: {', '.join(found) or 'none'}"
         )
     if device_id == VIRTIO_ID_FS and sysfs.driver(bdf) not in (None, "vfio-pci"):
-        try:
-            from ..pci.resource import SysfsFunction
-
-            with SysfsFunction(bdf, sysfs) as sfn:
-                tag = read_virtiofs_tag(sfn)
-        except (OSError, TransportError, ConfigError, CapabilityError):
-            tag = None
-        if tag is not None:
-            check_not_mounted(bdf, tag)
+        check_kernel_not_using(bdf, sysfs)
     dev = VfioPciDevice(bdf, backend=backend, sysfs=sysfs, bind=bind)
     try:
         return VirtioPciTransport(dev, poll=poll, dma_size=dma_size, device_id=device_id)

@@ -1,0 +1,262 @@
+"""The VFIO/PCI transport end to end in a QEMU guest, type1 (vIOMMU) and no-IOMMU.
+
+In the guest, with the function first owned by the kernel's virtio-pci:
+  1. a mounted kernel virtiofs makes `open_pci` refuse ("in use by the kernel");
+  2. session 1: bind to vfio-pci, bring the device up through the virtio core,
+     FUSE_INIT, round trips (lookup/getattr/read of a host file, create/write/
+     read-back of a new one, readdir), data checked byte for byte, completions
+     by MSI-X (eventfd acks counted), DMA on 4 KiB pages;
+  3. session 2: the same by polling (no vectors), DMA on 2 MiB huge pages;
+  4. unbind: the function goes back to virtio-pci and the kernel's
+     `mount -t virtiofs` works again and sees the file session 1 wrote.
+The host then checks that file in the exported directory too.
+
+This file is also the guest-side script (`python test_pci_vfio.py --guest MODE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+HOST_FILE = "hello.bin"
+HOST_SIZE = 300_000
+NEW_FILE = "written.bin"
+NEW_SIZE = 200_000
+
+
+def payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+# -- host side (pytest) -----------------------------------------------------------------------
+
+
+def _run(guest, tmp_path: Path, mode: str):
+    from harness import GUEST_PYTHON
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / HOST_FILE).write_bytes(payload(1, HOST_SIZE))
+    r = guest(
+        f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest {mode}",
+        iommu=mode == "type1",
+        noiommu=mode == "noiommu",
+        fs_dir=share,
+        timeout=400,
+    )
+    assert r.returncode == 0, f"{r}\n--- console:\n{r.console[-3000:]}"
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("RESULT ")]
+    assert lines, r.output
+    res = json.loads(lines[-1][len("RESULT "):])
+    print(f"{mode}: guest run {r.duration:.1f}s (boot {r.boot_time}s): {res}")
+    return res, share, r
+
+
+def _check(res: dict, share: Path, mode: str) -> None:
+    assert res["driver_before"] == "virtio-pci"
+    assert "in use by the kernel" in res["busy_error"] and "umount /mnt/k" in res["busy_error"]
+    for name in ("msix", "poll"):
+        s = res[name]
+        assert s["iommu_mode"] == mode
+        assert s["init_major"] == 7 and s["init_minor"] >= 31
+        assert s["host_file_ok"] and s["written_ok"] and s["readdir_ok"]
+        assert s["getattr_size"] == HOST_SIZE
+    assert res["msix"]["hugepages"] is False and res["poll"]["hugepages"] is True
+    # MSI-X session: every queue has a vector and interrupts really arrived
+    assert all(fd is not None for fd in res["msix"]["interrupt_fds"])
+    assert res["msix"]["acks"] >= res["msix"]["round_trips"] // 2 > 0
+    # 8 MiB on 4 KiB pages: some number of physically contiguous runs; on 2 MiB huge
+    # pages each page is one run at least (4 pages: at most 4 runs)
+    assert res["msix"]["dma_runs"] >= 1 and 1 <= res["poll"]["dma_runs"] <= 4
+    # polling session: no vectors at all
+    assert res["poll"]["interrupt_fds"] == [None] * len(res["poll"]["interrupt_fds"])
+    assert res["poll"]["acks"] == 0
+    assert res["driver_after"] == "virtio-pci"
+    assert res["kernel_mount_ok"]
+    assert (share / NEW_FILE).read_bytes() == payload(2, NEW_SIZE)
+
+
+def test_pci_vfio_type1(guest, tmp_path: Path) -> None:
+    res, share, _ = _run(guest, tmp_path, "type1")
+    _check(res, share, "type1")
+    assert res["msix"]["iova_mode"] is False  # no ACCESS_PLATFORM: IOVA == PA
+
+
+def test_pci_vfio_noiommu(guest, tmp_path: Path) -> None:
+    res, share, _ = _run(guest, tmp_path, "noiommu")
+    _check(res, share, "noiommu")
+
+
+def test_pci_user_errors(guest) -> None:
+    """Errors a user meets, from the real kernel: no IOMMU and no-IOMMU mode off,
+    not a virtio-fs function, no such function, bad address."""
+    from harness import GUEST_PYTHON
+
+    r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest errors", timeout=200)
+    assert r.returncode == 0, f"{r}\n--- console:\n{r.console[-3000:]}"
+    res = json.loads([ln for ln in r.output.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    print(f"errors: guest run {r.duration:.1f}s: {res}")
+    assert res["no_iommu"][0] == "IommuUnavailableError"
+    assert "no IOMMU group" in res["no_iommu"][1] and "intel_iommu=on" in res["no_iommu"][1]
+    assert "no-IOMMU mode is off" in res["no_iommu"][1]
+    assert res["not_fs"][0] == "WrongDeviceError" and "not a virtio-fs function" in res["not_fs"][1]
+    assert "0000:00:03.0" in res["not_fs"][1]  # names the virtio-fs functions there are
+    assert res["missing"][0] == "BadAddressError" and "no PCI function" in res["missing"][1]
+    assert res["bad"][0] == "BadAddressError" and "bad PCI address" in res["bad"][1]
+    assert res["driver_after"] == "virtio-pci"  # nothing was left half-bound
+
+
+# -- guest side -------------------------------------------------------------------------------
+
+
+def _session(bdf: str, *, poll: bool, hugepages: bool) -> dict:
+    import collections
+    import os
+
+    from vfsdrv.fs.client import FuseClient
+    from vfsdrv.fs.device import VirtioFs
+    from vfsdrv.virtio import pci as vp
+
+    t = vp.open_pci(bdf, bind=True, poll=poll, dma_size=8 << 20)
+    t.fn.hugepages = hugepages
+    acks: collections.Counter[int] = collections.Counter()
+    orig_ack = t.ack_interrupt
+
+    def ack(index: int) -> None:
+        acks[index] += 1
+        orig_ack(index)
+
+    t.ack_interrupt = ack  # type: ignore[method-assign]
+    out: dict = {"iommu_mode": t.fn.iommu_mode}
+    fs = VirtioFs(t, max_io=128 << 10, small_slots=16, large_slots=4, poll=poll)
+    try:
+        fs.start()
+        out["iova_mode"] = t.iova_mode
+        out["hugepages"] = t._dma.hugepages  # type: ignore[union-attr]
+        out["dma_runs"] = len(t._dma.runs) if not t.iova_mode else 1  # type: ignore[union-attr]
+        out["interrupt_fds"] = [t.interrupt_fd(vq.index) for vq in fs._all_queues()]
+        init = fs.init()
+        out["init_major"], out["init_minor"] = init.major, init.minor
+        c = FuseClient(fs)
+        trips = 0
+        # a host file: lookup, getattr, read in chunks
+        e = c.lookup(1, HOST_FILE)
+        out["getattr_size"] = c.getattr(e.nodeid).size
+        h = c.open(e.nodeid)
+        data, off = bytearray(), 0
+        while off < HOST_SIZE:
+            chunk = c.read(e.nodeid, h.fh, off, 64 << 10)
+            trips += 1
+            if not chunk:
+                break
+            data += chunk
+            off += len(chunk)
+        c.release(e.nodeid, h.fh)
+        out["host_file_ok"] = bytes(data) == payload(1, HOST_SIZE)
+        trips += 4
+        # a new file (session 1 creates it, session 2 reads it back too)
+        want = payload(2, NEW_SIZE)
+        try:
+            e2 = c.lookup(1, NEW_FILE)
+            h2 = c.open(e2.nodeid, os.O_RDWR)
+        except OSError:
+            e2, h2 = c.create(1, NEW_FILE, 0o644)
+            pos = 0
+            while pos < NEW_SIZE:
+                n = c.write(e2.nodeid, h2.fh, pos, want[pos : pos + 60_000])
+                pos += n
+                trips += 1
+            c.fsync(e2.nodeid, h2.fh)
+        back = bytearray()
+        while len(back) < NEW_SIZE:
+            chunk = c.read(e2.nodeid, h2.fh, len(back), 64 << 10)
+            trips += 1
+            if not chunk:
+                break
+            back += chunk
+        c.release(e2.nodeid, h2.fh)
+        out["written_ok"] = bytes(back) == want
+        names = {d.name for d in c.readdir_all(1)}
+        out["readdir_ok"] = {HOST_FILE.encode(), NEW_FILE.encode()} <= {
+            n if isinstance(n, bytes) else n.encode() for n in names
+        }
+        trips += 4
+        out["round_trips"] = trips
+        c.destroy()
+    finally:
+        fs.close()
+    out["acks"] = sum(acks.values())
+    return out
+
+
+def _sh(*argv: str) -> None:
+    import subprocess
+
+    subprocess.run(argv, check=True)
+
+
+def guest_main(mode: str) -> int:
+    import os
+
+    from vfsdrv.pci.errors import DeviceBusyError
+    from vfsdrv.pci.sysfs import Sysfs
+    from vfsdrv.virtio import pci as vp
+
+    bdf = os.environ["VFSDRV_VM_BDF"]
+    sysfs = Sysfs()
+    res: dict = {"mode": mode, "driver_before": sysfs.driver(bdf)}
+    if mode == "errors":
+        return _guest_errors(bdf, sysfs, res)
+    _sh("modprobe", "virtiofs")
+    os.makedirs("/mnt/k", exist_ok=True)
+    _sh("mount", "-t", "virtiofs", "myfs", "/mnt/k")
+    try:
+        vp.open_pci(bdf, bind=True).close()
+        res["busy_error"] = "opened a mounted device"
+        print("RESULT " + json.dumps(res), flush=True)
+        return 1
+    except DeviceBusyError as e:
+        res["busy_error"] = str(e)
+    _sh("umount", "/mnt/k")
+    res["msix"] = _session(bdf, poll=False, hugepages=False)
+    with open("/proc/sys/vm/nr_hugepages", "w") as f:
+        f.write("8\n")  # 16 MiB of 2 MiB pages for session 2
+    res["poll"] = _session(bdf, poll=True, hugepages=True)
+    res["driver_after"] = sysfs.unbind_vfio(bdf)
+    _sh("mount", "-t", "virtiofs", "myfs", "/mnt/k")
+    try:
+        with open(f"/mnt/k/{NEW_FILE}", "rb") as f:
+            mine = hashlib.sha256(f.read()).hexdigest()
+        res["kernel_mount_ok"] = mine == hashlib.sha256(payload(2, NEW_SIZE)).hexdigest()
+    finally:
+        _sh("umount", "/mnt/k")
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def _guest_errors(bdf: str, sysfs, res: dict) -> int:
+    from vfsdrv.errors import VfsdrvError
+    from vfsdrv.virtio import pci as vp
+
+    def attempt(target: str) -> list[str]:
+        try:
+            vp.open_pci(target, bind=True)
+        except VfsdrvError as e:
+            return [type(e).__name__, str(e)]
+        return ["no error", ""]
+
+    res["no_iommu"] = attempt(bdf)  # plain guest: no vIOMMU, vfio no-IOMMU mode off
+    res["not_fs"] = attempt("0000:00:10.0")  # the 9p function carrying the host root
+    res["missing"] = attempt("0000:00:1e.6")
+    res["bad"] = attempt("00:03")
+    res["driver_after"] = sysfs.driver(bdf)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--guest":
+    sys.exit(guest_main(sys.argv[2]))
