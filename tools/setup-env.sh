@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc        # the venv and the cffi helper
     qemu-system-common                          # virtiofsd: the real device
-    fuse3                                       # fusermount3, /dev/fuse tools
+    fuse3 libfuse3-dev pkg-config               # fusermount3; pyfuse3 builds against libfuse3
     qemu-system-x86 busybox-static kmod cpio xz-utils linux-source-6.1 make  # guest tests
     attr                                        # getfattr/setfattr for the mount tests
 )
@@ -31,10 +31,10 @@ fi
 # Debian's own python, not a pyenv shim: the QEMU guest tests run this venv too,
 # and a shim costs seconds per start under TCG.
 PY=/usr/bin/python3
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import vfsdrv._native' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import vfsdrv._native, pyfuse3' 2>/dev/null; then
     rm -rf .venv
     "$PY" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test,pyfuse3]'
 fi
 .venv/bin/python -c 'import vfsdrv._native' || { echo "setup-env: vfsdrv did not install" >&2; exit 1; }

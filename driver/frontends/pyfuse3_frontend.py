@@ -1,0 +1,778 @@
+"""The pyfuse3 frontend (`--frontend pyfuse3`): a libfuse file system whose
+handlers forward each operation to the virtio-fs device.
+
+The kernel talks FUSE to libfuse (inside pyfuse3); pyfuse3 calls an `Operations`
+method; the method sends the matching FUSE request to the device and turns the
+reply back into pyfuse3's types. Unlike the relay (which forwards raw FUSE bytes)
+this goes through typed operations, so it only offers what pyfuse3 offers: no
+POSIX/flock locks (the kernel then keeps locks local to this machine), no ioctl,
+fallocate, lseek(SEEK_DATA/HOLE), copy_file_range, no xattr flags. See
+docs/frontends.rst.
+
+Concurrency design. pyfuse3 runs on trio and starts several worker tasks, each
+awaiting one handler. The typed `FuseClient` is synchronous (`Pending.result()`
+blocks in `VirtioFs.wait()`), so calling it from a handler would stall the whole
+event loop for every request and allow only one request in flight. Instead each
+handler packs its request with the same `abi` structs the client uses, sends it
+with `VirtioFs.call_async()` and awaits the returned `Pending`:
+
+* one pump task per device eventfd (`VirtioFs.fds()`) waits with
+  `trio.lowlevel.wait_readable(fd)`, then calls `on_fd_ready(fd)` and `process()`
+  and wakes the handlers whose `Pending` completed; with a polling device
+  (`poll=True`, no eventfds) one pump task spins on `process()` while anything is
+  in flight and sleeps otherwise;
+* `call_async()` would block in `VirtioFs.wait()` (consuming eventfds behind the
+  pumps' backs) when no request buffer is free, so a handler first awaits a free
+  buffer (`try_acquire`/`release`, then the synchronous `call_async` takes that
+  very buffer with no checkpoint in between: everything runs on trio's thread);
+* everything touches the device from trio's thread only, so `VirtioFs` needs no
+  locking.
+
+The synchronous `FuseClient` is still used where no loop runs: FUSE_INIT before
+mounting and FUSE_DESTROY after unmounting.
+
+Inode numbers. pyfuse3 uses one number both as the kernel's nodeid and as the
+`st_ino` users see, while the device has opaque nodeids and reports the host's
+inode number in `attr.ino`. `InodeMap` gives each device nodeid a local number:
+the host inode number when it is free (so `ls -i`, `find -inum` and the ".."
+entries of directory listings match the host), otherwise a fresh number from
+2**63 up; the root is 1 on both sides. Every entry handed to the kernel (lookup,
+create, mknod, mkdir, symlink, link, readdirplus) adds one to the local lookup
+count, exactly as the device added one to its own when it produced that entry,
+so the kernel's FORGET(local, n) is forwarded as FORGET(nodeid, n) and the
+mapping is dropped when the count reaches zero. Readdirplus entries that the
+device returned but that did not fit the kernel's buffer are forgotten on the
+device at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import signal
+import stat
+import struct
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from ..errors import VfsdrvError
+from ..fs import abi
+from ..fs.abi import Opcode
+from ..fs.client import ROOT_ID, FuseClient
+from ..fs.device import _LARGE_REPLY_OPCODES, Pending, VirtioFs
+
+log = logging.getLogger(__name__)
+
+#: FUSE_INIT flags asked of the device: the driver's defaults without the lock
+#: capabilities (pyfuse3 never forwards a lock request) and without
+#: READDIRPLUS_AUTO (this frontend always reads directories with READDIRPLUS).
+DEVICE_INIT_FLAGS = VirtioFs.DEFAULT_INIT_FLAGS & ~(
+    abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS | abi.InitFlag.READDIRPLUS_AUTO
+)
+
+#: the largest extended attribute value Linux allows (XATTR_SIZE_MAX)
+XATTR_SIZE_MAX = 65536
+#: how much of a directory to ask the device for per READDIRPLUS
+READDIR_CHUNK = 4096
+#: the first local inode number handed out when the host's is taken
+FRESH_INO_BASE = 1 << 63
+
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NONSEEKABLE = 1 << 2
+
+_DIRENT = struct.Struct("<QQII")
+_NS = 1_000_000_000
+
+
+# -- inode numbers ----------------------------------------------------------------------
+class InodeMap:
+    """Local inode number <-> device nodeid, with the kernel's lookup count."""
+
+    def __init__(self) -> None:
+        self._to_dev: dict[int, int] = {pyfuse3.ROOT_INODE: ROOT_ID}
+        self._to_local: dict[int, int] = {ROOT_ID: pyfuse3.ROOT_INODE}
+        self._count: dict[int, int] = {}
+        self._next_fresh = FRESH_INO_BASE
+
+    def __len__(self) -> int:
+        return len(self._to_dev)
+
+    def nodeid(self, local: int) -> int:
+        try:
+            return self._to_dev[local]
+        except KeyError:
+            log.warning("the kernel used inode %d, which it had forgotten", local)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def local_of(self, nodeid: int) -> int | None:
+        return self._to_local.get(nodeid)
+
+    def count(self, local: int) -> int:
+        return self._count.get(local, 0)
+
+    def add(self, nodeid: int, host_ino: int) -> int:
+        """One more kernel reference to device `nodeid`; its local number."""
+        local = self._to_local.get(nodeid)
+        if local is None:
+            local = self._choose(host_ino)
+            self._to_local[nodeid] = local
+            self._to_dev[local] = nodeid
+        if nodeid != ROOT_ID:
+            self._count[local] = self._count.get(local, 0) + 1
+        return local
+
+    def _choose(self, host_ino: int) -> int:
+        if 1 < host_ino < FRESH_INO_BASE and host_ino not in self._to_dev:
+            return host_ino
+        while self._next_fresh in self._to_dev:
+            self._next_fresh += 1
+        local = self._next_fresh
+        self._next_fresh += 1
+        return local
+
+    def forget(self, local: int, n: int) -> int | None:
+        """The kernel dropped `n` references; the device nodeid to forward them to."""
+        nodeid = self._to_dev.get(local)
+        if nodeid is None or nodeid == ROOT_ID:
+            return None
+        left = self._count.get(local, 0) - n
+        if left < 0:
+            log.warning("kernel forgot inode %d %d times more than it looked it up",
+                        local, -left)
+        if left <= 0:
+            del self._to_dev[local], self._to_local[nodeid]
+            self._count.pop(local, None)
+        else:
+            self._count[local] = left
+        return nodeid
+
+
+@dataclass
+class _Handle:
+    local: int
+    nodeid: int
+    fh: int
+
+
+# -- waiting for the device from trio ------------------------------------------------------
+class TrioDevice:
+    """`VirtioFs.call_async` made awaitable; many requests in flight at once."""
+
+    def __init__(self, fs: VirtioFs) -> None:
+        self.fs = fs
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.pid = os.getpid()
+        self._waiting: dict[Pending, trio.Event] = {}
+        self._slot_waiters = 0
+        self._progress = trio.Event()  # set (and replaced) after every process()
+        self._work = trio.Event()  # polling pump: something was submitted
+        self.failure: BaseException | None = None
+
+    async def call(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
+                   ctx: Any = None) -> bytes:
+        """Send one request; its reply payload, or OSError with the device's errno."""
+        pending = await self.submit(opcode, nodeid, *parts, ctx=ctx)
+        if not pending.done:
+            event = trio.Event()
+            self._waiting[pending] = event
+            self._work.set()
+            try:
+                await event.wait()
+            finally:
+                self._waiting.pop(pending, None)
+        return pending.result(0)
+
+    async def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
+                     ctx: Any = None) -> Pending:
+        in_len = abi.IN_HEADER_SIZE + sum(len(p) for p in parts)
+        large = in_len > self.fs.SLOT_SIZE_SMALL // 2 or opcode in _LARGE_REPLY_OPCODES
+        await self._free_slot(large)
+        uid, gid, pid = (self.uid, self.gid, self.pid) if ctx is None else (
+            ctx.uid, ctx.gid, ctx.pid)
+        # no checkpoint between the free-slot check and here: call_async cannot block
+        return self.fs.call_async(opcode, nodeid, *parts, uid=uid, gid=gid, pid=pid)
+
+    async def _free_slot(self, large: bool) -> None:
+        while True:
+            if self.fs.broken is not None:
+                raise OSError(errno.ENOTCONN, f"device unusable: {self.fs.broken}")
+            slot = self.fs.try_acquire(large)
+            if slot is not None:
+                self.fs.release(slot)
+                return
+            self._slot_waiters += 1
+            self._work.set()
+            try:
+                await self._progress.wait()
+            finally:
+                self._slot_waiters -= 1
+
+    def _after_process(self) -> None:
+        for pending, event in list(self._waiting.items()):
+            if pending.done:
+                event.set()
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _fail(self, exc: BaseException) -> None:
+        """The device broke: every waiter gets its (synthetic ENOTCONN) reply."""
+        self.failure = exc
+        self._after_process()
+
+    async def pump(self) -> None:
+        """Harvest completions until cancelled. Returns if the device breaks."""
+        async with trio.open_nursery() as nursery:
+            for fd in self.fs.fds():
+                nursery.start_soon(self._guard, self._pump_fd, fd, nursery.cancel_scope)
+            if self.fs.poll:
+                nursery.start_soon(self._guard, self._pump_poll, None, nursery.cancel_scope)
+
+    async def _guard(self, pump: Callable[[Any], Awaitable[None]], arg: Any,
+                     scope: trio.CancelScope) -> None:
+        try:
+            await pump(arg)
+        except VfsdrvError as exc:
+            log.error("virtio-fs device failed: %s", exc)
+            self._fail(exc)
+            scope.cancel()
+
+    async def _pump_fd(self, fd: int) -> None:
+        interrupt = fd != self.fs.transport.error_fd()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            self.fs.on_fd_ready(fd)
+            if interrupt:
+                self.fs.process()
+                self._after_process()
+            else:
+                await trio.sleep(0.05)  # readable but alive: do not spin
+
+    async def _pump_poll(self, _arg: None) -> None:
+        while True:
+            if self._waiting or self._slot_waiters:
+                self.fs.process()
+                self._after_process()
+                await trio.sleep(0)
+            else:
+                self._work = trio.Event()
+                await self._work.wait()
+
+
+# -- the file system ------------------------------------------------------------------------
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _fuse_errors(fn: F) -> F:
+    """pyfuse3 handlers may only raise FUSEError: map everything else to one."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _entry_name(name: bytes) -> bytes:
+    return name + b"\0"
+
+
+def _fill_attr(out: pyfuse3.EntryAttributes, a: Any, local: int) -> None:
+    out.st_ino = local
+    out.st_mode = a.mode
+    out.st_nlink = a.nlink
+    out.st_uid = a.uid
+    out.st_gid = a.gid
+    out.st_rdev = a.rdev
+    out.st_size = a.size
+    out.st_blksize = a.blksize or 4096
+    out.st_blocks = a.blocks
+    out.st_atime_ns = a.atime * _NS + a.atimensec
+    out.st_mtime_ns = a.mtime * _NS + a.mtimensec
+    out.st_ctime_ns = a.ctime * _NS + a.ctimensec
+
+
+def _valid(sec: int, nsec: int) -> float:
+    return sec + nsec / _NS
+
+
+class DeviceOperations(pyfuse3.Operations):
+    """pyfuse3 handlers that forward to the virtio-fs device."""
+
+    supports_dot_lookup = False  # no EXPORT_SUPPORT: the device is not asked for ".."
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: VirtioFs) -> None:
+        super().__init__()
+        self.fs = fs
+        self.dev = TrioDevice(fs)
+        self.inodes = InodeMap()
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+
+    # -- helpers ------------------------------------------------------------------------
+    def _new_handle(self, local: int, nodeid: int, fh: int) -> int:
+        h = self._next_fh
+        self._next_fh += 1
+        self._handles[h] = _Handle(local, nodeid, fh)
+        return h
+
+    def _handle(self, h: int) -> _Handle:
+        try:
+            return self._handles[h]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def _entry(self, e: Any) -> pyfuse3.EntryAttributes:
+        """A device fuse_entry_out as pyfuse3 entry; counts one kernel reference."""
+        out = pyfuse3.EntryAttributes()
+        out.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
+        out.attr_timeout = _valid(e.attr_valid, e.attr_valid_nsec)
+        if e.nodeid == 0:  # negative entry: cached by the kernel for entry_timeout
+            out.st_ino = 0
+            return out
+        out.generation = e.generation
+        local = self.inodes.add(e.nodeid, e.attr.ino)
+        _fill_attr(out, e.attr, local)
+        return out
+
+    async def _entry_call(self, opcode: int, nodeid: int, *parts: bytes,
+                          ctx: Any = None) -> pyfuse3.EntryAttributes:
+        reply = await self.dev.call(opcode, nodeid, *parts, ctx=ctx)
+        return self._entry(abi.unpack("fuse_entry_out", reply))
+
+    def _attr_out(self, reply: bytes, local: int) -> pyfuse3.EntryAttributes:
+        out = abi.unpack("fuse_attr_out", reply)
+        attr = pyfuse3.EntryAttributes()
+        attr.attr_timeout = _valid(out.attr_valid, out.attr_valid_nsec)
+        _fill_attr(attr, out.attr, local)
+        return attr
+
+    async def _forget_on_device(self, items: list[tuple[int, int]]) -> None:
+        for i in range(0, len(items), 256):
+            batch = items[i:i + 256]
+            body = abi.pack("fuse_batch_forget_in", count=len(batch)) + b"".join(
+                abi.pack("fuse_forget_one", nodeid=n, nlookup=c) for n, c in batch)
+            # hiprio: no reply; the submission alone is the whole request
+            await self.dev.submit(Opcode.BATCH_FORGET, 0, body)
+
+    # -- names and attributes -------------------------------------------------------------
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return await self._entry_call(Opcode.LOOKUP, self.inodes.nodeid(parent_inode),
+                                      _entry_name(name), ctx=ctx)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        items = []
+        for local, n in inode_list:
+            nodeid = self.inodes.forget(local, n)
+            if nodeid is not None:
+                items.append((nodeid, n))
+        if items:
+            try:
+                await self._forget_on_device(items)
+            except Exception as exc:  # forget must not raise
+                log.warning("FORGET of %d inode(s) not sent to the device: %s", len(items), exc)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
+        reply = await self.dev.call(Opcode.GETATTR, self.inodes.nodeid(inode), body, ctx=ctx)
+        return self._attr_out(reply, inode)
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        valid = 0
+        f: dict[str, int] = {}
+        if fields.update_mode:
+            valid |= abi.FATTR_MODE
+            f["mode"] = attr.st_mode
+        if fields.update_uid:
+            valid |= abi.FATTR_UID
+            f["uid"] = attr.st_uid
+        if fields.update_gid:
+            valid |= abi.FATTR_GID
+            f["gid"] = attr.st_gid
+        if fields.update_size:
+            valid |= abi.FATTR_SIZE
+            f["size"] = attr.st_size
+        if fields.update_atime:
+            valid |= abi.FATTR_ATIME
+            f["atime"], f["atimensec"] = divmod(attr.st_atime_ns, _NS)
+        if fields.update_mtime:
+            valid |= abi.FATTR_MTIME
+            f["mtime"], f["mtimensec"] = divmod(attr.st_mtime_ns, _NS)
+        if fields.update_ctime:
+            valid |= abi.FATTR_CTIME
+            f["ctime"], f["ctimensec"] = divmod(attr.st_ctime_ns, _NS)
+        if fh is not None:
+            valid |= abi.FATTR_FH
+            f["fh"] = self._handle(fh).fh
+        body = abi.pack("fuse_setattr_in", valid=valid, **f)
+        reply = await self.dev.call(Opcode.SETATTR, self.inodes.nodeid(inode), body, ctx=ctx)
+        return self._attr_out(reply, inode)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.dev.call(Opcode.READLINK, self.inodes.nodeid(inode), ctx=ctx)
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        body = abi.pack("fuse_mknod_in", mode=mode, rdev=rdev, umask=ctx.umask)
+        return await self._entry_call(Opcode.MKNOD, self.inodes.nodeid(parent_inode), body,
+                                      _entry_name(name), ctx=ctx)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        body = abi.pack("fuse_mkdir_in", mode=mode, umask=ctx.umask)
+        return await self._entry_call(Opcode.MKDIR, self.inodes.nodeid(parent_inode), body,
+                                      _entry_name(name), ctx=ctx)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.dev.call(Opcode.UNLINK, self.inodes.nodeid(parent_inode), _entry_name(name),
+                            ctx=ctx)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.dev.call(Opcode.RMDIR, self.inodes.nodeid(parent_inode), _entry_name(name),
+                            ctx=ctx)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        return await self._entry_call(Opcode.SYMLINK, self.inodes.nodeid(parent_inode),
+                                      _entry_name(name), target + b"\0", ctx=ctx)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        old = self.inodes.nodeid(parent_inode_old)
+        new = self.inodes.nodeid(parent_inode_new)
+        if flags:
+            body = abi.pack("fuse_rename2_in", newdir=new, flags=flags)
+            await self.dev.call(Opcode.RENAME2, old, body, _entry_name(name_old),
+                                _entry_name(name_new), ctx=ctx)
+        else:
+            body = abi.pack("fuse_rename_in", newdir=new)
+            await self.dev.call(Opcode.RENAME, old, body, _entry_name(name_old),
+                                _entry_name(name_new), ctx=ctx)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        body = abi.pack("fuse_link_in", oldnodeid=self.inodes.nodeid(inode))
+        return await self._entry_call(Opcode.LINK, self.inodes.nodeid(new_parent_inode), body,
+                                      _entry_name(new_name), ctx=ctx)
+
+    @_fuse_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        try:
+            await self.dev.call(Opcode.ACCESS, self.inodes.nodeid(inode),
+                                abi.pack("fuse_access_in", mask=mode), ctx=ctx)
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                return False
+            if exc.errno == errno.ENOSYS:  # device leaves permissions to us: allow
+                return True
+            raise
+        return True
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = abi.unpack("fuse_statfs_out",
+                        await self.dev.call(Opcode.STATFS, ROOT_ID, ctx=ctx)).st
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.bsize
+        out.f_frsize = st.frsize or st.bsize
+        out.f_blocks = st.blocks
+        out.f_bfree = st.bfree
+        out.f_bavail = st.bavail
+        out.f_files = st.files
+        out.f_ffree = st.ffree
+        out.f_favail = st.ffree
+        out.f_namemax = st.namelen
+        return out
+
+    # -- files ------------------------------------------------------------------------
+    def _file_info(self, local: int, nodeid: int, out: Any) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(
+            fh=self._new_handle(local, nodeid, out.fh),
+            direct_io=bool(out.open_flags & FOPEN_DIRECT_IO),
+            keep_cache=bool(out.open_flags & FOPEN_KEEP_CACHE),
+            nonseekable=bool(out.open_flags & FOPEN_NONSEEKABLE),
+        )
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        nodeid = self.inodes.nodeid(inode)
+        reply = await self.dev.call(Opcode.OPEN, nodeid, abi.pack("fuse_open_in", flags=flags),
+                                    ctx=ctx)
+        return self._file_info(inode, nodeid, abi.unpack("fuse_open_out", reply))
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        body = abi.pack("fuse_create_in", flags=flags, mode=mode, umask=ctx.umask)
+        reply = await self.dev.call(Opcode.CREATE, self.inodes.nodeid(parent_inode), body,
+                                    _entry_name(name), ctx=ctx)
+        e = abi.unpack("fuse_entry_out", reply)
+        out = abi.unpack("fuse_open_out", reply, abi.sizeof("fuse_entry_out"))
+        entry = self._entry(e)
+        return self._file_info(entry.st_ino, e.nodeid, out), entry
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        chunks: list[bytes] = []
+        while size > 0:
+            n = min(size, self.fs.max_io)
+            body = abi.pack("fuse_read_in", fh=h.fh, offset=off, size=n)
+            data = await self.dev.call(Opcode.READ, h.nodeid, body)
+            if len(data) > n:
+                raise OSError(errno.EIO, f"READ of {n} bytes returned {len(data)}")
+            chunks.append(data)
+            if len(data) < n:
+                break
+            off += n
+            size -= n
+        return b"".join(chunks)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        view = memoryview(buf)
+        done = 0
+        while done < len(view):
+            piece = view[done:done + self.fs.max_write]
+            body = abi.pack("fuse_write_in", fh=h.fh, offset=off + done, size=len(piece))
+            out = abi.unpack("fuse_write_out",
+                             await self.dev.call(Opcode.WRITE, h.nodeid, body, piece))
+            if out.size > len(piece):
+                raise OSError(errno.EIO, f"WRITE of {len(piece)} bytes reported {out.size}")
+            done += out.size
+            if out.size < len(piece):
+                break
+        return done
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        h = self._handle(fh)
+        await self.dev.call(Opcode.FLUSH, h.nodeid, abi.pack("fuse_flush_in", fh=h.fh))
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            await self.dev.call(Opcode.RELEASE, h.nodeid, abi.pack("fuse_release_in", fh=h.fh))
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        body = abi.pack("fuse_fsync_in", fh=h.fh,
+                        fsync_flags=abi.FUSE_FSYNC_FDATASYNC if datasync else 0)
+        await self.dev.call(Opcode.FSYNC, h.nodeid, body)
+
+    # -- extended attributes ------------------------------------------------------------------
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        body = abi.pack("fuse_setxattr_in", size=len(value), flags=0)
+        if not self.fs.init_flags & abi.InitFlag.SETXATTR_EXT:
+            body = body[: abi.COMPAT_SETXATTR_IN_SIZE]
+        await self.dev.call(Opcode.SETXATTR, self.inodes.nodeid(inode), body, name + b"\0",
+                            value, ctx=ctx)
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.dev.call(Opcode.GETXATTR, self.inodes.nodeid(inode),
+                                   abi.pack("fuse_getxattr_in", size=XATTR_SIZE_MAX),
+                                   name + b"\0", ctx=ctx)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        reply = await self.dev.call(Opcode.LISTXATTR, self.inodes.nodeid(inode),
+                                    abi.pack("fuse_getxattr_in", size=XATTR_SIZE_MAX), ctx=ctx)
+        return [n for n in reply.split(b"\0") if n]
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        await self.dev.call(Opcode.REMOVEXATTR, self.inodes.nodeid(inode), name + b"\0",
+                            ctx=ctx)
+
+    # -- directories ------------------------------------------------------------------------
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        nodeid = self.inodes.nodeid(inode)
+        reply = await self.dev.call(Opcode.OPENDIR, nodeid,
+                                    abi.pack("fuse_open_in", flags=os.O_RDONLY), ctx=ctx)
+        return self._new_handle(inode, nodeid, abi.unpack("fuse_open_out", reply).fh)
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        h = self._handle(fh)
+        off = start_id
+        while True:
+            body = abi.pack("fuse_read_in", fh=h.fh, offset=off, size=READDIR_CHUNK)
+            data = await self.dev.call(Opcode.READDIRPLUS, h.nodeid, body)
+            if not data:
+                return
+            entries = _parse_direntplus(data)
+            for i, (name, dirent_ino, next_off, e) in enumerate(entries):
+                if name in (b".", b".."):
+                    attr = pyfuse3.EntryAttributes()
+                    attr.st_mode = stat.S_IFDIR
+                    attr.st_ino = h.local if name == b"." else (
+                        pyfuse3.ROOT_INODE if h.nodeid == ROOT_ID else dirent_ino)
+                    if not pyfuse3.readdir_reply(token, name, attr, next_off):
+                        await self._unsent(entries[i + 1:])
+                        return
+                    continue
+                if e.nodeid == 0:  # the device gave a name without an entry
+                    try:
+                        e = abi.unpack("fuse_entry_out", await self.dev.call(
+                            Opcode.LOOKUP, h.nodeid, _entry_name(name)))
+                    except OSError:
+                        continue  # gone meanwhile
+                attr = pyfuse3.EntryAttributes()
+                attr.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
+                attr.attr_timeout = _valid(e.attr_valid, e.attr_valid_nsec)
+                attr.generation = e.generation
+                local = self.inodes.add(e.nodeid, e.attr.ino)
+                _fill_attr(attr, e.attr, local)
+                if not pyfuse3.readdir_reply(token, name, attr, next_off):
+                    # not given to the kernel: undo our count and the device's
+                    self.inodes.forget(local, 1)
+                    await self._unsent(entries[i:])
+                    return
+            off = entries[-1][2]
+
+    async def _unsent(self, entries: list[tuple[bytes, int, int, Any]]) -> None:
+        """READDIRPLUS entries the kernel did not take: the device counted them."""
+        items = [(e.nodeid, 1) for name, _ino, _off, e in entries
+                 if e.nodeid != 0 and name not in (b".", b"..")]
+        if items:
+            await self._forget_on_device(items)
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            await self.dev.call(Opcode.RELEASEDIR, h.nodeid,
+                                abi.pack("fuse_release_in", fh=h.fh))
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        body = abi.pack("fuse_fsync_in", fh=h.fh,
+                        fsync_flags=abi.FUSE_FSYNC_FDATASYNC if datasync else 0)
+        await self.dev.call(Opcode.FSYNCDIR, h.nodeid, body)
+
+
+def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
+    """(name, dirent ino, next offset, fuse_entry_out) for each READDIRPLUS entry,
+    every length checked against the buffer."""
+    out = []
+    pos = 0
+    esize = abi.sizeof("fuse_entry_out")
+    while pos < len(data):
+        if pos + esize + _DIRENT.size > len(data):
+            raise OSError(errno.EIO, f"truncated READDIRPLUS entry at offset {pos}")
+        e = abi.unpack("fuse_entry_out", data, pos)
+        ino, off, namelen, _typ = _DIRENT.unpack_from(data, pos + esize)
+        start = pos + esize + _DIRENT.size
+        if namelen == 0 or namelen > 1024 or start + namelen > len(data):
+            raise OSError(errno.EIO, f"READDIRPLUS name length {namelen} at {pos} is invalid")
+        out.append((bytes(data[start:start + namelen]), ino, off, e))
+        pos += abi.direntplus_size(namelen)
+    return out
+
+
+# -- serve ------------------------------------------------------------------------------
+def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = False,
+          ready: Callable[[], None] | None = None) -> None:
+    """FUSE_INIT the device, mount `mountpoint` with pyfuse3, call `ready()` once the
+    file system answers, serve until unmounted or SIGTERM/SIGINT (main thread
+    only), unmount, and send FUSE_DESTROY. `ready` runs on the event loop: it must
+    not touch the mount itself. The caller still owns (and closes) `fs`."""
+    client = FuseClient(fs)
+    if getattr(fs, "init_out", None) is None:
+        client.init(DEVICE_INIT_FLAGS)
+    if not fs.init_flags & abi.InitFlag.DO_READDIRPLUS:
+        log.warning("the device did not grant READDIRPLUS; directory listings may fail")
+    ops = DeviceOperations(fs)
+    tag = fs.config.tag if fs.config is not None else "virtiofs"
+    opts = set(pyfuse3.default_options)  # default_permissions, as virtio-fs in a guest
+    opts |= {f"fsname={tag}", "subtype=vfsdrv"}
+    opts |= set(options)
+    if debug:
+        opts.add("debug")
+    pyfuse3.init(ops, mountpoint, opts)
+    try:
+        trio.run(_main, ops, ready)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            try:
+                if fs.broken is None:
+                    client.destroy()
+            except (OSError, VfsdrvError, TimeoutError) as exc:
+                log.warning("FUSE_DESTROY failed: %s", exc)
+
+
+async def _main(ops: DeviceOperations, ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump_then_stop, ops.dev)
+        if threading.current_thread() is threading.main_thread():
+            nursery.start_soon(_signals)
+        await trio.sleep(0)
+        main_done = trio.Event()
+
+        async def run_main() -> None:
+            try:
+                await pyfuse3.main()
+            finally:
+                main_done.set()
+
+        nursery.start_soon(run_main)
+        await trio.sleep(0)
+        if ready is not None:
+            ready()
+        await main_done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _pump_then_stop(dev: TrioDevice) -> None:
+    await dev.pump()
+    # only reached when the device broke: nothing more can be served
+    log.error("stopping the pyfuse3 frontend: the device is gone")
+    pyfuse3.terminate()
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

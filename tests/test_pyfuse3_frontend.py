@@ -1,0 +1,451 @@
+"""The pyfuse3 frontend mounted for real over vhost-user to Debian's virtiofsd,
+exercised with ordinary programs (cp, mv, ln, chmod, touch, truncate, find, tar,
+diff) and the Python file API; every result is checked on the host side.
+
+pyfuse3 keeps one session per process, so each mount is served by a forked child
+(`serve()` in its main thread, SIGTERM handling included); the test process only
+uses the mount point like any other program would.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import multiprocessing
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3  # tools/setup-env.sh installs the extra: pip install -e '.[test,pyfuse3]'
+import pytest
+from backends import virtiofsd
+from conftest import connect_virtiofsd
+from vfsdrv.frontends.pyfuse3_frontend import FRESH_INO_BASE, InodeMap
+
+MiB = 1 << 20
+
+
+@dataclass
+class Mount:
+    path: Path
+    export: Path
+    proc: multiprocessing.process.BaseProcess
+    backend_pid: int
+
+
+def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool) -> None:
+    from vfsdrv.frontends.pyfuse3_frontend import serve
+
+    dev = connect_virtiofsd(Path(sock), poll=poll)
+    try:
+        serve(dev, mnt, options=[], ready=lambda: os.write(ready_fd, b"R"))
+    finally:
+        dev.close()
+
+
+def _unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture(params=["interrupt", "poll"])
+def mount(request, tmp_path: Path, export_dir: Path) -> Iterator[Mount]:
+    sock = tmp_path / "vfsd.sock"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with virtiofsd(export_dir, sock) as backend:
+        r, w = os.pipe()
+        proc = multiprocessing.get_context("fork").Process(
+            target=_serve_child, args=(str(sock), str(mnt), w, request.param == "poll"))
+        proc.start()
+        os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], 30)
+            assert ready and os.read(r, 1) == b"R", "the pyfuse3 frontend did not come up"
+            assert os.path.ismount(mnt)
+            yield Mount(mnt, export_dir, proc, backend.pid)
+        finally:
+            os.close(r)
+            try:
+                _unmount(mnt)
+            finally:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+                    subprocess.run(["umount", "-l", str(mnt)], check=False)
+        assert proc.exitcode == 0, f"frontend exited with {proc.exitcode}"
+        assert not os.path.ismount(mnt)
+
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{cmd}: {done.stderr}"
+    return done.stdout
+
+
+# -- the mount itself ---------------------------------------------------------------------------
+def test_mount_is_fuse_with_default_permissions(mount: Mount) -> None:
+    line = next(x for x in Path("/proc/self/mounts").read_text().splitlines()
+                if x.split()[1] == str(mount.path))
+    source, _mp, fstype, opts = line.split()[:4]
+    assert source == "myfs"
+    assert fstype == "fuse.vfsdrv"
+    assert "default_permissions" in opts.split(",")
+    root = os.stat(mount.path)
+    assert root.st_ino == 1 and stat.S_ISDIR(root.st_mode)
+
+
+def test_statfs_matches_the_host(mount: Mount) -> None:
+    ours, host = os.statvfs(mount.path), os.statvfs(mount.export)
+    assert ours.f_bsize == host.f_bsize
+    assert ours.f_blocks == host.f_blocks
+    assert ours.f_namemax == host.f_namemax
+    assert ours.f_files == host.f_files
+    assert abs(ours.f_bfree - host.f_bfree) < host.f_blocks // 100 + 1024
+    run("df", str(mount.path))
+
+
+def test_sigterm_unmounts_and_exits_cleanly(mount: Mount) -> None:
+    (mount.path / "f").write_text("before")
+    os.kill(mount.proc.pid, signal.SIGTERM)
+    mount.proc.join(30)
+    assert mount.proc.exitcode == 0
+    assert not os.path.ismount(mount.path)
+    assert (mount.export / "f").read_text() == "before"
+
+
+# -- programs ---------------------------------------------------------------------------------
+def test_cp_in_and_out_byte_for_byte(mount: Mount, tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB + 4321)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    run("cp", str(src), str(mount.path / "in.bin"))
+    assert (mount.export / "in.bin").read_bytes() == data
+    (mount.export / "host.bin").write_bytes(data[::-1])
+    run("cp", str(mount.path / "host.bin"), str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes() == data[::-1]
+    run("cmp", str(mount.path / "in.bin"), str(src))
+
+
+def test_mv_within_and_across_directories(mount: Mount) -> None:
+    (mount.export / "a").mkdir()
+    (mount.export / "b").mkdir()
+    (mount.export / "a" / "f").write_text("payload")
+    run("mv", str(mount.path / "a" / "f"), str(mount.path / "a" / "g"))
+    run("mv", str(mount.path / "a" / "g"), str(mount.path / "b" / "h"))
+    run("mv", str(mount.path / "a"), str(mount.path / "b" / "a2"))
+    assert (mount.export / "b" / "h").read_text() == "payload"
+    assert (mount.export / "b" / "a2").is_dir()
+    assert not (mount.export / "a").exists()
+
+
+def test_rename_over_an_existing_file(mount: Mount) -> None:
+    (mount.export / "old").write_text("old contents")
+    (mount.export / "new").write_text("new contents")
+    with open(mount.path / "old") as still_open:
+        os.rename(mount.path / "new", mount.path / "old")
+        assert still_open.read() == "old contents"  # the replaced inode lives on
+    assert (mount.export / "old").read_text() == "new contents"
+    assert not (mount.path / "new").exists()
+    assert sorted(os.listdir(mount.path)) == ["old"]
+
+
+def test_rename_noreplace_and_exchange(mount: Mount) -> None:
+    (mount.export / "x").write_text("x")
+    (mount.export / "y").write_text("y")
+    run("mv", "--no-clobber", str(mount.path / "x"), str(mount.path / "y"))
+    assert (mount.export / "y").read_text() == "y"
+    done = subprocess.run(["mv", "--exchange", str(mount.path / "x"), str(mount.path / "y")],
+                          capture_output=True, text=True)
+    if done.returncode == 0:  # coreutils >= 9.5 only
+        assert (mount.export / "x").read_text() == "y"
+        assert (mount.export / "y").read_text() == "x"
+
+
+def test_hard_and_symbolic_links(mount: Mount) -> None:
+    (mount.export / "target").write_text("t")
+    run("ln", str(mount.path / "target"), str(mount.path / "hard"))
+    run("ln", "-s", "target", str(mount.path / "soft"))
+    a, b = os.stat(mount.path / "target"), os.stat(mount.path / "hard")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert os.stat(mount.export / "hard").st_ino == os.stat(mount.export / "target").st_ino
+    assert os.readlink(mount.path / "soft") == "target"
+    assert os.readlink(mount.export / "soft") == "target"
+    assert (mount.path / "soft").read_text() == "t"
+    assert run("readlink", "-f", str(mount.path / "soft")).strip() == str(mount.path / "target")
+
+
+def test_inode_numbers_are_the_hosts(mount: Mount) -> None:
+    (mount.export / "f").write_text("")
+    (mount.export / "d").mkdir()
+    for name in ("f", "d"):
+        assert os.stat(mount.path / name).st_ino == os.stat(mount.export / name).st_ino
+    listed = {e.name: e.inode() for e in os.scandir(mount.path)}
+    assert listed == {"f": os.stat(mount.export / "f").st_ino,
+                      "d": os.stat(mount.export / "d").st_ino}
+
+
+def test_chmod_touch_truncate(mount: Mount) -> None:
+    f = mount.path / "f"
+    run("touch", str(f))
+    run("chmod", "0604", str(f))
+    assert stat.S_IMODE(os.stat(mount.export / "f").st_mode) == 0o604
+    run("touch", "-d", "2001-02-03 04:05:06.123456789", str(f))
+    host = os.stat(mount.export / "f")
+    want = int(time.mktime((2001, 2, 3, 4, 5, 6, 0, 0, -1))) * 10**9 + 123456789
+    assert host.st_mtime_ns == want
+    assert os.stat(f).st_mtime_ns == want
+    run("truncate", "-s", "12345", str(f))
+    assert os.stat(mount.export / "f").st_size == 12345
+    run("truncate", "-s", "7", str(f))
+    assert (mount.export / "f").read_bytes() == bytes(7)
+
+
+def test_umask_applies_to_new_files(mount: Mount) -> None:
+    run("sh", "-c", f"umask 027 && touch {mount.path}/f && mkdir {mount.path}/d")
+    assert stat.S_IMODE(os.stat(mount.export / "f").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(mount.export / "d").st_mode) == 0o750
+
+
+def test_mkdir_rmdir_unlink_mkfifo(mount: Mount) -> None:
+    run("mkdir", "-p", str(mount.path / "a" / "b" / "c"))
+    assert (mount.export / "a" / "b" / "c").is_dir()
+    with pytest.raises(OSError) as exc:
+        os.rmdir(mount.path / "a")
+    assert exc.value.errno == errno.ENOTEMPTY
+    run("mkfifo", str(mount.path / "a" / "fifo"))
+    assert stat.S_ISFIFO(os.stat(mount.export / "a" / "fifo").st_mode)
+    os.unlink(mount.path / "a" / "fifo")
+    run("rm", "-r", str(mount.path / "a"))
+    assert list(mount.export.iterdir()) == []
+
+
+def test_find_lists_a_large_tree(mount: Mount) -> None:
+    # several READDIRPLUS chunks per directory, long names, nested directories
+    for d in range(3):
+        sub = mount.export / f"dir{d}" / "nested"
+        sub.mkdir(parents=True)
+        for i in range(150):
+            (sub.parent / f"file-{i:04d}-{'x' * 60}").write_text(str(i))
+        (sub / "leaf").write_text("leaf")
+    host = sorted(run("find", ".", cwd=mount.export).splitlines())
+    ours = sorted(run("find", ".", cwd=mount.path).splitlines())
+    assert ours == host and len(ours) == 1 + 3 * (2 + 150 + 1)
+    assert run("find", ".", "-name", "leaf", "-type", "f", cwd=mount.path).count("leaf") == 3
+    assert sorted(os.listdir(mount.path / "dir1")) == sorted(os.listdir(mount.export / "dir1"))
+    # ls -a shows . and .. too
+    assert run("ls", "-a", str(mount.path / "dir0")).splitlines()[:2] == [".", ".."]
+
+
+def test_tar_out_and_in_then_diff(mount: Mount, tmp_path: Path) -> None:
+    tree = mount.export / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha\n" * 1000)
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(300_000))
+    (tree / "sub" / "deeper" / "empty").write_bytes(b"")
+    os.symlink("../a.txt", tree / "sub" / "link")
+    os.link(tree / "a.txt", tree / "sub" / "hard")
+    os.chmod(tree / "sub" / "b.bin", 0o600)
+    archive = tmp_path / "out.tar"
+    # out of the mount; the pax format keeps nanosecond times
+    run("tar", "--format=posix", "-cf", str(archive), "-C", str(mount.path), "tree")
+    listing = run("tar", "-tvf", str(archive))  # the hard link is stored as one
+    assert ("tree/sub/hard link to tree/a.txt" in listing
+            or "tree/a.txt link to tree/sub/hard" in listing), listing
+    (mount.path / "copy").mkdir()
+    run("tar", "-xpf", str(archive), "-C", str(mount.path / "copy"))  # into the mount
+    run("diff", "-r", str(tree), str(mount.export / "copy" / "tree"))
+    run("diff", "-r", "--no-dereference", str(mount.path / "tree"), str(mount.path / "copy/tree"))
+    copied = mount.export / "copy" / "tree"
+    assert os.readlink(copied / "sub" / "link") == "../a.txt"
+    assert os.stat(copied / "sub" / "hard").st_ino == os.stat(copied / "a.txt").st_ino
+    assert stat.S_IMODE(os.stat(copied / "sub" / "b.bin").st_mode) == 0o600
+    assert os.stat(copied / "a.txt").st_mtime_ns == os.stat(tree / "a.txt").st_mtime_ns
+
+
+# -- the Python file API ----------------------------------------------------------------------
+def test_python_file_api_seek_append_fsync(mount: Mount) -> None:
+    p = mount.path / "f"
+    with open(p, "wb") as f:
+        f.write(b"0123456789")
+        f.seek(20)
+        f.write(b"end")
+        f.flush()
+        os.fsync(f.fileno())
+        os.fdatasync(f.fileno())
+    assert (mount.export / "f").read_bytes() == b"0123456789" + bytes(10) + b"end"
+    with open(p, "ab") as f:
+        f.write(b"+more")
+    with open(p, "r+b") as f:
+        f.seek(2)
+        f.write(b"XY")
+        f.seek(0)
+        assert f.read(5) == b"01XY4"
+        os.ftruncate(f.fileno(), 4)
+        os.fchmod(f.fileno(), 0o611)
+    assert (mount.export / "f").read_bytes() == b"01XY"
+    assert stat.S_IMODE(os.stat(mount.export / "f").st_mode) == 0o611
+    with pytest.raises(FileExistsError):
+        os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with pytest.raises(FileNotFoundError):
+        open(mount.path / "missing")
+    d = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(d)
+    finally:
+        os.close(d)
+
+
+def test_mmap_shared_write_and_read(mount: Mount) -> None:
+    p = mount.path / "mapped"
+    size = 3 * mmap.PAGESIZE + 100
+    with open(p, "wb") as f:
+        f.truncate(size)
+    with open(p, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
+        m[0:5] = b"hello"
+        m[size - 5:size] = b"world"
+        m.flush()
+    data = (mount.export / "mapped").read_bytes()
+    assert data[:5] == b"hello" and data[-5:] == b"world" and len(data) == size
+    (mount.export / "host").write_bytes(b"from the host" + bytes(5000))
+    with open(mount.path / "host", "rb") as f, mmap.mmap(f.fileno(), 0,
+                                                          prot=mmap.PROT_READ) as m:
+        assert m[:13] == b"from the host"
+
+
+def test_xattrs(mount: Mount) -> None:
+    p = mount.path / "f"
+    p.write_text("x")
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(mount.export / "f", "user.color") == b"blue"
+    assert os.getxattr(p, "user.color") == b"blue"
+    big = os.urandom(3000)  # ext4 keeps all of a file's xattrs in one 4 KiB block
+    os.setxattr(p, "user.big", big)
+    assert os.getxattr(p, "user.big") == big
+    assert set(os.listxattr(p)) >= {"user.color", "user.big"}
+    os.removexattr(p, "user.color")
+    assert "user.color" not in os.listxattr(mount.export / "f")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(p, "user.color")
+    assert exc.value.errno == errno.ENODATA
+    run("setfattr", "-n", "user.tool", "-v", "yes", str(p))
+    assert "yes" in run("getfattr", "-n", "user.tool", str(p))
+
+
+def test_parallel_readers_and_writers(mount: Mount) -> None:
+    blobs = {f"f{i}": os.urandom(2 * MiB + i) for i in range(8)}
+    errors: list[BaseException] = []
+
+    def work(name: str, data: bytes) -> None:
+        try:
+            (mount.path / name).write_bytes(data)
+            for _ in range(3):
+                assert (mount.path / name).read_bytes() == data
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=item) for item in blobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for name, data in blobs.items():
+        assert (mount.export / name).read_bytes() == data
+
+
+# -- locks: what pyfuse3 gives ----------------------------------------------------------------
+_LOCK_PROBE = """
+import fcntl, sys
+f = open(sys.argv[1], "r+")
+try:
+    fcntl.{fn}(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(1)
+sys.exit(0)
+"""
+
+
+def _can_lock(path: Path, fn: str) -> bool:
+    code = _LOCK_PROBE.format(fn=fn)
+    return subprocess.run([sys.executable, "-c", code, str(path)], timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("fn", ["lockf", "flock"])
+def test_locks_are_local_to_the_mount(mount: Mount, fn: str) -> None:
+    """pyfuse3 has no getlk/setlk/flock handlers, so libfuse does not ask for
+    POSIX_LOCKS/FLOCK_LOCKS and the kernel grants locks itself: they conflict
+    between processes using the mount, but the device (and so the host) never
+    sees them."""
+    (mount.export / "f").write_text("lock me")
+    with open(mount.path / "f", "r+") as f:
+        getattr(fcntl, fn)(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not _can_lock(mount.path / "f", fn)  # another process on the mount
+        assert _can_lock(mount.export / "f", fn)  # the host: not forwarded
+        getattr(fcntl, fn)(f, fcntl.LOCK_UN)
+    assert _can_lock(mount.path / "f", fn)
+
+
+# -- lookup counts ------------------------------------------------------------------------
+def _backend_fds(pid: int) -> int:
+    """Open fds of virtiofsd and its children (it forks into its sandbox)."""
+    total = len(os.listdir(f"/proc/{pid}/fd"))
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            total += _backend_fds(int(child))
+    return total
+
+
+def test_forgets_reach_the_device(mount: Mount) -> None:
+    """virtiofsd keeps one O_PATH fd per inode it has handed out: after the kernel
+    drops its inodes, the frontend's FORGETs must let virtiofsd close them."""
+    for i in range(300):
+        (mount.export / f"f{i}").write_text(str(i))
+    before = _backend_fds(mount.backend_pid)
+    for i in range(300):
+        os.stat(mount.path / f"f{i}")
+    run("ls", "-l", str(mount.path))
+    assert _backend_fds(mount.backend_pid) >= before + 300
+    deadline = time.monotonic() + 20
+    while True:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        if _backend_fds(mount.backend_pid) <= before + 10:
+            break
+        assert time.monotonic() < deadline, (
+            f"virtiofsd still holds {_backend_fds(mount.backend_pid) - before} inodes")
+        time.sleep(0.2)
+    for i in range(0, 300, 7):  # and the names still resolve afterwards
+        assert (mount.path / f"f{i}").read_text() == str(i)
+
+
+# -- the inode map alone -------------------------------------------------------------------------
+def test_inode_map_counts_and_forgets() -> None:
+    m = InodeMap()
+    assert m.nodeid(1) == 1
+    a = m.add(10, 5000)
+    assert a == 5000 and m.add(10, 5000) == 5000 and m.count(5000) == 2
+    assert m.forget(5000, 1) == 10 and m.count(5000) == 1
+    assert m.forget(5000, 1) == 10 and m.local_of(10) is None
+    with pytest.raises(pyfuse3.FUSEError):
+        m.nodeid(5000)
+    assert m.forget(1, 1) is None and m.nodeid(1) == 1  # the root is never dropped
+
+
+def test_inode_map_avoids_collisions() -> None:
+    m = InodeMap()
+    assert m.add(10, 5000) == 5000
+    assert m.add(11, 5000) == FRESH_INO_BASE  # same host number, other device inode
+    assert m.add(12, 1) == FRESH_INO_BASE + 1  # host inode 1 would be our root
+    assert m.add(13, 0) == FRESH_INO_BASE + 2
+    assert m.nodeid(FRESH_INO_BASE) == 11 and m.nodeid(5000) == 10
