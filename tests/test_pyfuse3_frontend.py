@@ -449,3 +449,101 @@ def test_inode_map_avoids_collisions() -> None:
     assert m.add(12, 1) == FRESH_INO_BASE + 1  # host inode 1 would be our root
     assert m.add(13, 0) == FRESH_INO_BASE + 2
     assert m.nodeid(FRESH_INO_BASE) == 11 and m.nodeid(5000) == 10
+
+
+# -- many requests in flight -----------------------------------------------------------------
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+def test_requests_overlap_and_wait_for_free_buffers(tmp_path: Path, export_dir: Path,
+                                                    poll: bool) -> None:
+    """TrioDevice keeps many requests in flight (all are sent before the first
+    reply is awaited) and, with far fewer DMA buffers than requests, waits for
+    free ones instead of blocking the event loop."""
+    import trio
+    from vfsdrv.frontends.pyfuse3_frontend import TrioDevice
+    from vfsdrv.fs import abi
+    from vfsdrv.fs.abi import Opcode
+    from vfsdrv.fs.client import ROOT_ID, FuseClient
+
+    data = os.urandom(64 * 1024)
+    (export_dir / "f").write_bytes(data)
+    sock = tmp_path / "vfsd.sock"
+    with virtiofsd(export_dir, sock):
+        fs = connect_virtiofsd(sock, poll=poll, small_slots=3, large_slots=2)
+        try:
+            fs.init()
+            client = FuseClient(fs)
+            node = client.lookup(ROOT_ID, "f").nodeid
+            fh = client.open(node).fh
+            events: list[str] = []
+            results: dict[int, bytes] = {}
+            dev = TrioDevice(fs)
+            real = fs.call_async
+
+            def logged(*args, **kwargs):
+                events.append("sent")
+                return real(*args, **kwargs)
+
+            fs.call_async = logged  # type: ignore[method-assign]
+
+            async def one(i: int) -> None:
+                off = (i % 16) * 4096
+                body = abi.pack("fuse_read_in", fh=fh, offset=off, size=4096)
+                results[i] = await dev.call(Opcode.READ, node, body)
+                events.append("done")
+
+            async def main() -> None:
+                async with trio.open_nursery() as n:
+                    n.start_soon(dev.pump)
+                    async with trio.open_nursery() as work:
+                        for i in range(40):
+                            work.start_soon(one, i)
+                    n.cancel_scope.cancel()
+
+            trio.run(main)
+            fs.call_async = real  # type: ignore[method-assign]
+            assert len(results) == 40
+            for i, got in results.items():
+                off = (i % 16) * 4096
+                assert got == data[off:off + 4096]
+            assert events.index("done") >= 2  # two READs (large buffers) were in flight
+            assert events.count("sent") == 40
+            client.release(node, fh)
+        finally:
+            fs.close()
+
+
+# -- failures -------------------------------------------------------------------------------
+def test_backend_killed_while_mounted_unmounts(mount: Mount) -> None:
+    (mount.path / "f").write_text("x")
+    os.killpg(os.getpgid(mount.backend_pid), signal.SIGKILL)
+    mount.proc.join(30)
+    assert mount.proc.exitcode == 0  # noticed, unmounted, returned
+    assert not os.path.ismount(mount.path)
+
+
+def test_mounting_on_a_missing_directory_fails_cleanly(tmp_path: Path,
+                                                       export_dir: Path) -> None:
+    from vfsdrv.frontends.base import FrontendError
+
+    sock = tmp_path / "vfsd.sock"
+    with virtiofsd(export_dir, sock):
+        r, w = os.pipe()
+
+        def child() -> None:
+            from vfsdrv.frontends.pyfuse3_frontend import serve
+
+            dev = connect_virtiofsd(sock)
+            try:
+                serve(dev, str(tmp_path / "nope"), options=[])
+            except FrontendError:
+                os.write(w, b"F")
+            finally:
+                dev.close()
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        os.close(w)
+        assert os.read(r, 1) == b"F"
+        os.close(r)
+    assert proc.exitcode == 0

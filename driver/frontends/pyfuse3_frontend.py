@@ -67,6 +67,7 @@ from ..fs import abi
 from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import _LARGE_REPLY_OPCODES, Pending, VirtioFs
+from .base import FrontendError
 
 log = logging.getLogger(__name__)
 
@@ -727,7 +728,10 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     opts |= set(options)
     if debug:
         opts.add("debug")
-    pyfuse3.init(ops, mountpoint, opts)
+    try:
+        pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as exc:  # libfuse printed why (mount point, options) on stderr
+        raise FrontendError(f"pyfuse3 could not mount {mountpoint}: {exc}") from exc
     try:
         trio.run(_main, ops, ready)
     finally:
