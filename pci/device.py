@@ -118,7 +118,10 @@ class VfioPciDevice(PciFunction):
             if not bind:
                 raise PciError(
                     f"{self.bdf} is bound to {drv or 'no driver'}, not vfio-pci: bind it first "
-                    f"(`vfsdrv bind {self.bdf}`)"
+                    f"(open it with bind=True, or: echo vfio-pci > "
+                    f"/sys/bus/pci/devices/{self.bdf}/driver_override; echo {self.bdf} > "
+                    f"/sys/bus/pci/devices/{self.bdf}/driver/unbind; echo {self.bdf} > "
+                    "/sys/bus/pci/drivers_probe)"
                 )
             self.sysfs.bind_vfio(self.bdf)
         self.fd = -1

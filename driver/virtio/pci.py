@@ -680,20 +680,6 @@ def check_not_mounted(bdf: str, tag: str, mounts: str = "/proc/mounts") -> None:
         )
 
 
-def kernel_tag(bdf: str, sysfs: Sysfs) -> str | None:
-    """The tag of a virtio-fs function the kernel's driver owns: through the BAR if
-    sysfs lets us map it, else through the PCI cfg access capability."""
-    from ..pci.resource import SysfsFunction
-
-    for via_pci_cfg in (False, True):
-        try:
-            with SysfsFunction(bdf, sysfs) as sfn:
-                return read_virtiofs_tag(sfn, via_pci_cfg=via_pci_cfg)
-        except (OSError, VfsdrvError):
-            continue
-    return None
-
-
 def check_kernel_not_using(bdf: str, sysfs: Sysfs, mounts: str = "/proc/mounts") -> None:
     """Refuse to take a virtio-fs function away from the kernel while it is mounted."""
     tag = kernel_tag(bdf, sysfs)
@@ -718,6 +704,68 @@ def mounted_virtiofs_all(mounts: str = "/proc/mounts") -> list[str]:
                     and ln.split()[2] == "virtiofs"]
     except OSError:
         return []
+
+
+@dataclass(frozen=True)
+class FsFunction:
+    """A virtio-fs PCI function as `list` shows it."""
+
+    bdf: str
+    driver: str | None
+    iommu_group: int | None
+    tag: str | None
+    error: str | None = None  # why the tag could not be read
+
+
+def function_tag(bdf: str, sysfs: Sysfs) -> str:
+    """Tag of a virtio-fs function whoever owns it: through a sysfs BAR mapping where the
+    kernel allows one, else through the PCI cfg access capability."""
+    from ..pci.resource import SysfsFunction
+
+    errors = []
+    for via_pci_cfg in (False, True):
+        try:
+            with SysfsFunction(bdf, sysfs) as sfn:
+                return read_virtiofs_tag(sfn, via_pci_cfg=via_pci_cfg)
+        except (OSError, VfsdrvError) as e:
+            errors.append(str(e))
+    raise ConfigError(f"{bdf}: cannot read the virtio-fs tag: {'; '.join(errors)}")
+
+
+def list_virtiofs(sysfs: Sysfs | None = None) -> list[FsFunction]:
+    """Every virtio-fs PCI function (1af4:105a) with its driver, IOMMU group and tag."""
+    sysfs = sysfs or Sysfs()
+    out = []
+    for bdf in sysfs.functions(VIRTIO_PCI_VENDOR, VIRTIO_FS_PCI_DEVICE):
+        try:
+            tag, err = function_tag(bdf, sysfs), None
+        except VfsdrvError as e:
+            tag, err = None, str(e)
+        out.append(FsFunction(bdf, sysfs.driver(bdf), sysfs.iommu_group(bdf), tag, err))
+    return out
+
+
+def find_by_tag(tag: str, sysfs: Sysfs | None = None) -> str:
+    """The PCI address of the virtio-fs function with this tag."""
+    from ..pci.errors import BadAddressError
+
+    found = list_virtiofs(sysfs)
+    hits = [f.bdf for f in found if f.tag == tag]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ConfigError(f"virtio-fs tag {tag!r} is used by several functions: "
+                          f"{', '.join(hits)}; give the address instead")
+    known = ", ".join(f"{f.bdf} ({f.tag!r})" if f.tag else f"{f.bdf} (tag unreadable)"
+                      for f in found) or "none"
+    raise BadAddressError(f"no virtio-fs PCI function has tag {tag!r}; there are: {known}")
+
+
+def kernel_tag(bdf: str, sysfs: Sysfs) -> str | None:
+    try:
+        return function_tag(bdf, sysfs)
+    except VfsdrvError:
+        return None
 
 
 def open_pci(

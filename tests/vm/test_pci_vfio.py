@@ -75,6 +75,18 @@ def _check(res: dict, share: Path, mode: str) -> None:
     # polling session: no vectors at all
     assert res["poll"]["interrupt_fds"] == [None] * len(res["poll"]["interrupt_fds"])
     assert res["poll"]["acks"] == 0
+    for s in (res["msix"], res["poll"]):
+        assert s["request_fd"]  # the unplug notice is wired to an eventfd
+        assert s["common_window"] == s["notify_window"] == "MmioWindow"
+        # QEMU puts the MSI-X table at the start of BAR1: that page is never mapped
+        assert s["msix_table_bar"] == 1 and all(off >= 4096 for off, _ in s["msix_bar_areas"])
+        if mode == "type1":
+            # pinned through one IOVA block at the top of the IOMMU's range, and every
+            # physically contiguous run identity-mapped (IOVA == PA)
+            assert s["identity_maps"] == s["dma_runs"] and s["iova_block"] >= 1 << 38
+            assert any(lo <= s["iova_block"] <= hi for lo, hi in s["iova_ranges"])
+        else:
+            assert s["identity_maps"] == 0 and s["iova_block"] is None
     assert res["driver_after"] == "virtio-pci"
     assert res["kernel_mount_ok"]
     assert (share / NEW_FILE).read_bytes() == payload(2, NEW_SIZE)
@@ -94,9 +106,10 @@ def test_pci_vfio_noiommu(guest, tmp_path: Path) -> None:
 def test_pci_user_errors(guest) -> None:
     """Errors a user meets, from the real kernel: no IOMMU and no-IOMMU mode off,
     not a virtio-fs function, no such function, bad address."""
-    from harness import GUEST_PYTHON
+    from harness import GUEST_PYTHON, FsDevice
 
-    r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest errors", timeout=200)
+    r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest errors", timeout=200,
+              fs_devices=[FsDevice(), FsDevice(tag="second-fs")])
     assert r.returncode == 0, f"{r}\n--- console:\n{r.console[-3000:]}"
     res = json.loads([ln for ln in r.output.splitlines() if ln.startswith("RESULT ")][-1][7:])
     print(f"errors: guest run {r.duration:.1f}s: {res}")
@@ -108,6 +121,11 @@ def test_pci_user_errors(guest) -> None:
     assert res["missing"][0] == "BadAddressError" and "no PCI function" in res["missing"][1]
     assert res["bad"][0] == "BadAddressError" and "bad PCI address" in res["bad"][1]
     assert res["driver_after"] == "virtio-pci"  # nothing was left half-bound
+    # both functions listed with their tags, read while virtio-pci owns them
+    assert res["listed"] == [["0000:00:03.0", "virtio-pci", "myfs"],
+                             ["0000:00:04.0", "virtio-pci", "second-fs"]]
+    assert res["by_tag"] == "0000:00:04.0"
+    assert res["by_bad_tag"][0] == "BadAddressError" and "'second-fs'" in res["by_bad_tag"][1]
 
 
 # -- guest side -------------------------------------------------------------------------------
@@ -131,13 +149,25 @@ def _session(bdf: str, *, poll: bool, hugepages: bool) -> dict:
         orig_ack(index)
 
     t.ack_interrupt = ack  # type: ignore[method-assign]
-    out: dict = {"iommu_mode": t.fn.iommu_mode}
+    fn = t.fn
+    out: dict = {
+        "iommu_mode": fn.iommu_mode,
+        "reset_flag": bool(fn.device_flags & 1),
+        "request_fd": t.error_fd() is not None,
+        "common_window": type(t.common).__name__,
+        "notify_window": type(t.notify_area).__name__,
+        "msix_table_bar": fn.msix.table_bar if fn.msix else None,
+        "msix_bar_areas": fn.mmap_areas(fn.msix.table_bar) if fn.msix else None,
+        "iova_ranges": fn.iommu.iova_ranges() if fn.iommu_mode == "type1" else [],
+    }
     fs = VirtioFs(t, max_io=128 << 10, small_slots=16, large_slots=4, poll=poll)
     try:
         fs.start()
         out["iova_mode"] = t.iova_mode
         out["hugepages"] = t._dma.hugepages  # type: ignore[union-attr]
         out["dma_runs"] = len(t._dma.runs) if not t.iova_mode else 1  # type: ignore[union-attr]
+        out["identity_maps"] = len(t._dma._identity)  # type: ignore[union-attr]
+        out["iova_block"] = t._dma._iova_base  # type: ignore[union-attr]
         out["interrupt_fds"] = [t.interrupt_fd(vq.index) for vq in fs._all_queues()]
         init = fs.init()
         out["init_major"], out["init_minor"] = init.major, init.minor
@@ -254,6 +284,13 @@ def _guest_errors(bdf: str, sysfs, res: dict) -> int:
     res["missing"] = attempt("0000:00:1e.6")
     res["bad"] = attempt("00:03")
     res["driver_after"] = sysfs.driver(bdf)
+    res["listed"] = [[f.bdf, f.driver, f.tag] for f in vp.list_virtiofs()]
+    res["by_tag"] = vp.find_by_tag("second-fs")
+    try:
+        vp.find_by_tag("nope")
+        res["by_bad_tag"] = ["no error", ""]
+    except VfsdrvError as e:
+        res["by_bad_tag"] = [type(e).__name__, str(e)]
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
