@@ -396,6 +396,39 @@ def test_locks_are_local_to_the_mount(mount: Mount, fn: str) -> None:
     assert _can_lock(mount.path / "f", fn)
 
 
+# -- operations pyfuse3 has no handler for ----------------------------------------------------
+def test_operations_without_a_pyfuse3_handler(mount: Mount) -> None:
+    """fallocate, O_TMPFILE and ioctl fail as on any FUSE file system without
+    them; copy_file_range, lseek(SEEK_DATA/SEEK_HOLE) and posix_fallocate work
+    through the kernel's or glibc's generic fallbacks."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    p = mount.path / "f"
+    p.write_bytes(b"a" * 10000)
+    fd = os.open(p, os.O_RDWR)
+    out = os.open(mount.path / "g", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for mode in (0, 3):  # plain, and FALLOC_FL_PUNCH_HOLE | KEEP_SIZE
+            assert libc.fallocate(fd, mode, ctypes.c_long(0), ctypes.c_long(4096)) == -1
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+        os.posix_fallocate(fd, 0, 1 << 20)  # glibc writes the blocks instead
+        assert os.stat(mount.export / "f").st_size == 1 << 20
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 1 << 20  # the whole file is "data"
+        assert os.copy_file_range(fd, out, 5000, 0, 0) == 5000
+        assert (mount.export / "g").read_bytes() == b"a" * 5000
+        with pytest.raises(OSError) as exc:
+            fcntl.ioctl(fd, 0x80086601, bytearray(8))  # FS_IOC_GETFLAGS
+        assert exc.value.errno == errno.ENOTTY
+    finally:
+        os.close(fd)
+        os.close(out)
+    with pytest.raises(OSError) as exc:
+        os.open(mount.path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    assert exc.value.errno == errno.EOPNOTSUPP
+
+
 # -- lookup counts ------------------------------------------------------------------------
 def _backend_fds(pid: int) -> int:
     """Open fds of virtiofsd and its children (it forks into its sandbox)."""
