@@ -109,7 +109,7 @@ OWN_UNIQUE = 1 << 62
 READ_BATCH = 64
 #: after SIGTERM/SIGINT, how long a lazily detached (busy) mount is served before
 #: the connection is aborted
-STOP_GRACE = 5.0
+STOP_GRACE = 3.0
 MAX_ERRNO = 4095
 
 

@@ -1,0 +1,228 @@
+"""`vfsdrv mount` / `vfsdrv umount` as a user runs them: daemonizing, every way of
+unmounting (vfsdrv umount, umount, fusermount3 -u, SIGTERM, SIGINT), the mount(8)
+helper, and failures, each of which must leave nothing mounted."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from backends import virtiofsd
+from conftest import (
+    FRONTENDS,
+    VFSDRV,
+    Mounted,
+    force_unmount,
+    is_mounted,
+    mount_points,
+    serving,
+    stop_server,
+    wait_mounted,
+)
+
+#: the lifecycle through each frontend; failures found before any frontend runs
+#: (device, options, mount point) are tested once
+each_frontend = pytest.mark.parametrize("frontend", FRONTENDS)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points below `path` (other tests may mount elsewhere meanwhile)."""
+    return [p for p in mount_points() if p.startswith(f"{path}/")]
+
+
+def vfsdrv(*args: str | Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFSDRV, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@contextmanager
+def backend(tmp_path: Path, *extra: str) -> Iterator[tuple[Path, Path, subprocess.Popen]]:
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    (export / "hello").write_text("hello\n")
+    with virtiofsd(export, sock, *extra) as proc:
+        try:
+            yield mnt, sock, proc
+        finally:
+            force_unmount(mnt)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float = 10) -> int:
+    """virtiofsd serves one connection: it exits once the driver let go of it."""
+    return proc.wait(timeout)
+
+
+@each_frontend
+def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str) -> None:
+    with backend(tmp_path) as (mnt, sock, proc):
+        t0 = time.monotonic()
+        r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, mnt)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 15
+        assert is_mounted(mnt)  # usable as soon as the command returned
+        assert (mnt / "hello").read_text() == "hello\n"
+        line = [ln for ln in open("/proc/self/mounts") if f" {mnt} " in ln][0]
+        assert " fuse.vfsdrv " in line and line.startswith("vfsdrv ")
+        r = vfsdrv("umount", mnt)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mnt)
+        wait_exit(proc)  # the daemon ended the session and closed the device
+
+
+@each_frontend
+@pytest.mark.parametrize("how", ["umount", "fusermount3"])
+def test_plain_umount_and_fusermount(tmp_path: Path, frontend: str, how: str) -> None:
+    with backend(tmp_path) as (mnt, sock, proc):
+        r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, mnt)
+        assert r.returncode == 0, r.stderr
+        (mnt / "new").write_text("x")
+        cmd = ["umount", str(mnt)] if how == "umount" else ["fusermount3", "-u", str(mnt)]
+        r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert r2.returncode == 0, r2.stderr
+        assert not is_mounted(mnt)
+        wait_exit(proc)
+        assert (tmp_path / "export" / "new").read_text() == "x"
+
+
+@each_frontend
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(tmp_path: Path, frontend: str, sig: int) -> None:
+    with serving(tmp_path, frontend) as m:
+        assert (m.mnt / "anything").exists() is False
+        assert m.proc is not None
+        m.proc.send_signal(sig)
+        assert m.proc.wait(15) == 0, m.log_text()
+        assert not is_mounted(m.mnt)
+
+
+@each_frontend
+def test_sigterm_while_busy_detaches_and_exits(tmp_path: Path, frontend: str) -> None:
+    with serving(tmp_path, frontend) as m:
+        f = open(m.mnt / "held", "w")  # keeps the file system busy
+        try:
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(20) == 0, m.log_text()
+            assert not is_mounted(m.mnt)
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass  # the connection was aborted under it: expected
+
+
+@each_frontend
+def test_device_gone_unmounts(tmp_path: Path, frontend: str) -> None:
+    export, sock = tmp_path / "export", tmp_path / "vfsd.sock"
+    export.mkdir()
+    (tmp_path / "mnt").mkdir()
+    with virtiofsd(export, sock) as vproc:
+        cmd = [*VFSDRV, "mount", "-f", "--vhost-user", str(sock), "--frontend", frontend,
+               str(tmp_path / "mnt")]
+        log = tmp_path / "serve.log"
+        with open(log, "wb") as lf:
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+        m = Mounted(frontend, export, tmp_path / "mnt", proc, log)
+        try:
+            wait_mounted(m.mnt, proc, log)
+            os.killpg(vproc.pid, signal.SIGKILL)  # the backend dies
+            vproc.wait()
+            try:
+                os.listdir(m.mnt)  # noticed at the latest with this request
+            except OSError:
+                pass
+            assert proc.wait(15) != 0
+            assert not is_mounted(m.mnt), "a dead device left a mount behind"
+            assert "gone" in m.log_text() or "closed" in m.log_text()
+        finally:
+            stop_server(m)
+
+
+# -- failures leave nothing mounted ------------------------------------------------------
+@each_frontend
+def test_busy_mount_point(tmp_path: Path, frontend: str) -> None:
+    with serving(tmp_path, frontend) as m:
+        other = tmp_path / "other.sock"
+        with virtiofsd(tmp_path / "export", other):
+            r = vfsdrv("mount", "--vhost-user", other, "--frontend", frontend, m.mnt)
+        assert r.returncode == 1
+        assert "busy" in r.stderr and "already mounted" in r.stderr
+        assert mounts_under(tmp_path) == [str(m.mnt)]
+        assert os.listdir(m.mnt) is not None  # the first mount still serves
+
+
+def test_missing_socket(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = vfsdrv("mount", "--vhost-user", tmp_path / "nope.sock", tmp_path / "mnt")
+    assert r.returncode == 1
+    assert "nope.sock does not exist" in r.stderr
+    assert mounts_under(tmp_path) == []
+
+
+def test_socket_nobody_listens(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "dead.sock"))
+    s.close()  # the file stays, nobody listens
+    r = vfsdrv("mount", "--vhost-user", tmp_path / "dead.sock", tmp_path / "mnt")
+    assert r.returncode == 1
+    assert "error" in r.stderr
+    assert mounts_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "file", "option"])
+def test_bad_mount_point_or_option(tmp_path: Path, problem: str) -> None:
+    with backend(tmp_path) as (mnt, sock, _proc):
+        target, opts = mnt, []
+        if problem == "missing":
+            target = tmp_path / "does-not-exist"
+        elif problem == "file":
+            target = tmp_path / "export" / "hello"
+        else:
+            opts = ["-o", "ro,frobnicate"]
+        r = vfsdrv("mount", "--vhost-user", sock, *opts, target)
+        assert r.returncode == 1
+        expect = {"missing": "does not exist", "file": "not a directory",
+                  "option": "unknown mount option(s): frobnicate"}[problem]
+        assert expect in r.stderr
+        assert mounts_under(tmp_path) == []
+
+
+def test_not_root(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = subprocess.run(
+        [*VFSDRV, "mount", "--vhost-user", "/nonexistent.sock", str(tmp_path / "mnt")],
+        capture_output=True, text=True, timeout=30, user=65534,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert r.returncode == 1
+    assert "needs root" in r.stderr
+
+
+@each_frontend
+def test_mount_helper_for_mount8_read_only(tmp_path: Path, frontend: str) -> None:
+    with backend(tmp_path) as (mnt, sock, proc):
+        r = subprocess.run(
+            [sys.executable, "-m", "vfsdrv.tools.mount", str(sock), str(mnt), "-o",
+             f"ro,tag=helper-tag,frontend={frontend}"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        line = [ln for ln in open("/proc/self/mounts") if f" {mnt} " in ln][0]
+        assert line.startswith("helper-tag ") and " ro," in line
+        assert (mnt / "hello").read_text() == "hello\n"
+        with pytest.raises(OSError) as exc:
+            (mnt / "w").write_text("x")
+        assert exc.value.errno == errno.EROFS
+        assert vfsdrv("umount", mnt).returncode == 0
+        wait_exit(proc)
