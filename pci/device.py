@@ -114,6 +114,7 @@ class VfioPciDevice(PciFunction):
         self.name = f"vfio:{self.bdf}"
         self.sysfs.device_dir(self.bdf)
         drv = self.sysfs.driver(self.bdf)
+        self._bound_here = False
         if drv != VFIO_PCI:
             if not bind:
                 raise PciError(
@@ -124,6 +125,7 @@ class VfioPciDevice(PciFunction):
                     "/sys/bus/pci/drivers_probe)"
                 )
             self.sysfs.bind_vfio(self.bdf)
+            self._bound_here = True
         self.fd = -1
         #: DMA page size policy: None = huge pages when enough are free, True/False = force
         self.hugepages: bool | None = None
@@ -137,6 +139,11 @@ class VfioPciDevice(PciFunction):
             self._setup()
         except BaseException:
             self.close()
+            if self._bound_here:  # give the function back rather than leave it half-taken
+                try:
+                    self.sysfs.unbind_vfio(self.bdf)
+                except PciError:
+                    pass
             raise
 
     # -- bring-up ---------------------------------------------------------------------------

@@ -128,6 +128,28 @@ def test_pci_user_errors(guest) -> None:
     assert res["by_bad_tag"][0] == "BadAddressError" and "'second-fs'" in res["by_bad_tag"][1]
 
 
+def test_pci_group_not_viable(guest) -> None:
+    """Two functions of one multi-function slot share an IOMMU group: opening one while
+    the other is still on virtio-pci fails naming it (and gives the function back);
+    with both on vfio-pci it works."""
+    from harness import GUEST_PYTHON, FsDevice
+
+    r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest group", iommu=True,
+              timeout=200, fs_devices=[FsDevice(properties=",multifunction=on"),
+                                       FsDevice(tag="fs2", properties=",addr=0x3.1")])
+    assert r.returncode == 0, f"{r}\n--- console:\n{r.console[-3000:]}"
+    res = json.loads([ln for ln in r.output.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    print(f"group: guest run {r.duration:.1f}s: {res}")
+    assert res["groups"][0] == res["groups"][1] is not None
+    assert res["not_viable"][0] == "GroupNotViableError"
+    msg = res["not_viable"][1]
+    assert f"IOMMU group {res['groups'][0]} is not viable" in msg
+    assert "0000:00:03.1 (bound to virtio-pci)" in msg
+    assert res["driver_after_failure"] == "virtio-pci"
+    assert res["viable_getattr_ok"] and res["init_minor"] >= 31
+    assert res["drivers_after"] == ["virtio-pci", "virtio-pci"]
+
+
 # -- guest side -------------------------------------------------------------------------------
 
 
@@ -241,6 +263,8 @@ def guest_main(mode: str) -> int:
     res: dict = {"mode": mode, "driver_before": sysfs.driver(bdf)}
     if mode == "errors":
         return _guest_errors(bdf, sysfs, res)
+    if mode == "group":
+        return _guest_group(sysfs, res)
     _sh("modprobe", "virtiofs")
     os.makedirs("/mnt/k", exist_ok=True)
     _sh("mount", "-t", "virtiofs", "myfs", "/mnt/k")
@@ -264,6 +288,35 @@ def guest_main(mode: str) -> int:
         res["kernel_mount_ok"] = mine == hashlib.sha256(payload(2, NEW_SIZE)).hexdigest()
     finally:
         _sh("umount", "/mnt/k")
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def _guest_group(sysfs, res: dict) -> int:
+    import stat
+
+    from vfsdrv.errors import VfsdrvError
+    from vfsdrv.fs.client import FuseClient
+    from vfsdrv.fs.device import VirtioFs
+    from vfsdrv.virtio import pci as vp
+
+    a, b = "0000:00:03.0", "0000:00:03.1"
+    res["groups"] = [sysfs.iommu_group(a), sysfs.iommu_group(b)]
+    try:
+        vp.open_pci(a, bind=True).close()
+        res["not_viable"] = ["no error", ""]
+    except VfsdrvError as e:
+        res["not_viable"] = [type(e).__name__, str(e)]
+    res["driver_after_failure"] = sysfs.driver(a)
+    sysfs.bind_vfio(b)
+    fs = VirtioFs(vp.open_pci(a, bind=True), max_io=64 << 10, small_slots=8, large_slots=2)
+    try:
+        fs.start()
+        res["init_minor"] = fs.init().minor
+        res["viable_getattr_ok"] = stat.S_ISDIR(FuseClient(fs).getattr(1).mode)
+    finally:
+        fs.close()
+    res["drivers_after"] = [sysfs.unbind_vfio(a), sysfs.unbind_vfio(b)]
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
