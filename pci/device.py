@@ -11,6 +11,7 @@ registers go through pread/pwrite on the region.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .sysfs import VFIO_PCI, Sysfs, normalize_bdf, require_root
 from .vfio import ffi, libc
 
 BACKENDS = ("auto", "iommufd", "container")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,18 +169,29 @@ class VfioPciDevice(PciFunction):
                     "the iommufd backend needs /dev/iommu and /dev/vfio/devices/vfioN "
                     "(CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV): use the container backend"
                 )
-            ctx = iommufd_mod.Iommufd()
-            self.iommu = ctx
-            self.fd = ctx.open_device(cdev)
-        else:
-            grp = VfioGroup(group, noiommu)
-            members = self.sysfs.describe_members(self.bdf, group)
             try:
-                self.iommu = VfioContainer(grp, members)
-            except BaseException:
-                grp.close()
-                raise
-            self.fd = grp.get_device_fd(self.bdf)
+                ctx = iommufd_mod.Iommufd()
+                self.iommu = ctx
+                self.fd = ctx.open_device(cdev)
+                log.info("%s: VFIO through iommufd (/dev/vfio/devices/%s)", self.bdf, cdev)
+                return
+            except (PciError, OSError) as e:
+                if self.iommu is not None:
+                    self.iommu.close()
+                    self.iommu = None
+                if backend == "iommufd":
+                    raise
+                # auto: the group/container API still works on every kernel with cdevs
+                log.warning("%s: iommufd path failed (%s); using the VFIO container", self.bdf, e)
+        grp = VfioGroup(group, noiommu)
+        members = self.sysfs.describe_members(self.bdf, group)
+        try:
+            self.iommu = VfioContainer(grp, members)
+        except BaseException:
+            grp.close()
+            raise
+        self.fd = grp.get_device_fd(self.bdf)
+        log.info("%s: VFIO group %s, %s container", self.bdf, grp.path, self.iommu.kind)
 
     def _setup(self) -> None:
         info = vfio.new("vfio_device_info")

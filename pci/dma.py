@@ -153,8 +153,8 @@ class DmaMemory(DmaMemoryLike):
 
     def _pick_iova_base(self) -> int | None:
         """The top of the highest IOVA range that fits (far above RAM, so it cannot collide
-        with the identity mappings); None lets iommufd choose."""
-        if self.ctx is None or self.ctx.kind == "iommufd":
+        with the identity mappings)."""
+        if self.ctx is None:
             return None
         align = HUGE_PAGE_SIZE
         for first, last in sorted(self.ctx.iova_ranges(), reverse=True):

@@ -19,8 +19,10 @@ one contiguous IOVA range is used.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -80,6 +82,8 @@ QUEUE_NOTIF_CONFIG_DATA = 0x38
 QUEUE_RESET = 0x3A
 COMMON_CFG_MIN = 0x38  # virtio 1.0 layout, through queue_device
 COMMON_CFG_MAX = 0x40  # what we map (1.3 layout incl. admin queue fields)
+
+log = logging.getLogger(__name__)
 
 NO_VECTOR = 0xFFFF
 #: largest device config we map (the kernel maps at most a page too)
@@ -330,6 +334,8 @@ class VirtioPciTransport(Transport):
         self._notify: dict[int, tuple[int, int]] = {}  # queue -> (offset in notify area, data)
         self.config_vector: int | None = None
         self._msix_programmed = False
+        self._gone: str | None = None
+        self._lock = threading.RLock()  # queue_select and the queue fields go together
 
     # -- status --------------------------------------------------------------------------
     def get_status(self) -> int:
@@ -406,10 +412,15 @@ class VirtioPciTransport(Transport):
     def queue_max_size(self, index: int) -> int:
         if not 0 <= index < self.num_queues():
             return 0
-        self.common.write16(QUEUE_SELECT, index)
-        return self.common.read16(QUEUE_SIZE)
+        with self._lock:
+            self.common.write16(QUEUE_SELECT, index)
+            return self.common.read16(QUEUE_SIZE)
 
     def setup_queue(self, index: int, size: int, addrs: QueueAddresses) -> None:
+        with self._lock:
+            self._setup_queue(index, size, addrs)
+
+    def _setup_queue(self, index: int, size: int, addrs: QueueAddresses) -> None:
         max_size = self.queue_max_size(index)
         if max_size == 0:
             raise TransportError(f"{self.name}: queue {index} is not available")
@@ -454,10 +465,11 @@ class VirtioPciTransport(Transport):
         return off, data
 
     def enable_queue(self, index: int) -> None:
-        self._select(index)
-        self.common.write16(QUEUE_ENABLE, 1)
-        if self.common.read16(QUEUE_ENABLE) != 1:
-            raise TransportError(f"{self.name}: queue {index} did not enable")
+        with self._lock:
+            self._select(index)
+            self.common.write16(QUEUE_ENABLE, 1)
+            if self.common.read16(QUEUE_ENABLE) != 1:
+                raise TransportError(f"{self.name}: queue {index} did not enable")
 
     def notify(self, index: int, data: int | None = None) -> None:
         try:
@@ -487,8 +499,14 @@ class VirtioPciTransport(Transport):
             avail = self.fn.msix_vectors()
             want = min(avail, self.num_queues() + 1)
             if want <= 0:
+                log.info("%s: no MSI-X vectors: every queue is polled", self.name)
                 return
-            self._vector_fds = self.fn.enable_msix(want)
+            try:
+                self._vector_fds = self.fn.enable_msix(want)
+            except TransportError as e:
+                log.warning("%s: MSI-X unavailable (%s): every queue is polled", self.name, e)
+                return
+            log.info("%s: %d MSI-X vectors (config + %d queues)", self.name, want, want - 1)
         self.common.write16(CONFIG_MSIX_VECTOR, 0)
         if self.common.read16(CONFIG_MSIX_VECTOR) == 0:
             self.config_vector = 0
@@ -529,19 +547,21 @@ class VirtioPciTransport(Transport):
         return self.fn.request_fd()
 
     def check_alive(self) -> None:
+        if self._gone is not None:
+            raise DeviceGoneError(self._gone)
         fd = self.fn.request_fd()
         if fd is not None:
             try:
                 if os.eventfd_read(fd):
-                    raise DeviceGoneError(
-                        f"{self.name}: the host asked for the device back (unplug request)"
-                    )
+                    self._gone = f"{self.name}: the host asked for the device back (unplug request)"
             except BlockingIOError:
                 pass
-        if self.common.read8(DEVICE_STATUS) == 0xFF and (
+        if self._gone is None and self.common.read8(DEVICE_STATUS) == 0xFF and (
             self.common.read32(DEVICE_FEATURE_SELECT) == 0xFFFFFFFF
         ):
-            raise DeviceGoneError(f"{self.name}: registers read all ones (device gone)")
+            self._gone = f"{self.name}: registers read all ones (device gone)"
+        if self._gone is not None:
+            raise DeviceGoneError(self._gone)
 
     # -- memory -----------------------------------------------------------------------------
     @property
@@ -551,6 +571,10 @@ class VirtioPciTransport(Transport):
     def dma_pool(self) -> DmaPool:
         if self._pool is None:
             self._dma = self.fn.alloc_dma(self.dma_size, iova=self.iova_mode)
+            log.info(
+                "%s: %d bytes of DMA memory, %s addresses (%s)", self.name, self.dma_size,
+                "IOVA" if self.iova_mode else "physical", self.fn.iommu_mode,
+            )
             first = self._dma.translate(0)[1]
             arena = Arena(self._dma.view, self._dma.translate, self._dma.pointer)
             self._pool = _PagePool(arena, split_pages=first < len(self._dma.view))
