@@ -684,3 +684,30 @@ def test_emulated_function_errors() -> None:
     with pytest.raises(PciError):
         fn.bar_window(3, 0, 4, "x")
     assert os.path.exists("/proc/self")
+
+
+def test_unplug_request_is_latched() -> None:
+    fn, _, _ = make_function()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    fn.request_fd = lambda: efd  # type: ignore[method-assign]
+    t = vp.VirtioPciTransport(fn)
+    assert t.error_fd() == efd
+    t.check_alive()
+    os.eventfd_write(efd, 1)  # vfio-pci signals the request IRQ
+    with pytest.raises(DeviceGoneError, match="unplug request"):
+        t.check_alive()
+    with pytest.raises(DeviceGoneError, match="unplug request"):  # stays gone
+        t.check_alive()
+    os.close(efd)
+
+
+def test_msix_enable_failure_means_polling() -> None:
+    fn, model, _ = make_function()
+
+    def broken(count: int) -> list[int]:
+        raise PciError("VFIO_DEVICE_SET_IRQS failed")
+
+    fn.enable_msix = broken  # type: ignore[method-assign]
+    t = vp.VirtioPciTransport(fn)
+    t.setup_queue(1, 8, QueueAddresses(0x1000, 0x2000, 0x3000))
+    assert t.interrupt_fd(1) is None and model.q[1]["vector"] == vp.NO_VECTOR
