@@ -15,13 +15,16 @@ import mmap
 import multiprocessing
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +45,12 @@ class Mount:
     backend_pid: int
 
 
-def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool) -> None:
+def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[str]) -> None:
     from vfsdrv.frontends.pyfuse3_frontend import serve
 
     dev = connect_virtiofsd(Path(sock), poll=poll)
     try:
-        serve(dev, mnt, options=[], ready=lambda: os.write(ready_fd, b"R"))
+        serve(dev, mnt, options=options, ready=lambda: os.write(ready_fd, b"R"))
     finally:
         dev.close()
 
@@ -57,22 +60,21 @@ def _unmount(path: Path) -> None:
         subprocess.run(["umount", str(path)], check=True)
 
 
-@pytest.fixture(params=["interrupt", "poll"])
-def mount(request, tmp_path: Path, export_dir: Path) -> Iterator[Mount]:
-    sock = tmp_path / "vfsd.sock"
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with virtiofsd(export_dir, sock) as backend:
+@contextmanager
+def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
+           vfsd_args: tuple[str, ...] = (), options: tuple[str, ...] = ()) -> Iterator[Mount]:
+    """virtiofsd on `export`, mounted on `mnt` by a forked child running serve()."""
+    with virtiofsd(export, sock, *vfsd_args) as backend:
         r, w = os.pipe()
         proc = multiprocessing.get_context("fork").Process(
-            target=_serve_child, args=(str(sock), str(mnt), w, request.param == "poll"))
+            target=_serve_child, args=(str(sock), str(mnt), w, poll, list(options)))
         proc.start()
         os.close(w)
         try:
             ready, _, _ = select.select([r], [], [], 30)
             assert ready and os.read(r, 1) == b"R", "the pyfuse3 frontend did not come up"
             assert os.path.ismount(mnt)
-            yield Mount(mnt, export_dir, proc, backend.pid)
+            yield Mount(mnt, export, proc, backend.pid)
         finally:
             os.close(r)
             try:
@@ -85,6 +87,14 @@ def mount(request, tmp_path: Path, export_dir: Path) -> Iterator[Mount]:
                     subprocess.run(["umount", "-l", str(mnt)], check=False)
         assert proc.exitcode == 0, f"frontend exited with {proc.exitcode}"
         assert not os.path.ismount(mnt)
+
+
+@pytest.fixture(params=["interrupt", "poll"])
+def mount(request, tmp_path: Path, export_dir: Path) -> Iterator[Mount]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with served(export_dir, mnt, tmp_path / "vfsd.sock", poll=request.param == "poll") as m:
+        yield m
 
 
 def run(*cmd: str, cwd: Path | None = None) -> str:
@@ -394,6 +404,44 @@ def test_locks_are_local_to_the_mount(mount: Mount, fn: str) -> None:
         assert _can_lock(mount.export / "f", fn)  # the host: not forwarded
         getattr(fcntl, fn)(f, fcntl.LOCK_UN)
     assert _can_lock(mount.path / "f", fn)
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value: version 2, then (tag, perm, id) entries."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_posix_acls_when_the_device_stores_them(tmp_path: Path, export_dir: Path) -> None:
+    """With virtiofsd -o posix_acl the device grants FUSE_POSIX_ACL, so the frontend
+    asks the kernel for ACL checks too: an ACL entry set through the mount opens
+    a 0600 file to another user (allow_other lets that user into the mount)."""
+    nobody = 65534
+    any_id = 0xFFFFFFFF
+    top = Path(tempfile.mkdtemp(prefix="vfsdrv-acl-"))
+    try:
+        top.chmod(0o755)
+        mnt = top / "mnt"
+        mnt.mkdir()
+        with served(export_dir, mnt, tmp_path / "vfsd.sock", vfsd_args=("-o", "posix_acl"),
+                    options=("allow_other",)):
+            (mnt / "f").write_text("secret")
+            os.chmod(mnt / "f", 0o600)
+
+            def can_read() -> bool:
+                return subprocess.run(["cat", str(mnt / "f")], user=nobody, group=nobody,
+                                      capture_output=True).returncode == 0
+
+            assert not can_read()
+            acl = _acl((0x01, 6, any_id), (0x02, 4, nobody), (0x04, 0, any_id),
+                       (0x10, 4, any_id), (0x20, 0, any_id))
+            os.setxattr(mnt / "f", "system.posix_acl_access", acl)
+            assert os.getxattr(export_dir / "f", "system.posix_acl_access") == acl
+            assert stat.S_IMODE(os.stat(mnt / "f").st_mode) == 0o640  # group bits = mask
+            assert can_read()
+    finally:
+        shutil.rmtree(top)
 
 
 # -- operations pyfuse3 has no handler for ----------------------------------------------------

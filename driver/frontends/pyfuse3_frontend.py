@@ -73,8 +73,12 @@ log = logging.getLogger(__name__)
 
 #: FUSE_INIT flags asked of the device: the driver's defaults without the lock
 #: capabilities (pyfuse3 never forwards a lock request) and without
-#: READDIRPLUS_AUTO (this frontend always reads directories with READDIRPLUS).
-DEVICE_INIT_FLAGS = VirtioFs.DEFAULT_INIT_FLAGS & ~(
+#: READDIRPLUS_AUTO (this frontend always reads directories with READDIRPLUS),
+#: plus POSIX_ACL and SETXATTR_EXT (virtiofsd -o posix_acl refuses a session
+#: without both; the kernel side then gets ACLs too).
+DEVICE_INIT_FLAGS = (
+    VirtioFs.DEFAULT_INIT_FLAGS | abi.InitFlag.POSIX_ACL | abi.InitFlag.SETXATTR_EXT
+) & ~(
     abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS | abi.InitFlag.READDIRPLUS_AUTO
 )
 
@@ -722,6 +726,8 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     if not fs.init_flags & abi.InitFlag.DO_READDIRPLUS:
         log.warning("the device did not grant READDIRPLUS; directory listings may fail")
     ops = DeviceOperations(fs)
+    # ACL checks in the kernel exactly when the device stores ACLs
+    ops.enable_acl = bool(fs.init_flags & abi.InitFlag.POSIX_ACL)
     tag = fs.config.tag if fs.config is not None else "virtiofs"
     opts = set(pyfuse3.default_options)  # default_permissions, as virtio-fs in a guest
     opts |= {f"fsname={tag}", "subtype=vfsdrv"}
