@@ -31,8 +31,10 @@ from pathlib import Path
 import pyfuse3  # tools/setup-env.sh installs the extra: pip install -e '.[test,pyfuse3]'
 import pytest
 from backends import virtiofsd
-from conftest import connect_virtiofsd
 from vfsdrv.frontends.pyfuse3_frontend import FRESH_INO_BASE, InodeMap
+from vfsdrv.fs.config import encode_config
+from vfsdrv.fs.device import VirtioFs
+from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 MiB = 1 << 20
 
@@ -43,6 +45,17 @@ class Mount:
     export: Path
     proc: multiprocessing.process.BaseProcess
     backend_pid: int
+    expect_exitcode: int = 0
+
+
+def connect_virtiofsd(sock: Path, **fs_options) -> VirtioFs:
+    """As tests/conftest.py does (not imported: tests/mount has a conftest too)."""
+    transport = VhostUserTransport(str(sock), config=encode_config("myfs", 1), num_queues=2)
+    try:
+        return VirtioFs(transport, **fs_options).start()
+    except BaseException:
+        transport.close()
+        raise
 
 
 def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[str]) -> None:
@@ -74,7 +87,8 @@ def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
             ready, _, _ = select.select([r], [], [], 30)
             assert ready and os.read(r, 1) == b"R", "the pyfuse3 frontend did not come up"
             assert os.path.ismount(mnt)
-            yield Mount(mnt, export, proc, backend.pid)
+            m = Mount(mnt, export, proc, backend.pid)
+            yield m
         finally:
             os.close(r)
             try:
@@ -85,7 +99,7 @@ def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
                     proc.kill()
                     proc.join()
                     subprocess.run(["umount", "-l", str(mnt)], check=False)
-        assert proc.exitcode == 0, f"frontend exited with {proc.exitcode}"
+        assert proc.exitcode == m.expect_exitcode, f"frontend exited with {proc.exitcode}"
         assert not os.path.ismount(mnt)
 
 
@@ -598,8 +612,9 @@ def test_backend_killed_while_mounted_unmounts(mount: Mount) -> None:
     (mount.path / "f").write_text("x")
     os.killpg(os.getpgid(mount.backend_pid), signal.SIGKILL)
     mount.proc.join(30)
-    assert mount.proc.exitcode == 0  # noticed, unmounted, returned
+    assert mount.proc.exitcode == 1  # noticed, unmounted, raised DeviceGoneError
     assert not os.path.ismount(mount.path)
+    mount.expect_exitcode = 1
 
 
 def test_mounting_on_a_missing_directory_fails_cleanly(tmp_path: Path,

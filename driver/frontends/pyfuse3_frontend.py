@@ -719,10 +719,15 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     """FUSE_INIT the device, mount `mountpoint` with pyfuse3, call `ready()` once the
     file system answers, serve until unmounted or SIGTERM/SIGINT (main thread
     only), unmount, and send FUSE_DESTROY. `ready` runs on the event loop: it must
-    not touch the mount itself. The caller still owns (and closes) `fs`."""
+    not touch the mount itself. If the device goes away the mount is removed and
+    the device's error (DeviceGoneError) is raised. The caller still owns (and
+    closes) `fs`."""
     client = FuseClient(fs)
     if getattr(fs, "init_out", None) is None:
-        client.init(DEVICE_INIT_FLAGS)
+        try:
+            client.init(DEVICE_INIT_FLAGS)
+        except (OSError, TimeoutError) as exc:
+            raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc
     if not fs.init_flags & abi.InitFlag.DO_READDIRPLUS:
         log.warning("the device did not grant READDIRPLUS; directory listings may fail")
     ops = DeviceOperations(fs)
@@ -749,6 +754,8 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
                     client.destroy()
             except (OSError, VfsdrvError, TimeoutError) as exc:
                 log.warning("FUSE_DESTROY failed: %s", exc)
+    if ops.dev.failure is not None:
+        raise ops.dev.failure  # unmounted, but not because anyone asked
 
 
 async def _main(ops: DeviceOperations, ready: Callable[[], None] | None) -> None:
