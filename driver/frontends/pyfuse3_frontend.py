@@ -426,7 +426,7 @@ class DeviceOperations(pyfuse3.Operations):
         if fields.update_mtime:
             valid |= abi.FATTR_MTIME
             f["mtime"], f["mtimensec"] = divmod(attr.st_mtime_ns, _NS)
-        if fields.update_ctime:
+        if getattr(fields, "update_ctime", False):  # not in every pyfuse3 release
             valid |= abi.FATTR_CTIME
             f["ctime"], f["ctimensec"] = divmod(attr.st_ctime_ns, _NS)
         if fh is not None:
@@ -522,12 +522,12 @@ class DeviceOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------
     def _file_info(self, local: int, nodeid: int, out: Any) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(
-            fh=self._new_handle(local, nodeid, out.fh),
-            direct_io=bool(out.open_flags & FOPEN_DIRECT_IO),
-            keep_cache=bool(out.open_flags & FOPEN_KEEP_CACHE),
-            nonseekable=bool(out.open_flags & FOPEN_NONSEEKABLE),
-        )
+        info = pyfuse3.FileInfo()
+        info.fh = self._new_handle(local, nodeid, out.fh)
+        info.direct_io = bool(out.open_flags & FOPEN_DIRECT_IO)
+        info.keep_cache = bool(out.open_flags & FOPEN_KEEP_CACHE)
+        info.nonseekable = bool(out.open_flags & FOPEN_NONSEEKABLE)
+        return info
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
