@@ -182,7 +182,11 @@ def test_directories_and_readdir(client: FuseClient, export_dir: Path) -> None:
     assert stat.S_IMODE((export_dir / "dir").stat().st_mode) == 0o750
     for i in range(50):
         (export_dir / "dir" / f"file-{i:02}").write_text(str(i))
-    names = sorted(x.name for x in client.readdir_all(d.nodeid))
+    listing = client.readdir_all(d.nodeid)
+    names = sorted(x.name for x in listing)
+    inos = {x.name: x.ino for x in listing}
+    assert inos[b".."] == export_dir.stat().st_ino
+    assert inos[b"."] == (export_dir / "dir").stat().st_ino
     assert names == sorted([b".", b".."] + [f"file-{i:02}".encode() for i in range(50)])
     plus = client.readdir_all(d.nodeid, plus=True)
     by_name = {x.name: x for x in plus}

@@ -12,8 +12,8 @@ import os
 import selectors
 import socket
 import threading
-from typing import Any
 
+from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from .lock_table import LockTable
 from .vhost_session import DeviceConfig, VhostUserSession
 
@@ -30,7 +30,7 @@ class RefDevice:
         notify_buf_size: int = 64,
         max_waiting_locks: int = 64,
         notification: bool = True,
-        **config: Any,
+        notify_lock_code: int = DEFAULT_NOTIFY_LOCK_CODE,
     ) -> None:
         if not os.path.isdir(source_dir):
             raise ValueError(f"source {source_dir!r} is not a directory")
@@ -43,7 +43,7 @@ class RefDevice:
             request_queues=request_queues,
             notify_buf_size=notify_buf_size,
             notification=notification,
-            **config,
+            notify_lock_code=notify_lock_code,
         )
         self.locks = LockTable(max_waiting_locks)
         self.sessions: list[VhostUserSession] = []

@@ -200,6 +200,10 @@ class FuseServer:
         except (ProtocolError, ValueError) as exc:
             log.warning("session %d: malformed opcode %d: %s", self.session, hdr.opcode, exc)
             return self._error(hdr.unique, errno.EINVAL)
+        except Exception:
+            # a bug here must cost one request, not the frontend's connection
+            log.exception("session %d: opcode %d failed", self.session, hdr.opcode)
+            return self._error(hdr.unique, errno.EIO)
         if result is NO_REPLY:
             return None
         if result is WAIT:
@@ -603,9 +607,12 @@ class FuseServer:
         """The directory as of its last rewind: offset 0 takes a fresh snapshot, so
         every offset handed out stays valid while the handle is open."""
         if offset == 0 or handle.entries is None:
+            node = handle.node
+            # the root's ".." is the root itself: nothing above it is shared
+            up = node.key[1] if node is self._inodes.root else os.stat("..", dir_fd=node.fd).st_ino
             entries = [
-                DirEntry(b".", handle.node.key[1], stat.S_IFDIR >> 12),
-                DirEntry(b"..", 0, stat.S_IFDIR >> 12),
+                DirEntry(b".", node.key[1], stat.S_IFDIR >> 12),
+                DirEntry(b"..", up, stat.S_IFDIR >> 12),
             ]
             os.lseek(handle.fd, 0, os.SEEK_SET)
             with os.scandir(handle.fd) as it:

@@ -226,7 +226,7 @@ class VhostUserSession:
             if handler is None:
                 raise MessageError(f"unsupported vhost-user request {request}")
             reply = handler(payload, fds)
-        except (VfsdrvError, ValueError) as exc:
+        except (VfsdrvError, ValueError, OSError) as exc:
             ok = False
             log.warning("session %d: request %s refused: %s", self.id, _name(request), exc)
         finally:

@@ -1,0 +1,75 @@
+"""`python -m vfsdrv.refdev`: arguments, serving a frontend, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vfsdrv.fs.client import ROOT_ID, FuseClient
+from vfsdrv.fs.device import VirtioFs
+from vfsdrv.refdev.cli import build_parser
+from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="refdev-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_parser_defaults_and_options() -> None:
+    args = build_parser().parse_args(["--socket", "s", "--source", "d"])
+    assert (args.tag, args.request_queues, args.notify_buf_size) == ("refdev", 1, 64)
+    assert (args.max_waiting_locks, args.notify_lock_code, args.no_notification) == (64, 7, False)
+    args = build_parser().parse_args(
+        ["--socket", "s", "--source", "d", "--tag", "x", "--request-queues", "3",
+         "--notify-buf-size", "128", "--max-waiting-locks", "2", "--no-notification", "-d"]
+    )
+    assert (args.tag, args.request_queues, args.notify_buf_size) == ("x", 3, 128)
+    assert args.max_waiting_locks == 2 and args.no_notification and args.debug
+
+
+def test_bad_source_is_a_usage_error(sock_dir: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vfsdrv.refdev", "--socket", f"{sock_dir}/s", "--source",
+         f"{sock_dir}/missing"], capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+def test_module_serves_until_sigterm(sock_dir: str, tmp_path: Path) -> None:
+    (tmp_path / "hello").write_text("hi")
+    sock = os.path.join(sock_dir, "dev.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(tmp_path),
+         "--tag", "clitag", "--request-queues", "2"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        fs = VirtioFs(VhostUserTransport(sock)).start()
+        try:
+            fs.init()
+            assert fs.config.tag == "clitag" and fs.config.num_request_queues == 2
+            assert FuseClient(fs).lookup(ROOT_ID, "hello").attr.size == 2
+        finally:
+            fs.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not os.path.exists(sock)  # the socket is removed on the way out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
