@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import DeviceGoneError, VfsdrvError
+from ..errors import DeviceGoneError, TransportError, VfsdrvError
 from ..fs import abi
 from ..virtio import vhost_user_proto as vu
 from ..virtio.vhost_user_proto import ProtocolFeature, Request
@@ -177,6 +177,8 @@ class VhostUserSession:
                         break
         except DeviceGoneError:
             log.info("session %d: frontend disconnected", self.id)
+        except TransportError as exc:
+            log.warning("session %d: closing the connection: %s", self.id, exc)
         except Exception:
             log.exception("session %d: internal error, closing the connection", self.id)
         finally:
