@@ -156,8 +156,11 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
-def is_mount_point(path: str) -> bool:
-    real = os.path.realpath(path)
+def is_mount_point(path: str, *, resolved: bool = False) -> bool:
+    """Whether something is mounted on `path`. With `resolved` (an absolute path
+    without symlinks) the path is not looked at: a server must never stat its own
+    mount point, that would wait for itself."""
+    real = path if resolved else os.path.realpath(path)
     return any(mp == real for mp, _t, _s in mount_table())
 
 

@@ -34,10 +34,16 @@ may wait forever), ALLOW_IDMAP, FILE_OPS and any bit this code does not know. Th
 minor is the smallest of kernel's, device's and ours; max_write and max_pages are
 clamped to what a large slot (and thus a descriptor chain) carries.
 
-FORGET, BATCH_FORGET and INTERRUPT are forwarded like any request (the device
-routes them to the hiprio queue and expects no reply); so are GETLK, SETLK, SETLKW
-and flock requests (a SETLKW answered "wait" is completed later by the device
-from its notification queue; the relay just gets the final reply). Other device
+FORGET and BATCH_FORGET are forwarded like any request (the device routes them to
+the hiprio queue and expects no reply); so are GETLK, SETLK, SETLKW and flock
+requests (a SETLKW answered "wait" is completed later by the device from its
+notification queue; the relay just gets the final reply). FUSE_INTERRUPT goes to
+the device (hiprio) only when it names a SETLKW still pending: that is the one
+request a device may hold indefinitely, and the only one worth interrupting. The
+others the relay ignores, as FUSE allows (the kernel keeps waiting for the
+original reply): Linux's own virtio-fs driver never sends INTERRUPT, and
+virtiofsd 7.2 answers an INTERRUPT whose request it has already finished with an
+EAGAIN reply on a buffer it no longer owns, and dies. Other device
 notifications are forwarded to the kernel with unique 0 and error = code, from a
 writer thread (a notification write may wait on the file system, which only this
 loop serves).
@@ -45,6 +51,7 @@ loop serves).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import mmap
@@ -78,6 +85,7 @@ reqlog = logging.getLogger("vfsdrv.relay.requests")
 
 IN_HEADER = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 OUT_HEADER = struct.Struct("<IiQ")
+INTERRUPT_IN = struct.Struct("<Q")
 PAGE = mmap.PAGESIZE
 
 #: INIT flags the relay can carry when both kernel and device agree on them
@@ -153,9 +161,10 @@ class Relay:
         self._sel: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._pending_debug: dict[int, tuple[int, int, float]] = {}
+        self._setlkw: set[int] = set()  # SETLKW uniques the device has not answered
         self._notify_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._notify_thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "small": 0, "large": 0, "notifications": 0}
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ---------------------------------------------------------------------
     def run(self) -> None:
@@ -184,21 +193,23 @@ class Relay:
             raise self.error
 
     def _shutdown(self) -> None:
-        """Unmount (if still mounted), abort the connection, end the device session."""
+        """Abort the connection (if the kernel still has it), unmount (if still
+        mounted), end the device session. Aborting first means unmounting can never
+        wait for a request that only this (now stopped) loop would answer."""
         self.fs.on_notify = None
-        if self.mounted and not self.conn_gone:
-            try:
-                if is_mount_point(self.mountpoint):
-                    umount_busy_lazy(self.mountpoint)
-            except OSError as exc:
-                log.error("could not unmount %s: %s", self.mountpoint, exc)
         if self._notify_thread is not None:
             self._notify_q.put(None)
             self._notify_thread.join(2)
         if self.fuse_fd >= 0:
-            os.close(self.fuse_fd)  # aborts the connection if the kernel still has it
+            os.close(self.fuse_fd)
             self.fuse_fd = -1
         self.conn_gone = True
+        if self.mounted:
+            try:
+                if is_mount_point(self.mountpoint, resolved=True):
+                    umount_busy_lazy(self.mountpoint)
+            except OSError as exc:
+                log.error("could not unmount %s: %s", self.mountpoint, exc)
         if self._sel is not None:
             self._sel.close()
         if self.landing is not None:
@@ -376,6 +387,10 @@ class Relay:
             return
         if opcode == Opcode.DESTROY:
             self.destroyed = True
+        elif opcode == Opcode.SETLKW:
+            self._setlkw.add(unique)
+        elif opcode == Opcode.INTERRUPT and not self._interrupt_wanted(view, n, unique):
+            return
         slot = landing
         if self._fits_small(opcode, view, n):
             s = self.fs.try_acquire(False)
@@ -389,6 +404,16 @@ class Relay:
             self.landing = None  # in flight; the next free large slot lands requests
         if used is not None:
             self.stats["large" if used is landing else "small"] += 1
+
+    def _interrupt_wanted(self, view: memoryview, n: int, unique: int) -> bool:
+        target = INTERRUPT_IN.unpack_from(view, IN_HEADER_SIZE)[0] if n >= 48 else 0
+        if target in self._setlkw:
+            return True
+        self.stats["interrupts_ignored"] += 1
+        if self.debug:
+            reqlog.debug("unique %d INTERRUPT of %d ignored by the relay (not a pending SETLKW)",
+                         unique, target)
+        return False
 
     def _fits_small(self, opcode: int, view: memoryview, n: int) -> bool:
         size = VirtioFs.SLOT_SIZE_SMALL
@@ -428,6 +453,8 @@ class Relay:
     # -- replies and notifications to the kernel -----------------------------------------
     def _on_reply(self, comp: Completion) -> None:
         self.inflight -= 1
+        if comp.opcode == Opcode.SETLKW:
+            self._setlkw.discard(comp.unique)
         if self.debug:
             self._log_reply(comp)
         self._write(comp.reply, comp.unique)

@@ -1,0 +1,208 @@
+"""What only the relay does: its -d request log, its answer to the kernel's
+FUSE_INIT (filtered both ways), and lock requests (GETLK, SETLK, SETLKW, flock) and
+INTERRUPT forwarded to the device. Locks need a device that grants them: virtiofsd
+with -o posix_lock -o flock (and a thread pool, so a blocked flock does not stop
+the queue)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import FRONTENDS, Mounted, require, serving
+from vfsdrv.frontends.relay import NEVER_OFFERED, RELAY_FLAGS, init_reply_fields
+from vfsdrv.fs.abi import InitFlag
+
+LOCKING_VIRTIOFSD = ("-o", "posix_lock", "-o", "flock", "--thread-pool-size=4")
+INIT_LINE = re.compile(
+    r"unique \d+ INIT -> 7\.(\d+) flags (0x[0-9a-f]+) \(kernel offered (0x[0-9a-f]+), "
+    r"device (0x[0-9a-f]+)\)"
+)
+
+
+def wait_for_log(m: Mounted, pattern: str, timeout: float = 5) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(pattern, m.log_text())
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} not in the request log:\n{m.log_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_debug_logs_every_request(tmp_path: Path) -> None:
+    with serving(tmp_path, "relay", debug=True) as m:
+        (m.mnt / "f").write_text("data")
+        with pytest.raises(FileNotFoundError):
+            (m.mnt / "missing").stat()
+        assert (m.mnt / "f").read_text() == "data"
+        wait_for_log(m, r"unique \d+ LOOKUP nodeid 1 -> -2 \(ENOENT\)")
+        wait_for_log(m, r"unique \d+ CREATE nodeid 1 -> ok, \d+ bytes")
+        wait_for_log(m, r"unique \d+ WRITE nodeid \d+ -> ok, 8 bytes")
+        wait_for_log(m, r"unique \d+ READ nodeid \d+ -> ok, 4 bytes")
+        wait_for_log(m, r"unique \d+ (RELEASE|FLUSH) nodeid \d+ -> ok")
+
+
+def test_init_is_filtered_both_ways(tmp_path: Path) -> None:
+    with serving(tmp_path, "relay", debug=True) as m:
+        minor, flags, kernel, device = wait_for_log(m, INIT_LINE.pattern).groups()
+    flags, kernel, device = int(flags, 16), int(kernel, 16), int(device, 16)
+    assert int(minor) == 36  # virtiofsd 7.2 speaks 7.36; the kernel more, the relay 7.38
+    assert flags & InitFlag.INIT_EXT
+    granted = flags & ~InitFlag.INIT_EXT
+    assert granted & ~(kernel & device) == 0, "granted the kernel what one side lacks"
+    assert granted & ~RELAY_FLAGS == 0
+    assert flags & NEVER_OFFERED == 0
+    assert kernel & InitFlag.SPLICE_READ  # offered by the kernel, dropped by the relay
+    # without -o posix_lock/flock virtiofsd grants no locks: the kernel locks locally
+    assert not granted & (InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS)
+    assert granted & InitFlag.MAX_PAGES and granted & InitFlag.DO_READDIRPLUS
+
+
+def test_init_reply_clamps_sizes() -> None:
+    dev = SimpleNamespace(max_readahead=1 << 20, max_background=0xFFFF,
+                          congestion_threshold=0xBFFD, time_gran=1, max_pages=1024)
+    f = init_reply_fields(minor=36, device=dev, kernel_max_readahead=128 << 10,
+                          granted=InitFlag.MAX_PAGES, max_io=1 << 20,
+                          device_max_write=4 << 20)
+    assert f["max_pages"] == 256 and f["max_write"] == 1 << 20
+    assert f["max_readahead"] == 128 << 10
+    f = init_reply_fields(minor=36, device=dev, kernel_max_readahead=1 << 20, granted=0,
+                          max_io=1 << 20, device_max_write=1 << 20)
+    assert f["max_pages"] == 0  # without MAX_PAGES the kernel keeps its default (32 pages)
+
+
+# -- locks and interrupts ------------------------------------------------------------------
+HOLDER = r"""
+import fcntl, os, struct, sys, time
+path, kind = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR)
+if kind == "posix":
+    fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 100, 0))
+else:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture(params=FRONTENDS)
+def locking_mount(request, tmp_path: Path):
+    require(request.param, "locks")
+    with serving(tmp_path, request.param, vfsd_args=LOCKING_VIRTIOFSD,
+                 debug=request.param == "relay") as m:
+        (m.export / "lk").write_text("0123456789" * 100)
+        yield m
+
+
+def hold(path: Path, kind: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    return p
+
+
+def release(p: subprocess.Popen) -> None:
+    assert p.stdin is not None
+    p.stdin.write("\n")
+    p.stdin.flush()
+    p.wait(10)
+
+
+def test_posix_locks_reach_the_device(locking_mount: Mounted) -> None:
+    m = locking_mount
+    holder = hold(m.mnt / "lk", "posix")
+    try:
+        fd = os.open(m.mnt / "lk", os.O_RDWR)
+        try:
+            got = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 50, 10, 0))
+            assert struct.unpack("hhqqi", got)[0] == fcntl.F_WRLCK  # the holder's lock
+            with pytest.raises(BlockingIOError):
+                fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 10, 0))
+            # a range nobody holds
+            fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 200, 10, 0))
+            try:
+                # a blocking lock: virtiofsd 7.2 answers it (it does not wait), the
+                # relay forwards its answer
+                fcntl.fcntl(fd, fcntl.F_SETLKW, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 10, 0))
+                pytest.fail("SETLKW on a held range succeeded")
+            except OSError as exc:
+                assert exc.errno in (95, 38, 11), exc  # EOPNOTSUPP, ENOSYS, EAGAIN
+        finally:
+            os.close(fd)
+    finally:
+        release(holder)
+    if m.frontend == "relay":
+        for op in ("GETLK", "SETLK", "SETLKW"):
+            wait_for_log(m, rf"unique \d+ {op} nodeid \d+ ->")
+
+
+def test_flock_reaches_the_device(locking_mount: Mounted) -> None:
+    m = locking_mount
+    holder = hold(m.mnt / "lk", "flock")
+    try:
+        fd = os.open(m.mnt / "lk", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: SETLKW with FUSE_LK_FLOCK
+                pytest.fail("a blocking flock on a held file succeeded")
+            except OSError as exc:
+                assert exc.errno in (95, 38), exc  # virtiofsd 7.2 does not wait
+        finally:
+            os.close(fd)
+    finally:
+        release(holder)
+    fd = os.open(m.mnt / "lk", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once the holder is gone
+    finally:
+        os.close(fd)
+    if m.frontend == "relay":
+        wait_for_log(m, r"unique \d+ SETLK nodeid \d+ -> -11 \(EAGAIN\)")
+        wait_for_log(m, r"unique \d+ SETLKW nodeid \d+ -> -95")
+
+
+INTERRUPTED_WRITER = r"""
+import os, signal, sys
+signal.signal(signal.SIGALRM, lambda *a: None)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+block = bytes(range(256)) * 4096
+for i in range(int(sys.argv[2])):
+    assert os.pwrite(fd, block, i * len(block)) == len(block)
+signal.setitimer(signal.ITIMER_REAL, 0)
+os.close(fd)
+"""
+
+
+def test_interrupts_of_ordinary_requests_are_ignored(tmp_path: Path) -> None:
+    """Signals delivered while requests are with the device make the kernel send
+    FUSE_INTERRUPT (unique = the request's | 1). For anything but a pending SETLKW
+    the relay ignores it, as FUSE allows (virtiofsd 7.2 dies on an INTERRUPT of a
+    request it already finished); the interrupted requests complete correctly."""
+    with serving(tmp_path, "relay", debug=True) as m:
+        for _attempt in range(5):
+            r = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITER, str(m.mnt / "w"), "64"],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            if "INTERRUPT" in m.log_text():
+                break
+        log = m.log_text()
+        assert (m.export / "w").read_bytes() == bytes(range(256)) * 4096 * 64
+        os.listdir(m.mnt)  # the device is still there
+    ignored = re.findall(r"unique (\d+) INTERRUPT of (\d+) ignored", log)
+    assert ignored, "no FUSE_INTERRUPT seen in 5 runs of 64 interrupted 1 MiB writes"
+    requests = {int(u) for u in re.findall(r"unique (\d+) [A-Z]+ nodeid \d+ ->", log)}
+    assert all(int(i) == int(t) | 1 and int(t) in requests for i, t in ignored)
+    assert "device gone" not in log
