@@ -18,6 +18,7 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,15 @@ class Mount:
     export: Path
     proc: multiprocessing.process.BaseProcess
     backend_pid: int
+    inject_fd: int
+    ack_fd: int
     expect_exitcode: int = 0
+
+    def notify(self, code: int, local: int, name: bytes = b"", child_local: int = 0) -> None:
+        """Make the device deliver notification `code` about local inode numbers."""
+        os.write(self.inject_fd, _INJECT.pack(code, local, child_local, len(name)) + name)
+        ready, _, _ = select.select([self.ack_fd], [], [], 10)
+        assert ready and os.read(self.ack_fd, 1) == b"A"
 
 
 def connect_virtiofsd(sock: Path, **fs_options) -> VirtioFs:
@@ -58,14 +67,54 @@ def connect_virtiofsd(sock: Path, **fs_options) -> VirtioFs:
         raise
 
 
-def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[str]) -> None:
-    from vfsdrv.frontends.pyfuse3_frontend import serve
+def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[str],
+                 inject_fd: int, ack_fd: int) -> None:
+    from vfsdrv.frontends import pyfuse3_frontend as frontend
 
     dev = connect_virtiofsd(Path(sock), poll=poll)
+    ops: list[frontend.DeviceOperations] = []
+    real_init = frontend.DeviceOperations.__init__
+
+    def init(self, fs: VirtioFs) -> None:
+        real_init(self, fs)
+        ops.append(self)
+
+    frontend.DeviceOperations.__init__ = init  # type: ignore[method-assign]
+    threading.Thread(target=_injector, args=(dev, ops, inject_fd, ack_fd), daemon=True).start()
     try:
-        serve(dev, mnt, options=options, ready=lambda: os.write(ready_fd, b"R"))
+        frontend.serve(dev, mnt, options=options, ready=lambda: os.write(ready_fd, b"R"))
     finally:
         dev.close()
+
+
+_INJECT = struct.Struct("<iQQH")
+
+
+def _injector(dev: VirtioFs, ops: list, inject_fd: int, ack_fd: int) -> None:
+    """Hands the device's on_notify a notification as the notification queue would
+    (the device gets (code, local inode numbers, name) from the test)."""
+    import trio
+
+    while True:
+        req = os.read(inject_fd, 4096)
+        if not req:
+            return
+        code, local, child_local, namelen = _INJECT.unpack_from(req)
+        name = req[_INJECT.size:_INJECT.size + namelen]
+        nodeid = ops[0].inodes.nodeid(local)
+        child = ops[0].inodes.nodeid(child_local) if child_local else 0
+        if code == 2:  # INVAL_INODE: all of it
+            body = struct.pack("<Qqq", nodeid, 0, 0)
+        elif code == 3:  # INVAL_ENTRY
+            body = struct.pack("<QII", nodeid, len(name), 0) + name + b"\0"
+        elif code == 4:  # STORE: "name" is the data, at offset 0
+            body = struct.pack("<QQII", nodeid, 0, len(name), 0) + name
+        else:  # DELETE
+            body = struct.pack("<QQII", nodeid, child, len(name), 0) + name + b"\0"
+        msg = struct.pack("<IiQ", 16 + len(body), code, 0) + body
+        trio.from_thread.run_sync(dev.on_notify, code, memoryview(msg),
+                                  trio_token=pyfuse3.trio_token)
+        os.write(ack_fd, b"A")
 
 
 def _unmount(path: Path) -> None:
@@ -79,18 +128,23 @@ def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
     """virtiofsd on `export`, mounted on `mnt` by a forked child running serve()."""
     with virtiofsd(export, sock, *vfsd_args) as backend:
         r, w = os.pipe()
+        inject_r, inject_w = os.pipe()
+        ack_r, ack_w = os.pipe()
         proc = multiprocessing.get_context("fork").Process(
-            target=_serve_child, args=(str(sock), str(mnt), w, poll, list(options)))
+            target=_serve_child,
+            args=(str(sock), str(mnt), w, poll, list(options), inject_r, ack_w))
         proc.start()
-        os.close(w)
+        for fd in (w, inject_r, ack_w):
+            os.close(fd)
         try:
             ready, _, _ = select.select([r], [], [], 30)
             assert ready and os.read(r, 1) == b"R", "the pyfuse3 frontend did not come up"
             assert os.path.ismount(mnt)
-            m = Mount(mnt, export, proc, backend.pid)
+            m = Mount(mnt, export, proc, backend.pid, inject_w, ack_r)
             yield m
         finally:
-            os.close(r)
+            for fd in (r, inject_w, ack_r):
+                os.close(fd)
             try:
                 _unmount(mnt)
             finally:
@@ -456,6 +510,77 @@ def test_posix_acls_when_the_device_stores_them(tmp_path: Path, export_dir: Path
             assert can_read()
     finally:
         shutil.rmtree(top)
+
+
+# -- device notifications ------------------------------------------------------------------
+def _eventually(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the kernel still shows the cached state"
+        time.sleep(0.02)
+
+
+def test_device_notifications_reach_the_kernel(tmp_path: Path, export_dir: Path) -> None:
+    """With cache=always the kernel keeps entries and attributes for a day: only a
+    notification from the device makes it see changes made on the host.
+    INVAL_INODE, INVAL_ENTRY, DELETE and STORE go through pyfuse3 to the kernel."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (export_dir / "f").write_text("old")
+    (export_dir / "e").write_text("entry")
+    (export_dir / "d").write_text("doomed")
+    with served(export_dir, mnt, tmp_path / "vfsd.sock",
+                vfsd_args=("-o", "cache=always")) as m:
+        assert (mnt / "f").read_text() == "old"
+        ino_f, ino_d = os.stat(mnt / "f").st_ino, os.stat(mnt / "d").st_ino
+        assert (mnt / "e").exists() and (mnt / "d").exists()
+        (export_dir / "f").write_text("much newer contents")
+        os.rename(export_dir / "e", export_dir / "e2")
+        os.unlink(export_dir / "d")
+        time.sleep(0.3)
+        assert os.stat(mnt / "f").st_size == 3  # cached: the device has not told yet
+        assert (mnt / "e").exists()
+
+        m.notify(2, ino_f)  # FUSE_NOTIFY_INVAL_INODE
+        _eventually(lambda: os.stat(mnt / "f").st_size == len("much newer contents"))
+        assert (mnt / "f").read_text() == "much newer contents"
+
+        m.notify(3, 1, b"e")  # FUSE_NOTIFY_INVAL_ENTRY in the root
+        _eventually(lambda: not (mnt / "e").exists())
+        assert (mnt / "e2").read_text() == "entry"
+
+        m.notify(6, 1, b"d", child_local=ino_d)  # FUSE_NOTIFY_DELETE
+        _eventually(lambda: "d" not in os.listdir(mnt))
+        assert not (mnt / "d").exists()
+
+        # FUSE_NOTIFY_STORE: data put into the kernel's page cache, not on the host
+        m.notify(4, ino_f, b"MUCH")
+        with open(mnt / "f") as f:
+            assert f.read() == "MUCH newer contents"
+        assert (export_dir / "f").read_text() == "much newer contents"
+
+
+def test_notification_mapping() -> None:
+    """Device nodeids become local numbers; unknown inodes and codes are dropped."""
+    import functools
+
+    from vfsdrv.frontends.pyfuse3_frontend import DeviceOperations
+
+    ops = DeviceOperations.__new__(DeviceOperations)
+    ops.inodes = InodeMap()
+    local = ops.inodes.add(77, 4242)
+    act = ops.notification(2, struct.pack("<Qqq", 77, -1, 0))
+    assert isinstance(act, functools.partial)
+    assert act.func is pyfuse3.invalidate_inode and act.args == (local,)
+    assert act.keywords == {"attr_only": True}
+    assert ops.notification(2, struct.pack("<Qqq", 78, 0, 0)) is None  # never seen
+    act = ops.notification(6, struct.pack("<QQII", 1, 77, 1, 0) + b"x\0")
+    assert act.args == (1, b"x") and act.keywords == {"deleted": local}
+    with pytest.raises(ValueError):
+        ops.notification(3, struct.pack("<QII", 1, 50, 0) + b"short")
+    act = ops.notification(4, struct.pack("<QQII", 77, 8, 3, 0) + b"abc")
+    assert act.func is pyfuse3.notify_store and act.args == (local, 8, b"abc")
+    assert ops.notification(5, struct.pack("<QQQII", 1, 77, 0, 10, 0)) is None  # RETRIEVE
 
 
 # -- operations pyfuse3 has no handler for ----------------------------------------------------

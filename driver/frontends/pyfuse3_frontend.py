@@ -331,6 +331,92 @@ class DeviceOperations(pyfuse3.Operations):
         self.inodes = InodeMap()
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self._notify_send: trio.MemorySendChannel | None = None
+
+    # -- device notifications ------------------------------------------------------------
+    def on_notify(self, code: int, message: memoryview) -> None:
+        """`VirtioFs.on_notify`: runs inside `process()`, so it only queues the
+        kernel call; `notification_worker` makes it from a thread (the kernel may
+        wait in it for a request that this event loop has to answer)."""
+        try:
+            action = self.notification(code, bytes(message[abi.OUT_HEADER_SIZE:]))
+        except ValueError as exc:
+            log.warning("ignoring device notification %d: %s", code, exc)
+            return
+        if action is None:
+            return
+        if self._notify_send is None:
+            log.debug("device notification %d before the file system runs: dropped", code)
+            return
+        self._notify_send.send_nowait(action)
+
+    def notification(self, code: int, payload: bytes) -> Callable[[], None] | None:
+        """The pyfuse3 call that carries a device notification to the kernel, or
+        None (unknown inode: the kernel caches nothing of it; a code pyfuse3
+        cannot carry: logged)."""
+
+        def need(struct_name: str, extra: int = 0) -> Any:
+            size = abi.sizeof(struct_name)
+            if len(payload) < size + extra:
+                raise ValueError(f"{len(payload)} bytes, {struct_name} needs {size + extra}")
+            return abi.unpack(struct_name, payload)
+
+        def name_at(offset: int, namelen: int) -> bytes:
+            if namelen == 0 or len(payload) < offset + namelen:
+                raise ValueError(f"name of {namelen} bytes does not fit")
+            return payload[offset:offset + namelen]
+
+        if code == abi.NotifyCode.INVAL_INODE:
+            out = need("fuse_notify_inval_inode_out")
+            local = self.inodes.local_of(out.ino)
+            if local is None:
+                return None
+            # pyfuse3 can drop the attributes (off < 0) or all cached data, not a range
+            return functools.partial(pyfuse3.invalidate_inode, local, attr_only=out.off < 0)
+        if code == abi.NotifyCode.INVAL_ENTRY:
+            out = need("fuse_notify_inval_entry_out")
+            parent = self.inodes.local_of(out.parent)
+            name = name_at(abi.sizeof("fuse_notify_inval_entry_out"), out.namelen)
+            if parent is None:
+                return None
+            # FUSE_EXPIRE_ONLY cannot be asked of pyfuse3: the entry is dropped instead
+            return functools.partial(pyfuse3.invalidate_entry, parent, name)
+        if code == abi.NotifyCode.DELETE:
+            out = need("fuse_notify_delete_out")
+            parent = self.inodes.local_of(out.parent)
+            child = self.inodes.local_of(out.child)
+            name = name_at(abi.sizeof("fuse_notify_delete_out"), out.namelen)
+            if parent is None:
+                return None
+            if child is None:
+                return functools.partial(pyfuse3.invalidate_entry, parent, name)
+            return functools.partial(pyfuse3.invalidate_entry, parent, name, deleted=child)
+        if code == abi.NotifyCode.STORE:
+            out = need("fuse_notify_store_out")
+            start = abi.sizeof("fuse_notify_store_out")
+            if len(payload) < start + out.size:
+                raise ValueError(f"STORE of {out.size} bytes carries {len(payload) - start}")
+            local = self.inodes.local_of(out.nodeid)
+            if local is None:
+                return None
+            return functools.partial(pyfuse3.notify_store, local, out.offset,
+                                     payload[start:start + out.size])
+        log.info("device notification %d has no pyfuse3 equivalent: not forwarded", code)
+        return None
+
+    async def notification_worker(self) -> None:
+        send, receive = trio.open_memory_channel(float("inf"))
+        self._notify_send = send
+        try:
+            async with receive:
+                async for action in receive:
+                    try:
+                        # abandoned at shutdown: the kernel may wait in it forever
+                        await trio.to_thread.run_sync(action, abandon_on_cancel=True)
+                    except OSError as exc:  # e.g. ENOENT: the kernel dropped it already
+                        log.debug("notification not applied: %s", exc)
+        finally:
+            self._notify_send = None
 
     # -- helpers ------------------------------------------------------------------------
     def _new_handle(self, local: int, nodeid: int, fh: int) -> int:
@@ -743,9 +829,11 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as exc:  # libfuse printed why (mount point, options) on stderr
         raise FrontendError(f"pyfuse3 could not mount {mountpoint}: {exc}") from exc
+    previous_on_notify, fs.on_notify = fs.on_notify, ops.on_notify
     try:
         trio.run(_main, ops, ready)
     finally:
+        fs.on_notify = previous_on_notify
         try:
             pyfuse3.close(unmount=True)
         finally:
@@ -760,6 +848,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
 
 async def _main(ops: DeviceOperations, ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.notification_worker)
         nursery.start_soon(_pump_then_stop, ops.dev)
         if threading.current_thread() is threading.main_thread():
             nursery.start_soon(_signals)
