@@ -19,6 +19,7 @@ as the proposal's virtiofsd did.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -57,6 +58,7 @@ SUPPORTED_FLAGS = (
     | InitFlag.INIT_EXT
 )
 COPY_CHUNK = 1 << 30
+MAX_EARLY_INTERRUPTS = 64
 U32_MAX = 0xFFFFFFFF
 
 Reply = bytes | None
@@ -141,6 +143,9 @@ class FuseServer:
         self.inodes: InodeTable | None = None
         self.minor = 0
         self.flags = 0
+        # INTERRUPTs that found nothing to cancel: hiprio may be read before the
+        # request queue holding the SETLKW they are about (bounded, oldest dropped)
+        self._early_interrupts: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._ops: dict[int, Callable[[Any, bytes], Any]] = {
             Opcode.LOOKUP: self.lookup,
             Opcode.FORGET: self.forget,
@@ -698,6 +703,9 @@ class FuseServer:
 
     def setlkw(self, hdr: Any, body: bytes) -> bytes | _Wait:
         handle, want, flock = self._lock_request(body)
+        if hdr.unique in self._early_interrupts:
+            del self._early_interrupts[hdr.unique]
+            raise OSError(errno.EINTR, "interrupted before it was read")
         if self.notify_lock is None:
             err = self.locks.set(handle.node.key, want, flock)
             if err == -errno.EAGAIN:
@@ -718,7 +726,10 @@ class FuseServer:
     def interrupt(self, hdr: Any, body: bytes) -> _NoReply:
         arg = abi.unpack("fuse_interrupt_in", body)
         # Only a waiting SETLKW can be interrupted: everything else is served inline.
-        self.locks.cancel(self.session, arg.unique)
+        if not self.locks.cancel(self.session, arg.unique):
+            self._early_interrupts[arg.unique] = None
+            if len(self._early_interrupts) > MAX_EARLY_INTERRUPTS:
+                self._early_interrupts.popitem(last=False)
         return NO_REPLY
 
 
