@@ -34,12 +34,15 @@ class Virtiofsd:
         self.socket_path = socket_path
         cmd = [find_virtiofsd(), f"--socket-path={socket_path}", "-o", f"source={source}",
                "-o", "cache=auto", "-o", "xattr", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        # a file, not a pipe: nobody drains a pipe while we run, and a full one stalls it
+        self.log_path = socket_path.with_suffix(".log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                         start_new_session=True)
         deadline = time.monotonic() + 10
         while not socket_path.exists():
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                err = self.log_path.read_text(errors="replace")
                 raise VfsdrvError(f"virtiofsd exited at start: {err.strip()[-1000:]}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -54,8 +57,6 @@ class Virtiofsd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
     def __enter__(self) -> Virtiofsd:
         return self

@@ -17,7 +17,7 @@ from ..errors import VfsdrvError
 COMMAND_MODULES = [
     "mount",
     "demo",
-    # "bench",
+    "bench",
 ]
 
 

@@ -374,6 +374,8 @@ class VirtioFs:
                 handled += self._process_notifications()
             for qs in [self.hiprio, *self.request_queues]:
                 vq = qs.vq
+                if vq.idle and not vq.has_used():
+                    continue
                 while True:
                     used = vq.get_used()
                     for slot, length in used:

@@ -50,11 +50,15 @@ class VirtioDevice:
         return bool(self.transport.get_status() & Status.DEVICE_NEEDS_RESET)
 
     # -- initialization -------------------------------------------------------------
-    def negotiate(self, device_features: int = 0, *, reset_timeout: float = 5.0) -> int:
+    def negotiate(
+        self, device_features: int = 0, *, ring_features: int = CORE_FEATURES,
+        reset_timeout: float = 5.0,
+    ) -> int:
         """Steps 1-6: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (re-read).
 
         `device_features` are the device-type bits (0-23) the caller understands
-        and wants. Returns the negotiated feature set."""
+        and wants; `ring_features` the subset of CORE_FEATURES to offer to accept.
+        Returns the negotiated feature set."""
         t = self.transport
         t.reset(reset_timeout)
         self.status = 0
@@ -68,7 +72,9 @@ class VirtioDevice:
                     "are not supported"
                 )
             # Accept only what we understand and the device offered (checklist 5, 7).
-            wanted = (device_features & DEVICE_FEATURE_MASK) | CORE_FEATURES
+            wanted = (device_features & DEVICE_FEATURE_MASK) | (
+                ring_features & CORE_FEATURES
+            ) | Feature.VERSION_1
             accept = self.offered & wanted
             accept |= t.transport_features(self.offered) & self.offered
             log.info(

@@ -206,6 +206,8 @@ class Virtqueue:
         """Every newly used chain as (token, bytes written by the device)."""
         idx = self.used_idx()
         pending = (idx - self.last_used) & 0xFFFF
+        if pending == 0:
+            return []
         if pending > self.size - self.num_free:
             raise RingError(
                 f"queue {self.index}: used index {idx} is {pending} ahead of {self.last_used}, "
@@ -246,6 +248,11 @@ class Virtqueue:
     @property
     def in_flight(self) -> int:
         return sum(1 for c in self._chains if c is not None)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: no used entry can legitimately appear."""
+        return self.num_free == self.size
 
     # -- used-buffer notification suppression -----------------------------------------
     def _set_used_event(self, value: int) -> None:
