@@ -655,8 +655,11 @@ def test_inode_map_counts_and_forgets() -> None:
     assert m.nodeid(1) == 1
     a = m.add(10, 5000)
     assert a == 5000 and m.add(10, 5000) == 5000 and m.count(5000) == 2
-    assert m.forget(5000, 1) == 10 and m.count(5000) == 1
-    assert m.forget(5000, 1) == 10 and m.local_of(10) is None
+    assert m.forget(5000, 1) == (10, 1) and m.count(5000) == 1
+    assert m.forget(5000, 1) == (10, 1) and m.local_of(10) is None
+    assert m.forget(5000, 1) is None  # already gone: nothing reaches the device
+    m.add(10, 5000)
+    assert m.forget(5000, 3) == (10, 1)  # never more than the device counted
     with pytest.raises(pyfuse3.FUSEError):
         m.nodeid(5000)
     assert m.forget(1, 1) is None and m.nodeid(1) == 1  # the root is never dropped

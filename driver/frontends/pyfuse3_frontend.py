@@ -6,8 +6,12 @@ method; the method sends the matching FUSE request to the device and turns the
 reply back into pyfuse3's types. Unlike the relay (which forwards raw FUSE bytes)
 this goes through typed operations, so it only offers what pyfuse3 offers: no
 POSIX/flock locks (the kernel then keeps locks local to this machine), no ioctl,
-fallocate, lseek(SEEK_DATA/HOLE), copy_file_range, no xattr flags. See
-docs/frontends.rst.
+fallocate, lseek(SEEK_DATA/HOLE), copy_file_range, tmpfile; setxattr's
+CREATE/REPLACE flags emulated by pyfuse3. See docs/frontends.rst.
+
+Device notifications INVAL_INODE, INVAL_ENTRY, DELETE and STORE are passed to the
+kernel with pyfuse3's invalidate/store calls, from a worker thread (the kernel
+may wait in them for a request this loop has to answer); the others are dropped.
 
 Concurrency design. pyfuse3 runs on trio and starts several worker tasks, each
 awaiting one handler. The typed `FuseClient` is synchronous (`Pending.result()`
@@ -143,21 +147,22 @@ class InodeMap:
         self._next_fresh += 1
         return local
 
-    def forget(self, local: int, n: int) -> int | None:
-        """The kernel dropped `n` references; the device nodeid to forward them to."""
+    def forget(self, local: int, n: int) -> tuple[int, int] | None:
+        """The kernel dropped `n` references: (device nodeid, references to forget
+        there), never more than were counted, or None (root, unknown)."""
         nodeid = self._to_dev.get(local)
         if nodeid is None or nodeid == ROOT_ID:
             return None
-        left = self._count.get(local, 0) - n
-        if left < 0:
-            log.warning("kernel forgot inode %d %d times more than it looked it up",
-                        local, -left)
-        if left <= 0:
+        have = self._count.get(local, 0)
+        if n > have:
+            log.warning("kernel forgot inode %d %d times, it had %d lookups", local, n, have)
+            n = have
+        if have - n <= 0:
             del self._to_dev[local], self._to_local[nodeid]
             self._count.pop(local, None)
         else:
-            self._count[local] = left
-        return nodeid
+            self._count[local] = have - n
+        return (nodeid, n) if n else None
 
 
 @dataclass
@@ -473,9 +478,9 @@ class DeviceOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         items = []
         for local, n in inode_list:
-            nodeid = self.inodes.forget(local, n)
-            if nodeid is not None:
-                items.append((nodeid, n))
+            item = self.inodes.forget(local, n)
+            if item is not None:
+                items.append(item)
         if items:
             try:
                 await self._forget_on_device(items)
