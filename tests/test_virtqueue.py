@@ -16,7 +16,7 @@ from vfsdrv.virtio.memory import Arena, DmaBuffer
 from vfsdrv.virtio.virtqueue import INDIRECT_TABLE_ENTRIES, QueueFull, Virtqueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakes.ring_device import Chain, RingDevice, vring_need_event  # noqa: E402
+from fakes.ring_device import Chain, DriverBug, RingDevice, vring_need_event  # noqa: E402
 from fakes.transport import identity_arena  # noqa: E402
 
 
@@ -264,16 +264,17 @@ def test_indirect_table_is_rewritten_when_its_head_is_reused() -> None:
 
 
 # -- wraparound and free list ------------------------------------------------------------------
-@pytest.mark.parametrize("size,indirect,event_idx", [(8, False, False), (4, True, True)])
+@pytest.mark.parametrize("size,indirect,event_idx", [(8, False, False), (8, True, True)])
 def test_indices_wrap_around_after_65536_requests(
     size: int, indirect: bool, event_idx: bool
 ) -> None:
     rig = Rig(size, indirect=indirect, event_idx=event_idx)
     vq, dev = rig.vq, rig.dev
-    # direct: 2 descriptors a chain; indirect: 3 segments in one ring descriptor
-    segs_r = [rig.seg(0, 8), rig.seg(8, 8)] if indirect else [rig.seg(0, 8)]
+    # direct: one writable descriptor a chain; indirect: three segments behind one
+    # ring descriptor. Either way each batch fills the whole queue.
+    segs_r = [rig.seg(0, 8), rig.seg(8, 8)] if indirect else []
     segs_w = [rig.seg(64, 8)]
-    per_batch = size if indirect else size // 2
+    per_batch = size
     total = 65536 + 3 * size + 1
     sent = got = 0
     while got < total:
@@ -281,11 +282,14 @@ def test_indices_wrap_around_after_65536_requests(
         for _ in range(batch):
             vq.add(segs_r, segs_w, sent)
             sent += 1
-        vq.publish()
+        # the device consumed everything and (EVENT_IDX) asked for the next index:
+        # every batch must kick and interrupt, also across the 16-bit wrap
+        assert vq.publish() is True
         chains = dev.pop_all()
         assert len(chains) == batch
         for c in reversed(chains):  # out of order
             dev.complete(c, b"\x01\x02\x03")
+        assert dev.should_interrupt() is True
         used = vq.get_used()
         assert [t for t, _ in used] == list(range(got + batch - 1, got - 1, -1))
         assert all(n == 3 for _, n in used)
@@ -636,3 +640,29 @@ def test_bad_entry_after_good_ones_in_one_batch_loses_no_completion() -> None:
     rig.dev.complete(b, b"ok")
     assert sorted(rig.vq.get_used()) == [("a", 2), ("b", 2)]
     rig.fill_check()
+
+
+# -- the fake device's own checks (so the tests above can fail) ---------------------------------
+def test_fake_device_catches_a_descriptor_handed_out_twice() -> None:
+    rig = Rig(4)
+    head = rig.add_simple("a", 1, 0)
+    rig.roundtrip()
+    # a broken driver publishing the same head again while the device owns it
+    avail = rig.dev.avail_off
+    slot = avail + 4 + 2 * (rig.dev.last_avail % 4)
+    rig.arena.view[slot : slot + 2] = head.to_bytes(2, "little")
+    rig.arena.view[avail + 2 : avail + 4] = (rig.dev.last_avail + 1).to_bytes(2, "little")
+    with pytest.raises(DriverBug, match="reuses descriptors"):
+        rig.dev.pop_all()
+
+
+def test_fake_device_catches_readable_after_writable() -> None:
+    rig = Rig(4)
+    head = rig.vq.add([], [rig.seg(0, 8), rig.seg(8, 8)], "w")
+    second = rig.dev.desc(head)[3]
+    addr, length, flags, nxt = rig.dev.desc(second)
+    rl.DESC.pack_into(rig.arena.view, rig.dev.desc_off + 16 * second, addr, length,
+                      flags & ~rl.VRING_DESC_F_WRITE, nxt)
+    rig.vq.publish()
+    with pytest.raises(DriverBug, match="readable descriptor after a writable"):
+        rig.dev.pop_all()
