@@ -57,9 +57,12 @@ class Mount:
         assert ready and os.read(self.ack_fd, 1) == b"A"
 
 
-def connect_virtiofsd(sock: Path, **fs_options) -> VirtioFs:
-    """As tests/conftest.py does (not imported: tests/mount has a conftest too)."""
-    transport = VhostUserTransport(str(sock), config=encode_config("myfs", 1), num_queues=2)
+def connect_virtiofsd(sock: Path, *, own_config: bool = True, **fs_options) -> VirtioFs:
+    """As tests/conftest.py does (not imported: tests/mount has a conftest too).
+    virtiofsd 7.2 has no config space: tag and queue count come from us
+    (`own_config`); the reference device has one."""
+    transport = (VhostUserTransport(str(sock), config=encode_config("myfs", 1), num_queues=2)
+                 if own_config else VhostUserTransport(str(sock)))
     try:
         return VirtioFs(transport, **fs_options).start()
     except BaseException:
@@ -68,10 +71,10 @@ def connect_virtiofsd(sock: Path, **fs_options) -> VirtioFs:
 
 
 def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[str],
-                 inject_fd: int, ack_fd: int) -> None:
+                 inject_fd: int, ack_fd: int, own_config: bool) -> None:
     from vfsdrv.frontends import pyfuse3_frontend as frontend
 
-    dev = connect_virtiofsd(Path(sock), poll=poll)
+    dev = connect_virtiofsd(Path(sock), poll=poll, own_config=own_config)
     ops: list[frontend.DeviceOperations] = []
     real_init = frontend.DeviceOperations.__init__
 
@@ -123,16 +126,48 @@ def _unmount(path: Path) -> None:
 
 
 @contextmanager
+def refdev(source: Path, sock: Path) -> Iterator[subprocess.Popen]:
+    """The project's reference device (`python -m vfsdrv.refdev`) serving `source`."""
+    cmd = [sys.executable, "-m", "vfsdrv.refdev", "--socket", str(sock),
+           "--source", str(source), "--tag", "refdev"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"refdev exited: {proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "refdev did not create its socket"
+            time.sleep(0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@contextmanager
 def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
-           vfsd_args: tuple[str, ...] = (), options: tuple[str, ...] = ()) -> Iterator[Mount]:
-    """virtiofsd on `export`, mounted on `mnt` by a forked child running serve()."""
-    with virtiofsd(export, sock, *vfsd_args) as backend:
+           vfsd_args: tuple[str, ...] = (), options: tuple[str, ...] = (),
+           backend_name: str = "virtiofsd") -> Iterator[Mount]:
+    """virtiofsd (or the reference device) on `export`, mounted on `mnt` by a
+    forked child running serve()."""
+    start = (lambda: virtiofsd(export, sock, *vfsd_args)) if backend_name == "virtiofsd" \
+        else (lambda: refdev(export, sock))
+    with start() as backend:
         r, w = os.pipe()
         inject_r, inject_w = os.pipe()
         ack_r, ack_w = os.pipe()
         proc = multiprocessing.get_context("fork").Process(
             target=_serve_child,
-            args=(str(sock), str(mnt), w, poll, list(options), inject_r, ack_w))
+            args=(str(sock), str(mnt), w, poll, list(options), inject_r, ack_w,
+                  backend_name == "virtiofsd"))
         proc.start()
         for fd in (w, inject_r, ack_w):
             os.close(fd)
@@ -647,6 +682,38 @@ def test_forgets_reach_the_device(mount: Mount) -> None:
         time.sleep(0.2)
     for i in range(0, 300, 7):  # and the names still resolve afterwards
         assert (mount.path / f"f{i}").read_text() == str(i)
+
+
+# -- the project's reference device ---------------------------------------------------------
+def test_programs_over_the_reference_device(tmp_path: Path, export_dir: Path) -> None:
+    """The same frontend over a second real device: vfsdrv's reference device
+    (config space with its own tag, notification queue offered)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = export_dir / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha\n" * 500)
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    with served(export_dir, mnt, tmp_path / "refdev.sock", backend_name="refdev"):
+        line = next(x for x in Path("/proc/self/mounts").read_text().splitlines()
+                    if x.split()[1] == str(mnt))
+        assert line.split()[0] == "refdev"
+        run("cp", "-a", str(mnt / "tree"), str(mnt / "copy"))
+        run("diff", "-r", str(tree), str(export_dir / "copy"))
+        run("mv", str(mnt / "copy" / "a.txt"), str(mnt / "copy" / "moved.txt"))
+        run("ln", "-s", "moved.txt", str(mnt / "copy" / "link"))
+        run("ln", str(mnt / "copy" / "moved.txt"), str(mnt / "copy" / "hard"))
+        assert (export_dir / "copy" / "link").read_text() == "alpha\n" * 500
+        assert os.stat(mnt / "copy" / "hard").st_nlink == 2
+        run("truncate", "-s", "10", str(mnt / "copy" / "moved.txt"))
+        assert (export_dir / "copy" / "moved.txt").read_text() == "alpha\nalph"
+        host = sorted(run("find", ".", cwd=export_dir).splitlines())
+        assert sorted(run("find", ".", cwd=mnt).splitlines()) == host
+        archive = tmp_path / "t.tar"
+        run("tar", "-cf", str(archive), "-C", str(mnt), "tree")
+        run("tar", "-xf", str(archive), "-C", str(mnt / "copy"))
+        run("diff", "-r", str(tree), str(export_dir / "copy" / "tree"))
+        assert os.statvfs(mnt).f_blocks == os.statvfs(export_dir).f_blocks
 
 
 # -- the inode map alone -------------------------------------------------------------------------
