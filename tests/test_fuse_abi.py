@@ -225,12 +225,6 @@ def test_pack_into() -> None:
     assert buf[8:10] == b"\x22\x11" and buf[:8] == bytes(8) and buf[16:] == bytes(48)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: abi.py pack_into(buf, offset, struct, **fields) names its own parameter "
-    "`offset`, so a struct field called offset (read_in, write_in, lseek_*, notify_store_out, "
-    "...) cannot be given: TypeError 'multiple values for argument offset'",
-)
 def test_pack_into_a_struct_with_a_field_named_offset() -> None:
     buf = bytearray(48)
     n = abi.pack_into(buf, 8, "fuse_read_in", fh=1, offset=0x1122, size=4096)

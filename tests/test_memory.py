@@ -111,11 +111,6 @@ def test_alignment_must_be_a_power_of_two(align: int) -> None:
     assert arena.bytes_free == SIZE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: memory.py Arena.alloc accepts align=0 (0 & -1 == 0) and then computes "
-    "aligned = (start - 1) & ~(-1) == 0, handing out offset 0 again",
-)
 def test_alignment_zero_is_refused() -> None:
     arena = make_arena()
     first = arena.alloc(64)

@@ -152,12 +152,6 @@ def test_queue_setup_error_sets_failed(step: str) -> None:
     assert_only_adds_bits(t)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: device.py setup_queue creates the Virtqueue (ring memory from the DMA pool) "
-    "before t.setup_queue/t.enable_queue; when those fail the queue is neither closed nor kept "
-    "in self.queues, so close() never frees it and the arena leaks its rings",
-)
 def test_failed_queue_setup_does_not_leak_ring_memory() -> None:
     t = FakeTransport()
     dev = VirtioDevice(t)

@@ -603,12 +603,6 @@ def test_used_idx_running_ahead_of_what_is_in_flight(jump: int) -> None:
     _repair_and_finish(rig, chains, n_bad=jump + 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: virtqueue.py get_used bounds the used-index jump by descriptors in flight "
-    "(size - num_free), not chains in flight, so a jump within that slack consumes a "
-    "stale ring slot and completes a chain the device never returned",
-)
 def test_used_idx_ahead_of_the_chains_in_flight_completes_nothing() -> None:
     rig = Rig(8)
     rig.add_simple("a", 2, 1)  # one chain, three descriptors, head 0
@@ -623,12 +617,6 @@ def test_used_idx_ahead_of_the_chains_in_flight_completes_nothing() -> None:
     assert rig.vq.get_used() == [("a", 2)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: virtqueue.py get_used completes the good entries before a bad one in the "
-    "same batch (frees their descriptors, advances last_used), then raises and drops "
-    "their tokens: those completions are lost",
-)
 def test_bad_entry_after_good_ones_in_one_batch_loses_no_completion() -> None:
     rig, (a, b) = _rig_with_inflight()
     rig.dev.complete(a, b"ok")

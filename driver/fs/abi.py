@@ -298,13 +298,13 @@ def sizeof(struct: str) -> int:
     return ffi.sizeof(f"struct {struct}")
 
 
-def new(struct: str, **fields: Any) -> Any:
+def new(struct: str, /, **fields: Any) -> Any:
     """A zeroed struct (owned by Python) with the given fields set (nested structs
     as dicts)."""
     return ffi.new(f"struct {struct} *", fields)
 
 
-def pack(struct: str, **fields: Any) -> bytes:
+def pack(struct: str, /, **fields: Any) -> bytes:
     """The wire bytes of a struct with the given fields (others zero)."""
     return bytes(ffi.buffer(new(struct, **fields)))
 
@@ -321,7 +321,9 @@ def unpack(struct: str, data: bytes | bytearray | memoryview, offset: int = 0) -
     return obj
 
 
-def pack_into(buf: memoryview | bytearray, offset: int, struct: str, **fields: Any) -> int:
+def pack_into(
+    buf: memoryview | bytearray, offset: int, struct: str, /, **fields: Any
+) -> int:
     """Write a struct into `buf` at `offset`; returns the number of bytes written."""
     data = pack(struct, **fields)
     buf[offset : offset + len(data)] = data

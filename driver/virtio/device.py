@@ -114,6 +114,7 @@ class VirtioDevice:
     def setup_queue(self, index: int, max_size: int = 256) -> Virtqueue:
         """Step 7 for one queue: size, memory, addresses, enable."""
         t = self.transport
+        vq = None
         try:
             device_max = t.queue_max_size(index)
             if device_max == 0:
@@ -130,6 +131,8 @@ class VirtioDevice:
             t.setup_queue(index, size, vq.addresses)
             t.enable_queue(index)
         except Exception:
+            if vq is not None:
+                vq.close()  # give the ring memory back
             self.fail()
             raise
         self.queues[index] = vq

@@ -91,7 +91,7 @@ class Arena:
     def alloc(self, size: int, align: int = 64) -> DmaBuffer:
         if size <= 0:
             raise DmaError(f"bad allocation size {size}")
-        if align & (align - 1):
+        if align <= 0 or align & (align - 1):
             raise DmaError(f"alignment {align} is not a power of two")
         for start in self._free_starts:
             length = self._free_len[start]

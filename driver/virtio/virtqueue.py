@@ -87,6 +87,7 @@ class Virtqueue:
         self.free_head = 0
         self.num_free = size
         self._chains: list[_Chain | None] = [None] * size
+        self.in_flight = 0
         self._indirect_tables: dict[int, DmaBuffer] = {}
         self.avail_idx = 0  # next avail->idx to publish (free-running, 16-bit)
         self._published = 0  # avail->idx the device has been shown
@@ -160,6 +161,7 @@ class Virtqueue:
             self.free_head = d
         self.num_free -= needed
         self._chains[head] = chain
+        self.in_flight += 1
         slot = self.avail_idx % self.size
         self._avail_view[rl.AVAIL_RING + 2 * slot : rl.AVAIL_RING + 2 * slot + 2] = head.to_bytes(
             2, "little"
@@ -203,39 +205,53 @@ class Virtqueue:
         return self.used_idx() != self.last_used
 
     def get_used(self) -> list[tuple[Any, int]]:
-        """Every newly used chain as (token, bytes written by the device)."""
+        """Every newly used chain as (token, bytes written by the device).
+
+        The whole batch is validated before anything is completed, so a bad entry
+        leaves the queue exactly as it was (no completion lost, none duplicated)."""
         idx = self.used_idx()
         pending = (idx - self.last_used) & 0xFFFF
         if pending == 0:
             return []
-        if pending > self.size - self.num_free:
+        if pending > self.in_flight:
             raise RingError(
                 f"queue {self.index}: used index {idx} is {pending} ahead of {self.last_used}, "
-                f"but only {self.size - self.num_free} descriptors are in flight"
+                f"but only {self.in_flight} chains are in flight"
             )
-        out: list[tuple[Any, int]] = []
         view = self._used_view
+        entries = []
+        seen: set[int] = set()
+        pos = self.last_used
         for _ in range(pending):
-            off = rl.USED_RING + 8 * (self.last_used % self.size)
+            off = rl.USED_RING + 8 * (pos % self.size)
             head, length = rl.USED_ELEM.unpack_from(view, off)
-            out.append((self._complete(head, length), length))
-            self.last_used = (self.last_used + 1) & 0xFFFF
+            self._check_used(head, length, seen)
+            seen.add(head)
+            entries.append((head, length))
+            pos = (pos + 1) & 0xFFFF
+        out = [(self._complete(head, length), length) for head, length in entries]
+        self.last_used = pos
         if self.event_idx and self.interrupts_enabled:
             self._set_used_event(self.last_used)
         return out
 
-    def _complete(self, head: int, length: int) -> Any:
+    def _check_used(self, head: int, length: int, seen: set[int]) -> None:
         if head >= self.size:
             raise RingError(f"queue {self.index}: used id {head} out of range (size {self.size})")
         chain = self._chains[head]
-        if chain is None:
+        if chain is None or head in seen:
             raise RingError(f"queue {self.index}: used id {head} is not in flight")
         if length > chain.writable:
             raise RingError(
                 f"queue {self.index}: used length {length} exceeds the {chain.writable} "
                 f"device-writable bytes of chain {head}"
             )
+
+    def _complete(self, head: int, length: int) -> Any:
+        chain = self._chains[head]
+        assert chain is not None  # checked by _check_used
         self._chains[head] = None
+        self.in_flight -= 1
         # return the chain's descriptors to the free list, in order
         descs = chain.descs
         for a, b in zip(descs, descs[1:], strict=False):
@@ -244,10 +260,6 @@ class Virtqueue:
         self.free_head = descs[0]
         self.num_free += len(descs)
         return chain.token
-
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for c in self._chains if c is not None)
 
     @property
     def idle(self) -> bool:
