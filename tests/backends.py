@@ -52,3 +52,18 @@ def virtiofsd(source: Path, sock: Path, *extra: str) -> Iterator[subprocess.Pope
                 proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def connect_virtiofsd(sock: Path, **fs_options):
+    """Bring the driver up on a virtiofsd socket. virtiofsd 7.2 has no config
+    space: the tag and queue count come from us, as QEMU's device model does."""
+    from vfsdrv.fs.config import encode_config
+    from vfsdrv.fs.device import VirtioFs
+    from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+    transport = VhostUserTransport(str(sock), config=encode_config("myfs", 1), num_queues=2)
+    try:
+        return VirtioFs(transport, **fs_options).start()
+    except BaseException:
+        transport.close()
+        raise

@@ -245,7 +245,7 @@ def test_backend_killed_mid_request_gives_clear_error(virtiofsd_socket: Path,
                                                      export_dir: Path) -> None:
     import subprocess
 
-    from conftest import connect_virtiofsd
+    from backends import connect_virtiofsd
     from vfsdrv.errors import DeviceGoneError
 
     fs = connect_virtiofsd(virtiofsd_socket)
