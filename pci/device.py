@@ -374,6 +374,7 @@ class VfioPciDevice(PciFunction):
                     pass
                 os.close(self._req_fd)
                 self._req_fd = None
+        self.unmapped = True  # MmioWindows of this device refuse access from now on
         for addr, length in self._maps:
             libc.munmap(ffi.cast("void *", addr), length)
         self._maps.clear()

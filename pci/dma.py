@@ -18,6 +18,7 @@ mapped (and so pinned, possibly migrating pages once) before pagemap is read.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import struct
 from typing import Any
@@ -27,6 +28,8 @@ from .container import IommuContext
 from .errors import DmaError
 from .function import DmaMemoryLike
 from .vfio import ffi, libc
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
@@ -150,6 +153,13 @@ class DmaMemory(DmaMemoryLike):
         self._runs = contiguous_runs(physical_addresses(self.addr, self.size))
         if self.ctx is not None:
             self._map_identity()
+        elif not self.hugepages:
+            log.warning(
+                "DMA memory on 4 KiB pages without an IOMMU: locked pages can still be migrated "
+                "by memory compaction, changing their physical addresses under the device; "
+                "reserve huge pages (sysctl vm.nr_hugepages) or set "
+                "vm.compact_unevictable_allowed=0"
+            )
 
     def _pick_iova_base(self) -> int | None:
         """The top of the highest IOVA range that fits (far above RAM, so it cannot collide

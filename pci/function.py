@@ -120,10 +120,17 @@ class MmioWindow(RegisterWindow):
             4: lib.vfsdrv_mmio_write32,
         }
 
+    def _alive(self) -> None:
+        # an access through a closed device's mapping would fault (SIGSEGV), not raise
+        if getattr(self._keep, "unmapped", False):
+            raise PciError(f"{self.name}: register access after the device was closed")
+
     def _read(self, off: int, width: int) -> int:
+        self._alive()
         return int(self._rd[width](self._ptr + off))
 
     def _write(self, off: int, width: int, value: int) -> None:
+        self._alive()
         self._wr[width](self._ptr + off, value)
 
 

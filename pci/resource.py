@@ -92,6 +92,7 @@ class SysfsFunction(PciFunction):
     def close(self) -> None:
         from .._native import ffi
 
+        self.unmapped = True
         for m, ptr in self._maps.values():
             ffi.release(ptr)
             m.close()

@@ -12,7 +12,7 @@ import pytest
 from test_pci_transport import make_function, standard_caps, vcap
 from vfsdrv.errors import CapabilityError, ConfigError, TransportError
 from vfsdrv.pci.emulated import EmulatedFunction
-from vfsdrv.pci.errors import BadAddressError, BarError
+from vfsdrv.pci.errors import BadAddressError, BarError, PciError
 from vfsdrv.pci.resource import SysfsFunction
 from vfsdrv.pci.sysfs import Sysfs
 from vfsdrv.virtio import pci as vp
@@ -132,6 +132,9 @@ def test_sysfs_function_windows_are_read_only(tmp_path: Path) -> None:
             w.write8(0, 1)
         with pytest.raises(BarError, match="outside BAR0"):
             f.bar_window(0, 0, 4, "x")
+    # the mapping is gone: an access raises instead of faulting
+    with pytest.raises(PciError, match="after the device was closed"):
+        w.read32(0)
 
 
 def test_kernel_busy_check_through_fake_sysfs(tmp_path: Path) -> None:
