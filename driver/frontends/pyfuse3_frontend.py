@@ -292,6 +292,9 @@ def _fuse_errors(fn: F) -> F:
             raise
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except VfsdrvError as exc:  # the device broke or went away
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.ENOTCONN) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
