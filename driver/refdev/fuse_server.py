@@ -202,7 +202,8 @@ class FuseServer:
             result = self._dispatch(hdr, body, reply_room)
         except OSError as exc:
             return self._error(hdr.unique, exc.errno or errno.EIO)
-        except (ProtocolError, ValueError) as exc:
+        except (ProtocolError, ValueError, OverflowError) as exc:
+            # OverflowError: a u32 field (flags, mode) too large for the host call
             log.warning("session %d: malformed opcode %d: %s", self.session, hdr.opcode, exc)
             return self._error(hdr.unique, errno.EINVAL)
         except Exception:
