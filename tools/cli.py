@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mount",
     "demo",
     "bench",
+    "refdev",
 ]
 
 
@@ -37,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # a command may hand its arguments to a parser of its own (refdev does)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="vfsdrv: %(levelname)s: %(name)s: %(message)s")
     try:
