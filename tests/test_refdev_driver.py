@@ -477,3 +477,17 @@ def test_blocking_locks_give_mutual_exclusion_across_concurrent_frontends(
     assert not errors, errors
     assert (export_dir / "counter").read_text() == str(3 * rounds)
     assert sum(c.fs.stats["lock_notifications"] for c in clients) > 0  # some really waited
+
+
+def test_notify_lock_code_is_configurable(device_factory, connect, export_dir: Path) -> None:
+    (export_dir / "f").write_text("")
+    dev = device_factory(notify_lock_code=42)
+    a, b = connect(dev, notify_lock_code=42), connect(dev, notify_lock_code=42)
+    ea, eb = a.lookup(ROOT_ID, "f"), b.lookup(ROOT_ID, "f")
+    ha, hb = a.open(ea.nodeid, os.O_RDWR), b.open(eb.nodeid, os.O_RDWR)
+    a.setlk(ea.nodeid, ha.fh, 1, whole(F_WRLCK))
+    pending = b.setlkw_async(eb.nodeid, hb.fh, 1, whole(F_RDLCK))
+    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    a.flush(ea.nodeid, ha.fh, lock_owner=1)  # close() by the holder
+    pending.result(WAIT_TIMEOUT)
+    assert b.fs.stats["lock_notifications"] == 1
