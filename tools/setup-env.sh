@@ -10,6 +10,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev pkg-config               # fusermount3; pyfuse3 builds against libfuse3
     qemu-system-x86 busybox-static kmod cpio xz-utils linux-source-6.1 make  # guest tests
     attr                                        # getfattr/setfattr for the mount tests
+    udev                                        # systemd-udevd for the udev auto-binding guest tests
 )
 
 if [ "$(id -u)" -ne 0 ]; then
