@@ -488,3 +488,36 @@ def test_random_messages_leave_the_device_serving(frontends) -> None:
                 os.close(extra)
     assert fe.get_u64(Request.GET_FEATURES)
     still_serving(frontends)
+
+
+def test_two_memory_regions_translate_by_gpa_and_by_frontend_address(frontends) -> None:
+    """Region A holds the rings (reached by frontend address), region B the
+    buffers (reached by GPA, far from A's); both are parts of one memfd here."""
+    half = MEM_SIZE // 2
+    high_gpa, high_user = 1 << 32, USER_BASE + (1 << 30)
+    fe = frontends()
+    fe.get_u64(Request.GET_FEATURES)
+    vu.send_message(fe.sock, Request.SET_PROTOCOL_FEATURES, vu.U64.pack(ProtocolFeature.REPLY_ACK))
+    fe.reply_ack = True
+    assert fe.send(Request.SET_FEATURES, vu.U64.pack(F_VERSION_1))
+    table = vu.MEM_TABLE_HEAD.pack(2, 0) + vu.MEM_REGION.pack(
+        0, half, USER_BASE, 0
+    ) + vu.MEM_REGION.pack(high_gpa, half, high_user, half)
+    assert fe.send(Request.SET_MEM_TABLE, table, (fe.fd, fe.fd))
+    fe.setup_ring(0)
+    req = fe.setup_ring(1)
+    body = abi.pack("fuse_init_in", major=7, minor=38)
+    msg = abi.pack("fuse_in_header", len=40 + len(body), opcode=Opcode.INIT, unique=2) + body
+    a, b = half + 0x1000, half + 0x2000  # offsets in the memfd, inside region B
+    fe.mem[a : a + len(msg)] = msg
+    req.set_desc(0, high_gpa + (a - half), len(msg), rl.VRING_DESC_F_NEXT, 1)
+    req.set_desc(1, high_gpa + (b - half), 4096, rl.VRING_DESC_F_WRITE)
+    req.publish(0)
+    _, length = req.wait_used()
+    out_len, error, unique = fe.out_header(b)
+    assert (error, unique) == (0, 2) and out_len == length == 16 + abi.sizeof("fuse_init_out")
+    # a buffer running past the end of region A is refused (its bytes continue
+    # in the memfd, but not at those GPAs): the queue stops
+    req.set_desc(2, half - 8, 16, 0)
+    req.publish(2)
+    assert req.nothing_used()
