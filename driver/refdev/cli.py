@@ -42,10 +42,10 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    level = logging.DEBUG if args.debug else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # under `vfsdrv refdev` logging is already configured: set our level anyway
+    logging.getLogger("vfsdrv.refdev").setLevel(level)
     try:
         device = RefDevice(
             args.socket,

@@ -210,6 +210,14 @@ class FuseServer:
             # a bug here must cost one request, not the frontend's connection
             log.exception("session %d: opcode %d failed", self.session, hdr.opcode)
             return self._error(hdr.unique, errno.EIO)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "session %d: %s unique %d node %d",
+                self.session,
+                _opname(hdr.opcode),
+                hdr.unique,
+                hdr.nodeid,
+            )
         if result is NO_REPLY:
             return None
         if result is WAIT:
@@ -234,6 +242,7 @@ class FuseServer:
 
     @staticmethod
     def _error(unique: int, err: int) -> bytes:
+        log.debug("  -> unique %d: %s", unique, errno.errorcode.get(err, err))
         return abi.pack("fuse_out_header", len=abi.OUT_HEADER_SIZE, error=-err, unique=unique)
 
     def _dispatch(self, hdr: Any, body: bytes, reply_room: int) -> Any:
@@ -740,3 +749,10 @@ def _time(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[
     if valid & now_bit:
         return (0, host_calls.UTIME_NOW)
     return (sec, nsec)
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"

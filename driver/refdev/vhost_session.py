@@ -221,6 +221,9 @@ class VhostUserSession:
     # -- messages -----------------------------------------------------------------------
     def _serve_message(self) -> None:
         request, flags, payload, fds = vu.recv_message(self.sock)
+        log.debug(
+            "session %d: %s (%d bytes, %d fds)", self.id, _name(request), len(payload), len(fds)
+        )
         handler = self._handlers.get(request)
         reply: bytes | None = None
         ok = True
