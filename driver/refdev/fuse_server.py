@@ -112,15 +112,13 @@ def _attr(st: os.stat_result) -> dict[str, Any]:
 
 
 def _entry(node: Node, st: os.stat_result) -> Any:
-    entry = abi.new(
+    return abi.new(
         "fuse_entry_out",
         nodeid=node.nodeid,
         entry_valid=CACHE_TIMEOUT,
         attr_valid=CACHE_TIMEOUT,
+        attr=_attr(st),
     )
-    for key, value in _attr(st).items():
-        setattr(entry.attr, key, value)
-    return entry
 
 
 def _bytes(obj: Any) -> bytes:
@@ -418,10 +416,7 @@ class FuseServer:
 
     @staticmethod
     def _attr_out(st: os.stat_result) -> Any:
-        out = abi.new("fuse_attr_out", attr_valid=CACHE_TIMEOUT)
-        for key, value in _attr(st).items():
-            setattr(out.attr, key, value)
-        return out
+        return abi.new("fuse_attr_out", attr_valid=CACHE_TIMEOUT, attr=_attr(st))
 
     def setattr(self, hdr: Any, body: bytes) -> Any:
         arg = abi.unpack("fuse_setattr_in", body)
