@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mounted
+from mount_helpers import Mounted
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from backends import virtiofsd
-from conftest import (
+from mount_helpers import (
     FRONTENDS,
     VFSDRV,
     Mounted,

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import FRONTENDS, Mounted, require, serving
+from mount_helpers import FRONTENDS, Mounted, require, serving
 from vfsdrv.frontends.relay import NEVER_OFFERED, RELAY_FLAGS, init_reply_fields
 from vfsdrv.fs.abi import InitFlag
 
@@ -86,8 +86,9 @@ HOLDER = r"""
 import fcntl, os, struct, sys, time
 path, kind = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_RDWR)
-if kind == "posix":
-    fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 100, 0))
+if kind.startswith("posix"):
+    length = 0 if kind == "posix-whole" else 100
+    fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, length, 0))
 else:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 print("locked", flush=True)
@@ -206,3 +207,53 @@ def test_interrupts_of_ordinary_requests_are_ignored(tmp_path: Path) -> None:
     requests = {int(u) for u in re.findall(r"unique (\d+) [A-Z]+ nodeid \d+ ->", log)}
     assert all(int(i) == int(t) | 1 and int(t) in requests for i, t in ignored)
     assert "device gone" not in log
+
+
+LOCK_WAITER = r"""
+import fcntl, os, signal, struct, sys, time
+class Alarm(Exception):
+    pass
+def on_alarm(*_):
+    raise Alarm  # stops Python from retrying the interrupted fcntl (PEP 475)
+if sys.argv[2] == "interrupt":
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+fd = os.open(sys.argv[1], os.O_RDWR)
+t0 = time.monotonic()
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLKW, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    print("granted %.2f" % (time.monotonic() - t0), flush=True)
+except Alarm:
+    print("interrupted %.2f" % (time.monotonic() - t0), flush=True)
+"""
+
+
+def test_blocking_lock_and_its_interrupt_reach_the_device(tmp_path: Path) -> None:
+    """On the reference device (notification queue, blocking locks): a SETLKW waits
+    on the device and is granted when the holder lets go; a signal to a waiter
+    makes the kernel send FUSE_INTERRUPT, which the relay forwards (the SETLKW is
+    pending) and the device answers by ending the wait with EINTR."""
+    with serving(tmp_path, "relay", debug=True, backend="refdev") as m:
+        (m.export / "lk").write_text("locked file")
+        holder = hold(m.mnt / "lk", "posix-whole")
+        try:
+            waiter = subprocess.Popen([sys.executable, "-c", LOCK_WAITER, str(m.mnt / "lk"),
+                                       "wait"], stdout=subprocess.PIPE, text=True)
+            time.sleep(0.7)
+            assert waiter.poll() is None, "SETLKW did not wait for the holder"
+        finally:
+            release(holder)
+        out, _ = waiter.communicate(timeout=10)
+        assert out.startswith("granted") and float(out.split()[1]) >= 0.5, out
+        holder = hold(m.mnt / "lk", "posix-whole")
+        try:
+            r = subprocess.run([sys.executable, "-c", LOCK_WAITER, str(m.mnt / "lk"),
+                                "interrupt"], capture_output=True, text=True, timeout=10)
+            assert r.stdout.startswith("interrupted"), (r.stdout, r.stderr)
+            interrupted = wait_for_log(m, r"unique (\d+) SETLKW nodeid \d+ -> -4 \(EINTR\)")
+            unique = int(interrupted.group(1))
+            wait_for_log(m, rf"unique {unique | 1} INTERRUPT nodeid 0 \(no reply\)")
+        finally:
+            release(holder)
+        granted = re.findall(r"unique \d+ SETLKW nodeid \d+ -> ok", m.log_text())
+        assert len(granted) == 1
