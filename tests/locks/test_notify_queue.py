@@ -1,0 +1,159 @@
+"""The driver's notification queue against the reference device, two frontends
+in this process: a notification that arrives before the reply it completes, an
+empty notification queue for a while (nothing lost), notify_buf_size edges, and a
+device whose notify_buf_size is too small (a clear error, the device FAILED)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vfsdrv.errors import ConfigError
+from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from vfsdrv.fs.device import VirtioFs
+from vfsdrv.refdev import RefDevice
+from vfsdrv.virtio.constants import Status
+from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+
+
+@pytest.fixture
+def make_device(tmp_path: Path) -> Iterator:
+    made: list[RefDevice] = []
+    export = tmp_path / "export"
+    export.mkdir()
+    sockdir = tempfile.mkdtemp(prefix="vfn-", dir="/tmp")
+
+    def make(**options) -> RefDevice:
+        dev = RefDevice(os.path.join(sockdir, f"{len(made)}.sock"), str(export), **options)
+        dev.start()
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        dev.stop()
+
+
+@pytest.fixture
+def attach() -> Iterator:
+    opened: list[VirtioFs] = []
+
+    def attach(dev: RefDevice, **options) -> FuseClient:
+        fs = VirtioFs(VhostUserTransport(dev.socket_path), **options).start()
+        opened.append(fs)
+        fs.init()
+        return FuseClient(fs)
+
+    yield attach
+    for fs in opened:
+        fs.close()
+
+
+def _open(c: FuseClient, name: str) -> tuple[int, int]:
+    try:
+        e = c.lookup(ROOT_ID, name)
+        return e.nodeid, c.open(e.nodeid, os.O_RDWR).fh
+    except FileNotFoundError:
+        e, h = c.create(ROOT_ID, name)
+        return e.nodeid, h.fh
+
+
+def _pump(c: FuseClient, cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        c.fs.wait(0.02)
+
+
+def _wait_used(c: FuseClient, queue_index: int, timeout: float = 5.0) -> None:
+    """Wait until the device has used something on a queue, without processing it."""
+    vq = c.fs.dev.queues[queue_index]
+    deadline = time.monotonic() + timeout
+    while not vq.has_used():
+        assert time.monotonic() < deadline, f"nothing used on queue {queue_index}"
+        time.sleep(0.005)
+
+
+def test_notification_before_its_reply(make_device, attach) -> None:
+    dev = make_device()
+    a, b = attach(dev), attach(dev)
+    na, fa = _open(a, "f")
+    nb, fb = _open(b, "f")
+    a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
+    pending = b.setlkw_async(nb, fb, 7, Lock(0, OFFSET_MAX, F_WRLCK, 0))
+    _wait_used(b, 2)  # the "wait" reply is in B's used ring, not yet seen by B
+    a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
+    _wait_used(b, 1)  # ... and so is the FUSE_NOTIFY_LOCK that completes it
+    # B harvests the notification queue first: the notification precedes its reply
+    pending.result(5)
+    assert b.fs.stats["lock_notify_before_reply"] == 1
+    assert b.fs.lock_waiters == 0
+    with pytest.raises(OSError):
+        a.setlk(na, fa, 1, Lock(0, 0, F_WRLCK, 0))
+
+
+def test_empty_notification_queue_for_a_while_loses_nothing(make_device, attach) -> None:
+    dev = make_device(max_waiting_locks=32)
+    a = attach(dev)
+    b = attach(dev, notify_buffers=1)  # one buffer: every further notification must wait
+    n = 12
+    files = [f"w{i}" for i in range(n)]
+    held = [_open(a, f) for f in files]
+    for nodeid, fh in held:
+        a.setlk(nodeid, fh, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
+    mine = [_open(b, f) for f in files]
+    pend = [b.setlkw_async(nodeid, fh, 2, Lock(0, OFFSET_MAX, F_WRLCK, 0)) for nodeid, fh in mine]
+    _pump(b, lambda: b.fs.lock_waiters == n)
+    for nodeid, fh in held:
+        a.setlk(nodeid, fh, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
+    # B does nothing for a while: its single buffer is used, the rest must be held
+    time.sleep(0.5)
+    assert dev.locks.waiting() == 0  # granted on the device...
+    assert sum(p.done for p in pend) == 0  # ...but not one notification has been seen
+    for p in pend:
+        p.result(5)
+    assert b.fs.stats["lock_notifications"] == n
+    assert b.fs.lock_waiters == 0
+
+
+@pytest.mark.parametrize("size", [32, 33, 64, 4096])
+def test_notify_buf_size_edges(make_device, attach, size: int) -> None:
+    dev = make_device(notify_buf_size=size)
+    a, b = attach(dev), attach(dev)
+    assert b.fs.config.notify_buf_size == size
+    na, fa = _open(a, "e")
+    nb, fb = _open(b, "e")
+    a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
+    pending = b.setlkw_async(nb, fb, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
+    _pump(b, lambda: b.fs.lock_waiters == 1)
+    a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
+    pending.result(5)
+
+
+class SmallNotifyBufTransport(VhostUserTransport):
+    """The real device with one field lied about: notify_buf_size 31 (a hostile device)."""
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        data = bytearray(super().read_config(offset, length))
+        if offset <= 40 < offset + length:
+            data[40 - offset : 44 - offset] = (31).to_bytes(4, "little")
+        return bytes(data)
+
+
+def test_notify_buf_size_too_small_is_a_clear_error(make_device) -> None:
+    dev = make_device()
+    t = SmallNotifyBufTransport(dev.socket_path)
+    fs = VirtioFs(t)
+    try:
+        with pytest.raises(ConfigError, match="notify_buf_size 31 is too small"):
+            fs.start()
+        assert fs.dev.status & Status.FAILED
+        assert not fs.dev.status & Status.DRIVER_OK
+    finally:
+        fs.close()
