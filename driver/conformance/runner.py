@@ -1,0 +1,447 @@
+"""Run the conformance checks against one device.
+
+Order: PCI identity and capabilities (PCI only, no VFIO needed: config space
+through sysfs), reset, offered features, device config, queue layout and sizes;
+then one live session through the driver (`VirtioFs`): FEATURES_OK, bring-up,
+FUSE_INIT, one request on each request queue, a FORGET on hiprio, the
+notification queue; finally reset again. A check whose precondition failed is
+skipped with the reason ("not reached: ..."). Nothing here writes to the
+exported file system: the requests are GETATTR, LOOKUP/READDIR of the root and
+FORGET.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+
+from ..errors import FeatureNegotiationError, VfsdrvError
+from ..fs import abi
+from ..fs.abi import Opcode
+from ..fs.config import (
+    CONFIG_SIZE,
+    CONFIG_SIZE_NO_NOTIFY,
+    MAX_NOTIFY_BUF_SIZE,
+    MAX_REQUEST_QUEUES,
+    MIN_NOTIFY_BUF_SIZE,
+    TAG_SIZE,
+    VIRTIO_FS_F_NOTIFICATION,
+    decode_tag,
+)
+from ..fs.device import HIPRIO_QUEUE, NOTIFY_QUEUE, VirtioFs, _QueueState
+from ..pci.function import PciFunction
+from ..virtio.constants import DEVICE_FEATURE_MASK, Feature, Status, feature_names
+from ..virtio.device import VirtioDevice
+from ..virtio.ring_layout import MAX_QUEUE_SIZE
+from ..virtio.transport import Transport
+from .model import FAIL, PASS, SKIP, Report
+
+log = logging.getLogger(__name__)
+
+FS_FEATURE_NAMES = {0: "VIRTIO_FS_F_NOTIFICATION"}
+INDEX1_DEVIATION = (
+    "request queues start at index 1 without VIRTIO_FS_F_NOTIFICATION; the spec numbers them "
+    "from 2 (queue 1 is the notification queue). QEMU's vhost-user-fs, virtiofsd, crosvm and "
+    "the Linux driver all use index 1 (acknowledged upstream, July 2024); this driver does too"
+)
+
+
+@dataclass
+class CheckOptions:
+    timeout: float = 5.0  # seconds per request and per reset
+    queue_size: int = 64
+    notification: bool = True  # negotiate VIRTIO_FS_F_NOTIFICATION when offered
+    #: the device config was supplied by the user (vhost-user backend without config space)
+    config_supplied: bool = False
+
+
+class _ProbeFs(VirtioFs):
+    """VirtioFs that sends each request on a queue the checker chooses."""
+
+    target: _QueueState | None = None
+
+    def _pick_request_queue(self) -> _QueueState:
+        if self.target is not None:
+            return self.target
+        return super()._pick_request_queue()
+
+    def is_in_flight(self, unique: int) -> bool:
+        return unique in self._in_flight
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+# -- PCI: identity and capabilities ------------------------------------------------------------
+
+
+def check_pci_function(report: Report, fn: PciFunction) -> bool:
+    """Identity, capability layout, device cfg size. Returns False if the function is not
+    usable as a virtio-fs device (the other checks are then pointless)."""
+    from ..virtio import pci as vpci
+
+    vendor, dev = struct.unpack("<HH", fn.config_read(0, 4))
+    ident = f"{vendor:04x}:{dev:04x}"
+    if (vendor, dev) == (vpci.VIRTIO_PCI_VENDOR, vpci.VIRTIO_FS_PCI_DEVICE):
+        report.add("pci.identity", PASS, ident)
+    else:
+        report.add("pci.identity", FAIL, f"{ident} (expected 1af4:105a)")
+        return False
+    try:
+        caps = vpci.parse_capabilities(fn)
+    except VfsdrvError as exc:
+        report.add("pci.capabilities", FAIL, str(exc))
+        return False
+    parts = []
+    for name, region in (("common", caps.common), ("notify", caps.notify), ("isr", caps.isr),
+                         ("device", caps.device)):
+        if region is not None:
+            parts.append(f"{name} BAR{region.bar}+{region.offset:#x}/{region.length:#x}")
+    parts.append(f"notify_off_multiplier {caps.notify_off_multiplier}")
+    if caps.shared_memory:
+        parts.append("shm ids " + ",".join(str(i) for i in sorted(caps.shared_memory)))
+    if caps.ignored:
+        parts.append("ignored: " + "; ".join(caps.ignored))
+    report.add("pci.capabilities", PASS, ", ".join(parts))
+    if caps.device is None:
+        report.add("pci.device_cfg", FAIL, "no device cfg capability: the tag cannot be read")
+        return False
+    length = caps.device.length
+    if length < CONFIG_SIZE_NO_NOTIFY:
+        report.add("pci.device_cfg", FAIL, f"device cfg is {length} bytes (< 40)")
+        return False
+    note = "" if length >= CONFIG_SIZE else " (no room for notify_buf_size)"
+    report.add("pci.device_cfg", PASS, f"{length} bytes{note}")
+    return True
+
+
+# -- the transport-level checks and the live session -------------------------------------------
+
+
+def _time_reset(t: Transport, timeout: float) -> float:
+    start = time.monotonic()
+    t.reset(timeout)
+    return time.monotonic() - start
+
+
+def _is_vhost_user(t: Transport) -> bool:
+    return t.name.startswith("vhost-user:")
+
+
+def run_checks(transport: Transport, report: Report, options: CheckOptions | None = None) -> Report:
+    """Every transport-independent check, then the live session. Closes nothing: the
+    caller owns the transport (but the device is reset at the end)."""
+    opt = options or CheckOptions()
+    t = transport
+    vhost = _is_vhost_user(t)
+
+    # reset ---------------------------------------------------------------------------------
+    reset_note = ""
+    if vhost:
+        reset_ok = True
+        reset_note = "vhost-user: no device status register (reset = rings stopped)"
+    else:
+        try:
+            first_reset = _time_reset(t, opt.timeout)
+            reset_ok = True
+            reset_note = f"status 0 after {_fmt_ms(first_reset)}"
+        except VfsdrvError as exc:
+            report.add("reset", FAIL, str(exc))
+            reset_ok = False
+
+    # features ------------------------------------------------------------------------------
+    offered = t.device_features()
+    names = feature_names(offered, FS_FEATURE_NAMES)
+    if offered & Feature.VERSION_1:
+        report.add("features.version_1", PASS, f"offered: {names}")
+    else:
+        report.add("features.version_1", FAIL, f"VERSION_1 not offered (offered: {names})")
+    undefined = offered & DEVICE_FEATURE_MASK & ~VIRTIO_FS_F_NOTIFICATION
+    notif_offered = bool(offered & VIRTIO_FS_F_NOTIFICATION)
+    report.add(
+        "features.offered", PASS,
+        f"{offered:#x}: VIRTIO_FS_F_NOTIFICATION {'offered' if notif_offered else 'not offered'}",
+        deviation=(f"undefined virtio-fs feature bits offered ({undefined:#x}); the driver "
+                   "ignores them") if undefined else None)
+
+    # config --------------------------------------------------------------------------------
+    dev = VirtioDevice(t)
+    cfg_len = CONFIG_SIZE if notif_offered else CONFIG_SIZE_NO_NOTIFY
+    raw: bytes | None = None
+    try:
+        raw = dev.read_config(0, cfg_len)
+    except VfsdrvError as exc:
+        report.add("config.tag", FAIL, f"config unreadable: {exc}")
+    nrq = 0
+    if raw is not None:
+        if opt.config_supplied:
+            why = "supplied by --tag/--request-queues: the backend has no config space"
+            report.add("config.tag", SKIP, why)
+            nrq = struct.unpack_from("<I", raw, TAG_SIZE)[0]
+            report.add("config.num_request_queues", SKIP, f"{nrq} ({why})")
+        else:
+            tag_raw = raw[:TAG_SIZE]
+            try:
+                tag = decode_tag(tag_raw)
+                pad = TAG_SIZE - len(tag.encode())
+                report.add("config.tag", PASS, f"{tag!r} ({len(tag.encode())} bytes, {pad} NUL)")
+            except VfsdrvError as exc:
+                report.add("config.tag", FAIL, f"{exc} (raw {tag_raw!r})")
+            nrq = struct.unpack_from("<I", raw, TAG_SIZE)[0]
+            if 1 <= nrq <= MAX_REQUEST_QUEUES:
+                report.add("config.num_request_queues", PASS, str(nrq))
+            elif nrq == 0:
+                report.add("config.num_request_queues", FAIL, "0")
+            else:
+                report.add("config.num_request_queues", FAIL,
+                           f"{nrq} (more than {MAX_REQUEST_QUEUES}: taken as broken)")
+    if notif_offered and raw is not None:
+        nbs = struct.unpack_from("<I", raw, TAG_SIZE + 4)[0]
+        if MIN_NOTIFY_BUF_SIZE <= nbs <= MAX_NOTIFY_BUF_SIZE:
+            report.add("config.notify_buf_size", PASS, f"{nbs} bytes (>= {MIN_NOTIFY_BUF_SIZE})")
+        else:
+            report.add("config.notify_buf_size", FAIL,
+                       f"{nbs} bytes (needs {MIN_NOTIFY_BUF_SIZE}..{MAX_NOTIFY_BUF_SIZE})")
+    elif raw is not None:
+        report.add("config.notify_buf_size", SKIP, "VIRTIO_FS_F_NOTIFICATION not offered")
+
+    # queue layout and sizes ------------------------------------------------------------------
+    use_notify = notif_offered and opt.notification
+    num = t.num_queues()
+    first_req = 2 if use_notify else 1
+    sizes = {i: t.queue_max_size(i) for i in range(max(num, first_req + max(nrq, 1)))}
+    spec_layout = False
+    if nrq >= 1:
+        want = first_req + nrq
+        desc = (f"{num} queues: hiprio 0, "
+                + ("notification 1, " if use_notify else "")
+                + f"request {first_req}..{want - 1}")
+        if not use_notify and notif_offered:
+            desc += " (notification offered, not used: --no-notification)"
+        if not use_notify and sizes.get(1, 0) == 0 and sizes.get(2, 0) > 0 and num >= 2 + nrq:
+            spec_layout = True
+            report.add("queues.layout", PASS,
+                       f"{num} queues: queue 1 absent, request queues from 2 (the spec's layout; "
+                       "this driver uses index 1, so the live checks are skipped)")
+        elif num and num < want:
+            report.add("queues.layout", FAIL,
+                       f"{num} queues, but {want} needed for num_request_queues {nrq}")
+        elif not notif_offered:
+            report.add("queues.layout", PASS, desc, deviation=INDEX1_DEVIATION)
+        else:
+            report.add("queues.layout", PASS, desc)
+        bad = {i: s for i, s in sizes.items() if i < want and not 1 <= s <= MAX_QUEUE_SIZE}
+        shown = ", ".join(f"{i}:{s}" for i, s in sorted(sizes.items()) if i < want)
+        if spec_layout:
+            bad.pop(1, None)
+        if bad:
+            report.add("queues.sizes", FAIL, f"max sizes {shown}; out of range: "
+                       + ", ".join(f"queue {i} = {s}" for i, s in bad.items()))
+        else:
+            odd = [i for i, s in sizes.items() if i < want and s & (s - 1)]
+            report.add("queues.sizes", PASS, f"max sizes {shown}",
+                       deviation=(f"queues {odd} have a size that is not a power of 2; the "
+                                  "driver rounds down") if odd else None)
+    else:
+        report.add("queues.layout", SKIP, "not reached: no valid num_request_queues")
+        report.add("queues.sizes", SKIP, "not reached: no valid num_request_queues")
+
+    # the live session -------------------------------------------------------------------------
+    live = ["features.features_ok", "bringup", "fuse.init", "queues.request", "hiprio.forget",
+            "notify.queue"]
+    if not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok:
+        why = ("not reached: " + ("VERSION_1 not offered" if not offered & Feature.VERSION_1
+               else "the device did not reset" if not reset_ok
+               else "the spec's queue layout (request queues from 2)" if spec_layout
+               else "no usable num_request_queues"))
+        for cid in live:
+            report.add(cid, SKIP, why)
+        if reset_ok:
+            _final_reset(t, report, opt, reset_note)
+        return report
+    _live_session(t, report, opt, use_notify, nrq, reset_note)
+    return report
+
+
+def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: bool, nrq: int,
+                  reset_note: str) -> None:
+    fs = _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=8,
+                  large_slots=2, max_io=64 << 10, notify_buffers=8)
+    skipped: list[str] = []
+
+    def skip_rest(why: str, ids: list[str]) -> None:
+        for cid in ids:
+            if cid not in skipped:
+                report.add(cid, SKIP, f"not reached: {why}")
+                skipped.append(cid)
+
+    rest = ["bringup", "fuse.init", "queues.request", "hiprio.forget", "notify.queue"]
+    try:
+        fs.start()
+    except FeatureNegotiationError as exc:
+        report.add("features.features_ok", FAIL, f"cleared: {exc}")
+        skip_rest("FEATURES_OK was cleared", rest)
+        _final_reset(t, report, opt, reset_note)
+        return
+    except (VfsdrvError, OSError) as exc:
+        feats = fs.dev.features
+        if feats:
+            report.add("features.features_ok", PASS,
+                       f"kept for {feature_names(feats, FS_FEATURE_NAMES)}")
+        else:
+            report.add("features.features_ok", FAIL, f"negotiation failed: {exc}")
+        report.add("bringup", FAIL, f"{type(exc).__name__}: {exc}")
+        skip_rest("bring-up failed", rest)
+        _final_reset(t, report, opt, reset_note)
+        return
+    try:
+        status = t.get_status()
+        feats = feature_names(fs.dev.features, FS_FEATURE_NAMES)
+        report.add("features.features_ok", PASS, f"kept (status {status:#x}) for {feats}")
+        want = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
+        qdesc = (f"{len(fs.request_queues)} request queue(s) of size "
+                 f"{fs.request_queues[0].vq.size}" if fs.request_queues else "no request queue")
+        if status & Status.DEVICE_NEEDS_RESET:
+            report.add("bringup", FAIL, f"DEVICE_NEEDS_RESET set after DRIVER_OK (status "
+                       f"{status:#x})")
+        elif status & want != want or status & Status.FAILED:
+            report.add("bringup", FAIL, f"status reads {status:#x} after DRIVER_OK "
+                       f"(expected {int(want):#x})")
+        else:
+            report.add("bringup", PASS, f"status {status:#x}, {qdesc}")
+        _session_checks(fs, report, opt, use_notify)
+    finally:
+        # reset (timed: a check of its own) before the rings go; the caller closes `t`
+        _final_reset(t, report, opt, reset_note, after_session=True)
+        for vq in fs.dev.queues.values():
+            try:
+                vq.close()
+            except Exception as exc:  # noqa: BLE001 - releasing memory must go on
+                log.debug("releasing queue %d: %s", vq.index, exc)
+        fs.dev.queues.clear()
+
+
+def _final_reset(t: Transport, report: Report, opt: CheckOptions, reset_note: str, *,
+                 after_session: bool = False) -> None:
+    if _is_vhost_user(t):
+        report.add("reset", SKIP, reset_note)
+        return
+    try:
+        took = _time_reset(t, opt.timeout)
+    except VfsdrvError as exc:
+        report.add("reset", FAIL, f"{reset_note}; after the session: {exc}")
+        return
+    when = "after the session" if after_session else "again"
+    report.add("reset", PASS, f"{reset_note}; {when}: status 0 after {_fmt_ms(took)}")
+
+
+def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
+    # FUSE_INIT ------------------------------------------------------------------------------
+    try:
+        out = fs.init(timeout=opt.timeout)
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        report.add("fuse.init", FAIL, f"{type(exc).__name__}: {exc}")
+        for cid in ("queues.request", "hiprio.forget"):
+            report.add(cid, SKIP, "not reached: FUSE_INIT failed")
+        _notify_check(fs, report, use_notify)
+        return
+    problems = []
+    if out.max_write < 4096:
+        problems.append(f"max_write {out.max_write} < 4096")
+    desc = (f"FUSE {out.major}.{out.minor}, max_write {out.max_write}, max_readahead "
+            f"{out.max_readahead}, flags {fs.init_flags:#x}")
+    if problems:
+        report.add("fuse.init", FAIL, f"{desc}: {'; '.join(problems)}")
+    else:
+        report.add("fuse.init", PASS, desc)
+
+    # every request queue answers ------------------------------------------------------------
+    body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
+    for qs in fs.request_queues:
+        fs.target = qs
+        start = time.monotonic()
+        try:
+            reply = fs.call(Opcode.GETATTR, 1, body, timeout=opt.timeout)
+            took = time.monotonic() - start
+            if len(reply) < abi.sizeof("fuse_attr_out"):
+                report.add("queues.request", FAIL, f"GETATTR reply of {len(reply)} bytes",
+                           instance=str(qs.vq.index))
+            else:
+                attr = abi.unpack("fuse_attr_out", reply).attr
+                report.add("queues.request", PASS,
+                           f"GETATTR of the root answered in {_fmt_ms(took)} (mode "
+                           f"{attr.mode:#o})", instance=str(qs.vq.index))
+        except (VfsdrvError, OSError, TimeoutError) as exc:
+            report.add("queues.request", FAIL, f"{type(exc).__name__}: {exc}",
+                       instance=str(qs.vq.index))
+        finally:
+            fs.target = None
+
+    # hiprio takes FORGET ------------------------------------------------------------------
+    _forget_check(fs, report, opt)
+    _notify_check(fs, report, use_notify)
+
+
+def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
+    """LOOKUP an entry of the root (found by READDIR) and FORGET it on hiprio; with an empty
+    root, FORGET the root with nlookup 0 (a no-op for the device's lookup counts)."""
+    from ..fs.client import FuseClient
+
+    client = FuseClient(fs)
+    nodeid, nlookup, what = 1, 0, "root, nlookup 0 (empty export)"
+    try:
+        names = [e.name for e in client.readdir_all(1) if e.name not in (b".", b"..")]
+        if names:
+            entry = client.lookup(1, names[0])
+            nodeid, nlookup, what = entry.nodeid, 1, f"{names[0]!r} after LOOKUP, nlookup 1"
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        log.debug("readdir/lookup before FORGET: %s", exc)
+    assert fs.hiprio is not None
+    used_before = fs.hiprio.vq.num_free
+    pending = fs.call_async(Opcode.FORGET, nodeid, abi.pack("fuse_forget_in", nlookup=nlookup))
+    deadline = time.monotonic() + opt.timeout
+    while fs.is_in_flight(pending.unique) and time.monotonic() < deadline:
+        fs.wait(0.05)
+    if fs.is_in_flight(pending.unique):
+        report.add("hiprio.forget", FAIL,
+                   f"FORGET ({what}) not used within {opt.timeout:g} s (hiprio free "
+                   f"descriptors {used_before} before)")
+        return
+    body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
+    try:
+        fs.call(Opcode.GETATTR, 1, body, timeout=opt.timeout)
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        report.add("hiprio.forget", FAIL, f"FORGET ({what}) used, but then GETATTR failed: "
+                   f"{exc}")
+        return
+    report.add("hiprio.forget", PASS, f"FORGET ({what}) used; GETATTR still answered")
+
+
+def _notify_check(fs: _ProbeFs, report: Report, use_notify: bool) -> None:
+    if not use_notify:
+        report.add("notify.queue", SKIP, "VIRTIO_FS_F_NOTIFICATION not negotiated")
+        return
+    vq = fs.notify_vq
+    if vq is None or fs.config is None:
+        report.add("notify.queue", FAIL, "negotiated, but no notification queue was set up")
+        return
+    try:
+        fs.process()
+    except VfsdrvError as exc:
+        report.add("notify.queue", FAIL, f"{exc}")
+        return
+    bad = fs.stats.get("bad_notification", 0)
+    got = sum(v for k, v in fs.stats.items() if k.startswith("notify_")) + fs.stats.get(
+        "lock_notifications", 0)
+    desc = (f"queue {NOTIFY_QUEUE} size {vq.size}, {len(fs._notify_bufs)} buffers of "
+            f"{fs.config.notify_buf_size} bytes posted, {got} notification(s) received")
+    if bad:
+        report.add("notify.queue", FAIL, f"{desc}, {bad} malformed")
+    else:
+        report.add("notify.queue", PASS, desc)
+
+
+__all__ = ["CheckOptions", "HIPRIO_QUEUE", "check_pci_function", "run_checks"]
