@@ -60,6 +60,7 @@ class MountRequest:
     foreground: bool = False
     debug: bool = False
     poll: bool = False
+    bound_here: str | None = None  # a PCI function this command bound to vfio-pci
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -171,23 +172,40 @@ def open_device(req: MountRequest) -> VirtioFs:
         return VirtioFs(transport, poll=req.poll).start()
     except BaseException:
         transport.close()
+        _give_back(req)
         raise
 
 
 def _pci_transport(req: MountRequest):
+    """A VFIO transport for --device BDF or --tag TAG. A function this command binds
+    to vfio-pci goes back to its driver when the command ends (or fails)."""
     try:
+        from ..pci.sysfs import Sysfs, normalize_bdf
         from ..virtio import pci as vpci
     except ImportError as exc:
         raise MountError(f"the VFIO/PCI transport is not available: {exc}") from exc
-    if req.device is not None:
-        return vpci.open_pci(req.device, poll=req.poll)
-    finder: Callable | None = getattr(vpci, "find_by_tag", None)
-    if finder is None:
-        raise MountError(
-            "--tag without --vhost-user (finding a PCI function by its tag) is not available "
-            "yet: give the function's address with --device BDF"
-        )
-    return vpci.open_pci(finder(req.tag), poll=req.poll)
+    sysfs = Sysfs()
+    bdf = normalize_bdf(req.device) if req.device is not None else vpci.find_by_tag(req.tag)
+    if sysfs.driver(bdf) != "vfio-pci":
+        req.bound_here = bdf
+    try:
+        return vpci.open_pci(bdf, poll=req.poll)
+    except BaseException:
+        _give_back(req)
+        raise
+
+
+def _give_back(req: MountRequest) -> None:
+    if req.bound_here is None:
+        return
+    from ..pci.sysfs import Sysfs
+
+    bdf, req.bound_here = req.bound_here, None
+    try:
+        if Sysfs().driver(bdf) == "vfio-pci":
+            Sysfs().unbind_vfio(bdf)
+    except VfsdrvError as exc:
+        log.error("could not give %s back to its driver: %s", bdf, exc)
 
 
 def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
@@ -198,6 +216,7 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
         frontend(fs, req.mountpoint, options=req.options, debug=req.debug, ready=ready)
     finally:
         fs.close()
+        _give_back(req)
 
 
 def mount(req: MountRequest) -> int:

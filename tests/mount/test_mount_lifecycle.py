@@ -226,3 +226,15 @@ def test_mount_helper_for_mount8_read_only(tmp_path: Path, frontend: str) -> Non
         assert exc.value.errno == errno.EROFS
         assert vfsdrv("umount", mnt).returncode == 0
         wait_exit(proc)
+
+
+@pytest.mark.parametrize("how", ["device", "tag"])
+def test_no_such_pci_function(tmp_path: Path, how: str) -> None:
+    (tmp_path / "mnt").mkdir()
+    arg = ["--device", "0000:00:1f.7"] if how == "device" else ["--tag", "no-such-tag"]
+    r = vfsdrv("mount", *arg, tmp_path / "mnt")
+    assert r.returncode == 1
+    expect = "no PCI function 0000:00:1f.7" if how == "device" else \
+        "no virtio-fs PCI function has tag 'no-such-tag'"
+    assert expect in r.stderr
+    assert mounts_under(tmp_path) == []
