@@ -75,6 +75,9 @@ STATEMENTS: dict[str, Statement] = {
         "§1.7, §9 #63 #64", "With VIRTIO_FS_F_NOTIFICATION the notification queue exists and "
         "takes device-writable buffers of notify_buf_size; anything the device puts there is "
         "a well-formed notify message."),
+    "notify.lock": Statement(
+        "§1.7, §9 #68 #69 (proposal)", "A blocking FUSE_SETLKW is answered \"wait\" (+1) and "
+        "completed by a FUSE_NOTIFY_LOCK {unique, error} on the notification queue."),
 }
 
 

@@ -61,6 +61,7 @@ class _ProbeFs(VirtioFs):
     """VirtioFs that sends each request on a queue the checker chooses."""
 
     target: _QueueState | None = None
+    regular_files: list[bytes] = []  # noqa: RUF012 - set per instance by the FORGET check
 
     def _pick_request_queue(self) -> _QueueState:
         if self.target is not None:
@@ -251,7 +252,7 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
 
     # the live session -------------------------------------------------------------------------
     live = ["features.features_ok", "bringup", "fuse.init", "queues.request", "hiprio.forget",
-            "notify.queue"]
+            "notify.queue", "notify.lock"]
     if not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok:
         why = ("not reached: " + ("VERSION_1 not offered" if not offered & Feature.VERSION_1
                else "the device did not reset" if not reset_ok
@@ -278,7 +279,8 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
                 report.add(cid, SKIP, f"not reached: {why}")
                 skipped.append(cid)
 
-    rest = ["bringup", "fuse.init", "queues.request", "hiprio.forget", "notify.queue"]
+    rest = ["bringup", "fuse.init", "queues.request", "hiprio.forget", "notify.queue",
+            "notify.lock"]
     try:
         fs.start()
     except FeatureNegotiationError as exc:
@@ -347,6 +349,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
         for cid in ("queues.request", "hiprio.forget"):
             report.add(cid, SKIP, "not reached: FUSE_INIT failed")
         _notify_check(fs, report, use_notify)
+        report.add("notify.lock", SKIP, "not reached: FUSE_INIT failed")
         return
     problems = []
     if out.max_write < 4096:
@@ -383,6 +386,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
     # hiprio takes FORGET ------------------------------------------------------------------
     _forget_check(fs, report, opt)
     _notify_check(fs, report, use_notify)
+    _lock_check(fs, report, opt, use_notify)
 
 
 def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
@@ -393,7 +397,9 @@ def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
     client = FuseClient(fs)
     nodeid, nlookup, what = 1, 0, "root, nlookup 0 (empty export)"
     try:
-        names = [e.name for e in client.readdir_all(1) if e.name not in (b".", b"..")]
+        entries = [e for e in client.readdir_all(1) if e.name not in (b".", b"..")]
+        names = [e.name for e in entries]
+        fs.regular_files = [e.name for e in entries if e.type == 8]  # DT_REG
         if names:
             entry = client.lookup(1, names[0])
             nodeid, nlookup, what = entry.nodeid, 1, f"{names[0]!r} after LOOKUP, nlookup 1"
@@ -442,6 +448,91 @@ def _notify_check(fs: _ProbeFs, report: Report, use_notify: bool) -> None:
         report.add("notify.queue", FAIL, f"{desc}, {bad} malformed")
     else:
         report.add("notify.queue", PASS, desc)
+
+
+def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
+    """Contended locks on a regular file of the root, nothing written: owner A holds a write
+    lock (the file opened read-write), owner B asks SETLKW for a read lock (the device
+    answers "wait"), A unlocks, B's grant must come as FUSE_NOTIFY_LOCK. If the file cannot
+    be opened for writing, an uncontended SETLKW read lock only."""
+    import fcntl
+    import os
+
+    from ..fs.client import OFFSET_MAX, FuseClient, Lock
+
+    if not use_notify:
+        report.add("notify.lock", SKIP, "VIRTIO_FS_F_NOTIFICATION not negotiated")
+        return
+    if not fs.init_flags & abi.InitFlag.POSIX_LOCKS:
+        report.add("notify.lock", SKIP, "the device did not grant FUSE_POSIX_LOCKS in FUSE_INIT")
+        return
+    if not fs.regular_files:
+        report.add("notify.lock", SKIP, "no regular file in the export's root to lock")
+        return
+    client = FuseClient(fs)
+    name = fs.regular_files[0]
+    owner_a, owner_b, pid = 0x7F5C_0000_0001, 0x7F5C_0000_0002, os.getpid()
+    whole = (0, OFFSET_MAX)
+    handles: list[int] = []
+    try:
+        entry = client.lookup(1, name)
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        report.add("notify.lock", SKIP, f"cannot look up {name!r}: {exc}")
+        return
+    try:
+        fh_b = client.open(entry.nodeid, os.O_RDONLY).fh
+        handles.append(fh_b)
+        try:
+            fh_a: int | None = client.open(entry.nodeid, os.O_RDWR).fh
+            handles.append(fh_a)  # type: ignore[arg-type]
+        except OSError:
+            fh_a = None
+        waits, notes = fs.stats["lock_waits"], fs.stats["lock_notifications"]
+        early = fs.stats["lock_notify_before_reply"]
+        if fh_a is not None:
+            client.setlk(entry.nodeid, fh_a, owner_a, Lock(*whole, fcntl.F_WRLCK, pid))
+        start = time.monotonic()
+        pending = client.setlkw_async(entry.nodeid, fh_b, owner_b,
+                                      Lock(*whole, fcntl.F_RDLCK, pid))
+        if fh_a is not None:
+            deadline = time.monotonic() + opt.timeout
+            while (not pending.done and fs.lock_waiters == 0
+                   and time.monotonic() < deadline):
+                fs.wait(0.05)
+            if pending.done:
+                raise OSError(0, "SETLKW of a conflicting read lock completed while the write "
+                              "lock was held")
+            client.setlk(entry.nodeid, fh_a, owner_a, Lock(*whole, fcntl.F_UNLCK, pid))
+        pending.result(opt.timeout)
+        took = time.monotonic() - start
+        waited = fs.stats["lock_waits"] - waits + fs.stats["lock_notify_before_reply"] - early
+        notified = fs.stats["lock_notifications"] - notes
+        how = "contended (write lock held by another owner, then released)" \
+            if fh_a is not None else "uncontended (file not writable)"
+        if notified:
+            report.add("notify.lock", PASS,
+                       f"SETLKW F_RDLCK on {name!r}, {how}: {'wait reply, ' if waited else ''}"
+                       f"FUSE_NOTIFY_LOCK (error 0) after {_fmt_ms(took)}")
+        elif fh_a is None:
+            report.add("notify.lock", PASS, f"SETLKW F_RDLCK on {name!r}, {how}: granted at "
+                       "once (no wait, no notification needed)")
+        else:
+            report.add("notify.lock", FAIL, f"SETLKW F_RDLCK on {name!r}, {how}: completed "
+                       "without a FUSE_NOTIFY_LOCK")
+        client.setlk(entry.nodeid, fh_b, owner_b, Lock(*whole, fcntl.F_UNLCK, pid))
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        report.add("notify.lock", FAIL, f"SETLKW F_RDLCK on {name!r}: {type(exc).__name__}: "
+                   f"{exc}")
+    finally:
+        for fh in handles:
+            try:
+                client.release(entry.nodeid, fh)
+            except (VfsdrvError, OSError, TimeoutError) as exc:
+                log.debug("release after the lock check: %s", exc)
+        try:
+            client.forget(entry.nodeid, 1)
+        except (VfsdrvError, OSError) as exc:
+            log.debug("forget after the lock check: %s", exc)
 
 
 __all__ = ["CheckOptions", "HIPRIO_QUEUE", "check_pci_function", "run_checks"]
