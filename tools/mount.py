@@ -21,8 +21,11 @@ import argparse
 import logging
 import os
 import re
+import select
+import signal
 import stat
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ from ..fs.device import VirtioFs
 log = logging.getLogger(__name__)
 
 DEFAULT_VHOST_USER_TAG = "vfsdrv"
+#: how long `mount` waits for the serving process to report the mount usable
+READY_TIMEOUT = 60.0
 BDF_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 
@@ -250,12 +255,21 @@ def _daemonize(req: MountRequest) -> int:
             os._exit(code)
     os.close(w)
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        data += chunk
-    os.close(r)
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                # it unmounts and gives everything back on SIGTERM
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+                raise MountError(f"the mount was not ready within {READY_TIMEOUT:.0f} s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
     text = data.decode(errors="replace").strip()
     if text == "OK":
         return 0

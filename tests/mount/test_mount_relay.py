@@ -9,9 +9,11 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,3 +259,53 @@ def test_blocking_lock_and_its_interrupt_reach_the_device(tmp_path: Path) -> Non
             release(holder)
         granted = re.findall(r"unique \d+ SETLKW nodeid \d+ -> ok", m.log_text())
         assert len(granted) == 1
+
+
+def test_device_notifications_go_to_the_kernel_with_unique_0() -> None:
+    """_on_notify writes the device's message with unique 0 and error = code (from
+    its writer thread); the lock notification code (7) stays with the device."""
+    from vfsdrv.frontends.relay import Relay
+
+    r, w = os.pipe()
+    relay = Relay(SimpleNamespace(), "/nonexistent", options=[])  # type: ignore[arg-type]
+    relay.fuse_fd = w
+    try:
+        body = struct.pack("<QqQ", 42, 0, 4096)  # fuse_notify_inval_inode_out
+        msg = struct.pack("<IiQ", 16 + len(body), 2, 999) + body
+        relay._on_notify(7, memoryview(struct.pack("<IiQ", 16, 7, 0)))
+        relay._on_notify(2, memoryview(msg))
+        got = os.read(r, 4096)
+        assert got == struct.pack("<IiQ", 16 + len(body), 2, 0) + body
+        relay._notify_q.put(None)
+        relay._notify_thread.join(5)  # type: ignore[union-attr]
+        assert relay.stats["notifications"] == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_mounted_like_kernel_virtiofs_allow_other_default_permissions() -> None:
+    """Every user may enter the mount (allow_other) and the kernel checks
+    permissions from the attributes (default_permissions), as on a kernel
+    virtio-fs mount."""
+    base = Path(tempfile.mkdtemp(prefix="vfsdrv-perm-"))  # pytest's tmp is root-only
+    base.chmod(0o755)
+    try:
+        _check_other_user(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _check_other_user(base: Path) -> None:
+    with serving(base, "relay") as m:
+        (m.export / "public").write_text("for everyone\n")
+        (m.export / "public").chmod(0o644)
+        (m.export / "private").write_text("root only\n")
+        (m.export / "private").chmod(0o600)
+        os.chmod(m.export, 0o755)
+        ok = subprocess.run(["cat", str(m.mnt / "public")], capture_output=True, text=True,
+                            user=65534, timeout=10)
+        assert ok.returncode == 0 and ok.stdout == "for everyone\n", ok.stderr
+        denied = subprocess.run(["cat", str(m.mnt / "private")], capture_output=True,
+                                text=True, user=65534, timeout=10)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
