@@ -31,6 +31,8 @@ def test_getattr_root_matches_host(client: FuseClient, export_dir: Path) -> None
     assert stat.S_ISDIR(attr.mode)
     assert attr.ino == st.st_ino
     assert attr.nlink == st.st_nlink
+    assert attr.blksize == st.st_blksize
+    assert attr.mtime == pytest.approx(st.st_mtime, abs=1e-6)
 
 
 def test_lookup_missing_gives_enoent(client: FuseClient) -> None:

@@ -600,8 +600,8 @@ class DeviceOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        st = abi.unpack("fuse_statfs_out",
-                        await self.dev.call(Opcode.STATFS, ROOT_ID, ctx=ctx)).st
+        reply = abi.unpack("fuse_statfs_out", await self.dev.call(Opcode.STATFS, ROOT_ID, ctx=ctx))
+        st = reply.st  # a view into `reply`, which must stay alive
         out = pyfuse3.StatvfsData()
         out.f_bsize = st.bsize
         out.f_frsize = st.frsize or st.bsize

@@ -310,7 +310,10 @@ def pack(struct: str, /, **fields: Any) -> bytes:
 
 
 def unpack(struct: str, data: bytes | bytearray | memoryview, offset: int = 0) -> Any:
-    """A copy of the struct found at `offset` in `data`; ProtocolError if it is short."""
+    """A copy of the struct found at `offset` in `data`; ProtocolError if it is short.
+
+    Keep the result alive while using a nested struct taken from it (`x.attr`):
+    cffi hands out nested structs as views into their owner."""
     size = ffi.sizeof(f"struct {struct}")
     if offset < 0 or len(data) - offset < size:
         raise ProtocolError(

@@ -126,7 +126,9 @@ class FuseClient:
         return Entry.from_c(abi.unpack("fuse_entry_out", self._call(opcode, nodeid, *parts)))
 
     def _attr(self, opcode: int, nodeid: int, body: bytes) -> Attr:
-        return Attr.from_c(abi.unpack("fuse_attr_out", self._call(opcode, nodeid, body)).attr)
+        # keep the owning struct alive: a nested cffi struct is a view into it
+        out = abi.unpack("fuse_attr_out", self._call(opcode, nodeid, body))
+        return Attr.from_c(out.attr)
 
     # -- session --------------------------------------------------------------------
     def init(self, flags: int | None = None):
@@ -224,7 +226,8 @@ class FuseClient:
         self._call(Opcode.ACCESS, nodeid, abi.pack("fuse_access_in", mask=mask))
 
     def statfs(self, nodeid: int = ROOT_ID) -> StatFs:
-        st = abi.unpack("fuse_statfs_out", self._call(Opcode.STATFS, nodeid)).st
+        out = abi.unpack("fuse_statfs_out", self._call(Opcode.STATFS, nodeid))
+        st = out.st
         return StatFs(st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize,
                       st.namelen, st.frsize)
 
@@ -363,9 +366,9 @@ class FuseClient:
         )
 
     def getlk(self, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
-        out = abi.unpack("fuse_lk_out", self._call(Opcode.GETLK, nodeid,
-                                                   self._lk(fh, owner, lock, False))).lk
-        return Lock(out.start, out.end, out.type, out.pid)
+        out = abi.unpack("fuse_lk_out",
+                         self._call(Opcode.GETLK, nodeid, self._lk(fh, owner, lock, False)))
+        return Lock(out.lk.start, out.lk.end, out.lk.type, out.lk.pid)
 
     def setlk(self, nodeid: int, fh: int, owner: int, lock: Lock, *, flock: bool = False) -> None:
         self._call(Opcode.SETLK, nodeid, self._lk(fh, owner, lock, flock))
