@@ -65,6 +65,8 @@ class MountRequest:
     foreground: bool = False
     debug: bool = False
     poll: bool = False
+    small_slots: int = 64
+    large_slots: int = 16
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
 
 
@@ -91,6 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="log every request (opcode, unique, nodeid, result); implies -f")
     p.add_argument("--poll", action="store_true",
                    help="poll the device's rings instead of waiting for interrupts")
+    p.add_argument("--small-slots", type=int, default=64, metavar="N",
+                   help="DMA buffers for small requests (bounds requests in flight; default 64)")
+    p.add_argument("--large-slots", type=int, default=16, metavar="N",
+                   help="DMA buffers of 1 MiB + 12 KiB for big reads/writes (default 16)")
     p.add_argument("mountpoint")
     p.set_defaults(func=run_mount)
 
@@ -113,7 +119,7 @@ def run_mount(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint, vhost_user=args.vhost_user, device=args.device,
         tag=args.tag, request_queues=args.request_queues, frontend=args.frontend,
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
-        poll=args.poll,
+        poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
     )
     return mount(req)
 
@@ -156,7 +162,9 @@ def precheck(req: MountRequest) -> None:
             raise MountError(f"{req.vhost_user} is not a socket")
         if req.request_queues < 1:
             raise MountError("--request-queues must be at least 1")
-    elif req.device is not None and not BDF_RE.match(req.device):
+    if req.small_slots < 1 or req.large_slots < 1:
+        raise MountError("--small-slots and --large-slots must be at least 1")
+    if req.device is not None and not BDF_RE.match(req.device):
         raise MountError(f"{req.device!r} is not a PCI address (like 0000:00:04.0)")
 
 
@@ -174,7 +182,8 @@ def open_device(req: MountRequest) -> VirtioFs:
     else:
         transport = _pci_transport(req)
     try:
-        return VirtioFs(transport, poll=req.poll).start()
+        return VirtioFs(transport, poll=req.poll, small_slots=req.small_slots,
+                        large_slots=req.large_slots).start()
     except BaseException:
         transport.close()
         _give_back(req)

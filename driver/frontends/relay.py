@@ -216,6 +216,14 @@ class Relay:
             self.fs.release(self.landing)
             self.landing = None
         self._end_device_session()
+        st = self.stats
+        summary = (f"{st['requests']} requests ({st['small']} in small slots, {st['large']} in "
+                   f"large ones), stopped reading /dev/fuse {st['stalls']} times for want of a "
+                   f"slot, {st['interrupts_ignored']} interrupts ignored, "
+                   f"{st['notifications']} notifications forwarded")
+        log.info("%s", summary)
+        if self.debug:
+            reqlog.debug("%s", summary)
 
     def _end_device_session(self) -> None:
         fs = self.fs
@@ -338,6 +346,7 @@ class Relay:
             self._sel.register(self.fuse_fd, selectors.EVENT_READ, "fuse")
         else:
             self._sel.unregister(self.fuse_fd)
+            self.stats["stalls"] += 1
         self._fuse_registered = on
 
     def _have_landing(self) -> bool:

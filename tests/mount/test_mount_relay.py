@@ -7,6 +7,7 @@ the queue)."""
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ from mount_helpers import FRONTENDS, Mounted, require, serving
 from vfsdrv.frontends.relay import NEVER_OFFERED, RELAY_FLAGS, init_reply_fields
 from vfsdrv.fs.abi import InitFlag
 
+MiB = 1 << 20
 LOCKING_VIRTIOFSD = ("-o", "posix_lock", "-o", "flock", "--thread-pool-size=4")
 INIT_LINE = re.compile(
     r"unique \d+ INIT -> 7\.(\d+) flags (0x[0-9a-f]+) \(kernel offered (0x[0-9a-f]+), "
@@ -309,3 +312,47 @@ def _check_other_user(base: Path) -> None:
         denied = subprocess.run(["cat", str(m.mnt / "private")], capture_output=True,
                                 text=True, user=65534, timeout=10)
         assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_back_pressure_with_few_slots(tmp_path: Path) -> None:
+    """With 2 small and 2 large DMA slots, 16 threads of big O_DIRECT reads, big
+    writes and metadata calls keep more requests coming than slots exist: the relay
+    stops reading /dev/fuse while no large slot is free, and every result is right."""
+    with serving(tmp_path, "relay", mount_args=("--small-slots", "2", "--large-slots", "2"),
+                 debug=True) as m:
+        blob = os.urandom(8 * MiB)
+        (m.export / "src").write_bytes(blob)
+        errors: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            try:
+                fd = os.open(m.mnt / "src", os.O_RDONLY | os.O_DIRECT)
+                buf = mmap.mmap(-1, MiB)
+                try:
+                    for i in range(8):
+                        off = ((k + i) % 8) * MiB
+                        assert os.preadv(fd, [buf], off) == MiB
+                        assert buf[:] == blob[off:off + MiB]
+                finally:
+                    os.close(fd)
+                    buf.close()
+                data = blob[k * 256 * 1024:(k + 1) * 256 * 1024] * 2
+                (m.mnt / f"out{k}").write_bytes(data)
+                for j in range(20):
+                    (m.mnt / f"meta{k}-{j}").touch()
+                    os.stat(m.mnt / f"meta{k}-{j}")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:3]
+        for k in range(16):
+            expect = blob[k * 256 * 1024:(k + 1) * 256 * 1024] * 2
+            assert (m.export / f"out{k}").read_bytes() == expect
+        assert len(os.listdir(m.mnt)) == 1 + 16 + 16 * 20
+    stalls = re.search(r"stopped reading /dev/fuse (\d+) times", m.log_text())
+    assert stalls and int(stalls.group(1)) > 0, m.log_text()[-2000:]
