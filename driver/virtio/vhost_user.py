@@ -33,6 +33,7 @@ DEFAULT_MEMORY = 64 << 20
 VHOST_USER_MAX_QUEUE_SIZE = 1024
 WANTED_PROTOCOL = (
     vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG
+    | vu.ProtocolFeature.STATUS
 )
 
 
@@ -150,18 +151,34 @@ class VhostUserTransport(Transport):
         return vu.U64.unpack(data)[0]
 
     # -- Transport: status and features -----------------------------------------
+    @property
+    def has_status(self) -> bool:
+        """The backend keeps a device status (STATUS protocol feature)."""
+        return bool(self.protocol_features & vu.ProtocolFeature.STATUS)
+
     def get_status(self) -> int:
         self.check_alive()
+        if self.has_status:
+            return self._get_u64(vu.Request.GET_STATUS) & 0xFF
         return self._status
 
     def set_status(self, status: int) -> None:
         self.check_alive()
+        if self.has_status:
+            self._send(vu.Request.SET_STATUS, vu.U64.pack(status))
         self._status = status
 
     def reset(self, timeout: float = 5.0) -> None:
         # A fresh connection is a reset device; after start, stop the rings.
         self._stop_rings()
         self._status = 0
+        if self.has_status and not self._closed:
+            self._send(vu.Request.SET_STATUS, vu.U64.pack(0))
+            deadline = time.monotonic() + timeout
+            while self.get_status() != 0:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"{self.name}: device status not 0 after reset")
+                time.sleep(0.001)
 
     def device_features(self) -> int:
         return self._features
