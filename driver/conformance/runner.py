@@ -190,7 +190,7 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
                 pad = TAG_SIZE - len(tag.encode())
                 report.add("config.tag", PASS, f"{tag!r} ({len(tag.encode())} bytes, {pad} NUL)")
             except VfsdrvError as exc:
-                report.add("config.tag", FAIL, f"{exc} (raw {tag_raw!r})")
+                report.add("config.tag", FAIL, str(exc))
             nrq = struct.unpack_from("<I", raw, TAG_SIZE)[0]
             if 1 <= nrq <= MAX_REQUEST_QUEUES:
                 report.add("config.num_request_queues", PASS, str(nrq))
@@ -296,7 +296,7 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
         else:
             report.add("features.features_ok", FAIL, f"negotiation failed: {exc}")
         report.add("bringup", FAIL, f"{type(exc).__name__}: {exc}")
-        skip_rest("bring-up failed", rest)
+        skip_rest("bring-up failed", rest[1:])
         _final_reset(t, report, opt, reset_note)
         return
     try:
