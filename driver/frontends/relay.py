@@ -236,6 +236,8 @@ class Relay:
             fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(5.0)
             self.destroyed = True
             log.info("FUSE_DESTROY sent to the device")
+            if self.debug:
+                reqlog.debug("unique %d DESTROY (the relay's own) -> ok", OWN_UNIQUE)
         except (VfsdrvError, OSError, TimeoutError, ValueError) as exc:
             log.warning("FUSE_DESTROY to the device failed: %s", exc)
 

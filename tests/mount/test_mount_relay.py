@@ -55,6 +55,8 @@ def test_debug_logs_every_request(tmp_path: Path) -> None:
         wait_for_log(m, r"unique \d+ WRITE nodeid \d+ -> ok, 8 bytes")
         wait_for_log(m, r"unique \d+ READ nodeid \d+ -> ok, 4 bytes")
         wait_for_log(m, r"unique \d+ (RELEASE|FLUSH) nodeid \d+ -> ok")
+    # unmounted by SIGTERM: the session with the device ended with FUSE_DESTROY
+    assert re.search(r"unique \d+ DESTROY \(the relay's own\) -> ok", m.log_text())
 
 
 def test_init_is_filtered_both_ways(tmp_path: Path) -> None:
