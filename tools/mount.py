@@ -179,6 +179,14 @@ def open_device(req: MountRequest) -> VirtioFs:
             req.vhost_user, config=encode_config(tag, req.request_queues),
             num_queues=1 + req.request_queues,
         )
+        backend_queues = transport.num_queues()
+        if not transport.has_config_space and 1 + req.request_queues > backend_queues:
+            transport.close()
+            raise MountError(
+                f"the backend has {backend_queues} queues (hiprio + request queues): "
+                f"--request-queues {req.request_queues} is too many, at most "
+                f"{max(1, backend_queues - 1)}"
+            )
     else:
         transport = _pci_transport(req)
     try:

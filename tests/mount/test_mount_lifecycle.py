@@ -238,3 +238,11 @@ def test_no_such_pci_function(tmp_path: Path, how: str) -> None:
         "no virtio-fs PCI function has tag 'no-such-tag'"
     assert expect in r.stderr
     assert mounts_under(tmp_path) == []
+
+
+def test_more_request_queues_than_the_backend_has(tmp_path: Path) -> None:
+    with backend(tmp_path) as (mnt, sock, _proc):
+        r = vfsdrv("mount", "--vhost-user", sock, "--request-queues", "4", mnt)
+        assert r.returncode == 1
+        assert "--request-queues 4 is too many, at most 1" in r.stderr
+        assert mounts_under(tmp_path) == []
