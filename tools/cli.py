@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "refdev",
     "devices",
     "check",
+    "udev",
 ]
 
 

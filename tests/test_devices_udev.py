@@ -1,0 +1,117 @@
+"""`vfsdrv udev`: config parsing, matching, unit names, install, and the add handler's
+decisions (against a fake sysfs tree; the real udevd: tests/vm/test_udev_autobind.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_pci_sysfs import fake_sysfs
+from vfsdrv.tools import devices, udev
+
+BDF = "0000:00:03.0"
+
+
+def write_conf(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "vfsdrv.conf"
+    p.write_text(text)
+    return p
+
+
+def test_config_sections_and_keys(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path, """
+# comment
+[tag:shared]
+mountpoint = /srv/shared   # inline comment
+options = ro, noexec
+frontend = relay
+
+[pci:00:04.0]
+
+[tag:kept]
+bind = no
+""")
+    entries = udev.load_config(conf)
+    assert entries == [
+        udev.Entry("tag", "shared", True, "/srv/shared", ["ro", "noexec"], "relay"),
+        udev.Entry("pci", "0000:00:04.0", True, None, [], None),
+        udev.Entry("tag", "kept", False, None, [], None),
+    ]
+    assert udev.match(entries, "0000:00:04.0", "whatever").key == "0000:00:04.0"
+    assert udev.match(entries, BDF, "shared").key == "shared"
+    assert udev.match(entries, BDF, "other") is None
+    assert udev.match(entries, BDF, None) is None
+    assert udev.load_config(tmp_path / "absent.conf") == []  # no file: nothing opted in
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[shared]\n", ["[tag:TAG] or [pci:BDF]"]),
+    ("[pci:zz]\n", ["[pci:zz]", "bad PCI address"]),
+    ("[tag:a]\nmountpoint = rel/dir\n", ["absolute path"]),
+    ("[tag:a]\nbind = perhaps\n", ["use yes or no"]),
+    ("[tag:a]\nbind = no\nmountpoint = /m\n", ["needs bind = yes"]),
+    ("[tag:a]\nmount = /m\n", ["unknown key(s) mount", "known: bind, mountpoint"]),
+    ("[tag:a]\n[tag:a]\n", ["already exists"]),
+])
+def test_config_errors_name_the_file_and_the_fix(tmp_path: Path, text: str,
+                                                 words: list[str]) -> None:
+    conf = write_conf(tmp_path, text)
+    with pytest.raises(udev.UdevConfigError) as err:
+        udev.load_config(conf)
+    for w in words + [str(conf)]:
+        assert w in str(err.value)
+
+
+def test_unit_names_match_systemd_escape() -> None:
+    for tag in ("myfs", "my-fs", "a b/c", "ünï", ".hidden", "x.y"):
+        e = udev.Entry("tag", tag)
+        name = udev.unit_name(e)
+        want = subprocess.run(["systemd-escape", "--template=vfsdrv@.service", tag],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert name == want, tag
+
+
+def test_install_writes_rule_unit_and_example(tmp_path: Path) -> None:
+    written = udev.install(str(tmp_path), reload=False, command="/opt/x/bin/vfsdrv")
+    rules = (tmp_path / udev.RULES_FILE).read_text()
+    assert 'ATTR{vendor}=="0x1af4", ATTR{device}=="0x105a"' in rules
+    assert 'RUN+="/opt/x/bin/vfsdrv udev add $kernel"' in rules and "@VFSDRV@" not in rules
+    unit = (tmp_path / udev.UNIT_FILE).read_text()
+    assert "ExecStart=/opt/x/bin/vfsdrv udev mount --foreground %I" in unit
+    assert (tmp_path / udev.CONF_EXAMPLE).read_text().startswith("# /etc/vfsdrv.conf")
+    assert len(written) == 3
+    # the example config is valid and opts nothing in (all commented out)
+    assert udev.load_config(tmp_path / udev.CONF_EXAMPLE) == []
+    assert udev.uninstall(str(tmp_path), reload=False) == written
+    assert not (tmp_path / udev.RULES_FILE).exists()
+
+
+def test_add_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = fake_sysfs(tmp_path)
+    bound: list[str] = []
+    started: list[str] = []
+    monkeypatch.setattr(devices, "bind", lambda bdf, tag, sysfs: (bound.append(bdf),
+                                                                  (bdf, "virtio-pci"))[1])
+    monkeypatch.setattr(udev, "start_mount", lambda e, c: (started.append(e.key), "started")[1])
+    monkeypatch.setattr(devices, "describe", lambda bdf, sysfs: devices.DeviceInfo(
+        bdf, "devtag", "device", "virtio-pci", None, None, 3))
+
+    conf = write_conf(tmp_path, "")
+    assert "opts nothing in" in udev.handle_add(BDF, conf, s)
+    conf = write_conf(tmp_path, "[tag:other]\n")
+    assert "not in" in udev.handle_add(BDF, conf, s) and "left with virtio-pci" in \
+        udev.handle_add(BDF, conf, s)
+    conf = write_conf(tmp_path, "[tag:devtag]\nbind = no\n")
+    assert "bind = no; left alone" in udev.handle_add(BDF, conf, s)
+    assert bound == [] and started == []
+
+    conf = write_conf(tmp_path, "[tag:devtag]\n")
+    msg = udev.handle_add(BDF, conf, s)
+    assert "[tag:devtag] bound to vfio-pci (was virtio-pci)" in msg and "mount" not in msg
+    assert bound == [BDF] and started == []
+
+    conf = write_conf(tmp_path, "[pci:0:3.0]\nmountpoint = /mnt/x\n")
+    msg = udev.handle_add("00:03.0", conf, s)
+    assert "[pci:0000:00:03.0]" in msg and "mount on /mnt/x: started" in msg
+    assert bound == [BDF, BDF] and started == [BDF]
