@@ -189,6 +189,7 @@ class Relay:
             self._restore_signals(old_signals)
             if handler is not None:
                 reqlog.removeHandler(handler)
+                reqlog.propagate = True
         if self.error is not None:
             raise self.error
 
@@ -307,14 +308,15 @@ class Relay:
                     log.warning("%s still busy after %.0f s: aborting the connection",
                                 self.mountpoint, STOP_GRACE)
                     break
+        except FrontendError as exc:
+            log.error("%s", exc)
+            self.error = exc
         except DeviceGoneError as exc:
             log.error("device gone: %s", exc)
             self.error = FrontendError(f"the device went away: {exc}")
         except VfsdrvError as exc:
             log.error("device failed: %s", exc)
             self.error = FrontendError(f"the device failed: {exc}")
-        except FrontendError as exc:
-            self.error = exc
 
     def _timeout(self) -> float | None:
         if self.stop_at is not None:
