@@ -202,12 +202,18 @@ def _run_step(argv: list[str], what: str, env: Mapping[str, str] | None = None) 
         raise GuestSetupError(f"{what} failed (exit {p.returncode}):\n{p.stdout}{p.stderr}")
 
 
+#: Cache entries (other kernels, other versions of prepare-kernel.sh, e.g. another
+#: checkout's) unused for this long are removed, unless a run holds them.
+STALE_AFTER = 24 * 3600.0
+
+
 def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     """Unpack the guest kernel and build the initramfs, once; later calls reuse the cache.
 
     Safe to call concurrently (a lock file serialises preparation). The kernel
-    tree is redone when prepare-kernel.sh changes, the initramfs when
-    build-initramfs.sh or initramfs-init change.
+    tree is keyed by the package and prepare-kernel.sh's hash (so checkouts with
+    different versions do not rebuild each other's), the initramfs by the hash of
+    build-initramfs.sh and initramfs-init.
     """
     for tool in ("apt-get", "dpkg-deb", "depmod", "cpio", "xz", "gzip", "make", "gcc"):
         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
@@ -216,24 +222,45 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
         raise GuestSetupError("/bin/busybox not found: install busybox-static (tools/setup-env.sh)")
     cache = cache_dir()
     kpkg = kernel_package()
-    kdir = cache / kpkg
     kstamp = _digest(VM_DIR / "prepare-kernel.sh")
+    kdir = cache / f"{kpkg}-{kstamp[:12]}"
     istamp = _digest(VM_DIR / "build-initramfs.sh", VM_DIR / "initramfs-init")
     initrd = kdir / f"initrd-{istamp}.gz"
     with _locked(cache / ".lock"):
-        ok = kdir / "ok"
-        if not (ok.exists() and ok.read_text().strip() == kstamp):
+        if not (kdir / "ok").exists():  # prepare-kernel.sh renames a complete tree into place
             if log:
                 print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
             env = dict(os.environ, STAMP=kstamp)
             _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
                       f"preparing the guest kernel {kpkg}", env)
         if not initrd.exists():
-            for old in kdir.glob("initrd-*.gz"):
-                old.unlink()
             _run_step([str(VM_DIR / "build-initramfs.sh"), str(kdir), str(initrd)],
                       "building the guest initramfs")
+        os.utime(kdir / "ok")  # last use, for _collect_garbage
+        _collect_garbage(cache, kdir, initrd)
     return Kernel(kdir=kdir, vmlinux=kdir / "vmlinux", initrd=initrd, kroot=kdir / "kroot")
+
+
+def _collect_garbage(cache: Path, keep: Path, initrd: Path) -> None:
+    now = time.time()
+    for old in keep.glob("initrd-*.gz"):  # QEMU reads its initrd at start: an hour is plenty
+        if old != initrd and now - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    for d in cache.iterdir():
+        if d == keep or not d.is_dir():
+            continue
+        ok = d / "ok"
+        try:
+            if now - (ok if ok.exists() else d).stat().st_mtime < STALE_AFTER:
+                continue
+            if not ok.exists():  # an interrupted preparation
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            with open(ok) as f:  # runs hold a shared lock on ok
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # in use, or gone meanwhile
+            continue
 
 
 # -- one guest run ----------------------------------------------------------------------------
@@ -334,11 +361,13 @@ def run_in_guest(
         _no_space(p, what)
 
     start = time.monotonic()
+    in_use = open(kernel.kdir / "ok")  # held for the whole run: a shared lock keeps
+    fcntl.flock(in_use, fcntl.LOCK_SH)  # _collect_garbage away from this kernel
     run = Path(tempfile.mkdtemp(prefix="vfsdrv-vm-"))
-    _no_space(run, "run directory")
     backends: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     qproc: subprocess.Popen[bytes] | None = None
     try:
+        _no_space(run, "run directory")
         # the guest's setup: env, modules, rw mounts, cwd
         bdfs = [fs_bdf(i) for i in range(len(fs_devices))]
         mode = "iommu" if iommu else "noiommu" if noiommu else "plain"
@@ -491,6 +520,7 @@ def run_in_guest(
             qproc.wait()
         for _, p, _ in backends:
             _stop(p, 0)
+        in_use.close()
         if os.environ.get("VFSDRV_VM_KEEP") == "1":
             print(f"vfsdrv-vm: kept {run}", file=sys.stderr)
         else:
