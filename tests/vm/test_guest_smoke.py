@@ -71,16 +71,17 @@ def _sysfs_config(r: GuestResult) -> list[dict[str, object]]:
 
 def test_virtiofs_functions_in_sysfs(guest: Guest) -> None:
     r = guest("""
-        for d in $(vfsdrv_virtiofs_bdfs); do
-            p=/sys/bus/pci/devices/$d
-            echo "fn $d $(cat $p/class) $(basename $(readlink $p/driver))"
+        for p in /sys/bus/pci/devices/*; do
+            echo "fn ${p##*/} $(cat $p/vendor):$(cat $p/device) $(cat $p/class)" \
+                "$(basename "$(readlink $p/driver)")"
         done
         for d in $(vfsdrv_virtiofs_bdfs); do python tests/vm/virtiofs_sysfs_config.py $d; done
     """, fs_devices=[FsDevice(), FsDevice(tag="second", num_request_queues=3)])
     assert r.returncode == 0, r
-    fns = [line.split() for line in r.output.splitlines() if line.startswith("fn ")]
-    assert fns == [["fn", harness.fs_bdf(0), "0x018000", "virtio-pci"],
-                   ["fn", harness.fs_bdf(1), "0x018000", "virtio-pci"]]
+    fns = [line.split()[1:] for line in r.output.splitlines()
+           if line.startswith("fn ") and "0x1af4:0x105a" in line]
+    assert fns == [[harness.fs_bdf(0), "0x1af4:0x105a", "0x018000", "virtio-pci"],
+                   [harness.fs_bdf(1), "0x1af4:0x105a", "0x018000", "virtio-pci"]], r
     cfgs = _sysfs_config(r)
     assert [(c["tag"], c["num_request_queues"]) for c in cfgs] == [("myfs", 1), ("second", 3)]
 
