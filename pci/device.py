@@ -108,8 +108,13 @@ class VfioPciDevice(PciFunction):
         bind: bool = False,
         reset: bool = True,
     ) -> None:
+        if backend == "auto":  # like libvfn's VFN_IOMMU_FORCE_VFIO: the user can force one
+            backend = os.environ.get("VFSDRV_VFIO_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
-            raise PciError(f"unknown VFIO backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+            raise PciError(
+                f"unknown VFIO backend {backend!r} (argument or VFSDRV_VFIO_BACKEND): choose "
+                f"one of {', '.join(BACKENDS)}"
+            )
         require_root()
         self.sysfs = sysfs or Sysfs()
         self.bdf = normalize_bdf(bdf)

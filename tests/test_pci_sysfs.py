@@ -197,3 +197,20 @@ def test_vfio_device_rejects_bad_backend_and_address() -> None:
 def test_vfio_error_names_request() -> None:
     with pytest.raises(OSError, match="VFIO_GET_API_VERSION"):
         vfio.ioctl(-1, vfio.VFIO_GET_API_VERSION, what="VFIO_GET_API_VERSION")
+
+
+def test_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfsdrv.pci.errors import NotRootError
+    from vfsdrv.pci.sysfs import require_root
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(NotRootError, match="VFIO needs root.*sudo"):
+        require_root()
+    with pytest.raises(NotRootError):
+        devmod.VfioPciDevice("0000:00:03.0")
+
+
+def test_backend_override_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VFSDRV_VFIO_BACKEND", "bogus")
+    with pytest.raises(PciError, match="VFSDRV_VFIO_BACKEND"):
+        devmod.VfioPciDevice("0000:00:03.0")
