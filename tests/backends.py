@@ -3,55 +3,23 @@ project's reference device), started per test on a fresh socket."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
-
-
-def find_virtiofsd() -> str:
-    for path in VIRTIOFSD_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("virtiofsd")
-    if found:
-        return found
-    raise RuntimeError(
-        "virtiofsd not found: install Debian's qemu-system-common (tools/setup-env.sh does)"
-    )
+from vfsdrv.tools.backend import Virtiofsd
 
 
 @contextmanager
 def virtiofsd(source: Path, sock: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """One virtiofsd serving `source` on `sock`; it serves a single connection."""
-    cmd = [find_virtiofsd(), f"--socket-path={sock}", "-o", f"source={source}",
-           "-o", "cache=auto", "-o", "xattr", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    """One virtiofsd serving `source` on `sock` (it serves a single connection);
+    its log goes to a file next to the socket, never to an undrained pipe."""
+    backend = Virtiofsd(source, sock, extra=extra)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"virtiofsd exited: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("virtiofsd did not create its socket within 10 s")
-            time.sleep(0.005)
-        yield proc
+        yield backend.proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        backend.stop()
 
 
 def connect_virtiofsd(sock: Path, **fs_options):
