@@ -36,6 +36,12 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
         action="store_true",
         help="do not offer VIRTIO_FS_F_NOTIFICATION (blocking locks then fail, EOPNOTSUPP)",
     )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="auditing mode: check the driver-normative statements the device can observe "
+        "and print the report on exit (exit status 1 if a MUST was violated)",
+    )
     p.add_argument("-d", "--debug", action="store_true", help="log every session event")
     return p
 
@@ -56,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_waiting_locks=args.max_waiting_locks,
             notification=not args.no_notification,
             notify_lock_code=args.notify_lock_code,
+            audit=args.audit,
         )
     except ValueError as exc:
         print(f"refdev: {exc}", file=sys.stderr)
@@ -69,4 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         device.serve_forever()
     except KeyboardInterrupt:
         pass
+    if args.audit:
+        report = device.audit_report()
+        print(report.format_table(), flush=True)
+        return 0 if report.ok else 1
     return 0

@@ -12,8 +12,11 @@ import os
 import selectors
 import socket
 import threading
+import time
 
+from ..errors import VfsdrvError
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
+from .audit import Auditor, AuditReport
 from .lock_table import LockTable
 from .vhost_session import DeviceConfig, VhostUserSession
 
@@ -31,7 +34,10 @@ class RefDevice:
         max_waiting_locks: int = 64,
         notification: bool = True,
         notify_lock_code: int = DEFAULT_NOTIFY_LOCK_CODE,
+        audit: bool = False,
     ) -> None:
+        """`audit`: auditing mode (docs/audit.rst): offer the STATUS protocol feature
+        and check every driver-normative statement observable here; see audit_report()."""
         if not os.path.isdir(source_dir):
             raise ValueError(f"source {source_dir!r} is not a directory")
         if max_waiting_locks < 0:
@@ -46,6 +52,7 @@ class RefDevice:
             notify_lock_code=notify_lock_code,
         )
         self.locks = LockTable(max_waiting_locks)
+        self.auditor = Auditor() if audit else None
         self.sessions: list[VhostUserSession] = []
         self._mutex = threading.Lock()
         self._next_session = 1
@@ -112,7 +119,8 @@ class RefDevice:
                 conn, _ = self._listener.accept()
                 with self._mutex:
                     session = VhostUserSession(
-                        conn, self.config, self._next_session, self.locks, self._forget
+                        conn, self.config, self._next_session, self.locks, self._forget,
+                        self.auditor,
                     )
                     self._next_session += 1
                     self.sessions.append(session)
@@ -120,6 +128,23 @@ class RefDevice:
                 session.start()
         self._listener.close()
         self._listener = None
+
+    def audit_report(self) -> AuditReport:
+        """What the auditor saw so far, from every frontend (auditing mode only)."""
+        if self.auditor is None:
+            raise VfsdrvError("the device is not in auditing mode (RefDevice(..., audit=True))")
+        return self.auditor.report()
+
+    def wait_sessions_closed(self, timeout: float = 5.0) -> bool:
+        """Wait until every frontend's session has ended; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                if not self.sessions:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def _forget(self, session: VhostUserSession) -> None:
         with self._mutex:

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .._native import ffi, lib
 from ..errors import RingError
 from ..virtio import ring_layout as rl
 from .guest_memory import GuestMemory, MemoryAccessError
+
+if TYPE_CHECKING:
+    from .audit import QueueAudit
 
 #: a chain of more than 4 GiB is a driver bug (2.7.5.2: "MUST NOT add a chain longer than 2^32")
 MAX_CHAIN_BYTES = 1 << 32
@@ -82,6 +86,7 @@ class DeviceQueue:
         self.enabled = False
         self.started = False
         self.broken = False
+        self.audit: QueueAudit | None = None  # auditing mode: checks of the driver's rules
         self._memory: GuestMemory | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -117,6 +122,8 @@ class DeviceQueue:
         # Every chain is completed before it is popped again, so nothing is in flight.
         self.last_avail = self.used_idx = base
         self.signalled_used = None
+        if self.audit is not None:
+            self.audit.set_base(base)
 
     def set_kick(self, fd: int | None) -> None:
         _close(self.kick_fd)
@@ -140,6 +147,8 @@ class DeviceQueue:
         self._avail_ptr = ffi.cast("char *", ffi.from_buffer(self._avail))
         self._used_ptr = ffi.cast("char *", ffi.from_buffer(self._used))
         self.started = True
+        if self.audit is not None:
+            self.audit.started(self)
 
     def stop(self) -> int:
         """GET_VRING_BASE: stop and return the next avail index to read."""
@@ -160,7 +169,10 @@ class DeviceQueue:
 
     def pending(self) -> int:
         """Chains the driver made available that the device has not taken yet."""
-        n = (self._avail_idx() - self.last_avail) & 0xFFFF
+        idx = self._avail_idx()
+        if self.audit is not None:
+            self.audit.avail_idx(self, idx)
+        n = (idx - self.last_avail) & 0xFFFF
         if n > self.size:
             raise RingError(
                 f"queue {self.index}: avail idx moved {n} entries ahead of a {self.size}-entry ring"
@@ -172,6 +184,8 @@ class DeviceQueue:
         if not self.ready or not self.pending():
             return None
         assert self._avail is not None
+        if self.audit is not None:
+            self.audit.scan(self)
         slot = rl.AVAIL_RING + 2 * (self.last_avail % self.size)
         head = int.from_bytes(self._avail[slot : slot + 2], "little")
         chain = self._read_chain(head)
@@ -228,6 +242,8 @@ class DeviceQueue:
         assert self._used is not None
         if written > chain.writable_len:
             raise RingError(f"queue {self.index}: used len {written} > writable part")
+        if self.audit is not None:
+            self.audit.used(self, chain.head)
         slot = rl.USED_RING + rl.USED_ELEM.size * (self.used_idx % self.size)
         rl.USED_ELEM.pack_into(self._used, slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF

@@ -99,6 +99,13 @@ class GuestMemory:
             f"frontend address range {addr:#x}+{length:#x} is not inside one region"
         )
 
+    def user_to_gpa(self, addr: int) -> int | None:
+        """The guest-physical address of frontend address `addr`, None if unmapped."""
+        for r in self.regions:
+            if _contains(r.user_addr, r.size, addr, 1):
+                return addr - r.user_addr + r.gpa
+        return None
+
     def close(self) -> None:
         """Unmap what no one still uses; a mapping exported to a live view stays until GC."""
         for r in self.regions:

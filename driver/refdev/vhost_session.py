@@ -29,6 +29,7 @@ from ..errors import DeviceGoneError, TransportError, VfsdrvError
 from ..fs import abi
 from ..virtio import vhost_user_proto as vu
 from ..virtio.vhost_user_proto import ProtocolFeature, Request
+from .audit import Auditor, QueueAudit, SessionAudit
 from .device_queue import Chain, DeviceQueue
 from .fuse_server import FuseServer
 from .guest_memory import GuestMemory
@@ -42,6 +43,9 @@ VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 
 PROTOCOL_FEATURES = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+#: device status bits the session acts on (only with the STATUS protocol feature)
+STATUS_FEATURES_OK = 8
+STATUS_DRIVER_OK = 4
 LOCK_NOTIFY_LEN = abi.OUT_HEADER_SIZE + abi.sizeof("fuse_notify_lock_out")
 
 
@@ -107,6 +111,7 @@ class VhostUserSession:
         session_id: int,
         locks: LockTable,
         on_exit: Callable[[VhostUserSession], None] | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.sock = sock
         self.config = config
@@ -116,8 +121,22 @@ class VhostUserSession:
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
+        # Auditing mode offers STATUS (SET_STATUS/GET_STATUS) to see every status write.
+        self.offered_protocol = PROTOCOL_FEATURES | (
+            ProtocolFeature.STATUS if auditor is not None else 0
+        )
+        self.status = 0
+        self._msg_flags = 0
         self.memory = GuestMemory.empty()
         self.queues = [DeviceQueue(i) for i in range(config.max_queues)]
+        self.audit: SessionAudit | None = None
+        if auditor is not None:
+            self.audit = SessionAudit(
+                auditor, session_id, config.features,
+                config.notify_buf_size if config.notification else 0,
+            )
+            for q in self.queues:
+                q.audit = QueueAudit(self.audit, q.index)
         self.server = FuseServer(config.source, session_id, locks)
         self._pending: collections.deque[tuple[int, int]] = collections.deque()
         self._pending_mutex = threading.Lock()
@@ -145,6 +164,8 @@ class VhostUserSession:
             Request.SET_VRING_ERR: self._set_vring_err,
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
         }
 
     # -- thread -------------------------------------------------------------------------
@@ -214,6 +235,8 @@ class VhostUserSession:
         usable = 1 + int(self.notification) + self.config.request_queues
         if not self.features_set:
             usable = self.config.max_queues
+        if self.audit is not None:
+            self.audit.queue_index(index, usable)
         if not 0 <= index < usable:
             raise MessageError(f"queue index {index} outside 0..{usable - 1}")
         return self.queues[index]
@@ -227,6 +250,9 @@ class VhostUserSession:
         handler = self._handlers.get(request)
         reply: bytes | None = None
         ok = True
+        self._msg_flags = flags
+        if request == Request.SET_CONFIG and self.audit is not None:
+            self.audit.set_config(payload)
         try:
             if handler is None:
                 raise MessageError(f"unsupported vhost-user request {request}")
@@ -264,6 +290,8 @@ class VhostUserSession:
 
     def _set_features(self, payload: bytes, fds: list[int]) -> None:
         features = self._u64(payload)
+        if self.audit is not None:
+            self.audit.set_features(features)
         if features & ~self.config.features:
             raise MessageError(f"features {features:#x} include some never offered")
         if any(q.started for q in self.queues):
@@ -275,15 +303,83 @@ class VhostUserSession:
             q.indirect = bool(features & VIRTIO_RING_F_INDIRECT_DESC)
         notify = self._post_lock_notification if self.notification else None
         self.server.notify_lock = notify
+        for q in self.queues:
+            if q.audit is not None:
+                q.audit.role = self.role(q.index).value
 
     def _get_protocol_features(self, payload: bytes, fds: list[int]) -> bytes:
-        return vu.U64.pack(PROTOCOL_FEATURES)
+        return vu.U64.pack(self.offered_protocol)
 
     def _set_protocol_features(self, payload: bytes, fds: list[int]) -> None:
         features = self._u64(payload)
-        if features & ~PROTOCOL_FEATURES:
+        if features & ~self.offered_protocol:
             raise MessageError(f"protocol features {features:#x} include some never offered")
         self.protocol_features = features
+        if self.audit is not None:
+            self.audit.status_negotiated = self.status_negotiated
+            self.audit.config_negotiated = bool(features & ProtocolFeature.CONFIG)
+
+    # -- device status (STATUS protocol feature, auditing mode) --------------------------
+    @property
+    def status_negotiated(self) -> bool:
+        return bool(self.protocol_features & ProtocolFeature.STATUS)
+
+    @property
+    def live(self) -> bool:
+        """May the device consume buffers? With STATUS only after DRIVER_OK (without it
+        there is no status: the ring enable stands for it)."""
+        return not self.status_negotiated or bool(self.status & STATUS_DRIVER_OK)
+
+    def _set_status(self, payload: bytes, fds: list[int]) -> None:
+        if not self.status_negotiated:
+            raise MessageError("SET_STATUS without the STATUS protocol feature")
+        value = self._u64(payload) & 0xFF
+        old = self.status
+        starting = bool(value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK)
+        if self.audit is not None:
+            if starting:
+                kicked = [q.index for q in self.queues if q.kick_fd is not None
+                          and _readable(q.kick_fd)]
+                acked = bool(self._msg_flags & vu.FLAG_NEED_REPLY
+                             and self.protocol_features & ProtocolFeature.REPLY_ACK)
+                self.audit.kicks_at_driver_ok(kicked, acked)
+            self.audit.set_status(value)
+        if value == 0:  # reset: the rings stop
+            for q in self.queues:
+                self._stop_queue(q)
+            self.status = 0
+            return
+        if value & STATUS_FEATURES_OK and not self.features_set:
+            value &= ~STATUS_FEATURES_OK  # no feature set to accept
+        self.status = value
+        if starting:
+            self._check_notify_buffers_at_driver_ok()
+            for q in self.queues:
+                self._run_queue(q)
+            if self.audit is not None:
+                self.audit.driver_ok_done()
+
+    def _get_status(self, payload: bytes, fds: list[int]) -> bytes:
+        if not self.status_negotiated:
+            raise MessageError("GET_STATUS without the STATUS protocol feature")
+        if self.audit is not None:
+            self.audit.status_read()
+        return vu.U64.pack(self.status)
+
+    def _check_notify_buffers_at_driver_ok(self) -> None:
+        if self.audit is None or not self.notification:
+            return
+        q = self.queues[1]
+        available = 0
+        if q.started and not q.broken:
+            try:
+                available = q.pending()
+            except VfsdrvError:
+                return  # reported by the ring checks
+        self.audit.a.check(
+            "64", available > 0,
+            f"session {self.id}: no notification buffer available when DRIVER_OK was set",
+        )
 
     def _reset_owner(self, payload: bytes, fds: list[int]) -> None:
         for q in self.queues:
@@ -302,13 +398,18 @@ class VhostUserSession:
 
     def _set_vring_num(self, payload: bytes, fds: list[int]) -> None:
         index, num = self._state(payload)
+        if self.audit is not None:
+            self.audit.vring_num(index, num)
         self._queue(index).set_size(num)
 
     def _set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
         if len(payload) < vu.VRING_ADDR.size:
             raise MessageError("SET_VRING_ADDR payload too short")
         index, _flags, desc, used, avail, _log = vu.VRING_ADDR.unpack_from(payload)
-        self._queue(index).set_addresses(desc, used, avail)
+        q = self._queue(index)
+        if q.audit is not None:
+            q.audit.set_addresses(q, desc, used, avail, self.memory.user_to_gpa)
+        q.set_addresses(desc, used, avail)
 
     def _set_vring_base(self, payload: bytes, fds: list[int]) -> None:
         index, base = self._state(payload)
@@ -339,6 +440,8 @@ class VhostUserSession:
 
     def _set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
         q, fd = self._vring_fd(payload, fds)
+        if self.audit is not None:
+            self.audit.setup_step(f"SET_VRING_KICK({q.index})")
         if fd is None:
             raise MessageError("polled queues (no kick fd) are not supported")
         if q.kick_fd is not None:
@@ -369,6 +472,8 @@ class VhostUserSession:
         if num not in (0, 1):
             raise MessageError(f"SET_VRING_ENABLE with {num}")
         q = self._queue(index)
+        if self.audit is not None:
+            self.audit.vring_enable(q, num)
         q.enabled = bool(num)
         self._run_queue(q)
 
@@ -376,6 +481,8 @@ class VhostUserSession:
         if len(payload) < vu.CONFIG_HEAD.size:
             raise MessageError("GET_CONFIG payload too short")
         offset, size, flags = vu.CONFIG_HEAD.unpack_from(payload)
+        if self.audit is not None:
+            self.audit.get_config(offset, size)
         space = self.config.config_space()
         if size != len(payload) - vu.CONFIG_HEAD.size or offset + size > len(space):
             raise MessageError(f"GET_CONFIG of {offset}+{size} outside {len(space)} bytes")
@@ -384,10 +491,14 @@ class VhostUserSession:
     # -- queues -------------------------------------------------------------------------
     def _on_kick(self, q: DeviceQueue) -> None:
         q.drain_kick()
+        if self.audit is not None:
+            self.audit.kick(q.index, self.sock)
+            if q.audit is not None and q.started:
+                q.audit.scan(q)  # chains the device may not pop for a while (notifications)
         self._run_queue(q)
 
     def _run_queue(self, q: DeviceQueue) -> None:
-        if not q.ready:
+        if not q.ready or not self.live:
             return
         if self.role(q.index) is Role.NOTIFY:
             self._deliver_notifications()
@@ -408,6 +519,8 @@ class VhostUserSession:
 
     def _serve_chain(self, q: DeviceQueue, chain: Chain, hiprio: bool) -> None:
         request = chain.read_all()
+        if self.audit is not None:
+            self.audit.request(self.role(q.index).value, request)
         if hiprio and not _is_hiprio_request(request):
             log.warning("session %d: normal request on the hiprio queue", self.id)
             reply = _error_reply(request, 22)  # EINVAL: "MUST not submit normal requests"
@@ -444,12 +557,17 @@ class VhostUserSession:
         if not self.notification:
             return
         q = self.queues[1]
-        if not q.ready:
+        if not q.ready or not self.live:
             return
         try:
             while True:
                 while self._pending:
                     chain = q.pop()
+                    if self.audit is not None:
+                        self.audit.a.check(
+                            "64", chain is not None,
+                            f"session {self.id}: a notification to deliver and no buffer",
+                        )
                     if chain is None:
                         break
                     if chain.readable or chain.writable_len < self.config.notify_buf_size:
@@ -492,6 +610,13 @@ def _is_hiprio_request(request: bytes) -> bool:
 def _error_reply(request: bytes, err: int) -> bytes:
     unique = abi.unpack("fuse_in_header", request).unique
     return abi.pack("fuse_out_header", len=abi.OUT_HEADER_SIZE, error=-err, unique=unique)
+
+
+def _readable(fd: int) -> bool:
+    """An eventfd with a non-zero counter (a kick not read yet)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(0))
 
 
 def _drain(fd: int) -> None:
