@@ -152,6 +152,7 @@ def test_pci_group_not_viable(guest) -> None:
     assert f"IOMMU group {res['groups'][0]} is not viable" in msg
     assert "0000:00:03.1 (bound to virtio-pci)" in msg
     assert res["driver_after_failure"] == "virtio-pci"
+    assert res["iommufd"][0] == "PciError" and "CONFIG_IOMMUFD" in res["iommufd"][1]
     assert res["viable_getattr_ok"] and res["init_minor"] >= 31
     assert res["drivers_after"] == ["virtio-pci", "virtio-pci"]
 
@@ -334,6 +335,11 @@ def _guest_group(sysfs, res: dict) -> int:
         res["not_viable"] = [type(e).__name__, str(e)]
     res["driver_after_failure"] = sysfs.driver(a)
     sysfs.bind_vfio(b)
+    try:  # this 6.1 guest kernel has no iommufd / VFIO device cdevs
+        vp.open_pci(a, bind=True, backend="iommufd").close()
+        res["iommufd"] = ["no error", ""]
+    except VfsdrvError as e:
+        res["iommufd"] = [type(e).__name__, str(e)]
     fs = VirtioFs(vp.open_pci(a, bind=True), max_io=64 << 10, small_slots=8, large_slots=2)
     try:
         fs.start()
