@@ -5,7 +5,7 @@
 #   setup.sh   sourced first: rw mounts, modules, env, cwd (generated)
 #   script     the caller's script, run as `bash -e -o pipefail script`
 # and gets back: output (stdout+stderr of setup and script), setup-ok, rc,
-# t-start (guest uptime when the script started). The 9p share is uncached
+# t-start (guest uptime when the script started), dmesg (the kernel log after it). The 9p share is uncached
 # (write-through), so these are on the host as soon as they are written.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 quit() {
@@ -25,5 +25,7 @@ export -f vfsdrv_virtiofs_bdfs vfsdrv_vfio_bind vfsdrv_vfio_group
   read -r up _ < /proc/uptime && echo "$up" > "$R/t-start"
   exec bash -e -o pipefail "$R/script"
 ) </dev/null >"$R/output" 2>&1
-echo $? > "$R/rc"
+rc=$?
+dmesg > "$R/dmesg" 2>&1
+echo $rc > "$R/rc"
 quit

@@ -110,18 +110,22 @@ class FsDevice:
 class GuestResult:
     returncode: int
     output: str  # the script's stdout and stderr, combined
-    console: str  # serial console: kernel messages, guest-init errors
+    console: str  # serial console: kernel messages (quiet: warnings only), guest-init errors
     duration: float  # wall clock seconds for the whole run (virtiofsd, boot, script, exit)
     boot_time: float | None  # guest uptime when the script started
     backend_logs: dict[str, str] = field(default_factory=dict)  # tag -> virtiofsd log
+    dmesg: str = ""  # the guest's whole kernel log, taken after the script
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
 
     def __str__(self) -> str:
-        return (f"guest exit status {self.returncode} after {self.duration:.1f}s; "
+        text = (f"guest exit status {self.returncode} after {self.duration:.1f}s; "
                 f"output:\n{self.output}")
+        if self.returncode != 0 and self.dmesg:
+            text += f"\n--- guest dmesg (tail):\n{_tail(self.dmesg, 25)}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -513,7 +517,8 @@ def run_in_guest(
         t_start = _read(run / "t-start").strip()
         return GuestResult(returncode=int(rc_text), output=output, console=console,
                            duration=time.monotonic() - start,
-                           boot_time=float(t_start) if t_start else None, backend_logs=logs)
+                           boot_time=float(t_start) if t_start else None, backend_logs=logs,
+                           dmesg=_read(run / "dmesg"))
     finally:
         if qproc is not None and qproc.poll() is None:
             qproc.kill()

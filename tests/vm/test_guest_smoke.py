@@ -41,6 +41,8 @@ def test_command_runs_and_status_and_output_come_back(guest: Guest, tmp_path: Pa
     assert "written\n" in r.output
     assert not host_only.exists()
     assert r.boot_time is not None and 0 < r.boot_time < r.duration
+    assert "Linux version" in r.dmesg and "Command line:" in r.dmesg
+    assert "guest exit status 7" in str(r) and "guest dmesg" in str(r)
 
 
 def test_script_stops_at_first_failure(guest: Guest) -> None:
