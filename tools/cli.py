@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "devices",
     "check",
     "udev",
+    "audit",
 ]
 
 
