@@ -115,3 +115,15 @@ def test_add_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     msg = udev.handle_add("00:03.0", conf, s)
     assert "[pci:0000:00:03.0]" in msg and "mount on /mnt/x: started" in msg
     assert bound == [BDF, BDF] and started == [BDF]
+
+
+def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The unit template as systemd reads it (an instance of it, ExecStart resolved)."""
+    udev.install(str(tmp_path), reload=False)
+    unit = tmp_path / "vfsdrv@myfs.service"
+    unit.write_text((tmp_path / udev.UNIT_FILE).read_text())
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    exec_start = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")]
+    assert exec_start == [f"ExecStart={udev.vfsdrv_command()} udev mount --foreground %I"]
