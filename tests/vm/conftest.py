@@ -32,6 +32,7 @@ def vm_kernel() -> harness.Kernel:
     """The prepared guest kernel (done once, then cached across sessions)."""
     try:
         harness.qemu_binary()
+        harness.virtiofsd_binary()
         return harness.prepare_kernel()
     except harness.GuestSetupError as e:
         pytest.fail(f"this host cannot run the QEMU guest tests: {e}", pytrace=False)

@@ -200,6 +200,12 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
+def _need_tools(*tools: str) -> None:
+    for tool in tools:
+        if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+            raise GuestSetupError(f"{tool} not found: run tools/setup-env.sh")
+
+
 def _run_step(argv: list[str], what: str, env: Mapping[str, str] | None = None) -> None:
     p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -219,11 +225,6 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     different versions do not rebuild each other's), the initramfs by the hash of
     build-initramfs.sh and initramfs-init.
     """
-    for tool in ("apt-get", "dpkg-deb", "depmod", "cpio", "xz", "gzip", "make", "gcc"):
-        if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
-            raise GuestSetupError(f"{tool} not found: run tools/setup-env.sh")
-    if not os.access("/bin/busybox", os.X_OK):
-        raise GuestSetupError("/bin/busybox not found: install busybox-static (tools/setup-env.sh)")
     cache = cache_dir()
     kpkg = kernel_package()
     kstamp = _digest(VM_DIR / "prepare-kernel.sh")
@@ -232,12 +233,17 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     initrd = kdir / f"initrd-{istamp}.gz"
     with _locked(cache / ".lock"):
         if not (kdir / "ok").exists():  # prepare-kernel.sh renames a complete tree into place
+            _need_tools("apt-get", "dpkg-deb", "depmod", "modinfo", "xz", "make", "gcc")
             if log:
                 print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
             env = dict(os.environ, STAMP=kstamp)
             _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
                       f"preparing the guest kernel {kpkg}", env)
         if not initrd.exists():
+            _need_tools("modprobe", "cpio", "gzip")
+            if not os.access("/bin/busybox", os.X_OK):
+                raise GuestSetupError("/bin/busybox not found: install busybox-static "
+                                      "(tools/setup-env.sh)")
             _run_step([str(VM_DIR / "build-initramfs.sh"), str(kdir), str(initrd)],
                       "building the guest initramfs")
         os.utime(kdir / "ok")  # last use, for _collect_garbage
@@ -539,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="run-guest.sh", description="Run SCRIPT (bash) in a QEMU "
                                  "guest with a virtio-fs PCI function; exit with its status "
                                  "(125: the guest could not be run).")
-    ap.add_argument("script")
+    ap.add_argument("script", nargs="?")
     ap.add_argument("--iommu", action="store_true", help="vIOMMU: type1 VFIO groups")
     ap.add_argument("--noiommu", action="store_true", help="vfio no-IOMMU mode")
     ap.add_argument("--bind-vfio", action="store_true", help="bind virtio-fs functions to vfio")
@@ -553,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--prepare-only", action="store_true", help="prepare the kernel, then exit")
     a = ap.parse_args(argv)
+    if a.script is None and not a.prepare_only:
+        ap.error("SCRIPT is required")
     try:
         if a.prepare_only:
             print(prepare_kernel().kdir)
