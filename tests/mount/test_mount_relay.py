@@ -222,12 +222,13 @@ class Alarm(Exception):
     pass
 def on_alarm(*_):
     raise Alarm  # stops Python from retrying the interrupted fcntl (PEP 475)
-if sys.argv[2] == "interrupt":
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
 fd = os.open(sys.argv[1], os.O_RDWR)
+print("asking", flush=True)
 t0 = time.monotonic()
 try:
+    if sys.argv[2] == "interrupt":
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
     fcntl.fcntl(fd, fcntl.F_SETLKW, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
     print("granted %.2f" % (time.monotonic() - t0), flush=True)
 except Alarm:
@@ -246,6 +247,7 @@ def test_blocking_lock_and_its_interrupt_reach_the_device(tmp_path: Path) -> Non
         try:
             waiter = subprocess.Popen([sys.executable, "-c", LOCK_WAITER, str(m.mnt / "lk"),
                                        "wait"], stdout=subprocess.PIPE, text=True)
+            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
             time.sleep(0.7)
             assert waiter.poll() is None, "SETLKW did not wait for the holder"
         finally:
@@ -256,7 +258,7 @@ def test_blocking_lock_and_its_interrupt_reach_the_device(tmp_path: Path) -> Non
         try:
             r = subprocess.run([sys.executable, "-c", LOCK_WAITER, str(m.mnt / "lk"),
                                 "interrupt"], capture_output=True, text=True, timeout=10)
-            assert r.stdout.startswith("interrupted"), (r.stdout, r.stderr)
+            assert r.stdout.startswith("asking\ninterrupted"), (r.stdout, r.stderr)
             interrupted = wait_for_log(m, r"unique (\d+) SETLKW nodeid \d+ -> -4 \(EINTR\)")
             unique = int(interrupted.group(1))
             wait_for_log(m, rf"unique {unique | 1} INTERRUPT nodeid 0 \(no reply\)")
