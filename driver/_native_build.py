@@ -7,8 +7,9 @@ store into a memoryview. Rings shared with a device and MMIO registers need both
     used entries, and a full fence between publishing avail->idx and reading
     avail_event/flags (store->load ordering, which even x86 TSO does not give);
   * single, naturally sized, volatile accesses to device registers.
-C11 atomics compile to plain moves plus mfence on x86-64 and to stlr/ldar/dmb on
-aarch64, which is what the virtio spec's "suitable memory barrier" asks for.
+On x86-64 these are plain moves plus mfence; on aarch64 "dmb osh" barriers, which
+order against a DMA master as well as other CPUs (the barriers "suitable for
+hardware devices" that VIRTIO_F_ORDER_PLATFORM asks for).
 """
 
 from cffi import FFI
@@ -30,28 +31,37 @@ void vfsdrv_mmio_write32(void *p, uint32_t v);
 
 SOURCE = r"""
 #include <stdint.h>
-static void vfsdrv_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-static void vfsdrv_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-static void vfsdrv_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-static uint16_t vfsdrv_load_acquire_u16(void *p)
-{ return __atomic_load_n((uint16_t *)p, __ATOMIC_ACQUIRE); }
+/* Fences. On aarch64 the device (a DMA master) is in the outer-shareable domain, so
+ * the barriers are "dmb osh*" (what Linux's dma_*mb() use for VIRTIO_F_ORDER_PLATFORM),
+ * which also order against other CPUs. Elsewhere (x86-64: TSO, mfence for store->load)
+ * the C11 fences are enough for both. */
+#if defined(__aarch64__)
+#define VFSDRV_MB()  __asm__ __volatile__("dmb osh" ::: "memory")
+#define VFSDRV_RMB() __asm__ __volatile__("dmb oshld" ::: "memory")
+#define VFSDRV_WMB() __asm__ __volatile__("dmb oshst" ::: "memory")
+#else
+#define VFSDRV_MB()  __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define VFSDRV_RMB() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define VFSDRV_WMB() __atomic_thread_fence(__ATOMIC_RELEASE)
+#endif
+static void vfsdrv_mb(void) { VFSDRV_MB(); }
+static void vfsdrv_rmb(void) { VFSDRV_RMB(); }
+static void vfsdrv_wmb(void) { VFSDRV_WMB(); }
+/* release: every earlier store is visible to the device before this one */
 static void vfsdrv_store_release_u16(void *p, uint16_t v)
-{ __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+{ VFSDRV_WMB(); __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+/* acquire: no later load is satisfied before this one */
+static uint16_t vfsdrv_load_acquire_u16(void *p)
+{ uint16_t v = __atomic_load_n((uint16_t *)p, __ATOMIC_RELAXED); VFSDRV_RMB(); return v; }
 static uint32_t vfsdrv_load_acquire_u32(void *p)
-{ return __atomic_load_n((uint32_t *)p, __ATOMIC_ACQUIRE); }
-/* MMIO: volatile, naturally sized, ordered against earlier ring writes by a full fence. */
-static uint8_t vfsdrv_mmio_read8(void *p)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); return *(volatile uint8_t *)p; }
-static uint16_t vfsdrv_mmio_read16(void *p)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); return *(volatile uint16_t *)p; }
-static uint32_t vfsdrv_mmio_read32(void *p)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); return *(volatile uint32_t *)p; }
-static void vfsdrv_mmio_write8(void *p, uint8_t v)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); *(volatile uint8_t *)p = v; }
-static void vfsdrv_mmio_write16(void *p, uint16_t v)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); *(volatile uint16_t *)p = v; }
-static void vfsdrv_mmio_write32(void *p, uint32_t v)
-{ __atomic_thread_fence(__ATOMIC_SEQ_CST); *(volatile uint32_t *)p = v; }
+{ uint32_t v = __atomic_load_n((uint32_t *)p, __ATOMIC_RELAXED); VFSDRV_RMB(); return v; }
+/* MMIO: volatile, naturally sized, ordered after earlier ring writes by a full fence. */
+static uint8_t vfsdrv_mmio_read8(void *p) { VFSDRV_MB(); return *(volatile uint8_t *)p; }
+static uint16_t vfsdrv_mmio_read16(void *p) { VFSDRV_MB(); return *(volatile uint16_t *)p; }
+static uint32_t vfsdrv_mmio_read32(void *p) { VFSDRV_MB(); return *(volatile uint32_t *)p; }
+static void vfsdrv_mmio_write8(void *p, uint8_t v) { VFSDRV_MB(); *(volatile uint8_t *)p = v; }
+static void vfsdrv_mmio_write16(void *p, uint16_t v) { VFSDRV_MB(); *(volatile uint16_t *)p = v; }
+static void vfsdrv_mmio_write32(void *p, uint32_t v) { VFSDRV_MB(); *(volatile uint32_t *)p = v; }
 """
 
 ffibuilder = FFI()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import pytest
 from backends import connect_virtiofsd, virtiofsd
 from vfsdrv.fs.client import FuseClient
 from vfsdrv.fs.device import VirtioFs
+from vfsdrv.refdev import RefDevice
+from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 
 @pytest.fixture
@@ -41,3 +45,42 @@ def client(fs: VirtioFs) -> FuseClient:
 
 def pytest_report_header(config) -> str:
     return f"running as uid {os.getuid()}"
+
+
+# -- the reference device, in this process, with the driver attached -----------------
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # unix socket paths are limited to 108 bytes: keep them short
+    d = tempfile.mkdtemp(prefix="refdev-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def device_factory(export_dir: Path, sock_dir: str) -> Iterator:
+    devices: list[RefDevice] = []
+
+    def make(**options) -> RefDevice:
+        dev = RefDevice(os.path.join(sock_dir, f"d{len(devices)}.sock"), str(export_dir), **options)
+        dev.start()
+        devices.append(dev)
+        return dev
+
+    yield make
+    for dev in devices:
+        dev.stop()
+
+
+@pytest.fixture
+def connect() -> Iterator:
+    opened: list[VirtioFs] = []
+
+    def attach(dev: RefDevice, **fs_options) -> FuseClient:
+        fs = VirtioFs(VhostUserTransport(dev.socket_path), **fs_options).start()
+        opened.append(fs)
+        fs.init()
+        return FuseClient(fs)
+
+    yield attach
+    for fs in opened:
+        fs.close()

@@ -9,67 +9,18 @@ import errno
 import os
 import shutil
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import InitFlag, Opcode
 from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
-from vfsdrv.fs.device import VirtioFs
 from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
-from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 MiB = 1 << 20
 WAIT_TIMEOUT = 5.0
-
-
-@pytest.fixture
-def export_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "export"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    # unix socket paths are limited to 108 bytes: keep them short
-    d = tempfile.mkdtemp(prefix="refdev-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def device_factory(export_dir: Path, sock_dir: str) -> Iterator:
-    devices: list[RefDevice] = []
-
-    def make(**options) -> RefDevice:
-        dev = RefDevice(os.path.join(sock_dir, f"d{len(devices)}.sock"), str(export_dir), **options)
-        dev.start()
-        devices.append(dev)
-        return dev
-
-    yield make
-    for dev in devices:
-        dev.stop()
-
-
-@pytest.fixture
-def connect() -> Iterator:
-    opened: list[VirtioFs] = []
-
-    def attach(dev: RefDevice, **fs_options) -> FuseClient:
-        fs = VirtioFs(VhostUserTransport(dev.socket_path), **fs_options).start()
-        opened.append(fs)
-        fs.init()
-        return FuseClient(fs)
-
-    yield attach
-    for fs in opened:
-        fs.close()
 
 
 @pytest.fixture

@@ -20,8 +20,11 @@ from .virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
 
-#: ring features this core implements
-CORE_FEATURES = Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX
+#: ring features this core implements; ORDER_PLATFORM because vfsdrv._native's
+#: barriers are the hardware-suitable ones (dmb osh on aarch64, mfence on x86-64)
+CORE_FEATURES = (
+    Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.ORDER_PLATFORM
+)
 
 CONFIG_RETRIES = 100
 

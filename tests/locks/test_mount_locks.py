@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import Locker, Pair, mounted, refdev
 from mounting import is_mounted
+from two_mounts import Locker, Pair, mounted, refdev
 
 
 def _locker(lockers: list[Locker], path: Path) -> Locker:

@@ -6,53 +6,16 @@ device whose notify_buf_size is too small (a clear error, the device FAILED)."""
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from vfsdrv.errors import ConfigError
 from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
 from vfsdrv.fs.device import VirtioFs
-from vfsdrv.refdev import RefDevice
 from vfsdrv.virtio.constants import Status
 from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
-
-
-@pytest.fixture
-def make_device(tmp_path: Path) -> Iterator:
-    made: list[RefDevice] = []
-    export = tmp_path / "export"
-    export.mkdir()
-    sockdir = tempfile.mkdtemp(prefix="vfn-", dir="/tmp")
-
-    def make(**options) -> RefDevice:
-        dev = RefDevice(os.path.join(sockdir, f"{len(made)}.sock"), str(export), **options)
-        dev.start()
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        dev.stop()
-
-
-@pytest.fixture
-def attach() -> Iterator:
-    opened: list[VirtioFs] = []
-
-    def attach(dev: RefDevice, **options) -> FuseClient:
-        fs = VirtioFs(VhostUserTransport(dev.socket_path), **options).start()
-        opened.append(fs)
-        fs.init()
-        return FuseClient(fs)
-
-    yield attach
-    for fs in opened:
-        fs.close()
 
 
 def _open(c: FuseClient, name: str) -> tuple[int, int]:
@@ -80,9 +43,9 @@ def _wait_used(c: FuseClient, queue_index: int, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def test_notification_before_its_reply(make_device, attach) -> None:
-    dev = make_device()
-    a, b = attach(dev), attach(dev)
+def test_notification_before_its_reply(device_factory, connect) -> None:
+    dev = device_factory()
+    a, b = connect(dev), connect(dev)
     na, fa = _open(a, "f")
     nb, fb = _open(b, "f")
     a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
@@ -98,10 +61,10 @@ def test_notification_before_its_reply(make_device, attach) -> None:
         a.setlk(na, fa, 1, Lock(0, 0, F_WRLCK, 0))
 
 
-def test_empty_notification_queue_for_a_while_loses_nothing(make_device, attach) -> None:
-    dev = make_device(max_waiting_locks=32)
-    a = attach(dev)
-    b = attach(dev, notify_buffers=1)  # one buffer: every further notification must wait
+def test_empty_notification_queue_for_a_while_loses_nothing(device_factory, connect) -> None:
+    dev = device_factory(max_waiting_locks=32)
+    a = connect(dev)
+    b = connect(dev, notify_buffers=1)  # one buffer: every further notification must wait
     n = 12
     files = [f"w{i}" for i in range(n)]
     held = [_open(a, f) for f in files]
@@ -123,9 +86,9 @@ def test_empty_notification_queue_for_a_while_loses_nothing(make_device, attach)
 
 
 @pytest.mark.parametrize("size", [32, 33, 64, 4096])
-def test_notify_buf_size_edges(make_device, attach, size: int) -> None:
-    dev = make_device(notify_buf_size=size)
-    a, b = attach(dev), attach(dev)
+def test_notify_buf_size_edges(device_factory, connect, size: int) -> None:
+    dev = device_factory(notify_buf_size=size)
+    a, b = connect(dev), connect(dev)
     assert b.fs.config.notify_buf_size == size
     na, fa = _open(a, "e")
     nb, fb = _open(b, "e")
@@ -146,8 +109,8 @@ class SmallNotifyBufTransport(VhostUserTransport):
         return bytes(data)
 
 
-def test_notify_buf_size_too_small_is_a_clear_error(make_device) -> None:
-    dev = make_device()
+def test_notify_buf_size_too_small_is_a_clear_error(device_factory) -> None:
+    dev = device_factory()
     t = SmallNotifyBufTransport(dev.socket_path)
     fs = VirtioFs(t)
     try:

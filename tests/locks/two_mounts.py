@@ -1,4 +1,4 @@
-"""Two mounts of one reference device: two "guests" sharing one lock table.
+"""Fixtures and helpers: two mounts of one reference device: two "guests" sharing one lock table.
 
 The device runs as its own process (`vfsdrv refdev`), and each mount is served by
 its own `vfsdrv mount -f --vhost-user` process, so a test process blocked in

@@ -1,0 +1,1 @@
+from two_mounts import lockers, pair  # noqa: F401 - fixtures
