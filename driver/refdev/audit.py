@@ -130,8 +130,8 @@ STATEMENTS: tuple[Statement, ...] = (
     _s("30d", 30, "§4.1", MUST, "A driver MUST NOT create a descriptor chain longer than the "
        "Queue Size."),
     _s("31", 31, "§4.1", MUST, "A driver MUST NOT decrement the available idx."),
-    _s("31b", 31, "§4.1", MUST, "The available idx never runs more than the queue size ahead "
-       "of the entries the device has taken (no more chains exposed than ring entries)."),
+    _s("31b", 31, "§4.1", MUST, "The driver MUST NOT expose more chains than the ring has "
+       "entries: the available idx never runs more than the queue size ahead of the device."),
     _s("32", 32, "§4.1", MUST, "Without VIRTIO_F_EVENT_IDX the driver MUST set avail->flags "
        "to 0 or 1; with it, to 0."),
     _s("35", 35, "§4.1", MUST, "The driver MUST initialize flags in the used ring to 0 when "
@@ -144,8 +144,8 @@ STATEMENTS: tuple[Statement, ...] = (
        "live (queue_enable 0; vhost-user: SET_VRING_ENABLE 0 after DRIVER_OK)."),
     _s("58", 58, "§1.3", MUST, "The driver MUST NOT write to device configuration fields "
        "(tag, num_request_queues, notify_buf_size): no SET_CONFIG."),
-    _s("59", 59, "§1.2", MUST, "The driver uses from one up to num_request_queues request "
-       "virtqueues: no queue index outside hiprio, notification and those request queues."),
+    _s("59", 59, "§1.2", MUST, "The driver MAY use from one up to num_request_queues request "
+       "virtqueues, and MUST NOT use a queue index outside hiprio, notification and those."),
     _s("60", 60, "§1.6", MUST, "The driver MUST submit FUSE_INTERRUPT, FUSE_FORGET and "
        "FUSE_BATCH_FORGET requests solely on the hiprio queue."),
     _s("61", 61, "§1.6", MUST, "The driver MUST not submit normal requests on the hiprio "
@@ -155,10 +155,10 @@ STATEMENTS: tuple[Statement, ...] = (
     _s("64", 64, "§1.7", SHOULD, "The driver SHOULD replenish notification queue buffers "
        "sufficiently quickly so that there is always at least one available buffer (also "
        "when DRIVER_OK is set)."),
-    _s("67", 67, "§1.5", MUST, "A FUSE session starts with one FUSE_INIT on a request queue, "
-       "before any other request."),
-    _s("67b", 67, "§1.5", MUST, "The session's byte order is fixed by FUSE_INIT: the driver's "
-       "FUSE_INIT is little-endian, the device's byte order."),
+    _s("67", 67, "§1.5", MUST, "The driver MUST start a FUSE session with one FUSE_INIT on a "
+       "request queue, before any other request (required for interop)."),
+    _s("67b", 67, "§1.5", MUST, "The session's byte order is fixed by FUSE_INIT: the driver "
+       "MUST send it little-endian, the device's byte order (required for interop)."),
 )
 BY_ID = {s.id: s for s in STATEMENTS}
 
