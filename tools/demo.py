@@ -2,8 +2,10 @@
 
 Starts Debian's virtiofsd on a temporary directory, brings the device up over
 vhost-user through vfsdrv (features, queues, FUSE_INIT) and drives it with the
-typed client: list, read, write, rename, xattr; then checks every result on the
-host side and prints what happened.
+typed client: list, read, write, rename, xattr. Then mounts a second virtiofsd
+instance of the same directory with `vfsdrv mount` (the relay frontend) and lets
+ordinary programs (ls, cat, cp, sha256sum, df) use it, checks every result on the
+host side, and unmounts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         fs = VirtioFs(transport).start()
         try:
             step(f"device up over {transport.name}: features "
-                 f"{feature_names(fs.dev.features)}; tag {fs.config.tag!r}; "
+                 f"{feature_names(fs.dev.features, {30: 'VHOST_USER_PROTOCOL_FEATURES'})}; "
+                 f"tag {fs.config.tag!r}; "
                  f"{len(fs.request_queues)} request queue(s) of {fs.request_queues[0].vq.size}")
             c = FuseClient(fs)
             out = c.init()
@@ -88,12 +93,46 @@ def run(args: argparse.Namespace) -> int:
             ok = same and host_text == "written through vfsdrv\n"
         finally:
             fs.close()
+    with Virtiofsd(src, work / "virtiofsd-mount.sock") as backend:
+        ok = _mounted_part(step, src, work, backend.socket_path) and ok
     if not args.keep:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
     print("demo: OK" if ok else "demo: FAILED")
     return 0 if ok else 1
+
+
+def _run(step: _Printer, *cmd: str) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    step("\n".join([f"$ {' '.join(cmd)}", *(f"          {line}" for line in out.splitlines())]))
+    return out
+
+
+def _mounted_part(step: _Printer, src: Path, work: Path, sock: Path) -> bool:
+    """The same directory as a real mount: ordinary programs through the relay."""
+    mnt = work / "mnt"
+    mnt.mkdir()
+    vfsdrv = [sys.executable, "-m", "vfsdrv.tools.cli"]
+    subprocess.run([*vfsdrv, "mount", "--vhost-user", str(sock), "--tag", "demo", str(mnt)],
+                   check=True)
+    try:
+        _run(step, "findmnt", "-n", "-o", "SOURCE,FSTYPE,TARGET", str(mnt))
+        _run(step, "ls", "-l", str(mnt))
+        _run(step, "cat", str(mnt / "hello.txt"))
+        (work / "upload.bin").write_bytes(os.urandom(5 << 20))
+        _run(step, "cp", str(work / "upload.bin"), str(mnt / "upload.bin"))
+        sums = _run(step, "sha256sum", str(mnt / "upload.bin"), str(mnt / "data.bin"))
+        host = [hashlib.sha256((src / n).read_bytes()).hexdigest() for n in
+                ("upload.bin", "data.bin")]
+        same = [line.split()[0] for line in sums.splitlines()] == host
+        step(f"checksums through the mount match the host's files: {same}")
+        _run(step, "df", "-h", str(mnt))
+    finally:
+        subprocess.run([*vfsdrv, "umount", str(mnt)], check=False)
+    mounted = str(mnt) in Path("/proc/self/mounts").read_text()
+    step(f"unmounted: {not mounted}")
+    return same and not mounted
 
 
 class _Printer:
