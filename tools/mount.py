@@ -67,6 +67,7 @@ class MountRequest:
     poll: bool = False
     small_slots: int = 64
     large_slots: int = 16
+    log_file: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
 
 
@@ -97,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DMA buffers for small requests (bounds requests in flight; default 64)")
     p.add_argument("--large-slots", type=int, default=16, metavar="N",
                    help="DMA buffers of 1 MiB + 12 KiB for big reads/writes (default 16)")
+    p.add_argument("--log", metavar="FILE",
+                   help="in the background, append the server's messages to FILE "
+                   "(otherwise they are discarded once the mount is ready)")
     p.add_argument("mountpoint")
     p.set_defaults(func=run_mount)
 
@@ -120,6 +124,7 @@ def run_mount(args: argparse.Namespace) -> int:
         tag=args.tag, request_queues=args.request_queues, frontend=args.frontend,
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
+        log_file=args.log,
     )
     return mount(req)
 
@@ -297,11 +302,16 @@ def _daemonize(req: MountRequest) -> int:
 
 
 def _child(req: MountRequest, w: int) -> None:
+    log_fd = None
+    if req.log_file is not None:
+        log_fd = os.open(req.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o644)
+
     def ready() -> None:
         # from now on the parent is gone: detach from its terminal and pipes
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(null, fd)
+            os.dup2(log_fd if log_fd is not None and fd == 2 else null, fd)
         os.close(null)
         os.write(w, b"OK\n")
         os.close(w)

@@ -246,3 +246,26 @@ def test_more_request_queues_than_the_backend_has(tmp_path: Path) -> None:
         assert r.returncode == 1
         assert "--request-queues 4 is too many, at most 1" in r.stderr
         assert mounts_under(tmp_path) == []
+
+
+@each_frontend
+def test_background_server_logs_and_unmounts_when_the_device_dies(
+    tmp_path: Path, frontend: str
+) -> None:
+    log = tmp_path / "server.log"
+    with backend(tmp_path) as (mnt, sock, proc):
+        r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, "--log", log, mnt)
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "hello").read_text() == "hello\n"
+        os.killpg(proc.pid, signal.SIGKILL)  # the backend dies under the mount
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            try:
+                os.listdir(mnt)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert not is_mounted(mnt), "a dead device left a mount behind"
+        text = log.read_text()
+        assert "gone" in text or "closed" in text, text
