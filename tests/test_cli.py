@@ -1,0 +1,49 @@
+"""The command line: help, the main job (`vfsdrv demo`) and the benchmark's report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from mounting import mount_points
+
+VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFSDRV, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for command in ("mount", "umount", "demo", "bench", "refdev"):
+        assert re.search(rf"^\s+{command}\s", r.stdout, re.M), command
+
+
+def test_unknown_arguments_are_refused() -> None:
+    r = run("demo", "--no-such-option")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in r.stderr
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing_mounted() -> None:
+    before = set(mount_points())
+    r = run("demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("demo: OK")
+    assert "sha256 matches host: True" in r.stdout
+    assert "checksums through the mount match the host's files: True" in r.stdout
+    assert set(mount_points()) == before
+
+
+def test_bench_prints_figures_side_by_side() -> None:
+    r = run("bench", "--seconds", "0.2", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.endswith("x")]
+    assert len(rows) == 6, r.stdout
+    for line in rows:
+        mine, floor, _unit, ratio = line.split()[-4:]
+        assert float(mine) > 0 and float(floor) > 0
+        assert float(ratio.rstrip("x")) > 0
