@@ -34,6 +34,8 @@ LIMITS: dict[str, dict[str, str]] = {
         "locks": "pyfuse3 has no getlk/setlk/flock handlers: the kernel keeps locks local",
         "request_log": "the -d request log (opcode, unique) is the relay's: pyfuse3 decodes "
         "requests inside libfuse",
+        "lseek": "pyfuse3 has no lseek handler: SEEK_DATA/SEEK_HOLE see the file as all data",
+        "fallocate": "pyfuse3 has no fallocate handler",
     },
 }
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]

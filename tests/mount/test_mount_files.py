@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mount_helpers import Mounted
+from mount_helpers import Mounted, require
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -328,3 +328,27 @@ def test_concurrent_writers_to_different_files(work: tuple[Path, Path]) -> None:
     assert time.monotonic() - t0 < 60
     for name, data in blobs.items():
         assert (host / name).read_bytes() == data, name
+
+
+def test_seek_data_and_seek_hole(mnt: Mounted, work: tuple[Path, Path]) -> None:
+    _host, m = work
+    require(mnt.frontend, "lseek")
+    with open(m / "holey", "w+b") as f:
+        f.seek(8 * MiB)
+        f.write(b"data")
+        f.flush()
+        fd = f.fileno()
+        assert os.lseek(fd, 0, os.SEEK_DATA) >= 4 * MiB  # the device's (host's) answer
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+
+
+def test_fallocate(mnt: Mounted, work: tuple[Path, Path]) -> None:
+    host, m = work
+    require(mnt.frontend, "fallocate")
+    fd = os.open(m / "alloc", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 3 * MiB)
+    finally:
+        os.close(fd)
+    st = (host / "alloc").stat()
+    assert st.st_size == 3 * MiB and st.st_blocks * 512 >= 3 * MiB
