@@ -35,7 +35,8 @@ LIMITS: dict[str, dict[str, str]] = {
         "request_log": "the -d request log (opcode, unique) is the relay's: pyfuse3 decodes "
         "requests inside libfuse",
         "lseek": "pyfuse3 has no lseek handler: SEEK_DATA/SEEK_HOLE see the file as all data",
-        "fallocate": "pyfuse3 has no fallocate handler",
+        "fallocate": "pyfuse3 has no fallocate handler (no hole punching; posix_fallocate "
+        "works through glibc's fallback)",
     },
 }
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
