@@ -333,7 +333,7 @@ class SessionAudit:
         self._features_written = False  # since DRIVER was set
         self._reread = False  # status read after FEATURES_OK was set
         self._config_written = False
-        self._disabled_live = False
+        self._driver_ok_seen = False  # since the last reset
         self._fuse_started = False
 
     def where(self) -> str:
@@ -348,7 +348,7 @@ class SessionAudit:
                 a.held("3", "FAILED followed by a reset")
             self.status = 0
             self._reset_unconfirmed = True
-            self._features_written = self._reread = False
+            self._features_written = self._reread = self._driver_ok_seen = False
             return
         what = f"{self.where()}: status {_status_str(old)} -> {_status_str(new)}"
         a.check("2", not old & ~new, f"{what} clears {_status_str(old & ~new)}")
@@ -374,6 +374,7 @@ class SessionAudit:
             if self.features is None:
                 problems.append("no features written")
             a.check("16", not problems, f"{what}: DRIVER_OK with {', '.join(problems)}")
+            self._driver_ok_seen = True
             if self.config_negotiated and not self._config_written:
                 a.held("17", "no SET_CONFIG up to DRIVER_OK")
                 a.held("58", "no SET_CONFIG")
@@ -462,11 +463,13 @@ class SessionAudit:
 
     # -- kicks ------------------------------------------------------------------------
     def kick(self, index: int, sock: socket.socket) -> None:
-        """A kick of queue `index` was read before any DRIVER_OK was processed."""
+        """A kick of queue `index` was read. It breaks the rule when no DRIVER_OK has
+        been set since the last reset, none is waiting in the socket (sent before the
+        kick) and the kick fd belongs to this device life (set after the reset)."""
         if not self.status_negotiated:
             return
-        if self.live:
-            self.a.held("20")
+        if self.live or self._driver_ok_seen:
+            self.a.held("20")  # a DRIVER_OK cleared later is statement 2's business
             return
         if _driver_ok_queued(sock) is False:
             self.a.violated("20", f"{self.where()}: kick of queue {index} with status "

@@ -491,7 +491,7 @@ class VhostUserSession:
     # -- queues -------------------------------------------------------------------------
     def _on_kick(self, q: DeviceQueue) -> None:
         q.drain_kick()
-        if self.audit is not None:
+        if self.audit is not None and q.kick_fd is not None:  # not stopped in this batch
             self.audit.kick(q.index, self.sock)
             if q.audit is not None and q.started:
                 q.audit.scan(q)  # chains the device may not pop for a while (notifications)
