@@ -1,0 +1,207 @@
+"""The project's driver under the reference device's auditing mode: the real
+driver violates no MUST statement through the whole `vfsdrv audit` workload, and
+the driver with one bug put in (monkeypatched) is caught with the right
+statement id."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vfsdrv.fs import device as fs_device
+from vfsdrv.fs.abi import Opcode
+from vfsdrv.fs.client import ROOT_ID, FuseClient
+from vfsdrv.fs.device import VirtioFs
+from vfsdrv.refdev import RefDevice
+from vfsdrv.refdev.audit import CHECKLIST_SIZE, HELD, NOT_EXERCISED, VIOLATED, AuditReport
+from vfsdrv.tools import audit as audit_tool
+from vfsdrv.tools.cli import main
+from vfsdrv.virtio import ring_layout as rl
+from vfsdrv.virtio.constants import Status
+from vfsdrv.virtio.device import VirtioDevice
+from vfsdrv.virtio.vhost_user import VhostUserTransport
+from vfsdrv.virtio.virtqueue import Virtqueue
+
+#: checklist items the workload must exercise (see docs/audit.rst)
+EXPECTED_ITEMS = {1, 2, 5, 7, 10, 15, 16, 17, 18, 20, 21, 23, 25, 26, 27, 28, 30, 31, 32,
+                  35, 50, 51, 58, 59, 60, 61, 63, 64, 67}
+
+
+@pytest.fixture(scope="module")
+def audited() -> tuple[AuditReport, audit_tool.Workload]:
+    return audit_tool.audit_driver()
+
+
+def test_the_driver_passes_the_audit(audited) -> None:
+    report, workload = audited
+    assert workload.failed == []
+    assert report.ok, report.format_table()
+    assert report.violated == []
+    assert set(report.covered) >= EXPECTED_ITEMS, report.format_table()
+    assert len(report.covered) >= 29
+    # every sub-statement of the ring rules was seen, many times
+    for sid in ("27", "28", "30a", "30b", "30c", "30d", "25", "31", "31b", "32"):
+        assert report.entry(sid).result == HELD and report.entry(sid).held >= 2, sid
+    # hiprio carried FORGET, BATCH_FORGET and INTERRUPT; two FUSE sessions started
+    assert report.entry("60").held >= 3 and report.entry("67").held == 2
+    assert report.entry("64").result != NOT_EXERCISED  # buffers used by NOTIFY_LOCK
+    assert report.result("3") == NOT_EXERCISED  # the driver never failed
+
+
+def test_the_workload_runs_every_client_operation(audited) -> None:
+    _, workload = audited
+    ops = {name for name, result in workload.ops if result == "ok"}
+    for op in ("FUSE_INIT", "LOOKUP", "GETATTR", "SETATTR", "MKDIR", "CREATE", "WRITE", "READ",
+               "FLUSH", "FSYNC", "RELEASE", "OPEN", "READLINK", "SYMLINK", "MKNOD", "LINK",
+               "RENAME", "RENAME2", "UNLINK", "RMDIR", "STATFS", "ACCESS", "OPENDIR",
+               "READDIR", "READDIRPLUS", "RELEASEDIR", "FSYNCDIR", "GETLK", "SETLK",
+               "SETLKW+NOTIFY_LOCK", "SETLKW+INTERRUPT", "FORGET", "BATCH_FORGET",
+               "COPY_FILE_RANGE", "LSEEK", "DESTROY"):
+        assert op in ops, op
+
+
+def test_vfsdrv_audit_command(capsys) -> None:
+    assert main(["audit", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["violated"] == []
+    assert out["checklist_size"] == CHECKLIST_SIZE
+    assert out["covered"] >= len(EXPECTED_ITEMS)
+    assert out["workload"]["failed"] == []
+    ids = {s["id"] for s in out["statements"]}
+    assert {"16", "20", "27", "63", "61"} <= ids
+    assert main(["audit"]) == 0
+    text = capsys.readouterr().out
+    assert f"of {CHECKLIST_SIZE} driver-normative statements" in text
+    assert "0 violated (MUST)" in text
+
+
+# -- the driver with a bug put in -------------------------------------------------------
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[RefDevice]:
+    d = tempfile.mkdtemp(prefix="audit-", dir="/tmp")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_text("x")
+    dev = RefDevice(os.path.join(d, "a.sock"), str(export), audit=True)
+    dev.start()
+    yield dev
+    dev.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def bring_up(device: RefDevice, init: bool = True) -> VirtioFs:
+    fs = VirtioFs(VhostUserTransport(device.socket_path)).start()
+    if init:
+        fs.init()
+    return fs
+
+
+def finish(device: RefDevice, fs: VirtioFs) -> AuditReport:
+    fs.close()
+    assert device.wait_sessions_closed()
+    return device.audit_report()
+
+
+def violated(report: AuditReport) -> set[str]:
+    return {e.id for e in report.entries if e.result == VIOLATED and e.level == "MUST"}
+
+
+def test_writable_before_readable_descriptors(device: RefDevice, monkeypatch) -> None:
+    real_add = Virtqueue.add
+
+    def add(self, readable, writable, token):
+        head = real_add(self, readable, writable, token)
+        if readable and writable:  # rewrite the chain: writable descriptors first
+            segs = [(a, n, rl.VRING_DESC_F_WRITE) for a, n in writable] + [
+                (a, n, 0) for a, n in readable]
+            table = self._indirect_tables[head] if self.indirect else None
+            view = table.view if table is not None else self._desc_view
+            for i, (a, n, f) in enumerate(segs):
+                last = i == len(segs) - 1
+                rl.DESC.pack_into(view, i * rl.DESC_SIZE, a, n,
+                                  f | (0 if last else rl.VRING_DESC_F_NEXT), 0 if last else i + 1)
+        return head
+
+    monkeypatch.setattr(Virtqueue, "add", add)
+    fs = VirtioFs(VhostUserTransport(device.socket_path))
+    fs.start()
+    with pytest.raises((OSError, TimeoutError)):
+        fs.init(timeout=1.0)  # the device refuses the chain
+    report = finish(device, fs)
+    assert violated(report) == {"27"}, report.format_table()
+    assert "readable descriptor after a writable one" in report.entry("27").observed
+
+
+def test_driver_ok_before_features_ok(device: RefDevice, monkeypatch) -> None:
+    real = VirtioDevice._add_status
+
+    def add_status(self, bit: int) -> None:
+        if bit == Status.FEATURES_OK:
+            real(self, Status.DRIVER_OK)
+        real(self, bit)
+
+    monkeypatch.setattr(VirtioDevice, "_add_status", add_status)
+    fs = bring_up(device, init=False)
+    report = finish(device, fs)
+    assert {"1", "16"} <= violated(report), report.format_table()
+    assert "DRIVER_OK" in report.entry("1").observed
+
+
+def test_kick_before_driver_ok(device: RefDevice, monkeypatch) -> None:
+    real = VirtioDevice.driver_ok
+
+    def driver_ok(self) -> None:
+        for vq in self.queues.values():
+            self.transport.notify(vq.index)
+        real(self)
+
+    monkeypatch.setattr(VirtioDevice, "driver_ok", driver_ok)
+    fs = bring_up(device)
+    report = finish(device, fs)
+    assert violated(report) == {"20"}, report.format_table()
+    observed = report.entry("20").observed
+    # seen on the kick itself, or as a kick pending when DRIVER_OK arrives
+    assert "(ACKNOWLEDGE|DRIVER|FEATURES_OK)" in observed or "before the DRIVER_OK" in observed
+
+
+def test_notification_buffer_smaller_than_notify_buf_size(
+    device: RefDevice, monkeypatch
+) -> None:
+    def add_notify_buffer(self, buf) -> None:
+        self.notify_vq.add([], buf.segments(0, self.config.notify_buf_size - 8), buf)
+
+    monkeypatch.setattr(VirtioFs, "_add_notify_buffer", add_notify_buffer)
+    fs = bring_up(device)
+    report = finish(device, fs)
+    assert violated(report) == {"63"}, report.format_table()
+    assert "56 writable" in report.entry("63").observed
+
+
+def test_normal_request_on_hiprio(device: RefDevice, monkeypatch) -> None:
+    fs = bring_up(device)
+    monkeypatch.setattr(VirtioFs, "_pick_request_queue", lambda self: self.hiprio)
+    with pytest.raises(OSError):
+        FuseClient(fs).getattr(ROOT_ID)  # the device answers EINVAL
+    report = finish(device, fs)
+    assert violated(report) == {"61"}, report.format_table()
+    assert "GETATTR on the hiprio queue" in report.entry("61").observed
+
+
+def test_forget_on_a_request_queue(device: RefDevice, monkeypatch) -> None:
+    fs = bring_up(device)
+    client = FuseClient(fs)
+    e = client.lookup(ROOT_ID, "f")
+    real = fs_device.reply_capacity
+    monkeypatch.setattr(fs_device, "reply_capacity",
+                        lambda op, body, max_io: 0 if op == Opcode.FORGET else real(op, body,
+                                                                                     max_io))
+    pending = client.submit(Opcode.FORGET, e.nodeid, b"\1" + bytes(7))
+    pending.fs.wait(1.0)
+    report = finish(device, fs)
+    assert violated(report) == {"60"}, report.format_table()
+    assert "FORGET on a request queue" in report.entry("60").observed
