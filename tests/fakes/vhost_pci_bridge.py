@@ -148,6 +148,11 @@ class BridgeCommonCfg(CommonCfgModel):
         self.bridge = bridge
         super().__init__(**kw)
 
+    def read(self, off: int, width: int) -> int:
+        if off == vp.DEVICE_STATUS and width == 1 and not self.gone:
+            return self.bridge.status_read()
+        return super().read(off, width)
+
     def write(self, off: int, width: int, value: int) -> None:
         if off == vp.DEVICE_STATUS:
             self.bridge.status_write(value)
@@ -213,6 +218,20 @@ class VhostPciFunction(EmulatedFunction):
     @property
     def running(self) -> list[int]:
         return sorted(self._vector)
+
+    def status_read(self) -> int:
+        """With the STATUS protocol feature the backend keeps the status: GET_STATUS
+        (plus DEVICE_NEEDS_RESET, which only the bridge sets); else the register."""
+        m = self.common
+        with self._mutex:
+            if self.backend.has_status and not self.closed:
+                try:
+                    backend = self.backend.get_status()
+                except (VfsdrvError, OSError) as exc:
+                    self.errors.append(f"backend: GET_STATUS: {exc}")
+                else:
+                    m.status = backend | (m.status & Status.DEVICE_NEEDS_RESET)
+            return CommonCfgModel.read(m, vp.DEVICE_STATUS, 1)
 
     def status_write(self, value: int) -> None:
         m = self.common
@@ -371,6 +390,8 @@ class VhostPciFunction(EmulatedFunction):
         if iova:
             raise PciError("the bridge has no IOMMU (ACCESS_PLATFORM is not offered)")
         size = (size + 4095) & ~4095
+        if all(d.closed for d in self.dma):
+            self._dma_next = DMA_BASE  # every earlier block was given back
         if self._dma_next + size > self.backend.memory_size:
             raise PciError(f"{size} bytes of DMA memory do not fit in the bridge's memfd")
         dma = SharedDma(self.backend.memory, self._dma_next, size)
