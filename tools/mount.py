@@ -42,6 +42,7 @@ from ..frontends.fuse_dev import (
     require_root,
     umount,
 )
+from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from ..fs.config import encode_config
 from ..fs.device import VirtioFs
 
@@ -67,6 +68,8 @@ class MountRequest:
     poll: bool = False
     small_slots: int = 64
     large_slots: int = 16
+    notify_lock_code: int = DEFAULT_NOTIFY_LOCK_CODE
+    no_notification: bool = False
     log_file: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
 
@@ -98,6 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DMA buffers for small requests (bounds requests in flight; default 64)")
     p.add_argument("--large-slots", type=int, default=16, metavar="N",
                    help="DMA buffers of 1 MiB + 12 KiB for big reads/writes (default 16)")
+    p.add_argument("--notify-lock-code", type=int, default=DEFAULT_NOTIFY_LOCK_CODE,
+                   metavar="N", help="notify code of FUSE_NOTIFY_LOCK (default %(default)s, "
+                   "the virtio-fs proposal; mainline FUSE's RESEND shares 7 and is told "
+                   "apart by length)")
+    p.add_argument("--no-notification", action="store_true",
+                   help="do not negotiate VIRTIO_FS_F_NOTIFICATION (no blocking locks)")
     p.add_argument("--log", metavar="FILE",
                    help="in the background, append the server's messages to FILE "
                    "(otherwise they are discarded once the mount is ready)")
@@ -124,6 +133,7 @@ def run_mount(args: argparse.Namespace) -> int:
         tag=args.tag, request_queues=args.request_queues, frontend=args.frontend,
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
+        notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
         log_file=args.log,
     )
     return mount(req)
@@ -196,7 +206,8 @@ def open_device(req: MountRequest) -> VirtioFs:
         transport = _pci_transport(req)
     try:
         return VirtioFs(transport, poll=req.poll, small_slots=req.small_slots,
-                        large_slots=req.large_slots).start()
+                        large_slots=req.large_slots, notify_lock_code=req.notify_lock_code,
+                        notification=not req.no_notification).start()
     except BaseException:
         transport.close()
         _give_back(req)

@@ -6,6 +6,7 @@ releases its locks."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import time
 from pathlib import Path
@@ -159,3 +160,37 @@ def test_notify_buf_size_edges_work(tmp_path: Path, lockers: list[Locker]) -> No
                 h.send("unlock")
                 assert h.expect() == "unlocked"
                 assert w.expect(5) == "locked"
+
+
+def test_notify_lock_code_is_an_option_on_both_sides(tmp_path: Path,
+                                                     lockers: list[Locker]) -> None:
+    with refdev(tmp_path, "--notify-lock-code", "13") as dev:
+        (dev.export / "k").write_bytes(b"")
+        opts = ("--notify-lock-code", "13")
+        with mounted(dev, tmp_path / "a", *opts) as a, mounted(dev, tmp_path / "b", *opts) as b:
+            h = _locker(lockers, a.path / "k")
+            w = _locker(lockers, b.path / "k")
+            h.send("lock W 0 0")
+            assert h.expect() == "locked"
+            w.send("lock W 0 0")
+            assert w.silent_for(0.3)
+            h.send("unlock")
+            assert h.expect() == "unlocked"
+            assert w.expect(5) == "locked"
+
+
+def test_without_the_notification_queue_a_blocking_lock_reports_the_device_answer(
+        tmp_path: Path, lockers: list[Locker]) -> None:
+    with refdev(tmp_path) as dev:
+        (dev.export / "q").write_bytes(b"")
+        with mounted(dev, tmp_path / "a") as a, \
+                mounted(dev, tmp_path / "b", "--no-notification") as b:
+            h = _locker(lockers, a.path / "q")
+            h.send("lock W 0 0")
+            assert h.expect() == "locked"
+            w = _locker(lockers, b.path / "q")
+            w.send("try W 0 0")
+            assert w.expect().startswith("busy")  # locks still reach the device
+            w.send("lock-intr")
+            # what the device answers (errno 95: EOPNOTSUPP, which Python names ENOTSUP)
+            assert w.expect(5) == f"interrupted {errno.errorcode[errno.EOPNOTSUPP]}"
