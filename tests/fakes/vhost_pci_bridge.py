@@ -180,7 +180,11 @@ class VhostPciFunction(EmulatedFunction):
     """A virtio-fs PCI function (1af4:105a) backed by a vhost-user device."""
 
     def __init__(self, socket_path: str, *, memory_size: int = 64 << 20,
-                 queue_max_size: int = QUEUE_MAX_SIZE) -> None:
+                 queue_max_size: int = QUEUE_MAX_SIZE, msix_vectors: int | None = None,
+                 refuse_vectors: frozenset[int] = frozenset()) -> None:
+        """`msix_vectors`: size of the MSI-X table (default: config + one per queue;
+        QEMU's vhost-user-fs-pci has num_request_queues + 2); `refuse_vectors`: vectors
+        a queue_msix_vector write gets NO_VECTOR for (an interrupt routing failure)."""
         self.messages: list[str] = []
         self.kicks: collections.Counter[int] = collections.Counter()
         self.errors: list[str] = []
@@ -193,15 +197,16 @@ class VhostPciFunction(EmulatedFunction):
             if nq <= 0 or not self.backend.has_config_space:
                 raise TransportError("the backend must offer MQ and CONFIG (the refdev does)")
             offered = self.backend.device_features() & ~vu.VHOST_USER_F_PROTOCOL_FEATURES
+            vectors = nq + 1 if msix_vectors is None else msix_vectors
             self.common = BridgeCommonCfg(
                 self, num_queues=nq, max_size=queue_max_size, features=offered,
-                msix_table=nq + 1,
+                msix_table=vectors, refuse_vectors=refuse_vectors,
             )
-            fn, _, bar4 = make_function(model=self.common, msix=nq + 1, tag=b"not-the-tag")
+            fn, _, bar4 = make_function(model=self.common, msix=vectors, tag=b"not-the-tag")
         except BaseException:
             self.backend.close()
             raise
-        super().__init__(fn.config, fn.bars, msix_vectors=nq + 1)
+        super().__init__(fn.config, fn.bars, msix_vectors=vectors)
         self.name = f"vhost-pci-bridge:{socket_path}"
         self.bar4 = bar4
         bar4.attach(ISR_OFFSET, REGION_SIZE, _Region(self._isr_read, self._ignore))
