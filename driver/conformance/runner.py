@@ -342,6 +342,7 @@ def _final_reset(t: Transport, report: Report, opt: CheckOptions, reset_note: st
 
 def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
     # FUSE_INIT ------------------------------------------------------------------------------
+    fs.target = fs.request_queues[0]  # FUSE_INIT on the first request queue, as Linux does
     try:
         out = fs.init(timeout=opt.timeout)
     except (VfsdrvError, OSError, TimeoutError) as exc:
@@ -351,6 +352,8 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
         _notify_check(fs, report, use_notify)
         report.add("notify.lock", SKIP, "not reached: FUSE_INIT failed")
         return
+    finally:
+        fs.target = None
     problems = []
     if out.max_write < 4096:
         problems.append(f"max_write {out.max_write} < 4096")
