@@ -273,3 +273,10 @@ def test_pci_device_that_resets_passes_the_register_checks() -> None:
     assert c["features.features_ok"]["result"] == "pass"
     # nothing behind the rings answers: FUSE_INIT times out
     assert c["fuse.init"]["result"] == "fail"
+
+
+def test_docs_list_every_check_with_its_statement() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "conformance.rst").read_text()
+    for cid, st in STATEMENTS.items():
+        assert f"``{cid}``" in doc, cid
+        assert st.text in doc, cid
