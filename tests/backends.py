@@ -4,6 +4,8 @@ project's reference device), started per test on a fresh socket."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,33 @@ def virtiofsd(source: Path, sock: Path, *extra: str) -> Iterator[subprocess.Pope
         yield backend.proc
     finally:
         backend.stop()
+
+
+@contextmanager
+def refdev(source: Path, sock: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """The project's reference device (`vfsdrv refdev`) serving `source` on `sock`, as
+    its own process; its log goes to a file next to the socket."""
+    log = sock.with_suffix(".log")
+    cmd = [sys.executable, "-m", "vfsdrv.tools.cli", "refdev", "--socket", str(sock),
+           "--source", str(source), *extra]
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"refdev did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def connect_virtiofsd(sock: Path, **fs_options):

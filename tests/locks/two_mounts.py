@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from backends import refdev as refdev_process
 from mounting import force_unmount, is_mounted, wait_mounted
 
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
@@ -59,27 +59,16 @@ def _stop(proc: subprocess.Popen, timeout: float = 10) -> int:
 
 @contextmanager
 def refdev(base: Path, *args: str) -> Iterator[Device]:
+    """The reference device as its own process, serving base/export."""
     export = base / "export"
     export.mkdir(exist_ok=True)
     # unix socket paths are limited to 108 bytes: keep this one short
     sockdir = Path(tempfile.mkdtemp(prefix="vfl-", dir="/tmp"))
     sock = sockdir / "refdev.sock"
-    log = base / "refdev.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [*VFSDRV, "refdev", "--socket", str(sock), "--source", str(export), *args],
-            stdout=logf, stderr=subprocess.STDOUT,
-        )
-    dev = Device(proc, sock, export, log)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"refdev did not start:\n{dev.log_text()[-2000:]}")
-            time.sleep(0.01)
-        yield dev
+        with refdev_process(export, sock, *args) as proc:
+            yield Device(proc, sock, export, sock.with_suffix(".log"))
     finally:
-        _stop(proc)
         shutil.rmtree(sockdir, ignore_errors=True)
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mount_helpers import FRONTENDS, Mounted, is_mounted, serving
+from mount_helpers import FRONTENDS, Mounted, serving
+from mounting import is_mounted
 
 
 @pytest.fixture(scope="module", params=FRONTENDS)

@@ -14,18 +14,17 @@ a test mounts is unmounted in a `finally`, lazily if it has to be.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from backends import virtiofsd
+from backends import refdev, virtiofsd
+from mounting import force_unmount, wait_mounted
 
 FRONTENDS = ["relay", "pyfuse3"]
 #: what a frontend cannot do, with the reason the skip prints
@@ -63,42 +62,6 @@ def require(frontend: str, feature: str) -> None:
         pytest.skip(f"{frontend}: {reason}")
 
 
-def mount_points() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            out.append(line.split()[4].replace("\\040", " "))
-    return out
-
-
-def is_mounted(path: Path) -> bool:
-    return str(path) in mount_points()
-
-
-def force_unmount(path: Path) -> None:
-    """Last resort: nothing may stay mounted, whatever happened."""
-    for _ in range(5):
-        if not is_mounted(path):
-            return
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-        time.sleep(0.05)
-
-
-def wait_mounted(mnt: Path, proc: subprocess.Popen | None, log: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"vfsdrv mount exited with {proc.returncode}:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        if is_mounted(mnt):
-            os.stat(mnt)  # waits for FUSE_INIT to be answered
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{mnt} not mounted within {timeout} s:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.01)
-
-
 def stop_server(m: Mounted, timeout: float = 15) -> int | None:
     """SIGTERM the serving process (it unmounts); returns its exit status."""
     rc = None
@@ -115,34 +78,6 @@ def stop_server(m: Mounted, timeout: float = 15) -> int | None:
     finally:
         force_unmount(m.mnt)
     return rc
-
-
-@contextmanager
-def refdev(source: Path, sock: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """The project's reference device (notification queue, blocking locks) on `sock`."""
-    cmd = [sys.executable, "-m", "vfsdrv.refdev", "--socket", str(sock), "--source", str(source),
-           *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"refdev exited: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("refdev did not create its socket within 15 s")
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @contextmanager

@@ -17,17 +17,8 @@ from pathlib import Path
 
 import pytest
 from backends import virtiofsd
-from mount_helpers import (
-    FRONTENDS,
-    VFSDRV,
-    Mounted,
-    force_unmount,
-    is_mounted,
-    mount_points,
-    serving,
-    stop_server,
-    wait_mounted,
-)
+from mount_helpers import FRONTENDS, VFSDRV, Mounted, serving, stop_server
+from mounting import force_unmount, is_mounted, mount_points, wait_mounted
 
 #: the lifecycle through each frontend; failures found before any frontend runs
 #: (device, options, mount point) are tested once
