@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from fakes.vhost_pci_bridge import DEVICE_CFG_OFFSET, VhostPciFunction
+from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
 from vfsdrv.fs.config import VIRTIO_FS_F_NOTIFICATION
@@ -521,3 +522,32 @@ def test_qemu_vector_count_leaves_the_request_queue_polled_and_slow(
         b.getattr(ROOT_ID)
     elapsed = time.monotonic() - t0
     assert elapsed < 0.6, f"3 GETATTRs took {elapsed:.1f} s (each waits out a 0.5 s slice)"
+
+
+def test_scattered_guest_memory_splits_buffers_over_pci(device_factory, pci_connect,
+                                                        export_dir: Path) -> None:
+    """Eight memory regions whose GPAs run backwards and apart: DMA memory is not
+    device-contiguous, so buffers crossing a region boundary go out as several
+    descriptors, and the device finds each piece in its region."""
+    data = os.urandom(4 << 20)
+    (export_dir / "big").write_bytes(data)
+    c = pci_connect(device_factory(), bridge={"regions": 8})
+    fs, fn = c.fs, bridge_of(c)
+    assert fn.messages.count("SET_MEM_TABLE") == 1 and len(fn.backend.layout) == 8
+    split = [s for s in fs._free_large if len(s.buf.segments(0, s.buf.size)) > 1]
+    assert split, "no large slot crosses a region boundary"
+    e = c.lookup(ROOT_ID, "big")
+    h = c.open(e.nodeid, os.O_RDWR)
+    MiB = 1 << 20
+    # every large slot at once, so the split ones carry data both ways
+    n = len(fs._free_large)
+    reads = [c.submit(*c.read_request(e.nodeid, h.fh, (i % 4) * MiB, MiB)) for i in range(n)]
+    for i, p in enumerate(reads):
+        assert p.result(WAIT) == data[(i % 4) * MiB : (i % 4 + 1) * MiB]
+    new = [os.urandom(MiB) for _ in range(4)]
+    writes = [c.submit(Opcode.WRITE, e.nodeid, abi.pack(
+        "fuse_write_in", fh=h.fh, offset=(i % 4) * MiB, size=MiB), new[i % 4]) for i in range(n)]
+    for p in writes:
+        p.result(WAIT)
+    assert (export_dir / "big").read_bytes() == b"".join(new)
+    assert_clean(fn)

@@ -16,7 +16,8 @@ meets the reference device (`vfsdrv.refdev`) through this bridge:
 * Guest memory: the bridge is a vhost-user frontend (`VhostUserTransport`) whose memfd
   is the function's DMA memory, so every device address the driver writes (ring
   parts, buffers) is a guest-physical address the backend translates with the
-  SET_MEM_TABLE region (GPA == offset in the memfd).
+  SET_MEM_TABLE regions: one region with GPA == offset in the memfd, or (`regions`)
+  up to 8 regions at scattered GPAs, so that buffers are not device-contiguous.
 * Notify region: a write of a queue index at queue_notify_off * 4 signals that queue's
   kick eventfd (QEMU's ioeventfd); kicks written before DRIVER_OK stay pending in the
   eventfd until the backend gets it.
@@ -62,8 +63,10 @@ log = logging.getLogger(__name__)
 #: where the BAR4 regions are (tests/test_pci_transport.py standard_caps)
 ISR_OFFSET, DEVICE_CFG_OFFSET, NOTIFY_OFFSET, REGION_SIZE = 0x1000, 0x2000, 0x3000, 0x1000
 NOTIFY_MULTIPLIER = 4
-#: first guest-physical address handed out as DMA memory (GPA 0 is never a buffer)
+#: first memfd offset handed out as DMA memory (GPA 0 is never a buffer)
 DMA_BASE = 0x10_0000
+#: lowest GPA of a scattered memory layout (regions > 1)
+SCATTER_GPA = 0x1_0000_0000
 QUEUE_MAX_SIZE = 1024
 
 
@@ -71,9 +74,39 @@ class BridgeFrontend(VhostUserTransport):
     """The bridge's vhost-user side: the handshake, SET_MEM_TABLE and GET_CONFIG come
     from `VhostUserTransport`; rings are started with fds chosen by the bridge."""
 
-    def __init__(self, socket_path: str, memory_size: int, record: list[str]) -> None:
+    def __init__(self, socket_path: str, memory_size: int, record: list[str],
+                 regions: int = 1) -> None:
         self.record = record
+        if regions < 1 or memory_size % (regions * 4096):
+            raise ValueError("the memory must split into whole pages per region")
+        chunk = memory_size // regions
+        if regions == 1:
+            self.layout = [(0, 0, memory_size)]  # (GPA, memfd offset, size): GPA == offset
+        else:  # regions in reverse order with gaps: never adjacent in GPA space
+            self.layout = [(SCATTER_GPA + (regions - 1 - i) * 2 * chunk, i * chunk, chunk)
+                           for i in range(regions)]
         super().__init__(socket_path, memory_size=memory_size)
+
+    def _send_memory_table(self) -> None:
+        body = b"".join(vu.MEM_REGION.pack(gpa, size, self._va + off, off)
+                        for gpa, off, size in self.layout)
+        self._send(vu.Request.SET_MEM_TABLE, vu.MEM_TABLE_HEAD.pack(len(self.layout), 0) + body,
+                   (self._memfd,) * len(self.layout))
+        self._memory_sent = True
+
+    def gpa(self, offset: int) -> tuple[int, int]:
+        """(GPA of memfd `offset`, bytes GPA-contiguous from there)."""
+        for gpa, off, size in self.layout:
+            if off <= offset < off + size:
+                return gpa + offset - off, off + size - offset
+        raise PciError(f"memfd offset {offset:#x} outside the guest memory")
+
+    def user_addr(self, gpa: int, length: int) -> int | None:
+        """Our virtual address of GPA range [gpa, gpa+length) inside one region."""
+        for base, off, size in self.layout:
+            if base <= gpa and gpa + length <= base + size:
+                return self._va + off + gpa - base
+        return None
 
     def _send(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         self.record.append(vu.Request(request).name)
@@ -93,13 +126,12 @@ class BridgeFrontend(VhostUserTransport):
 
     def start_ring(self, index: int, size: int, desc: int, avail: int, used: int,
                    kick: int, call: int) -> None:
-        """vhost_virtqueue_start: ring addresses go out as frontend virtual addresses."""
+        """vhost_virtqueue_start: ring addresses (frontend virtual addresses)."""
         if not self._memory_sent:
             self._send_memory_table()
-        va = self._va
         self._send(vu.Request.SET_VRING_NUM, vu.VRING_STATE.pack(index, size))
         self._send(vu.Request.SET_VRING_ADDR,
-                   vu.VRING_ADDR.pack(index, 0, va + desc, va + used, va + avail, 0))
+                   vu.VRING_ADDR.pack(index, 0, desc, used, avail, 0))
         self._send(vu.Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
         self.set_call(index, call)
         self._send(vu.Request.SET_VRING_KICK, vu.U64.pack(index), (kick,))
@@ -124,18 +156,19 @@ class BridgeFrontend(VhostUserTransport):
 
 
 class SharedDma(DmaMemoryLike):
-    """A piece of the bridge's memfd: device address of offset o is `gpa + o`."""
+    """A piece of the bridge's memfd at `start`; device addresses are its GPAs."""
 
-    def __init__(self, memory: memoryview, gpa: int, size: int) -> None:
-        self.gpa, self.size = gpa, size
-        self.view = memory[gpa : gpa + size]
+    def __init__(self, frontend: BridgeFrontend, start: int, size: int) -> None:
+        self.frontend, self.start, self.size = frontend, start, size
+        self.view = frontend.memory[start : start + size]
         self.pointer = ffi.cast("char *", ffi.from_buffer(self.view))
         self.closed = False
 
     def translate(self, offset: int) -> tuple[int, int]:
         if not 0 <= offset < self.size:
             raise PciError(f"offset {offset:#x} outside the bridge's DMA block")
-        return self.gpa + offset, self.size - offset
+        gpa, run = self.frontend.gpa(self.start + offset)
+        return gpa, min(run, self.size - offset)
 
     def close(self) -> None:
         self.closed = True
@@ -181,17 +214,20 @@ class VhostPciFunction(EmulatedFunction):
 
     def __init__(self, socket_path: str, *, memory_size: int = 64 << 20,
                  queue_max_size: int = QUEUE_MAX_SIZE, msix_vectors: int | None = None,
-                 refuse_vectors: frozenset[int] = frozenset()) -> None:
+                 refuse_vectors: frozenset[int] = frozenset(), regions: int = 1) -> None:
         """`msix_vectors`: size of the MSI-X table (default: config + one per queue;
         QEMU's vhost-user-fs-pci has num_request_queues + 2); `refuse_vectors`: vectors
-        a queue_msix_vector write gets NO_VECTOR for (an interrupt routing failure)."""
+        a queue_msix_vector write gets NO_VECTOR for (an interrupt routing failure);
+        `regions` > 1: the memfd goes to the backend as that many memory regions whose
+        GPAs are out of order and apart, so DMA memory is not device-contiguous (as
+        pinned pages are in VFIO no-IOMMU mode) and buffers split into segments."""
         self.messages: list[str] = []
         self.kicks: collections.Counter[int] = collections.Counter()
         self.errors: list[str] = []
         self.vring_bases: dict[int, int] = {}  # what GET_VRING_BASE said at the last stop
         self.config_reads = 0
         self._mutex = threading.RLock()  # one vhost-user conversation at a time
-        self.backend = BridgeFrontend(socket_path, memory_size, self.messages)
+        self.backend = BridgeFrontend(socket_path, memory_size, self.messages, regions)
         try:
             nq = self.backend.num_queues()
             if nq <= 0 or not self.backend.has_config_space:
@@ -298,14 +334,17 @@ class VhostPciFunction(EmulatedFunction):
         size = q["size"]
         if size <= 0 or size & (size - 1) or size > self.common.max_size:
             raise TransportError(f"queue {index}: size {size} is not a power of 2 <= max")
-        lo, hi = DMA_BASE, self.backend.memory_size
-        for part in ("desc", "driver", "device"):
-            if not lo <= q[part] < hi:
+        va = {}
+        for part, length in (("desc", 16 * size), ("driver", 6 + 2 * size),
+                             ("device", 6 + 8 * size)):
+            va[part] = self.backend.user_addr(q[part], length)
+            if va[part] is None:
                 raise TransportError(
-                    f"queue {index}: {part} address {q[part]:#x} is not DMA memory"
+                    f"queue {index}: {part} at {q[part]:#x}+{length:#x} is not inside one "
+                    "region of guest memory"
                 )
         self._vector[index] = q["vector"]
-        self.backend.start_ring(index, size, q["desc"], q["driver"], q["device"],
+        self.backend.start_ring(index, size, va["desc"], va["driver"], va["device"],
                                 self._kick[index], self._call_fd(index))
         self.messages.append(f"queue {index} call {self.route(index)}")
 
@@ -399,7 +438,7 @@ class VhostPciFunction(EmulatedFunction):
             self._dma_next = DMA_BASE  # every earlier block was given back
         if self._dma_next + size > self.backend.memory_size:
             raise PciError(f"{size} bytes of DMA memory do not fit in the bridge's memfd")
-        dma = SharedDma(self.backend.memory, self._dma_next, size)
+        dma = SharedDma(self.backend, self._dma_next, size)
         self._dma_next += size
         self.dma.append(dma)  # type: ignore[arg-type]
         return dma
