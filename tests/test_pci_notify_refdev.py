@@ -524,6 +524,38 @@ def test_qemu_vector_count_leaves_the_request_queue_polled_and_slow(
     assert elapsed < 0.6, f"3 GETATTRs took {elapsed:.1f} s (each waits out a 0.5 s slice)"
 
 
+
+# -- a device that breaks while a lock waits -------------------------------------------------
+NEEDS_RESET_GAP = (
+    "VirtioFs never looks at the configuration-change vector (VirtioPciTransport.config_fd) "
+    "nor at DEVICE_NEEDS_RESET: a device that breaks while a SETLKW waits for its "
+    "FUSE_NOTIFY_LOCK leaves the waiter waiting until its caller's timeout"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=NEEDS_RESET_GAP)
+def test_device_error_ends_a_waiting_lock(device_factory, connect, pci_connect,
+                                          export_dir: Path) -> None:
+    (export_dir / "f").write_text("")
+    dev = device_factory()
+    a, b = connect(dev), pci_connect(dev)
+    fn = bridge_of(b)
+    na, fa = open_file(a, "f")
+    nb, fb = open_file(b, "f")
+    a.setlk(na, fa, 1, whole(F_WRLCK))
+    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
+    pump([b], lambda: b.fs.lock_waiters == 1)
+    fn.device_error()
+    config_fd = b.fs.transport.config_fd()
+    assert config_fd == fn.msix_fds[0]
+    assert select.select([config_fd], [], [], 0)[0] == [config_fd]  # the device did its part
+    assert b.fs.dev.needs_reset()
+    with pytest.raises(OSError) as exc:
+        pending.result(1.5)
+    assert not isinstance(exc.value, TimeoutError), "the waiter was never told"
+    assert b.fs.broken is not None
+
+
 def test_scattered_guest_memory_splits_buffers_over_pci(device_factory, pci_connect,
                                                         export_dir: Path) -> None:
     """Eight memory regions whose GPAs run backwards and apart: DMA memory is not

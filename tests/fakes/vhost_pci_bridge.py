@@ -253,6 +253,7 @@ class VhostPciFunction(EmulatedFunction):
         self._intx = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(nq)]
         self._vector: dict[int, int] = {}  # running queue -> the vector programmed for it
         self._dma_next = DMA_BASE
+        self._config_isr = False
         self.num_queues = nq
 
     # -- status, features, queues -----------------------------------------------------
@@ -377,6 +378,17 @@ class VhostPciFunction(EmulatedFunction):
             except (VfsdrvError, OSError) as exc:
                 self.errors.append(f"backend: SET_STATUS 0: {exc}")
 
+    def device_error(self) -> None:
+        """The device breaks as QEMU's virtio_error() has it: the rings stop, status
+        gets DEVICE_NEEDS_RESET, and a configuration change is signalled (config
+        vector, or ISR bit 1 without one) as virtio 1.2 2.1.2 requires after DRIVER_OK."""
+        with self._mutex:
+            self._stop()
+            self.common.status |= Status.DEVICE_NEEDS_RESET
+            self._config_isr = True
+            if self.common.config_vector < len(self.msix_fds):
+                self.fire(self.common.config_vector)
+
     # -- MSI-X: re-route the backend's calls when vectors change (irqfd) ---------------
     def enable_msix(self, count: int) -> list[int]:
         fds = super().enable_msix(count)
@@ -395,10 +407,11 @@ class VhostPciFunction(EmulatedFunction):
     def _isr_read(self, off: int, width: int) -> int:
         if off != 0:
             return 0
-        pending = 0
+        pending = 2 if self._config_isr else 0
+        self._config_isr = False
         for index in self.running:
             if self.route(index) == "isr" and _drain(self._intx[index]):
-                pending = 1
+                pending |= 1
         return pending  # reading clears it
 
     def _ignore(self, off: int, width: int, value: int) -> None:
