@@ -9,6 +9,7 @@ Also used by the reference device, which shares these definitions with the drive
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any
 
 from cffi import FFI
@@ -294,6 +295,13 @@ FUSE_WRITE_LOCKOWNER = 1 << 1
 FUSE_FSYNC_FDATASYNC = 1 << 0
 
 
+@functools.cache
+def _pointer_type(struct: str) -> Any:
+    # parsing a C type string costs more than the copy itself: do it once per struct
+    return ffi.typeof(f"struct {struct} *")
+
+
+@functools.cache
 def sizeof(struct: str) -> int:
     return ffi.sizeof(f"struct {struct}")
 
@@ -301,7 +309,7 @@ def sizeof(struct: str) -> int:
 def new(struct: str, /, **fields: Any) -> Any:
     """A zeroed struct (owned by Python) with the given fields set (nested structs
     as dicts)."""
-    return ffi.new(f"struct {struct} *", fields)
+    return ffi.new(_pointer_type(struct), fields)
 
 
 def pack(struct: str, /, **fields: Any) -> bytes:
@@ -314,12 +322,12 @@ def unpack(struct: str, data: bytes | bytearray | memoryview, offset: int = 0) -
 
     Keep the result alive while using a nested struct taken from it (`x.attr`):
     cffi hands out nested structs as views into their owner."""
-    size = ffi.sizeof(f"struct {struct}")
+    size = sizeof(struct)
     if offset < 0 or len(data) - offset < size:
         raise ProtocolError(
             f"struct {struct} needs {size} bytes, only {max(0, len(data) - offset)} available"
         )
-    obj = ffi.new(f"struct {struct} *")
+    obj = ffi.new(_pointer_type(struct))
     ffi.memmove(obj, memoryview(data)[offset : offset + size], size)
     return obj
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 HIPRIO_QUEUE = 0
 NOTIFY_QUEUE = 1
 IN_HEADER = struct.Struct("<IIQQIIIHH")
+IN_HEADER_START = struct.Struct("<IIQ")  # len, opcode, unique
 OUT_HEADER = struct.Struct("<IiQ")
 LOCK_NOTIFY = struct.Struct("<Qii")
 #: largest errno a reply may carry (Linux MAX_ERRNO)
@@ -75,6 +76,7 @@ class Slot:
 
     buf: DmaBuffer
     large: bool
+    view: memoryview = field(init=False, repr=False)
     unique: int = 0
     opcode: int = 0
     in_len: int = 0
@@ -82,9 +84,8 @@ class Slot:
     reply_cap: int | None = None
     on_done: OnDone | None = None
 
-    @property
-    def view(self) -> memoryview:
-        return self.buf.view
+    def __post_init__(self) -> None:
+        self.view = self.buf.view
 
 
 @dataclass
@@ -309,7 +310,7 @@ class VirtioFs:
         self._check_usable()
         if in_len < IN_HEADER_SIZE or in_len > len(slot.view):
             raise ValueError(f"request length {in_len} out of range")
-        hdr_len, opcode, unique = IN_HEADER.unpack_from(slot.view, 0)[:3]
+        hdr_len, opcode, unique = IN_HEADER_START.unpack_from(slot.view, 0)
         if hdr_len != in_len:
             raise ValueError(f"fuse_in_header.len {hdr_len} != request length {in_len}")
         if unique in self._in_flight or unique in self._lock_waiters:

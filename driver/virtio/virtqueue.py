@@ -120,13 +120,13 @@ class Virtqueue:
             raise ValueError("a chain needs at least one buffer")
         if n > self.size:
             raise ValueError(f"chain of {n} descriptors exceeds queue size {self.size}")
-        segs = [(a, ln, 0) for a, ln in readable] + [
-            (a, ln, rl.VRING_DESC_F_WRITE) for a, ln in writable
-        ]
-        total = sum(s[1] for s in segs)
-        if total > 0xFFFFFFFF:
+        segs = [(a, ln, 0) for a, ln in readable]
+        writable_len = 0
+        for a, ln in writable:
+            segs.append((a, ln, rl.VRING_DESC_F_WRITE))
+            writable_len += ln
+        if writable_len + sum(ln for _, ln in readable) > 0xFFFFFFFF:
             raise ValueError("a chain must not exceed 2^32 bytes")
-        writable_len = sum(ln for _, ln in writable)
         use_indirect = self.indirect and n > 1 and n <= INDIRECT_TABLE_ENTRIES
         needed = 1 if use_indirect else n
         if self.num_free < needed:
