@@ -335,7 +335,7 @@ def test_a_conforming_frontend_violates_nothing(device: RefDevice, frontend: Raw
     frontend.queues[HIPRIO].wait_used(1)
     report = settle(device, frontend)
     assert report.ok and not report.warnings, report.format_table()
-    for sid in ("1", "2", "5", "7", "10", "16", "20", "21", "26", "27", "35", "50", "51a",
+    for sid in ("1", "2", "5", "7", "10", "16", "20", "21", "26", "27", "35", "36", "50", "51a",
                 "58", "59", "60", "61", "63", "64", "67", "67b"):
         assert report.result(sid) == HELD, sid
     assert report.result("3") == NOT_EXERCISED
@@ -601,6 +601,46 @@ def test_avail_flags_other_than_0_or_1(device: RefDevice, live: RawFrontend) -> 
     q.offer(q.chain([(addr, n, 0), (live.alloc(256), 256, rl.VRING_DESC_F_WRITE)]))
     q.wait_used(2)
     assert_only(wait_result(device, "32"), "32")
+
+
+def test_buffers_made_available_without_a_kick(device: RefDevice, live: RawFrontend) -> None:
+    q = live.queues[REQUEST]
+    addr, n = _getattr_request(live)
+    q.offer(q.chain([(addr, n, 0), (live.alloc(256), 256, rl.VRING_DESC_F_WRITE)]), kick=False)
+    report = wait_result(device, "36")
+    assert "avail idx went from 1 to 2" in report.entry("36").observed
+    assert_only(report, "36")
+    q.kick()  # late: the device serves it now
+    q.wait_used(2)
+
+
+def test_no_kick_past_avail_event(make_device) -> None:
+    dev = make_device()
+    fe = RawFrontend(dev.socket_path)
+    try:
+        fe.negotiate(fe.standard_features() | F_EVENT_IDX)
+        fe.mem_table()
+        for i in (HIPRIO, NOTIFY, REQUEST):
+            fe.setup_queue(i)
+        fe.post_notify_buffers()
+        fe.add_status(DRIVER_OK)
+        fe.queues[NOTIFY].kick()
+        fe.init()
+        q = fe.queues[REQUEST]
+        q.wait_used(1)
+        avail_event = rl.avail_event_offset(QSIZE)
+        deadline = time.monotonic() + 3
+        while struct.unpack_from("<H", fe.mem, q.used + avail_event)[0] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        addr, n = _getattr_request(fe)
+        q.offer(q.chain([(addr, n, 0), (fe.alloc(256), 256, rl.VRING_DESC_F_WRITE)]),
+                kick=False)
+        report = wait_result(dev, "37")
+        assert "avail_event asked for a kick at 1" in report.entry("37").observed
+        assert_only(report, "37")
+    finally:
+        fe.close()
 
 
 def test_exposed_descriptor_altered(device: RefDevice, live: RawFrontend) -> None:

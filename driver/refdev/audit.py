@@ -67,6 +67,9 @@ DEFINED_FEATURES = (
 NOTIFY_BUF_SIZE_OFFSET = 40
 #: observations kept per violated statement
 KEPT_VIOLATIONS = 5
+#: a driver publishes, then kicks at once: an avail idx that moved without a kick
+#: for this long (seen on two checks) is a lost notification
+LOST_KICK_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ STATEMENTS: tuple[Statement, ...] = (
        "to 0 or 1; with it, to 0."),
     _s("35", 35, "§4.1", MUST, "The driver MUST initialize flags in the used ring to 0 when "
        "allocating the used ring."),
+    _s("36", 36, "§4.1", MUST, "Without VIRTIO_F_EVENT_IDX, while used->flags is 0 (this "
+       "device never sets NO_NOTIFY) the driver MUST send a notification after making "
+       "buffers available."),
+    _s("37", 37, "§4.1", MUST, "With VIRTIO_F_EVENT_IDX, the driver MUST send a notification "
+       "when the available idx it publishes goes past avail_event."),
     _s("50", 50, "§4.1", MUST, "Queue sizes are powers of 2 no larger than 32768 (the "
        "device's maximum); the driver MUST NOT set any other (SET_VRING_NUM)."),
     _s("51a", 51, "§3.7", MUST, "The driver MUST configure the other virtqueue fields (size, "
@@ -462,16 +470,17 @@ class SessionAudit:
             self.a.held("51b")
 
     # -- kicks ------------------------------------------------------------------------
-    def kick(self, index: int, sock: socket.socket) -> None:
+    def kick(self, index: int, sock: socket.socket, reply_ack: bool = False) -> None:
         """A kick of queue `index` was read. It breaks the rule when no DRIVER_OK has
-        been set since the last reset, none is waiting in the socket (sent before the
-        kick) and the kick fd belongs to this device life (set after the reset)."""
+        been set since the last reset and none is waiting in the socket that the kick
+        may have followed: a DRIVER_OK write the frontend waits to see acknowledged
+        (REPLY_ACK) is not set yet for it, so a kick visible now came before it."""
         if not self.status_negotiated:
             return
         if self.live or self._driver_ok_seen:
             self.a.held("20")  # a DRIVER_OK cleared later is statement 2's business
             return
-        if _driver_ok_queued(sock) is False:
+        if _driver_ok_queued(sock, reply_ack) is False:
             self.a.violated("20", f"{self.where()}: kick of queue {index} with status "
                             f"{_status_str(self.status)}")
 
@@ -519,9 +528,11 @@ def _opname(opcode: int) -> str:
         return str(opcode)
 
 
-def _driver_ok_queued(sock: socket.socket) -> bool | None:
-    """Is a SET_STATUS with DRIVER_OK waiting in the socket (sent before the kick was
-    read)? None when the queued messages cannot all be seen (then nothing is judged)."""
+def _driver_ok_queued(sock: socket.socket, reply_ack: bool) -> bool | None:
+    """Is a SET_STATUS with DRIVER_OK waiting in the socket that a kick read now may
+    have followed? Not one asking for an ack with REPLY_ACK negotiated: its sender
+    waits for the ack before going on. None when the queued messages cannot all be
+    seen (then nothing is judged)."""
     try:
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
         if queued == 0:
@@ -531,10 +542,11 @@ def _driver_ok_queued(sock: socket.socket) -> bool | None:
         return None
     pos = 0
     while pos + vu.HEADER.size <= len(data):
-        request, _flags, size = vu.HEADER.unpack_from(data, pos)
+        request, flags, size = vu.HEADER.unpack_from(data, pos)
         payload = data[pos + vu.HEADER.size : pos + vu.HEADER.size + size]
         if request == vu.Request.SET_STATUS and len(payload) >= 8:
-            if vu.U64.unpack_from(payload)[0] & DRIVER_OK:
+            waits = reply_ack and flags & vu.FLAG_NEED_REPLY
+            if vu.U64.unpack_from(payload)[0] & DRIVER_OK and not waits:
                 return True
         pos += vu.HEADER.size + size
     return None if len(data) < queued else False
@@ -559,6 +571,8 @@ class QueueAudit:
         self.last_seen_idx: int | None = None
         self.fresh_ring = False  # addresses set, used flags not checked yet
         self._snapshots: dict[int, _Snapshot] = {}
+        self.armed: int | None = None  # avail idx the device asked a kick past
+        self._suspect_since: float | None = None
 
     def where(self) -> str:
         return f"{self.s.where()} queue {self.index} ({self.role})"
@@ -582,6 +596,46 @@ class QueueAudit:
         self.audited = base
         self.last_seen_idx = None
         self._snapshots.clear()
+        self.disarm()
+
+    # -- notifications (kicks) -------------------------------------------------------------
+    def arm(self, idx: int) -> None:
+        """The device found the ring empty at `idx` after publishing avail_event = idx
+        (with EVENT_IDX) or with used->flags 0: the next publish needs a kick."""
+        self.armed = idx
+        self._suspect_since = None
+
+    def disarm(self) -> None:
+        self.armed = None
+        self._suspect_since = None
+
+    def _kick_rule(self, q: DeviceQueue) -> str:
+        return "37" if q.event_idx else "36"
+
+    def kicked(self, q: DeviceQueue) -> None:
+        if self.armed is not None and q._avail is not None:
+            idx = int.from_bytes(q._avail[rl.AVAIL_IDX : rl.AVAIL_IDX + 2], "little")
+            if idx != self.armed:
+                self.a.held(self._kick_rule(q))
+        self.disarm()
+
+    def tick(self, q: DeviceQueue, kick_pending: bool, now: float) -> None:
+        if self.armed is None or kick_pending or q._avail is None:
+            self._suspect_since = None
+            return
+        idx = int.from_bytes(q._avail[rl.AVAIL_IDX : rl.AVAIL_IDX + 2], "little")
+        if idx == self.armed or ((idx - self.armed) & 0xFFFF) > q.size:
+            self._suspect_since = None  # nothing new (or 31/31b's business)
+            return
+        if self._suspect_since is None:
+            self._suspect_since = now
+            return
+        if now - self._suspect_since >= LOST_KICK_GRACE:
+            what = "avail_event" if q.event_idx else "used->flags 0"
+            self.a.violated(self._kick_rule(q), f"{self.where()}: avail idx went from "
+                            f"{self.armed} to {idx} ({what} asked for a kick at "
+                            f"{self.armed}) and no kick came for {now - self._suspect_since:.1f} s")
+            self.disarm()
 
     def started(self, q: DeviceQueue) -> None:
         if not self.fresh_ring or q._used is None:

@@ -190,6 +190,8 @@ class DeviceQueue:
         head = int.from_bytes(self._avail[slot : slot + 2], "little")
         chain = self._read_chain(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.audit is not None:
+            self.audit.disarm()
         return chain
 
     def _read_chain(self, head: int) -> Chain:
@@ -278,7 +280,10 @@ class DeviceQueue:
             off = rl.avail_event_offset(self.size)
             self._used[off : off + 2] = self.last_avail.to_bytes(2, "little")
             lib.vfsdrv_mb()  # avail_event store before the avail idx load
-        return self.pending() > 0
+        arrived = self.pending() > 0
+        if self.audit is not None and not arrived:
+            self.audit.arm(self.last_avail)  # the driver must kick when it goes past this
+        return arrived
 
     def drain_kick(self) -> None:
         """Consume the kick eventfd's counter (non-blocking)."""

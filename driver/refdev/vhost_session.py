@@ -22,6 +22,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ PROTOCOL_FEATURES = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFea
 #: device status bits the session acts on (only with the STATUS protocol feature)
 STATUS_FEATURES_OK = 8
 STATUS_DRIVER_OK = 4
+#: auditing mode: seconds between the checks for lost kicks
+AUDIT_TICK = 0.2
 LOCK_NOTIFY_LEN = abi.OUT_HEADER_SIZE + abi.sizeof("fuse_notify_lock_out")
 
 
@@ -127,6 +130,7 @@ class VhostUserSession:
         )
         self.status = 0
         self._msg_flags = 0
+        self._last_tick = 0.0
         self.memory = GuestMemory.empty()
         self.queues = [DeviceQueue(i) for i in range(config.max_queues)]
         self.audit: SessionAudit | None = None
@@ -186,7 +190,10 @@ class VhostUserSession:
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
         try:
             while not self._stopping:
-                for key, _ in self._selector.select():
+                events = self._selector.select(AUDIT_TICK if self.audit is not None else None)
+                if self.audit is not None:
+                    self._audit_tick()
+                for key, _ in events:
                     if key.fileobj is self.sock:
                         self._serve_message()
                     elif key.fileobj == self._wake_fd:
@@ -492,10 +499,24 @@ class VhostUserSession:
     def _on_kick(self, q: DeviceQueue) -> None:
         q.drain_kick()
         if self.audit is not None and q.kick_fd is not None:  # not stopped in this batch
-            self.audit.kick(q.index, self.sock)
+            reply_ack = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+            self.audit.kick(q.index, self.sock, reply_ack)
+            if q.audit is not None and q.started:
+                q.audit.kicked(q)
             if q.audit is not None and q.started:
                 q.audit.scan(q)  # chains the device may not pop for a while (notifications)
         self._run_queue(q)
+
+    def _audit_tick(self) -> None:
+        """Queues the device asked to be kicked for whose avail idx moved without a
+        kick (a lost notification)."""
+        now = time.monotonic()
+        if now - self._last_tick < AUDIT_TICK or not self.live:
+            return
+        self._last_tick = now
+        for q in self.queues:
+            if q.audit is not None and q.ready and q.kick_fd is not None:
+                q.audit.tick(q, _readable(q.kick_fd), now)
 
     def _run_queue(self, q: DeviceQueue) -> None:
         if not q.ready or not self.live:
