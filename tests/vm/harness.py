@@ -305,6 +305,23 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
         proc.wait()
 
 
+def _listening(sock: Path) -> bool:
+    """Whether a unix socket is bound *and* listening at ``sock`` (this net namespace).
+
+    virtiofsd serves a single connection, so probing by connecting is not an
+    option; and the socket file exists from bind() on, before listen(): a QEMU
+    that connects in between gets ECONNREFUSED and exits.
+    """
+    want = str(sock)
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == want and int(fields[3], 16) & 0x10000:
+                return True  # __SO_ACCEPTCON
+    return False
+
+
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -414,7 +431,9 @@ def run_in_guest(
                 sock = Path(d.socket)
                 if not sock.is_socket():
                     raise GuestError(f"vhost-user socket {sock} does not exist (backend not "
-                                     "listening?)")
+                                     "started?)")
+                if not _listening(sock):
+                    raise GuestError(f"nobody listens on the vhost-user socket {sock}")
                 sockets.append(sock)
                 continue
             src = Path(d.fs_dir) if d.fs_dir is not None else run / f"fs{i}"
@@ -427,7 +446,7 @@ def run_in_guest(
                                      stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
             backends.append((d.tag, p, logf))
             deadline = time.monotonic() + 10
-            while not sock.is_socket():
+            while not _listening(sock):
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise GuestSetupError(f"virtiofsd for {src} did not start:\n{_read(logf)}")
                 time.sleep(0.02)

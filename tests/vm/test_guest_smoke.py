@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -141,7 +142,7 @@ def own_virtiofsd(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not sock.is_socket():
+        while not harness._listening(sock):  # bound is not enough: QEMU connects at once
             assert p.poll() is None and time.monotonic() < deadline, "virtiofsd did not start"
             time.sleep(0.02)
         yield sock, export
@@ -163,6 +164,10 @@ def test_external_vhost_user_backend(guest: Guest, own_virtiofsd: tuple[Path, Pa
 def test_missing_backend_socket_is_an_error(guest: Guest, tmp_path: Path) -> None:
     with pytest.raises(harness.GuestError, match="does not exist"):
         guest("true", vhost_user_socket=tmp_path / "nobody.sock")
+    with socket.socket(socket.AF_UNIX) as s:  # bound, not listening
+        s.bind(str(tmp_path / "bound.sock"))
+        with pytest.raises(harness.GuestError, match="nobody listens"):
+            guest("true", vhost_user_socket=tmp_path / "bound.sock")
 
 
 def test_timeout_raises_with_partial_output(guest: Guest) -> None:
