@@ -518,10 +518,10 @@ def test_qemu_vector_count_leaves_the_request_queue_polled_and_slow(
     fs = b.fs
     assert fs.transport.interrupt_fd(1) is not None and fs.transport.interrupt_fd(2) is None
     t0 = time.monotonic()
-    for _ in range(3):
+    for _ in range(2):
         b.getattr(ROOT_ID)
     elapsed = time.monotonic() - t0
-    assert elapsed < 0.6, f"3 GETATTRs took {elapsed:.1f} s (each waits out a 0.5 s slice)"
+    assert elapsed < 0.4, f"2 GETATTRs took {elapsed:.1f} s (each waits out a 0.5 s slice)"
 
 
 
@@ -551,7 +551,7 @@ def test_device_error_ends_a_waiting_lock(device_factory, connect, pci_connect,
     assert select.select([config_fd], [], [], 0)[0] == [config_fd]  # the device did its part
     assert b.fs.dev.needs_reset()
     with pytest.raises(OSError) as exc:
-        pending.result(1.5)
+        pending.result(1.0)
     assert not isinstance(exc.value, TimeoutError), "the waiter was never told"
     assert b.fs.broken is not None
 
