@@ -306,7 +306,10 @@ class VhostPciFunction(EmulatedFunction):
                 else:
                     m.status &= ~Status.FEATURES_OK
             if self.backend.has_status:
-                self.backend.set_status(m.status)
+                try:
+                    self.backend.set_status(m.status)
+                except (VfsdrvError, OSError) as exc:
+                    self.errors.append(f"backend: SET_STATUS: {exc}")
 
     def _start(self) -> None:
         """vhost_dev_start: every enabled queue goes to the backend, then the enables."""
