@@ -728,6 +728,68 @@ def test_big_endian_fuse_init(device: RefDevice, frontend: RawFrontend) -> None:
     assert_only(wait_result(device, "67b"), "67b")
 
 
+# -- probes ---------------------------------------------------------------------------------
+def test_probe_refuse_features_ok_catches_a_driver_that_goes_on(make_device) -> None:
+    dev = make_device(audit_probes={"refuse-features-ok"})
+    fe = RawFrontend(dev.socket_path)
+    try:
+        fe.reset()
+        fe.add_status(ACK)
+        fe.add_status(DRIVER)
+        fe.set_features(fe.standard_features())
+        fe.add_status(FEATURES_OK)
+        assert not fe.read_status() & FEATURES_OK  # refused
+        fe.mem_table()
+        fe.setup_queue(HIPRIO)  # goes on regardless
+    finally:
+        fe.close()
+    assert dev.wait_sessions_closed()
+    report = dev.audit_report()
+    assert_only(report, "19", "19b")
+    assert "after the device refused FEATURES_OK" in report.entry("19").observed
+    assert "no FAILED" in report.entry("19b").observed
+
+
+def test_probe_refuse_features_ok_a_frontend_that_stops(make_device) -> None:
+    dev = make_device(audit_probes={"refuse-features-ok"})
+    fe = RawFrontend(dev.socket_path)
+    try:
+        fe.reset()
+        fe.add_status(ACK | DRIVER)
+        fe.set_features(fe.standard_features())
+        fe.add_status(FEATURES_OK)
+        assert not fe.read_status() & FEATURES_OK
+        fe.add_status(FAILED)
+        fe.reset()
+    finally:
+        fe.close()
+    assert dev.wait_sessions_closed()
+    report = dev.audit_report()
+    assert report.ok and not report.warnings, report.format_table()
+    assert {report.result(s) for s in ("3", "19", "19b")} == {HELD}
+
+
+def test_probe_unknown_feature(make_device) -> None:
+    dev = make_device(audit_probes={"unknown-feature"})
+    fe = RawFrontend(dev.socket_path)
+    try:
+        assert fe.offered & 1 << 23
+        fe.reset()
+        fe.add_status(ACK | DRIVER)
+        fe.set_features(fe.standard_features() | 1 << 23)  # accepts what it cannot know
+    finally:
+        fe.close()  # and gives up before DRIVER_OK
+    assert dev.wait_sessions_closed()
+    report = dev.audit_report()
+    assert_only(report, "7", "9")
+    assert "0x800000" in report.entry("7").observed
+
+
+def test_unknown_probe_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown audit probe"):
+        RefDevice(str(tmp_path / "s.sock"), str(tmp_path), audit=True, audit_probes={"x"})
+
+
 def test_report_as_dict(device: RefDevice, frontend: RawFrontend) -> None:
     frontend.bring_up()
     frontend.set_status(ACK)  # clears DRIVER, FEATURES_OK, DRIVER_OK

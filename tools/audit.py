@@ -6,9 +6,11 @@ Starts the reference device in auditing mode (docs/audit.rst) on a temporary
 directory, runs the driver through a workload over two vhost-user frontends
 (bring-up, FUSE_INIT, every FuseClient operation, a blocking lock completed by
 FUSE_NOTIFY_LOCK, a FUSE_INTERRUPT of a waiting lock, FORGET and BATCH_FORGET,
-FUSE_DESTROY, reset) and prints, for every driver-normative statement the device
-can observe, whether it held, was violated or was not exercised, and how many
-statements of the checklist (the spec digest's §9, items 1-67) were covered.
+FUSE_DESTROY, reset), then through two probes (a device offering a feature bit
+the spec leaves undefined; one refusing FEATURES_OK), and prints, for every
+driver-normative statement the device can observe, whether it held, was
+violated or was not exercised, and how many statements of the checklist (the
+spec digest's §9, items 1-67) were covered.
 
 Exit status: 0 when no MUST statement was violated (SHOULD violations are
 warnings), 1 otherwise or when the workload itself failed.
@@ -27,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import FeatureNegotiationError
 from ..fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
 from ..fs.device import VirtioFs
 from ..refdev import RefDevice
-from ..refdev.audit import AuditReport
+from ..refdev.audit import PROBE_REFUSE_FEATURES_OK, PROBE_UNKNOWN_FEATURE, AuditReport
 from ..virtio.vhost_user import VhostUserTransport
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -217,22 +220,62 @@ def _forgets(c: FuseClient, w: Workload) -> None:
     w.run("GETATTR(root)", lambda: c.getattr(ROOT_ID))  # the hiprio buffers come back
 
 
+def run_probes(make_device: Callable[..., RefDevice], w: Workload) -> None:
+    """The driver against the two auditing probes (devices made by `make_device`)."""
+    dev = make_device(PROBE_UNKNOWN_FEATURE)
+    fs = VirtioFs(VhostUserTransport(dev.socket_path))
+    try:
+        w.run("probe unknown-feature: bring-up", fs.start)
+        if fs.started:
+            w.run("probe unknown-feature: FUSE_INIT", fs.init)
+            w.run("probe unknown-feature: GETATTR", lambda: FuseClient(fs).getattr(ROOT_ID))
+    finally:
+        fs.close()
+    dev = make_device(PROBE_REFUSE_FEATURES_OK)
+    fs = VirtioFs(VhostUserTransport(dev.socket_path))
+
+    def refused() -> None:
+        try:
+            fs.start()
+        except FeatureNegotiationError:
+            return
+        raise OSError(errno.EPROTO, "the driver went on although FEATURES_OK was refused")
+
+    try:
+        w.run("probe refuse-features-ok: bring-up fails", refused)
+    finally:
+        fs.close()
+
+
 def audit_driver(request_queues: int = 1) -> tuple[AuditReport, Workload]:
-    """The whole `vfsdrv audit` run: device, workload, report."""
+    """The whole `vfsdrv audit` run: devices, workload, probes, one report."""
     tmp = tempfile.mkdtemp(prefix="vfsdrv-audit-")
+    devices: list[RefDevice] = []
     try:
         export = os.path.join(tmp, "export")
         os.mkdir(export)
         dev = RefDevice(os.path.join(tmp, "audit.sock"), export,
                         request_queues=request_queues, audit=True)
+        assert dev.auditor is not None
+        devices.append(dev)
         dev.start()
-        try:
-            w = run_workload(dev.socket_path)
-            dev.wait_sessions_closed()
-        finally:
-            dev.stop()
+
+        def make_probe(probe: str) -> RefDevice:
+            d = RefDevice(os.path.join(tmp, f"probe{len(devices)}.sock"), export,
+                          request_queues=request_queues, auditor=dev.auditor,
+                          audit_probes={probe})
+            devices.append(d)
+            d.start()
+            return d
+
+        w = run_workload(dev.socket_path)
+        run_probes(make_probe, w)
+        for d in devices:
+            d.wait_sessions_closed()
         return dev.audit_report(), w
     finally:
+        for d in devices:
+            d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -63,6 +63,14 @@ DEFINED_FEATURES = (
     | vu.VHOST_USER_F_PROTOCOL_FEATURES
 )
 
+#: auditing probes: the device departs from its normal behaviour to see how the
+#: driver copes. "unknown-feature" also offers UNKNOWN_FEATURE (a virtio-fs bit
+#: the spec leaves undefined), "refuse-features-ok" never keeps FEATURES_OK.
+PROBE_UNKNOWN_FEATURE = "unknown-feature"
+PROBE_REFUSE_FEATURES_OK = "refuse-features-ok"
+PROBES = frozenset({PROBE_UNKNOWN_FEATURE, PROBE_REFUSE_FEATURES_OK})
+UNKNOWN_FEATURE = 1 << 23
+
 #: offset of notify_buf_size in struct virtio_fs_config (optional field)
 NOTIFY_BUF_SIZE_OFFSET = 40
 #: observations kept per violated statement
@@ -99,6 +107,9 @@ STATEMENTS: tuple[Statement, ...] = (
     _s("7", 7, "§3.8", MUST, "The driver MUST NOT accept a feature bit that is not described "
        "in the spec, reserved, not supported for the transport or not defined for the device "
        "type (virtio-fs bits 1-23, legacy-only bits 24 and 27)."),
+    _s("9", 9, "§3.8", MUST, "The driver MUST NOT fail solely because a feature it does not "
+       "understand has been offered (probe: an undefined virtio-fs bit offered; the driver "
+       "reaches DRIVER_OK)."),
     _s("10", 10, "§3.8", MUST, "A driver MUST accept VIRTIO_F_VERSION_1 if it is offered."),
     _s("15", 15, "§3.8", MUST, "A driver MUST NOT negotiate VIRTIO_F_SR_IOV if the device is "
        "not a PCI device (vhost-user)."),
@@ -109,6 +120,11 @@ STATEMENTS: tuple[Statement, ...] = (
        "write the device-specific configuration."),
     _s("18", 18, "§3.7", MUST, "The driver MUST NOT accept new feature bits after setting "
        "FEATURES_OK."),
+    _s("19", 19, "§3.7", MUST, "If FEATURES_OK is not still set when the driver re-reads the "
+       "status, the device is unusable: the driver MUST NOT continue initialization (probe: "
+       "the device refuses FEATURES_OK)."),
+    _s("19b", 19, "§3.7", SHOULD, "If FEATURES_OK is not still set, the driver SHOULD set the "
+       "FAILED status bit."),
     _s("20", 20, "§3.7", MUST, "The driver MUST NOT send any available buffer notifications "
        "(kicks) before setting DRIVER_OK."),
     _s("21", 21, "§3.7", MUST, "After writing 0 to the device status (reset), the driver MUST "
@@ -267,9 +283,14 @@ class AuditReport:
 
 
 class Auditor:
-    """Statement records shared by every session of one device."""
+    """Statement records shared by every session of one device (or of several
+    devices given the same auditor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probes: frozenset[str] | set[str] = frozenset()) -> None:
+        unknown = set(probes) - PROBES
+        if unknown:
+            raise ValueError(f"unknown audit probe(s) {sorted(unknown)}; known: {sorted(PROBES)}")
+        self.probes = frozenset(probes)
         self._mutex = threading.Lock()
         self._records = {s.id: _Record() for s in STATEMENTS}
 
@@ -294,6 +315,13 @@ class Auditor:
         else:
             self.violated(sid, detail)
         return ok
+
+    def with_probes(self, probes: frozenset[str] | set[str]) -> Auditor:
+        """An auditor recording into the same statements with other probes (for a
+        second device of one audit)."""
+        other = Auditor(probes)
+        other._mutex, other._records = self._mutex, self._records
+        return other
 
     def report(self) -> AuditReport:
         entries = []
@@ -342,18 +370,24 @@ class SessionAudit:
         self._reread = False  # status read after FEATURES_OK was set
         self._config_written = False
         self._driver_ok_seen = False  # since the last reset
+        self._ever_live = False
         self._fuse_started = False
+        self._refused = False  # FEATURES_OK refused and no reset since
+        self._continued = False  # ... and the driver went on anyway
 
     def where(self) -> str:
         return f"session {self.id}"
 
     # -- status ---------------------------------------------------------------------
-    def set_status(self, new: int) -> None:
+    def set_status(self, new: int, stored: int | None = None) -> None:
+        """The driver wrote `new`; the device keeps `stored` (FEATURES_OK may be refused)."""
+        stored = new if stored is None else stored
         old = self.status
         a = self.a
         if new == 0:
             if old & FAILED:
                 a.held("3", "FAILED followed by a reset")
+            self._end_refusal()
             self.status = 0
             self._reset_unconfirmed = True
             self._features_written = self._reread = self._driver_ok_seen = False
@@ -373,6 +407,11 @@ class SessionAudit:
         if added & FEATURES_OK:
             a.check("16", self._features_written,
                     f"{what}: FEATURES_OK set before the driver wrote its features")
+        if self._refused:
+            if added & FAILED:
+                a.held("19b", "FAILED set after FEATURES_OK was refused")
+            if added & DRIVER_OK:
+                self._continue(f"{what}: DRIVER_OK")
         if added & DRIVER_OK:
             problems = []
             if not new & FEATURES_OK:
@@ -382,11 +421,37 @@ class SessionAudit:
             if self.features is None:
                 problems.append("no features written")
             a.check("16", not problems, f"{what}: DRIVER_OK with {', '.join(problems)}")
-            self._driver_ok_seen = True
+            self._driver_ok_seen = self._ever_live = True
+            if PROBE_UNKNOWN_FEATURE in a.probes and self.features is not None:
+                a.held("9", f"DRIVER_OK with bit 23 offered, features {self.features:#x}")
             if self.config_negotiated and not self._config_written:
                 a.held("17", "no SET_CONFIG up to DRIVER_OK")
                 a.held("58", "no SET_CONFIG")
-        self.status = new
+        if added & FEATURES_OK and not stored & FEATURES_OK:
+            self._refused = True
+        self.status = stored
+
+    def _continue(self, what: str) -> None:
+        self.a.violated("19", f"{what} after the device refused FEATURES_OK")
+        self._continued = True
+
+    def _end_refusal(self) -> None:
+        """A reset or the end of the connection closes a FEATURES_OK refusal."""
+        if self._refused:
+            if not self._continued:
+                self.a.held("19", "stopped after FEATURES_OK was refused")
+            if not self.status & FAILED:
+                self.a.violated("19b", f"{self.where()}: FEATURES_OK refused, no FAILED "
+                                "before the reset or disconnect")
+        self._refused = self._continued = False
+
+    def closed(self) -> None:
+        """The frontend disconnected."""
+        self._end_refusal()
+        if PROBE_UNKNOWN_FEATURE in self.a.probes and self.features is not None \
+                and not self._ever_live:
+            self.a.violated("9", f"{self.where()}: wrote features {self.features:#x} but "
+                            "never DRIVER_OK with an undefined feature bit offered")
 
     def status_read(self) -> None:
         self._reset_unconfirmed = False
@@ -399,6 +464,9 @@ class SessionAudit:
 
     def setup_step(self, what: str) -> None:
         """Device-specific setup (queues) belongs after FEATURES_OK (step 7)."""
+        if self._refused:
+            self._continue(f"{self.where()}: {what}")
+            return
         if self.status_negotiated:
             self.a.check("16", bool(self.status & FEATURES_OK),
                          f"{self.where()}: {what} before FEATURES_OK "

@@ -42,6 +42,15 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
         help="auditing mode: check the driver-normative statements the device can observe "
         "and print the report on exit (exit status 1 if a MUST was violated)",
     )
+    p.add_argument(
+        "--audit-probe",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --audit: depart from the normal behaviour to test the driver: "
+        "unknown-feature (offer an undefined virtio-fs feature bit), refuse-features-ok "
+        "(never keep FEATURES_OK)",
+    )
     p.add_argument("-d", "--debug", action="store_true", help="log every session event")
     return p
 
@@ -62,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_waiting_locks=args.max_waiting_locks,
             notification=not args.no_notification,
             notify_lock_code=args.notify_lock_code,
-            audit=args.audit,
+            audit=args.audit or bool(args.audit_probe),
+            audit_probes=frozenset(args.audit_probe),
         )
     except ValueError as exc:
         print(f"refdev: {exc}", file=sys.stderr)

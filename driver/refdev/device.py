@@ -35,9 +35,13 @@ class RefDevice:
         notification: bool = True,
         notify_lock_code: int = DEFAULT_NOTIFY_LOCK_CODE,
         audit: bool = False,
+        audit_probes: frozenset[str] | set[str] = frozenset(),
+        auditor: Auditor | None = None,
     ) -> None:
         """`audit`: auditing mode (docs/audit.rst): offer the STATUS protocol feature
-        and check every driver-normative statement observable here; see audit_report()."""
+        and check every driver-normative statement observable here; see audit_report().
+        `audit_probes`: deliberate departures to test the driver (audit.PROBES).
+        `auditor`: record into this one (several devices, one report); implies audit."""
         if not os.path.isdir(source_dir):
             raise ValueError(f"source {source_dir!r} is not a directory")
         if max_waiting_locks < 0:
@@ -52,7 +56,11 @@ class RefDevice:
             notify_lock_code=notify_lock_code,
         )
         self.locks = LockTable(max_waiting_locks)
-        self.auditor = Auditor() if audit else None
+        if auditor is None and audit:
+            auditor = Auditor(audit_probes)
+        elif auditor is not None and audit_probes:
+            auditor = auditor.with_probes(audit_probes)
+        self.auditor = auditor
         self.sessions: list[VhostUserSession] = []
         self._mutex = threading.Lock()
         self._next_session = 1

@@ -30,7 +30,14 @@ from ..errors import DeviceGoneError, TransportError, VfsdrvError
 from ..fs import abi
 from ..virtio import vhost_user_proto as vu
 from ..virtio.vhost_user_proto import ProtocolFeature, Request
-from .audit import Auditor, QueueAudit, SessionAudit
+from .audit import (
+    PROBE_REFUSE_FEATURES_OK,
+    PROBE_UNKNOWN_FEATURE,
+    UNKNOWN_FEATURE,
+    Auditor,
+    QueueAudit,
+    SessionAudit,
+)
 from .device_queue import Chain, DeviceQueue
 from .fuse_server import FuseServer
 from .guest_memory import GuestMemory
@@ -134,9 +141,13 @@ class VhostUserSession:
         self.memory = GuestMemory.empty()
         self.queues = [DeviceQueue(i) for i in range(config.max_queues)]
         self.audit: SessionAudit | None = None
+        #: feature bits offered (an auditing probe may add one the spec leaves undefined)
+        self.offered = config.features
         if auditor is not None:
+            if PROBE_UNKNOWN_FEATURE in auditor.probes:
+                self.offered |= UNKNOWN_FEATURE
             self.audit = SessionAudit(
-                auditor, session_id, config.features,
+                auditor, session_id, self.offered,
                 config.notify_buf_size if config.notification else 0,
             )
             for q in self.queues:
@@ -213,6 +224,8 @@ class VhostUserSession:
             self._close()
 
     def _close(self) -> None:
+        if self.audit is not None:
+            self.audit.closed()
         # Locks go first: other frontends' waiters wake as soon as possible.
         self.server.close()
         self._selector.close()
@@ -293,13 +306,13 @@ class VhostUserSession:
         return vu.VRING_STATE.unpack_from(payload)
 
     def _get_features(self, payload: bytes, fds: list[int]) -> bytes:
-        return vu.U64.pack(self.config.features)
+        return vu.U64.pack(self.offered)
 
     def _set_features(self, payload: bytes, fds: list[int]) -> None:
         features = self._u64(payload)
         if self.audit is not None:
             self.audit.set_features(features)
-        if features & ~self.config.features:
+        if features & ~self.offered:
             raise MessageError(f"features {features:#x} include some never offered")
         if any(q.started for q in self.queues):
             raise MessageError("SET_FEATURES while queues run")
@@ -350,14 +363,19 @@ class VhostUserSession:
                 acked = bool(self._msg_flags & vu.FLAG_NEED_REPLY
                              and self.protocol_features & ProtocolFeature.REPLY_ACK)
                 self.audit.kicks_at_driver_ok(kicked, acked)
-            self.audit.set_status(value)
+        requested = value
+        if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and (
+            not self.features_set
+            or self.audit is not None and PROBE_REFUSE_FEATURES_OK in self.audit.a.probes
+        ):
+            value &= ~STATUS_FEATURES_OK  # no (acceptable) feature set
+        if self.audit is not None:
+            self.audit.set_status(requested, value)
         if value == 0:  # reset: the rings stop
             for q in self.queues:
                 self._stop_queue(q)
             self.status = 0
             return
-        if value & STATUS_FEATURES_OK and not self.features_set:
-            value &= ~STATUS_FEATURES_OK  # no feature set to accept
         self.status = value
         if starting:
             self._check_notify_buffers_at_driver_ok()
