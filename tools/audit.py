@@ -1,6 +1,6 @@
 """`vfsdrv audit`: the driver's own conformance, seen by the reference device.
 
-    vfsdrv audit [--json] [--request-queues N] [--keep-going]
+    vfsdrv audit [--json] [--request-queues N]
 
 Starts the reference device in auditing mode (docs/audit.rst) on a temporary
 directory, runs the driver through a workload over two vhost-user frontends
