@@ -16,12 +16,17 @@ class TransportError(VfsdrvError):
     """The bus (vhost-user socket, VFIO device) refused or failed an operation."""
 
 
-class DeviceGoneError(TransportError):
-    """The device disappeared: backend closed its socket, function unplugged."""
+class DeviceGoneError(TransportError, ConnectionError):
+    """The device disappeared: backend closed its socket, function unplugged.
+    Also a ConnectionError, so code that handles OSError sees it as one."""
 
 
 class DeviceError(VfsdrvError):
     """The device broke the virtio protocol or failed initialization."""
+
+
+class DeviceNeedsResetError(DeviceError, ConnectionError):
+    """The device set DEVICE_NEEDS_RESET: nothing in flight will complete."""
 
 
 class FeatureNegotiationError(DeviceError):

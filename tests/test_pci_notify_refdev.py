@@ -475,14 +475,9 @@ def test_the_refdev_auditor_finds_no_violation_over_pci(device_factory, connect,
 # vector left, "by polling" (interrupt_fd None). VirtioFs in interrupt mode waits only
 # on the interrupt fds it has (wait(), fds() for the frontends' event loops), so such a
 # queue is looked at only when some other fd fires or the wait times out.
-POLLED_QUEUE_BUG = (
-    "VirtioFs (poll=False) never polls a queue that VirtioPciTransport left without an "
-    "MSI-X vector (interrupt_fd None): wait() sleeps its whole timeout and fds() offers "
-    "nothing that wakes a frontend's event loop"
-)
+# A queue left without an MSI-X vector is looked at every millisecond (VirtioFs.max_wait).
 
 
-@pytest.mark.xfail(strict=True, reason=POLLED_QUEUE_BUG)
 def test_notification_queue_without_a_vector_is_still_served(
     device_factory, connect, pci_connect, export_dir: Path
 ) -> None:
@@ -507,7 +502,6 @@ def test_notification_queue_without_a_vector_is_still_served(
     assert elapsed < 0.5, f"wait() slept {elapsed:.1f} s with a notification in the used ring"
 
 
-@pytest.mark.xfail(strict=True, reason=POLLED_QUEUE_BUG)
 def test_qemu_vector_count_leaves_the_request_queue_polled_and_slow(
     device_factory, pci_connect
 ) -> None:
@@ -526,14 +520,9 @@ def test_qemu_vector_count_leaves_the_request_queue_polled_and_slow(
 
 
 # -- a device that breaks while a lock waits -------------------------------------------------
-NEEDS_RESET_GAP = (
-    "VirtioFs never looks at the configuration-change vector (VirtioPciTransport.config_fd) "
-    "nor at DEVICE_NEEDS_RESET: a device that breaks while a SETLKW waits for its "
-    "FUSE_NOTIFY_LOCK leaves the waiter waiting until its caller's timeout"
-)
+# DEVICE_NEEDS_RESET, signalled on the configuration vector, fails every waiter at once.
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_RESET_GAP)
 def test_device_error_ends_a_waiting_lock(device_factory, connect, pci_connect,
                                           export_dir: Path) -> None:
     (export_dir / "f").write_text("")

@@ -245,6 +245,9 @@ class TrioDevice:
                 nursery.start_soon(self._guard, self._pump_fd, fd, nursery.cancel_scope)
             if self.fs.poll:
                 nursery.start_soon(self._guard, self._pump_poll, None, nursery.cancel_scope)
+            elif self.fs.max_wait is not None:  # a queue without an interrupt
+                nursery.start_soon(self._guard, self._pump_interval, self.fs.max_wait,
+                                   nursery.cancel_scope)
 
     async def _guard(self, pump: Callable[[Any], Awaitable[None]], arg: Any,
                      scope: trio.CancelScope) -> None:
@@ -265,6 +268,12 @@ class TrioDevice:
                 self._after_process()
             else:
                 await trio.sleep(0.05)  # readable but alive: do not spin
+
+    async def _pump_interval(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            self.fs.process()
+            self._after_process()
 
     async def _pump_poll(self, _arg: None) -> None:
         while True:

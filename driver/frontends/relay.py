@@ -323,7 +323,7 @@ class Relay:
             return 0.1
         if self.fs.poll:
             return 0.0 if self.inflight or self.fs.lock_waiters else 0.005
-        return None
+        return self.fs.max_wait  # a queue without an interrupt is looked at this often
 
     def _on_wake(self) -> None:
         try:

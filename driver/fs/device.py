@@ -17,6 +17,7 @@ the two travel on different queues, so the notification may come first.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -25,7 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import DeviceError, DeviceGoneError, ProtocolError, RingError, VfsdrvError
+from ..errors import (
+    DeviceError,
+    DeviceGoneError,
+    DeviceNeedsResetError,
+    ProtocolError,
+    RingError,
+    VfsdrvError,
+)
 from ..virtio.device import VirtioDevice
 from ..virtio.memory import PAGE_SIZE, DmaBuffer
 from ..virtio.transport import Transport
@@ -39,6 +47,11 @@ log = logging.getLogger(__name__)
 
 HIPRIO_QUEUE = 0
 NOTIFY_QUEUE = 1
+#: _fd_queue values that are not queue indexes
+ERROR_FD = -1
+CONFIG_FD = -2
+#: how often a queue without an interrupt is looked at
+POLL_INTERVAL = 0.001
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 IN_HEADER_START = struct.Struct("<IIQ")  # len, opcode, unique
 OUT_HEADER = struct.Struct("<IiQ")
@@ -148,6 +161,8 @@ class VirtioFs:
         self.stats = collections.Counter()
         self._poller: select.poll | None = None
         self._fd_queue: dict[int, int] = {}
+        #: longest a wait may block: set when a queue has no interrupt (no MSI-X vector)
+        self.max_wait: float | None = None
         self.started = False
 
     # -- bring-up -----------------------------------------------------------------
@@ -228,13 +243,24 @@ class VirtioFs:
         self._poller = select.poll()
         for vq in self._all_queues():
             fd = self.transport.interrupt_fd(vq.index)
-            if fd is not None and not self.poll:
-                self._poller.register(fd, select.POLLIN)
-                self._fd_queue[fd] = vq.index
+            if self.poll:
+                continue
+            if fd is None:
+                # no interrupt for this queue (e.g. MSI-X vectors ran out): look at
+                # its ring at least every millisecond instead of never
+                self.max_wait = POLL_INTERVAL
+                log.info("queue %d has no interrupt: it is polled", vq.index)
+                continue
+            self._poller.register(fd, select.POLLIN)
+            self._fd_queue[fd] = vq.index
+        cfd = self.transport.config_fd()
+        if cfd is not None:
+            self._poller.register(cfd, select.POLLIN)
+            self._fd_queue[cfd] = CONFIG_FD
         efd = self.transport.error_fd()
         if efd is not None:
             self._poller.register(efd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            self._fd_queue[efd] = -1
+            self._fd_queue[efd] = ERROR_FD
 
     # -- FUSE_INIT ------------------------------------------------------------------
     DEFAULT_INIT_FLAGS = (
@@ -514,6 +540,8 @@ class VirtioFs:
         if self.poll:
             return self._poll_wait(timeout)
         assert self._poller is not None
+        if self.max_wait is not None:
+            timeout = self.max_wait if timeout is None else min(timeout, self.max_wait)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         for fd, _events in self._poller.poll(ms):
             self.on_fd_ready(fd)
@@ -546,10 +574,23 @@ class VirtioFs:
 
     def on_fd_ready(self, fd: int) -> None:
         index = self._fd_queue.get(fd)
-        if index == -1:
+        if index == ERROR_FD:
             self._device_gone_check()
+        elif index == CONFIG_FD:
+            self._config_changed(fd)
         elif index is not None:
             self.transport.ack_interrupt(index)
+
+    def _config_changed(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        if self.dev.needs_reset():
+            # nothing in flight will complete: tell every waiter now
+            self._break(DeviceNeedsResetError(
+                f"{self.transport.name}: the device set DEVICE_NEEDS_RESET"
+            ))
 
     # -- synchronous calls (used by the client API and by INIT) ------------------------
     def call(
@@ -603,10 +644,10 @@ class VirtioFs:
         self._in_flight.clear()
         for slot in waiting:
             if slot.on_done is not None and slot.reply_cap is not None:
-                slot.on_done(_synthetic(slot.unique, slot.opcode, -107))  # ENOTCONN
+                slot.on_done(_synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))
         for unique, waiter in list(self._lock_waiters.items()):
             if waiter.on_done is not None:
-                waiter.on_done(_synthetic(unique, waiter.opcode, -107))
+                waiter.on_done(_synthetic(unique, waiter.opcode, -errno.ENOTCONN))
         self._lock_waiters.clear()
 
     @property
@@ -657,8 +698,14 @@ class Pending:
                     f"no reply to FUSE opcode {self.opcode} (unique {self.unique}) "
                     f"within {timeout} s"
                 )
-            self.fs.wait(remaining if remaining is None else min(remaining, 0.5))
+            try:
+                self.fs.wait(remaining if remaining is None else min(remaining, 0.5))
+            except VfsdrvError:
+                if self.completion is None:
+                    raise
         err = self.completion.error
+        if err == -errno.ENOTCONN and self.fs.broken is not None:
+            raise self.fs.broken  # the device failed: say why, not just ENOTCONN
         if err < 0:
             raise OSError(-err, f"{os.strerror(-err)} (FUSE opcode {Opcode(self.opcode).name})")
         return self.data

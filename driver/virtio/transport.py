@@ -85,6 +85,11 @@ class Transport(ABC):
     def ack_interrupt(self, index: int) -> None:  # noqa: B027 - optional hook
         """Clear the interrupt for queue `index` (read the eventfd)."""
 
+    def config_fd(self) -> int | None:
+        """An eventfd signalled on a configuration change (e.g. DEVICE_NEEDS_RESET),
+        or None if the bus has no such interrupt."""
+        return None
+
     def error_fd(self) -> int | None:
         """A file descriptor that becomes readable when the device goes away
         (socket closed, unplug request). None if the bus has no such signal."""
