@@ -187,6 +187,7 @@ class VirtioFs:
             self._alloc_slots()
             if self.notification:
                 self._post_notify_buffers()
+                self.notify_vq.publish()  # available at DRIVER_OK; no kick before it
             if self.poll:
                 for qs in self._all_queues():
                     qs.disable_interrupts()
@@ -195,7 +196,9 @@ class VirtioFs:
             raise
         dev.driver_ok()
         if self.notify_vq is not None:
-            dev.kick(self.notify_vq)  # buffers were posted before DRIVER_OK; tell the device now
+            # buffers were made available before DRIVER_OK (the device may look at
+            # them from then on); notifications are allowed only now
+            self.transport.notify(self.notify_vq.index)
         self._setup_poller()
         self.started = True
         log.info(
