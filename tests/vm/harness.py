@@ -383,6 +383,11 @@ def run_in_guest(
 
     qemu = qemu_binary()
     vfsd = virtiofsd_binary() if any(d.socket is None for d in fs_devices) else ""
+    if vfsd == "/usr/lib/qemu/virtiofsd" and any(
+            d.socket is None and d.num_request_queues > 1 for d in fs_devices):
+        # libvhost-user there is set up for 2 virtqueues: "Invalid queue index: 2"
+        raise ValueError("QEMU's C virtiofsd serves one request queue only: give more "
+                         "request queues to a backend of your own (FsDevice(socket=...))")
     kernel = prepare_kernel()
     for p, what in ((VM_DIR, "checkout"), (kernel.kdir, "cache directory")):
         _no_space(p, what)
