@@ -226,19 +226,29 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     build-initramfs.sh and initramfs-init.
     """
     cache = cache_dir()
-    kpkg = kernel_package()
     kstamp = _digest(VM_DIR / "prepare-kernel.sh")
-    kdir = cache / f"{kpkg}-{kstamp[:12]}"
     istamp = _digest(VM_DIR / "build-initramfs.sh", VM_DIR / "initramfs-init")
-    initrd = kdir / f"initrd-{istamp}.gz"
     with _locked(cache / ".lock"):
+        kpkg = kernel_package()
+        kdir = cache / f"{kpkg}-{kstamp[:12]}"
         if not (kdir / "ok").exists():  # prepare-kernel.sh renames a complete tree into place
             _need_tools("apt-get", "dpkg-deb", "depmod", "modinfo", "xz", "make", "gcc")
-            if log:
-                print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
-            env = dict(os.environ, STAMP=kstamp)
-            _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
-                      f"preparing the guest kernel {kpkg}", env)
+            try:
+                _prepare(kdir, kpkg, kstamp, log)
+            except GuestSetupError:
+                # stale package lists on a long-lived machine: the package (or its
+                # headers) left the archive. As root, refresh them once and retry.
+                if os.geteuid() != 0 or os.environ.get("VFSDRV_VM_KPKG"):
+                    raise
+                if log:
+                    print("vfsdrv-vm: retrying after apt-get update", file=log, flush=True)
+                _run_step(["apt-get", "update", "-qq"], "apt-get update")
+                _default_kernel_package.cache_clear()
+                kpkg = kernel_package()
+                kdir = cache / f"{kpkg}-{kstamp[:12]}"
+                if not (kdir / "ok").exists():
+                    _prepare(kdir, kpkg, kstamp, log)
+        initrd = kdir / f"initrd-{istamp}.gz"
         if not initrd.exists():
             _need_tools("modprobe", "cpio", "gzip")
             if not os.access("/bin/busybox", os.X_OK):
@@ -249,6 +259,13 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
         os.utime(kdir / "ok")  # last use, for _collect_garbage
         _collect_garbage(cache, kdir, initrd)
     return Kernel(kdir=kdir, vmlinux=kdir / "vmlinux", initrd=initrd, kroot=kdir / "kroot")
+
+
+def _prepare(kdir: Path, kpkg: str, kstamp: str, log: TextIO | None) -> None:
+    if log:
+        print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
+    _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
+              f"preparing the guest kernel {kpkg}", dict(os.environ, STAMP=kstamp))
 
 
 def _collect_garbage(cache: Path, keep: Path, initrd: Path) -> None:
