@@ -99,7 +99,8 @@ def _run(guest, tmp_path: Path, mode: str) -> tuple[dict, Path, Path]:
     assert r.returncode == 0 and lines, f"{r}\n--- console:\n{r.console[-3000:]}"
     res = json.loads(lines[-1][len("RESULT "):])
     print(f"{mode}: guest run {r.duration:.1f}s (boot {r.boot_time}s), steps "
-          f"{res['timings']}")
+          f"{res['timings']}; locks {res.get('locks')}; mount stderr "
+          f"{res.get('mount_stderr', '').strip()!r}")
     assert res["errors"] == {}, "\n\n".join(f"{k}: {v}" for k, v in res["errors"].items())
     return res, src, share
 
@@ -302,7 +303,8 @@ class Guest:
         res, m, src = self.res, self.m, self.src
         (m / "in").mkdir()
         self.sh("cp", str(src / "big.bin"), str(m / "in/big.bin"))
-        self.sh("cp", "-a", str(src / "tree"), str(m / "cpa"))
+        (m / "cpa").mkdir()
+        self.sh("cp", "-a", str(src / "tree"), str(m / "cpa"))  # -> cpa/tree
         out = Path("/tmp/out")
         out.mkdir()
         self.drop_caches()  # what comes back out is read from the device
