@@ -322,7 +322,7 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
         proc.wait()
 
 
-def _listening(sock: Path) -> bool:
+def is_listening(sock: Path) -> bool:
     """Whether a unix socket is bound *and* listening at ``sock`` (this net namespace).
 
     virtiofsd serves a single connection, so probing by connecting is not an
@@ -454,7 +454,7 @@ def run_in_guest(
                 if not sock.is_socket():
                     raise GuestError(f"vhost-user socket {sock} does not exist (backend not "
                                      "started?)")
-                if not _listening(sock):
+                if not is_listening(sock):
                     raise GuestError(f"nobody listens on the vhost-user socket {sock}")
                 sockets.append(sock)
                 continue
@@ -468,7 +468,7 @@ def run_in_guest(
                                      stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
             backends.append((d.tag, p, logf))
             deadline = time.monotonic() + 10
-            while not _listening(sock):
+            while not is_listening(sock):
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise GuestSetupError(f"virtiofsd for {src} did not start:\n{_read(logf)}")
                 time.sleep(0.02)

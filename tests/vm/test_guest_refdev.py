@@ -34,7 +34,7 @@ def refdev(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
                              stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
     try:
         deadline = time.monotonic() + 30
-        while not harness._listening(sock):
+        while not harness.is_listening(sock):
             assert p.poll() is None, f"refdev exited:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"refdev did not listen:\n{log.read_text()}"
             time.sleep(0.05)

@@ -142,7 +142,7 @@ def own_virtiofsd(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not harness._listening(sock):  # bound is not enough: QEMU connects at once
+        while not harness.is_listening(sock):  # bound is not enough: QEMU connects at once
             assert p.poll() is None and time.monotonic() < deadline, "virtiofsd did not start"
             time.sleep(0.02)
         yield sock, export
