@@ -420,14 +420,24 @@ def test_blocking_locks_give_mutual_exclusion_across_concurrent_frontends(
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
+    # a fourth frontend holds the lock until all three wait: contention is certain
+    holder = connect(device)
+    he = holder.lookup(ROOT_ID, "counter")
+    hh = holder.open(he.nodeid, os.O_RDWR)
+    holder.setlk(he.nodeid, hh.fh, 9, whole(F_WRLCK))
     threads = [threading.Thread(target=work, args=(c,)) for c in clients]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while device.locks.waiting() < len(clients):
+        assert time.monotonic() < deadline, "the three frontends never all waited"
+        time.sleep(0.01)
+    holder.setlk(he.nodeid, hh.fh, 9, whole(F_UNLCK))
     for t in threads:
         t.join(60)
     assert not errors, errors
     assert (export_dir / "counter").read_text() == str(3 * rounds)
-    assert sum(c.fs.stats["lock_notifications"] for c in clients) > 0  # some really waited
+    assert sum(c.fs.stats["lock_notifications"] for c in clients) >= len(clients)
 
 
 def test_notify_lock_code_is_configurable(device_factory, connect, export_dir: Path) -> None:
