@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pyfuse3  # tools/setup-env.sh installs the extra: pip install -e '.[test,pyfuse3]'
 import pytest
-from backends import virtiofsd
+from backends import refdev, virtiofsd
 from vfsdrv.frontends.pyfuse3_frontend import FRESH_INO_BASE, InodeMap
 from vfsdrv.fs.config import encode_config
 from vfsdrv.fs.device import VirtioFs
@@ -126,40 +126,13 @@ def _unmount(path: Path) -> None:
 
 
 @contextmanager
-def refdev(source: Path, sock: Path) -> Iterator[subprocess.Popen]:
-    """The project's reference device (`python -m vfsdrv.refdev`) serving `source`."""
-    cmd = [sys.executable, "-m", "vfsdrv.refdev", "--socket", str(sock),
-           "--source", str(source), "--tag", "refdev"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"refdev exited: {proc.stderr.read().decode()[-2000:]}")
-            assert time.monotonic() < deadline, "refdev did not create its socket"
-            time.sleep(0.01)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-
-
-@contextmanager
 def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
            vfsd_args: tuple[str, ...] = (), options: tuple[str, ...] = (),
            backend_name: str = "virtiofsd") -> Iterator[Mount]:
     """virtiofsd (or the reference device) on `export`, mounted on `mnt` by a
     forked child running serve()."""
     start = (lambda: virtiofsd(export, sock, *vfsd_args)) if backend_name == "virtiofsd" \
-        else (lambda: refdev(export, sock))
+        else (lambda: refdev(export, sock, "--tag", "refdev"))
     with start() as backend:
         r, w = os.pipe()
         inject_r, inject_w = os.pipe()
