@@ -19,7 +19,8 @@ emulated machine.
     .venv/bin/python benchmarks/guest_mount_bench.py [--mode type1|noiommu]
         [--size-mib 64] [--files 10000] [--seconds 5] [--frontend relay|pyfuse3]
 
-Needs what the guest tests need (tools/setup-env.sh; root). Takes a few minutes.
+Needs what the guest tests need (tools/setup-env.sh; root). With the defaults one run
+takes ~7 minutes under TCG on 2 cores (most of it the vfsdrv side of the 10,000 files).
 """
 
 from __future__ import annotations
