@@ -11,7 +11,8 @@ hotplug: bybdf is given back to the kernel, removed and found again by a PCI res
 the rule binds it again. systemd is not PID 1 in the guest, so `vfsdrv udev add` starts
 the unit's command (`vfsdrv udev mount TAG`) directly, as it does on any host without
 systemd; the unit file itself is checked by systemd-analyze in tests/test_devices_udev.py.
-Afterwards `vfsdrv list/bind/unbind` are exercised on the same functions.
+Afterwards `vfsdrv list/bind/unbind` are exercised on the same functions, and the
+installed unit's ExecStart is run as systemd would (foreground, stopped by SIGTERM).
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ say unbind-mounted
 if vfsdrv unbind $AUTO 2> /tmp/err; then echo "UNBIND_BUSY unexpectedly unbound"; else
   echo "UNBIND_BUSY_ERR $(cat /tmp/err)"; fi
 vfsdrv umount /mnt/auto
+wait_for 30 sh -c '! pgrep -f "vfsdrv udev [m]ount" > /dev/null'
+
+say unit-command
+# what systemd would run for vfsdrv@autofs.service: the installed unit's ExecStart, then
+# SIGTERM for `systemctl stop` (KillMode=mixed: the main process first)
+EXEC=$(sed -n 's/^ExecStart=//p' /etc/systemd/system/vfsdrv@.service)
+echo "UNIT_EXEC $EXEC"
+${EXEC//%I/autofs} > /tmp/unit.log 2>&1 & pid=$!
+wait_for 60 grep -q ' /mnt/auto fuse.vfsdrv ' /proc/mounts
+echo "UNIT_CONTENT $(cat /mnt/auto/hello.txt)"
+kill -TERM $pid
+rc=0; wait $pid || rc=$?
+echo "UNIT_EXIT $rc"
+if grep -q ' /mnt/auto ' /proc/mounts; then echo "UNIT_STOPPED still mounted"; else
+  echo "UNIT_STOPPED unmounted"; fi
 wait_for 30 vfsdrv unbind $AUTO
 echo "DRIVERS_END $(drv $AUTO) $(drv $BYBDF) $(drv $KERNEL)"
 vfsdrv unbind $BYBDF
@@ -155,3 +171,8 @@ def test_udev_binds_opted_in_functions_only(guest, tmp_path: Path) -> None:
     assert "vfsdrv udev mount" in v["UNBIND_BUSY_ERR"] and "vfsdrv umount" in v[
         "UNBIND_BUSY_ERR"]
     assert v["DRIVERS_END"] == "virtio-pci vfio-pci virtio-pci"
+
+    # the unit's command, run as systemd would, mounts in the foreground; SIGTERM unmounts
+    assert v["UNIT_EXEC"].endswith(" udev mount --foreground %I")
+    assert v["UNIT_CONTENT"] == "mounted by udev"
+    assert v["UNIT_EXIT"] == "0" and v["UNIT_STOPPED"] == "unmounted"
