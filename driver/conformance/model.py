@@ -131,7 +131,7 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def table(self, width: int = 100) -> str:
+    def table(self) -> str:
         """Human-readable table: result, id, spec reference, observed (and statement)."""
         mark = {PASS: "PASS", FAIL: "FAIL", SKIP: "skip"}
         idw = max([len(c.id) for c in self.checks] + [5])
