@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_pci_sysfs import fake_sysfs
+from vfsdrv.errors import VfsdrvError
 from vfsdrv.tools import devices, udev
 
 BDF = "0000:00:03.0"
@@ -127,3 +128,23 @@ def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert p.returncode == 0 and p.stderr == "", p.stderr
     exec_start = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")]
     assert exec_start == [f"ExecStart={udev.vfsdrv_command()} udev mount --foreground %I"]
+
+
+def test_start_mount_uses_systemctl_when_systemd_runs(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With systemd as init, the unit is started without waiting (udev must not block);
+    a failing systemctl is an error that names the unit."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    monkeypatch.setattr(udev, "systemd_running", lambda: True)
+    done = udev.start_mount(udev.Entry("tag", "my fs", mountpoint="/m"), tmp_path / "c")
+    assert done == "started vfsdrv@my\\x20fs.service"
+    assert calls.read_text() == "--no-block start vfsdrv@my\\x20fs.service\n"
+    fake.write_text('#!/bin/sh\necho "Unit not found." >&2\nexit 5\n')
+    with pytest.raises(VfsdrvError, match=r"systemctl start vfsdrv@x.service failed: Unit not"):
+        udev.start_mount(udev.Entry("tag", "x", mountpoint="/m"), tmp_path / "c")
