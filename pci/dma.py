@@ -37,6 +37,18 @@ PFN_MASK = (1 << 55) - 1
 PAGEMAP = "/proc/self/pagemap"
 
 
+COMPACT_UNEVICTABLE = "/proc/sys/vm/compact_unevictable_allowed"
+
+
+def compaction_moves_locked_pages(path: str = COMPACT_UNEVICTABLE) -> bool:
+    """Whether memory compaction may migrate mlocked pages (the kernel default)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return True  # cannot tell: assume the default
+
+
 def free_hugepages(meminfo: str = "/proc/meminfo") -> int:
     """Bytes of free 2 MiB huge pages."""
     try:
@@ -153,7 +165,7 @@ class DmaMemory(DmaMemoryLike):
         self._runs = contiguous_runs(physical_addresses(self.addr, self.size))
         if self.ctx is not None:
             self._map_identity()
-        elif not self.hugepages:
+        elif not self.hugepages and compaction_moves_locked_pages():
             log.warning(
                 "DMA memory on 4 KiB pages without an IOMMU: locked pages can still be migrated "
                 "by memory compaction, changing their physical addresses under the device; "

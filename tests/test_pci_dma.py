@@ -171,3 +171,14 @@ def test_hugepage_block_is_physically_contiguous() -> None:
 def test_bad_size() -> None:
     with pytest.raises(DmaError, match="bad DMA block size"):
         DmaMemory(0, None)
+
+
+def test_compaction_setting_decides_the_4k_warning(tmp_path) -> None:
+    from vfsdrv.pci.dma import compaction_moves_locked_pages
+
+    f = tmp_path / "compact_unevictable_allowed"
+    f.write_text("1\n")
+    assert compaction_moves_locked_pages(str(f))
+    f.write_text("0\n")
+    assert not compaction_moves_locked_pages(str(f))
+    assert compaction_moves_locked_pages(str(tmp_path / "missing"))
