@@ -260,3 +260,31 @@ def test_background_server_logs_and_unmounts_when_the_device_dies(
         assert not is_mounted(mnt), "a dead device left a mount behind"
         text = log.read_text()
         assert "gone" in text or "closed" in text, text
+
+
+def test_mount_t_vfsdrv_through_mount8(tmp_path: Path) -> None:
+    """`mount -t vfsdrv SOCKET DIR` finds /sbin/mount.vfsdrv. The helper is put there
+    only inside a private mount namespace (a directory bound over /usr/sbin), so the
+    host's /sbin is never touched; the whole exchange runs in that namespace."""
+    helper = Path(sys.executable).with_name("mount.vfsdrv")
+    assert helper.exists(), "pip install -e . creates the mount.vfsdrv console script"
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    (sbin / "mount.vfsdrv").symlink_to(helper)
+    with backend(tmp_path) as (mnt, sock, proc):
+        script = f"""
+            set -e
+            mount --make-rprivate /
+            mount --bind {sbin} /usr/sbin
+            mount -t vfsdrv {sock} {mnt} -o tag=via-mount8
+            grep " {mnt} " /proc/self/mounts
+            cat {mnt}/hello
+            umount {mnt}
+            ! grep -q " {mnt} " /proc/self/mounts
+        """
+        r = subprocess.run(["unshare", "--mount", "bash", "-c", script], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith(f"via-mount8 {mnt} fuse.vfsdrv ")
+        assert r.stdout.rstrip().endswith("hello")
+        assert wait_exit(proc) == 0  # the serving process ended the session and let go
