@@ -200,6 +200,7 @@ class VirtioFs:
             # them from then on); notifications are allowed only now
             self.transport.notify(self.notify_vq.index)
         self._setup_poller()
+        self._harvest = [self.hiprio, *self.request_queues]
         self.started = True
         log.info(
             "%s: tag %r, %d request queue(s), notification queue %s", self.transport.name,
@@ -347,17 +348,23 @@ class VirtioFs:
         cap = reply_capacity(opcode, slot.view[IN_HEADER_SIZE:in_len], self.max_io)
         slot.unique, slot.opcode, slot.in_len, slot.reply_cap = unique, opcode, in_len, cap
         slot.on_done = on_done
+        buf = slot.buf
         if cap is None:
-            readable = slot.buf.segments(0, in_len)
+            readable = buf.segments(0, in_len)
             writable: list[tuple[int, int]] = []
             qs = self.hiprio
         else:
             # out header just before a page boundary, payload page-aligned
-            slot.reply_off = ((in_len + OUT_HEADER_SIZE + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) - 16
-            if slot.reply_off + OUT_HEADER_SIZE + cap > len(slot.view):
+            reply_off = ((in_len + OUT_HEADER_SIZE + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) - 16
+            if reply_off + OUT_HEADER_SIZE + cap > len(slot.view):
                 raise ValueError(f"reply room of {cap} bytes does not fit a slot")
-            readable = slot.buf.segments(0, in_len)
-            writable = slot.buf.segments(slot.reply_off, OUT_HEADER_SIZE + cap)
+            slot.reply_off = reply_off
+            if buf.contiguous:  # the usual case: one segment each, no translation
+                readable = [(buf.addr, in_len)]
+                writable = [(buf.addr + reply_off, OUT_HEADER_SIZE + cap)]
+            else:
+                readable = buf.segments(0, in_len)
+                writable = buf.segments(reply_off, OUT_HEADER_SIZE + cap)
             qs = self._pick_request_queue()
         self._in_flight[unique] = slot
         self._enqueue(qs, (readable, writable, slot))
@@ -402,7 +409,7 @@ class VirtioFs:
         try:
             if self.notify_vq is not None and self.notify_vq.has_used():
                 handled += self._process_notifications()
-            for qs in [self.hiprio, *self.request_queues]:
+            for qs in self._harvest:
                 vq = qs.vq
                 if vq.idle and not vq.has_used():
                     continue
@@ -628,7 +635,7 @@ class VirtioFs:
             self.release(slot)
             raise
         if slot.reply_cap is None:
-            pending.completion = _synthetic(unique, opcode, 0)
+            pending.completion = 0  # no reply on hiprio: done once queued
         return pending
 
     # -- failure and teardown ----------------------------------------------------------
@@ -680,13 +687,13 @@ class Pending:
         self.fs = fs
         self.unique = unique
         self.opcode = opcode
-        self.completion: Completion | None = None
+        self.completion: int | None = None  # the reply's error (0 or -errno) once done
         self.data = b""
 
     def _done(self, comp: Completion) -> None:
         # copy out of DMA memory: the slot is reused as soon as we return
-        self.completion = Completion(comp.unique, comp.opcode, comp.error, b"")
-        self.data = bytes(comp.payload)
+        self.data = bytes(memoryview(comp.reply)[OUT_HEADER_SIZE:])
+        self.completion = comp.error
 
     @property
     def done(self) -> bool:
@@ -706,7 +713,7 @@ class Pending:
             except VfsdrvError:
                 if self.completion is None:
                     raise
-        err = self.completion.error
+        err = self.completion
         if err == -errno.ENOTCONN and self.fs.broken is not None:
             raise self.fs.broken  # the device failed: say why, not just ENOTCONN
         if err < 0:

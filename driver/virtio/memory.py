@@ -30,20 +30,21 @@ class DmaPool(Protocol):
 class DmaBuffer:
     """A slice of an arena. `view` is host access, `addr` the device address of byte 0."""
 
-    __slots__ = ("arena", "offset", "size", "view", "addr", "_contiguous")
+    __slots__ = ("arena", "offset", "size", "view", "addr", "contiguous")
 
     def __init__(self, arena: Arena, offset: int, size: int) -> None:
         self.arena = arena
         self.offset = offset
         self.size = size
         self.view = arena.view[offset : offset + size]
-        self.addr, contiguous = arena.translate(offset)
-        self._contiguous = contiguous >= size
+        self.addr, run = arena.translate(offset)
+        #: one device-contiguous range: segments() is then a single piece
+        self.contiguous = run >= size
 
     def device_addr(self, offset: int) -> int:
         if not 0 <= offset < self.size:
             raise DmaError(f"offset {offset} outside a {self.size}-byte buffer")
-        if self._contiguous:
+        if self.contiguous:
             return self.addr + offset
         return self.arena.translate(self.offset + offset)[0]
 
@@ -51,7 +52,7 @@ class DmaBuffer:
         """Device-contiguous (address, length) pieces covering [offset, offset+length)."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DmaError(f"range {offset}+{length} outside a {self.size}-byte buffer")
-        if self._contiguous or length == 0:
+        if self.contiguous or length == 0:
             return [(self.addr + offset, length)]
         out: list[tuple[int, int]] = []
         pos, end = self.offset + offset, self.offset + offset + length

@@ -120,12 +120,13 @@ class Virtqueue:
             raise ValueError("a chain needs at least one buffer")
         if n > self.size:
             raise ValueError(f"chain of {n} descriptors exceeds queue size {self.size}")
-        segs = [(a, ln, 0) for a, ln in readable]
         writable_len = 0
-        for a, ln in writable:
-            segs.append((a, ln, rl.VRING_DESC_F_WRITE))
+        for _, ln in writable:
             writable_len += ln
-        if writable_len + sum(ln for _, ln in readable) > 0xFFFFFFFF:
+        total = writable_len
+        for _, ln in readable:
+            total += ln
+        if total > 0xFFFFFFFF:
             raise ValueError("a chain must not exceed 2^32 bytes")
         use_indirect = self.indirect and n > 1 and n <= INDIRECT_TABLE_ENTRIES
         needed = 1 if use_indirect else n
@@ -135,27 +136,33 @@ class Virtqueue:
             )
         head = self.free_head
         chain = _Chain(token, writable=writable_len)
+        pack = rl.DESC.pack_into
+        nr = len(readable)
         if use_indirect:
             table = self._indirect_table(head)
             view = table.view
-            for i, (addr, length, flags) in enumerate(segs):
-                last = i == n - 1
-                rl.DESC.pack_into(
-                    view, i * rl.DESC_SIZE, addr, length,
-                    flags | (0 if last else rl.VRING_DESC_F_NEXT), 0 if last else i + 1,
-                )
-            self._write_desc(head, table.addr, n * rl.DESC_SIZE, rl.VRING_DESC_F_INDIRECT, 0)
+            for i in range(n):
+                addr, length = readable[i] if i < nr else writable[i - nr]
+                flags = 0 if i < nr else rl.VRING_DESC_F_WRITE
+                if i < n - 1:
+                    pack(view, i * rl.DESC_SIZE, addr, length, flags | rl.VRING_DESC_F_NEXT, i + 1)
+                else:
+                    pack(view, i * rl.DESC_SIZE, addr, length, flags, 0)
+            pack(self._desc_view, head * rl.DESC_SIZE, table.addr, n * rl.DESC_SIZE,
+                 rl.VRING_DESC_F_INDIRECT, 0)
             chain.descs.append(head)
             self.free_head = self._next[head]
         else:
             d = head
-            for i, (addr, length, flags) in enumerate(segs):
+            for i in range(n):
+                addr, length = readable[i] if i < nr else writable[i - nr]
+                flags = 0 if i < nr else rl.VRING_DESC_F_WRITE
                 nxt = self._next[d]
-                last = i == n - 1
-                self._write_desc(
-                    d, addr, length, flags | (0 if last else rl.VRING_DESC_F_NEXT),
-                    0 if last else nxt,
-                )
+                if i < n - 1:
+                    pack(self._desc_view, d * rl.DESC_SIZE, addr, length,
+                         flags | rl.VRING_DESC_F_NEXT, nxt)
+                else:
+                    pack(self._desc_view, d * rl.DESC_SIZE, addr, length, flags, 0)
                 chain.descs.append(d)
                 d = nxt
             self.free_head = d
@@ -178,9 +185,6 @@ class Virtqueue:
                 raise DmaError(f"queue {self.index}: indirect table is not contiguous")
             self._indirect_tables[head] = table
         return table
-
-    def _write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
-        rl.DESC.pack_into(self._desc_view, i * rl.DESC_SIZE, addr, length, flags, nxt)
 
     def publish(self) -> bool:
         """Make every added chain visible to the device; True if it wants a kick."""
