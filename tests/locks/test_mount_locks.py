@@ -22,6 +22,18 @@ def _locker(lockers: list[Locker], path: Path) -> Locker:
     return lk
 
 
+def _hand_over(holder: Locker, waiter: Locker) -> None:
+    """The holder takes the whole file, the waiter blocks on it, the holder lets go:
+    the waiter gets it (through FUSE_NOTIFY_LOCK)."""
+    holder.send("lock W 0 0")
+    assert holder.expect() == "locked"
+    waiter.send("lock W 0 0")
+    assert waiter.silent_for(0.3)
+    holder.send("unlock")
+    assert holder.expect() == "unlocked"
+    assert waiter.expect(5) == "locked"
+
+
 def test_waiter_in_b_wakes_when_holder_in_a_releases(pair: Pair, lockers: list[Locker]) -> None:
     (pair.dev.export / "f").write_bytes(b"x" * 100)
     holder = _locker(lockers, pair.a.path / "f")
@@ -151,15 +163,7 @@ def test_notify_buf_size_edges_work(tmp_path: Path, lockers: list[Locker]) -> No
         with refdev(base, "--notify-buf-size", size) as dev:
             (dev.export / "e").write_bytes(b"")
             with mounted(dev, base / "a") as a, mounted(dev, base / "b") as b:
-                h = _locker(lockers, a.path / "e")
-                w = _locker(lockers, b.path / "e")
-                h.send("lock W 0 0")
-                assert h.expect() == "locked"
-                w.send("lock W 0 0")
-                assert w.silent_for(0.3)
-                h.send("unlock")
-                assert h.expect() == "unlocked"
-                assert w.expect(5) == "locked"
+                _hand_over(_locker(lockers, a.path / "e"), _locker(lockers, b.path / "e"))
 
 
 def test_notify_lock_code_is_an_option_on_both_sides(tmp_path: Path,
@@ -168,15 +172,7 @@ def test_notify_lock_code_is_an_option_on_both_sides(tmp_path: Path,
         (dev.export / "k").write_bytes(b"")
         opts = ("--notify-lock-code", "13")
         with mounted(dev, tmp_path / "a", *opts) as a, mounted(dev, tmp_path / "b", *opts) as b:
-            h = _locker(lockers, a.path / "k")
-            w = _locker(lockers, b.path / "k")
-            h.send("lock W 0 0")
-            assert h.expect() == "locked"
-            w.send("lock W 0 0")
-            assert w.silent_for(0.3)
-            h.send("unlock")
-            assert h.expect() == "unlocked"
-            assert w.expect(5) == "locked"
+            _hand_over(_locker(lockers, a.path / "k"), _locker(lockers, b.path / "k"))
 
 
 def test_without_the_notification_queue_a_blocking_lock_reports_the_device_answer(
