@@ -22,22 +22,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from driver_helpers import WAIT, open_file, pump, wait_used, whole
 from fakes.vhost_pci_bridge import DEVICE_CFG_OFFSET, VhostPciFunction
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
-from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from vfsdrv.fs.client import ROOT_ID, FuseClient, Lock
 from vfsdrv.fs.config import VIRTIO_FS_F_NOTIFICATION
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
 from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio.constants import Status
-
-WAIT = 5.0
-
-
-def whole(type_: int) -> Lock:
-    return Lock(0, OFFSET_MAX, type_, 0)
 
 
 def bridge_of(c: FuseClient) -> VhostPciFunction:
@@ -68,28 +63,6 @@ def pci_connect() -> Iterator[Callable[..., FuseClient]]:
     yield attach
     for fs in opened:
         fs.close()
-
-
-def pump(clients: list[FuseClient], cond: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        for c in clients:
-            c.fs.wait(0.02)
-
-
-def open_file(c: FuseClient, name: str) -> tuple[int, int]:
-    e = c.lookup(ROOT_ID, name)
-    return e.nodeid, c.open(e.nodeid, os.O_RDWR).fh
-
-
-def wait_used(c: FuseClient, queue_index: int, timeout: float = WAIT) -> None:
-    """Wait until the device has used something on a queue, without processing it."""
-    vq = c.fs.dev.queues[queue_index]
-    deadline = time.monotonic() + timeout
-    while not vq.has_used():
-        assert time.monotonic() < deadline, f"nothing used on queue {queue_index}"
-        time.sleep(0.005)
 
 
 def assert_clean(fn: VhostPciFunction) -> None:

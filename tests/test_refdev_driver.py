@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from driver_helpers import pump, whole
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import InitFlag, Opcode
-from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from vfsdrv.fs.client import ROOT_ID, FuseClient, Lock
 from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
 
@@ -31,20 +32,6 @@ def device(device_factory) -> RefDevice:
 @pytest.fixture
 def client(device: RefDevice, connect) -> FuseClient:
     return connect(device)
-
-
-def pump_until(clients: list[FuseClient], condition, timeout: float = WAIT_TIMEOUT) -> None:
-    """Process completions of every client until `condition()` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        for c in clients:
-            c.fs.wait(0.02)
-
-
-def whole(type_: int, pid: int = 0) -> Lock:
-    return Lock(0, OFFSET_MAX, type_, pid)
 
 
 # -- device discovery and session ---------------------------------------------------------
@@ -244,7 +231,7 @@ def test_forget_drops_the_node(client: FuseClient, export_dir: Path) -> None:
     client.forget(e.nodeid, 1)
     assert client.getattr(e.nodeid).ino == e.attr.ino  # one lookup left
     client.batch_forget([(e.nodeid, 1)])
-    pump_until([client], lambda: _stale(client, e.nodeid))
+    pump([client], lambda: _stale(client, e.nodeid))
 
 
 def _stale(client: FuseClient, nodeid: int) -> bool:
@@ -287,7 +274,7 @@ def test_setlkw_waits_then_is_granted_by_notification(two, device: RefDevice) ->
     (a, na, fa), (b, nb, fb) = two
     a.setlk(na, fa, 1, whole(F_WRLCK))
     pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump_until([b], lambda: b.fs.lock_waiters == 1)  # the FUSE_LOCK_WAIT reply came
+    pump([b], lambda: b.fs.lock_waiters == 1)  # the FUSE_LOCK_WAIT reply came
     assert not pending.done and device.locks.waiting() == 1
     a.setlk(na, fa, 1, whole(F_UNLCK))
     pending.result(WAIT_TIMEOUT)
@@ -307,7 +294,7 @@ def test_interrupt_cancels_a_waiting_lock_with_eintr(two, device: RefDevice) -> 
     (a, na, fa), (b, nb, fb) = two
     a.setlk(na, fa, 1, whole(F_WRLCK))
     pending = b.setlkw_async(nb, fb, 1, Lock(0, 10, F_RDLCK, 0))
-    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     b.interrupt(pending.unique)
     with pytest.raises(OSError) as exc:
         pending.result(WAIT_TIMEOUT)
@@ -322,7 +309,7 @@ def test_disconnect_releases_locks_and_wakes_the_other_frontend(two, device: Ref
     a.setlk(na, fa, 1, whole(F_WRLCK))
     a.setlk(na, fa, 7, whole(F_WRLCK), flock=True)
     pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     a.fs.close()
     pending.result(WAIT_TIMEOUT)
     b.setlk(nb, fb, 9, whole(F_WRLCK), flock=True)  # a's flock went too
@@ -336,7 +323,7 @@ def test_waiting_lock_limit_gives_enolck(device_factory, connect, export_dir: Pa
     ha, hb = a.open(ea.nodeid, os.O_RDWR), b.open(eb.nodeid, os.O_RDWR)
     a.setlk(ea.nodeid, ha.fh, 1, whole(F_WRLCK))
     first = b.setlkw_async(eb.nodeid, hb.fh, 1, whole(F_WRLCK))
-    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     with pytest.raises(OSError) as exc:
         b.setlkw(eb.nodeid, hb.fh, 2, whole(F_RDLCK), timeout=WAIT_TIMEOUT)
     assert exc.value.errno == errno.ENOLCK
@@ -352,7 +339,7 @@ def test_flock_is_per_open_file_and_released_on_release(two) -> None:
     assert exc.value.errno == errno.EAGAIN
     b.setlk(nb, fb, 1, whole(F_WRLCK))  # POSIX locks are independent of flock
     pending = b.setlkw_async(nb, fb, 0xF2, whole(F_RDLCK), flock=True)
-    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     a.release(na, fa, release_flags=abi.FUSE_RELEASE_FLOCK_UNLOCK, lock_owner=0xF1)
     pending.result(WAIT_TIMEOUT)
 
@@ -372,7 +359,7 @@ def test_deadlock_between_frontends_is_edeadlk(two) -> None:
     a.setlk(na, fa, 1, Lock(0, 0, F_WRLCK, 0))
     b.setlk(nb, fb, 1, Lock(10, 10, F_WRLCK, 0))
     pending = a.setlkw_async(na, fa, 1, Lock(10, 10, F_WRLCK, 0))
-    pump_until([a], lambda: a.fs.lock_waiters == 1)
+    pump([a], lambda: a.fs.lock_waiters == 1)
     with pytest.raises(OSError) as exc:
         b.setlkw(nb, fb, 1, Lock(0, 0, F_WRLCK, 0), timeout=WAIT_TIMEOUT)
     assert exc.value.errno == errno.EDEADLK
@@ -448,7 +435,7 @@ def test_notify_lock_code_is_configurable(device_factory, connect, export_dir: P
     ha, hb = a.open(ea.nodeid, os.O_RDWR), b.open(eb.nodeid, os.O_RDWR)
     a.setlk(ea.nodeid, ha.fh, 1, whole(F_WRLCK))
     pending = b.setlkw_async(eb.nodeid, hb.fh, 1, whole(F_RDLCK))
-    pump_until([b], lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     a.flush(ea.nodeid, ha.fh, lock_owner=1)  # close() by the holder
     pending.result(WAIT_TIMEOUT)
     assert b.fs.stats["lock_notifications"] == 1

@@ -5,12 +5,12 @@ device whose notify_buf_size is too small (a clear error, the device FAILED)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
+from driver_helpers import open_file, pump, wait_used
 from vfsdrv.errors import ConfigError
-from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from vfsdrv.fs.client import OFFSET_MAX, Lock
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.virtio.constants import Status
 from vfsdrv.virtio.vhost_user import VhostUserTransport
@@ -18,41 +18,16 @@ from vfsdrv.virtio.vhost_user import VhostUserTransport
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 
 
-def _open(c: FuseClient, name: str) -> tuple[int, int]:
-    try:
-        e = c.lookup(ROOT_ID, name)
-        return e.nodeid, c.open(e.nodeid, os.O_RDWR).fh
-    except FileNotFoundError:
-        e, h = c.create(ROOT_ID, name)
-        return e.nodeid, h.fh
-
-
-def _pump(c: FuseClient, cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        c.fs.wait(0.02)
-
-
-def _wait_used(c: FuseClient, queue_index: int, timeout: float = 5.0) -> None:
-    """Wait until the device has used something on a queue, without processing it."""
-    vq = c.fs.dev.queues[queue_index]
-    deadline = time.monotonic() + timeout
-    while not vq.has_used():
-        assert time.monotonic() < deadline, f"nothing used on queue {queue_index}"
-        time.sleep(0.005)
-
-
 def test_notification_before_its_reply(device_factory, connect) -> None:
     dev = device_factory()
     a, b = connect(dev), connect(dev)
-    na, fa = _open(a, "f")
-    nb, fb = _open(b, "f")
+    na, fa = open_file(a, "f")
+    nb, fb = open_file(b, "f")
     a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
     pending = b.setlkw_async(nb, fb, 7, Lock(0, OFFSET_MAX, F_WRLCK, 0))
-    _wait_used(b, 2)  # the "wait" reply is in B's used ring, not yet seen by B
+    wait_used(b, 2)  # the "wait" reply is in B's used ring, not yet seen by B
     a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
-    _wait_used(b, 1)  # ... and so is the FUSE_NOTIFY_LOCK that completes it
+    wait_used(b, 1)  # ... and so is the FUSE_NOTIFY_LOCK that completes it
     # B harvests the notification queue first: the notification precedes its reply
     pending.result(5)
     assert b.fs.stats["lock_notify_before_reply"] == 1
@@ -67,12 +42,12 @@ def test_empty_notification_queue_for_a_while_loses_nothing(device_factory, conn
     b = connect(dev, notify_buffers=1)  # one buffer: every further notification must wait
     n = 12
     files = [f"w{i}" for i in range(n)]
-    held = [_open(a, f) for f in files]
+    held = [open_file(a, f) for f in files]
     for nodeid, fh in held:
         a.setlk(nodeid, fh, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
-    mine = [_open(b, f) for f in files]
+    mine = [open_file(b, f) for f in files]
     pend = [b.setlkw_async(nodeid, fh, 2, Lock(0, OFFSET_MAX, F_WRLCK, 0)) for nodeid, fh in mine]
-    _pump(b, lambda: b.fs.lock_waiters == n)
+    pump([b], lambda: b.fs.lock_waiters == n)
     for nodeid, fh in held:
         a.setlk(nodeid, fh, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
     # B does nothing for a while: its single buffer is used, the rest must be held
@@ -90,11 +65,11 @@ def test_notify_buf_size_edges(device_factory, connect, size: int) -> None:
     dev = device_factory(notify_buf_size=size)
     a, b = connect(dev), connect(dev)
     assert b.fs.config.notify_buf_size == size
-    na, fa = _open(a, "e")
-    nb, fb = _open(b, "e")
+    na, fa = open_file(a, "e")
+    nb, fb = open_file(b, "e")
     a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
     pending = b.setlkw_async(nb, fb, 1, Lock(0, OFFSET_MAX, F_WRLCK, 0))
-    _pump(b, lambda: b.fs.lock_waiters == 1)
+    pump([b], lambda: b.fs.lock_waiters == 1)
     a.setlk(na, fa, 1, Lock(0, OFFSET_MAX, F_UNLCK, 0))
     pending.result(5)
 
