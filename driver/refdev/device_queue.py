@@ -260,13 +260,13 @@ class DeviceQueue:
         lib.vfsdrv_mb()  # our used idx store before reading the driver's suppression
         if self.event_idx:
             off = rl.used_event_offset(self.size)
-            used_event = int.from_bytes(self._avail[off : off + 2], "little")
+            used_event = lib.vfsdrv_load_acquire_u16(self._avail_ptr + off)
             old = self.signalled_used
             self.signalled_used = self.used_idx
             if old is not None and not rl.need_event(used_event, self.used_idx, old):
                 return
         else:
-            flags = int.from_bytes(self._avail[rl.AVAIL_FLAGS : rl.AVAIL_FLAGS + 2], "little")
+            flags = lib.vfsdrv_load_acquire_u16(self._avail_ptr + rl.AVAIL_FLAGS)
             if flags & rl.VRING_AVAIL_F_NO_INTERRUPT:
                 return
         os.eventfd_write(self.call_fd, 1)
@@ -276,9 +276,10 @@ class DeviceQueue:
         if not self.ready:
             return False
         if self.event_idx:
-            assert self._used is not None
             off = rl.avail_event_offset(self.size)
-            self._used[off : off + 2] = self.last_avail.to_bytes(2, "little")
+            # one naturally sized store: the driver reads avail_event concurrently, and a
+            # 2-byte slice copy may be done byte by byte (a torn value loses a kick)
+            lib.vfsdrv_store_release_u16(self._used_ptr + off, self.last_avail)
             lib.vfsdrv_mb()  # avail_event store before the avail idx load
         arrived = self.pending() > 0
         if self.audit is not None and not arrived:
