@@ -26,18 +26,46 @@ COMMAND_MODULES = [
 ]
 
 
+def version() -> str:
+    """The installed distribution's version (a checkout not installed says so)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vfsdrv")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _verbose_option(parser: argparse.ArgumentParser, default: int | None) -> None:
+    # SUPPRESS on the sub-commands: without a -v there, what `vfsdrv -v` set stays
+    parser.add_argument("-v", "--verbose", action="count",
+                        default=default if default is not None else argparse.SUPPRESS,
+                        help="more logging (-v info, -vv debug)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfsdrv",
         description="Userspace virtio-fs driver: VFIO/PCI and vhost-user transports, "
         "notification queue and blocking POSIX locks, FUSE relay.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    _verbose_option(parser, 0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"vfsdrv.tools.{name}").register(sub)
+    _add_verbose_everywhere(sub)
     return parser
+
+
+def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """-v after the sub-command (and after a sub-sub-command) too."""
+    for p in sub.choices.values():
+        if not any("-v" in a.option_strings for a in p._actions):
+            _verbose_option(p, None)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:

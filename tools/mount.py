@@ -141,18 +141,38 @@ def run_mount(args: argparse.Namespace) -> int:
 
 def run_umount(args: argparse.Namespace) -> int:
     require_root("unmounting")
-    mp = os.path.realpath(args.mountpoint)
-    types = [t for m, t, _s in mount_table() if m == mp]
-    if not types:
-        raise MountError(f"{args.mountpoint} is not mounted")
-    if types[-1] != f"fuse.{FS_SUBTYPE}":
-        raise MountError(f"{args.mountpoint} is a {types[-1]} mount, not a vfsdrv one")
+    mp, fstype = find_mount(args.mountpoint)
+    if fstype != f"fuse.{FS_SUBTYPE}":
+        raise MountError(f"{args.mountpoint} is a {fstype} mount, not a vfsdrv one")
     try:
         umount(mp, lazy=args.lazy)
     except OSError as exc:
         hint = " (files are open there; -l detaches it anyway)" if exc.errno == 16 else ""
         raise MountError(f"cannot unmount {args.mountpoint}: {exc.strerror}{hint}") from None
     return 0
+
+
+def find_mount(path: str) -> tuple[str, str]:
+    """(mount point, fs type) of the mount on `path`, found in /proc/self/mountinfo by
+    its name. The mount point itself is never looked at: with a stuck device a stat
+    of it would wait forever. Only the directories above it may be resolved (for a
+    path through a symlink), and only when the name as given is not in the table."""
+    table = mount_table()
+
+    def lookup(candidate: str) -> str | None:
+        types = [t for m, t, _s in table if m == candidate]
+        return types[-1] if types else None
+
+    given = os.path.normpath(os.path.abspath(path))
+    fstype = lookup(given)
+    if fstype is None:
+        parent, name = os.path.split(given)
+        resolved = os.path.join(os.path.realpath(parent), name)
+        fstype = lookup(resolved)
+        given = resolved
+    if fstype is None:
+        raise MountError(f"{path} is not mounted")
+    return given, fstype
 
 
 # -- checks, device, serving -------------------------------------------------------------
