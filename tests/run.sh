@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup-env.sh
+.venv/bin/python -m vfsdrv.tools.virtiofsd_rs  # Debian 13's Rust virtiofsd, the second real device (private prefix)
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== pytest"
