@@ -138,9 +138,38 @@ def unit_name(entry: Entry) -> str:
     return f"vfsdrv@{systemd_escape(entry.key)}.service"
 
 
+def data_dirs(name: str = "udev") -> list[Path]:
+    """Where vfsdrv's installed data (share/vfsdrv/NAME) may be, best first: a
+    checkout, then the files the installed distribution's RECORD lists (right for a
+    venv, --user, --prefix and system-wide installs alike), then the data paths of
+    the install schemes (sysconfig) for an installation without a RECORD."""
+    import sysconfig
+    from importlib import metadata
+
+    dirs = [Path(__file__).resolve().parents[1] / name]
+    try:
+        files = metadata.distribution("vfsdrv").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.parent.name == name and f.parent.parent.name == "vfsdrv" and \
+                "share" in f.parts:
+            dirs.append(Path(f.locate()).resolve().parent)
+            break
+    schemes = [sysconfig.get_default_scheme(), *sysconfig.get_scheme_names()]
+    for scheme in dict.fromkeys(schemes):
+        try:
+            data = sysconfig.get_paths(scheme)["data"]
+        except KeyError:
+            continue
+        dirs.append(Path(data) / "share" / "vfsdrv" / name)
+    dirs += [Path(sys.prefix) / "share" / "vfsdrv" / name, Path("/usr/local/share/vfsdrv") / name,
+             Path("/usr/share/vfsdrv") / name]
+    return list(dict.fromkeys(dirs))
+
+
 def templates_dir() -> Path:
-    for d in (Path(__file__).resolve().parents[1] / "udev",
-              Path(sys.prefix) / "share" / "vfsdrv" / "udev"):
+    for d in data_dirs("udev"):
         if (d / "70-vfsdrv.rules.in").is_file():
             return d
     raise VfsdrvError("the udev templates (70-vfsdrv.rules.in) are not installed: reinstall "
