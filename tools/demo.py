@@ -24,17 +24,22 @@ from ..fs.config import encode_config
 from ..fs.device import VirtioFs
 from ..virtio.constants import feature_names
 from ..virtio.vhost_user import VhostUserTransport
-from .backend import Virtiofsd
+from .backends import BACKENDS, DEFAULT_BACKEND, Backend, check_available
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="drive a local virtiofsd through vfsdrv and show it working",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help="the device: Debian 12's C virtiofsd (default), Debian 13's Rust "
+                   "virtiofsd (fetched by: python3 -m vfsdrv.tools.virtiofsd_rs) or the "
+                   "reference device")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_available(args.backend)  # before anything is created: says how to get it
     work = Path(tempfile.mkdtemp(prefix="vfsdrv-demo-"))
     src = work / "export"
     src.mkdir()
@@ -42,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     (src / "data.bin").write_bytes(os.urandom(3 << 20))
     (src / "docs").mkdir()
     step = _Printer()
-    with Virtiofsd(src, work / "virtiofsd.sock") as backend:
-        step(f"virtiofsd (pid {backend.proc.pid}) exports {src}")
+    with Backend(args.backend, src, work / "backend.sock", tag="demo") as backend:
+        step(f"{backend.name} (pid {backend.proc.pid}) exports {src}")
         transport = VhostUserTransport(str(backend.socket_path),
                                        config=encode_config("demo", 1), num_queues=2)
         fs = VirtioFs(transport).start()
@@ -89,11 +94,14 @@ def run(args: argparse.Namespace) -> int:
             st = c.statfs()
             step(f"statfs: {st.blocks * st.frsize >> 20} MiB, {st.bavail * st.frsize >> 20} MiB "
                  "available")
-            c.destroy()
+            try:
+                c.destroy()
+            except OSError as e:  # the Rust virtiofsd sends no reply to FUSE_DESTROY
+                step(f"FUSE_DESTROY: {e}")
             ok = same and host_text == "written through vfsdrv\n"
         finally:
             fs.close()
-    with Virtiofsd(src, work / "virtiofsd-mount.sock") as backend:
+    with Backend(args.backend, src, work / "backend-mount.sock", tag="demo") as backend:
         ok = _mounted_part(step, src, work, backend.socket_path) and ok
     if not args.keep:
         import shutil

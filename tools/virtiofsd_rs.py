@@ -92,8 +92,8 @@ def require() -> Installed:
     found = find()
     if found is None:
         raise VfsdrvError(
-            f"the Rust virtiofsd (Debian 13) is not fetched into {state_dir()}; get it with: "
-            f"{FETCH_COMMAND}  (or, in a checkout: .venv/bin/python -m vfsdrv.tools.virtiofsd_rs)"
+            f"the Rust virtiofsd (Debian 13) is not fetched into {state_dir()}; get it (as "
+            f"root, from Debian's trixie packages) with: {sys.executable} -m vfsdrv.tools.virtiofsd_rs"
         )
     return found
 
