@@ -93,7 +93,8 @@ def require() -> Installed:
     if found is None:
         raise VfsdrvError(
             f"the Rust virtiofsd (Debian 13) is not fetched into {state_dir()}; get it (as "
-            f"root, from Debian's trixie packages) with: {sys.executable} -m vfsdrv.tools.virtiofsd_rs"
+            f"root, from Debian's trixie packages) with: "
+            f"{sys.executable} -m vfsdrv.tools.virtiofsd_rs"
         )
     return found
 
