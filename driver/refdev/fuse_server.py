@@ -58,6 +58,8 @@ SUPPORTED_FLAGS = (
     | InitFlag.INIT_EXT
 )
 COPY_CHUNK = 1 << 30
+#: the longest file name component (Linux NAME_MAX)
+NAME_MAX = 255
 MAX_EARLY_INTERRUPTS = 64
 U32_MAX = 0xFFFFFFFF
 
@@ -86,8 +88,11 @@ def _name(body: bytes, offset: int = 0) -> tuple[bytes, int]:
 
 
 def _component(name: bytes) -> bytes:
-    if not name or b"/" in name or len(name) > 255:
+    if not name or b"/" in name:
         raise OSError(errno.EINVAL, f"bad file name {name!r}")
+    if len(name) > NAME_MAX:
+        # what a local file system answers (pjdfstest checks it on every name operation)
+        raise OSError(errno.ENAMETOOLONG, f"{len(name)}-byte file name")
     return name
 
 
@@ -277,7 +282,7 @@ class FuseServer:
             raise OSError(errno.EPROTO, "unsupported FUSE version")
         # The next FUSE_INIT ends the current session and starts a new one.
         self._end_session()
-        self.inodes = InodeTable(self.source)
+        self.inodes = InodeTable(self.source, self.locks.open_file, self.locks.close_file)
         self.minor = min(arg.minor, abi.KERNEL_MINOR_VERSION)
         wanted = arg.flags | (arg.flags2 << 32 if arg.flags & InitFlag.INIT_EXT else 0)
         self.flags = wanted & SUPPORTED_FLAGS
@@ -514,11 +519,16 @@ class FuseServer:
         return b""
 
     # -- files --------------------------------------------------------------------------
+    # O_DIRECT is dropped on the host file, as virtiofsd does without --allow-direct-io:
+    # the guest kernel already bypasses its own page cache for it, and a FUSE request's
+    # offset, size and our buffers need not meet the host file system's alignment (every
+    # such read and write would fail with EINVAL). Host-side caching keeps the data
+    # coherent for every other opener; durability is what fsync (or O_SYNC) asks for.
     def _open_node(self, node: Node, flags: int) -> int:
         if stat.S_ISLNK(os.stat(node.fd).st_mode):
             raise OSError(errno.ELOOP, "open of a symlink node")
         # O_NOFOLLOW would refuse the /proc magic link; the node is known not to be a link
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT)
         return os.open(node.proc_path, flags | os.O_CLOEXEC)
 
     def open(self, hdr: Any, body: bytes) -> Any:
@@ -531,7 +541,9 @@ class FuseServer:
         arg = abi.unpack("fuse_create_in", body)
         name = _component(_name(body, abi.sizeof("fuse_create_in"))[0])
         parent = self._node(hdr.nodeid)
-        flags = (arg.flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
+        flags = (arg.flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~(
+            os.O_NOCTTY | os.O_DIRECT
+        )
         fd = os.open(name, flags, arg.mode & 0o7777, dir_fd=parent.fd)
         try:
             entry = self._created(hdr, parent, name, arg.mode)
@@ -560,13 +572,28 @@ class FuseServer:
         handle = self._inodes.handle(arg.fh)
         # close() drops the closing process's POSIX locks on the file
         self.locks.release_posix(handle.node.key, (self.session, arg.lock_owner))
+        handle.node.posix_owners.pop(arg.lock_owner, None)
         return b""
 
     def release(self, hdr: Any, body: bytes) -> bytes:
         arg = abi.unpack("fuse_release_in", body)
-        handle = self._inodes.close_handle(arg.fh)
+        handle = self._inodes.handle(arg.fh)
+        key = handle.node.key
+        # Linux sends nothing for OFD locks (F_OFD_SETLK) at close: their owner is the
+        # open file, never a FLUSH's lock_owner (the closing process's files), and
+        # RELEASE carries an owner only after flock(). So the POSIX owners that locked
+        # through this fh and were not flushed since are open files: their locks end
+        # here. (A process's own lock owner was flushed when it closed its descriptor
+        # to this fh, which it did before the fh could be released.)
+        owners = handle.node.posix_owners
+        for owner in [o for o, fhs in owners.items() if arg.fh in fhs]:
+            del owners[owner]
+            self.locks.release_posix(key, (self.session, owner))
+        for owner in handle.flock_owners:
+            self.locks.release_flock(key, (self.session, owner))
         if arg.release_flags & abi.FUSE_RELEASE_FLOCK_UNLOCK:
-            self.locks.release_flock(handle.node.key, (self.session, arg.lock_owner))
+            self.locks.release_flock(key, (self.session, arg.lock_owner))
+        self._inodes.close_handle(arg.fh)
         return b""
 
     def fsync(self, hdr: Any, body: bytes) -> bytes:
@@ -679,12 +706,19 @@ class FuseServer:
         return bytes(out)
 
     # -- locks --------------------------------------------------------------------------
-    def _lock_request(self, body: bytes) -> tuple[Handle, Lock, bool]:
+    def _lock_request(self, body: bytes, setting: bool = False) -> tuple[Handle, Lock, bool]:
         arg = abi.unpack("fuse_lk_in", body)
         handle = self._inodes.handle(arg.fh)
         lk = arg.lk
         lock = Lock((self.session, arg.owner), lk.start, lk.end, lk.type, lk.pid)
-        return handle, lock, bool(arg.lk_flags & abi.FUSE_LK_FLOCK)
+        flock = bool(arg.lk_flags & abi.FUSE_LK_FLOCK)
+        if setting and lk.type != F_UNLCK:
+            # remember which open file the lock came through (see release())
+            if flock:
+                handle.flock_owners.add(arg.owner)
+            else:
+                handle.node.posix_owners.setdefault(arg.owner, set()).add(arg.fh)
+        return handle, lock, flock
 
     def getlk(self, hdr: Any, body: bytes) -> Any:
         handle, want, flock = self._lock_request(body)
@@ -700,14 +734,14 @@ class FuseServer:
         )
 
     def setlk(self, hdr: Any, body: bytes) -> bytes:
-        handle, want, flock = self._lock_request(body)
+        handle, want, flock = self._lock_request(body, setting=True)
         err = self.locks.set(handle.node.key, want, flock)
         if err:
             raise OSError(-err, "lock conflict")
         return b""
 
     def setlkw(self, hdr: Any, body: bytes) -> bytes | _Wait:
-        handle, want, flock = self._lock_request(body)
+        handle, want, flock = self._lock_request(body, setting=True)
         if hdr.unique in self._early_interrupts:
             del self._early_interrupts[hdr.unique]
             raise OSError(errno.EINTR, "interrupted before it was read")

@@ -18,6 +18,12 @@ its `on_done(error)` runs with 0 when granted or -errno when cancelled. POSIX
 requests that would wait on an owner that is itself waiting for the requester get
 EDEADLK (the wait-for graph is followed across sessions; flock has no detection,
 as on Linux). Callbacks run under the table's mutex and must not call back into it.
+
+Lifetime: files are keyed by (st_dev, st_ino), which the host reuses for a new file
+once the old one is gone. As on Linux, no lock outlives the last open file of its
+inode: the servers report every open and close (open_file/close_file), and the last
+close drops whatever is left on the key. While a file is open the device holds its
+inode, so the number cannot be reused under a live lock.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class LockTable:
         self._posix: dict[FileKey, list[Lock]] = {}
         self._flock: dict[FileKey, dict[Owner, Lock]] = {}
         self._waiters: list[Waiter] = []
+        self._open: dict[FileKey, int] = {}  # open files per key, every session
 
     # -- queries ------------------------------------------------------------------------
     def test(self, key: FileKey, want: Lock, flock: bool = False) -> Lock | None:
@@ -150,6 +157,29 @@ class LockTable:
     def release_flock(self, key: FileKey, owner: Owner) -> None:
         """FUSE_RELEASE with FUSE_RELEASE_FLOCK_UNLOCK."""
         self.set(key, Lock(owner, 0, OFFSET_MAX, F_UNLCK, 0), flock=True)
+
+    def open_file(self, key: FileKey) -> None:
+        with self._mutex:
+            self._open[key] = self._open.get(key, 0) + 1
+
+    def close_file(self, key: FileKey) -> None:
+        """An open file of `key` went away; the last one takes every lock with it."""
+        with self._mutex:
+            count = self._open.get(key, 0) - 1
+            if count > 0:
+                self._open[key] = count
+                return
+            self._open.pop(key, None)
+            self._posix.pop(key, None)
+            self._flock.pop(key, None)
+            # a waiter needs an open file too: only a broken driver leaves one here
+            for w in [w for w in self._waiters if w.key == key]:
+                self._waiters.remove(w)
+                w.on_done(-errno.EBADF)
+
+    def open_files(self, key: FileKey) -> int:
+        with self._mutex:
+            return self._open.get(key, 0)
 
     def release_session(self, session: int) -> None:
         """A frontend went away (or re-initialised): its locks go, its waiters are
