@@ -16,6 +16,7 @@ from ..errors import VfsdrvError
 #: modules of vfsdrv.tools that provide commands, in --help order
 COMMAND_MODULES = [
     "mount",
+    "status",
     "demo",
     "bench",
     "refdev",
@@ -23,6 +24,7 @@ COMMAND_MODULES = [
     "check",
     "udev",
     "audit",
+    "install",
 ]
 
 

@@ -18,11 +18,14 @@ nothing mounted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import logging.handlers
 import os
 import re
 import select
 import signal
+import socket
 import stat
 import sys
 import time
@@ -71,7 +74,21 @@ class MountRequest:
     notify_lock_code: int = DEFAULT_NOTIFY_LOCK_CODE
     no_notification: bool = False
     log_file: str | None = None
+    #: seconds each exchange with the device may take (None: the transport's default)
+    timeout: float | None = None
+    #: the source recorded in the mount table: the spec as the user gave it
+    source: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
+
+    def spec(self) -> str:
+        """The mount's source: what mount(8) finds in fstab for this mount."""
+        if self.source:
+            return self.source
+        if self.vhost_user is not None:
+            return f"vhost-user:{os.path.abspath(self.vhost_user)}"
+        if self.device is not None:
+            return f"pci:{self.device}"
+        return self.tag or DEFAULT_VHOST_USER_TAG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,8 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-notification", action="store_true",
                    help="do not negotiate VIRTIO_FS_F_NOTIFICATION (no blocking locks)")
     p.add_argument("--log", metavar="FILE",
-                   help="in the background, append the server's messages to FILE "
-                   "(otherwise they are discarded once the mount is ready)")
+                   help="append the server's messages to FILE (also with -f and -d; without "
+                   "it a background server logs to syslog/the journal)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long the device may take to answer each setup message (default: "
+                   "the transport's, 10 s for vhost-user); the mount fails naming the device")
     p.add_argument("mountpoint")
     p.set_defaults(func=run_mount)
 
@@ -134,8 +154,10 @@ def run_mount(args: argparse.Namespace) -> int:
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
         notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
-        log_file=args.log,
+        log_file=args.log, timeout=args.timeout,
     )
+    if req.timeout is not None and req.timeout <= 0:
+        raise MountError("--timeout must be positive")
     return mount(req)
 
 
@@ -210,9 +232,10 @@ def open_device(req: MountRequest) -> VirtioFs:
 
         tag = req.tag or DEFAULT_VHOST_USER_TAG
         # used only when the backend has no config space (virtiofsd): read it otherwise
+        extra = _accepted(VhostUserTransport, timeout=req.timeout)
         transport = VhostUserTransport(
             req.vhost_user, config=encode_config(tag, req.request_queues),
-            num_queues=1 + req.request_queues,
+            num_queues=1 + req.request_queues, **extra,
         )
         backend_queues = transport.num_queues()
         if not transport.has_config_space and 1 + req.request_queues > backend_queues:
@@ -232,6 +255,20 @@ def open_device(req: MountRequest) -> VirtioFs:
         transport.close()
         _give_back(req)
         raise
+
+
+def _accepted(func: Callable, **kwargs: object) -> dict[str, object]:
+    """The keywords `func` takes, of those given (not None): options that need a
+    newer transport are passed only when it has them."""
+    import inspect
+
+    params = inspect.signature(func).parameters
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    dropped = [k for k in given if k not in params]
+    if dropped:
+        log.warning("%s does not take %s yet: ignored", getattr(func, "__name__", func),
+                    ", ".join(dropped))
+    return {k: v for k, v in given.items() if k in params}
 
 
 def _pci_transport(req: MountRequest):
@@ -267,25 +304,151 @@ def _give_back(req: MountRequest) -> None:
 
 
 def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
-    """Bring the device up, mount, serve until unmounted; close the device."""
-    frontend = get_frontend(req.frontend)
+    """Bring the device up, mount, serve until unmounted; close the device. Once the
+    mount is usable: the control socket of `vfsdrv status` opens, systemd hears
+    READY=1 (Type=notify), then `ready` runs. The figures are logged at exit."""
+    from .status import StatusServer
+
     fs = open_device(req)
+    started = time.monotonic()
+    server: StatusServer | None = None
+    runner: object = None
+    figures = lambda: mount_figures(req, fs, runner, started)  # noqa: E731
+
+    def on_ready() -> None:
+        nonlocal server
+        try:
+            server = StatusServer(figures).start()
+        except OSError as exc:
+            log.warning("no status socket (vfsdrv status will not list this mount): %s", exc)
+        log.info("mounted %s on %s (pid %d)", req.spec(), req.mountpoint, os.getpid())
+        sd_notify(f"READY=1\nSTATUS=serving {req.spec()} on {req.mountpoint}")
+        if ready is not None:
+            ready()
+
     try:
-        frontend(fs, req.mountpoint, options=req.options, debug=req.debug, ready=ready)
+        if req.frontend == "relay":
+            from ..frontends.relay import Relay
+
+            # the source in the mount table is the spec, so that mount(8) sees an fstab
+            # line as mounted (Relay takes `source` from the version that supports it)
+            extra = _accepted(Relay, source=req.spec())
+            runner = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
+                           ready=on_ready, **extra)
+            runner.run()
+        else:
+            get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
+                                       debug=req.debug, ready=on_ready)
     finally:
+        if server is not None:  # it was mounted and served
+            sd_notify("STOPPING=1")
+            server.stop()
+            try:
+                log.info("at exit: %s", json.dumps(figures(), default=str))
+            except Exception as exc:  # noqa: BLE001 - must not mask the real outcome
+                log.warning("no figures at exit: %s", exc)
         fs.close()
         _give_back(req)
+
+
+def _log_info() -> None:
+    """In a log (file, syslog), mount, unmount and the exit figures are there at INFO
+    whatever -v says."""
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+def mount_figures(req: MountRequest, fs: VirtioFs, runner: object,
+                  started: float) -> dict[str, object]:
+    """What `vfsdrv status` shows for this mount. The relay's own status() when it has
+    one; otherwise what can be read from the device and the relay's counters."""
+    out: dict[str, object] = {"mountpoint": req.mountpoint, "source": req.spec(),
+                              "pid": os.getpid(), "frontend": req.frontend}
+    status = getattr(runner, "status", None)
+    if callable(status):
+        figures = status()
+        out.update(figures)
+        out.setdefault("uptime", round(time.monotonic() - started, 3))
+        return out
+    from ..virtio.constants import feature_names
+
+    stats = dict(getattr(runner, "stats", {}) or {})
+    dev_stats = dict(getattr(fs, "stats", {}) or {})
+    queues = []
+    if fs.hiprio is not None:
+        queues.append({"name": "hiprio", "size": fs.hiprio.vq.size,
+                       "in_flight": fs.hiprio.vq.in_flight})
+    if fs.notify_vq is not None:
+        queues.append({"name": "notification", "size": fs.notify_vq.size,
+                       "buffers_posted": fs.notify_vq.in_flight})
+    for i, q in enumerate(fs.request_queues):
+        queues.append({"name": f"request{i}", "size": q.vq.size, "in_flight": q.vq.in_flight,
+                       "waiting": len(q.pending)})
+    features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
+                                               30: "VHOST_USER_PROTOCOL_FEATURES"})
+    out.update({
+        "device": fs.config.tag if fs.config is not None else None,
+        "transport": getattr(fs.transport, "name", type(fs.transport).__name__),
+        "features": [f for f in features.split(", ") if f != "none"],
+        "queues": queues,
+        "served": stats.get("requests", 0),
+        "in_flight": getattr(runner, "inflight", 0),
+        "errors": sum(v for k, v in dev_stats.items() if k.startswith("bad_")),
+        "notifications": stats.get("notifications", 0),
+        "lock_waiters": len(getattr(fs, "_lock_waiters", ())),
+        "uptime": round(time.monotonic() - started, 3),
+        "counters": {**dev_stats, **{f"relay_{k}": v for k, v in stats.items()}},
+    })
+    return out
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about the service, if it asked ($NOTIFY_SOCKET)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", path, exc)
+        return False
+    return True
 
 
 def mount(req: MountRequest) -> int:
     precheck(req)
     if req.foreground:
+        if req.log_file is not None:
+            # -f/-d with --log: every message (the -d request log, tracebacks) goes there
+            fd = _open_log(req.log_file)
+            print(f"vfsdrv: logging to {req.log_file}", file=sys.stderr, flush=True)
+            os.dup2(fd, 2)
+            os.close(fd)
+            _log_info()
         serve(req)
         return 0
     return _daemonize(req)
 
 
+def ready_timeout(req: MountRequest) -> float:
+    """How long `mount` waits for the serving process: setup takes a handful of
+    exchanges with the device, each bounded by --timeout."""
+    return READY_TIMEOUT if req.timeout is None else max(5.0, 4 * req.timeout)
+
+
+def _open_log(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise MountError(f"cannot open the log file {path}: {exc.strerror}") from None
+
+
 def _daemonize(req: MountRequest) -> int:
+    log_fd = _open_log(req.log_file) if req.log_file is not None else None
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -295,8 +458,7 @@ def _daemonize(req: MountRequest) -> int:
         code = 1
         try:
             os.setsid()
-            _child(req, w)
-            code = 0
+            code = _child(req, w, log_fd)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             msg = str(exc) if isinstance(exc, VfsdrvError | OSError) else \
                 "".join(traceback.format_exception(exc)).strip()
@@ -305,22 +467,28 @@ def _daemonize(req: MountRequest) -> int:
             except OSError:
                 pass
         finally:
+            logging.shutdown()
             os._exit(code)
     os.close(w)
+    if log_fd is not None:
+        os.close(log_fd)
     data = b""
-    deadline = time.monotonic() + READY_TIMEOUT
+    limit = ready_timeout(req)
+    deadline = time.monotonic() + limit
     try:
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([r], [], [], left)[0]:
-                # it unmounts and gives everything back on SIGTERM
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
-                raise MountError(f"the mount was not ready within {READY_TIMEOUT:.0f} s")
+                _stop_child(pid)
+                raise MountError(f"the mount was not ready within {limit:g} s (waiting for "
+                                 f"{req.spec()} to come up and FUSE_INIT to be answered)")
             chunk = os.read(r, 65536)
             if not chunk:
                 break
             data += chunk
+    except KeyboardInterrupt:
+        _stop_child(pid)  # Ctrl-C: no server may outlive the command that started it
+        raise
     finally:
         os.close(r)
     text = data.decode(errors="replace").strip()
@@ -332,22 +500,82 @@ def _daemonize(req: MountRequest) -> int:
     raise MountError("the serving process exited before the mount was ready")
 
 
-def _child(req: MountRequest, w: int) -> None:
-    log_fd = None
-    if req.log_file is not None:
-        log_fd = os.open(req.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                         0o644)
+def _stop_child(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM (it unmounts and gives everything back), SIGKILL after `grace` s."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
+    # until the frontend installs its own handlers, SIGTERM (from the parent on Ctrl-C
+    # or timeout) unwinds like Ctrl-C: the transport closes, a PCI function goes back
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    readied = False
 
     def ready() -> None:
-        # from now on the parent is gone: detach from its terminal and pipes
+        nonlocal readied
+        # from now on the parent is gone: detach from its terminal and pipes; messages
+        # go to --log FILE, else to syslog (the journal)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(log_fd if log_fd is not None and fd == 2 else null, fd)
         os.close(null)
+        if log_fd is None:
+            _log_to_syslog()
+        else:
+            _log_info()
         os.write(w, b"OK\n")
         os.close(w)
+        readied = True
 
-    serve(req, ready)
+    try:
+        serve(req, ready)
+    except BaseException as exc:
+        if not readied:
+            raise  # the parent reports it
+        log.error("serving %s on %s failed: %s", req.spec(), req.mountpoint, exc,
+                  exc_info=not isinstance(exc, VfsdrvError | OSError | KeyboardInterrupt))
+        return 1
+    return 0
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _log_to_syslog() -> None:
+    """A background server's messages to syslog (the journal reads /dev/log); with
+    no syslog daemon to /run/vfsdrv/mount.log, so that a dying server leaves a trace."""
+    _log_info()
+    root = logging.getLogger()
+    fmt = logging.Formatter(f"vfsdrv[{os.getpid()}]: %(levelname)s: %(name)s: %(message)s")
+    handler: logging.Handler
+    try:
+        if not os.path.exists("/dev/log"):
+            raise OSError("no /dev/log")
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        from .status import run_dir
+
+        try:
+            run_dir().mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(run_dir() / "mount.log")
+            fmt = logging.Formatter(f"%(asctime)s {fmt._fmt}")
+        except OSError:
+            return
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
 
 
 # -- mount(8) helper -----------------------------------------------------------------------

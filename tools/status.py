@@ -1,0 +1,210 @@
+"""`vfsdrv status [--json]`: every running vfsdrv mount, as its server sees it.
+
+Each mount server listens on a control socket, /run/vfsdrv/mounts/PID.sock
+(directory 0700, socket 0600, peers other than root refused by SO_PEERCRED). A
+client connects and reads one JSON object: mountpoint, source, pid, frontend and
+whatever figures the server's figure function returns (device, transport,
+negotiated features, queues with requests served and in flight, errors,
+notifications, lock waiters, uptime). A socket whose server is gone is removed.
+
+    vfsdrv status            one block per mount
+    vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: how long a client waits for one server's answer
+CLIENT_TIMEOUT = 5.0
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+
+
+def run_dir() -> Path:
+    """/run/vfsdrv, or $VFSDRV_STATE_DIR (tests, non-standard layouts)."""
+    return Path(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv"))
+
+
+def sockets_dir() -> Path:
+    return run_dir() / "mounts"
+
+
+class StatusServer:
+    """The control socket of one mount server: answers every connection with
+    `figures()` as JSON, from a daemon thread (the serving loop is never involved
+    beyond the figure function reading its counters)."""
+
+    def __init__(self, figures: Callable[[], dict[str, Any]], path: Path | None = None) -> None:
+        self.figures = figures
+        self.path = path or sockets_dir() / f"{os.getpid()}.sock"
+        self.sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> StatusServer:
+        d = self.path.parent
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a previous server of this pid is gone
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(8)
+        self.sock = sock
+        self._thread = threading.Thread(target=self._serve, name="vfsdrv-status", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self.sock is not None
+        while not self._stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed by stop()
+            with conn:
+                conn.settimeout(CLIENT_TIMEOUT)
+                try:
+                    cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                    _pid, uid, _gid = _UCRED.unpack(cred)
+                    if uid != 0:
+                        conn.sendall(b'{"error": "root only"}\n')
+                        continue
+                    conn.sendall(json.dumps(self.snapshot()).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def snapshot(self) -> dict[str, Any]:
+        # the serving thread may add a counter while this one copies: retry
+        for _ in range(5):
+            try:
+                return self.figures()
+            except RuntimeError:
+                time.sleep(0.001)
+        return {"error": "figures changed too fast to read"}
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            self.sock = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def __enter__(self) -> StatusServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- client --------------------------------------------------------------------------------
+def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any] | None:
+    """One server's figures; None (and the socket removed) when its server is gone."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    except (ConnectionRefusedError, FileNotFoundError):
+        pid = path.stem
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return None
+    except TimeoutError:
+        return {"error": f"no answer within {timeout:g} s", "pid": _pid_of(path)}
+    finally:
+        s.close()
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"error": "unreadable answer", "pid": _pid_of(path)}
+
+
+def _pid_of(path: Path) -> int | None:
+    return int(path.stem) if path.stem.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def collect() -> list[dict[str, Any]]:
+    d = sockets_dir()
+    try:
+        paths = sorted(d.glob("*.sock"))
+    except OSError:
+        return []
+    out = [m for m in (query(p) for p in paths) if m is not None]
+    return sorted(out, key=lambda m: str(m.get("mountpoint", "")))
+
+
+def format_mount(m: dict[str, Any]) -> str:
+    lines = [f"{m.get('mountpoint', '?')}: {m.get('source', '?')} (pid {m.get('pid', '?')})"]
+    if "error" in m:
+        lines.append(f"  error: {m['error']}")
+    for key in ("device", "transport", "frontend"):
+        if key in m:
+            lines.append(f"  {key}: {m[key]}")
+    if m.get("features"):
+        lines.append(f"  features: {', '.join(m['features'])}")
+    for q in m.get("queues", []):
+        figures = ", ".join(f"{k} {v}" for k, v in q.items() if k != "name")
+        lines.append(f"  queue {q.get('name', '?')}: {figures}")
+    for key in ("served", "in_flight", "errors", "notifications", "lock_waiters"):
+        if key in m:
+            lines.append(f"  {key.replace('_', ' ')}: {m[key]}")
+    if "uptime" in m:
+        lines.append(f"  uptime: {m['uptime']:.0f} s")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="running vfsdrv mounts: device, queues, counters",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help='one JSON object {"mounts": [...]}')
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        from ..errors import VfsdrvError
+
+        raise VfsdrvError("status needs root (the control sockets are root's)")
+    mounts = collect()
+    if args.json:
+        print(json.dumps({"mounts": mounts}, indent=2))
+    elif not mounts:
+        print("no vfsdrv mounts are running")
+    else:
+        print("\n".join(format_mount(m) for m in mounts))
+    return 0
