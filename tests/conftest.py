@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backends import connect_virtiofsd, virtiofsd
+from backends import DEVICES, connect_virtiofsd, device
 from vfsdrv.fs.client import FuseClient
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.refdev import RefDevice
@@ -21,10 +21,16 @@ def export_dir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(params=DEVICES)
+def device_name(request) -> str:
+    """Each real device in turn: Debian 12's C virtiofsd, Debian 13's Rust one."""
+    return request.param
+
+
 @pytest.fixture
-def virtiofsd_socket(tmp_path: Path, export_dir: Path) -> Iterator[Path]:
+def virtiofsd_socket(tmp_path: Path, export_dir: Path, device_name: str) -> Iterator[Path]:
     sock = tmp_path / "vfsd.sock"
-    with virtiofsd(export_dir, sock):
+    with device(device_name, export_dir, sock):
         yield sock
 
 

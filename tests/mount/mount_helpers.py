@@ -1,4 +1,5 @@
-"""Helpers of the mount suite: real mounts of Debian's virtiofsd through vfsdrv.
+"""Helpers of the mount suite: real mounts of each real device (Debian 12's C
+virtiofsd, Debian 13's Rust virtiofsd) and of the reference device through vfsdrv.
 
 (Not in conftest.py: several conftest modules share that name, so `from conftest
 import ...` may find another one.)
@@ -7,7 +8,8 @@ Every mount is served by a separate process (`python -m vfsdrv.tools.cli mount -
 never by the test process: a page fault on an mmap of the mount, taken while
 holding the GIL, would otherwise wait for a server that needs the GIL.
 
-`mnt` is one mount per test module and frontend ("relay", "pyfuse3"); `work` gives
+`mnt` is one mount per test module, frontend ("relay", "pyfuse3") and real device
+(`DEVICES`: "virtiofsd", "virtiofsd-rs"); `work` gives
 each test a fresh directory seen from both sides (host path, mount path). Whatever
 a test mounts is unmounted in a `finally`, lazily if it has to be.
 """
@@ -23,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from backends import refdev, virtiofsd
+from backends import DEVICES, device, refdev
 from mounting import force_unmount, wait_mounted
 
 FRONTENDS = ["relay", "pyfuse3"]
+#: the tag the mounts ask for; the Rust virtiofsd gets the same in its config space
+MOUNT_TAG = "vfsdrv-test"
 #: what a frontend cannot do, with the reason the skip prints
 LIMITS: dict[str, dict[str, str]] = {
     "pyfuse3": {
@@ -48,6 +52,7 @@ class Mounted:
     mnt: Path
     proc: subprocess.Popen | None
     log: Path
+    device: str = "virtiofsd"  #: the backend: one of DEVICES, or "refdev"
 
     def log_text(self) -> str:
         try:
@@ -85,17 +90,19 @@ def serving(
     base: Path, frontend: str, *, vfsd_args: tuple[str, ...] = (), mount_args: tuple[str, ...] = (),
     debug: bool = False, backend: str = "virtiofsd",
 ) -> Iterator[Mounted]:
-    """virtiofsd (or refdev) on base/export, mounted on base/mnt by `vfsdrv mount -f`."""
+    """`backend` (one of DEVICES, or "refdev") on base/export, mounted on base/mnt by
+    `vfsdrv mount -f`."""
     export, mnt, sock, log = base / "export", base / "mnt", base / "vfsd.sock", base / "serve.log"
     export.mkdir(exist_ok=True)
     mnt.mkdir(exist_ok=True)
-    start = virtiofsd if backend == "virtiofsd" else refdev
-    with start(export, sock, *vfsd_args):
-        cmd = [*VFSDRV, "mount", "-f", "--vhost-user", str(sock), "--tag", "vfsdrv-test",
+    start = (lambda: device(backend, export, sock, *vfsd_args, tag=MOUNT_TAG)) \
+        if backend in DEVICES else (lambda: refdev(export, sock, *vfsd_args))
+    with start():
+        cmd = [*VFSDRV, "mount", "-f", "--vhost-user", str(sock), "--tag", MOUNT_TAG,
                "--frontend", frontend, *(["-d"] if debug else []), *mount_args, str(mnt)]
         with open(log, "wb") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        m = Mounted(frontend, export, mnt, proc, log)
+        m = Mounted(frontend, export, mnt, proc, log, backend)
         try:
             wait_mounted(mnt, proc, log)
             yield m
