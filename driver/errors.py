@@ -47,3 +47,8 @@ class CapabilityError(DeviceError):
 
 class ProtocolError(DeviceError):
     """The device broke the FUSE protocol (reply length, unknown unique...)."""
+
+
+class DeviceTimeoutError(TransportError, TimeoutError):
+    """The device (a vhost-user backend) did not answer a message within its deadline.
+    The message names the backend and what was waited for."""

@@ -8,6 +8,12 @@ eventfds. Device status is kept here (vhost-user has no status register unless
 the STATUS protocol feature is offered); device config comes from GET_CONFIG when
 the backend offers CONFIG, otherwise from what the caller says (virtiofsd 7.2 has no
 config space: QEMU makes up tag and num_request_queues in its own device model).
+
+Every message has a deadline: `timeout` seconds for each reply (and for the backend
+to take each message), a shorter `teardown_timeout` for the whole of close(), and
+reset(t) is bounded by t. A backend that misses one fails the transport with an
+error naming the socket and the message; the connection is then out of step (a late
+reply would be taken for the next message's), so every later message fails at once.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import os
 import select
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .._native import ffi
-from ..errors import DeviceGoneError, TransportError
+from ..errors import DeviceGoneError, DeviceTimeoutError, TransportError
 from . import vhost_user_proto as vu
 from .memory import Arena, DmaPool
 from .transport import QueueAddresses, Transport
@@ -29,6 +37,12 @@ from .transport import QueueAddresses, Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 64 << 20
+#: seconds to wait for each reply: a silent backend fails `vfsdrv mount` well within 30 s
+#: (connect, one message, teardown), yet a busy virtiofsd mapping memory has ample time
+DEFAULT_TIMEOUT = 10.0
+#: seconds for all of close(): stopping rings a stuck backend never stops must not
+#: hold up the command that is already failing or finishing
+DEFAULT_TEARDOWN_TIMEOUT = 2.0
 #: virtiofsd (libvhost-user) accepts at most 1024 entries per ring
 VHOST_USER_MAX_QUEUE_SIZE = 1024
 WANTED_PROTOCOL = (
@@ -45,12 +59,25 @@ class VhostUserTransport(Transport):
         memory_size: int = DEFAULT_MEMORY,
         config: bytes | None = None,
         num_queues: int | None = None,
-        connect_timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
+        teardown_timeout: float = DEFAULT_TEARDOWN_TIMEOUT,
+        connect_timeout: float | None = None,
     ) -> None:
         """`config`: device config bytes to present when the backend has none;
-        `num_queues`: queue count to assume when the backend cannot tell (no MQ)."""
+        `num_queues`: queue count to assume when the backend cannot tell (no MQ);
+        `timeout`: seconds the backend has to answer each message;
+        `teardown_timeout`: seconds close() may take in all;
+        `connect_timeout`: seconds to wait for the socket to accept (default `timeout`)."""
+        if timeout <= 0 or teardown_timeout <= 0:
+            raise ValueError("vhost-user timeouts must be positive")
         self.name = f"vhost-user:{socket_path}"
         self.socket_path = socket_path
+        self.timeout = float(timeout)
+        self.teardown_timeout = float(teardown_timeout)
+        #: an absolute time.monotonic() no message may wait past (reset, close)
+        self._budget_end: float | None = None
+        #: set once a message missed its deadline: the stream is out of step
+        self._broken: str | None = None
         self._fallback_config = config
         self._fallback_num_queues = num_queues
         self._status = 0
@@ -59,7 +86,9 @@ class VhostUserTransport(Transport):
         self._queues: dict[int, tuple[int, int]] = {}  # index -> (kick fd, call fd)
         self._sizes: dict[int, int] = {}
         self._closed = False
-        self.sock = self._connect(socket_path, connect_timeout)
+        self.sock = self._connect(
+            socket_path, self.timeout if connect_timeout is None else connect_timeout
+        )
         try:
             self._memfd = os.memfd_create("vfsdrv-guest-memory", os.MFD_CLOEXEC)
             os.ftruncate(self._memfd, memory_size)
@@ -82,8 +111,16 @@ class VhostUserTransport(Transport):
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
+                # a listener whose backlog is full makes connect() wait: bound it too
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.connect(path)
                 return sock
+            except TimeoutError as exc:
+                sock.close()
+                raise DeviceTimeoutError(
+                    f"vhost-user:{path}: the backend did not accept the connection within "
+                    f"{_secs(timeout)} s"
+                ) from exc
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
@@ -114,13 +151,47 @@ class VhostUserTransport(Transport):
             self.protocol_features, self.backend_queue_num,
         )
 
+    # -- messages, each with its deadline -----------------------------------------------
+    def _deadline(self) -> tuple[float, float]:
+        """(absolute deadline, seconds allowed) for the next message."""
+        if self._broken is not None:
+            raise DeviceTimeoutError(f"{self._broken}; the connection is no longer usable")
+        now = time.monotonic()
+        end = now + self.timeout
+        if self._budget_end is not None and self._budget_end < end:
+            end = self._budget_end
+        return end, max(0.0, end - now)
+
+    @contextmanager
+    def _bounded(self, seconds: float) -> Iterator[None]:
+        """Every message inside finishes within `seconds` from now, all together."""
+        outer = self._budget_end
+        end = time.monotonic() + seconds
+        self._budget_end = end if outer is None else min(outer, end)
+        try:
+            yield
+        finally:
+            self._budget_end = outer
+
+    def _missed(self, what: str, request: int, allowed: float, exc: BaseException) -> None:
+        self._broken = f"{self.name}: {what} {_request_name(request)} within {_secs(allowed)} s"
+        raise DeviceTimeoutError(self._broken) from exc
+
+    def _post(self, request: int, payload: bytes, fds: tuple[int, ...], flags: int,
+              deadline: float, allowed: float) -> None:
+        try:
+            vu.send_message(self.sock, request, payload, fds, flags, deadline=deadline)
+        except TimeoutError as exc:
+            self._missed("the backend did not take", request, allowed, exc)
+
     def _send(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         """A message without a defined reply; with REPLY_ACK we ask for and check one."""
         ack = self.reply_ack
         flags = vu.VERSION | (vu.FLAG_NEED_REPLY if ack else 0)
-        vu.send_message(self.sock, request, payload, fds, flags)
+        deadline, allowed = self._deadline()
+        self._post(request, payload, fds, flags, deadline, allowed)
         if ack:
-            data = self._reply(request)
+            data = self._reply(request, deadline, allowed)
             if len(data) != 8:
                 raise TransportError(f"{self.name}: malformed ack to request {request}")
             status = vu.U64.unpack(data)[0]
@@ -130,11 +201,15 @@ class VhostUserTransport(Transport):
                 )
 
     def _call(self, request: int, payload: bytes = b"") -> bytes:
-        vu.send_message(self.sock, request, payload)
-        return self._reply(request)
+        deadline, allowed = self._deadline()
+        self._post(request, payload, (), vu.VERSION, deadline, allowed)
+        return self._reply(request, deadline, allowed)
 
-    def _reply(self, request: int) -> bytes:
-        rreq, rflags, data, fds = vu.recv_message(self.sock)
+    def _reply(self, request: int, deadline: float, allowed: float) -> bytes:
+        try:
+            rreq, rflags, data, fds = vu.recv_message(self.sock, deadline)
+        except TimeoutError as exc:
+            self._missed("no reply to", request, allowed, exc)
         for fd in fds:
             os.close(fd)
         if rreq != request or not rflags & vu.FLAG_REPLY:
@@ -169,16 +244,18 @@ class VhostUserTransport(Transport):
         self._status = status
 
     def reset(self, timeout: float = 5.0) -> None:
+        """Within `timeout` seconds in all (messages included), or TransportError."""
         # A fresh connection is a reset device; after start, stop the rings.
-        self._stop_rings()
-        self._status = 0
-        if self.has_status and not self._closed:
-            self._send(vu.Request.SET_STATUS, vu.U64.pack(0))
-            deadline = time.monotonic() + timeout
-            while self.get_status() != 0:
-                if time.monotonic() > deadline:
-                    raise TransportError(f"{self.name}: device status not 0 after reset")
-                time.sleep(0.001)
+        with self._bounded(timeout):
+            self._stop_rings(raise_errors=True)
+            self._status = 0
+            if self.has_status and not self._closed:
+                self._send(vu.Request.SET_STATUS, vu.U64.pack(0))
+                deadline = time.monotonic() + timeout
+                while self.get_status() != 0:
+                    if time.monotonic() > deadline:
+                        raise TransportError(f"{self.name}: device status not 0 after reset")
+                    time.sleep(0.001)
 
     def device_features(self) -> int:
         return self._features
@@ -291,22 +368,27 @@ class VhostUserTransport(Transport):
         return self._arena
 
     # -- teardown -----------------------------------------------------------------
-    def _stop_rings(self) -> None:
-        """GET_VRING_BASE stops each ring in the backend (its in-flight state ends)."""
-        for index in sorted(self._started):
+    def _stop_rings(self, raise_errors: bool = False) -> None:
+        """GET_VRING_BASE stops each ring in the backend (its in-flight state ends).
+        A backend that misses the deadline stops nothing more: the rings are given up."""
+        started, self._started = sorted(self._started), set()
+        for index in started:
             try:
                 self._call(vu.Request.GET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
             except (TransportError, OSError) as exc:
                 log.debug("%s: GET_VRING_BASE(%d): %s", self.name, index, exc)
+                if raise_errors:
+                    raise
                 break
-        self._started.clear()
 
     def close(self) -> None:
         if self._closed:
             return
         if hasattr(self, "sock"):
             try:
-                self._stop_rings()
+                if self._broken is None:
+                    with self._bounded(min(self.teardown_timeout, self.timeout)):
+                        self._stop_rings()
             except Exception as exc:  # noqa: BLE001 - closing must finish
                 log.debug("%s: stopping rings: %s", self.name, exc)
             self.sock.close()
@@ -322,3 +404,15 @@ class VhostUserTransport(Transport):
         if hasattr(self, "_memfd"):
             os.close(self._memfd)
         # the mapping stays referenced by the arena's cffi buffer; it is freed with it
+
+
+def _request_name(request: int) -> str:
+    try:
+        return vu.Request(request).name
+    except ValueError:
+        return f"request {request}"
+
+
+def _secs(seconds: float) -> str:
+    """10.0 -> '10', 0.5 -> '0.5' (as a user would write it)."""
+    return f"{round(seconds, 2):g}"

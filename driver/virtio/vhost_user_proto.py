@@ -9,6 +9,7 @@ import array
 import enum
 import socket
 import struct
+import time
 
 from ..errors import DeviceGoneError, TransportError
 
@@ -105,29 +106,45 @@ class ProtocolFeature(enum.IntFlag):
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 
 
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Give the next socket call what is left until `deadline` (None: block, as the
+    reference device does). A deadline already past raises TimeoutError."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("vhost-user deadline passed")
+    sock.settimeout(left)
+
+
 def send_message(
     sock: socket.socket,
     request: int,
     payload: bytes = b"",
     fds: tuple[int, ...] | list[int] = (),
     flags: int = VERSION,
+    deadline: float | None = None,
 ) -> None:
     """One message; fds travel as SCM_RIGHTS in the same sendmsg as the header
-    (libvhost-user reads them together with the header)."""
+    (libvhost-user reads them together with the header). With `deadline` (a
+    time.monotonic() value) a peer that does not take it in time raises TimeoutError."""
     data = HEADER.pack(request, flags, len(payload)) + payload
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
+        _arm(sock, deadline)
         sent = sock.sendmsg([data], anc)
-        if sent < len(data):
-            sock.sendall(data[sent:])
+        while sent < len(data):
+            _arm(sock, deadline)
+            sent += sock.send(data[sent:])
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise DeviceGoneError(f"vhost-user peer closed the socket ({exc})") from exc
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         try:
+            _arm(sock, deadline)
             chunk = sock.recv(n - len(buf))
         except ConnectionResetError as exc:
             raise DeviceGoneError("vhost-user peer reset the connection") from exc
@@ -137,10 +154,15 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
-    """(request, flags, payload, fds). Validates size and version before trusting them."""
+def recv_message(
+    sock: socket.socket, deadline: float | None = None
+) -> tuple[int, int, bytes, list[int]]:
+    """(request, flags, payload, fds). Validates size and version before trusting them.
+    With `deadline` (a time.monotonic() value), the whole message must have arrived by
+    then, or TimeoutError: a peer trickling bytes cannot stretch it."""
     fds = array.array("i")
     try:
+        _arm(sock, deadline)
         head, anc, _msg_flags, _ = sock.recvmsg(
             HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
         )
@@ -154,7 +176,7 @@ def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
             _close_quietly(fd)
         raise DeviceGoneError("vhost-user peer closed the socket")
     if len(head) < HEADER.size:
-        head += recv_exact(sock, HEADER.size - len(head))
+        head += recv_exact(sock, HEADER.size - len(head), deadline)
     request, flags, size = HEADER.unpack(head)
     if flags & VERSION_MASK != VERSION or size > MAX_PAYLOAD:
         for fd in fds:
@@ -162,7 +184,12 @@ def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
         raise TransportError(
             f"malformed vhost-user message: request {request} flags {flags:#x} size {size}"
         )
-    payload = recv_exact(sock, size) if size else b""
+    try:
+        payload = recv_exact(sock, size, deadline) if size else b""
+    except BaseException:
+        for fd in fds:
+            _close_quietly(fd)
+        raise
     return request, flags, payload, list(fds)
 
 
