@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
-from .device import RefDevice
+from .device import RefDevice, SocketError
 
 
 def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device.serve_forever()
     except KeyboardInterrupt:
         pass
+    except SocketError as exc:
+        print(f"refdev: {exc}", file=sys.stderr)
+        return 1
     if args.audit:
         report = device.audit_report()
         print(report.format_table(), flush=True)

@@ -7,10 +7,12 @@ locks as two guests of one device would.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 
@@ -21,6 +23,58 @@ from .lock_table import LockTable
 from .vhost_session import DeviceConfig, VhostUserSession
 
 log = logging.getLogger(__name__)
+
+
+class SocketError(VfsdrvError):
+    """The socket cannot be ours: another live device serves it, the path is not a
+    socket, or it cannot be bound (missing directory, too long, no permission)."""
+
+
+def _claim(socket_path: str) -> int:
+    """Lock `<socket>.lock` for this device's life (as virtiofsd locks its pid file):
+    a second device on the same path fails here instead of taking the socket over.
+    Returns the locked descriptor; SocketError if another device holds it."""
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    if not os.path.isdir(directory):
+        raise SocketError(f"directory {directory!r} of socket {socket_path!r} does not exist")
+    lock_path = socket_path + ".lock"
+    for _ in range(10):
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise SocketError(f"cannot create the lock {lock_path!r}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SocketError(
+                f"socket {socket_path!r} is served by another device (pid {holder}, "
+                f"lock {lock_path!r})"
+            ) from None
+        # the previous owner may have removed the file between our open and our lock
+        try:
+            same = os.path.samestat(os.stat(lock_path), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise SocketError(f"cannot take the lock {lock_path!r}: it keeps being replaced")
+
+
+def _remove_stale_socket(socket_path: str) -> None:
+    """Remove a socket left by a device that died (we hold the lock, so no live
+    device owns it); anything that is not a socket is the user's and stays."""
+    try:
+        st = os.lstat(socket_path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"{socket_path!r} exists and is not a socket: not replacing it")
+    os.unlink(socket_path)
 
 
 class RefDevice:
@@ -65,6 +119,7 @@ class RefDevice:
         self._mutex = threading.Lock()
         self._next_session = 1
         self._listener: socket.socket | None = None
+        self._lock_fd = -1
         self._stop_fd = -1
         self._thread: threading.Thread | None = None
 
@@ -76,12 +131,23 @@ class RefDevice:
         self.stop()
 
     def start(self) -> None:
-        """Listen on the socket and accept frontends in a background thread."""
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)  # a stale socket from an earlier run
+        """Listen on the socket and accept frontends in a background thread.
+
+        SocketError if another device serves the path, the path is not a socket
+        or its directory is missing."""
+        lock_fd = _claim(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.socket_path)
-        listener.listen(8)
+        try:
+            _remove_stale_socket(self.socket_path)
+            listener.bind(self.socket_path)
+            listener.listen(8)
+        except BaseException as exc:
+            listener.close()
+            self._release_claim(lock_fd)
+            if isinstance(exc, OSError):
+                raise SocketError(f"cannot listen on {self.socket_path!r}: {exc}") from exc
+            raise
+        self._lock_fd = lock_fd
         self._listener = listener
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._accept_loop, name="refdev-accept")
@@ -114,6 +180,19 @@ class RefDevice:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+        self._release_claim(self._lock_fd)
+        self._lock_fd = -1
+
+    def _release_claim(self, fd: int) -> None:
+        if fd < 0:
+            return
+        # unlink while still holding the lock: a device waiting to take it re-checks
+        # the path after locking (see _claim) and starts over on a fresh file
+        try:
+            os.unlink(self.socket_path + ".lock")
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
