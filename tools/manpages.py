@@ -17,6 +17,10 @@ def _roff(text: str) -> str:
     return "\n".join(out)
 
 
+def _dash(option: str) -> str:
+    return option.replace("-", "\\-")
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -40,7 +44,8 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
             continue
         if a.option_strings:
             metavar = "" if a.nargs == 0 else " " + (a.metavar or a.dest.upper())
-            head = ", ".join(f"\\fB{o}\\fR{metavar}" for o in a.option_strings)
+            # "\\-": a minus sign, so that the option can be searched and pasted
+            head = ", ".join(f"\\fB{_dash(o)}\\fR{metavar}" for o in a.option_strings)
         else:
             head = f"\\fI{a.metavar or a.dest}\\fR"
         text = (a.help or "").replace("%(default)s", str(a.default)).replace("%%", "%")

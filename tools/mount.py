@@ -201,6 +201,12 @@ def find_mount(path: str) -> tuple[str, str]:
 def precheck(req: MountRequest) -> None:
     """Everything that can be told before forking, with a clear message."""
     require_root()
+    _take_fsname(req)
+    for group in req.options:
+        for opt in group.split(","):
+            if opt.partition("=")[0] == "blksize":
+                raise MountError("blksize= is for block-device FUSE mounts (fuseblk) only; the "
+                                 "kernel refuses it on a vfsdrv mount: leave it out")
     if not os.path.exists(DEV_FUSE):
         raise MountError(f"{DEV_FUSE} is missing: load the fuse module (`modprobe fuse`)")
     MountOptions.parse(req.options).check()
@@ -223,6 +229,22 @@ def precheck(req: MountRequest) -> None:
         raise MountError("--small-slots and --large-slots must be at least 1")
     if req.device is not None and not BDF_RE.match(req.device):
         raise MountError(f"{req.device!r} is not a PCI address (like 0000:00:04.0)")
+
+
+def _take_fsname(req: MountRequest) -> None:
+    """-o fsname=NAME: the source shown in the mount table (taken out of the options)."""
+    kept = []
+    for group in req.options:
+        rest = []
+        for opt in group.split(","):
+            key, _, value = opt.partition("=")
+            if key == "fsname" and value:
+                req.source = value
+            elif opt:
+                rest.append(opt)
+        if rest:
+            kept.append(",".join(rest))
+    req.options = kept
 
 
 def open_device(req: MountRequest) -> VirtioFs:
@@ -266,7 +288,7 @@ def _accepted(func: Callable, **kwargs: object) -> dict[str, object]:
     given = {k: v for k, v in kwargs.items() if v is not None}
     dropped = [k for k in given if k not in params]
     if dropped:
-        log.warning("%s does not take %s yet: ignored", getattr(func, "__name__", func),
+        log.debug("%s does not take %s yet: ignored", getattr(func, "__name__", func),
                     ", ".join(dropped))
     return {k: v for k, v in given.items() if k in params}
 
@@ -321,10 +343,10 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
             server = StatusServer(figures).start()
         except OSError as exc:
             log.warning("no status socket (vfsdrv status will not list this mount): %s", exc)
-        log.info("mounted %s on %s (pid %d)", req.spec(), req.mountpoint, os.getpid())
         sd_notify(f"READY=1\nSTATUS=serving {req.spec()} on {req.mountpoint}")
         if ready is not None:
-            ready()
+            ready()  # a background server logs to its log from here on
+        log.info("mounted %s on %s (pid %d)", req.spec(), req.mountpoint, os.getpid())
 
     try:
         if req.frontend == "relay":
@@ -579,7 +601,11 @@ def _log_to_syslog() -> None:
 
 
 # -- mount(8) helper -----------------------------------------------------------------------
-VFSDRV_OPTIONS = ("tag", "request_queues", "frontend", "debug", "poll")
+VFSDRV_OPTIONS = ("tag", "request_queues", "frontend", "debug", "poll", "timeout", "log",
+                  "fsname")
+#: options mount(8), fstab and systemd pass that concern them, not the file system
+HELPER_IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
+                            "group", "_netdev", "nofail", "loop", "comment"})
 
 
 def parse_helper_args(argv: list[str]) -> MountRequest:
@@ -614,9 +640,19 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.debug = True
             elif key == "poll":
                 req.poll = True
+            elif key == "timeout":
+                req.timeout = float(value)
+            elif key == "log":
+                req.log_file = value
+            elif key == "fsname":
+                req.source = value
+            elif key in HELPER_IGNORED or key.startswith(("x-", "X-")):
+                continue  # fstab/systemd options: nothing for the file system
             elif opt:
                 rest.append(opt)
     req.options = [",".join(rest)] if rest else []
+    # recorded as given: mount(8) compares it with the fstab line (`mount -a` twice)
+    req.source = req.source or spec
     if spec.startswith("vhost-user:"):
         req.vhost_user = spec[len("vhost-user:"):]
     elif spec.startswith("pci:"):

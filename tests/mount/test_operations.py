@@ -3,13 +3,22 @@ server is stuck, `vfsdrv status`, and the source recorded for mount(8)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from backends import virtiofsd
 from mount_helpers import VFSDRV, serving
-from mounting import is_mounted
+from mounting import force_unmount, is_mounted
 
 
 def vfsdrv(*args: str | Path, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -52,3 +61,258 @@ def test_umount_of_what_is_not_mounted(tmp_path: Path) -> None:
     r = vfsdrv("umount", tmp_path)
     assert r.returncode == 1
     assert "is not mounted" in r.stderr
+
+
+# -- vfsdrv status ------------------------------------------------------------------------
+def status_json(env: dict[str, str]) -> dict:
+    r = subprocess.run([*VFSDRV, "status", "--json"], capture_output=True, text=True,
+                       timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_status_shows_live_figures_and_the_exit_logs_them(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    state = tmp_path / "run"
+    monkeypatch.setenv("VFSDRV_STATE_DIR", str(state))  # the servers inherit it
+    env = dict(os.environ)
+    log = tmp_path / "server.log"
+    with serving(tmp_path, "relay", mount_args=("--log", str(log))) as m:
+        assert m.proc is not None
+        (m.export / "f").write_bytes(b"x" * 10000)
+        first = [x for x in status_json(env)["mounts"] if x["mountpoint"] == str(m.mnt)]
+        assert len(first) == 1, first
+        st = first[0]
+        assert st["pid"] == m.proc.pid
+        assert st["source"] == f"vhost-user:{tmp_path / 'vfsd.sock'}"
+        assert st["device"] == "vfsdrv-test"
+        assert st["transport"].startswith("vhost-user")
+        assert "VERSION_1" in st["features"]
+        assert any(q["name"].startswith("request") for q in st["queues"])
+        for key in ("served", "in_flight", "errors", "notifications", "lock_waiters",
+                    "uptime"):
+            assert key in st, key
+        assert (m.mnt / "f").read_bytes() == b"x" * 10000
+        second = [x for x in status_json(env)["mounts"] if x["mountpoint"] == str(m.mnt)][0]
+        assert second["served"] > st["served"]  # live counters
+        assert second["uptime"] >= st["uptime"]
+        # root only: the directory is root's alone, the socket too
+        sock = state / "mounts" / f"{m.proc.pid}.sock"
+        assert (state / "mounts").stat().st_mode & 0o777 == 0o700
+        assert sock.stat().st_mode & 0o777 == 0o600
+        r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, timeout=30)
+        assert f"{m.mnt}: vhost-user:" in r.stdout
+        nobody = subprocess.run(
+            ["python3", "-c", f"import socket; s = socket.socket(socket.AF_UNIX); "
+             f"s.connect({str(sock)!r})"], capture_output=True, text=True, timeout=30,
+            user=65534)
+        assert "PermissionError" in nobody.stderr
+    assert not sock.exists()  # removed at exit
+    text = log.read_text()
+    assert f"mounted vhost-user:{tmp_path / 'vfsd.sock'} on {m.mnt}" in text
+    exit_line = next(line for line in text.splitlines() if "at exit: {" in line)
+    figures = json.loads(exit_line.split("at exit: ", 1)[1])
+    assert figures["mountpoint"] == str(m.mnt) and figures["served"] >= second["served"]
+
+
+def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
+    env = {**os.environ, "VFSDRV_STATE_DIR": str(tmp_path)}
+    (tmp_path / "mounts").mkdir()
+    stale = tmp_path / "mounts" / "999999999.sock"  # no such pid
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    assert status_json(env) == {"mounts": []}
+    assert not stale.exists()
+    r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, env=env,
+                       timeout=30)
+    assert r.returncode == 0 and "no vfsdrv mounts are running" in r.stdout
+
+
+# -- readiness (systemd Type=notify) ---------------------------------------------------------
+def test_ready_is_notified_once_the_mount_is_usable(tmp_path: Path) -> None:
+    notify = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(30)
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    (export / "hello").write_text("hello\n")
+    with virtiofsd(export, sock):
+        proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user", str(sock), str(mnt)],
+                                env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            msg = listener.recv(4096).decode()
+            # usable the moment systemd hears it
+            assert is_mounted(mnt)
+            assert (mnt / "hello").read_text() == "hello\n"
+            assert "READY=1" in msg.splitlines()
+            proc.send_signal(signal.SIGTERM)
+            assert "STOPPING=1" in listener.recv(4096).decode()
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            force_unmount(mnt)
+            listener.close()
+
+
+# -- timeouts, Ctrl-C ------------------------------------------------------------------------
+@contextmanager
+def silent_backend(path: Path) -> Iterator[list[socket.socket]]:
+    """A vhost-user 'backend' that accepts connections and never answers."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield conns
+    finally:
+        stop.set()
+        t.join()
+        for c in conns:
+            c.close()
+        srv.close()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and d.name != str(os.getpid()):
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_mount_timeout_against_a_silent_backend(tmp_path: Path) -> None:
+    sock, mnt = tmp_path / "silent.sock", tmp_path / "mnt"
+    mnt.mkdir()
+    with silent_backend(sock):
+        t0 = time.monotonic()
+        r = vfsdrv("mount", "--timeout", "1", "--vhost-user", sock, mnt, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 1
+    assert str(sock) in r.stderr, r.stderr  # it names what it waited for
+    assert took < 10, took
+    assert not is_mounted(mnt)
+    assert processes_mentioning(str(mnt)) == []
+
+
+def test_ctrl_c_while_mounting_leaves_no_child(tmp_path: Path) -> None:
+    sock, mnt = tmp_path / "silent.sock", tmp_path / "mnt"
+    mnt.mkdir()
+    with silent_backend(sock) as conns:
+        proc = subprocess.Popen([*VFSDRV, "mount", "--vhost-user", str(sock), str(mnt)],
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not conns and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert conns, "the server never connected"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+        deadline = time.monotonic() + 10
+        while processes_mentioning(str(mnt)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_mentioning(str(mnt)) == []
+    assert not is_mounted(mnt)
+
+
+# -- the background server's log ---------------------------------------------------------------
+def test_a_background_server_that_dies_leaves_a_trace(tmp_path: Path) -> None:
+    if os.path.exists("/dev/log"):
+        pytest.skip("a syslog daemon listens on /dev/log: the messages go to it, not to a file")
+    state = tmp_path / "run"
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    with virtiofsd(export, sock) as backend_proc:
+        try:
+            r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(sock), str(mnt)],
+                               capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "VFSDRV_STATE_DIR": str(state)})
+            assert r.returncode == 0, r.stderr
+            os.killpg(backend_proc.pid, signal.SIGKILL)
+            backend_proc.wait()
+            log = state / "mount.log"
+
+            def wait_for(text: str) -> str:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(OSError):
+                        os.listdir(mnt)  # a request finds the device gone
+                    if log.exists() and text in log.read_text():
+                        break
+                    time.sleep(0.1)
+                return log.read_text()
+
+            text = wait_for("ERROR")
+            assert f"mounted vhost-user:{sock} on {mnt}" in text
+            assert "backend closed the connection" in text or "gone" in text, text
+            subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, timeout=30)
+            assert "at exit: {" in wait_for("at exit")
+        finally:
+            subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, timeout=30)
+            force_unmount(mnt)
+
+
+# -- the mount(8) helper and fstab ---------------------------------------------------------
+def test_mount_a_twice_from_fstab(tmp_path: Path) -> None:
+    """`vfsdrv install` into a directory, then inside a private mount namespace its
+    mount.vfsdrv stands in /usr/sbin and an fstab with a vfsdrv line stands in /etc:
+    `mount -a` mounts it, a second `mount -a` sees it mounted (the source recorded is
+    the fstab spec) and succeeds."""
+    root = tmp_path / "root"
+    r = vfsdrv("install", "--root", root, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    fstab = tmp_path / "fstab"
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    (export / "hello").write_text("hello\n")
+    fstab.write_text(f"vhost-user:{sock} {mnt} vfsdrv "
+                     "_netdev,nofail,x-systemd.requires=x.service,defaults,nosuid 0 0\n")
+    with virtiofsd(export, sock) as proc:
+        script = f"""
+            set -e
+            mount --make-rprivate /
+            mount --bind {root / 'sbin'} /usr/sbin
+            mount --bind {fstab} /etc/fstab
+            mount -a
+            mount -a
+            grep " {mnt} " /proc/self/mounts
+            cat {mnt}/hello
+            umount {mnt}
+        """
+        try:
+            r = subprocess.run(["unshare", "--mount", "bash", "-c", script],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert r.stdout.startswith(f"vhost-user:{sock} {mnt} fuse.vfsdrv "), r.stdout
+            assert r.stdout.rstrip().endswith("hello")
+            assert proc.wait(15) == 0
+        finally:
+            force_unmount(mnt)
+
+
+def test_blksize_is_explained(tmp_path: Path) -> None:
+    r = vfsdrv("mount", "--vhost-user", tmp_path / "none.sock", "-o", "blksize=4096", tmp_path)
+    assert r.returncode == 1
+    assert "fuseblk" in r.stderr

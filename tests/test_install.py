@@ -1,0 +1,220 @@
+"""Installing vfsdrv as a system tool (issue 11): `vfsdrv install`/`uninstall`, the
+generated manual pages and completion, the unit's readiness, the wheel's tag and
+the wheel on another Python, installed data found outside sys.prefix, the sdist."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from vfsdrv.tools.mount import parse_helper_args
+
+ROOT = Path(__file__).resolve().parents[1]
+VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
+
+
+def vfsdrv(*args: str | Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFSDRV, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+# -- install / uninstall ------------------------------------------------------------------
+def test_install_then_uninstall(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "vfsdrv.conf").write_text("[tag:x]\n")  # the admin's: never touched
+    r = vfsdrv("install", "--root", root, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    helper = root / "sbin" / "mount.vfsdrv"
+    for rel in ("sbin/mount.vfsdrv", "etc/udev/rules.d/70-vfsdrv.rules",
+                "etc/systemd/system/vfsdrv@.service", "usr/local/share/man/man8/vfsdrv.8",
+                "usr/local/share/man/man8/mount.vfsdrv.8",
+                "usr/share/bash-completion/completions/vfsdrv"):
+        assert (root / rel).is_file(), rel
+        assert f"wrote {root / rel}" in r.stdout
+    assert os.access(helper, os.X_OK)
+    # the helper runs this installation's mount.vfsdrv
+    h = subprocess.run([str(helper)], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 1 and "usage: mount.vfsdrv SPEC MOUNTPOINT" in h.stderr
+    unit = (root / "etc/systemd/system/vfsdrv@.service").read_text()
+    assert "Type=notify" in unit and "@VFSDRV@" not in unit
+
+    r = vfsdrv("uninstall", "--root", root, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert left == ["etc/vfsdrv.conf"]
+
+
+def test_install_leaves_a_foreign_helper_alone(tmp_path: Path) -> None:
+    helper = tmp_path / "sbin" / "mount.vfsdrv"
+    helper.parent.mkdir()
+    helper.write_text("#!/bin/sh\necho somebody else's\n")
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 1 and "was not written by `vfsdrv install`" in r.stderr
+    assert "somebody else's" in helper.read_text()
+    vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
+    assert helper.exists()
+
+
+def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> None:
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "usr/local/share/man/man8/vfsdrv.8").read_text()
+    for text in ("\\fB\\-\\-timeout\\fR", ".SS status", ".SS udev install", "\\fB\\-\\-json\\fR"):
+        assert text in page, text
+    if shutil.which("man"):
+        out = subprocess.run(["man", "-l", str(tmp_path / "usr/local/share/man/man8/vfsdrv.8")],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "MANWIDTH": "100"})
+        assert "vfsdrv mount" in out.stdout and "--vhost-user SOCKET" in out.stdout
+    comp = tmp_path / "usr/share/bash-completion/completions/vfsdrv"
+
+    def complete(*words: str) -> list[str]:
+        script = (f"source {comp}; COMP_WORDS=(vfsdrv {' '.join(words)}); "
+                  f"COMP_CWORD={len(words)}; _vfsdrv; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                             timeout=30, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert complete("st") == ["status"]
+    assert "--timeout" in complete("mount", "--t")
+    assert complete("udev", "ins") == ["install"]
+    assert "--json" in complete("status", "--")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_the_installed_unit_verifies(tmp_path: Path) -> None:
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    units = tmp_path / "etc/systemd/system"
+    v = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        str(units / "vfsdrv@shared.service")],
+                       capture_output=True, text=True, timeout=60, cwd=units)
+    assert v.returncode == 0, v.stderr
+    assert "vfsdrv@" not in v.stderr, v.stderr  # no complaint about our unit
+
+
+# -- the mount(8) helper's options -------------------------------------------------------------
+def test_helper_accepts_what_mount8_and_systemd_pass() -> None:
+    req = parse_helper_args(["vhost-user:/run/x.sock", "/mnt/x", "-o",
+                             "_netdev,nofail,defaults,noauto,auto,user,nouser,"
+                             "x-systemd.automount,X-mount.mkdir,comment=foo,ro,tag=t,timeout=3"])
+    assert req.vhost_user == "/run/x.sock"
+    assert req.source == "vhost-user:/run/x.sock"
+    assert req.options == ["ro"]
+    assert req.tag == "t" and req.timeout == 3.0
+    assert parse_helper_args(["pci:0000:00:04.0", "/m"]).source == "pci:0000:00:04.0"
+    assert parse_helper_args(["shared", "/m"]).source == "shared"
+    assert parse_helper_args(["/run/y.sock", "/m", "-o", "fsname=mine"]).source == "mine"
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_version_and_verbose_after_the_command() -> None:
+    r = vfsdrv("--version")
+    assert r.returncode == 0 and r.stdout.startswith("vfsdrv ")
+    from importlib.metadata import version
+
+    assert r.stdout.split()[1] == version("vfsdrv")
+    r = vfsdrv("udev", "show", "-v", "--config", "/nonexistent")
+    assert r.returncode == 0, r.stderr
+    r = vfsdrv("status", "-vv", "--json")
+    assert r.returncode == 0, r.stderr
+
+
+# -- packaging ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
+                        str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (whl,) = out.glob("vfsdrv-*.whl")
+    return whl
+
+
+def test_wheel_is_tagged_abi3(wheel: Path) -> None:
+    assert wheel.name.endswith("-cp311-abi3-linux_x86_64.whl") or "-abi3-" in wheel.name
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        text = z.read(next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode()
+    assert "Root-Is-Purelib: false" in text
+    assert any(line.startswith("Tag: cp311-abi3-") for line in text.splitlines()), text
+    assert [n for n in names if n.endswith(".so")] == ["vfsdrv/_native.abi3.so"]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+
+
+def other_python() -> str | None:
+    """An interpreter of another minor version than this one (3.12, 3.13, ...)."""
+    mine = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [shutil.which(f"python3.{m}") for m in range(12, 16)]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
+        for m in range(12, 16):
+            candidates += sorted(Path(root, "versions").glob(f"3.{m}.*/bin/python3.{m}"))
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            ver = subprocess.run([str(c), "-c", "import sys; print(*sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.split()
+            if len(ver) == 2 and ver != mine.split(".") and int(ver[1]) >= 11:
+                return str(c)
+    return None
+
+
+def test_the_wheel_runs_the_demo_on_another_python(wheel: Path, tmp_path: Path) -> None:
+    py = other_python()
+    if py is None:
+        pytest.skip("no Python >= 3.12 besides this one (python3.12+, pyenv)")
+    venv = tmp_path / "venv"
+    subprocess.run([py, "-m", "venv", str(venv)], check=True, timeout=300)
+    r = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr  # pip refuses a wheel tagged for another Python
+    r = subprocess.run([str(venv / "bin/vfsdrv"), "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("vfsdrv "), r.stderr
+    r = subprocess.run([str(venv / "bin/vfsdrv"), "demo"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("demo: OK")
+
+
+def test_installed_data_is_found_outside_sys_prefix(wheel: Path, tmp_path: Path) -> None:
+    """pip install --prefix (as a system-wide install puts data in /usr/local): the udev
+    templates are found through the distribution's RECORD, not sys.prefix."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=300)
+    prefix = tmp_path / "prefix"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix",
+                        str(prefix), str(wheel)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    site = next(prefix.glob("lib/python3*/site-packages"))
+    cffi_dir = Path(__import__("_cffi_backend").__file__).parent
+    code = "from vfsdrv.tools.udev import templates_dir; print(templates_dir())"
+    out = subprocess.run([str(venv / "bin/python"), "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": f"{site}:{cffi_dir}"},
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(prefix / "share/vfsdrv/udev")
+
+
+def test_sdist_is_a_complete_source_release(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    (sdist,) = tmp_path.glob("vfsdrv-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    for must in ("LICENSE", "docs/conformance.rst", "tests/conftest.py", "tests/backends.py",
+                 "tests/driver_helpers.py", "tests/mounting.py", "tests/run.sh",
+                 "tools/setup-env.sh", "udev/vfsdrv@.service.in", "setup.cfg"):
+        assert must in names, must
+    assert not [n for n in names if n.endswith((".so", ".pyc"))]
