@@ -190,11 +190,12 @@ def test_installed_data_is_found_outside_sys_prefix(wheel: Path, tmp_path: Path)
     """pip install --prefix (as a system-wide install puts data in /usr/local): the udev
     templates are found through the distribution's RECORD, not sys.prefix."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     prefix = tmp_path / "prefix"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix",
-                        str(prefix), str(wheel)], capture_output=True, text=True, timeout=600)
+    # the new venv's own pip: this one's would uninstall the vfsdrv it runs first
+    r = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
+                        "--prefix", str(prefix), str(wheel)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     site = next(prefix.glob("lib/python3*/site-packages"))
     cffi_dir = Path(__import__("_cffi_backend").__file__).parent
