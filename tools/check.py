@@ -1,12 +1,18 @@
 """`vfsdrv check`: conformance checks of a virtio-fs device from the driver's side.
 
-    vfsdrv check (--tag TAG | --device BDF | --vhost-user SOCKET) [--json]
-                 [--request-queues N] [--timeout S] [--no-notification]
+    vfsdrv check (--tag TAG | --device BDF | --vhost-user SOCKET) [--json] [--junit FILE]
+                 [--request-queues N] [--timeout S] [--no-notification] [--read-only]
 
-Each check is tied to a spec statement (the numbered checklist of the virtio-fs
-spec digest, §9) and ends pass, fail or skip with the value observed; a pass
-marked * is a known deviation of common devices. Exit status 0 only when no
-check failed (1: a check failed or the device could not be reached).
+Each check is tied to the items it observes in the device-normative checklist
+(D1..D89: every device MUST/SHOULD of virtio 1.3 chapter 2, §4.1, §5.11 and the
+reserved feature bits, docs/conformance.rst) and ends pass, fail or skip with the
+value observed; a pass marked * is a known deviation of common devices. The last
+line (and `coverage` in --json) says how many items were covered and which are not
+observable, with the reason. Exit status 0 only when no check failed (1: a check
+failed or the device could not be reached).
+
+The FUSE checks work in a scratch directory (.vfsdrv-check-PID) created in the
+export's root and removed at the end; --read-only skips them.
 
 PCI (--device/--tag): the capabilities are read through sysfs, then the
 function is opened through VFIO (bound to vfio-pci for the check and given
@@ -43,9 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for each answer and each reset (default 5)")
     p.add_argument("--no-notification", action="store_true",
                    help="do not negotiate VIRTIO_FS_F_NOTIFICATION even when offered")
+    p.add_argument("--read-only", action="store_true",
+                   help="create nothing in the export (the checks that need a scratch "
+                   "directory are skipped)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: {device, transport, ok, summary, checks: "
-                   "[{id, statement, result, observed, refs, deviation?}]}")
+                   help="print one JSON object: {device, transport, ok, summary, negotiated, "
+                   "ring_layout, coverage: {covered, not_observable, not_reached, "
+                   "checklist_size}, checks: [{id, statement, result, observed, refs, "
+                   "deviation?}]}")
+    p.add_argument("--junit", metavar="FILE",
+                   help="also write the results as JUnit XML to FILE (for a CI system)")
     p.set_defaults(func=run_check)
 
 
@@ -60,12 +73,16 @@ def run_check(args: argparse.Namespace) -> int:
         raise CheckUsageError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
     if args.request_queues < 1:
         raise CheckUsageError("--request-queues must be at least 1")
-    opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification)
+    opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification,
+                        read_only=args.read_only)
     if args.vhost_user:
         report = check_vhost_user(args.vhost_user, opts, tag=args.tag,
                                   request_queues=args.request_queues)
     else:
         report = check_pci(args.device, args.tag, opts)
+    if args.junit:
+        with open(args.junit, "w", encoding="utf-8") as f:
+            f.write(report.junit())
     print(report.to_json() if args.json else report.table())
     sys.stdout.flush()
     return 0 if report.ok else 1

@@ -1,9 +1,8 @@
-"""What a conformance check is, the spec statements they test, and the report.
+"""What a conformance check is, what each one shows, and the report.
 
-Checklist numbers (`refs`) are those of the numbered driver-normative checklist
-in the virtio-fs spec digest (§9); a check of the device tests the device side
-of that statement (what the driver relies on). "§1.x" refers to the virtio-fs
-device section of the digest (device-normative text).
+`refs` of a check are the items of the device-normative checklist (checklist.py,
+D1..Dn, each with its virtio 1.3 section) that the check observes. The report
+says which items were covered and which are not observable, with the reason.
 """
 
 from __future__ import annotations
@@ -12,73 +11,98 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .checklist import CHECKLIST_SIZE, CONDITIONS, ITEMS, refs_of
+
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 RESULTS = (PASS, FAIL, SKIP)
 
 
 @dataclass(frozen=True)
 class Statement:
-    refs: str  # e.g. "§9 #44" or "§1.3"
+    refs: str  # checklist items, e.g. "D43 D44 (§4.1)"
     text: str
 
 
-#: every check id and the spec statement it is tied to (docs/conformance.rst lists them)
-STATEMENTS: dict[str, Statement] = {
-    "pci.identity": Statement(
-        "§9 #44", "A virtio-fs PCI function is vendor 0x1AF4, device 0x105A (0x1040 + 26)."),
-    "pci.capabilities": Statement(
-        "§9 #46 #48", "The virtio PCI capabilities (common, notify, ISR, device cfg) are "
-        "present, lie inside implemented BARs, are aligned and long enough; reserved "
-        "cfg_type/BAR entries are ignored."),
-    "pci.device_cfg": Statement(
-        "§9 #24, §1.3", "The device cfg region holds struct virtio_fs_config (40 bytes, 44 with "
-        "VIRTIO_FS_F_NOTIFICATION)."),
-    "reset": Statement(
-        "§9 #21", "After 0 is written to device_status, device_status reads back 0 (reset "
-        "complete), also after a live session."),
-    "features.version_1": Statement(
-        "§9 #10 #48", "The device offers VIRTIO_F_VERSION_1 (a modern device)."),
-    "features.offered": Statement(
-        "§9 #7 #9, §1.2", "Feature bits offered by the device; the only virtio-fs bit is "
-        "VIRTIO_FS_F_NOTIFICATION (0): bits 1-23 are undefined for this device type."),
-    "features.features_ok": Statement(
-        "§9 #16 #19", "After the driver writes a subset of the offered features and sets "
-        "FEATURES_OK, FEATURES_OK reads back set (cleared: the device is unusable)."),
-    "config.tag": Statement(
-        "§1.3, §9 #58", "tag is UTF-8, padded with NUL bytes if shorter than 36 bytes, "
-        "non-empty, with nothing after the padding."),
-    "config.num_request_queues": Statement(
-        "§1.3, §9 #59", "The device MUST set num_request_queues to 1 or greater."),
-    "config.notify_buf_size": Statement(
-        "§1.3, §1.7, §9 #23 #63", "With VIRTIO_FS_F_NOTIFICATION, notify_buf_size is large "
-        "enough for the notify messages the device emits (at least the 16-byte out header + "
-        "16-byte fuse_notify_lock_out)."),
-    "queues.layout": Statement(
-        "§1.2", "Virtqueues: 0 hiprio, 1 notification queue (only with "
-        "VIRTIO_FS_F_NOTIFICATION), 2..n request queues; one per num_request_queues."),
-    "queues.sizes": Statement(
-        "§9 #50, split ring", "Every virtqueue the device exposes has a maximum size of 1 to "
-        "32768 (the driver writes a power of 2 no larger)."),
-    "bringup": Statement(
-        "§9 #16 #20 #51", "The initialization sequence completes: queues configured and "
-        "enabled (queue_enable reads 1), DRIVER_OK set, DEVICE_NEEDS_RESET clear."),
-    "fuse.init": Statement(
-        "§1.4, §9 #67", "FUSE_INIT on a request queue is answered: major 7, a minor this "
-        "driver speaks, a usable max_write."),
-    "queues.request": Statement(
-        "§1.5, §9 #59", "Each request queue (up to num_request_queues) answers a normal "
-        "request (FUSE_GETATTR of the root)."),
-    "hiprio.forget": Statement(
-        "§1.6, §9 #60", "The hiprio queue takes FUSE_FORGET (device-readable only, no reply): "
-        "the buffer is used and the device keeps serving."),
-    "notify.queue": Statement(
-        "§1.7, §9 #63 #64", "With VIRTIO_FS_F_NOTIFICATION the notification queue exists and "
-        "takes device-writable buffers of notify_buf_size; anything the device puts there is "
-        "a well-formed notify message."),
-    "notify.lock": Statement(
-        "§1.7, §9 #68 #69 (proposal)", "A blocking FUSE_SETLKW is answered \"wait\" (+1) and "
-        "completed by a FUSE_NOTIFY_LOCK {unique, error} on the notification queue."),
+#: every check id and what it shows; `refs` (the device checklist items it observes, see
+#: checklist.py and docs/conformance.rst) is filled in from the checklist
+_TEXTS: dict[str, str] = {
+    "pci.identity": "A virtio-fs PCI function is vendor 0x1AF4, device 0x105A (0x1040 + 26), "
+    "revision 1 or higher, subsystem device ID 0x40 or higher.",
+    "pci.capabilities": "The virtio PCI capabilities (common, notify, ISR, device cfg) are "
+    "present, lie inside implemented BARs, are aligned and long enough (cap_len includes "
+    "extra data); a shared memory region lies in its BAR, the DAX window has id 0.",
+    "pci.cap_list": "The capability list holds a VIRTIO_PCI_CAP_PCI_CFG capability; vendor data "
+    "capabilities are not 0x1AF4 and a multiple of 4 bytes; the MSI-X table has 2..0x800 "
+    "vectors; VIRTIO_F_SR_IOV is offered only with an SR-IOV capability.",
+    "pci.device_cfg": "The device cfg region holds struct virtio_fs_config (40 bytes, 44 with "
+    "VIRTIO_FS_F_NOTIFICATION) at a 4-byte aligned offset.",
+    "pci.registers": "Common cfg registers after a reset: device_feature is 0 for "
+    "device_feature_select 2 and 3, driver_feature reads back what was written, queue_enable "
+    "reads 0, MSI-X vectors read NO_VECTOR, queue_size is 0 past the last queue, every "
+    "queue's notify address lies in the notify region; reading ISR clears it.",
+    "reset": "After 0 is written to device_status, device_status reads back 0 (reset "
+    "complete), also after a live session.",
+    "features.version_1": "The device offers VIRTIO_F_VERSION_1 (a modern device).",
+    "features.offered": "The device offers no feature bit that is undefined for a file system "
+    "device (bits 1-23), legacy-only (24, 27), foreign to the transport (SR_IOV without PCI), "
+    "or dependent on a bit it does not offer (1.0+ ring bits without VERSION_1).",
+    "features.features_ok": "After the driver writes a subset of the offered features and sets "
+    "FEATURES_OK, FEATURES_OK reads back set (cleared: the device is unusable).",
+    "features.subset": "The device accepts the smallest valid subset (VIRTIO_F_VERSION_1 only: "
+    "no EVENT_IDX, no INDIRECT_DESC, no notification queue) and serves requests with it.",
+    "features.refusal": "Feature bits the device did not offer, written with FEATURES_OK: the "
+    "device clears FEATURES_OK, or ignores the bits (driver_feature reads them back as 0).",
+    "config.tag": "tag is UTF-8, padded with NUL bytes if shorter than 36 bytes, non-empty, "
+    "with nothing after the padding; the config is readable before FEATURES_OK.",
+    "config.num_request_queues": "The device MUST set num_request_queues to 1 or greater.",
+    "config.notify_buf_size": "With VIRTIO_FS_F_NOTIFICATION, notify_buf_size is readable "
+    "before FEATURES_OK and large enough for the notify messages the device emits (at least "
+    "the 16-byte out header + 16-byte fuse_notify_lock_out).",
+    "queues.layout": "Virtqueues: 0 hiprio, 1 notification queue (only with "
+    "VIRTIO_FS_F_NOTIFICATION), 2..n request queues; one per num_request_queues.",
+    "queues.sizes": "Every virtqueue the device exposes has a maximum size that is a power of 2 "
+    "from 1 to 32768.",
+    "bringup": "The initialization sequence completes: queues configured and enabled (MSI-X "
+    "vectors read back as mapped), DRIVER_OK set, DEVICE_NEEDS_RESET clear.",
+    "ring.before_driver_ok": "A request made available (not notified) before DRIVER_OK is not "
+    "used before DRIVER_OK; after DRIVER_OK and a notification it is.",
+    "ring.framing": "A request split over unusual descriptors (the fuse_in_header across two, "
+    "the reply across three) is answered: the used len covers the reply, the device-readable "
+    "buffers and the descriptor table are unchanged.",
+    "ring.used_notify": "After using a buffer the device notifies the driver when asked to "
+    "(avail->flags 0 without EVENT_IDX; used idx reaching used_event with it), and not "
+    "while avail->flags is 1 (SHOULD).",
+    "ring.used_flags": "used->flags is 0 or 1 without VIRTIO_F_EVENT_IDX, 0 with it.",
+    "ring.spurious_kick": "Notifications with nothing new made available are harmless: the "
+    "next request is answered.",
+    "fuse.init": "FUSE_INIT on a request queue is answered: major 7, a minor this driver "
+    "speaks, a usable max_write.",
+    "queues.request": "Each request queue (up to num_request_queues) answers a normal request "
+    "(FUSE_GETATTR of the root) with a reply the used len covers.",
+    "queues.inflight": "Each request queue answers many requests in flight at once, each "
+    "under its own unique.",
+    "hiprio.forget": "The hiprio queue takes FUSE_FORGET (device-readable only, no reply): "
+    "the buffer is used and the device keeps serving.",
+    "hiprio.storm": "A storm of FUSE_FORGET and FUSE_BATCH_FORGET on hiprio, sent while "
+    "requests are in flight on every request queue, is used without waiting for them.",
+    "fuse.opcodes": "Every FUSE opcode the device must serve, or claims in FUSE_INIT flags "
+    "(POSIX_LOCKS: GETLK/SETLK/SETLKW; FLOCK_LOCKS: flock; DO_READDIRPLUS: READDIRPLUS), "
+    "is answered with a well-formed reply and not ENOSYS.",
+    "fuse.errors": "Error paths answer with the errno a FUSE daemon gives and no payload: "
+    "ENOENT, EEXIST, ENOTEMPTY, ENAMETOOLONG, EBADF.",
+    "notify.queue": "With VIRTIO_FS_F_NOTIFICATION the notification queue exists and takes "
+    "device-writable buffers of notify_buf_size; anything the device puts there is a "
+    "well-formed notify message.",
+    "notify.lock": "A blocking FUSE_SETLKW is answered \"wait\" (+1) and completed by a "
+    "FUSE_NOTIFY_LOCK {unique, error} on the notification queue.",
+    "notify.load": "More lock grants at once than notification buffers: every FUSE_NOTIFY_LOCK "
+    "arrives, held by the device until buffers are replenished.",
+    "reset.live": "A reset with requests in flight: after it completes the device neither "
+    "uses buffers nor notifies; the same features are negotiated again and the new session "
+    "is served.",
 }
+
+STATEMENTS: dict[str, Statement] = {k: Statement(refs_of(k), t) for k, t in _TEXTS.items()}
 
 
 @dataclass
@@ -102,6 +126,11 @@ class Report:
     device: str
     transport: str
     checks: list[Check] = field(default_factory=list)
+    #: feature bits negotiated by the main session (names), and the ring layout in use
+    negotiated: list[str] = field(default_factory=list)
+    ring_layout: str = "split"
+    #: which set-ups this run had (checklist.CONDITIONS keys -> bool)
+    context: dict[str, bool] = field(default_factory=dict)
 
     def add(self, check_id: str, result: str, observed: str, *,
             deviation: str | None = None, instance: str | None = None) -> Check:
@@ -124,26 +153,93 @@ class Report:
     def ok(self) -> bool:
         return not any(c.result == FAIL for c in self.checks)
 
+    def coverage(self) -> dict[str, Any]:
+        """Checklist coverage: items observed by a check that ran (pass or fail), items not
+        observable (with the reason: never, or not in this set-up), and items whose checks
+        did not get to run (`not_reached`, empty when the device works)."""
+        ran: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        for c in self.checks:
+            base = c.id.split("[")[0]
+            (ran if c.result != SKIP else skipped).setdefault(base, c.observed)
+        covered, not_observable, not_reached = [], {}, {}
+        for item in ITEMS:
+            applies = not item.when or self.context.get(item.when, False)
+            if applies and any(cid in ran for cid in item.checks):
+                covered.append(item.id)
+            elif item.reason:
+                not_observable[item.id] = item.reason
+            elif item.when and not self.context.get(item.when, False):
+                not_observable[item.id] = CONDITIONS[item.when]
+            else:
+                why = next((skipped[cid] for cid in item.checks if cid in skipped), "not run")
+                not_reached[item.id] = why
+        return {"covered": covered, "not_observable": not_observable,
+                "not_reached": not_reached, "checklist_size": CHECKLIST_SIZE}
+
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "transport": self.transport, "ok": self.ok,
-                "summary": self.counts(), "checks": [c.to_dict() for c in self.checks]}
+                "summary": self.counts(), "negotiated": self.negotiated,
+                "ring_layout": self.ring_layout, "coverage": self.coverage(),
+                "checks": [c.to_dict() for c in self.checks]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def coverage_line(self) -> str:
+        cov = self.coverage()
+        line = (f"checklist: {len(cov['covered'])} of {cov['checklist_size']} device statements "
+                f"covered, {len(cov['not_observable'])} not observable here")
+        if cov["not_reached"]:
+            line += f", {len(cov['not_reached'])} not reached ({', '.join(cov['not_reached'])})"
+        return line + " (vfsdrv check --json: coverage)"
 
     def table(self) -> str:
         """Human-readable table: result, id, spec reference, observed (and statement)."""
         mark = {PASS: "PASS", FAIL: "FAIL", SKIP: "skip"}
         idw = max([len(c.id) for c in self.checks] + [5])
-        lines = [f"conformance of {self.device} ({self.transport})", ""]
-        lines.append(f"{'RESULT':<6}  {'CHECK':<{idw}}  OBSERVED")
+        lines = [f"conformance of {self.device} ({self.transport})"]
+        if self.negotiated:
+            lines.append(f"negotiated: {', '.join(self.negotiated)}; {self.ring_layout} rings")
+        lines += ["", f"{'RESULT':<6}  {'CHECK':<{idw}}  OBSERVED"]
+        shown: set[str] = set()
         for c in self.checks:
             res = mark[c.result] + ("*" if c.deviation else "")
             lines.append(f"{res:<6}  {c.id:<{idw}}  {c.observed}")
-            lines.append(f"{'':<6}  {'':<{idw}}    [{c.refs}] {c.statement}")
+            base = c.id.split("[")[0]
+            if base not in shown:  # the statement once per check, not per instance
+                shown.add(base)
+                lines.append(f"{'':<6}  {'':<{idw}}    [{c.refs}] {c.statement}")
             if c.deviation:
                 lines.append(f"{'':<6}  {'':<{idw}}    * known deviation: {c.deviation}")
         n = self.counts()
         lines += ["", f"{n[PASS]} passed ({n['deviation']} with a known deviation, marked *), "
-                  f"{n[FAIL]} failed, {n[SKIP]} skipped"]
+                  f"{n[FAIL]} failed, {n[SKIP]} skipped", self.coverage_line()]
         return "\n".join(lines)
+
+    def junit(self) -> str:
+        """JUnit XML (one testsuite, one testcase per check) for a CI system."""
+        from xml.etree import ElementTree as ET
+
+        n = self.counts()
+        suite = ET.Element("testsuite", name=f"vfsdrv check {self.device}",
+                           tests=str(len(self.checks)), failures=str(n[FAIL]),
+                           skipped=str(n[SKIP]), errors="0")
+        props = ET.SubElement(suite, "properties")
+        for name, value in (("transport", self.transport),
+                            ("negotiated", ",".join(self.negotiated)),
+                            ("ring_layout", self.ring_layout)):
+            ET.SubElement(props, "property", name=name, value=value)
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname="vfsdrv.check." + c.id.split("[")[0],
+                                 name=c.id)
+            if c.result == FAIL:
+                ET.SubElement(case, "failure", message=c.observed).text = (
+                    f"[{c.refs}] {c.statement}")
+            elif c.result == SKIP:
+                ET.SubElement(case, "skipped", message=c.observed)
+            out = f"observed: {c.observed}\nrefs: {c.refs}\nstatement: {c.statement}"
+            if c.deviation:
+                out += f"\nknown deviation: {c.deviation}"
+            ET.SubElement(case, "system-out").text = out
+        return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..errors import FeatureNegotiationError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
+from ..fs.client import FuseClient
 from ..fs.config import (
     CONFIG_SIZE,
     CONFIG_SIZE_NO_NOTIFY,
@@ -36,11 +37,13 @@ from ..virtio.constants import DEVICE_FEATURE_MASK, Feature, Status, feature_nam
 from ..virtio.device import VirtioDevice
 from ..virtio.ring_layout import MAX_QUEUE_SIZE
 from ..virtio.transport import Transport
+from . import fuse_checks, probes
 from .model import FAIL, PASS, SKIP, Report
 
 log = logging.getLogger(__name__)
 
-FS_FEATURE_NAMES = {0: "VIRTIO_FS_F_NOTIFICATION"}
+FS_FEATURE_NAMES = {0: "VIRTIO_FS_F_NOTIFICATION", 24: "NOTIFY_ON_EMPTY", 26: "VHOST_F_LOG_ALL",
+                    27: "ANY_LAYOUT", 30: "VHOST_USER_F_PROTOCOL_FEATURES"}
 INDEX1_DEVIATION = (
     "request queues start at index 1 without VIRTIO_FS_F_NOTIFICATION; the spec numbers them "
     "from 2 (queue 1 is the notification queue). QEMU's vhost-user-fs, virtiofsd, crosvm and "
@@ -55,6 +58,8 @@ class CheckOptions:
     notification: bool = True  # negotiate VIRTIO_FS_F_NOTIFICATION when offered
     #: the device config was supplied by the user (vhost-user backend without config space)
     config_supplied: bool = False
+    #: create nothing in the export (no scratch directory: the checks that need one skip)
+    read_only: bool = False
 
 
 class _ProbeFs(VirtioFs):
@@ -142,11 +147,23 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
     t = transport
     vhost = _is_vhost_user(t)
 
+    has_status = not vhost or bool(getattr(t, "has_status", False))
+    pci = hasattr(t, "common") and hasattr(t, "caps")
+    report.context.update(pci=pci, device_status=has_status,
+                          config_space=not opt.config_supplied, writable=not opt.read_only)
+
     # reset ---------------------------------------------------------------------------------
     reset_note = ""
     if vhost:
         reset_ok = True
         reset_note = "vhost-user: no device status register (reset = rings stopped)"
+        if has_status:
+            try:
+                took = _time_reset(t, opt.timeout)
+                reset_note = f"vhost-user STATUS: status 0 after {_fmt_ms(took)}"
+            except VfsdrvError as exc:
+                report.add("reset", FAIL, str(exc))
+                reset_ok = False
     else:
         try:
             first_reset = _time_reset(t, opt.timeout)
@@ -155,22 +172,22 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
         except VfsdrvError as exc:
             report.add("reset", FAIL, str(exc))
             reset_ok = False
+    if pci and reset_ok:
+        probes.pci_registers(t, report, opt.timeout)
+    fn = getattr(t, "fn", None)
+    if pci and fn is not None and not any(c.id == "pci.cap_list" for c in report.checks):
+        probes.pci_cap_list(fn, report, t.device_features())
 
     # features ------------------------------------------------------------------------------
     offered = t.device_features()
     names = feature_names(offered, FS_FEATURE_NAMES)
+    report.context["event_idx"] = bool(offered & Feature.EVENT_IDX)
     if offered & Feature.VERSION_1:
         report.add("features.version_1", PASS, f"offered: {names}")
     else:
         report.add("features.version_1", FAIL, f"VERSION_1 not offered (offered: {names})")
-    undefined = offered & DEVICE_FEATURE_MASK & ~VIRTIO_FS_F_NOTIFICATION
     notif_offered = bool(offered & VIRTIO_FS_F_NOTIFICATION)
-    report.add(
-        "features.offered", PASS,
-        f"{offered:#x}: VIRTIO_FS_F_NOTIFICATION {'offered' if notif_offered else 'not offered'}",
-        deviation=(f"undefined virtio-fs feature bits offered ({undefined:#x}); the driver "
-                   "ignores them") if undefined else None)
-
+    report.add("features.offered", *_judge_offered(offered, pci))
     # config --------------------------------------------------------------------------------
     dev = VirtioDevice(t)
     cfg_len = CONFIG_SIZE if notif_offered else CONFIG_SIZE_NO_NOTIFY
@@ -246,16 +263,20 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
                        + ", ".join(f"queue {i} = {s}" for i, s in bad.items()))
         else:
             odd = [i for i, s in sizes.items() if i < want and s & (s - 1)]
-            report.add("queues.sizes", PASS, f"max sizes {shown}",
-                       deviation=(f"queues {odd} have a size that is not a power of 2; the "
-                                  "driver rounds down") if odd else None)
+            if odd:
+                report.add("queues.sizes", FAIL, f"max sizes {shown}; not a power of 2 (split "
+                           f"rings): queues {odd} (the driver rounds down)")
+            else:
+                report.add("queues.sizes", PASS, f"max sizes {shown}")
     else:
         report.add("queues.layout", SKIP, "not reached: no valid num_request_queues")
         report.add("queues.sizes", SKIP, "not reached: no valid num_request_queues")
 
     # the live session -------------------------------------------------------------------------
-    live = ["features.features_ok", "bringup", "fuse.init", "queues.request", "hiprio.forget",
-            "notify.queue", "notify.lock"]
+    live = ["features.features_ok", "features.subset", "features.refusal", "bringup",
+            "fuse.init", "queues.request", "queues.inflight", "hiprio.forget", "hiprio.storm",
+            "fuse.opcodes", "fuse.errors", "notify.queue", "notify.lock", "notify.load",
+            "reset.live"]
     if not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok:
         why = ("not reached: " + ("VERSION_1 not offered" if not offered & Feature.VERSION_1
                else "the device did not reset" if not reset_ok
@@ -266,14 +287,50 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
         if reset_ok:
             _final_reset(t, report, opt, reset_note)
         return report
+    # rings through the virtio core alone, then FEATURES_OK with a bit never offered
+    probes.ring_session(t, report, opt.timeout, event_idx=False, device_status=has_status)
+    if offered & Feature.EVENT_IDX:
+        probes.ring_session(t, report, opt.timeout, event_idx=True, device_status=has_status)
+    probes.feature_refusal(t, report, opt.timeout, has_status)
     _live_session(t, report, opt, use_notify, nrq, reset_note)
     return report
 
 
+#: feature bits of a virtio-fs device over a transport (anything else is not offered by a
+#: conformant device: D7); 24 and 27 are legacy-only, 41+ are not defined for 1.3 devices
+_DEFINED = (VIRTIO_FS_F_NOTIFICATION | sum(1 << b for b in (28, 29, 32, 33, 34, 35, 36, 37, 38,
+                                                             39, 40)))
+_VHOST_USER_OWN = (1 << 24) | (1 << 26) | (1 << 27) | (1 << 30)
+
+
+def _judge_offered(offered: int, pci: bool) -> tuple[str, str]:
+    """features.offered: (result, observed)."""
+    problems = []
+    undefined = offered & DEVICE_FEATURE_MASK & ~VIRTIO_FS_F_NOTIFICATION
+    if undefined:
+        problems.append(f"virtio-fs bits {feature_names(undefined)} are undefined (only bit 0 "
+                        "is)")
+    foreign = offered & ~_DEFINED & ~DEVICE_FEATURE_MASK
+    if not pci:
+        # a vhost-user backend lists what its rings support, incl. vhost-user's own bits
+        # (LOG_ALL 26, PROTOCOL_FEATURES 30) and legacy ones; the frontend's device model
+        # filters those before a driver sees them
+        foreign &= ~_VHOST_USER_OWN
+        if offered & Feature.SR_IOV:
+            problems.append("VIRTIO_F_SR_IOV offered by a device that is not PCI")
+    if foreign:
+        problems.append(f"reserved or legacy-only bits offered: {feature_names(foreign)}")
+    if offered & ~((1 << 32) - 1) & ~Feature.VERSION_1 and not offered & Feature.VERSION_1:
+        problems.append("1.0+ ring/transport bits offered without VIRTIO_F_VERSION_1 (they "
+                        "require it)")
+    notif = "offered" if offered & VIRTIO_FS_F_NOTIFICATION else "not offered"
+    desc = f"{offered:#x}: VIRTIO_FS_F_NOTIFICATION {notif}"
+    return (FAIL, f"{desc}; {'; '.join(problems)}") if problems else (PASS, desc)
+
+
 def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: bool, nrq: int,
                   reset_note: str) -> None:
-    fs = _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=8,
-                  large_slots=2, max_io=64 << 10, notify_buffers=8)
+    fs = _new_fs(t, opt, use_notify)
     skipped: list[str] = []
 
     def skip_rest(why: str, ids: list[str]) -> None:
@@ -282,8 +339,7 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
                 report.add(cid, SKIP, f"not reached: {why}")
                 skipped.append(cid)
 
-    rest = ["bringup", "fuse.init", "queues.request", "hiprio.forget", "notify.queue",
-            "notify.lock"]
+    rest = ["bringup", *_SESSION_CHECKS, "reset.live"]
     try:
         fs.start()
     except FeatureNegotiationError as exc:
@@ -302,6 +358,10 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
         skip_rest("bring-up failed", rest[1:])
         _final_reset(t, report, opt, reset_note)
         return
+    report.negotiated = [n for n in feature_names(fs.dev.features, FS_FEATURE_NAMES).split(", ")
+                         if n != "none"]
+    report.ring_layout = "packed" if fs.dev.features & Feature.RING_PACKED else "split"
+    report.context["notification"] = fs.notification
     try:
         status = t.get_status()
         feats = feature_names(fs.dev.features, FS_FEATURE_NAMES)
@@ -317,7 +377,10 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
                        f"(expected {int(want):#x})")
         else:
             report.add("bringup", PASS, f"status {status:#x}, {qdesc}")
-        _session_checks(fs, report, opt, use_notify)
+        if _session_checks(fs, report, opt, use_notify):
+            fs = _reset_live(t, fs, report, opt, use_notify)
+        else:
+            report.add("reset.live", SKIP, "not reached: FUSE_INIT failed")
     finally:
         # reset (timed: a check of its own) before the rings go; the caller closes `t`
         _final_reset(t, report, opt, reset_note, after_session=True)
@@ -329,9 +392,76 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
         fs.dev.queues.clear()
 
 
+_SESSION_CHECKS = ["fuse.init", "queues.request", "queues.inflight", "hiprio.forget",
+                   "hiprio.storm", "fuse.opcodes", "fuse.errors", "notify.queue", "notify.lock",
+                   "notify.load"]
+
+
+def _new_fs(t: Transport, opt: CheckOptions, use_notify: bool) -> _ProbeFs:
+    # slots for IN_FLIGHT requests per queue plus a FORGET storm; few notification
+    # buffers, so that notify.load needs them replenished
+    return _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=48,
+                    large_slots=4, max_io=64 << 10, notify_buffers=8)
+
+
+def _reset_live(t: Transport, fs: _ProbeFs, report: Report, opt: CheckOptions,
+                use_notify: bool) -> _ProbeFs:
+    """Reset with GETATTRs in flight on every request queue; then nothing may move in the
+    used rings nor interrupt; then the same features again and a new session. Returns the
+    session whose queues the caller releases (the old one's are released here)."""
+    body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
+    try:
+        for qs in fs.request_queues:
+            fs.target = qs
+            for _ in range(4):
+                fs.call_async(Opcode.GETATTR, 1, body)
+        fs.target = None
+        took = _time_reset(t, opt.timeout)
+    except (VfsdrvError, OSError) as exc:
+        report.add("reset.live", FAIL, f"reset with requests in flight: {exc}")
+        return fs
+    vqs = list(fs.dev.queues.values())
+    fds = [t.interrupt_fd(vq.index) for vq in vqs]
+    for fd in fds:
+        probes._drain(fd)
+    before = [vq.used_idx() for vq in vqs]
+    time.sleep(probes.QUIET)
+    moved = [vq.index for vq, b in zip(vqs, before, strict=True) if vq.used_idx() != b]
+    irqs = [vq.index for vq, fd in zip(vqs, fds, strict=True) if probes._irq_seen(fd, 0)]
+    for vq in vqs:
+        vq.close()
+    fs.dev.queues.clear()
+    desc = f"reset with {4 * len(fs.request_queues)} GETATTRs in flight took {_fmt_ms(took)}"
+    if moved or irqs:
+        report.add("reset.live", FAIL, f"{desc}; afterwards used idx moved on queues {moved}, "
+                   f"interrupts on queues {irqs}")
+        return fs
+    again = _new_fs(t, opt, use_notify)
+    try:
+        again.start()
+    except FeatureNegotiationError as exc:
+        report.add("reset.live", FAIL, f"{desc}; re-negotiating the same features: {exc}")
+        return again
+    except (VfsdrvError, OSError) as exc:
+        report.add("reset.live", FAIL, f"{desc}; bring-up after it: {exc}")
+        return again
+    try:
+        again.init(timeout=opt.timeout)
+        again.call(Opcode.GETATTR, 1, body, timeout=opt.timeout)
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        report.add("reset.live", FAIL, f"{desc}; new session: {type(exc).__name__}: {exc}")
+        return again
+    same = again.dev.features == fs.dev.features
+    report.add("reset.live", PASS if same else FAIL,
+               f"{desc}; then {probes.QUIET * 1000:.0f} ms without used entries or interrupts; "
+               f"the same features {'accepted' if same else 'NOT negotiated'} again, FUSE_INIT "
+               "and GETATTR answered")
+    return again
+
+
 def _final_reset(t: Transport, report: Report, opt: CheckOptions, reset_note: str, *,
                  after_session: bool = False) -> None:
-    if _is_vhost_user(t):
+    if _is_vhost_user(t) and not getattr(t, "has_status", False):
         report.add("reset", SKIP, reset_note)
         return
     try:
@@ -343,18 +473,19 @@ def _final_reset(t: Transport, report: Report, opt: CheckOptions, reset_note: st
     report.add("reset", PASS, f"{reset_note}; {when}: status 0 after {_fmt_ms(took)}")
 
 
-def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
+def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> bool:
+    """Everything in one FUSE session; False when FUSE_INIT failed."""
     # FUSE_INIT ------------------------------------------------------------------------------
     fs.target = fs.request_queues[0]  # FUSE_INIT on the first request queue, as Linux does
     try:
         out = fs.init(timeout=opt.timeout)
     except (VfsdrvError, OSError, TimeoutError) as exc:
         report.add("fuse.init", FAIL, f"{type(exc).__name__}: {exc}")
-        for cid in ("queues.request", "hiprio.forget"):
-            report.add(cid, SKIP, "not reached: FUSE_INIT failed")
+        for cid in _SESSION_CHECKS[1:]:
+            if cid != "notify.queue":
+                report.add(cid, SKIP, "not reached: FUSE_INIT failed")
         _notify_check(fs, report, use_notify)
-        report.add("notify.lock", SKIP, "not reached: FUSE_INIT failed")
-        return
+        return False
     finally:
         fs.target = None
     problems = []
@@ -391,8 +522,31 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
 
     # hiprio takes FORGET ------------------------------------------------------------------
     _forget_check(fs, report, opt)
-    _notify_check(fs, report, use_notify)
-    _lock_check(fs, report, opt, use_notify)
+    fuse_checks.inflight_checks(fs, report, opt.timeout)
+    scratch = None
+    if not opt.read_only:
+        scratch = fuse_checks.Scratch(FuseClient(fs))
+        try:
+            scratch.create()
+        except (VfsdrvError, OSError, TimeoutError) as exc:
+            report.add("fuse.opcodes", FAIL, f"cannot create the scratch directory: {exc}",
+                       instance="MKDIR")
+            scratch = None
+    try:
+        if scratch is not None:
+            fuse_checks.opcode_checks(fs, report, scratch)
+        else:
+            report.add("fuse.opcodes", SKIP, "--read-only (or no scratch directory): the "
+                       "opcodes that write were not sent")
+        fuse_checks.error_checks(fs, report, scratch)
+        fuse_checks.storm_check(fs, report, opt.timeout, scratch)
+        _notify_check(fs, report, use_notify)
+        _lock_check(fs, report, opt, use_notify)
+        fuse_checks.notify_load_check(fs, report, opt.timeout, scratch)
+    finally:
+        if scratch is not None:
+            scratch.remove()
+    return True
 
 
 def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
