@@ -47,3 +47,37 @@ def test_bench_prints_figures_side_by_side() -> None:
         mine, floor, _unit, ratio = line.split()[-4:]
         assert float(mine) > 0 and float(floor) > 0
         assert float(ratio.rstrip("x")) > 0
+
+
+def test_demo_as_non_root_says_root_is_needed(tmp_path) -> None:
+    r = subprocess.run([*VFSDRV, "demo"], capture_output=True, text=True, timeout=60,
+                       user=65534, cwd="/", env={"PATH": "/usr/bin:/bin", "TMPDIR": "/tmp",
+                                                 "PYTHONPATH": ":".join(sys.path)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "demo needs root" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_during_demo_leaves_no_temporary_directory(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    before = set(mount_points())
+    proc = subprocess.Popen([*VFSDRV, "demo"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # the first step: the backend runs, the directory exists
+        assert list(tmp_path.glob("vfsdrv-demo-*"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 5
+    while list(tmp_path.glob("vfsdrv-demo-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("vfsdrv-demo-*")) == []
+    assert set(mount_points()) == before

@@ -39,8 +39,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_available(args.backend)  # before anything is created: says how to get it
+    if os.geteuid() != 0:
+        from ..errors import VfsdrvError
+
+        raise VfsdrvError("demo needs root: the backend writes its pid file under /run and "
+                          "the mount needs /dev/fuse (run it with sudo)")
     work = Path(tempfile.mkdtemp(prefix="vfsdrv-demo-"))
+    try:
+        return _demo(args, work)
+    finally:  # Ctrl-C and failures too: no temporary directory left behind
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(args: argparse.Namespace, work: Path) -> int:
+    check_available(args.backend)  # before anything is created: says how to get it
     src = work / "export"
     src.mkdir()
     (src / "hello.txt").write_text("hello from the host\n")
