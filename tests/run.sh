@@ -4,7 +4,7 @@
 # included. Extra arguments go to pytest (e.g. -m "not vm" to skip the guests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup-env.sh
+bash tools/setup-env.sh --tests
 .venv/bin/python -m vfsdrv.tools.virtiofsd_rs  # Debian 13's Rust virtiofsd, the second real device (private prefix)
 echo "== ruff"
 .venv/bin/ruff check .
