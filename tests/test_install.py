@@ -94,7 +94,7 @@ def test_the_installed_unit_verifies(tmp_path: Path) -> None:
     r = vfsdrv("install", "--root", tmp_path, "--no-reload")
     assert r.returncode == 0, r.stderr
     units = tmp_path / "etc/systemd/system"
-    v = subprocess.run(["systemd-analyze", "verify", "--man=no",
+    v = subprocess.run(["systemd-analyze", "verify",
                         str(units / "vfsdrv@shared.service")],
                        capture_output=True, text=True, timeout=60, cwd=units)
     assert v.returncode == 0, v.stderr
