@@ -6,9 +6,9 @@ no-IOMMU mode:
     and afterwards is back with virtio-pci (the kernel mounts it again);
   * `--tag` finds the function; a kernel-mounted function is refused, nothing moved;
   * a function that is not virtio-fs (the 9p share) fails pci.identity, exit 1;
-  * a function announcing two request queues whose backend serves one (Debian's
-    virtiofsd 7.2, started here: it panics, "libvhost-user: Invalid queue index: 2")
-    fails, and the function is still given back to the kernel;
+  * a function announcing two request queues whose backend serves one (the reference
+    device with one request queue: it refuses every message for queue index 2) fails,
+    and the function is still given back to the kernel;
   * a function backed by the reference device with two request queues passes
     (QEMU masks VIRTIO_FS_F_NOTIFICATION: both request queues at 1 and 2 answer).
 """
@@ -16,8 +16,7 @@ no-IOMMU mode:
 from __future__ import annotations
 
 import json
-import subprocess
-import time
+import logging
 from pathlib import Path
 
 import pytest
@@ -62,38 +61,35 @@ def _by_id(doc: dict) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("mode", ["noiommu", "type1"])
-def test_check_pci_functions(guest, tmp_path: Path, mode: str) -> None:
-    from harness import FsDevice, fs_bdf, is_listening, virtiofsd_binary
+def test_check_pci_functions(guest, tmp_path: Path, mode: str,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    from harness import FsDevice, fs_bdf
 
     share = tmp_path / "share"
     share.mkdir()
     (share / "f.txt").write_text("kernel again\n")
-    # virtiofsd 7.2 for a function that announces two request queues (it serves one)
+    # The function that announces two request queues is served by a backend with one.
+    # Not QEMU 7.2's virtiofsd (it was, until it made this test flaky): it panics at
+    # the first message for queue index 2, which QEMU sends while it realizes the
+    # device (SET_VRING_CALL(2), then SET_VRING_ERR(2)); when virtiofsd was gone before
+    # the second write, realize failed and QEMU exited at start ("Failed to write msg.
+    # Wrote -1 instead of 20", "Failed to initialize virtqueue 2"). The reference device
+    # refuses those messages and stays up, so every run sees the same function.
     twoq_dir = tmp_path / "twoq"
     twoq_dir.mkdir()
-    twoq_sock, twoq_log = tmp_path / "twoq.sock", tmp_path / "twoq.log"
-    with open(twoq_log, "wb") as logf:
-        vfsd = subprocess.Popen([virtiofsd_binary(), f"--socket-path={twoq_sock}",
-                                 "-o", f"source={twoq_dir}"], stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf)
-    try:
-        deadline = time.monotonic() + 10
-        while not is_listening(twoq_sock):
-            assert vfsd.poll() is None and time.monotonic() < deadline, twoq_log.read_text()
-            time.sleep(0.02)
-        with RefDevice(str(tmp_path / "ref.sock"), str(share), tag="ref",
-                       request_queues=2):
-            r = guest(GUEST_SCRIPT, noiommu=mode == "noiommu", iommu=mode == "type1",
-                      timeout=400,
-                      fs_devices=[FsDevice(tag="good", fs_dir=share),
-                                  FsDevice(tag="twoq", socket=twoq_sock,
-                                           num_request_queues=2),
-                                  FsDevice(tag="ref", socket=tmp_path / "ref.sock",
-                                           num_request_queues=2)])
-    finally:
-        if vfsd.poll() is None:
-            vfsd.terminate()
-        vfsd.wait(10)
+    caplog.set_level(logging.WARNING)
+    with RefDevice(str(tmp_path / "twoq.sock"), str(twoq_dir), tag="twoq",
+                   request_queues=1, notification=False), \
+            RefDevice(str(tmp_path / "ref.sock"), str(share), tag="ref", request_queues=2):
+        r = guest(GUEST_SCRIPT, noiommu=mode == "noiommu", iommu=mode == "type1",
+                  timeout=400,
+                  fs_devices=[FsDevice(tag="good", fs_dir=share),
+                              FsDevice(tag="twoq", socket=tmp_path / "twoq.sock",
+                                       num_request_queues=2),
+                              FsDevice(tag="ref", socket=tmp_path / "ref.sock",
+                                       num_request_queues=2)])
+    refused = [rec.getMessage() for rec in caplog.records
+               if "queue index 2 outside" in rec.getMessage()]
     print(f"check guest run ({mode}): {r.duration:.1f}s (boot {r.boot_time}s)")
     assert r.returncode == 0, f"{r}\n--- console:\n{r.console[-3000:]}"
     v = _values(r.output)
@@ -135,7 +131,7 @@ def test_check_pci_functions(guest, tmp_path: Path, mode: str) -> None:
     assert [(x["id"], x["result"]) for x in not_fs["checks"]] == [("pci.identity", "fail")]
     assert not_fs["checks"][0]["observed"].startswith("1af4:1009")
 
-    # two request queues announced, one served by virtiofsd 7.2
+    # two request queues announced, one served
     assert v["twoq.RC"] == "1"
     twoq = _by_id(json.loads(v["twoq.JSON"]))
     assert twoq["config.num_request_queues"]["observed"] == "2"
@@ -143,7 +139,7 @@ def test_check_pci_functions(guest, tmp_path: Path, mode: str) -> None:
     assert twoq["bringup"]["result"] == "pass"
     assert "fail" in {x["result"] for x in twoq.values()}
     assert twoq["fuse.init"]["result"] == "fail" or twoq["queues.request[2]"]["result"] == "fail"
-    assert "Invalid queue index: 2" in twoq_log.read_text()  # virtiofsd panicked
+    assert refused, "the one-queue backend saw no message for queue index 2"
     assert v["twoq.DRIVER"] == "virtio-pci"
 
     # the reference device behind QEMU's vhost-user-fs-pci, two request queues
