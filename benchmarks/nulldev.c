@@ -978,14 +978,20 @@ static int recv_msg(struct vu_header *h, uint8_t *payload, int *fds, int *nfds)
 		k = recvmsg(dev.sock, &m, MSG_CMSG_CLOEXEC);
 	} while (k < 0 && errno == EINTR && !stopping);
 	*nfds = 0;
+	if (k <= 0)
+		return -1; /* (the control buffer is only valid after data arrived) */
 	for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
 		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
 			int n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			if (n > VU_MAX_FDS - *nfds)
+				n = VU_MAX_FDS - *nfds; /* MSG_CTRUNC already: cannot be more */
 			memcpy(fds + *nfds, CMSG_DATA(cm), n * sizeof(int));
 			*nfds += n;
 		}
-	if (k <= 0)
+	if (m.msg_flags & MSG_CTRUNC) {
+		say("message %u came with more than %d fds", h->request, VU_MAX_FDS);
 		return -1;
+	}
 	if (k < (ssize_t)sizeof(*h) && recv_all(dev.sock, (uint8_t *)h + k, sizeof(*h) - k) < 0)
 		return -1;
 	if ((h->flags & VU_VERSION_MASK) != VU_VERSION || h->size > VU_MAX_PAYLOAD) {

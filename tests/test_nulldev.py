@@ -108,6 +108,7 @@ def test_typed_client_at_depth_16_on_every_queue(sock_path: Path, event_idx: boo
         finally:
             fs.close()
         dev.stop()
+        assert dev.proc.returncode == 0, dev.log()  # a clean exit on SIGTERM, no crash
         served = dev.queue_requests()
     # every request queue (1..3) carried part of the load; hiprio (0) none of it
     assert set(served) >= {1, 2, 3}, dev.log()
@@ -146,6 +147,7 @@ def test_a_request_with_a_lying_header_gets_einval(sock_path: Path) -> None:
         finally:
             raw.close()
         dev.stop()
+        assert dev.proc.returncode == 0, dev.log()
         assert "header says 4000 bytes" in dev.log()
 
 
@@ -187,6 +189,7 @@ def test_a_broken_ring_is_refused_loudly_and_the_device_survives(sock_path: Path
         finally:
             fs.close()
         dev.stop()
+        assert dev.proc.returncode == 0, dev.log()
         log = dev.log()
     assert "queue 1 broken" in log, log
     expected = {"head": "out of range", "next": "next", "address": "outside guest memory",

@@ -1,13 +1,25 @@
 """`vfsdrv bench`: what the driver costs on top of the device, measured side by side.
 
-Over vhost-user to a local virtiofsd, in one run:
-  * GETATTR round trip (median, p99),
-  * 1 MiB READ throughput (page-cached file),
-  * GETATTR ops/s with 1, 4 and 16 requests in flight,
-each through vfsdrv (VirtioFs + FuseClient: slots, validation, in-flight table) and
-through a minimal raw client: pre-built descriptor chains written straight into the
-ring, one eventfd kick, one eventfd wait — the device's cost with no driver logic,
-the floor. Ratios are vfsdrv / floor (time) or floor / vfsdrv (rate): 1.0 is free.
+One run, interleaved (each figure of the driver right next to its floor, so a load
+change on a shared machine hits both), over vhost-user to a local backend:
+
+  * vfsdrv (VirtioFs + FuseClient: slots, validation, in-flight table) next to a
+    minimal raw client -- pre-built descriptor chains written straight into the ring,
+    one eventfd kick, one eventfd wait: the device's cost with no driver logic, the
+    floor -- on one request queue: GETATTR round trip (median, p99), 1 MiB READ
+    throughput, GETATTR ops/s with 1, 4 and 16 requests in flight. Cost ratio:
+    vfsdrv / floor (time) or floor / vfsdrv (rate); 1.00x is free.
+  * the driver's CPU per request at each depth and request-queue count: CPU time of
+    this process (all its threads: the typed client and the driver) per GETATTR from
+    /proc/self/task/*/schedstat (exact run time, not tick-sampled), of it user space
+    from utime; the device's CPU per request the same way; the raw floor's alongside.
+
+Backends (--backend): ``null`` (default), the null device of benchmarks/nulldev.c,
+which answers at C speed with canned replies on every queue, one thread per queue,
+so what remains is the driver; ``virtiofsd`` (Debian 12's C one), ``virtiofsd-rs``
+(Debian 13's Rust one) and ``refdev`` (the reference device) serve a temporary
+directory. With 2 request queues on a 2-core machine expect no scaling: the figure
+says what a second queue costs.
 """
 
 from __future__ import annotations
@@ -15,15 +27,18 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import statistics
 import struct
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._native import lib
+from ..errors import VfsdrvError
 from ..fs import abi
 from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
 from ..fs.client import ROOT_ID, FuseClient
@@ -32,16 +47,28 @@ from ..fs.device import VirtioFs
 from ..virtio import ring_layout as rl
 from ..virtio.device import VirtioDevice
 from ..virtio.vhost_user import VhostUserTransport
-from .backend import Virtiofsd
+from .backends import BACKENDS, Backend, check_available
+from .nulldev import NullDevice
 
 MiB = 1 << 20
 FILE_SIZE = 64 * MiB
+DEPTHS = (1, 4, 16)
+QUEUES = (1, 2)
+TAG = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="driver cost vs a raw client, over vhost-user to virtiofsd",
+    p = sub.add_parser("bench", help="driver cost per request vs a raw client and a null device",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("null", *BACKENDS), default="null",
+                   help="the device to measure against (default: null, the C null device)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
+    p.add_argument("--quick", action="store_true", help="0.5 s per measurement")
+    p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+                   help="requests in flight, comma-separated (default 1,4,16; at most 16)")
+    p.add_argument("--queues", default=",".join(map(str, QUEUES)),
+                   help="request queue counts for the CPU table (default 1,2)")
     p.add_argument("--poll", action="store_true", help="vfsdrv completes by polling, not eventfd")
     p.set_defaults(func=run)
 
@@ -125,7 +152,76 @@ class RawClient:
         self.dev.close()
 
 
-# -- measurements ------------------------------------------------------------------------
+# -- CPU accounting ---------------------------------------------------------------------
+def _task_times(pid: int) -> tuple[int, int]:
+    """(run time ns from schedstat, user ticks from stat) summed over the live threads
+    of process `pid`. A thread that ends takes its time with it: the processes
+    measured here keep theirs for the whole run."""
+    run = user = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        user += int(stat[stat.rindex(")") + 2 :].split()[11])  # field 14, utime
+    return run, user
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """Processes of a process group: a backend that forks (virtiofsd) is all of them."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+            pids.append(int(name))
+    return pids
+
+
+def _times(pids: list[int]) -> tuple[int, int]:
+    run = user = 0
+    for pid in pids:
+        r, u = _task_times(pid)
+        run += r
+        user += u
+    return run, user
+
+
+@dataclass
+class Sample:
+    rate: float  # requests (or bytes) per second
+    count: int  # requests done
+    cpu_us: float  # this process, run time per request
+    user_us: float  # this process, user time per request
+    dev_us: float  # the device, run time per request
+
+
+def _measure(step: Callable[[], int], seconds: float, dev_pids: list[int]) -> Sample:
+    step()
+    me = [os.getpid()]
+    m0, d0 = _times(me), _times(dev_pids)
+    n = 0
+    t0 = time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds:
+        n += step()
+    m1, d1 = _times(me), _times(dev_pids)
+    per = max(n, 1)
+    return Sample(n / dt, n, (m1[0] - m0[0]) / 1000 / per,
+                  (m1[1] - m0[1]) * 1e6 / CLK_TCK / per, (d1[0] - d0[0]) / 1000 / per)
+
+
 def _latencies(fn: Callable[[], None], seconds: float) -> list[float]:
     for _ in range(200):
         fn()
@@ -138,145 +234,221 @@ def _latencies(fn: Callable[[], None], seconds: float) -> list[float]:
     return out
 
 
-def _rate(fn: Callable[[], int], seconds: float) -> float:
-    fn()
-    n = 0
-    t0 = time.perf_counter()
-    while (dt := time.perf_counter() - t0) < seconds:
-        n += fn()
-    return n / dt
-
-
 def _p99(xs: list[float]) -> float:
     return sorted(xs)[int(len(xs) * 0.99)]
 
 
+# -- devices -------------------------------------------------------------------------------
+class _Device:
+    """One backend process for one connection (both virtiofsds serve just one)."""
+
+    def __init__(self, name: str, work: Path, label: str, queues: int) -> None:
+        sock = work / f"{label}.sock"
+        self.sock = sock
+        if name == "null":
+            self.proc: NullDevice | Backend = NullDevice(sock, queues=queues, tag=TAG)
+        else:
+            extra = ("--request-queues", str(queues)) if name == "refdev" else ()
+            self.proc = Backend(name, work / "export", sock, tag=TAG, extra=extra)
+        self.pgid = self.proc.proc.pid
+
+    def pids(self) -> list[int]:
+        return _group_pids(self.pgid)
+
+    def transport(self) -> VhostUserTransport:
+        # the fallback config is for a device with no config space (Debian 12's virtiofsd)
+        return VhostUserTransport(str(self.sock), config=encode_config(TAG, 1), num_queues=2)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _csv(text: str, limit: int) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise VfsdrvError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or values[0] < 1 or values[-1] > limit:
+        raise VfsdrvError(f"values of {text!r} must be 1..{limit}")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="vfsdrv-bench-"))
-    src = work / "export"
-    src.mkdir()
-    (src / "big").write_bytes(os.urandom(FILE_SIZE))
-    secs = args.seconds
-    rows: list[tuple[str, float, float, str, bool]] = []  # name, vfsdrv, floor, unit, lower-better
+    secs = 0.5 if args.quick else args.seconds
+    depths = _csv(args.depths, 16)
+    queue_counts = _csv(args.queues, 64)
+    if args.backend != "null":
+        check_available(args.backend)
+    work = Path(tempfile.mkdtemp(prefix="vfsdrv-bench-", dir="/tmp"))
+    devices: list[_Device] = []
+    closers: list[Callable[[], None]] = []
+    try:
+        return _run(args, secs, depths, queue_counts, work, devices, closers)
+    finally:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - tear everything down regardless
+                pass
+        for d in devices:
+            d.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts: list[int],
+         work: Path, devices: list[_Device], closers: list[Callable[[], None]]) -> int:
+    null = args.backend == "null"
+    if not null:
+        (work / "export").mkdir()
+        (work / "export" / "big").write_bytes(os.urandom(FILE_SIZE))
+    big = "null" if null else "big"  # the null device's 1 GiB file is never filled: no copy
     getattr_body = abi.pack("fuse_getattr_in")
-    # vfsdrv
-    with Virtiofsd(src, work / "a.sock") as backend:
-        t = VhostUserTransport(str(backend.socket_path), config=encode_config("bench", 1),
-                               num_queues=2)
-        fs = VirtioFs(t, poll=args.poll).start()
-        try:
-            c = FuseClient(fs)
-            c.init()
-            lat = _latencies(lambda: c.getattr(ROOT_ID), secs)
-            e = c.lookup(ROOT_ID, "big")
-            h = c.open(e.nodeid)
-            off = [0]
 
-            def read_1m() -> int:
-                c.read(e.nodeid, h.fh, off[0], MiB)
-                off[0] = (off[0] + MiB) % FILE_SIZE
-                return MiB
+    # the floor: a raw client on its own device
+    fdev = _Device(args.backend, work, "floor", 1)
+    devices.append(fdev)
+    raw = RawClient(fdev.sock, max(depths + [3]), MiB)
+    closers.append(raw.close)
+    raw.set_request(0, Opcode.INIT, 0, abi.pack(
+        "fuse_init_in", major=7, minor=36, max_readahead=MiB,
+        flags=abi.InitFlag.BIG_WRITES | abi.InitFlag.MAX_PAGES), 64)
+    raw.post(0)
+    raw.kick()
+    raw.reap()
+    reply1 = raw.bufs[1][1]
+    raw.set_request(1, Opcode.LOOKUP, ROOT_ID, big.encode() + b"\0", 128)
+    raw.post(1)
+    raw.kick()
+    raw.reap()
+    nodeid = struct.unpack_from("<Q", reply1.view, 4096)[0]
+    raw.set_request(1, Opcode.OPEN, nodeid, abi.pack("fuse_open_in"), 16)
+    raw.post(1)
+    raw.kick()
+    raw.reap()
+    fh = struct.unpack_from("<Q", reply1.view, 4096)[0]
 
-            read_rate = _rate(read_1m, secs)
-            depth_rates = {}
-            for depth in (1, 4, 16):
-                inflight = deque(c.submit(Opcode.GETATTR, ROOT_ID, getattr_body)
-                                 for _ in range(depth))
+    # vfsdrv: one device and one driver per request-queue count
+    clients: dict[int, tuple[FuseClient, _Device]] = {}
+    skipped: list[int] = []
+    for q in queue_counts:
+        dev = _Device(args.backend, work, f"vfsdrv{q}", q)
+        devices.append(dev)
+        fs = VirtioFs(dev.transport(), request_queues=q, poll=args.poll).start()
+        closers.append(fs.close)
+        if len(fs.request_queues) < q:
+            skipped.append(q)  # the device has fewer request queues
+            continue
+        c = FuseClient(fs)
+        c.init()
+        clients[q] = (c, dev)
+    if 1 not in clients:
+        raise VfsdrvError("the table against the floor needs --queues to include 1")
+    c1, vdev1 = clients[1]
 
-                def step(q: deque = inflight) -> int:
-                    q.popleft().result()
-                    q.append(c.submit(Opcode.GETATTR, ROOT_ID, getattr_body))
-                    return 1
+    # 1. latency, interleaved
+    raw.set_request(0, Opcode.GETATTR, ROOT_ID, getattr_body, 104)
 
-                depth_rates[depth] = _rate(step, secs)
-                for p in inflight:
-                    p.result()
-            v = (statistics.median(lat), _p99(lat), read_rate, depth_rates)
-        finally:
-            fs.close()
+    def raw_one() -> None:
+        raw.post(0)
+        raw.kick()
+        raw.reap()
 
-    # the floor
-    with Virtiofsd(src, work / "b.sock") as backend:
-        raw = RawClient(backend.socket_path, 16, MiB)
-        try:
-            raw.set_request(0, Opcode.INIT, 0, abi.pack(
-                "fuse_init_in", major=7, minor=36, max_readahead=MiB,
-                flags=abi.InitFlag.BIG_WRITES | abi.InitFlag.MAX_PAGES), 64)
-            raw.post(0)
+    lat = _latencies(lambda: c1.getattr(ROOT_ID), secs)
+    flat = _latencies(raw_one, secs)
+
+    # 2. 1 MiB READ, interleaved
+    e = c1.lookup(ROOT_ID, big)
+    h = c1.open(e.nodeid)
+    off = [0, 0]
+
+    def read_1m() -> int:
+        c1.read(e.nodeid, h.fh, off[0], MiB)
+        off[0] = (off[0] + MiB) % FILE_SIZE
+        return 1
+
+    def raw_read() -> int:
+        raw.set_request(2, Opcode.READ, nodeid,
+                        abi.pack("fuse_read_in", fh=fh, offset=off[1], size=MiB), MiB)
+        off[1] = (off[1] + MiB) % FILE_SIZE
+        raw.post(2)
+        raw.kick()
+        raw.reap()
+        return 1
+
+    vread = _measure(read_1m, secs, vdev1.pids())
+    fread = _measure(raw_read, secs, fdev.pids())
+
+    # 3. GETATTR at each depth: the floor, then vfsdrv with each queue count
+    floor: dict[int, Sample] = {}
+    mine: dict[tuple[int, int], Sample] = {}
+    for depth in depths:
+        for k in range(depth):
+            raw.set_request(k, Opcode.GETATTR, ROOT_ID, getattr_body, 104)
+            raw.post(k)
+        raw.kick()
+
+        def rstep() -> int:
+            done = raw.reap()
+            for k in done:
+                raw.post(k)
             raw.kick()
-            raw.reap()
-            raw.set_request(0, Opcode.GETATTR, ROOT_ID, getattr_body, 104)
+            return len(done)
 
-            def one() -> None:
-                raw.post(0)
-                raw.kick()
-                raw.reap()
+        floor[depth] = _measure(rstep, secs, fdev.pids())
+        pending = depth
+        while pending > 0:
+            pending -= len(raw.reap())
+        for q, (c, dev) in clients.items():
+            inflight = deque(c.submit(Opcode.GETATTR, ROOT_ID, getattr_body)
+                             for _ in range(depth))
 
-            flat = _latencies(one, secs)
-            lookup = raw.bufs[1][1]
-            raw.set_request(1, Opcode.LOOKUP, ROOT_ID, b"big\0", 128)
-            raw.post(1)
-            raw.kick()
-            raw.reap()
-            nodeid = struct.unpack_from("<Q", lookup.view, 4096)[0]
-            raw.set_request(1, Opcode.OPEN, nodeid, abi.pack("fuse_open_in"), 16)
-            raw.post(1)
-            raw.kick()
-            raw.reap()
-            fh = struct.unpack_from("<Q", lookup.view, 4096)[0]
-            roff = [0]
+            def step(q_: deque = inflight, c_: FuseClient = c) -> int:
+                q_.popleft().result()
+                q_.append(c_.submit(Opcode.GETATTR, ROOT_ID, getattr_body))
+                return 1
 
-            def raw_read() -> int:
-                raw.set_request(2, Opcode.READ, nodeid,
-                                abi.pack("fuse_read_in", fh=fh, offset=roff[0], size=MiB), MiB)
-                roff[0] = (roff[0] + MiB) % FILE_SIZE
-                raw.post(2)
-                raw.kick()
-                raw.reap()
-                return MiB
+            mine[(q, depth)] = _measure(step, secs, dev.pids())
+            for p in inflight:
+                p.result()
 
-            fread = _rate(raw_read, secs)
-            frates = {}
-            for depth in (1, 4, 16):
-                for k in range(depth):
-                    raw.set_request(k, Opcode.GETATTR, ROOT_ID, getattr_body, 104)
-                    raw.post(k)
-                raw.kick()
-
-                def rstep() -> int:
-                    done = raw.reap()
-                    for k in done:
-                        raw.post(k)
-                    raw.kick()
-                    return len(done)
-
-                frates[depth] = _rate(rstep, secs)
-                pending = depth
-                while pending > 0:
-                    pending -= len(raw.reap())
-        finally:
-            stalls = raw.stalls
-            raw.close()
-
-    rows.append(("GETATTR latency median", v[0], statistics.median(flat), "us", True))
-    rows.append(("GETATTR latency p99", v[1], _p99(flat), "us", True))
-    rows.append(("READ 1 MiB throughput", v[2] / MiB, fread / MiB, "MiB/s", False))
-    for depth in (1, 4, 16):
-        rows.append((f"GETATTR ops/s, {depth:2d} in flight", v[3][depth], frates[depth], "ops/s",
-                     False))
+    # -- report --------------------------------------------------------------------------
     mode = "polling" if args.poll else "eventfd interrupts"
-    print(f"vfsdrv bench: vhost-user to virtiofsd, vfsdrv completes by {mode}; "
-          f"{secs:g} s per figure")
-    print(f"{'measure':32s} {'vfsdrv':>12s} {'raw floor':>12s} {'unit':>6s} {'cost ratio':>11s}")
-    for name, mine, floor, unit, lower in rows:
-        ratio = mine / floor if lower else floor / mine
-        print(f"{name:32s} {mine:12.1f} {floor:12.1f} {unit:>6s} {ratio:10.2f}x")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"vfsdrv bench: vhost-user to {args.backend}, vfsdrv completes by {mode}; "
+          f"{secs:g} s per figure, interleaved; load average {load}; {os.cpu_count()} CPUs")
+    rows: list[tuple[str, float, float, str, bool]] = [
+        ("GETATTR latency median", statistics.median(lat), statistics.median(flat), "us", True),
+        ("GETATTR latency p99", _p99(lat), _p99(flat), "us", True),
+        ("READ 1 MiB throughput", vread.rate, fread.rate, "MiB/s", False),
+    ]
+    for depth in (d for d in DEPTHS if d in depths):
+        rows.append((f"GETATTR ops/s, {depth:2d} in flight", mine[(1, depth)].rate,
+                     floor[depth].rate, "ops/s", False))
+    print(f"{'measure (1 request queue)':32s} {'vfsdrv':>12s} {'raw floor':>12s} {'unit':>6s} "
+          f"{'cost ratio':>11s}")
+    for name, m, f, unit, lower in rows:
+        ratio = m / f if lower else f / m
+        print(f"{name:32s} {m:12.1f} {f:12.1f} {unit:>6s} {ratio:10.2f}x")
     print("cost ratio: how many times slower vfsdrv is than the raw floor (1.00x = no cost)")
-    if stalls:
-        print(f"note: the raw client stalled {stalls} time(s) for a second (kicked again); "
+    print()
+    print("CPU per request (schedstat run time; user = utime), GETATTR, by request queues "
+          "and depth:")
+    print(f"{'queues':>6s} {'depth':>5s} {'vfsdrv ops/s':>12s} {'cpu us':>7s} {'user us':>7s} "
+          f"{'dev us':>7s} {'floor ops/s':>11s} {'cpu us':>7s} {'dev us':>7s} {'of floor':>8s}")
+    for q in clients:
+        for depth in depths:
+            m, f = mine[(q, depth)], floor[depth]
+            print(f"{q:6d} {depth:5d} {m.rate:12.0f} {m.cpu_us:7.2f} {m.user_us:7.2f} "
+                  f"{m.dev_us:7.2f} {f.rate:11.0f} {f.cpu_us:7.2f} {f.dev_us:7.2f} "
+                  f"{m.rate / f.rate:8.2f}")
+    print(f"READ 1 MiB: vfsdrv cpu {vread.cpu_us:.1f} us (user {vread.user_us:.1f}) per request, "
+          f"floor cpu {fread.cpu_us:.1f} us; device {vread.dev_us:.1f} / {fread.dev_us:.1f} us")
+    print("cpu us: this process (the client and the driver, every thread) per request; "
+          "dev us: the device's threads; floor: the raw client (one request queue); "
+          "of floor: vfsdrv ops/s / floor ops/s")
+    for q in skipped:
+        print(f"note: {args.backend} has fewer than {q} request queues: that row is left out")
+    if raw.stalls:
+        print(f"note: the raw client stalled {raw.stalls} time(s) for a second (kicked again); "
               "its figures include those seconds")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0
