@@ -214,8 +214,21 @@ def test_sdist_is_a_complete_source_release(tmp_path: Path) -> None:
     (sdist,) = tmp_path.glob("vfsdrv-*.tar.gz")
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    for must in ("LICENSE", "docs/conformance.rst", "tests/conftest.py", "tests/backends.py",
+    for must in ("LICENSE", "docs/conformance.rst", "docs/driver-checklist.rst",
+                 "tests/conftest.py", "tests/backends.py",
                  "tests/driver_helpers.py", "tests/mounting.py", "tests/run.sh",
                  "tools/setup-env.sh", "udev/vfsdrv@.service.in", "setup.cfg"):
         assert must in names, must
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
+
+
+def test_the_audit_checklist_is_shipped() -> None:
+    """Every checklist number the audit cites is an item of docs/driver-checklist.rst."""
+    import re
+
+    from vfsdrv.refdev.audit import STATEMENTS
+
+    text = (ROOT / "docs" / "driver-checklist.rst").read_text()
+    items = {int(n) for n in re.findall(r"^(\d+)\. ", text, re.M)}
+    assert items == set(range(1, 73))
+    assert {s.checklist for s in STATEMENTS} <= items

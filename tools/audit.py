@@ -10,7 +10,7 @@ FUSE_DESTROY, reset), then through two probes (a device offering a feature bit
 the spec leaves undefined; one refusing FEATURES_OK), and prints, for every
 driver-normative statement the device can observe, whether it held, was
 violated or was not exercised, and how many statements of the checklist (the
-spec digest's §9, items 1-67) were covered.
+docs/driver-checklist.rst, items 1-67) were covered.
 
 Exit status: 0 when no MUST statement was violated (SHOULD violations are
 warnings), 1 otherwise or when the workload itself failed.
