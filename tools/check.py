@@ -92,10 +92,12 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
                      request_queues: int = 1) -> Report:
     from ..fs.config import encode_config
     from ..virtio.vhost_user import VhostUserTransport
+    from .mount import accepted_keywords
 
     transport = VhostUserTransport(
         socket_path, config=encode_config(tag or DEFAULT_TAG, request_queues),
         num_queues=1 + request_queues,
+        **accepted_keywords(VhostUserTransport, timeout=opts.timeout),  # per message
     )
     try:
         opts.config_supplied = not transport.has_config_space

@@ -249,12 +249,14 @@ def _take_fsname(req: MountRequest) -> None:
 
 def open_device(req: MountRequest) -> VirtioFs:
     """The started virtio-fs device the request names."""
+    log.info("bringing up %s%s", req.spec(),
+             f" (each message may take {req.timeout:g} s)" if req.timeout is not None else "")
     if req.vhost_user is not None:
         from ..virtio.vhost_user import VhostUserTransport
 
         tag = req.tag or DEFAULT_VHOST_USER_TAG
         # used only when the backend has no config space (virtiofsd): read it otherwise
-        extra = _accepted(VhostUserTransport, timeout=req.timeout)
+        extra = accepted_keywords(VhostUserTransport, timeout=req.timeout)
         transport = VhostUserTransport(
             req.vhost_user, config=encode_config(tag, req.request_queues),
             num_queues=1 + req.request_queues, **extra,
@@ -279,7 +281,7 @@ def open_device(req: MountRequest) -> VirtioFs:
         raise
 
 
-def _accepted(func: Callable, **kwargs: object) -> dict[str, object]:
+def accepted_keywords(func: Callable, **kwargs: object) -> dict[str, object]:
     """The keywords `func` takes, of those given (not None): options that need a
     newer transport are passed only when it has them."""
     import inspect
@@ -354,7 +356,7 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
 
             # the source in the mount table is the spec, so that mount(8) sees an fstab
             # line as mounted (Relay takes `source` from the version that supports it)
-            extra = _accepted(Relay, source=req.spec())
+            extra = accepted_keywords(Relay, source=req.spec())
             runner = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
                            ready=on_ready, **extra)
             runner.run()
