@@ -92,7 +92,15 @@ def check_pci_function(report: Report, fn: PciFunction) -> bool:
     vendor, dev = struct.unpack("<HH", fn.config_read(0, 4))
     ident = f"{vendor:04x}:{dev:04x}"
     if (vendor, dev) == (vpci.VIRTIO_PCI_VENDOR, vpci.VIRTIO_FS_PCI_DEVICE):
-        report.add("pci.identity", PASS, ident)
+        revision = fn.config_read(8, 1)[0]
+        subsys = struct.unpack("<H", fn.config_read(0x2E, 2))[0]
+        shoulds = []
+        if revision < 1:
+            shoulds.append(f"revision {revision} (SHOULD be 1 or higher, D45)")
+        if subsys < 0x40:
+            shoulds.append(f"subsystem device ID {subsys:#x} (SHOULD be 0x40 or higher, D46)")
+        report.add("pci.identity", PASS, f"{ident} rev {revision} subsystem device {subsys:#x}",
+                   deviation="; ".join(shoulds) or None)
     else:
         report.add("pci.identity", FAIL, f"{ident} (expected 1af4:105a)")
         return False
@@ -400,8 +408,8 @@ _SESSION_CHECKS = ["fuse.init", "queues.request", "queues.inflight", "hiprio.for
 def _new_fs(t: Transport, opt: CheckOptions, use_notify: bool) -> _ProbeFs:
     # slots for IN_FLIGHT requests per queue plus a FORGET storm; few notification
     # buffers, so that notify.load needs them replenished
-    return _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=48,
-                    large_slots=4, max_io=64 << 10, notify_buffers=8)
+    return _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=32,
+                    large_slots=2, max_io=64 << 10, notify_buffers=8)
 
 
 def _reset_live(t: Transport, fs: _ProbeFs, report: Report, opt: CheckOptions,
