@@ -136,6 +136,8 @@ class VfioPciDevice(PciFunction):
         self.fd = -1
         #: DMA page size policy: None = huge pages when enough are free, True/False = force
         self.hugepages: bool | None = None
+        #: without an IOMMU, accept DMA on 4 KiB pages, which may move (see vfsdrv.pci.dma)
+        self.allow_unpinned_4k = False
         self.iommu: IommuContext | None = None
         self._maps: list[tuple[int, int]] = []  # (addr, length) to munmap
         self._bar_maps: dict[tuple[int, int], tuple[Any, int, int]] = {}
@@ -366,7 +368,8 @@ class VfioPciDevice(PciFunction):
         return self.iommu.kind if self.iommu is not None else "noiommu"
 
     def alloc_dma(self, size: int, iova: bool) -> DmaMemory:
-        return DmaMemory(size, self.iommu, iova=iova, hugepages=self.hugepages)
+        return DmaMemory(size, self.iommu, iova=iova, hugepages=self.hugepages,
+                         allow_unpinned_4k=self.allow_unpinned_4k)
 
     # -- teardown -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -11,8 +11,17 @@ Two address modes:
     IOAS_MAP); addresses never split. Only for devices that translate.
 
 Memory is hugetlb (2 MiB, physically contiguous) when enough huge pages are free,
-4 KiB pages otherwise, always populated and locked. Behind an IOMMU the block is
-mapped (and so pinned, possibly migrating pages once) before pagemap is read.
+4 KiB pages otherwise, always populated and locked. Without an IOMMU, 4 KiB pages are
+refused unless the caller forces them (`allow_unpinned_4k`): locked is not pinned,
+and memory compaction may migrate such a page while the device writes to its old
+physical address, corrupting whatever lives there next. Huge pages never move.
+Behind an IOMMU the block is mapped (and so pinned, possibly migrating pages once)
+before pagemap is read.
+
+Closing ends the device's access at once (IOMMU mappings removed) but unmaps the
+memory only when nothing in this process can still reach it: the mapping belongs to
+a cffi owner that every view (and every slice of one) keeps alive, so an access
+after close reads dead memory or raises, and never faults.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any
 
 from . import vfio
 from .container import IommuContext
-from .errors import DmaError
+from .errors import DmaError, UnpinnedDmaError
 from .function import DmaMemoryLike
 from .vfio import ffi, libc
 
@@ -38,6 +47,7 @@ PAGEMAP = "/proc/self/pagemap"
 
 
 COMPACT_UNEVICTABLE = "/proc/sys/vm/compact_unevictable_allowed"
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 
 
 def compaction_moves_locked_pages(path: str = COMPACT_UNEVICTABLE) -> bool:
@@ -59,6 +69,27 @@ def free_hugepages(meminfo: str = "/proc/meminfo") -> int:
         return int(fields.get("HugePages_Free", "0").strip()) * HUGE_PAGE_SIZE
     except (OSError, ValueError):
         return 0
+
+
+def unpinned_4k_error(size: int, meminfo: str = "/proc/meminfo",
+                      nr_hugepages: str = NR_HUGEPAGES) -> UnpinnedDmaError:
+    """The refusal of no-IOMMU DMA on 4 KiB pages, with the huge page count to reserve."""
+    need = _round(size, HUGE_PAGE_SIZE) // HUGE_PAGE_SIZE
+    free = free_hugepages(meminfo) // HUGE_PAGE_SIZE
+    try:
+        with open(nr_hugepages) as f:
+            total = int(f.read().strip()) + max(1, need - free)
+    except (OSError, ValueError):
+        total = need
+    return UnpinnedDmaError(
+        f"no-IOMMU DMA on 4 KiB pages refused: {size >> 20} MiB of DMA memory needs {need} "
+        f"free 2 MiB huge pages ({free} free). Without an IOMMU the device writes to physical "
+        "addresses, and memory compaction may move a 4 KiB page under it: memory corruption. "
+        f"Reserve huge pages: `echo {total} > {nr_hugepages}` (at boot: hugepages={total} on "
+        f"the kernel command line, or vm.nr_hugepages = {total} in /etc/sysctl.d/), or keep "
+        f"locked pages in place: `echo 0 > {COMPACT_UNEVICTABLE}`. To take the risk anyway, "
+        "force 4 KiB pages (--force-4k-noiommu)"
+    )
 
 
 def physical_addresses(vaddr: int, size: int, pagemap: str = PAGEMAP) -> list[int]:
@@ -111,7 +142,11 @@ class DmaMemory(DmaMemoryLike):
         ctx: IommuContext | None,
         iova: bool = False,
         hugepages: bool | None = None,
+        allow_unpinned_4k: bool = False,
     ) -> None:
+        """`hugepages`: None = huge pages when enough are free, True/False = ask for
+        them or not; `allow_unpinned_4k`: accept 4 KiB pages without an IOMMU (see the
+        module doc: a migrating page is memory corruption)."""
         if size <= 0:
             raise DmaError(f"bad DMA block size {size}")
         translating = ctx is not None and ctx.translates
@@ -122,7 +157,10 @@ class DmaMemory(DmaMemoryLike):
         if hugepages is None:
             hugepages = free_hugepages() >= _round(size, HUGE_PAGE_SIZE)
         self.addr, self.size, self.hugepages = self._mmap(size, hugepages)
-        self.pointer: Any = ffi.cast("char *", self.addr)
+        self.closed = False
+        self.allow_unpinned_4k = allow_unpinned_4k
+        # munmap when the last reference goes: views hold the ffi.buffer, which holds this
+        self.pointer: Any = ffi.gc(ffi.cast("char *", self.addr), _unmapper(self.size))
         self.view = memoryview(ffi.buffer(self.pointer, self.size)).cast("B")
         self._iova_base: int | None = None
         self._runs: list[tuple[int, int, int]] = []
@@ -156,6 +194,8 @@ class DmaMemory(DmaMemoryLike):
         libc.madvise(self.pointer, self.size, vfio.MADV_DONTFORK)
         if libc.mlock(self.pointer, self.size) != 0:
             raise DmaError(f"mlock of the DMA block failed: {os.strerror(ffi.errno)}")
+        if self._unpinned() and not self.allow_unpinned_4k:
+            raise unpinned_4k_error(self.size)
         if self.ctx is not None:
             # map (and so pin) first: a long-term pin may migrate pages, so physical
             # addresses are only read afterwards
@@ -165,13 +205,18 @@ class DmaMemory(DmaMemoryLike):
         self._runs = contiguous_runs(physical_addresses(self.addr, self.size))
         if self.ctx is not None:
             self._map_identity()
-        elif not self.hugepages and compaction_moves_locked_pages():
+        elif self._unpinned():
             log.warning(
-                "DMA memory on 4 KiB pages without an IOMMU: locked pages can still be migrated "
-                "by memory compaction, changing their physical addresses under the device; "
-                "reserve huge pages (sysctl vm.nr_hugepages) or set "
+                "DMA memory on 4 KiB pages without an IOMMU (forced): locked pages can still "
+                "be migrated by memory compaction, changing their physical addresses under "
+                "the device; reserve huge pages (sysctl vm.nr_hugepages) or set "
                 "vm.compact_unevictable_allowed=0"
             )
+
+    def _unpinned(self) -> bool:
+        """Physical addresses of pages that may move: no IOMMU pins them (a VFIO map
+        does), they are not huge, and compaction may migrate locked pages."""
+        return self.ctx is None and not self.hugepages and compaction_moves_locked_pages()
 
     def _pick_iova_base(self) -> int | None:
         """The top of the highest IOVA range that fits (far above RAM, so it cannot collide
@@ -201,6 +246,8 @@ class DmaMemory(DmaMemoryLike):
             self._identity.append((pa, length))
 
     def translate(self, offset: int) -> tuple[int, int]:
+        if self.closed:
+            raise DmaError("DMA memory used after it was closed")
         if not 0 <= offset < self.size:
             raise DmaError(f"offset {offset:#x} outside the {self.size:#x}-byte DMA block")
         if self.iova_mode:
@@ -215,6 +262,10 @@ class DmaMemory(DmaMemoryLike):
         return list(self._runs)
 
     def close(self) -> None:
+        """End the device's access now; unmap once no view is left (see the module doc)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.ctx is not None:
             for pa, length in self._identity:
                 try:
@@ -231,10 +282,18 @@ class DmaMemory(DmaMemoryLike):
         if self.addr:
             try:
                 self.view.release()
-            except (ValueError, BufferError):
-                pass  # still exported (an Arena slice): munmap anyway
-            libc.munmap(ffi.cast("void *", self.addr), self.size)
+            except BufferError:
+                pass  # exported (a cffi from_buffer): the exporter keeps the mapping
+            # dropping our owner unmaps now unless a slice of the view is still alive
+            self.pointer = ffi.NULL
             self.addr = 0
+
+
+def _unmapper(length: int):
+    def unmap(pointer: Any) -> None:
+        libc.munmap(ffi.cast("void *", pointer), length)
+
+    return unmap
 
 
 def _round(n: int, to: int) -> int:

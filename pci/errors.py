@@ -19,6 +19,7 @@ __all__ = [
     "WrongDeviceError",
     "BarError",
     "DmaError",
+    "UnpinnedDmaError",
 ]
 
 
@@ -56,3 +57,8 @@ class WrongDeviceError(PciError):
 
 class BarError(PciError):
     """A BAR is missing, too small, or cannot be mapped."""
+
+
+class UnpinnedDmaError(DmaError):
+    """No-IOMMU DMA on 4 KiB pages, which memory compaction may move under the device;
+    refused unless forced (the message says how to get huge pages)."""

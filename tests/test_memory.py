@@ -305,3 +305,33 @@ def test_device_addr_outside_the_buffer_is_refused(offset: int) -> None:
     b = arena.alloc(128)
     with pytest.raises(DmaError, match="outside"):
         b.device_addr(offset)
+
+
+# -- close ----------------------------------------------------------------------------------
+
+
+def test_close_takes_every_buffer_back_and_refuses_more() -> None:
+    arena = make_arena()
+    a, b = arena.alloc(128), arena.alloc(4096)
+    arena.free(a)
+    arena.close()
+    # views handed out are released: using one raises instead of reaching the memory
+    with pytest.raises(ValueError):
+        b.view[0] = 1
+    with pytest.raises(DmaError, match="after its device was closed"):
+        arena.alloc(64)
+    arena.free(b)  # freeing after close has nothing left to do
+    arena.close()  # twice is fine
+    with pytest.raises(DmaError):
+        arena.free(make_arena().alloc(64))  # another arena's buffer is still an error
+
+
+def test_close_survives_a_buffer_exported_elsewhere() -> None:
+    from vfsdrv._native import ffi
+
+    arena = make_arena()
+    buf = arena.alloc(256)
+    held = ffi.from_buffer(buf.view)  # an export: that view cannot be released
+    arena.close()
+    assert arena.closed
+    ffi.release(held)

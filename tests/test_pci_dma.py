@@ -60,7 +60,7 @@ def test_contiguous_runs_merge_adjacent_pages() -> None:
 
 @needs_root
 def test_physical_mode_translates_like_pagemap() -> None:
-    mem = DmaMemory(256 << 10, None, hugepages=False)
+    mem = DmaMemory(256 << 10, None, hugepages=False, allow_unpinned_4k=True)
     try:
         assert mem.size == 256 << 10 and not mem.hugepages
         mem.view[:] = b"\xa5" * mem.size  # writable, populated
@@ -80,7 +80,7 @@ def test_physical_mode_translates_like_pagemap() -> None:
 
 @needs_root
 def test_arena_buffers_split_by_physical_contiguity() -> None:
-    mem = DmaMemory(512 << 10, None, hugepages=False)
+    mem = DmaMemory(512 << 10, None, hugepages=False, allow_unpinned_4k=True)
     try:
         arena = Arena(mem.view, mem.translate, mem.pointer)
         buf = arena.alloc(64 << 10, PAGE_SIZE)
@@ -147,7 +147,7 @@ def test_hugepages_fall_back_to_small_pages(tmp_path) -> None:
     meminfo.write_text("HugePages_Free:        3\nHugepagesize:    1048576 kB\n")
     assert dmamod.free_hugepages(str(meminfo)) == 0
     if os.geteuid() == 0:
-        mem = DmaMemory(8192, None)  # auto: huge pages only when enough are free
+        mem = DmaMemory(8192, None, allow_unpinned_4k=True)  # auto: huge pages when enough free
         try:
             expect_huge = dmamod.free_hugepages() >= dmamod.HUGE_PAGE_SIZE
             assert mem.hugepages == expect_huge
@@ -182,3 +182,132 @@ def test_compaction_setting_decides_the_4k_warning(tmp_path) -> None:
     f.write_text("0\n")
     assert not compaction_moves_locked_pages(str(f))
     assert compaction_moves_locked_pages(str(tmp_path / "missing"))
+
+
+# -- no-IOMMU DMA on 4 KiB pages is refused unless forced (issue 10, item 10) -------------
+
+
+def locked_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmLck:"))
+
+
+@needs_root
+def test_noiommu_4k_pages_are_refused_and_say_how_to_get_huge_pages(monkeypatch) -> None:
+    monkeypatch.setattr(dmamod, "compaction_moves_locked_pages", lambda: True)
+    before = locked_kib()
+    with pytest.raises(dmamod.UnpinnedDmaError) as info:
+        DmaMemory(4 << 20, None, hugepages=False)
+    msg = str(info.value)
+    assert msg.startswith("no-IOMMU DMA on 4 KiB pages refused")
+    assert "4 MiB of DMA memory needs 2 free 2 MiB huge pages" in msg
+    assert "> /proc/sys/vm/nr_hugepages" in msg and "hugepages=" in msg
+    assert "--force-4k-noiommu" in msg
+    assert locked_kib() == before  # the refused block was unmapped at once
+
+
+@needs_root
+def test_noiommu_4k_pages_when_forced_warn(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(dmamod, "compaction_moves_locked_pages", lambda: True)
+    mem = DmaMemory(64 << 10, None, hugepages=False, allow_unpinned_4k=True)
+    try:
+        assert not mem.hugepages
+        assert "(forced)" in caplog.text and "vm.nr_hugepages" in caplog.text
+    finally:
+        mem.close()
+
+
+@needs_root
+def test_noiommu_4k_pages_are_fine_when_compaction_leaves_locked_pages(monkeypatch,
+                                                                         caplog) -> None:
+    monkeypatch.setattr(dmamod, "compaction_moves_locked_pages", lambda: False)
+    mem = DmaMemory(64 << 10, None, hugepages=False)
+    mem.close()
+    assert "4 KiB" not in caplog.text
+
+
+@needs_root
+def test_4k_pages_behind_an_iommu_are_pinned_by_the_map(monkeypatch) -> None:
+    monkeypatch.setattr(dmamod, "compaction_moves_locked_pages", lambda: True)
+    DmaMemory(64 << 10, RecordingIommu(), hugepages=False).close()
+
+
+def test_refusal_counts_the_huge_pages_to_reserve(tmp_path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("HugePages_Free:        3\nHugepagesize:       2048 kB\n")
+    nr = tmp_path / "nr_hugepages"
+    nr.write_text("5\n")
+    # 32 MiB: 16 pages, 3 free of the 5 reserved: 13 more, 18 in all
+    msg = str(dmamod.unpinned_4k_error(32 << 20, str(meminfo), str(nr)))
+    assert "needs 16 free 2 MiB huge pages (3 free)" in msg
+    assert f"echo 18 > {nr}" in msg and "hugepages=18" in msg
+
+
+# -- closed means closed: no fault after close (issue 10, item 9) -----------------------------
+
+USE_AFTER_CLOSE = r"""
+import sys
+from vfsdrv.errors import DmaError
+from vfsdrv.pci.dma import DmaMemory
+from vfsdrv.virtio.memory import Arena
+
+def mapped(addr):
+    with open("/proc/self/maps") as f:
+        return any(int(line.split("-")[0], 16) == addr for line in f)
+
+mem = DmaMemory(256 << 10, None, hugepages=False, allow_unpinned_4k=True)
+addr = mem.addr
+arena = Arena(mem.view, mem.translate, mem.pointer)
+buf = arena.alloc(8192, 4096)
+reply = buf.view[100:200]  # a slice handed on, as replies are
+reply[0] = 42
+arena.close()
+mem.close()
+for what, use in (("buf.view", lambda: buf.view[0]), ("alloc", lambda: arena.alloc(64)),
+                  ("translate", lambda: mem.translate(0))):
+    try:
+        use()
+        sys.exit(f"{what} worked after close")
+    except (ValueError, DmaError) as exc:
+        print(what, type(exc).__name__, exc)
+# the slice still reaches live memory: no fault
+reply[1] = 1
+assert reply[0] == 42
+assert mapped(addr)
+del reply, buf, arena
+assert not mapped(addr), "the mapping outlived its last view"
+print("OK")
+"""
+
+
+@needs_root
+def test_use_after_close_raises_or_reads_live_memory_never_faults(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    # a fault would kill the interpreter: run it in its own
+    r = subprocess.run([sys.executable, "-c", USE_AFTER_CLOSE], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.splitlines()[-1] == "OK"
+    assert "alloc DmaError DMA memory used after its device was closed" in r.stdout
+    assert "translate DmaError" in r.stdout and "buf.view ValueError" in r.stdout
+
+
+def test_closed_pci_transport_gives_no_memory() -> None:
+    from test_pci_transport import make_function
+    from vfsdrv.errors import DeviceGoneError
+    from vfsdrv.virtio import pci as vp
+
+    fn, _, _ = make_function()
+    t = vp.VirtioPciTransport(fn)
+    pool = t.dma_pool()
+    buf = pool.alloc(256)
+    t.close()
+    with pytest.raises(ValueError):
+        buf.view[0] = 1
+    with pytest.raises(DeviceGoneError, match="closed"):
+        t.dma_pool()
+    with pytest.raises(DeviceGoneError, match="closed"):
+        t.check_alive()
+    t.close()  # twice is fine

@@ -6,6 +6,11 @@ shared with a vhost-user backend, or pinned pages mapped for a VFIO device). The
 arena carves buffers out of it; each buffer knows its device address and can split
 itself into device-contiguous segments (pages that are contiguous in our address
 space need not be contiguous for the device in VFIO no-IOMMU mode).
+
+Closing an arena takes every buffer back: their views are released, so a later
+access raises (ValueError from the memoryview, DmaError from the arena) instead of
+touching memory that is about to go; the memory itself is unmapped by its owner
+only when no view of it is left (see vfsdrv.pci.dma).
 """
 
 from __future__ import annotations
@@ -87,9 +92,12 @@ class Arena:
         self.pointer = pointer if pointer is not None else ffi.cast("char *", ffi.from_buffer(view))
         self._free_starts: list[int] = [0]
         self._free_len: dict[int, int] = {0: self.size}
-        self._used: dict[int, int] = {}
+        self._used: dict[int, DmaBuffer] = {}
+        self.closed = False
 
     def alloc(self, size: int, align: int = 64) -> DmaBuffer:
+        if self.closed:
+            raise DmaError("DMA memory used after its device was closed")
         if size <= 0:
             raise DmaError(f"bad allocation size {size}")
         if align <= 0 or align & (align - 1):
@@ -99,8 +107,8 @@ class Arena:
             aligned = (start + align - 1) & ~(align - 1)
             if aligned + size > start + length:
                 continue
-            self._take(start, length, aligned, size)
             buf = DmaBuffer(self, aligned, size)
+            self._take(start, length, aligned, buf)
             buf.view[:] = bytes(size)  # rings must start zeroed; buffers are reused, so once
             return buf
         raise DmaError(
@@ -108,7 +116,8 @@ class Arena:
             f"{self.size}-byte arena"
         )
 
-    def _take(self, start: int, length: int, aligned: int, size: int) -> None:
+    def _take(self, start: int, length: int, aligned: int, buf: DmaBuffer) -> None:
+        size = buf.size
         i = bisect.bisect_left(self._free_starts, start)
         del self._free_starts[i]
         del self._free_len[start]
@@ -117,14 +126,16 @@ class Arena:
         tail = start + length - (aligned + size)
         if tail:
             self._insert_free(aligned + size, tail)
-        self._used[aligned] = size
+        self._used[aligned] = buf
 
     def _insert_free(self, start: int, length: int) -> None:
         bisect.insort(self._free_starts, start)
         self._free_len[start] = length
 
     def free(self, buf: DmaBuffer) -> None:
-        if buf.arena is not self or self._used.get(buf.offset) != buf.size:
+        if self.closed and buf.arena is self:
+            return  # close() took every buffer back already
+        if buf.arena is not self or self._used.get(buf.offset) is not buf:
             raise DmaError(f"freeing a buffer this arena did not hand out (offset {buf.offset})")
         del self._used[buf.offset]
         start, length = buf.offset, buf.size
@@ -141,6 +152,19 @@ class Arena:
                 self._free_len[prev] += length
                 return
         self._insert_free(start, length)
+
+    def close(self) -> None:
+        """Take every buffer back (views released); alloc raises from now on. Call it
+        before the memory under the arena is closed."""
+        if self.closed:
+            return
+        self.closed = True
+        for buf in self._used.values():
+            try:
+                buf.view.release()
+            except BufferError:
+                pass  # exported (cffi from_buffer): that export keeps the memory mapped
+        self._used.clear()
 
     @property
     def bytes_free(self) -> int:

@@ -310,6 +310,7 @@ class VirtioPciTransport(Transport):
     ) -> None:
         self.fn = fn
         self.name = f"virtio-pci:{fn.name}"
+        self._closed = False
         self.virtio_id = check_identity(fn, device_id)
         self.caps = parse_capabilities(fn)
         c = self.caps
@@ -487,6 +488,16 @@ class VirtioPciTransport(Transport):
         else:
             self.notify_area.write16(off, value)
 
+    def native_kick(self, index: int) -> tuple[int, object, int, int] | None:
+        """An MMIO store to the queue's notify address, when the notify area is
+        mapped (not for pread/pwrite windows or NOTIFICATION_DATA)."""
+        pointer = getattr(self.notify_area, "pointer", None)
+        if pointer is None or index not in self._notify or (
+                self.features & Feature.NOTIFICATION_DATA):
+            return None
+        off, value = self._notify[index]
+        return (-1, pointer + off, value, 2)
+
     # -- interrupts --------------------------------------------------------------------------
     def _ensure_msix(self) -> None:
         if self._msix_programmed:
@@ -569,6 +580,8 @@ class VirtioPciTransport(Transport):
         return bool(self.features & Feature.ACCESS_PLATFORM) and self.fn.iommu_mode != "noiommu"
 
     def dma_pool(self) -> DmaPool:
+        if self._closed:
+            raise DeviceGoneError(f"{self.name}: transport is closed")
         if self._pool is None:
             self._dma = self.fn.alloc_dma(self.dma_size, iova=self.iova_mode)
             log.info(
@@ -585,6 +598,9 @@ class VirtioPciTransport(Transport):
         return self.caps.shared_memory.get(shm_id)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.common.write8(DEVICE_STATUS, 0)  # stop DMA before the memory goes
             deadline = time.monotonic() + 1.0
@@ -597,12 +613,16 @@ class VirtioPciTransport(Transport):
         self.fn.disable_msix()
         self._vector_fds = []
         self._queue_fd.clear()
-        if self._dma is not None:
+        if self._pool is not None:
+            # buffers first: a view used after close then raises instead of faulting
+            self._pool.arena.close()
             self._pool = None
+        if self._dma is not None:
             self._dma.close()
             self._dma = None
         if self.close_function:
             self.fn.close()
+        self._gone = f"{self.name}: transport is closed"
 
 
 # -- virtio-fs helpers ------------------------------------------------------------------------
@@ -800,10 +820,13 @@ def open_pci(
     poll: bool = False,
     dma_size: int = DEFAULT_DMA_SIZE,
     device_id: int | None = VIRTIO_ID_FS,
+    allow_unpinned_4k: bool = False,
 ) -> VirtioPciTransport:
     """Open a virtio PCI function through VFIO (binding it to vfio-pci if asked) and
     return its transport. For a virtio-fs function bound to the kernel's virtio-pci,
-    refuses if the file system is mounted."""
+    refuses if the file system is mounted. `allow_unpinned_4k`: in no-IOMMU mode,
+    accept DMA memory on 4 KiB pages when there are not enough huge pages (refused
+    otherwise: such pages may move under the device)."""
     from ..pci.device import VfioPciDevice
     from ..pci.sysfs import normalize_bdf, require_root
 
@@ -823,6 +846,7 @@ def open_pci(
     if device_id == VIRTIO_ID_FS and sysfs.driver(bdf) not in (None, "vfio-pci"):
         check_kernel_not_using(bdf, sysfs)
     dev = VfioPciDevice(bdf, backend=backend, sysfs=sysfs, bind=bind)
+    dev.allow_unpinned_4k = allow_unpinned_4k
     try:
         return VirtioPciTransport(dev, poll=poll, dma_size=dma_size, device_id=device_id)
     except BaseException:

@@ -342,6 +342,9 @@ class VhostUserTransport(Transport):
     def interrupt_fd(self, index: int) -> int | None:
         return self._queues[index][1]
 
+    def native_kick(self, index: int) -> tuple[int, object, int, int] | None:
+        return (self._queues[index][0], None, 0, 0)  # the kick eventfd
+
     def ack_interrupt(self, index: int) -> None:
         try:
             os.eventfd_read(self._queues[index][1])
@@ -403,6 +406,8 @@ class VhostUserTransport(Transport):
         self._queues.clear()
         if hasattr(self, "_memfd"):
             os.close(self._memfd)
+        if hasattr(self, "_arena"):
+            self._arena.close()
         # the mapping stays referenced by the arena's cffi buffer; it is freed with it
 
 
