@@ -508,6 +508,23 @@ def test_docs_list_every_check_with_its_statement() -> None:
     for cid, st in STATEMENTS.items():
         assert f"``{cid}``" in doc, cid
         assert st.text in doc, cid
+        assert st.refs in doc, cid
+
+
+def test_checklist_is_complete_and_documented() -> None:
+    """Every item has a source and is observed by a known check or says why not; every
+    check observes at least one item; docs/conformance.rst lists each item as the code."""
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" /
+                    "conformance.rst").read_text().split())
+    assert [i.id for i in ITEMS] == [f"D{n}" for n in range(1, CHECKLIST_SIZE + 1)]
+    for item in ITEMS:
+        assert item.source.startswith("virtio 1.3 §") and item.text
+        assert bool(item.checks) != bool(item.reason), item.id
+        assert set(item.checks) <= set(STATEMENTS), item.id
+        assert f"* - {item.id} - {item.level} - {item.source} - {item.text}" in doc, item.id
+        assert (item.reason[1:] if item.reason else item.checks[0]) in doc, item.id
+    for cid, st in STATEMENTS.items():
+        assert st.refs.startswith("D"), cid
 
 
 def test_reference_device_behind_an_emulated_pci_function(sock_dir: Path, export: Path) -> None:
