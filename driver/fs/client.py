@@ -2,11 +2,22 @@
 
 Errors come back as OSError with the device's errno. Every method is synchronous;
 `VirtioFs.call_async` (used by `submit`) keeps many requests in flight.
+
+Replies are checked as Linux's fs/fuse checks them before believing them: a file
+type that does not exist or a size over LLONG_MAX (fuse_invalid_attr), node id 0
+or the root's id for a new entry, a created object of another type than asked,
+dirent names that are empty, too long or hold '/' (or NUL), lock ranges that run
+backwards. Such a reply raises InvalidReplyError, an OSError with errno EIO, as
+the kernel's answer to the program would be. A LOOKUP answered with node id 0 is
+a negative entry (ENOENT), as in the kernel.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,6 +28,50 @@ from .abi import Opcode
 from .device import Pending, VirtioFs
 
 ROOT_ID = 1
+#: the longest name the kernel accepts in a dirent (FUSE_NAME_MAX)
+NAME_MAX = 1024
+LLONG_MAX = (1 << 63) - 1
+#: READDIR batches readdir_all follows before it calls the directory endless
+MAX_DIR_ENTRIES = 1 << 22
+_VALID_TYPES = frozenset({
+    stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+    stat.S_IFSOCK,
+})
+
+
+class InvalidReplyError(ProtocolError, OSError):
+    """The device answered with something no file system can hold (errno EIO)."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EIO, message)
+
+
+def check_attr(a, what: str) -> None:
+    """fuse_invalid_attr: a file type that exists, a size the kernel can hold."""
+    if stat.S_IFMT(a.mode) not in _VALID_TYPES:
+        raise InvalidReplyError(f"{what}: mode {a.mode:#o} has no valid file type")
+    if a.size > LLONG_MAX:
+        raise InvalidReplyError(f"{what}: size {a.size} exceeds LLONG_MAX")
+
+
+def check_new_entry(e, what: str, fmt: int | None = None) -> None:
+    """What a reply creating a name must be (create_new_entry, fuse_create_open): a
+    real node (not 0, not the root) of the type asked for."""
+    if e.nodeid in (0, ROOT_ID):
+        raise InvalidReplyError(f"{what}: new entry with node id {e.nodeid}")
+    check_attr(e.attr, what)
+    if fmt is not None and stat.S_IFMT(e.attr.mode) != fmt:
+        raise InvalidReplyError(
+            f"{what}: asked for type {fmt:#o}, the device made {stat.S_IFMT(e.attr.mode):#o}"
+        )
+
+
+def check_dirent_name(name: bytes, pos: int) -> None:
+    """parse_dirfile's rules, and no NUL: a name no directory can hold is refused."""
+    if not name or len(name) > NAME_MAX:
+        raise InvalidReplyError(f"dirent name length {len(name)} at offset {pos} is invalid")
+    if b"/" in name or b"\0" in name:
+        raise InvalidReplyError(f"dirent name {name!r} at offset {pos} holds '/' or NUL")
 
 
 class Attr(NamedTuple):  # a tuple: built on every reply, cheaper than a frozen dataclass
@@ -122,12 +177,16 @@ class FuseClient:
     def _call(self, opcode: int, nodeid: int, *parts: bytes | memoryview) -> bytes:
         return self.submit(opcode, nodeid, *parts).result(self.timeout)
 
-    def _entry(self, opcode: int, nodeid: int, *parts: bytes) -> Entry:
-        return Entry.from_c(abi.unpack("fuse_entry_out", self._call(opcode, nodeid, *parts)))
+    def _entry(self, opcode: int, nodeid: int, *parts: bytes, fmt: int | None = None) -> Entry:
+        """A reply making a new name (MKNOD, MKDIR, SYMLINK, LINK): `fmt` the type asked."""
+        out = abi.unpack("fuse_entry_out", self._call(opcode, nodeid, *parts))
+        check_new_entry(out, Opcode(opcode).name, fmt)
+        return Entry.from_c(out)
 
     def _attr(self, opcode: int, nodeid: int, body: bytes) -> Attr:
         # keep the owning struct alive: a nested cffi struct is a view into it
         out = abi.unpack("fuse_attr_out", self._call(opcode, nodeid, body))
+        check_attr(out.attr, Opcode(opcode).name)
         return Attr.from_c(out.attr)
 
     # -- session --------------------------------------------------------------------
@@ -139,7 +198,11 @@ class FuseClient:
 
     # -- names and attributes ------------------------------------------------------------
     def lookup(self, parent: int, name: bytes | str) -> Entry:
-        return self._entry(Opcode.LOOKUP, parent, _name(name))
+        out = abi.unpack("fuse_entry_out", self._call(Opcode.LOOKUP, parent, _name(name)))
+        if out.nodeid == 0:  # a negative entry (cacheable for entry_valid)
+            raise FileNotFoundError(errno.ENOENT, "no such entry (node id 0)", name)
+        check_attr(out.attr, "LOOKUP")
+        return Entry.from_c(out)
 
     def forget(self, nodeid: int, nlookup: int = 1) -> None:
         self.submit(Opcode.FORGET, nodeid, abi.pack("fuse_forget_in", nlookup=nlookup))
@@ -192,16 +255,17 @@ class FuseClient:
 
     def symlink(self, parent: int, name: bytes | str, target: bytes | str) -> Entry:
         t = target.encode() if isinstance(target, str) else target
-        return self._entry(Opcode.SYMLINK, parent, _name(name), t + b"\0")
+        return self._entry(Opcode.SYMLINK, parent, _name(name), t + b"\0", fmt=stat.S_IFLNK)
 
     def mknod(self, parent: int, name: bytes | str, mode: int, rdev: int = 0,
               umask: int = 0) -> Entry:
         body = abi.pack("fuse_mknod_in", mode=mode, rdev=rdev, umask=umask)
-        return self._entry(Opcode.MKNOD, parent, body, _name(name))
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG  # mknod(2): type 0 is a regular file
+        return self._entry(Opcode.MKNOD, parent, body, _name(name), fmt=fmt)
 
     def mkdir(self, parent: int, name: bytes | str, mode: int = 0o755, umask: int = 0) -> Entry:
         body = abi.pack("fuse_mkdir_in", mode=mode, umask=umask)
-        return self._entry(Opcode.MKDIR, parent, body, _name(name))
+        return self._entry(Opcode.MKDIR, parent, body, _name(name), fmt=stat.S_IFDIR)
 
     def unlink(self, parent: int, name: bytes | str) -> None:
         self._call(Opcode.UNLINK, parent, _name(name))
@@ -241,9 +305,10 @@ class FuseClient:
                flags: int = os.O_RDWR | os.O_CREAT, umask: int = 0) -> tuple[Entry, Opened]:
         body = abi.pack("fuse_create_in", flags=flags, mode=mode, umask=umask)
         reply = self._call(Opcode.CREATE, parent, body, _name(name))
-        entry = Entry.from_c(abi.unpack("fuse_entry_out", reply))
+        raw = abi.unpack("fuse_entry_out", reply)
+        check_new_entry(raw, "CREATE", stat.S_IFREG)
         out = abi.unpack("fuse_open_out", reply, abi.sizeof("fuse_entry_out"))
-        return entry, Opened(out.fh, out.open_flags)
+        return Entry.from_c(raw), Opened(out.fh, out.open_flags)
 
     def read_request(self, nodeid: int, fh: int, offset: int, size: int) -> tuple[int, int, bytes]:
         """Arguments for `submit` of a READ left in flight."""
@@ -318,6 +383,11 @@ class FuseClient:
 
     def listxattr(self, nodeid: int, size: int = 65536) -> list[bytes]:
         reply = self._call(Opcode.LISTXATTR, nodeid, abi.pack("fuse_getxattr_in", size=size))
+        if size and reply:
+            # fuse_verify_xattr_list: every name non-empty and NUL-terminated
+            if not reply.endswith(b"\0") or b"\0\0" in reply or reply.startswith(b"\0"):
+                raise InvalidReplyError(f"LISTXATTR: malformed name list {reply[:64]!r}")
+            return reply[:-1].split(b"\0")
         return [n for n in reply.split(b"\0") if n]
 
     def removexattr(self, nodeid: int, name: bytes | str) -> None:
@@ -336,18 +406,36 @@ class FuseClient:
         data = self._call(op, nodeid, abi.pack("fuse_read_in", fh=fh, offset=offset, size=size))
         return parse_dirents(data, plus)
 
-    def readdir_all(self, nodeid: int, plus: bool = False) -> list[DirEntry]:
-        """Every entry of a directory, following offsets until the end."""
+    def readdir_all(self, nodeid: int, plus: bool = False,
+                    max_entries: int = MAX_DIR_ENTRIES) -> list[DirEntry]:
+        """Every entry of a directory, following offsets until the end.
+
+        Offsets are the device's cookies, not counters, so progress is checked the
+        only way it can be: a batch that sends the reader back to an offset it has
+        already read from (or to 0) would repeat forever, and more than
+        `max_entries` entries is a directory without end. Both raise
+        InvalidReplyError."""
         d = self.opendir(nodeid)
         out: list[DirEntry] = []
         off = 0
+        seen = {0}
         try:
             while True:
                 batch = self.readdir(nodeid, d.fh, off, plus=plus)
                 if not batch:
                     return out
                 out.extend(batch)
+                if len(out) > max_entries:
+                    raise InvalidReplyError(
+                        f"directory {nodeid} has more than {max_entries} entries: no end"
+                    )
                 off = batch[-1].off
+                if off in seen:
+                    raise InvalidReplyError(
+                        f"directory {nodeid}: READDIR makes no progress (offset {off} again "
+                        f"after {len(out)} entries)"
+                    )
+                seen.add(off)
         finally:
             self.releasedir(nodeid, d.fh)
 
@@ -368,7 +456,13 @@ class FuseClient:
     def getlk(self, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
         out = abi.unpack("fuse_lk_out",
                          self._call(Opcode.GETLK, nodeid, self._lk(fh, owner, lock, False)))
-        return Lock(out.lk.start, out.lk.end, out.lk.type, out.lk.pid)
+        lk = out.lk
+        # convert_fuse_file_lock: a range inside OFFSET_MAX that does not run backwards
+        if lk.start > OFFSET_MAX or lk.end > OFFSET_MAX or lk.end < lk.start:
+            raise InvalidReplyError(f"GETLK: lock range {lk.start}..{lk.end}")
+        if lk.type not in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK):
+            raise InvalidReplyError(f"GETLK: lock type {lk.type}")
+        return Lock(lk.start, lk.end, lk.type, lk.pid)
 
     def setlk(self, nodeid: int, fh: int, owner: int, lock: Lock, *, flock: bool = False) -> None:
         self._call(Opcode.SETLK, nodeid, self._lk(fh, owner, lock, flock))
@@ -409,9 +503,15 @@ def parse_dirents(data: bytes, plus: bool) -> list[DirEntry]:
         if base + _DIRENT.size > len(data):
             raise ProtocolError(f"truncated dirent at offset {pos}")
         ino, off, namelen, typ = _DIRENT.unpack_from(data, base)
-        if namelen == 0 or namelen > 1024 or base + _DIRENT.size + namelen > len(data):
-            raise ProtocolError(f"dirent name length {namelen} at offset {pos} is invalid")
+        if namelen == 0 or namelen > NAME_MAX or base + _DIRENT.size + namelen > len(data):
+            raise InvalidReplyError(f"dirent name length {namelen} at offset {pos} is invalid")
         name = bytes(data[base + _DIRENT.size : base + _DIRENT.size + namelen])
+        check_dirent_name(name, pos)
+        if entry is not None and entry.nodeid and name not in (b".", b".."):
+            # fuse_direntplus_link: node id 0 means "no entry"; "." and ".." are skipped
+            if entry.nodeid == ROOT_ID:
+                raise InvalidReplyError(f"READDIRPLUS entry {name!r} claims the root's node id")
+            check_attr(entry.attr, f"READDIRPLUS entry {name!r}")
         out.append(DirEntry(ino, off, typ, name, entry))
         pos += (abi.direntplus_size(namelen) if plus else abi.dirent_size(namelen))
     return out
