@@ -10,6 +10,7 @@ commands run as separate processes, as a user runs them.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from fakes.stalling_backend import StallingBackend
 from mounting import force_unmount, is_mounted
-from vfsdrv.errors import DeviceTimeoutError
+from vfsdrv.errors import DeviceGoneError, DeviceTimeoutError
 from vfsdrv.fs.config import encode_config
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.virtio import vhost_user_proto as vu
@@ -83,10 +84,30 @@ def test_after_a_timeout_the_connection_is_not_reused(no_init: StallingBackend) 
         with pytest.raises(DeviceTimeoutError, match="no reply to GET_VRING_BASE"):
             t.set_driver_features(0)  # REPLY_ACK: would wait for an ack
         assert time.monotonic() - t0 < 0.1
+        with pytest.raises(DeviceGoneError, match="no longer usable"):
+            t.check_alive()
     finally:
         t0 = time.monotonic()
         fs.close()
         assert time.monotonic() - t0 < 0.5
+
+
+def test_an_unrequested_message_is_a_gone_device_not_a_spinning_loop(
+        no_init: StallingBackend) -> None:
+    """error_fd() readable with data nobody asked for (or a reply that came too late):
+    check_alive says gone, so an event loop polling the socket does not spin on it."""
+    t = VhostUserTransport(no_init.path, config=encode_config("x", 1), num_queues=2)
+    try:
+        t.check_alive()
+        no_init.push(vu.Request.GET_FEATURES)
+        r, _, _ = select.select([t.error_fd()], [], [], 5)
+        assert r
+        with pytest.raises(DeviceGoneError, match="nobody asked for"):
+            t.check_alive()
+        with pytest.raises(DeviceTimeoutError, match="nobody asked for"):
+            t.set_driver_features(0)
+    finally:
+        t.close()
 
 
 def test_teardown_is_bounded_when_the_ring_never_stops(no_init: StallingBackend) -> None:

@@ -355,9 +355,13 @@ class VhostUserTransport(Transport):
         return self.sock.fileno() if not self._closed else None
 
     def check_alive(self) -> None:
-        """The backend never writes unprompted on this socket: readable means closed."""
+        """The backend never writes unprompted on this socket: readable means closed,
+        or out of step (a late reply, a message nobody asked for): gone either way, or
+        the event loop watching error_fd() would spin on it."""
         if self._closed:
             raise DeviceGoneError(f"{self.name}: transport is closed")
+        if self._broken is not None:
+            raise DeviceGoneError(f"{self._broken}; the connection is no longer usable")
         r, _, _ = select.select([self.sock], [], [], 0)
         if r:
             try:
@@ -366,6 +370,8 @@ class VhostUserTransport(Transport):
                 raise DeviceGoneError(f"{self.name}: backend connection broken: {exc}") from exc
             if not data:
                 raise DeviceGoneError(f"{self.name}: backend closed the connection")
+            self._broken = f"{self.name}: the backend sent a message nobody asked for"
+            raise DeviceGoneError(self._broken)
 
     def dma_pool(self) -> DmaPool:
         return self._arena

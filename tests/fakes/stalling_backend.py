@@ -78,6 +78,11 @@ class StallingBackend:
         if answer is not None:
             vu.send_message(conn, request, answer, flags=vu.VERSION | vu.FLAG_REPLY)
 
+    def push(self, request: int) -> None:
+        """An unrequested message to the frontend (the protocol has none on this socket)."""
+        vu.send_message(self._conns[-1], request, vu.U64.pack(0),
+                        flags=vu.VERSION | vu.FLAG_REPLY)
+
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         os.write(self._stop_w, b"x")
