@@ -34,6 +34,7 @@ from ..fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
 from ..fs.device import VirtioFs
 from ..refdev import RefDevice
 from ..refdev.audit import PROBE_REFUSE_FEATURES_OK, PROBE_UNKNOWN_FEATURE, AuditReport
+from ..virtio.transport import Transport
 from ..virtio.vhost_user import VhostUserTransport
 
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: {ok, covered, covered_items, checklist_size, "
+                   "coverage: {covered, not_observable, not_exercised, checklist_size}, "
                    "violated, warnings, summary, statements: [{id, checklist, section, level, "
                    "statement, result, observed, held, violated}], workload}")
     p.add_argument("--request-queues", type=int, default=1, metavar="N",
@@ -90,14 +92,19 @@ def _whole(type_: int) -> Lock:
     return Lock(0, OFFSET_MAX, type_, 0)
 
 
-def run_workload(socket_path: str, w: Workload | None = None) -> Workload:
+def run_workload(socket_path: str, w: Workload | None = None, *,
+                 connect: Callable[[str], Transport] | None = None) -> Workload:
     """Drive the device at `socket_path` through every client operation from two
-    frontends; the device's export starts empty."""
+    frontends; the device's export starts empty. `connect` makes the transport of the
+    first frontend (default: vhost-user to the socket; e.g. a virtio-pci function whose
+    device model forwards to it, to audit the PCI transport too)."""
     w = w or Workload()
     opened: list[VirtioFs] = []
     try:
-        for _ in range(2):
-            fs = VirtioFs(VhostUserTransport(socket_path)).start()
+        for n in range(2):
+            t = connect(socket_path) if connect is not None and n == 0 else (
+                VhostUserTransport(socket_path))
+            fs = VirtioFs(t).start()
             opened.append(fs)
             w.run("FUSE_INIT", fs.init)
         a, b = (FuseClient(fs) for fs in opened)
