@@ -412,6 +412,24 @@ def test_features_ok_cleared_and_no_version_1() -> None:
     assert c["fuse.init"]["observed"] == "not reached: VERSION_1 not offered"
 
 
+def test_junit_of_a_failing_device(tmp_path: Path, capsys) -> None:
+    """--junit marks failed checks as failures and skipped ones as skipped."""
+    t = FakeTransport(features=FAKE_FEATURES, config=encode_config("t", 1),
+                      queue_max={0: 64, 1: 64}, accept_features=lambda f: False)
+    report = run_checks(t, Report("fake", "fake"), CheckOptions(timeout=0.2))
+    suite = ElementTree.fromstring(report.junit())
+    failed = {tc.get("name") for tc in suite.findall("testcase") if tc.find("failure") is not None}
+    skipped = {tc.get("name") for tc in suite.findall("testcase") if tc.find("skipped") is not None}
+    assert failed == {c.id for c in report.checks if c.result == "fail"} and failed
+    assert "features.features_ok" in failed
+    assert skipped == {c.id for c in report.checks if c.result == "skip"} and "bringup" in skipped
+    assert suite.get("failures") == str(len(failed))
+    case = next(tc for tc in suite.findall("testcase") if tc.get("name") == "features.features_ok")
+    assert "D5" in case.find("failure").text and "cleared" in case.find("failure").get("message")
+    # an unfinished run says which items it did not reach
+    assert report.coverage()["not_reached"]
+
+
 def test_device_that_never_answers_and_bad_queue_sizes() -> None:
     """A device that takes every buffer and answers nothing: FUSE_INIT times out (through
     the driver and on the raw ring). Its queue 0 is 65536 entries (over the split-ring
