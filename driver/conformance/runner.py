@@ -73,8 +73,6 @@ class _ProbeFs(VirtioFs):
             return self.target
         return super()._pick_request_queue()
 
-    def is_in_flight(self, unique: int) -> bool:
-        return unique in self._in_flight
 
 
 def _fmt_ms(seconds: float) -> str:
@@ -575,11 +573,12 @@ def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
         log.debug("readdir/lookup before FORGET: %s", exc)
     assert fs.hiprio is not None
     used_before = fs.hiprio.vq.num_free
-    pending = fs.call_async(Opcode.FORGET, nodeid, abi.pack("fuse_forget_in", nlookup=nlookup))
+    # FORGET has no reply: it is done when the device has used the buffer (hiprio idle)
+    fs.call_async(Opcode.FORGET, nodeid, abi.pack("fuse_forget_in", nlookup=nlookup))
     deadline = time.monotonic() + opt.timeout
-    while fs.is_in_flight(pending.unique) and time.monotonic() < deadline:
+    while not fs.hiprio.vq.idle and time.monotonic() < deadline:
         fs.wait(0.05)
-    if fs.is_in_flight(pending.unique):
+    if not fs.hiprio.vq.idle:
         report.add("hiprio.forget", FAIL,
                    f"FORGET ({what}) not used within {opt.timeout:g} s (hiprio free "
                    f"descriptors {used_before} before)")
@@ -610,7 +609,7 @@ def _notify_check(fs: _ProbeFs, report: Report, use_notify: bool) -> None:
     bad = fs.stats.get("bad_notification", 0)
     got = sum(v for k, v in fs.stats.items() if k.startswith("notify_")) + fs.stats.get(
         "lock_notifications", 0)
-    desc = (f"queue {NOTIFY_QUEUE} size {vq.size}, {len(fs._notify_bufs)} buffers of "
+    desc = (f"queue {NOTIFY_QUEUE} size {vq.size}, {min(fs.notify_buffers, vq.size)} buffers of "
             f"{fs.config.notify_buf_size} bytes posted, {got} notification(s) received")
     if bad:
         report.add("notify.queue", FAIL, f"{desc}, {bad} malformed")
