@@ -61,6 +61,32 @@ def test_silent_backend_fails_the_handshake_in_time(silent: StallingBackend) -> 
     assert isinstance(info.value, TimeoutError)
 
 
+def test_a_backend_answering_just_in_time_cannot_stretch_the_bring_up(sock_path: str) -> None:
+    """Each answer 0.3 s late is within the 1 s per message, but the handshake
+    (four answers) would take 1.2 s: the bring-up gets 1 s of backend time in all."""
+    with StallingBackend(sock_path, "slow", delay=0.3):
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeoutError) as info:
+            VhostUserTransport(sock_path, timeout=1.0)
+        took = time.monotonic() - t0
+    assert took < 1.5, took
+    assert str(info.value).startswith(f"vhost-user:{sock_path}: ")
+    assert "bring-up" in str(info.value)
+
+
+def test_after_start_each_message_has_the_whole_timeout(sock_path: str) -> None:
+    with StallingBackend(sock_path, "slow", delay=0.0) as backend:
+        t = VhostUserTransport(sock_path, config=encode_config("x", 1), num_queues=2,
+                               timeout=1.0)
+        try:
+            t.start()
+            backend.delay = 0.3
+            for _ in range(5):  # 1.5 s in all, 0.3 s each
+                t.set_driver_features(1 << 32)
+        finally:
+            t.close()
+
+
 def test_default_deadline_fits_the_mount_bound() -> None:
     # one message times out, then teardown (bounded separately) must still fit in 30 s
     assert DEFAULT_TIMEOUT <= 15

@@ -10,7 +10,9 @@ the backend offers CONFIG, otherwise from what the caller says (virtiofsd 7.2 ha
 config space: QEMU makes up tag and num_request_queues in its own device model).
 
 Every message has a deadline: `timeout` seconds for each reply (and for the backend
-to take each message), a shorter `teardown_timeout` for the whole of close(), and
+to take each message), and as much for the backend's share of the whole bring-up
+(handshake to DRIVER_OK: a backend answering each message just in time cannot
+stretch it to minutes), a shorter `teardown_timeout` for the whole of close(), and
 reset(t) is bounded by t. A backend that misses one fails the transport with an
 error naming the socket and the message; the connection is then out of step (a late
 reply would be taken for the next message's), so every later message fails at once.
@@ -78,6 +80,8 @@ class VhostUserTransport(Transport):
         self._budget_end: float | None = None
         #: set once a message missed its deadline: the stream is out of step
         self._broken: str | None = None
+        #: seconds of backend time left for the bring-up; None once started
+        self._setup_left: float | None = self.timeout
         self._fallback_config = config
         self._fallback_num_queues = num_queues
         self._status = 0
@@ -152,15 +156,29 @@ class VhostUserTransport(Transport):
         )
 
     # -- messages, each with its deadline -----------------------------------------------
-    def _deadline(self) -> tuple[float, float]:
-        """(absolute deadline, seconds allowed) for the next message."""
+    def _deadline(self, request: int) -> tuple[float, float, str]:
+        """(absolute deadline, seconds allowed, why not `timeout`) for the next message."""
         if self._broken is not None:
             raise DeviceTimeoutError(f"{self._broken}; the connection is no longer usable")
         now = time.monotonic()
-        end = now + self.timeout
+        allowed, why = self.timeout, ""
+        if self._setup_left is not None and self._setup_left < allowed:
+            allowed = self._setup_left
+            why = f" (the bring-up may take {_secs(self.timeout)} s in all)"
+            if allowed <= 0:
+                raise DeviceTimeoutError(
+                    f"{self.name}: the backend took more than {_secs(self.timeout)} s to answer "
+                    f"the bring-up, {_request_name(request)} not sent"
+                )
+        end = now + allowed
         if self._budget_end is not None and self._budget_end < end:
-            end = self._budget_end
-        return end, max(0.0, end - now)
+            end, why = self._budget_end, ""
+        return end, max(0.0, end - now), why
+
+    def _charge(self, since: float) -> None:
+        """Count backend time against the bring-up."""
+        if self._setup_left is not None:
+            self._setup_left -= time.monotonic() - since
 
     @contextmanager
     def _bounded(self, seconds: float) -> Iterator[None]:
@@ -173,25 +191,33 @@ class VhostUserTransport(Transport):
         finally:
             self._budget_end = outer
 
-    def _missed(self, what: str, request: int, allowed: float, exc: BaseException) -> None:
-        self._broken = f"{self.name}: {what} {_request_name(request)} within {_secs(allowed)} s"
+    def _missed(self, what: str, request: int, limit: tuple[float, float, str],
+                exc: BaseException) -> None:
+        _, allowed, why = limit
+        self._broken = (
+            f"{self.name}: {what} {_request_name(request)} within {_secs(allowed)} s{why}"
+        )
         raise DeviceTimeoutError(self._broken) from exc
 
     def _post(self, request: int, payload: bytes, fds: tuple[int, ...], flags: int,
-              deadline: float, allowed: float) -> None:
+              limit: tuple[float, float, str]) -> None:
         try:
-            vu.send_message(self.sock, request, payload, fds, flags, deadline=deadline)
+            vu.send_message(self.sock, request, payload, fds, flags, deadline=limit[0])
         except TimeoutError as exc:
-            self._missed("the backend did not take", request, allowed, exc)
+            self._missed("the backend did not take", request, limit, exc)
 
     def _send(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         """A message without a defined reply; with REPLY_ACK we ask for and check one."""
         ack = self.reply_ack
         flags = vu.VERSION | (vu.FLAG_NEED_REPLY if ack else 0)
-        deadline, allowed = self._deadline()
-        self._post(request, payload, fds, flags, deadline, allowed)
+        limit = self._deadline(request)
+        start = time.monotonic()
+        try:
+            self._post(request, payload, fds, flags, limit)
+            data = self._reply(request, limit) if ack else b""
+        finally:
+            self._charge(start)
         if ack:
-            data = self._reply(request, deadline, allowed)
             if len(data) != 8:
                 raise TransportError(f"{self.name}: malformed ack to request {request}")
             status = vu.U64.unpack(data)[0]
@@ -201,15 +227,19 @@ class VhostUserTransport(Transport):
                 )
 
     def _call(self, request: int, payload: bytes = b"") -> bytes:
-        deadline, allowed = self._deadline()
-        self._post(request, payload, (), vu.VERSION, deadline, allowed)
-        return self._reply(request, deadline, allowed)
-
-    def _reply(self, request: int, deadline: float, allowed: float) -> bytes:
+        limit = self._deadline(request)
+        start = time.monotonic()
         try:
-            rreq, rflags, data, fds = vu.recv_message(self.sock, deadline)
+            self._post(request, payload, (), vu.VERSION, limit)
+            return self._reply(request, limit)
+        finally:
+            self._charge(start)
+
+    def _reply(self, request: int, limit: tuple[float, float, str]) -> bytes:
+        try:
+            rreq, rflags, data, fds = vu.recv_message(self.sock, limit[0])
         except TimeoutError as exc:
-            self._missed("no reply to", request, allowed, exc)
+            self._missed("no reply to", request, limit, exc)
         for fd in fds:
             os.close(fd)
         if rreq != request or not rflags & vu.FLAG_REPLY:
@@ -332,6 +362,10 @@ class VhostUserTransport(Transport):
         if self._features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
             self._send(vu.Request.SET_VRING_ENABLE, vu.VRING_STATE.pack(index, 1))
         self._started.add(index)
+
+    def start(self) -> None:
+        # DRIVER_OK: the bring-up is over; from now on each message has `timeout`
+        self._setup_left = None
 
     def notify(self, index: int, data: int | None = None) -> None:
         try:

@@ -6,7 +6,9 @@ vfsdrv.virtio.vhost_user_proto.
   * "no-init": answers the whole handshake (features, protocol features with MQ and
     REPLY_ACK, queue count, acks) but never looks at its rings, so FUSE_INIT is never
     answered; and like a backend whose queue thread is stuck in a request, it never
-    answers GET_VRING_BASE either (virtiofsd answers it only once the ring is stopped).
+    answers GET_VRING_BASE either (virtiofsd answers it only once the ring is stopped);
+  * "slow": as "no-init", each answer `delay` seconds late (within any one message's
+    deadline, but adding up).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import select
 import socket
 import threading
+import time
 
 from vfsdrv.errors import TransportError
 from vfsdrv.virtio import vhost_user_proto as vu
@@ -25,11 +28,12 @@ NUM_QUEUES = 2
 
 
 class StallingBackend:
-    def __init__(self, path: str, mode: str) -> None:
-        if mode not in ("silent", "no-init"):
+    def __init__(self, path: str, mode: str, delay: float = 0.0) -> None:
+        if mode not in ("silent", "no-init", "slow"):
             raise ValueError(mode)
         self.path = path
         self.mode = mode
+        self.delay = delay
         #: request codes received, in order (the no-init backend only)
         self.received: list[int] = []
         self._stop_r, self._stop_w = os.pipe()
@@ -51,7 +55,7 @@ class StallingBackend:
                 if s is self._listener:
                     conn, _ = self._listener.accept()
                     self._conns.append(conn)
-                    if self.mode == "no-init":
+                    if self.mode != "silent":
                         watched.append(conn)  # the silent backend never reads
                     continue
                 try:
@@ -76,6 +80,8 @@ class StallingBackend:
         elif flags & vu.FLAG_NEED_REPLY:
             answer = vu.U64.pack(0)
         if answer is not None:
+            if self.mode == "slow":
+                time.sleep(self.delay)
             vu.send_message(conn, request, answer, flags=vu.VERSION | vu.FLAG_REPLY)
 
     def push(self, request: int) -> None:
