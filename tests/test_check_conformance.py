@@ -22,6 +22,7 @@ from fakes.transport import FakeTransport
 from vfsdrv.conformance import RESULTS, STATEMENTS, CheckOptions, Report, run_checks
 from vfsdrv.conformance.checklist import CHECKLIST_SIZE, ITEMS
 from vfsdrv.conformance.runner import INDEX1_DEVIATION, check_pci_function
+from vfsdrv.errors import RingError
 from vfsdrv.fs import abi
 from vfsdrv.fs.config import encode_config
 from vfsdrv.refdev.device import RefDevice
@@ -30,6 +31,7 @@ from vfsdrv.refdev.fuse_server import FuseServer
 from vfsdrv.refdev.vhost_session import DeviceConfig, VhostUserSession
 from vfsdrv.tools import cli
 from vfsdrv.tools.check import check_vhost_user
+from vfsdrv.virtio import ring_layout as rl
 from vfsdrv.virtio.constants import Feature
 
 FAKE_FEATURES = Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX
@@ -294,6 +296,45 @@ def test_broken_no_used_buffer_notification(sock_dir: Path, export: Path, monkey
     monkeypatch.setattr(DeviceQueue, "signal", signal)
     c = _check_broken(sock_dir, export)
     assert _failed(c) == {"ring.used_notify[VERSION_1 only]"}
+
+
+def test_broken_write_flag_on_indirect_descriptor(sock_dir: Path, export: Path,
+                                                  monkeypatch) -> None:
+    """A device that refuses a chain whose indirect descriptor also has WRITE (D19)."""
+    orig = DeviceQueue._read_chain
+
+    def read_chain(self, head):
+        addr, length, flags, nxt = rl.DESC.unpack_from(self._desc, rl.DESC_SIZE * head)
+        if flags & rl.VRING_DESC_F_INDIRECT and flags & rl.VRING_DESC_F_WRITE:
+            raise RingError(f"queue {self.index}: WRITE on an indirect descriptor")
+        return orig(self, head)
+
+    monkeypatch.setattr(DeviceQueue, "_read_chain", read_chain)
+    c = _check_broken(sock_dir, export)
+    # the reference device stops serving a queue after a ring error and (a defect of its
+    # own) does not revive it on reset: queue 1, the notification queue of the next
+    # session, stays dead, so the notification checks may fail too
+    assert {"ring.indirect", "ring.framing[EVENT_IDX]"} <= _failed(c)
+    assert _failed(c) - {"notify.lock", "notify.load"} == {"ring.indirect",
+                                                           "ring.framing[EVENT_IDX]"}
+    assert "not used within" in c["ring.framing[EVENT_IDX]"]["observed"]
+
+
+def test_broken_avail_flags_honoured_with_event_idx(sock_dir: Path, export: Path,
+                                                    monkeypatch) -> None:
+    """With EVENT_IDX the device takes avail->flags' low bit as "no interrupt" (D24)."""
+    orig = DeviceQueue.signal
+
+    def signal(self):
+        flags = int.from_bytes(self._avail[rl.AVAIL_FLAGS:rl.AVAIL_FLAGS + 2], "little")
+        if self.event_idx and flags & 1:
+            return
+        orig(self)
+
+    monkeypatch.setattr(DeviceQueue, "signal", signal)
+    c = _check_broken(sock_dir, export)
+    assert _failed(c) == {"ring.used_notify[EVENT_IDX]"}
+    assert "NOT for GETATTR" in c["ring.used_notify[EVENT_IDX]"]["observed"]
 
 
 def test_broken_used_flags_with_event_idx(sock_dir: Path, export: Path, monkeypatch) -> None:

@@ -31,6 +31,8 @@ CONDITIONS = {
                     "CONFIG protocol feature: the config was supplied by --tag/--request-queues)",
     "notification": "not applicable: VIRTIO_FS_F_NOTIFICATION not negotiated",
     "event_idx": "not applicable: VIRTIO_F_EVENT_IDX not offered",
+    "indirect": "not applicable: VIRTIO_F_INDIRECT_DESC (with VIRTIO_F_EVENT_IDX: it is probed "
+                "in that ring session) not offered",
     "posix_locks": "not applicable: the device did not grant FUSE_POSIX_LOCKS in FUSE_INIT",
     "writable": "not exercised: --read-only (the checks that create a scratch directory were "
                 "not run)",
@@ -127,16 +129,15 @@ ITEMS: tuple[Item, ...] = (
     _i(18, MUST, f"{S27} / The Virtqueue Descriptor Table", "A device MUST NOT write to any "
        "descriptor table entry.", ("ring.framing",)),
     _i(19, MUST, f"{S27} / Indirect Descriptors", "The device MUST ignore the write-only flag in "
-       "the descriptor that refers to an indirect table.", "not exercised: vfsdrv never sets "
-       "VIRTQ_DESC_F_WRITE on an indirect descriptor, and check builds chains only through "
-       "the driver's Virtqueue"),
+       "the descriptor that refers to an indirect table.", ("ring.indirect",), "indirect"),
     _i(20, MUST, f"{S27} / Indirect Descriptors", "The device MUST handle the case of zero or "
        "more normal chained descriptors followed by a single descriptor with "
        "VIRTQ_DESC_F_INDIRECT.", "not exercised: the driver's Virtqueue never puts normal "
-       "descriptors in front of an indirect one"),
+       "descriptors in front of an indirect one; the ring parsers of libvhost-user (the C "
+       "virtiofsd) and of the reference device take INDIRECT only in a chain's first "
+       "descriptor, and such a probe could make them stop the queue"),
     _i(21, MUST, f"{S27} / Used Buffer Notification Suppression", "Without VIRTIO_F_EVENT_IDX "
-       "the device MUST ignore the used_event value.", "not observable: the driver leaves "
-       "used_event 0 without EVENT_IDX; a device reading it would still notify"),
+       "the device MUST ignore the used_event value.", ("ring.used_notify",)),
     _i(22, MUST, f"{S27} / Used Buffer Notification Suppression", "Without VIRTIO_F_EVENT_IDX, "
        "after writing a descriptor index into the used ring: if avail->flags is 0, the device "
        "MUST send a notification.", ("ring.used_notify",)),
@@ -144,8 +145,7 @@ ITEMS: tuple[Item, ...] = (
        "VIRTIO_F_EVENT_IDX, if avail->flags is 1 the device SHOULD NOT send a notification.",
        ("ring.used_notify",)),
     _i(24, MUST, f"{S27} / Used Buffer Notification Suppression", "With VIRTIO_F_EVENT_IDX the "
-       "device MUST ignore the lower bit of avail->flags.", "not observable: the driver never "
-       "sets that bit with EVENT_IDX negotiated"),
+       "device MUST ignore the lower bit of avail->flags.", ("ring.used_notify",), "event_idx"),
     _i(25, MUST, f"{S27} / Used Buffer Notification Suppression", "With VIRTIO_F_EVENT_IDX, if "
        "the used idx (where the descriptor index was placed) was equal to used_event, the "
        "device MUST send a notification.", ("ring.used_notify",), "event_idx"),

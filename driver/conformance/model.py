@@ -70,8 +70,12 @@ _TEXTS: dict[str, str] = {
     "the reply across three) is answered: the used len covers the reply, the device-readable "
     "buffers and the descriptor table are unchanged.",
     "ring.used_notify": "After using a buffer the device notifies the driver when asked to "
-    "(avail->flags 0 without EVENT_IDX; used idx reaching used_event with it), and not "
-    "while avail->flags is 1 (SHOULD).",
+    "(avail->flags 0 without EVENT_IDX, whatever used_event says; used idx reaching "
+    "used_event with it, whatever the low bit of avail->flags says), and not while "
+    "avail->flags is 1 without EVENT_IDX (SHOULD).",
+    "ring.indirect": "A descriptor that refers to an indirect table and also has "
+    "VIRTQ_DESC_F_WRITE (set on purpose) is taken as the indirect table: the request is "
+    "answered.",
     "ring.used_flags": "used->flags is 0 or 1 without VIRTIO_F_EVENT_IDX, 0 with it.",
     "ring.spurious_kick": "Notifications with nothing new made available are harmless: the "
     "next request is answered.",

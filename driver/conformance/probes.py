@@ -5,8 +5,9 @@ The ring session negotiates a small feature set, sets up hiprio and the first re
 queue, and sends FUSE_INIT laid out over unusual descriptors (made available before
 DRIVER_OK, notified after it), then spurious notifications and a GETATTR. It watches
 the used ring, the queue's interrupt, the device-readable bytes and the descriptor
-table. Nothing here breaks a driver rule except `features.refusal`, which writes a
-feature bit the device did not offer on purpose (to see FEATURES_OK refused).
+table. Three things break a driver rule on purpose, to see the device ignore them:
+VIRTQ_DESC_F_WRITE on an indirect descriptor (D19), avail->flags 1 with EVENT_IDX
+(D24), and `features.refusal`'s feature bit the device did not offer (D6).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def ring_session(t: Transport, report: Report, timeout: float, *, event_idx: boo
     """One raw session; `event_idx` picks VIRTIO_F_EVENT_IDX, else VERSION_1 alone."""
     inst = "EVENT_IDX" if event_idx else "VERSION_1 only"
     dev = VirtioDevice(t)
-    ring = Feature.EVENT_IDX if event_idx else 0
+    ring = Feature.EVENT_IDX | Feature.INDIRECT_DESC if event_idx else 0
     try:
         dev.negotiate(0, ring_features=ring, reset_timeout=timeout)
     except FeatureNegotiationError as exc:
@@ -78,6 +79,8 @@ def ring_session(t: Transport, report: Report, timeout: float, *, event_idx: boo
             report.add("features.subset", FAIL, f"FEATURES_OK cleared: {exc}")
         for cid in ("ring.framing", "ring.used_notify", "ring.used_flags", "ring.spurious_kick"):
             report.add(cid, SKIP, "not reached: FEATURES_OK cleared", instance=inst)
+        if event_idx:
+            report.add("ring.indirect", SKIP, "not reached: FEATURES_OK cleared")
         _reset_quietly(t, timeout)
         return
     pool = t.dma_pool()
@@ -119,7 +122,20 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
         view[off : off + ln] = b"\xa5" * ln
     readable = buf.segments(0, 20) + buf.segments(256, in_len - 20)
     writable = [seg for off, ln in reply_pieces for seg in buf.segments(off, ln)]
-    vq.add(readable, writable, "init")
+    head = vq.add(readable, writable, "init")
+    indirect = False
+    if dev.has(Feature.INDIRECT_DESC):
+        # D19: WRITE on the descriptor that refers to an indirect table must be ignored
+        off = rl.DESC_SIZE * head + 12
+        flags = int.from_bytes(vq.desc.view[off : off + 2], "little")
+        if flags & rl.VRING_DESC_F_INDIRECT:
+            vq.desc.view[off : off + 2] = (flags | rl.VRING_DESC_F_WRITE).to_bytes(2, "little")
+            indirect = True
+    if not event_idx:
+        # D21: without EVENT_IDX used_event means nothing; one far away must not
+        # keep the device from notifying
+        off = rl.used_event_offset(vq.size)
+        vq.avail.view[off : off + 2] = (0x8000).to_bytes(2, "little")
     vq.publish()  # available, not notified: no notification before DRIVER_OK
     desc_before = bytes(vq.desc.view[: rl.DESC_SIZE * vq.size])
     readable_before = bytes(view[0:20]) + bytes(view[256 : 256 + in_len - 20])
@@ -145,6 +161,9 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
         if not event_idx:
             report.add("features.subset", FAIL, "FEATURES_OK kept for VIRTIO_F_VERSION_1 alone, "
                        "but FUSE_INIT was not answered")
+        elif indirect:
+            report.add("ring.indirect", FAIL, "FUSE_INIT through an indirect table whose "
+                       f"descriptor also has VIRTQ_DESC_F_WRITE: not used within {timeout:g} s")
         return
     (token, length), *rest = vq.get_used()
     reply = b"".join(bytes(view[off : off + ln]) for off, ln in reply_pieces)
@@ -173,6 +192,15 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
     else:
         report.add("ring.framing", PASS, f"{what}; readable bytes and descriptor table "
                    "unchanged", instance=inst)
+    if event_idx:
+        if indirect:
+            report.add("ring.indirect", PASS if answer_ok else FAIL,
+                       "FUSE_INIT through an indirect table whose descriptor also has "
+                       f"VIRTQ_DESC_F_WRITE: {'answered' if answer_ok else 'answered wrongly'}")
+        elif not dev.has(Feature.INDIRECT_DESC):
+            report.add("ring.indirect", SKIP, "VIRTIO_F_INDIRECT_DESC not offered")
+        else:
+            report.add("ring.indirect", SKIP, "the driver's ring chained FUSE_INIT directly")
     if not event_idx:
         report.add("features.subset", PASS if answer_ok else FAIL,
                    f"FEATURES_OK kept for VIRTIO_F_VERSION_1 alone; FUSE_INIT "
@@ -190,6 +218,9 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
         vq.disable_interrupts()  # avail->flags = 1
     else:
         vq.enable_interrupts()  # used_event = last used: the next use must notify
+        # D24: with EVENT_IDX the device ignores the low bit of avail->flags (a driver
+        # must leave it 0: set here on purpose, the notification must still come)
+        vq.avail.view[rl.AVAIL_FLAGS : rl.AVAIL_FLAGS + 2] = b"\x01\x00"
     _drain(fd)
     getattr_in = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
     req = IN_HEADER.pack(IN_HEADER.size + len(getattr_in), Opcode.GETATTR, 4, 1, 0, 0, 0, 0, 0)
@@ -214,16 +245,17 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
         report.add("ring.used_notify", SKIP, "the queue has no interrupt (polled)",
                    instance=inst)
     elif not irq:
+        asked = "used_event 0" if event_idx else "avail->flags 0, used_event 0x8000"
         report.add("ring.used_notify", FAIL, "FUSE_INIT used without a used-buffer "
-                   f"notification ({'used_event 0' if event_idx else 'avail->flags 0'})",
-                   instance=inst)
+                   f"notification ({asked})", instance=inst)
     elif event_idx:
         report.add("ring.used_notify", PASS if irq2 else FAIL,
                    f"notified for FUSE_INIT (used_event 0) and "
-                   f"{'for' if irq2 else 'NOT for'} GETATTR (used_event 1)", instance=inst)
+                   f"{'for' if irq2 else 'NOT for'} GETATTR (used_event 1, avail->flags 1)",
+                   instance=inst)
     else:
         report.add("ring.used_notify", PASS,
-                   "notified for FUSE_INIT (avail->flags 0)"
+                   "notified for FUSE_INIT (avail->flags 0, used_event 0x8000 ignored)"
                    + ("; also for GETATTR with avail->flags 1" if irq2 else
                       "; not for GETATTR with avail->flags 1"), instance=inst,
                    deviation="SHOULD NOT notify while avail->flags is 1 (D23)" if irq2 else None)

@@ -188,6 +188,9 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
     offered = t.device_features()
     names = feature_names(offered, FS_FEATURE_NAMES)
     report.context["event_idx"] = bool(offered & Feature.EVENT_IDX)
+    # the indirect probe runs in the EVENT_IDX ring session
+    report.context["indirect"] = bool(offered & Feature.INDIRECT_DESC
+                                      and offered & Feature.EVENT_IDX)
     if offered & Feature.VERSION_1:
         report.add("features.version_1", PASS, f"offered: {names}")
     else:
