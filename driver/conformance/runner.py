@@ -1,14 +1,16 @@
 """Run the conformance checks against one device.
 
 Order: PCI identity and capabilities (PCI only, no VFIO needed: config space
-through sysfs), reset, offered features, device config, queue layout and sizes;
-then one live session through the driver (`VirtioFs`): FEATURES_OK, bring-up,
-FUSE_INIT, one request on each request queue, a FORGET on hiprio, the
-notification queue; finally reset again. A check whose precondition failed is
-skipped with the reason ("not reached: ..."). Nothing here writes to the
-exported file system: the requests are GETATTR, LOOKUP/READDIR of the root and
-FORGET.
-"""
+through sysfs), reset, PCI registers and capability list, offered features, device
+config, queue layout and sizes; two ring sessions through the virtio core alone
+(probes.py); FEATURES_OK with a bit never offered; then the live session through
+the driver (`VirtioFs`): FEATURES_OK, bring-up, FUSE_INIT, one request on each
+request queue, a FORGET on hiprio, many requests in flight per queue, the FUSE
+checks in a scratch directory (fuse_checks.py), the notification queue, locks,
+a reset with requests in flight and a new session; finally reset again. A check
+whose precondition failed is skipped with the reason ("not reached: ..."). Only
+the scratch directory `.vfsdrv-check-PID` is written (and removed); with
+`read_only` nothing is."""
 
 from __future__ import annotations
 
