@@ -87,6 +87,33 @@ def test_after_start_each_message_has_the_whole_timeout(sock_path: str) -> None:
             t.close()
 
 
+def test_a_listener_that_never_accepts_fails_the_connect_in_time(sock_path: str) -> None:
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the backlog: the next connect() would block
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(sock_path)
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeoutError, match="did not accept the connection within 0.5 s"):
+            VhostUserTransport(sock_path, connect_timeout=0.5)
+        assert time.monotonic() - t0 < 2
+    finally:
+        for c in queued:
+            c.close()
+        listener.close()
+
+
 def test_default_deadline_fits_the_mount_bound() -> None:
     # one message times out, then teardown (bounded separately) must still fit in 30 s
     assert DEFAULT_TIMEOUT <= 15

@@ -69,7 +69,8 @@ class VhostUserTransport(Transport):
         `num_queues`: queue count to assume when the backend cannot tell (no MQ);
         `timeout`: seconds the backend has to answer each message;
         `teardown_timeout`: seconds close() may take in all;
-        `connect_timeout`: seconds to wait for the socket to accept (default `timeout`)."""
+        `connect_timeout`: seconds to keep trying to connect while nobody listens or
+        the listener's backlog is full (default: `timeout`, at most 5)."""
         if timeout <= 0 or teardown_timeout <= 0:
             raise ValueError("vhost-user timeouts must be positive")
         self.name = f"vhost-user:{socket_path}"
@@ -91,7 +92,7 @@ class VhostUserTransport(Transport):
         self._sizes: dict[int, int] = {}
         self._closed = False
         self.sock = self._connect(
-            socket_path, self.timeout if connect_timeout is None else connect_timeout
+            socket_path, min(self.timeout, 5.0) if connect_timeout is None else connect_timeout
         )
         try:
             self._memfd = os.memfd_create("vfsdrv-guest-memory", os.MFD_CLOEXEC)
@@ -115,16 +116,19 @@ class VhostUserTransport(Transport):
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                # a listener whose backlog is full makes connect() wait: bound it too
+                # non-blocking: a listener whose backlog is full makes connect() fail
+                # with EAGAIN (retried below) instead of waiting without limit
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.connect(path)
                 return sock
-            except TimeoutError as exc:
+            except BlockingIOError as exc:
                 sock.close()
-                raise DeviceTimeoutError(
-                    f"vhost-user:{path}: the backend did not accept the connection within "
-                    f"{_secs(timeout)} s"
-                ) from exc
+                if time.monotonic() >= deadline:
+                    raise DeviceTimeoutError(
+                        f"vhost-user:{path}: the backend did not accept the connection within "
+                        f"{_secs(timeout)} s (its listen backlog is full)"
+                    ) from exc
+                time.sleep(0.02)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
