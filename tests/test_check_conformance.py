@@ -28,7 +28,7 @@ from vfsdrv.fs.config import encode_config
 from vfsdrv.refdev.device import RefDevice
 from vfsdrv.refdev.device_queue import DeviceQueue
 from vfsdrv.refdev.fuse_server import FuseServer
-from vfsdrv.refdev.vhost_session import DeviceConfig, VhostUserSession
+from vfsdrv.refdev.vhost_session import DeviceConfig, MessageError, VhostUserSession
 from vfsdrv.tools import cli
 from vfsdrv.tools.check import check_vhost_user
 from vfsdrv.virtio import ring_layout as rl
@@ -365,6 +365,25 @@ def test_broken_notifications_dropped_without_buffers(sock_dir: Path, export: Pa
     c = _check_broken(sock_dir, export)
     assert _failed(c) == {"notify.load"}
     assert "TimeoutError" in c["notify.load"]["observed"]
+
+
+def test_broken_renegotiation_after_reset(sock_dir: Path, export: Path, monkeypatch) -> None:
+    """A device that accepts the live session's feature set once and refuses it after the
+    reset (D8: it SHOULD NOT fail re-negotiation of the same set)."""
+    orig = VhostUserSession._set_features
+    seen: dict[int, int] = {}
+
+    def set_features(self, payload, fds):
+        features = self._u64(payload)
+        seen[features] = seen.get(features, 0) + 1
+        if features & 1 and seen[features] > 1:  # the set with VIRTIO_FS_F_NOTIFICATION
+            raise MessageError(f"features {features:#x} again")
+        return orig(self, payload, fds)
+
+    monkeypatch.setattr(VhostUserSession, "_set_features", set_features)
+    c = _check_broken(sock_dir, export)
+    assert _failed(c) == {"reset.live"}
+    assert "bring-up after it" in c["reset.live"]["observed"]
 
 
 def test_broken_undefined_feature_bit(sock_dir: Path, export: Path) -> None:
