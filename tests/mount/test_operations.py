@@ -326,3 +326,25 @@ def test_blksize_is_explained(tmp_path: Path) -> None:
     r = vfsdrv("mount", "--vhost-user", tmp_path / "none.sock", "-o", "blksize=4096", tmp_path)
     assert r.returncode == 1
     assert "fuseblk" in r.stderr
+
+
+def test_check_timeout_against_a_silent_backend(tmp_path: Path) -> None:
+    sock = tmp_path / "silent.sock"
+    with silent_backend(sock):
+        t0 = time.monotonic()
+        r = vfsdrv("check", "--timeout", "2", "--vhost-user", sock, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 1
+    assert str(sock) in r.stderr, r.stderr
+    assert took < 10, took
+
+
+def test_log_file_with_debug_in_the_foreground(tmp_path: Path) -> None:
+    """-d with --log: the request log goes to the file, not the terminal."""
+    log = tmp_path / "debug.log"
+    with serving(tmp_path, "relay", debug=True, mount_args=("--log", str(log))) as m:
+        (m.export / "seen").write_text("x")
+        assert (m.mnt / "seen").read_text() == "x"
+    text = log.read_text()
+    assert "LOOKUP" in text and "at exit: {" in text, text
+    assert "LOOKUP" not in m.log_text()  # the terminal (the server's stderr) has none
