@@ -120,6 +120,12 @@ class MmioWindow(RegisterWindow):
             4: lib.vfsdrv_mmio_write32,
         }
 
+    @property
+    def pointer(self) -> Any:
+        """The mapping itself, for native code that stores to it (the pump's kick)."""
+        self._alive()
+        return self._ptr
+
     def _alive(self) -> None:
         # an access through a closed device's mapping would fault (SIGSEGV), not raise
         if getattr(self._keep, "unmapped", False):

@@ -297,15 +297,11 @@ def test_o_direct_kept_on_created_files_by_the_rust_device(client: FuseClient,
     client.release(e.nodeid, h.fh)
 
 
-def test_destroy_ends_the_session(client: FuseClient, device_name: str, request,
+def test_destroy_ends_the_session(client: FuseClient, device_name: str,
                                   caplog: pytest.LogCaptureFixture) -> None:
     """The C virtiofsd answers FUSE_DESTROY; the Rust one hands the buffer back with
     nothing written (used length 0), which the driver must take as the end of the
     session, not as a bad reply."""
-    if device_name == "virtiofsd-rs":  # strict: passes the day the driver copes
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the driver still takes the Rust virtiofsd's silent "
-            "FUSE_DESTROY as a bad reply (EIO and a warning): driver/fs/device.py, issue 13"))
     client.destroy()
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 

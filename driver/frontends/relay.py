@@ -1,25 +1,19 @@
 """The relay frontend: the kernel's FUSE protocol on /dev/fuse, forwarded byte for
 byte to a virtio-fs device.
 
-One event loop (selectors/epoll) waits on /dev/fuse, the device's interrupt fds
-(and its error fd), and a wake-up pipe for signals. A request is read from
-/dev/fuse straight into a DMA slot (`os.readv` into `slot.view`), submitted as it
-is (its fuse_in_header, unique included, is the device's), and the device's reply
-(out header + payload, in DMA memory) is written back to /dev/fuse as it is: no
-per-request decoding or re-encoding. Only FUSE_INIT is answered here (see below).
-
-Back-pressure. The size of a request is not known before it is read, and a read
-from /dev/fuse must offer room for the largest one (fuse_in_header + fuse_write_in
-+ max_write, or the kernel fails the read with EINVAL). So the relay keeps one free
-*large* slot as its landing buffer and reads /dev/fuse only while it has one; when
-no large slot is free it stops polling /dev/fuse and the kernel holds the requests
-(its own max_background/congestion limits then apply). A request that turns out
-small (request and reply room fit a small slot: everything except big READs,
-WRITEs, READDIRs, xattrs) is copied into a free small slot (a few hundred bytes,
-the landing slot stays reserved); a big one is submitted from the landing slot
-itself and the next free large slot becomes the landing slot. So small requests
-can be in flight by the dozens while large ones are bounded by the large slots,
-and the kernel never sees a short read buffer.
+Threads (docs/architecture.rst draws them):
+  * one native pump per request queue (vfsdrv.frontends.pump, driver/native/pump.c),
+    without the GIL: it reads requests from its own /dev/fuse clones straight into
+    DMA slots, puts them on its queue, publishes once and kicks once per round,
+    harvests and validates used entries and reply headers (the core's rules, the
+    same the typed client uses) and writes each reply back through the descriptor
+    that read its request. `--threads N` caps the number of pumps.
+  * the control thread (this module's loop): FUSE_INIT, the hiprio queue (FORGET,
+    BATCH_FORGET, INTERRUPT), the notification queue and blocking-lock waits,
+    device notifications for the kernel, errors, signals, statistics, teardown.
+    The pumps hand it what they cannot decide alone as events (an eventfd).
+  * a writer thread for device notifications (a notification write may wait on the
+    file system, which the pumps serve).
 
 FUSE_INIT. The kernel's INIT is not forwarded: the relay starts the device's
 session itself with what the kernel offered, filtered to what a relay can carry,
@@ -32,21 +26,25 @@ HAS_INODE_DAX: no DAX window here), PASSTHROUGH (fd based), OVER_IO_URING,
 HAS_RESEND (the relay keeps no copy to resend), REQUEST_TIMEOUT (a blocking lock
 may wait forever), ALLOW_IDMAP, FILE_OPS and any bit this code does not know. The
 minor is the smallest of kernel's, device's and ours; max_write and max_pages are
-clamped to what a large slot (and thus a descriptor chain) carries.
+clamped to what a large slot (and thus a descriptor chain) carries;
+max_background and congestion_threshold are sized to the pumps' slots.
 
-FORGET and BATCH_FORGET are forwarded like any request (the device routes them to
-the hiprio queue and expects no reply); so are GETLK, SETLK, SETLKW and flock
-requests (a SETLKW answered "wait" is completed later by the device from its
-notification queue; the relay just gets the final reply). FUSE_INTERRUPT goes to
+FORGET and BATCH_FORGET go to the hiprio queue (no reply). A SETLKW the device
+answers "wait" is parked and completed later from the notification queue; the
+final reply goes to the descriptor that read the SETLKW. FUSE_INTERRUPT goes to
 the device (hiprio) only when it names a SETLKW still pending: that is the one
 request a device may hold indefinitely, and the only one worth interrupting. The
 others the relay ignores, as FUSE allows (the kernel keeps waiting for the
 original reply): Linux's own virtio-fs driver never sends INTERRUPT, and
 virtiofsd 7.2 answers an INTERRUPT whose request it has already finished with an
-EAGAIN reply on a buffer it no longer owns, and dies. Other device
-notifications are forwarded to the kernel with unique 0 and error = code, from a
-writer thread (a notification write may wait on the file system, which only this
-loop serves).
+EAGAIN reply on a buffer it no longer owns, and dies. FUSE_NOTIFY_REPLY (the
+kernel's answer to a device's RETRIEVE) is forwarded and its reply dropped: the
+kernel expects none. Other device notifications are forwarded to the kernel.
+
+A device that fails (a broken ring, a reset request, a vanished backend) ends the
+server the way a dead FUSE daemon does: the connection is aborted and the mount
+stays, answering ENOTCONN until it is unmounted, so nothing a program writes
+afterwards lands in the directory underneath.
 """
 
 from __future__ import annotations
@@ -64,11 +62,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from .._native import lib
 from ..errors import DeviceGoneError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, InitFlag, Opcode
-from ..fs.device import Completion, Slot, VirtioFs
-from ..fs.sizing import reply_capacity
+from ..fs.device import VirtioFs
 from .base import FrontendError
 from .fuse_dev import (
     MountOptions,
@@ -79,6 +77,7 @@ from .fuse_dev import (
     require_root,
     umount_busy_lazy,
 )
+from .pump import Pump
 
 log = logging.getLogger(__name__)
 reqlog = logging.getLogger("vfsdrv.relay.requests")
@@ -113,12 +112,11 @@ KERNEL_NOTIFY_CODES = frozenset({1, 2, 3, 4, 5, 6, 8, 9})
 #: unique of the relay's own FUSE_DESTROY: far from the kernel's counter (even, no
 #: interrupt bit, no FUSE_UNIQUE_RESEND bit)
 OWN_UNIQUE = 1 << 62
-#: reads from /dev/fuse per loop round before completions get a turn
-READ_BATCH = 64
 #: after SIGTERM/SIGINT, how long a lazily detached (busy) mount is served before
 #: the connection is aborted
 STOP_GRACE = 3.0
-MAX_ERRNO = 4095
+#: small slots the control thread keeps for hiprio and its own requests
+CONTROL_SLOTS = 8
 
 
 def serve(
@@ -142,26 +140,35 @@ class Relay:
         options: list[str],
         debug: bool = False,
         ready: Callable[[], None] | None = None,
+        source: str | None = None,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise FrontendError(f"--threads must be at least 1, not {threads}")
         self.fs = fs
         self.mountpoint = mountpoint
         self.options = MountOptions.parse(options)
         self.debug = debug
         self.ready = ready
+        self.source = source
+        self.threads = threads
         self.fuse_fd = -1
         self.mounted = False
         self.initialized = False
         self.conn_gone = False
+        self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
         self.destroyed = False
-        self.landing: Slot | None = None
-        self.inflight = 0
         self.stop_at: float | None = None
         self.error: BaseException | None = None
-        self._fuse_registered = False
+        self.started_at = time.monotonic()
+        self.pumps: list[Pump] = []
+        self._lent: list = []
+        self._event_fd = -1
+        self._exits: queue.SimpleQueue[Pump] = queue.SimpleQueue()
+        self._hiprio_backlog: collections.deque[bytes] = collections.deque()
         self._sel: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._pending_debug: dict[int, tuple[int, int, float]] = {}
-        self._setlkw: set[int] = set()  # SETLKW uniques the device has not answered
         self._notify_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._notify_thread: threading.Thread | None = None
         self.stats: collections.Counter[str] = collections.Counter()
@@ -179,7 +186,7 @@ class Relay:
         try:
             self.fuse_fd = open_fuse_device()
             tag = self.fs.config.tag if self.fs.config is not None else "vfsdrv"
-            mount_fuse(self.fuse_fd, mp, tag, self.options)
+            mount_fuse(self.fuse_fd, mp, self.source or tag, self.options)
             self.mounted = True
             log.info("mounted %r on %s", tag, mp)
             self.fs.on_notify = self._on_notify
@@ -194,46 +201,51 @@ class Relay:
             raise self.error
 
     def _shutdown(self) -> None:
-        """Abort the connection (if the kernel still has it), unmount (if still
-        mounted), end the device session. Aborting first means unmounting can never
-        wait for a request that only this (now stopped) loop would answer."""
+        """Stop the pumps, abort the connection (if the kernel still has it), unmount
+        (if still mounted and the device did not fail), end the device session.
+        Aborting first means unmounting can never wait for a request that only the
+        (now stopped) pumps would answer."""
         self.fs.on_notify = None
+        self._stop_pumps()
         if self._notify_thread is not None:
             self._notify_q.put(None)
             self._notify_thread.join(2)
+        for pump in self.pumps:
+            pump.close_fuse()
         if self.fuse_fd >= 0:
-            os.close(self.fuse_fd)
+            os.close(self.fuse_fd)  # the last descriptor: the kernel aborts the connection
             self.fuse_fd = -1
         self.conn_gone = True
-        if self.mounted:
+        if self.mounted and not self.dead:
             try:
                 if is_mount_point(self.mountpoint, resolved=True):
                     umount_busy_lazy(self.mountpoint)
             except OSError as exc:
                 log.error("could not unmount %s: %s", self.mountpoint, exc)
+        elif self.dead:
+            log.error("%s stays mounted and answers ENOTCONN until it is unmounted "
+                      "(vfsdrv umount %s)", self.mountpoint, self.mountpoint)
         if self._sel is not None:
             self._sel.close()
-        if self.landing is not None:
-            self.fs.release(self.landing)
-            self.landing = None
+        self._release_pumps()
         self._end_device_session()
-        st = self.stats
-        summary = (f"{st['requests']} requests ({st['small']} in small slots, {st['large']} in "
-                   f"large ones), stopped reading /dev/fuse {st['stalls']} times for want of a "
-                   f"slot, {st['interrupts_ignored']} interrupts ignored, "
-                   f"{st['notifications']} notifications forwarded")
+        summary = self._summary()
         log.info("%s", summary)
         if self.debug:
             reqlog.debug("%s", summary)
+
+    def _summary(self) -> str:
+        st = self.status()
+        return (f"{st['served']} requests served by {len(self.pumps)} pump(s), "
+                f"{st['errors']} bad replies, {self.stats['interrupts_ignored']} interrupts "
+                f"ignored, {self.stats['notifications']} notifications forwarded, "
+                f"{self.stats['forgets']} forgets")
 
     def _end_device_session(self) -> None:
         fs = self.fs
         if not self.initialized or self.destroyed or fs.broken is not None:
             return
         try:
-            deadline = time.monotonic() + 2.0
-            while self.inflight and time.monotonic() < deadline:
-                fs.wait(0.1)
             fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(5.0)
             self.destroyed = True
             log.info("FUSE_DESTROY sent to the device")
@@ -282,28 +294,27 @@ class Relay:
         reqlog.propagate = False
         return handler
 
-    # -- the event loop --------------------------------------------------------------------
+    # -- the control loop --------------------------------------------------------------
     def _loop(self) -> None:
         fs = self.fs
         sel = self._sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        for fd in fs.fds():
+        for fd in fs.control_fds():
             sel.register(fd, selectors.EVENT_READ, "device")
-        self._set_fuse_polling(True)
+        sel.register(self.fuse_fd, selectors.EVENT_READ, "fuse")
         try:
-            while not self.conn_gone:
-                fuse_ready = False
+            while not self.conn_gone and not self.dead:
                 for key, _ev in sel.select(self._timeout()):
                     if key.data == "device":
                         fs.on_fd_ready(key.fd)
                     elif key.data == "fuse":
-                        fuse_ready = True
+                        self._read_init()
+                    elif key.data == "events":
+                        self._on_events()
                     else:
                         self._on_wake()
                 fs.process()
-                if fuse_ready or (self.landing is None and not self._fuse_registered):
-                    self._read_requests()
-                self._set_fuse_polling(self._have_landing())
+                self._flush_hiprio()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
                     log.warning("%s still busy after %.0f s: aborting the connection",
                                 self.mountpoint, STOP_GRACE)
@@ -312,18 +323,24 @@ class Relay:
             log.error("%s", exc)
             self.error = exc
         except DeviceGoneError as exc:
-            log.error("device gone: %s", exc)
-            self.error = FrontendError(f"the device went away: {exc}")
+            self._device_failed(f"the device went away: {exc}")
         except VfsdrvError as exc:
-            log.error("device failed: %s", exc)
-            self.error = FrontendError(f"the device failed: {exc}")
+            self._device_failed(f"the device failed: {exc}")
 
     def _timeout(self) -> float | None:
         if self.stop_at is not None:
             return 0.1
         if self.fs.poll:
-            return 0.0 if self.inflight or self.fs.lock_waiters else 0.005
+            return 0.0 if self.fs.lock_waiters or self._hiprio_backlog else 0.005
+        if self._hiprio_backlog:
+            return 0.001
         return self.fs.max_wait  # a queue without an interrupt is looked at this often
+
+    def _device_failed(self, why: str) -> None:
+        """Behave as a dead FUSE server: abort the connection, keep the mount."""
+        log.error("%s", why)
+        self.error = FrontendError(why)
+        self.dead = True
 
     def _on_wake(self) -> None:
         try:
@@ -343,161 +360,200 @@ class Relay:
         except OSError as exc:
             log.error("unmounting %s: %s", self.mountpoint, exc)
 
-    def _set_fuse_polling(self, on: bool) -> None:
-        if on == self._fuse_registered or self.conn_gone or self._sel is None:
+    # -- before the pumps: FUSE_INIT on the session descriptor ------------------------
+    def _read_init(self) -> None:
+        buf = bytearray(self.fs.max_io + 2 * PAGE)
+        try:
+            n = os.readv(self.fuse_fd, [buf])
+        except (BlockingIOError, InterruptedError):
             return
-        if on:
-            self._sel.register(self.fuse_fd, selectors.EVENT_READ, "fuse")
-        else:
-            self._sel.unregister(self.fuse_fd)
-            self.stats["stalls"] += 1
-        self._fuse_registered = on
-
-    def _have_landing(self) -> bool:
-        if self.landing is None:
-            self.landing = self.fs.try_acquire(True)
-        return self.landing is not None
-
-    # -- requests from the kernel ------------------------------------------------------------
-    def _read_requests(self) -> None:
-        for _ in range(READ_BATCH):
-            if self.conn_gone or not self._have_landing():
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return
-            slot = self.landing
-            assert slot is not None
-            try:
-                n = os.readv(self.fuse_fd, [slot.view])
-            except BlockingIOError:
+            if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+                log.info("%s: the kernel ended the connection (unmounted)", self.mountpoint)
+                self.conn_gone = True
                 return
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:  # the request was interrupted meanwhile
-                    continue
-                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
-                    log.info("%s: the kernel ended the connection (unmounted)", self.mountpoint)
-                    self.conn_gone = True
-                    return
-                raise FrontendError(f"reading /dev/fuse: {exc.strerror}") from exc
-            self._dispatch(slot, n)
-
-    def _dispatch(self, landing: Slot, n: int) -> None:
-        view = landing.view
+            raise FrontendError(f"reading /dev/fuse: {exc.strerror}") from exc
+        view = memoryview(buf)
         if n < IN_HEADER_SIZE:
             log.warning("short read of %d bytes from /dev/fuse", n)
             return
-        length, opcode, unique, nodeid = IN_HEADER.unpack_from(view, 0)
+        length, opcode, unique, _nodeid = IN_HEADER.unpack_from(view, 0)
         self.stats["requests"] += 1
-        if length != n:
-            log.warning("request %d: header length %d, read %d", unique, length, n)
-            self._reply_error(unique, -errno.EIO)
+        if opcode != Opcode.INIT or length != n:
+            self._reply_error(self.fuse_fd, unique, -errno.EIO)
             return
-        if opcode == Opcode.INIT:
-            self._handle_init(view, n, unique)
-            return
-        if not self.initialized:
-            self._reply_error(unique, -errno.EIO)
-            return
-        if opcode == Opcode.DESTROY:
-            self.destroyed = True
-        elif opcode == Opcode.SETLKW:
-            self._setlkw.add(unique)
-        elif opcode == Opcode.INTERRUPT and not self._interrupt_wanted(view, n, unique):
-            return
-        slot = landing
-        if self._fits_small(opcode, view, n):
-            s = self.fs.try_acquire(False)
-            if s is not None:
-                s.view[:n] = view[:n]
-                slot = s
-        if self.debug:
-            self._pending_debug[unique] = (opcode, nodeid, time.monotonic())
-        used = self._submit(slot, n, opcode, unique)
-        if used is landing:
-            self.landing = None  # in flight; the next free large slot lands requests
-        if used is not None:
-            self.stats["large" if used is landing else "small"] += 1
+        self._handle_init(view, n, unique)
+        if self.initialized:
+            assert self._sel is not None
+            self._sel.unregister(self.fuse_fd)  # from now on the pumps read requests
+            self._start_pumps()
+            if self.ready is not None:
+                self.ready()
 
-    def _interrupt_wanted(self, view: memoryview, n: int, unique: int) -> bool:
-        target = INTERRUPT_IN.unpack_from(view, IN_HEADER_SIZE)[0] if n >= 48 else 0
-        if target in self._setlkw:
-            return True
-        self.stats["interrupts_ignored"] += 1
-        if self.debug:
-            reqlog.debug("unique %d INTERRUPT of %d ignored by the relay (not a pending SETLKW)",
-                         unique, target)
-        return False
+    # -- the pumps -------------------------------------------------------------------------
+    def _start_pumps(self) -> None:
+        fs = self.fs
+        queues = fs.hand_over_request_queues()
+        small, large = fs.free_slots
+        count = min(len(queues), self.threads or len(queues), large)
+        if count == 0:
+            raise FrontendError("no request queue or no large slot for the pumps")
+        self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        assert self._sel is not None
+        self._sel.register(self._event_fd, selectors.EVENT_READ, "events")
+        per_small = max(0, small - CONTROL_SLOTS) // count
+        per_large = large // count
+        fs.pending_setlkw = self._pending_setlkw
+        for vq in queues[:count]:
+            slots = fs.lend_slots(per_small, per_large)
+            self._lent.append(slots)
+            pump = Pump(fs, vq, self.fuse_fd, slots, event_fd=self._event_fd,
+                        on_exit=self._on_pump_exit, poll=fs.poll, trace=self.debug)
+            self.pumps.append(pump)
+        for pump in self.pumps:
+            pump.start()
+        log.info("%d pump(s) on request queue(s) %s, %d small and %d large slots each",
+                 count, ", ".join(str(p.vq.index) for p in self.pumps), per_small, per_large)
 
-    def _fits_small(self, opcode: int, view: memoryview, n: int) -> bool:
-        size = VirtioFs.SLOT_SIZE_SMALL
-        if n > size:
-            return False
-        cap = reply_capacity(opcode, view[IN_HEADER_SIZE:n], self.fs.max_io)
-        if cap is None:
-            return True
-        reply_off = ((n + OUT_HEADER_SIZE + PAGE - 1) & ~(PAGE - 1)) - OUT_HEADER_SIZE
-        return reply_off + OUT_HEADER_SIZE + cap <= size
-
-    def _submit(self, slot: Slot, n: int, opcode: int, unique: int) -> Slot | None:
-        """Forward one request; the slot it went in, or None if it could not be
-        forwarded (the kernel then got an error reply)."""
-        hiprio = opcode in abi.HIPRIO_OPCODES
+    def _on_pump_exit(self, pump: Pump) -> None:
+        # in the pump's thread: hand over to the control loop
+        self._exits.put(pump)
         try:
-            self.fs.submit(slot, n, None if hiprio else self._on_reply)
-        except ValueError as exc:
-            if slot is not self.landing:
-                # a small slot that did not fit after all: the landing slot has the request
-                self.fs.release(slot)
-                if self.landing is not None:
-                    return self._submit(self.landing, n, opcode, unique)
-            log.warning("request %d (opcode %d) not forwarded: %s", unique, opcode, exc)
-            if not hiprio:
-                self._reply_error(unique, -errno.EIO)
-            return None
-        if hiprio:
-            if self.debug:
-                self._pending_debug.pop(unique, None)
-                reqlog.debug("unique %d %s nodeid %d (no reply)", unique, _opname(opcode),
-                             IN_HEADER.unpack_from(slot.view, 0)[3])
-        else:
-            self.inflight += 1
-        return slot
+            os.eventfd_write(self._event_fd, 1)
+        except OSError:
+            pass
+
+    def _stop_pumps(self) -> None:
+        for pump in self.pumps:
+            pump.stop()
+
+    def _release_pumps(self) -> None:
+        for pump in self.pumps:
+            pump.close()
+        if self.pumps and all(not p.alive for p in self.pumps):
+            self.fs.take_back_request_queues()
+            for slots in self._lent:
+                self.fs.return_slots(slots)
+            self._lent.clear()
+        if self._event_fd >= 0:
+            os.close(self._event_fd)
+            self._event_fd = -1
+
+    def _pending_setlkw(self, unique: int) -> bool:
+        return any(p.has_setlkw(unique) for p in self.pumps)
+
+    def _on_events(self) -> None:
+        try:
+            os.eventfd_read(self._event_fd)
+        except BlockingIOError:
+            pass
+        for pump in self.pumps:
+            for event in pump.events():
+                self._on_pump_event(pump, *event)
+        while not self._exits.empty():
+            pump = self._exits.get()
+            ex = pump.exit
+            assert ex is not None
+            if ex.reason == lib.VFSDRV_PUMP_CONN_GONE:
+                log.info("%s: the kernel ended the connection (unmounted)", self.mountpoint)
+                self.conn_gone = True
+            elif ex.reason != lib.VFSDRV_PUMP_STOPPED:
+                self.fs.stats["pump_failures"] += 1
+                self._device_failed(f"request queue {ex.index}: {ex}")
+
+    def _on_pump_event(self, pump: Pump, kind: int, slot: int, unique: int, opcode: int,
+                       fd: int, length: int, why: str, arg: int) -> None:
+        if kind == lib.VFSDRV_EV_REQUEST:
+            self._control_request(pump, slot, unique, opcode, fd)
+        elif kind == lib.VFSDRV_EV_LOCK_WAIT:
+            self.fs.park_lock(unique, opcode, lambda comp, fd=fd: self._write(fd, comp.reply,
+                                                                              comp.unique))
+        elif kind == lib.VFSDRV_EV_BAD_REPLY:
+            self.fs.stats["bad_reply"] += 1
+            log.warning("device sent a bad reply to %s (unique %d): %s; answered EIO",
+                        _opname(opcode), unique, why)
+        elif kind == lib.VFSDRV_EV_BAD_REQUEST:
+            log.warning("request %d (%s) not forwarded: %s", unique, _opname(opcode), why)
+        elif kind == lib.VFSDRV_EV_TRACE_REQUEST:
+            self._pending_debug[unique] = (opcode, arg, time.monotonic())
+        elif kind == lib.VFSDRV_EV_TRACE_REPLY:
+            self._log_reply(unique, opcode, -int(arg), length)
+
+    def _control_request(self, pump: Pump, slot: int, unique: int, opcode: int,
+                         fd: int) -> None:
+        """A request the pump lent to the control plane (with its slot)."""
+        data = pump.request_bytes(slot)
+        if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+            self.stats["forgets"] += 1
+            self._to_hiprio(data)
+        elif opcode == Opcode.INTERRUPT:
+            target = INTERRUPT_IN.unpack_from(data, IN_HEADER_SIZE)[0] if len(data) >= 48 else 0
+            if self.fs.is_lock_waiter(target) or self._pending_setlkw(target):
+                self._to_hiprio(data)
+            else:
+                self.stats["interrupts_ignored"] += 1
+                if self.debug:
+                    reqlog.debug("unique %d INTERRUPT of %d ignored by the relay (not a "
+                                 "pending SETLKW)", unique, target)
+        elif opcode == Opcode.NOTIFY_REPLY:
+            pump.give(slot, forward=True)  # to the device; the kernel expects no reply
+            return
+        elif opcode == Opcode.DESTROY:
+            self.destroyed = True
+            pump.give(slot, forward=True)
+            self._write(fd, OUT_HEADER.pack(OUT_HEADER_SIZE, 0, unique), unique)
+            return
+        else:  # a second INIT, or anything else the pump does not forward
+            self._reply_error(fd, unique, -errno.EPROTO if opcode == Opcode.INIT else -errno.EIO)
+        pump.give(slot)
+        if self.debug and opcode != Opcode.INTERRUPT:
+            reqlog.debug("unique %d %s (control plane)", unique, _opname(opcode))
+
+    def _to_hiprio(self, data: bytes) -> None:
+        self._hiprio_backlog.append(data)
+        self._flush_hiprio()
+
+    def _flush_hiprio(self) -> None:
+        fs = self.fs
+        while self._hiprio_backlog:
+            slot = fs.try_acquire(False)
+            if slot is None:
+                return  # hiprio completions free slots; the loop comes back
+            data = self._hiprio_backlog.popleft()
+            slot.view[: len(data)] = data
+            try:
+                fs.submit(slot, len(data), None)
+            except ValueError as exc:
+                fs.release(slot)
+                log.warning("hiprio request not forwarded: %s", exc)
 
     # -- replies and notifications to the kernel -----------------------------------------
-    def _on_reply(self, comp: Completion) -> None:
-        self.inflight -= 1
-        if comp.opcode == Opcode.SETLKW:
-            self._setlkw.discard(comp.unique)
-        if self.debug:
-            self._log_reply(comp)
-        self._write(comp.reply, comp.unique)
-
-    def _log_reply(self, comp: Completion) -> None:
-        info = self._pending_debug.pop(comp.unique, None)
-        opcode, nodeid, t0 = info if info else (comp.opcode, 0, time.monotonic())
-        err = comp.error
+    def _log_reply(self, unique: int, opcode: int, err: int, length: int) -> None:
+        info = self._pending_debug.pop(unique, None)
+        _op, nodeid, t0 = info if info else (opcode, 0, time.monotonic())
         result = "ok" if err == 0 else f"{err} ({errno.errorcode.get(-err, '?')})"
-        reqlog.debug("unique %d %s nodeid %d -> %s, %d bytes, %.2f ms", comp.unique,
-                     _opname(opcode), nodeid, result, len(comp.reply) - OUT_HEADER_SIZE,
-                     (time.monotonic() - t0) * 1e3)
+        reqlog.debug("unique %d %s nodeid %d -> %s, %d bytes, %.2f ms", unique,
+                     _opname(opcode), nodeid, result, length, (time.monotonic() - t0) * 1e3)
 
-    def _write(self, data: bytes | memoryview, unique: int) -> None:
+    def _write(self, fd: int, data: bytes | memoryview, unique: int) -> None:
         if self.conn_gone:
             return
         try:
-            os.write(self.fuse_fd, data)
+            os.write(fd, data)
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # request aborted or interrupted in the kernel
                 log.debug("reply to %d: the kernel no longer waits for it", unique)
-            elif exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+            elif exc.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):
                 self.conn_gone = True
             else:
                 log.warning("writing reply to %d to /dev/fuse: %s", unique, exc.strerror)
 
-    def _reply_error(self, unique: int, error: int) -> None:
+    def _reply_error(self, fd: int, unique: int, error: int) -> None:
         if self.debug:
             reqlog.debug("unique %d answered by the relay: %d", unique, error)
-        self._write(OUT_HEADER.pack(OUT_HEADER_SIZE, error, unique), unique)
+        self._write(fd, OUT_HEADER.pack(OUT_HEADER_SIZE, error, unique), unique)
 
     def _on_notify(self, code: int, message: memoryview) -> None:
         if code not in KERNEL_NOTIFY_CODES:
@@ -525,16 +581,61 @@ class Relay:
                 log.info("the kernel refused notification code %d: %s",
                          OUT_HEADER.unpack_from(data)[1], exc.strerror)
 
+    # -- figures ---------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        """Live figures for `vfsdrv status` and the exit log (JSON-able)."""
+        from ..virtio.constants import feature_names
+
+        fs = self.fs
+        queues: list[dict[str, object]] = []
+        if fs.hiprio is not None:
+            queues.append({"name": "hiprio", "index": fs.hiprio.vq.index,
+                           "size": fs.hiprio.vq.size, "in_flight": fs.hiprio.vq.in_flight})
+        if fs.notify_vq is not None:
+            queues.append({"name": "notification", "index": fs.notify_vq.index,
+                           "size": fs.notify_vq.size,
+                           "buffers_posted": fs.notify_vq.in_flight})
+        served = in_flight = bad = 0
+        for pump in self.pumps:
+            st = pump.stats()
+            served += st["replies"]
+            in_flight += st["in_flight"]
+            bad += st["bad_replies"]
+            queues.append({"name": f"request{pump.vq.index}", "index": pump.vq.index,
+                           "size": pump.vq.size, "served": st["replies"],
+                           "in_flight": st["in_flight"], "requests": st["requests"],
+                           "bad_replies": st["bad_replies"], "kicks": st["kicks"],
+                           "syscalls": st["syscalls"], "lock_waits": st["lock_waits"],
+                           "to_control": st["to_control"], "queue_full": st["queue_full"]})
+        features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
+                                                   30: "VHOST_USER_PROTOCOL_FEATURES"})
+        dev_stats = dict(fs.stats)
+        return {
+            "device": fs.config.tag if fs.config is not None else None,
+            "transport": getattr(fs.transport, "name", type(fs.transport).__name__),
+            "features": [f for f in features.split(", ") if f != "none"],
+            "pumps": len(self.pumps),
+            "queues": queues,
+            "served": served,
+            "in_flight": in_flight,
+            "errors": bad + sum(v for k, v in dev_stats.items()
+                                if k.startswith("bad_") and k != "bad_reply"),
+            "notifications": self.stats["notifications"],
+            "lock_waiters": fs.lock_waiters,
+            "uptime": round(time.monotonic() - self.started_at, 3),
+            "counters": {**dev_stats, **{f"relay_{k}": v for k, v in self.stats.items()}},
+        }
+
     # -- FUSE_INIT -----------------------------------------------------------------------
     def _handle_init(self, view: memoryview, n: int, unique: int) -> None:
         if self.initialized:
-            self._reply_error(unique, -errno.EPROTO)
+            self._reply_error(self.fuse_fd, unique, -errno.EPROTO)
             return
         body = bytes(view[IN_HEADER_SIZE:n])
         body += bytes(max(0, abi.sizeof("fuse_init_in") - len(body)))
         kin = abi.unpack("fuse_init_in", body)
         if kin.major != abi.KERNEL_VERSION:
-            self._reply_error(unique, -errno.EPROTO)
+            self._reply_error(self.fuse_fd, unique, -errno.EPROTO)
             raise FrontendError(f"the kernel speaks FUSE {kin.major}.{kin.minor}, not 7.x")
         kflags = kin.flags
         if kflags & InitFlag.INIT_EXT:
@@ -544,7 +645,7 @@ class Relay:
         try:
             out = self.fs.init(offer, minor=minor, max_readahead=kin.max_readahead)
         except (VfsdrvError, OSError, TimeoutError) as exc:
-            self._reply_error(unique, -errno.EIO)
+            self._reply_error(self.fuse_fd, unique, -errno.EIO)
             raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc
         granted = self.fs.init_flags & offer
         reply_flags = granted | (kflags & InitFlag.INIT_EXT)
@@ -556,7 +657,7 @@ class Relay:
         fields["flags2"] = reply_flags >> 32
         payload = abi.pack("fuse_init_out", **fields)
         reply = OUT_HEADER.pack(OUT_HEADER_SIZE + len(payload), 0, unique) + payload
-        self._write(reply, unique)
+        self._write(self.fuse_fd, reply, unique)
         if self.conn_gone:
             raise FrontendError("the kernel closed the connection during FUSE_INIT")
         self.initialized = True
@@ -569,8 +670,6 @@ class Relay:
         if self.debug:
             reqlog.debug("unique %d INIT -> 7.%d flags %#x (kernel offered %#x, device %#x)",
                          unique, fields["minor"], reply_flags, kflags, self.fs.init_flags)
-        if self.ready is not None:
-            self.ready()
 
 
 def init_reply_fields(

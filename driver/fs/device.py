@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .._native import ffi, lib
 from ..errors import (
     DeviceError,
     DeviceGoneError,
@@ -41,7 +42,7 @@ from ..virtio.virtqueue import QueueFull, Virtqueue
 from . import abi
 from .abi import FUSE_LOCK_WAIT, IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
 from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, check_notify_buf_size, parse_config
-from .sizing import reply_capacity
+from .sizing import reply_capacity, reply_offset, request_offset
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")
 IN_HEADER_START = struct.Struct("<IIQ")  # len, opcode, unique
 OUT_HEADER = struct.Struct("<IiQ")
 LOCK_NOTIFY = struct.Struct("<Qii")
-#: largest errno a reply may carry (Linux MAX_ERRNO)
-MAX_ERRNO = 4095
+#: notify codes counted one by one in the statistics (others share one counter,
+#: so a device cannot grow the table without bound)
+COUNTED_NOTIFY_CODES = frozenset(range(1, 10))
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Slot:
     unique: int = 0
     opcode: int = 0
     in_len: int = 0
+    req_off: int = 0
     reply_off: int = 0
     reply_cap: int | None = None
     on_done: OnDone | None = None
@@ -164,6 +167,12 @@ class VirtioFs:
         #: longest a wait may block: set when a queue has no interrupt (no MSI-X vector)
         self.max_wait: float | None = None
         self.started = False
+        #: request queues handed to native pumps (the relay): not harvested here
+        self.pumped = False
+        #: asks the pumps whether a SETLKW is still on its way (early notification)
+        self.pending_setlkw: Callable[[int], bool] | None = None
+        self._reply_hdr = ffi.new("struct vfsdrv_out_header *")
+        self._why = ffi.new("char[]", 120)
 
     # -- bring-up -----------------------------------------------------------------
     def start(self) -> VirtioFs:
@@ -315,6 +324,11 @@ class VirtioFs:
         self._next_unique += 2  # even ids, as the kernel's (odd ones mark interrupts)
         return u
 
+    def needs_large(self, opcode: int, in_len: int) -> bool:
+        """Whether a request of this opcode and length wants a large slot."""
+        return (request_offset(opcode) + in_len > self.SLOT_SIZE_SMALL // 2
+                or opcode in _LARGE_REPLY_OPCODES)
+
     def try_acquire(self, large: bool = False) -> Slot | None:
         free = self._free_large if large else self._free_small
         return free.pop() if free else None
@@ -330,41 +344,74 @@ class VirtioFs:
             if time.monotonic() >= deadline:
                 raise DeviceError("no request buffer became free: the device stopped answering")
 
+    # -- lending to native pumps ------------------------------------------------------
+    def hand_over_request_queues(self) -> list[Virtqueue]:
+        """The request queues, for native pumps that own them from now on: this
+        object then harvests only hiprio and the notification queue."""
+        self.pumped = True
+        self._harvest = [self.hiprio]
+        return [qs.vq for qs in self.request_queues]
+
+    def take_back_request_queues(self) -> None:
+        """The pumps have stopped: harvest the request queues here again (entries
+        the pumps left in flight complete with no owner and are dropped)."""
+        self.pumped = False
+        self._harvest = [self.hiprio, *self.request_queues]
+
+    def lend_slots(self, small: int, large: int) -> list[Slot]:
+        """Take free slots out of the pool (for a pump) until return_slots()."""
+        n_small, n_large = min(small, len(self._free_small)), min(large, len(self._free_large))
+        out = [self._free_small.pop() for _ in range(n_small)]
+        out += [self._free_large.pop() for _ in range(n_large)]
+        return out
+
+    def return_slots(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            self.release(slot)
+
+    @property
+    def free_slots(self) -> tuple[int, int]:
+        return len(self._free_small), len(self._free_large)
+
     def release(self, slot: Slot) -> None:
         slot.on_done = None
         (self._free_large if slot.large else self._free_small).append(slot)
 
-    def submit(self, slot: Slot, in_len: int, on_done: OnDone | None) -> None:
-        """Send the request already written at slot.view[:in_len]. Its fuse_in_header
-        gives the opcode and unique; the reply room is sized from the opcode."""
+    def submit(self, slot: Slot, in_len: int, on_done: OnDone | None, req_off: int = 0) -> None:
+        """Send the request already written at slot.view[req_off:req_off + in_len]. Its
+        fuse_in_header gives the opcode and unique; the reply room is sized from the
+        opcode and placed by the core's layout rule (vfsdrv.fs.sizing)."""
         self._check_usable()
-        if in_len < IN_HEADER_SIZE or in_len > len(slot.view):
+        if in_len < IN_HEADER_SIZE or req_off < 0 or req_off + in_len > len(slot.view):
             raise ValueError(f"request length {in_len} out of range")
-        hdr_len, opcode, unique = IN_HEADER_START.unpack_from(slot.view, 0)
+        hdr_len, opcode, unique = IN_HEADER_START.unpack_from(slot.view, req_off)
         if hdr_len != in_len:
             raise ValueError(f"fuse_in_header.len {hdr_len} != request length {in_len}")
         if unique in self._in_flight or unique in self._lock_waiters:
             raise ValueError(f"unique {unique} is already in flight")
-        cap = reply_capacity(opcode, slot.view[IN_HEADER_SIZE:in_len], self.max_io)
+        cap = reply_capacity(
+            opcode, slot.view[req_off + IN_HEADER_SIZE : req_off + in_len], self.max_io)
         slot.unique, slot.opcode, slot.in_len, slot.reply_cap = unique, opcode, in_len, cap
+        slot.req_off = req_off
         slot.on_done = on_done
         buf = slot.buf
         if cap is None:
-            readable = buf.segments(0, in_len)
+            readable = buf.segments(req_off, in_len)
             writable: list[tuple[int, int]] = []
             qs = self.hiprio
         else:
-            # out header just before a page boundary, payload page-aligned
-            reply_off = ((in_len + OUT_HEADER_SIZE + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) - 16
+            reply_off = reply_offset(req_off, in_len)
             if reply_off + OUT_HEADER_SIZE + cap > len(slot.view):
                 raise ValueError(f"reply room of {cap} bytes does not fit a slot")
             slot.reply_off = reply_off
             if buf.contiguous:  # the usual case: one segment each, no translation
-                readable = [(buf.addr, in_len)]
+                readable = [(buf.addr + req_off, in_len)]
                 writable = [(buf.addr + reply_off, OUT_HEADER_SIZE + cap)]
             else:
-                readable = buf.segments(0, in_len)
+                readable = buf.segments(req_off, in_len)
                 writable = buf.segments(reply_off, OUT_HEADER_SIZE + cap)
+            if self.pumped:
+                raise ValueError("the request queues belong to the native pumps")
             qs = self._pick_request_queue()
         self._in_flight[unique] = slot
         self._enqueue(qs, (readable, writable, slot))
@@ -416,7 +463,8 @@ class VirtioFs:
                 while True:
                     used = vq.get_used()
                     for slot, length in used:
-                        self._complete(slot, length)
+                        if slot is not None:  # None: left by a pump that has stopped
+                            self._complete(slot, length)
                     handled += len(used)
                     if self.poll or not vq.enable_interrupts():
                         break
@@ -435,7 +483,7 @@ class VirtioFs:
         on_done = slot.on_done
         comp = self._check_reply(slot, length)
         if comp.error == FUSE_LOCK_WAIT:
-            self._park_lock(slot.unique, slot.opcode, on_done)
+            self.park_lock(slot.unique, slot.opcode, on_done)
             self.release(slot)
             return
         try:
@@ -445,34 +493,30 @@ class VirtioFs:
             self.release(slot)
 
     def _check_reply(self, slot: Slot, length: int) -> Completion:
-        """Validate the device's reply; a bad one completes the request with EIO."""
+        """Validate the device's reply (the core's rule, the same the pump applies);
+        a bad one completes the request with EIO. The header is judged and returned
+        as a copy taken out of DMA memory: the device cannot change it afterwards."""
         off = slot.reply_off
-        problem = None
-        if length < OUT_HEADER_SIZE:
-            problem = f"used length {length} is shorter than the out header"
-        else:
-            out_len, error, unique = OUT_HEADER.unpack_from(slot.view, off)
-            if unique != slot.unique:
-                problem = f"reply unique {unique} != request unique {slot.unique}"
-            elif not OUT_HEADER_SIZE <= out_len <= length:
-                problem = f"out header len {out_len} outside 16..{length} (used length)"
-            elif error > 0 and not (error == FUSE_LOCK_WAIT and self._may_wait(slot.opcode)):
-                problem = f"positive error {error} in reply to opcode {slot.opcode}"
-            elif error < -MAX_ERRNO:
-                problem = f"error {error} out of range"
-            elif error != 0 and out_len != OUT_HEADER_SIZE:
-                problem = f"error reply {error} carries {out_len - OUT_HEADER_SIZE} payload bytes"
-            else:
-                return Completion(unique, slot.opcode, error, slot.view[off : off + out_len])
-        self.stats["bad_reply"] += 1
-        log.warning("device sent a bad reply (opcode %d): %s", slot.opcode, problem)
-        return _synthetic(slot.unique, slot.opcode, -5)  # EIO
+        hdr = self._reply_hdr
+        rc = lib.vfsdrv_check_reply(
+            slot.buf.address_of() + off, length, slot.unique, slot.opcode,
+            slot.reply_cap, int(self._may_wait(slot.opcode)), hdr, self._why, 120,
+        )
+        if rc != 0:
+            self.stats["bad_reply"] += 1
+            log.warning("device sent a bad reply (opcode %d): %s", slot.opcode,
+                        ffi.string(self._why).decode(errors="replace"))
+            return _synthetic(slot.unique, slot.opcode, -errno.EIO)
+        # error and length come from the copy; the payload is read where it lies
+        return Completion(hdr.unique, slot.opcode, hdr.error, slot.view[off : off + hdr.len])
 
     def _may_wait(self, opcode: int) -> bool:
         return opcode == Opcode.SETLKW and self.notification
 
     # -- blocking locks ---------------------------------------------------------------
-    def _park_lock(self, unique: int, opcode: int, on_done: OnDone | None) -> None:
+    def park_lock(self, unique: int, opcode: int, on_done: OnDone | None) -> None:
+        """A SETLKW the device answered "wait": `on_done` gets the final reply when
+        its FUSE_NOTIFY_LOCK arrives (or at once, if it already has)."""
         early = self._early_lock.pop(unique, None)
         if early is not None:
             self.stats["lock_notify_before_reply"] += 1
@@ -481,6 +525,9 @@ class VirtioFs:
             return
         self._lock_waiters[unique] = _Waiter(opcode, on_done)
         self.stats["lock_waits"] += 1
+
+    def is_lock_waiter(self, unique: int) -> bool:
+        return unique in self._lock_waiters
 
     @property
     def lock_waiters(self) -> int:
@@ -522,15 +569,18 @@ class VirtioFs:
             self.stats["notify_resend"] += 1
             log.warning("device asked for FUSE_NOTIFY_RESEND, which this driver does not do")
             return
-        self.stats[f"notify_{code}"] += 1
+        self.stats[f"notify_{code}" if code in COUNTED_NOTIFY_CODES else "notify_other"] += 1
         if self.on_notify is not None:
             self.on_notify(code, buf.view[:out_len])
         else:
             log.debug("notification code %d (%d bytes) not handled", code, payload_len)
 
     def _lock_notification(self, unique: int, error: int) -> None:
-        if error > 0 or error < -MAX_ERRNO:
-            raise ProtocolError(f"FUSE_NOTIFY_LOCK for {unique} with error {error}")
+        if not lib.vfsdrv_valid_errno(error):
+            # the waiter still gets an answer the kernel accepts, or it never wakes
+            self.stats["bad_notification"] += 1
+            log.warning("FUSE_NOTIFY_LOCK for %d with error %d: answering EIO", unique, error)
+            error = -errno.EIO
         self.stats["lock_notifications"] += 1
         waiter = self._lock_waiters.pop(unique, None)
         if waiter is not None:
@@ -538,7 +588,9 @@ class VirtioFs:
                 waiter.on_done(_synthetic(unique, waiter.opcode, error))
             return
         slot = self._in_flight.get(unique)
-        if slot is not None and slot.opcode == Opcode.SETLKW:
+        if (slot is not None and slot.opcode == Opcode.SETLKW) or (
+            self.pending_setlkw is not None and self.pending_setlkw(unique)
+        ):
             self._early_lock[unique] = error  # the "wait" reply is still on its way
             return
         raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
@@ -582,6 +634,12 @@ class VirtioFs:
         """File descriptors a frontend's event loop should wait on, then call process()."""
         return list(self._fd_queue)
 
+    def control_fds(self) -> list[int]:
+        """fds() without the request queues' interrupts (those belong to the pumps:
+        reading one here would swallow a pump's wake-up)."""
+        request = {qs.vq.index for qs in self.request_queues}
+        return [fd for fd, index in self._fd_queue.items() if index not in request]
+
     def on_fd_ready(self, fd: int) -> None:
         index = self._fd_queue.get(fd)
         if index == ERROR_FD:
@@ -617,19 +675,19 @@ class VirtioFs:
     ) -> Pending:
         body_len = sum(len(p) for p in parts)
         in_len = IN_HEADER_SIZE + body_len
-        large = in_len > self.SLOT_SIZE_SMALL // 2 or opcode in _LARGE_REPLY_OPCODES
-        slot = self.acquire(large)
+        slot = self.acquire(self.needs_large(opcode, in_len))
         if unique is None:
             unique = self.next_unique()
         view = slot.view
-        IN_HEADER.pack_into(view, 0, in_len, opcode, unique, nodeid, uid, gid, pid, 0, 0)
-        pos = IN_HEADER_SIZE
+        req_off = request_offset(opcode)
+        IN_HEADER.pack_into(view, req_off, in_len, opcode, unique, nodeid, uid, gid, pid, 0, 0)
+        pos = req_off + IN_HEADER_SIZE
         for p in parts:
             view[pos : pos + len(p)] = p
             pos += len(p)
         pending = Pending(self, unique, opcode)
         try:
-            self.submit(slot, in_len, pending._done)
+            self.submit(slot, in_len, pending._done, req_off)
         except BaseException:
             self._in_flight.pop(unique, None)
             self.release(slot)
@@ -665,7 +723,10 @@ class VirtioFs:
         return self._broken
 
     def close(self) -> None:
-        """Reset the device and release everything (no FUSE_DESTROY: the caller decides)."""
+        """Reset the device and release everything (no FUSE_DESTROY: the caller decides).
+        Closed means closed: any later call raises instead of touching freed memory."""
+        if self._broken is None:
+            self._broken = DeviceError(f"{self.transport.name}: the device was closed")
         self.dev.close()
 
 

@@ -82,6 +82,12 @@ class Transport(ABC):
         """An eventfd that becomes readable when queue `index` has used buffers,
         or None when the queue runs without interrupts (polling)."""
 
+    def native_kick(self, index: int) -> tuple[int, object, int, int] | None:
+        """How native code notifies queue `index` without calling back into Python:
+        (eventfd to write, -1 if none; MMIO pointer or None; value; width in bytes).
+        None: only notify() can (the native pump then relays its kicks)."""
+        return None
+
     def ack_interrupt(self, index: int) -> None:  # noqa: B027 - optional hook
         """Clear the interrupt for queue `index` (read the eventfd)."""
 

@@ -1,0 +1,193 @@
+/* vfsdrv's native core: the declarations shared by C and Python.
+ *
+ * This file is read twice: by the C compiler (core.c, pump.c include it) and by
+ * cffi's cdef (driver/_native_build.py), so every struct is declared exactly once.
+ * It must stay in the subset of C that cffi parses: no #include, no #if, only
+ * integer #defines. tests/test_native_layout.py pins the layouts.
+ */
+
+/* ---- memory ordering and device registers (see barriers in core.c) ---- */
+void vfsdrv_mb(void);
+void vfsdrv_rmb(void);
+void vfsdrv_wmb(void);
+uint16_t vfsdrv_load_acquire_u16(void *p);
+void vfsdrv_store_release_u16(void *p, uint16_t v);
+void vfsdrv_store_u16(void *p, uint16_t v);
+uint32_t vfsdrv_load_acquire_u32(void *p);
+uint8_t vfsdrv_mmio_read8(void *p);
+uint16_t vfsdrv_mmio_read16(void *p);
+uint32_t vfsdrv_mmio_read32(void *p);
+void vfsdrv_mmio_write8(void *p, uint8_t v);
+void vfsdrv_mmio_write16(void *p, uint16_t v);
+void vfsdrv_mmio_write32(void *p, uint32_t v);
+
+/* ---- split virtqueue, driver side (virtio 1.2 2.7) ---- */
+#define VFSDRV_INDIRECT_MAX 64
+#define VFSDRV_SEG_WRITE 2
+#define VFSDRV_ERROR_LEN 200
+
+struct vfsdrv_seg {
+    uint64_t addr;
+    uint32_t len;
+    uint32_t flags;          /* VFSDRV_SEG_WRITE: device-writable */
+};
+
+struct vfsdrv_used {
+    uint32_t id;             /* head descriptor of the chain */
+    uint32_t len;            /* bytes the device says it wrote */
+};
+
+struct vfsdrv_vq {
+    uint8_t *desc;           /* descriptor table, avail ring, used ring (host pointers) */
+    uint8_t *avail;
+    uint8_t *used;
+    uint8_t *indirect;       /* indirect_heads * VFSDRV_INDIRECT_MAX descriptors, or NULL */
+    uint64_t indirect_addr;  /* device address of indirect */
+    uint32_t indirect_heads; /* heads below this have a table; the others chain directly */
+    uint16_t *next;          /* shadow free list: the device's view is never read back */
+    uint16_t *chain_len;     /* ring descriptors held by each head; 0 = not in flight */
+    uint32_t *writable;      /* device-writable bytes of each head's chain */
+    uint32_t *seen;          /* batch stamp per head: a duplicate used id in one batch */
+    uint32_t seen_gen;
+    uint16_t size;
+    uint16_t index;
+    uint16_t free_head;
+    uint16_t num_free;
+    uint16_t avail_idx;      /* next avail->idx (free-running) */
+    uint16_t published;      /* avail->idx the device has been shown */
+    uint16_t last_used;
+    uint16_t in_flight;
+    uint8_t event_idx;
+    uint8_t use_indirect;
+    uint8_t interrupts_on;
+    uint8_t pad;
+    char error[200];         /* why the last call failed */
+};
+
+int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *desc,
+                   uint8_t *avail, uint8_t *used, uint8_t *indirect, uint64_t indirect_addr,
+                   uint32_t indirect_heads, int event_idx);
+void vfsdrv_vq_destroy(struct vfsdrv_vq *vq);
+int vfsdrv_vq_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n);
+int vfsdrv_vq_publish(struct vfsdrv_vq *vq);
+int vfsdrv_vq_used_pending(struct vfsdrv_vq *vq);
+int vfsdrv_vq_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t max);
+int vfsdrv_vq_arm(struct vfsdrv_vq *vq);
+void vfsdrv_vq_disarm(struct vfsdrv_vq *vq);
+
+/* ---- FUSE rules: reply room, request layout, reply validation ---- */
+#define VFSDRV_PAGE 4096
+#define VFSDRV_IN_HEADER 40
+#define VFSDRV_OUT_HEADER 16
+#define VFSDRV_WRITE_HEADERS 80
+#define VFSDRV_LOCK_WAIT 1
+#define VFSDRV_MAX_REPLY_ERRNO 511
+#define VFSDRV_NO_REPLY 4294967295
+
+struct vfsdrv_out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+
+uint32_t vfsdrv_reply_capacity(uint32_t opcode, const uint8_t *args, uint32_t args_len,
+                               uint32_t max_io);
+uint32_t vfsdrv_request_offset(uint32_t opcode);
+uint32_t vfsdrv_reply_offset(uint32_t request_off, uint32_t in_len);
+int vfsdrv_check_reply(const uint8_t *reply, uint32_t used_len, uint64_t unique,
+                       uint32_t opcode, uint32_t cap, int may_wait,
+                       struct vfsdrv_out_header *copy, char *why, uint32_t why_len);
+int vfsdrv_valid_errno(int32_t error);
+
+/* ---- the request pump: /dev/fuse <-> one request queue, one thread ---- */
+#define VFSDRV_SLOT_FREE 0
+#define VFSDRV_SLOT_RING 1
+#define VFSDRV_SLOT_CONTROL 2
+#define VFSDRV_SLOT_DISCARD 1
+
+struct vfsdrv_slot {
+    uint8_t *host;           /* page-aligned host address */
+    uint64_t addr;           /* device address of byte 0 when contiguous */
+    uint64_t *pages;         /* device address of each 4 KiB page, or NULL (contiguous) */
+    uint32_t size;
+    uint32_t large;
+    uint64_t unique;         /* the request it carries */
+    uint32_t opcode;
+    uint32_t in_len;
+    uint32_t req_off;
+    uint32_t reply_off;
+    uint32_t cap;
+    int32_t fd;              /* the /dev/fuse descriptor that read it (gets the reply) */
+    uint32_t state;          /* VFSDRV_SLOT_* */
+    uint32_t flags;          /* VFSDRV_SLOT_DISCARD: the reply goes nowhere */
+};
+
+struct vfsdrv_pump_config {
+    int32_t fuse_fd;         /* blocking: read when nothing is in flight */
+    int32_t fuse_nb_fd;      /* O_NONBLOCK clone of the same connection: read when busy */
+    int32_t irq_fd;          /* used-buffer eventfd; -1: look at the ring every poll_ms */
+    int32_t kick_fd;         /* eventfd kick; -1: MMIO store to notify_addr */
+    int32_t event_fd;        /* the pump writes it when events wait for the control plane */
+    int32_t poll_ms;
+    uint8_t *notify_addr;
+    uint32_t notify_value;
+    uint32_t notify_width;   /* 2 or 4 */
+    uint32_t max_io;
+    uint32_t lock_wait;      /* SETLKW may be answered "wait" (notification queue on) */
+    uint32_t small_size;
+    uint32_t trace;          /* an event per request and reply (vfsdrv mount -d) */
+};
+
+#define VFSDRV_EV_REQUEST 1
+#define VFSDRV_EV_LOCK_WAIT 2
+#define VFSDRV_EV_BAD_REPLY 3
+#define VFSDRV_EV_BAD_REQUEST 4
+#define VFSDRV_EV_TRACE_REQUEST 5
+#define VFSDRV_EV_TRACE_REPLY 6
+
+struct vfsdrv_event {
+    uint32_t kind;           /* VFSDRV_EV_* */
+    uint32_t slot;           /* EV_REQUEST: the slot now held by the control plane */
+    uint64_t unique;
+    uint32_t opcode;
+    int32_t fd;
+    uint32_t len;
+    int32_t error;
+    uint64_t arg;            /* TRACE_REQUEST: nodeid; TRACE_REPLY: -error */
+    char why[120];
+};
+
+struct vfsdrv_pump_stats {
+    uint64_t requests;       /* read from /dev/fuse */
+    uint64_t replies;        /* written to /dev/fuse */
+    uint64_t bad_replies;
+    uint64_t to_control;
+    uint64_t lock_waits;
+    uint64_t kicks;
+    uint64_t wakeups;
+    uint64_t syscalls;
+    uint64_t eagain;
+    uint64_t queue_full;
+    uint64_t write_errors;
+    uint64_t in_flight;
+};
+
+#define VFSDRV_PUMP_STOPPED 0
+#define VFSDRV_PUMP_CONN_GONE 1
+#define VFSDRV_PUMP_BROKEN 2
+#define VFSDRV_PUMP_FUSE_ERROR 3
+#define VFSDRV_PUMP_KICK_FAILED 4
+
+struct vfsdrv_pump;
+struct vfsdrv_pump *vfsdrv_pump_new(const struct vfsdrv_pump_config *cfg, struct vfsdrv_vq *vq,
+                                    struct vfsdrv_slot *slots, uint32_t nslots,
+                                    char *err, uint32_t err_len);
+int vfsdrv_pump_run(struct vfsdrv_pump *p);
+void vfsdrv_pump_stop(struct vfsdrv_pump *p);
+int vfsdrv_pump_running(struct vfsdrv_pump *p);
+uint32_t vfsdrv_pump_events(struct vfsdrv_pump *p, struct vfsdrv_event *out, uint32_t max);
+void vfsdrv_pump_give(struct vfsdrv_pump *p, uint32_t slot, uint32_t forward);
+int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
+void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
+const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
+void vfsdrv_pump_free(struct vfsdrv_pump *p);
