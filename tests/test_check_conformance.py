@@ -28,7 +28,7 @@ from vfsdrv.fs.config import encode_config
 from vfsdrv.refdev.device import RefDevice
 from vfsdrv.refdev.device_queue import DeviceQueue
 from vfsdrv.refdev.fuse_server import FuseServer
-from vfsdrv.refdev.vhost_session import DeviceConfig, MessageError, VhostUserSession
+from vfsdrv.refdev.vhost_session import DeviceConfig, MessageError, Role, VhostUserSession
 from vfsdrv.tools import cli
 from vfsdrv.tools.check import check_vhost_user
 from vfsdrv.virtio import ring_layout as rl
@@ -365,6 +365,23 @@ def test_broken_notifications_dropped_without_buffers(sock_dir: Path, export: Pa
     c = _check_broken(sock_dir, export)
     assert _failed(c) == {"notify.load"}
     assert "TimeoutError" in c["notify.load"]["observed"]
+
+
+def test_broken_hiprio_never_served(sock_dir: Path, export: Path, monkeypatch) -> None:
+    """A device that never uses what is made available on hiprio (D83)."""
+    orig = VhostUserSession._run_queue
+
+    def run_queue(self, q):
+        if self.role(q.index) is not Role.HIPRIO:
+            orig(self, q)
+
+    monkeypatch.setattr(VhostUserSession, "_run_queue", run_queue)
+    start = time.monotonic()
+    c = _check_broken(sock_dir, export)
+    assert time.monotonic() - start < 20
+    assert _failed(c) == {"hiprio.forget", "hiprio.storm"}
+    assert "not used within" in c["hiprio.forget"]["observed"]
+    assert "not all used" in c["hiprio.storm"]["observed"]
 
 
 def test_broken_renegotiation_after_reset(sock_dir: Path, export: Path, monkeypatch) -> None:
