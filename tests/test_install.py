@@ -232,3 +232,16 @@ def test_the_audit_checklist_is_shipped() -> None:
     items = {int(n) for n in re.findall(r"^(\d+)\. ", text, re.M)}
     assert items == set(range(1, 73))
     assert {s.checklist for s in STATEMENTS} <= items
+
+
+def test_udev_config_takes_a_timeout(tmp_path: Path) -> None:
+    from vfsdrv.tools import udev
+
+    conf = tmp_path / "vfsdrv.conf"
+    conf.write_text("[tag:a]\nmountpoint = /m\ntimeout = 2.5\n")
+    (entry,) = udev.load_config(conf)
+    assert entry.timeout == 2.5
+    for bad in ("0", "soon"):
+        conf.write_text(f"[tag:a]\ntimeout = {bad}\n")
+        with pytest.raises(udev.UdevConfigError, match="give seconds"):
+            udev.load_config(conf)

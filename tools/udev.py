@@ -53,6 +53,7 @@ class Entry:
     mountpoint: str | None = None
     options: list[str] = field(default_factory=list)
     frontend: str | None = None
+    timeout: float | None = None  # seconds per exchange with the device
 
     @property
     def section(self) -> str:
@@ -91,10 +92,10 @@ def load_config(path: str | Path) -> list[Entry]:
             except BadAddressError as exc:
                 raise UdevConfigError(f"{where}: {exc}") from exc
         sec = parser[name]
-        unknown = set(sec) - {"bind", "mountpoint", "options", "frontend"}
+        unknown = set(sec) - {"bind", "mountpoint", "options", "frontend", "timeout"}
         if unknown:
             raise UdevConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                                  "known: bind, mountpoint, options, frontend")
+                                  "known: bind, mountpoint, options, frontend, timeout")
         try:
             bind = sec.getboolean("bind", fallback=True)
         except ValueError:
@@ -106,7 +107,16 @@ def load_config(path: str | Path) -> list[Entry]:
             raise UdevConfigError(f"{where}: a mountpoint needs bind = yes (vfsdrv mounts "
                                   "through vfio-pci)")
         opts = [o.strip() for o in (sec.get("options") or "").split(",") if o.strip()]
-        out.append(Entry(kind, key, bind, mp, opts, sec.get("frontend") or None))
+        timeout = None
+        if sec.get("timeout"):
+            try:
+                timeout = float(sec["timeout"])
+            except ValueError:
+                timeout = -1.0
+            if not timeout > 0:
+                raise UdevConfigError(f"{where}: timeout = {sec['timeout']!r}: give seconds, "
+                                      "more than 0")
+        out.append(Entry(kind, key, bind, mp, opts, sec.get("frontend") or None, timeout))
     return out
 
 
@@ -321,6 +331,7 @@ def mount_entry(instance: str, config: Path, foreground: bool) -> int:
         tag=entry.key if entry.kind == "tag" else None,
         options=[",".join(entry.options)] if entry.options else [],
         foreground=foreground,
+        timeout=entry.timeout,
     )
     if entry.frontend:
         req.frontend = entry.frontend
