@@ -2,7 +2,8 @@
 
 `VfioPciDevice(bdf)` picks the VFIO backend (iommufd cdev when /dev/iommu and
 /dev/vfio/devices exist and the function has a cdev; else the group/container
-API, type1v2 or no-IOMMU), opens the device, resets it if VFIO says it can,
+API, type1v2 or no-IOMMU; `backend=` or VFSDRV_VFIO_BACKEND forces one, and
+`vfsdrv mount --iommu` passes it on), opens the device, resets it if VFIO says it can,
 enables memory decoding and bus mastering, and then serves `PciFunction`.
 BARs are mmapped only where VFIO allows and never over the MSI-X table; other
 registers go through pread/pwrite on the region.
@@ -27,7 +28,8 @@ from .function import MmioWindow, PciFunction, PreadWindow, RegisterWindow
 from .sysfs import VFIO_PCI, Sysfs, normalize_bdf, require_root
 from .vfio import ffi, libc
 
-BACKENDS = ("auto", "iommufd", "container")
+#: "type1" and "noiommu" are the container backend, insisting on that kind of group
+BACKENDS = ("auto", "iommufd", "container", "type1", "noiommu")
 log = logging.getLogger(__name__)
 
 
@@ -162,6 +164,16 @@ class VfioPciDevice(PciFunction):
             raise self.sysfs.no_iommu_error(self.bdf)
         noiommu = os.path.exists(f"/dev/vfio/noiommu-{group}")
         cdev = self.sysfs.vfio_dev_name(self.bdf)
+        if backend == "type1" and noiommu:
+            raise PciError(
+                f"{self.bdf} is in a no-IOMMU group (/dev/vfio/noiommu-{group}): there is no "
+                "IOMMU for a type1 container; use --iommu noiommu"
+            )
+        if backend == "noiommu" and not noiommu:
+            raise PciError(
+                f"{self.bdf} is behind an IOMMU (group {group}); no-IOMMU mode is only for "
+                "functions without one: use --iommu type1 or iommufd"
+            )
         use_iommufd = backend == "iommufd" or (
             backend == "auto" and not noiommu and cdev is not None and iommufd_mod.available()
         )
@@ -169,12 +181,13 @@ class VfioPciDevice(PciFunction):
             if noiommu:
                 raise PciError(
                     f"{self.bdf} is in a no-IOMMU group; iommufd cannot drive it: use the "
-                    "container backend"
+                    "container backend (--iommu noiommu)"
                 )
             if cdev is None or not iommufd_mod.available():
                 raise PciError(
                     "the iommufd backend needs /dev/iommu and /dev/vfio/devices/vfioN "
-                    "(CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV): use the container backend"
+                    "(CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV): use the container backend "
+                    "(--iommu type1)"
                 )
             try:
                 ctx = iommufd_mod.Iommufd()

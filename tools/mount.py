@@ -79,6 +79,7 @@ class MountRequest:
     #: the source recorded in the mount table: the spec as the user gave it
     source: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
+    iommu: str = "auto"  # VFIO backend for a PCI function (pci/device.py BACKENDS)
 
     def spec(self) -> str:
         """The mount's source: what mount(8) finds in fstab for this mount."""
@@ -130,6 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long the device may take to answer each setup message (default: "
                    "the transport's, 10 s for vhost-user); the mount fails naming the device")
+    p.add_argument("--iommu", choices=("auto", "type1", "iommufd", "noiommu"), default="auto",
+                   help="how a PCI function's DMA is set up through VFIO (default: iommufd "
+                   "when the kernel has it, else the group's type1 or no-IOMMU container)")
     p.add_argument("mountpoint")
     p.set_defaults(func=run_mount)
 
@@ -154,7 +158,7 @@ def run_mount(args: argparse.Namespace) -> int:
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
         notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
-        log_file=args.log, timeout=args.timeout,
+        log_file=args.log, timeout=args.timeout, iommu=args.iommu,
     )
     if req.timeout is not None and req.timeout <= 0:
         raise MountError("--timeout must be positive")
@@ -308,7 +312,7 @@ def _pci_transport(req: MountRequest):
     if sysfs.driver(bdf) != "vfio-pci":
         req.bound_here = bdf
     try:
-        return vpci.open_pci(bdf, poll=req.poll)
+        return vpci.open_pci(bdf, poll=req.poll, backend=req.iommu)
     except BaseException:
         _give_back(req)
         raise
@@ -644,6 +648,8 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.poll = True
             elif key == "timeout":
                 req.timeout = float(value)
+            elif key == "iommu":
+                req.iommu = value
             elif key == "log":
                 req.log_file = value
             elif key == "fsname":
