@@ -274,6 +274,9 @@ def _csv(text: str, limit: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise VfsdrvError("bench needs root: the backends write pid files under /run and "
+                          "take memory locks (run it with sudo)")
     secs = 0.5 if args.quick else args.seconds
     depths = _csv(args.depths, 16)
     queue_counts = _csv(args.queues, 64)
