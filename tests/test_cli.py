@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from mounting import mount_points
 
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
@@ -49,12 +50,13 @@ def test_bench_prints_figures_side_by_side() -> None:
         assert float(ratio.rstrip("x")) > 0
 
 
-def test_demo_as_non_root_says_root_is_needed(tmp_path) -> None:
-    r = subprocess.run([*VFSDRV, "demo"], capture_output=True, text=True, timeout=60,
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_as_non_root_says_root_is_needed(command: str) -> None:
+    r = subprocess.run([*VFSDRV, command], capture_output=True, text=True, timeout=60,
                        user=65534, cwd="/", env={"PATH": "/usr/bin:/bin", "TMPDIR": "/tmp",
                                                  "PYTHONPATH": ":".join(sys.path)})
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "demo needs root" in r.stderr
+    assert f"{command} needs root" in r.stderr
     assert "Traceback" not in r.stderr
 
 
