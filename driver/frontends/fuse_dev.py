@@ -108,6 +108,10 @@ class MountOptions:
                 "default_permissions, nodefault_permissions, max_read=N, blksize=N)"
             )
 
+    def flag_names(self) -> list[str]:
+        """The options that set this mount's flags, one per flag set (e.g. "ro")."""
+        return [name for name, (on, _off) in FLAG_OPTIONS.items() if on and self.flags & on]
+
     def data(self, fd: int, uid: int, gid: int) -> str:
         parts = [f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", f"user_id={uid}", f"group_id={gid}"]
         if self.allow_other:

@@ -72,6 +72,7 @@ from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import _LARGE_REPLY_OPCODES, Pending, VirtioFs
 from .base import FrontendError
+from .fuse_dev import MS_NODEV, MS_NOSUID, MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -817,14 +818,59 @@ def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
 
 
 # -- serve ------------------------------------------------------------------------------
+#: mount flags libfuse has no option for
+_NO_LIBFUSE_OPTION = {"strictatime", "lazytime"}
+
+
+def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
+    """The user's -o options as libfuse mount options, read by the relay's own parser
+    (MountOptions) so that both frontends accept the same options and give the same
+    mount: allow_other and default_permissions unless turned off, and none of
+    libfuse's own defaults (it adds nosuid,nodev unless told suid,dev). Unknown
+    options raise MountError before anything is mounted."""
+    groups = []
+    for group in options:  # fsname= names the source; the relay takes it the same way
+        kept = []
+        for opt in group.split(","):
+            key, _, value = opt.partition("=")
+            if key == "fsname" and value:
+                fsname = value
+            else:
+                kept.append(opt)
+        groups.append(",".join(kept))
+    mo = MountOptions.parse(groups)
+    mo.check()
+    names = mo.flag_names()
+    unsupported = _NO_LIBFUSE_OPTION.intersection(names)
+    if unsupported:
+        raise FrontendError(
+            f"mount option(s) {', '.join(sorted(unsupported))}: libfuse cannot set them; "
+            "use the relay frontend"
+        )
+    # relatime is the kernel's default: libfuse has no option for it
+    opts = {n for n in names if n != "relatime"}
+    opts.add("nosuid" if mo.flags & MS_NOSUID else "suid")
+    opts.add("nodev" if mo.flags & MS_NODEV else "dev")
+    if mo.allow_other:
+        opts.add("allow_other")
+    if mo.default_permissions:
+        opts.add("default_permissions")
+    opts.update(mo.fuse)
+    opts |= {f"fsname={fsname}", "subtype=vfsdrv"}
+    return opts
+
+
 def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = False,
-          ready: Callable[[], None] | None = None) -> None:
+          ready: Callable[[], None] | None = None, source: str | None = None) -> None:
     """FUSE_INIT the device, mount `mountpoint` with pyfuse3, call `ready()` once the
     file system answers, serve until unmounted or SIGTERM/SIGINT (main thread
     only), unmount, and send FUSE_DESTROY. `ready` runs on the event loop: it must
     not touch the mount itself. If the device goes away the mount is removed and
     the device's error (DeviceGoneError) is raised. The caller still owns (and
-    closes) `fs`."""
+    closes) `fs`. `source` is what the mount table shows (default: the tag); the
+    options are the relay's (libfuse_options)."""
+    tag = fs.config.tag if fs.config is not None else "virtiofs"
+    opts = libfuse_options(options, source or tag)  # refuse bad options before INIT
     client = FuseClient(fs)
     if getattr(fs, "init_out", None) is None:
         try:
@@ -836,10 +882,6 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     ops = DeviceOperations(fs)
     # ACL checks in the kernel exactly when the device stores ACLs
     ops.enable_acl = bool(fs.init_flags & abi.InitFlag.POSIX_ACL)
-    tag = fs.config.tag if fs.config is not None else "virtiofs"
-    opts = set(pyfuse3.default_options)  # default_permissions, as virtio-fs in a guest
-    opts |= {f"fsname={tag}", "subtype=vfsdrv"}
-    opts |= set(options)
     if debug:
         opts.add("debug")
     try:

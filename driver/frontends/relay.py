@@ -66,7 +66,7 @@ from .._native import lib
 from ..errors import DeviceGoneError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, InitFlag, Opcode
-from ..fs.device import VirtioFs
+from ..fs.device import Completion, VirtioFs
 from .base import FrontendError
 from .fuse_dev import (
     MountOptions,
@@ -236,9 +236,11 @@ class Relay:
 
     def _summary(self) -> str:
         st = self.status()
+        stalls = sum(p.stats().get("stalls", 0) for p in self.pumps)
         return (f"{st['served']} requests served by {len(self.pumps)} pump(s), "
-                f"{st['errors']} bad replies, {self.stats['interrupts_ignored']} interrupts "
-                f"ignored, {self.stats['notifications']} notifications forwarded, "
+                f"{st['errors']} bad replies, stopped reading /dev/fuse {stalls} times for "
+                f"want of a slot, {self.stats['interrupts_ignored']} interrupts ignored, "
+                f"{self.stats['notifications']} notifications forwarded, "
                 f"{self.stats['forgets']} forgets")
 
     def _end_device_session(self) -> None:
@@ -468,8 +470,7 @@ class Relay:
         if kind == lib.VFSDRV_EV_REQUEST:
             self._control_request(pump, slot, unique, opcode, fd)
         elif kind == lib.VFSDRV_EV_LOCK_WAIT:
-            self.fs.park_lock(unique, opcode, lambda comp, fd=fd: self._write(fd, comp.reply,
-                                                                              comp.unique))
+            self.fs.park_lock(unique, opcode, lambda comp, fd=fd: self._lock_done(fd, comp))
         elif kind == lib.VFSDRV_EV_BAD_REPLY:
             self.fs.stats["bad_reply"] += 1
             log.warning("device sent a bad reply to %s (unique %d): %s; answered EIO",
@@ -512,6 +513,10 @@ class Relay:
             reqlog.debug("unique %d %s (control plane)", unique, _opname(opcode))
 
     def _to_hiprio(self, data: bytes) -> None:
+        if self.debug:
+            _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
+            self._pending_debug.pop(unique, None)
+            reqlog.debug("unique %d %s nodeid %d (no reply)", unique, _opname(opcode), nodeid)
         self._hiprio_backlog.append(data)
         self._flush_hiprio()
 
@@ -530,6 +535,12 @@ class Relay:
                 log.warning("hiprio request not forwarded: %s", exc)
 
     # -- replies and notifications to the kernel -----------------------------------------
+    def _lock_done(self, fd: int, comp: Completion) -> None:
+        """The final reply to a parked SETLKW, through the descriptor that read it."""
+        if self.debug:
+            self._log_reply(comp.unique, comp.opcode, comp.error, 0)
+        self._write(fd, comp.reply, comp.unique)
+
     def _log_reply(self, unique: int, opcode: int, err: int, length: int) -> None:
         info = self._pending_debug.pop(unique, None)
         _op, nodeid, t0 = info if info else (opcode, 0, time.monotonic())

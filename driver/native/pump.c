@@ -446,10 +446,10 @@ static void complete(struct vfsdrv_pump *p, uint32_t i, uint32_t len)
         STAT(p, syscalls);
         STAT(p, replies);
         wrote(p, writev(s->fd, iov, h.len > VFSDRV_OUT_HEADER ? 2 : 1));
+        if (p->cfg.trace)
+            push_event_arg(p, VFSDRV_EV_TRACE_REPLY, i, s->unique, s->opcode, s->fd,
+                           h.len - VFSDRV_OUT_HEADER, NULL, (uint64_t)(int64_t)-h.error);
     }
-    if (p->cfg.trace && !(s->flags & VFSDRV_SLOT_DISCARD))
-        push_event_arg(p, VFSDRV_EV_TRACE_REPLY, i, s->unique, s->opcode, s->fd,
-                       h.len - VFSDRV_OUT_HEADER, NULL, (uint64_t)(int64_t)-h.error);
     free_slot(p, i);
 }
 
@@ -664,6 +664,8 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
         else if (vq->in_flight && vfsdrv_vq_arm(vq))
             continue;  /* completions arrived while we were busy */
         int can_read = p->pend_count == 0 && ensure_landing(p);
+        if (!can_read && p->fuse_polled)
+            STAT(p, stalls);
         set_fuse_polling(p, can_read);
         struct epoll_event evs[4];
         STAT(p, syscalls);

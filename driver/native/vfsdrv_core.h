@@ -169,6 +169,7 @@ struct vfsdrv_pump_stats {
     uint64_t eagain;
     uint64_t queue_full;
     uint64_t write_errors;
+    uint64_t stalls;         /* times reading stopped for want of a slot or ring room */
     uint64_t in_flight;
 };
 
