@@ -21,7 +21,14 @@ cp "$HERE/initramfs-init" "$T/init" && chmod 755 "$T/init"
 for m in virtio_pci 9pnet_virtio 9p overlay; do
   modprobe -d "$KDIR/kroot" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' | while read -r f; do
-  cp "$f" "$T/mod/" && basename "$f"
+  # busybox insmod takes plain modules only (Debian 6.12's are .ko.xz)
+  b=$(basename "$f")
+  case $b in
+    *.ko.xz) b=${b%.xz}; xz -dc "$f" > "$T/mod/$b" ;;
+    *.ko.zst) b=${b%.zst}; zstd -dcq "$f" > "$T/mod/$b" ;;
+    *) cp "$f" "$T/mod/" ;;
+  esac
+  echo "$b"
 done > "$T/modules.list"
 [ -s "$T/modules.list" ] || { echo "build-initramfs: no modules found in $KDIR/kroot" >&2; exit 1; }
 (cd "$T" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT.tmp"

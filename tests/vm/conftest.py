@@ -38,6 +38,16 @@ def vm_kernel() -> harness.Kernel:
         pytest.fail(f"this host cannot run the QEMU guest tests: {e}", pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def vm_kernel_backports() -> harness.Kernel:
+    """The backports guest kernel (6.12 on Debian 12: iommufd and VFIO device cdevs, built
+    by prepare-kernel.sh), prepared once outside any test's timeout, then cached."""
+    try:
+        return harness.prepare_kernel(kernel="backports")
+    except harness.GuestSetupError as e:
+        pytest.fail(f"this host cannot prepare the backports guest kernel: {e}", pytrace=False)
+
+
 @pytest.fixture
 def guest(vm_kernel: harness.Kernel) -> Callable[..., harness.GuestResult]:
     """``harness.run_in_guest``, with the kernel prepared outside the test's timeout."""

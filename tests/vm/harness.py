@@ -22,7 +22,14 @@ Infrastructure problems (no qemu, the kernel cannot be prepared, the guest never
 reports a status, timeouts) raise GuestError subclasses with diagnostics; a
 returned GuestResult always carries the script's real exit status.
 
-Environment knobs: VFSDRV_VM_CACHE (cache directory), VFSDRV_VM_KPKG (kernel
+Two guest kernels: ``kernel="stable"`` (default) is what linux-image-amd64 depends
+on in the host's apt sources (Debian 12: 6.1); ``kernel="backports"`` is the same
+from ``<codename>-backports``, looked up through a private apt configuration in the
+cache (the host's /etc/apt is untouched; Debian 12: 6.12, which has iommufd and VFIO
+device cdevs once prepare-kernel.sh has built them). ``iommufd=True`` boots that one
+with the vIOMMU.
+
+Environment knobs: VFSDRV_VM_CACHE (cache directory), VFSDRV_VM_KPKG (stable kernel
 package, default: what linux-image-amd64 depends on), VFSDRV_VM_QEMU,
 VFSDRV_VM_VIRTIOFSD (binaries), VFSDRV_VM_KEEP=1 (keep run directories),
 VFSDRV_VM_VERBOSE=1 (no ``quiet`` on the kernel command line).
@@ -165,24 +172,68 @@ def virtiofsd_binary() -> str:
                           "/usr/lib/qemu/virtiofsd); set VFSDRV_VM_VIRTIOFSD")
 
 
-def kernel_package() -> str:
-    """``$VFSDRV_VM_KPKG``, else the package linux-image-amd64 depends on."""
-    return os.environ.get("VFSDRV_VM_KPKG") or _default_kernel_package()
+KERNELS = ("stable", "backports")
+
+
+def kernel_package(kernel: str = "stable") -> str:
+    """``$VFSDRV_VM_KPKG`` (stable only), else the package linux-image-amd64 depends on."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if kernel == "stable" and os.environ.get("VFSDRV_VM_KPKG"):
+        return os.environ["VFSDRV_VM_KPKG"]
+    return _default_kernel_package(kernel)
+
+
+def _apt_env(kernel: str) -> dict[str, str]:
+    """The environment for apt-get/apt-cache: the host's apt, or the private backports one."""
+    env = dict(os.environ)
+    if kernel == "backports":
+        env["APT_CONFIG"] = str(_backports_apt())
+    return env
+
+
+def _backports_apt(update: bool = False) -> Path:
+    """A private apt configuration that knows only ``<codename>-backports`` (lists in the
+    cache); its package lists are fetched on first use, or again when ``update``."""
+    codename = ""
+    with contextlib.suppress(OSError), open("/etc/os-release") as f:
+        for line in f:
+            if line.startswith("VERSION_CODENAME="):
+                codename = line.split("=", 1)[1].strip().strip('"')
+    if not codename:
+        raise GuestSetupError("no VERSION_CODENAME in /etc/os-release: cannot name backports")
+    d = cache_dir() / f".apt-{codename}-backports"  # a dot: _collect_garbage leaves it alone
+    (d / "lists/partial").mkdir(parents=True, exist_ok=True)
+    (d / "cache/archives/partial").mkdir(parents=True, exist_ok=True)
+    (d / "parts").mkdir(exist_ok=True)
+    mirror = os.environ.get("VFSDRV_VM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    signed = f" [signed-by={keyring}]" if keyring.exists() else ""
+    (d / "sources.list").write_text(f"deb{signed} {mirror} {codename}-backports main\n")
+    conf = d / "apt.conf"
+    conf.write_text("".join(f'{k} "{v}";\n' for k, v in (
+        ("Dir::Etc::SourceList", d / "sources.list"), ("Dir::Etc::SourceParts", d / "parts"),
+        ("Dir::State::Lists", d / "lists"), ("Dir::Cache", d / "cache"),
+        ("Dir::Cache::pkgcache", ""), ("Dir::Cache::srcpkgcache", ""))))
+    if update or not any((d / "lists").glob("*_Packages*")):
+        _run_step(["apt-get", "update", "-qq"], f"apt-get update ({codename}-backports)",
+                  dict(os.environ, APT_CONFIG=str(conf)))
+    return conf
 
 
 @functools.cache
-def _default_kernel_package() -> str:  # apt-cache takes ~1 s: once per process
+def _default_kernel_package(kernel: str = "stable") -> str:  # apt-cache: ~1 s, once
+    hint = "set VFSDRV_VM_KPKG" if kernel == "stable" else "no backports kernel"
     try:
         out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
-                             text=True, check=True).stdout
+                             text=True, check=True, env=_apt_env(kernel)).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise GuestSetupError(f"cannot resolve linux-image-amd64 ({e}); set VFSDRV_VM_KPKG") from e
+        raise GuestSetupError(f"cannot resolve linux-image-amd64 ({e}); {hint}") from e
     for line in out.splitlines():
         dep = line.split(":", 1)[-1].strip()
         if line.strip().startswith("Depends:") and dep.startswith("linux-image-"):
             return dep
-    raise GuestSetupError("apt-cache knows no linux-image-amd64 (apt-get update?); "
-                          "set VFSDRV_VM_KPKG")
+    raise GuestSetupError(f"apt-cache knows no linux-image-amd64 (apt-get update?); {hint}")
 
 
 def _digest(*files: Path) -> str:
@@ -217,7 +268,7 @@ def _run_step(argv: list[str], what: str, env: Mapping[str, str] | None = None) 
 STALE_AFTER = 24 * 3600.0
 
 
-def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
+def prepare_kernel(log: TextIO | None = sys.stderr, kernel: str = "stable") -> Kernel:
     """Unpack the guest kernel and build the initramfs, once; later calls reuse the cache.
 
     Safe to call concurrently (a lock file serialises preparation). The kernel
@@ -229,25 +280,28 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     kstamp = _digest(VM_DIR / "prepare-kernel.sh")
     istamp = _digest(VM_DIR / "build-initramfs.sh", VM_DIR / "initramfs-init")
     with _locked(cache / ".lock"):
-        kpkg = kernel_package()
+        kpkg = kernel_package(kernel)
         kdir = cache / f"{kpkg}-{kstamp[:12]}"
         if not (kdir / "ok").exists():  # prepare-kernel.sh renames a complete tree into place
-            _need_tools("apt-get", "dpkg-deb", "depmod", "modinfo", "xz", "make", "gcc")
+            _need_tools("apt-get", "dpkg-deb", "depmod", "modinfo", "xz", "zstd", "make", "gcc")
             try:
-                _prepare(kdir, kpkg, kstamp, log)
+                _prepare(kdir, kpkg, kstamp, log, kernel)
             except GuestSetupError:
                 # stale package lists on a long-lived machine: the package (or its
                 # headers) left the archive. As root, refresh them once and retry.
-                if os.geteuid() != 0 or os.environ.get("VFSDRV_VM_KPKG"):
+                if os.geteuid() != 0 or (kernel == "stable" and os.environ.get("VFSDRV_VM_KPKG")):
                     raise
                 if log:
                     print("vfsdrv-vm: retrying after apt-get update", file=log, flush=True)
-                _run_step(["apt-get", "update", "-qq"], "apt-get update")
+                if kernel == "backports":
+                    _backports_apt(update=True)
+                else:
+                    _run_step(["apt-get", "update", "-qq"], "apt-get update")
                 _default_kernel_package.cache_clear()
-                kpkg = kernel_package()
+                kpkg = kernel_package(kernel)
                 kdir = cache / f"{kpkg}-{kstamp[:12]}"
                 if not (kdir / "ok").exists():
-                    _prepare(kdir, kpkg, kstamp, log)
+                    _prepare(kdir, kpkg, kstamp, log, kernel)
         initrd = kdir / f"initrd-{istamp}.gz"
         if not initrd.exists():
             _need_tools("modprobe", "cpio", "gzip")
@@ -261,11 +315,14 @@ def prepare_kernel(log: TextIO | None = sys.stderr) -> Kernel:
     return Kernel(kdir=kdir, vmlinux=kdir / "vmlinux", initrd=initrd, kroot=kdir / "kroot")
 
 
-def _prepare(kdir: Path, kpkg: str, kstamp: str, log: TextIO | None) -> None:
+def _prepare(kdir: Path, kpkg: str, kstamp: str, log: TextIO | None, kernel: str) -> None:
     if log:
         print(f"vfsdrv-vm: preparing {kpkg} in {kdir} (once)", file=log, flush=True)
+    t0 = time.monotonic()
     _run_step([str(VM_DIR / "prepare-kernel.sh"), str(kdir), kpkg],
-              f"preparing the guest kernel {kpkg}", dict(os.environ, STAMP=kstamp))
+              f"preparing the guest kernel {kpkg}", dict(_apt_env(kernel), STAMP=kstamp))
+    if log:
+        print(f"vfsdrv-vm: prepared {kpkg} in {time.monotonic() - t0:.0f}s", file=log, flush=True)
 
 
 def _collect_garbage(cache: Path, keep: Path, initrd: Path) -> None:
@@ -274,7 +331,7 @@ def _collect_garbage(cache: Path, keep: Path, initrd: Path) -> None:
         if old != initrd and now - old.stat().st_mtime > 3600:
             old.unlink(missing_ok=True)
     for d in cache.iterdir():
-        if d == keep or not d.is_dir():
+        if d == keep or not d.is_dir() or d.name.startswith("."):
             continue
         ok = d / "ok"
         try:
@@ -348,6 +405,8 @@ def run_in_guest(
     *,
     iommu: bool = False,
     noiommu: bool = False,
+    iommufd: bool = False,
+    kernel: str | None = None,
     timeout: float = 120,
     fs_dir: Path | None = None,
     vhost_user_socket: Path | None = None,
@@ -376,15 +435,25 @@ def run_in_guest(
     vfio-pci before the script; ``bind_vfio`` also binds every virtio-fs
     function to it. Beware: virtiofsd does not offer VIRTIO_F_ACCESS_PLATFORM,
     so the device reads guest-physical addresses even behind the vIOMMU.
+    ``iommufd`` is ``iommu`` on the backports kernel with iommufd loaded:
+    /dev/iommu and the device cdevs /dev/vfio/devices/vfioN (the group nodes
+    /dev/vfio/N stay). ``kernel``: "stable" (default) or "backports" (default
+    with ``iommufd``).
 
     The guest environment has PATH (the venv's bin first), VFSDRV_REPO,
     VFSDRV_PYTHON, VFSDRV_VM_BDF (first virtio-fs function), VFSDRV_VM_BDFS,
-    VFSDRV_VM_MODE (plain/iommu/noiommu) and ``env``; the script starts in
+    VFSDRV_VM_MODE (plain/iommu/iommufd/noiommu) and ``env``; the script starts in
     ``cwd`` (default: the repository). The helpers of guest-lib.sh
     (vfsdrv_vfio_bind BDF, vfsdrv_vfio_group BDF, vfsdrv_virtiofs_bdfs) are
     available. ``rw_dirs`` are host directories made writable in the guest at
     the same paths. ``stream`` receives the script's output while it runs.
     """
+    if iommufd:
+        if noiommu:
+            raise ValueError("iommufd and noiommu are mutually exclusive")
+        if kernel not in (None, "backports"):
+            raise ValueError("iommufd needs the backports kernel (the stable one has none)")
+        iommu, kernel = True, "backports"
     if iommu and noiommu:
         raise ValueError("iommu and noiommu are mutually exclusive")
     if fs_devices is None:
@@ -405,12 +474,12 @@ def run_in_guest(
         # libvhost-user there is set up for 2 virtqueues: "Invalid queue index: 2"
         raise ValueError("QEMU's C virtiofsd serves one request queue only: give more "
                          "request queues to a backend of your own (FsDevice(socket=...))")
-    kernel = prepare_kernel()
-    for p, what in ((VM_DIR, "checkout"), (kernel.kdir, "cache directory")):
+    kern = prepare_kernel(kernel=kernel or "stable")
+    for p, what in ((VM_DIR, "checkout"), (kern.kdir, "cache directory")):
         _no_space(p, what)
 
     start = time.monotonic()
-    in_use = open(kernel.kdir / "ok")  # held for the whole run: a shared lock keeps
+    in_use = open(kern.kdir / "ok")  # held for the whole run: a shared lock keeps
     fcntl.flock(in_use, fcntl.LOCK_SH)  # _collect_garbage away from this kernel
     run = Path(tempfile.mkdtemp(prefix="vfsdrv-vm-"))
     backends: list[tuple[str, subprocess.Popen[bytes], Path]] = []
@@ -419,7 +488,7 @@ def run_in_guest(
         _no_space(run, "run directory")
         # the guest's setup: env, modules, rw mounts, cwd
         bdfs = [fs_bdf(i) for i in range(len(fs_devices))]
-        mode = "iommu" if iommu else "noiommu" if noiommu else "plain"
+        mode = "iommufd" if iommufd else "iommu" if iommu else "noiommu" if noiommu else "plain"
         genv = {
             "PATH": f"{GUEST_PYTHON.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
                     ":/sbin:/bin",
@@ -435,6 +504,9 @@ def run_in_guest(
             path = _no_space(Path(d).resolve(), "rw dir")
             setup.append(f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 "
                          f"vfsdrv_rw{i} {shlex.quote(path)}")
+        if iommufd:  # vfio needs it anyway; explicit, so that a missing module says so
+            setup.append("modprobe iommufd")
+            setup.append('[ -c /dev/iommu ] || { echo "iommufd: no /dev/iommu" >&2; exit 1; }')
         if iommu or noiommu:
             setup.append("modprobe vfio-pci")
             if noiommu:
@@ -492,14 +564,14 @@ def run_in_guest(
             kargs.append("vfio.enable_unsafe_noiommu_mode=1")
         kargs += list(kernel_args)
         kargs += [f"vfsdrv_init={VM_DIR / 'guest-init.sh'}", f"vfsdrv_run={run}",
-                  f"vfsdrv_kroot={kernel.kroot}"]
+                  f"vfsdrv_kroot={kern.kroot}"]
         argv = [
             qemu, "-machine", machine, "-accel", "tcg", "-cpu", "max", "-smp", str(smp),
             "-m", mem, "-nodefaults", "-display", "none", "-no-reboot",
             "-chardev", f"file,id=con,path={run / 'console.log'}", "-serial", "chardev:con",
             # vhost-user needs guest RAM that the backend can map
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-            "-kernel", str(kernel.vmlinux), "-initrd", str(kernel.initrd),
+            "-kernel", str(kern.vmlinux), "-initrd", str(kern.initrd),
             "-append", " ".join(kargs),
             *dev_iommu,  # before the PCI devices it translates
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",  # guest-init: qemu exits
@@ -592,6 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("script", nargs="?")
     ap.add_argument("--iommu", action="store_true", help="vIOMMU: type1 VFIO groups")
     ap.add_argument("--noiommu", action="store_true", help="vfio no-IOMMU mode")
+    ap.add_argument("--iommufd", action="store_true",
+                    help="vIOMMU with iommufd and VFIO device cdevs (backports kernel)")
+    ap.add_argument("--kernel", choices=KERNELS, help="guest kernel (default: stable, "
+                    "backports with --iommufd)")
     ap.add_argument("--bind-vfio", action="store_true", help="bind virtio-fs functions to vfio")
     ap.add_argument("--fs-dir", type=Path, help="directory the virtiofsd exports")
     ap.add_argument("--socket", type=Path, help="vhost-user socket of a running backend")
@@ -607,12 +683,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("SCRIPT is required")
     try:
         if a.prepare_only:
-            print(prepare_kernel().kdir)
+            print(prepare_kernel(kernel=a.kernel or
+                                 ("backports" if a.iommufd else "stable")).kdir)
             return 0
         devs = [FsDevice(fs_dir=a.fs_dir, socket=a.socket, num_request_queues=a.queues)]
         if a.second_fs:
             devs.append(FsDevice(tag=a.second_fs))
-        r = run_in_guest(a.script, iommu=a.iommu, noiommu=a.noiommu, bind_vfio=a.bind_vfio,
+        r = run_in_guest(a.script, iommu=a.iommu, noiommu=a.noiommu, iommufd=a.iommufd,
+                         kernel=a.kernel, bind_vfio=a.bind_vfio,
                          fs_devices=devs, rw_dirs=a.rw_dir, kernel_args=a.karg,
                          extra_qemu_args=a.qemu_arg, timeout=a.timeout, cwd=Path.cwd(),
                          stream=sys.stdout)

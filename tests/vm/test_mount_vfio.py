@@ -1,4 +1,6 @@
-"""Real programs on a real `vfsdrv mount` over VFIO in the QEMU guest, type1 and no-IOMMU.
+"""Real programs on a real `vfsdrv mount` over VFIO in the QEMU guest: type1, no-IOMMU,
+and iommufd (the backports kernel: /dev/iommu and the device cdev /dev/vfio/devices/vfioN
+bound to an IOAS, chosen by `vfsdrv mount` on its own).
 
 One guest boot per mode, everything in one guest script (this file, run as
 `python test_mount_vfio.py --guest MODE`):
@@ -15,6 +17,11 @@ One guest boot per mode, everything in one guest script (this file, run as
   3. `vfsdrv umount /mnt/x`: the serving process ends, the function goes back to
      virtio-pci, and the kernel's `mount -t virtiofs myfs` works again and sees what
      the vfsdrv mount wrote.
+
+The serving process's open files show which VFIO interface it uses (container and
+group, or /dev/iommu and the device cdev). In iommufd mode the same kernel then
+mounts with `--iommu type1` (the group and container, forced) and refuses
+`--iommu noiommu` (the function is behind an IOMMU).
 
 The host then checks the exported directory: contents, modes, owners, times,
 links, xattrs, sizes, the trees.
@@ -88,13 +95,14 @@ def _run(guest, tmp_path: Path, mode: str) -> tuple[dict, Path, Path]:
 
     src, share = _prepare(tmp_path)
     sock = tmp_path / "vfsd.sock"
-    extra = LOCKING_VIRTIOFSD if mode == "type1" else ()
+    extra = LOCKING_VIRTIOFSD if mode != "noiommu" else ()
     with Virtiofsd(share, sock, extra=extra):
         r = guest(
             f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest {mode} {src}",
             iommu=mode == "type1",
+            iommufd=mode == "iommufd",
             noiommu=mode == "noiommu",
-            kernel_args=IOMMU_KARGS if mode == "type1" else (),
+            kernel_args=IOMMU_KARGS if mode != "noiommu" else (),
             fs_devices=[FsDevice(socket=sock)],
             timeout=900,
         )
@@ -173,6 +181,16 @@ def _check_guest(res: dict, mode: str) -> None:
     node = res["vfio_node"]
     assert node.startswith("/dev/vfio/noiommu-" if mode == "noiommu" else "/dev/vfio/")
     assert (mode == "noiommu") == ("noiommu" in node)
+    # what the serving process holds open: iommufd and the device cdev, or the
+    # container and the group (the group node exists in every mode)
+    fds = res["server_vfio_fds"]
+    if mode == "iommufd":
+        assert "/dev/iommu" in fds, fds
+        assert any(f.startswith("/dev/vfio/devices/vfio") for f in fds), fds
+        assert "/dev/vfio/vfio" not in fds and node not in fds, fds
+    else:
+        assert "/dev/vfio/vfio" in fds and node in fds, fds
+        assert "/dev/iommu" not in fds, fds
     assert res["hostfile_out_ok"] and res["big_out_ok"] and res["big_in_ok"]
     assert res["du_apparent"] == sum(len(d) for d in tree_files().values()) + len("d/e/f03.dat")
     assert res["du_sparse_kib"] < 1024
@@ -200,7 +218,7 @@ def _check_guest(res: dict, mode: str) -> None:
     assert locks["getlk_type"] == 1  # F_WRLCK: the holder's lock is seen
     assert locks["conflict"] == 11 and locks["flock_conflict"] == 11  # EAGAIN
     assert locks["free_range_ok"] and locks["after_release_ok"]
-    if mode == "type1":  # virtiofsd -o posix_lock -o flock: the device's locks
+    if mode != "noiommu":  # virtiofsd -o posix_lock -o flock: the device's locks
         assert locks["in_proc_locks"] is False
         assert locks["setlkw"] == 95 and locks["flock_wait"] == 95  # EOPNOTSUPP, no waiting
     else:  # no locks from virtiofsd: the guest kernel's own
@@ -222,6 +240,21 @@ def test_mount_vfio_noiommu(guest, tmp_path: Path) -> None:
     res, src, share = _run(guest, tmp_path, "noiommu")
     _check_guest(res, "noiommu")
     _check_host(res, src, share)
+
+
+def test_mount_vfio_iommufd(guest, vm_kernel_backports, tmp_path: Path) -> None:
+    res, src, share = _run(guest, tmp_path, "iommufd")
+    _check_guest(res, "iommufd")
+    _check_host(res, src, share)
+    # the same kernel, forced: the type1 container works, no-IOMMU is refused
+    forced = res["forced"]
+    major, minor = (int(x) for x in forced["uname"].split(".")[:2])
+    assert (major, minor) >= (6, 6), forced  # VFIO device cdevs arrived in 6.6
+    assert forced["type1_rc"] == 0, forced
+    assert "/dev/vfio/vfio" in forced["type1_fds"] and "/dev/iommu" not in forced["type1_fds"]
+    assert forced["type1_read_ok"] and forced["type1_driver_after"] == "virtio-pci", forced
+    assert forced["noiommu_rc"] != 0 and "behind an IOMMU" in forced["noiommu_err"], forced
+    assert forced["noiommu_driver_after"] == "virtio-pci", forced
 
 
 # -- guest side -------------------------------------------------------------------------------
@@ -306,6 +339,7 @@ class Guest:
         res["mount_type"], res["mount_source"] = mine[-1][2], mine[-1][0]
         res["driver_mounted"] = self.driver()
         res["vfio_node"] = self.sh("bash", "-c", f"vfsdrv_vfio_group {self.bdf}").strip()
+        res["server_vfio_fds"] = self._vfio_fds(MNT)
 
     def copies(self) -> None:
         res, m, src = self.res, self.m, self.src
@@ -583,7 +617,10 @@ class Guest:
         res["driver_after"] = self.driver()
         res["left_processes"] = self._servers()
 
-    def _servers(self) -> list[str]:
+    def _servers(self, mnt: str = MNT) -> list[str]:
+        return [cmd for _, cmd in self._server_procs(mnt)]
+
+    def _server_procs(self, mnt: str) -> list[tuple[Path, str]]:
         found = []
         for d in Path("/proc").iterdir():
             if d.name.isdigit() and int(d.name) != os.getpid():
@@ -591,9 +628,53 @@ class Guest:
                     cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                if " mount " in cmd and MNT in cmd:
-                    found.append(cmd.strip())
+                if " mount " in cmd and mnt in cmd:
+                    found.append((d, cmd.strip()))
         return found
+
+    def _vfio_fds(self, mnt: str) -> list[str]:
+        """The VFIO/iommufd files the serving process of `mnt` holds open."""
+        out = set()
+        for d, _ in self._server_procs(mnt):
+            for fd in (d / "fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith(("/dev/vfio", "/dev/iommu")):
+                    out.add(target)
+        return sorted(out)
+
+    def forced(self) -> None:
+        """iommufd mode: the same function and kernel through the forced backends."""
+        import subprocess
+        import time
+
+        f = self.res["forced"] = {"uname": os.uname().release}
+        mnt = "/mnt/y"
+        os.makedirs(mnt, exist_ok=True)
+        # the rings hold guest-physical addresses (virtiofsd ignores the vIOMMU) and must
+        # be physically contiguous: after the first mount, 4 KiB pages rarely are
+        Path("/proc/sys/vm/nr_hugepages").write_text(f"{HUGEPAGES}\n")
+        p = subprocess.run(["vfsdrv", "mount", "--iommu", "type1", "--tag", "myfs", mnt],
+                           capture_output=True, text=True)
+        f["type1_rc"], f["type1_err"] = p.returncode, p.stderr
+        if p.returncode == 0:
+            f["type1_fds"] = self._vfio_fds(mnt)
+            f["type1_read_ok"] = (Path(mnt) / "hostfile.bin").read_bytes() == \
+                (self.src / "hostfile.bin").read_bytes()
+            self.sh("vfsdrv", "umount", mnt)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                    self.driver() != "virtio-pci" or self._servers(mnt)):
+                time.sleep(0.2)
+        f["type1_driver_after"] = self.driver()
+        p = subprocess.run(["vfsdrv", "mount", "--iommu", "noiommu", "--tag", "myfs", mnt],
+                           capture_output=True, text=True)
+        f["noiommu_rc"], f["noiommu_err"] = p.returncode, p.stderr
+        if p.returncode == 0:
+            self.sh("vfsdrv", "umount", mnt)
+        f["noiommu_driver_after"] = self.driver()
 
     def kernel_mount(self) -> None:
         res = self.res
@@ -619,6 +700,8 @@ class Guest:
                          "python_api", "sync_and_statfs", "locks"):
                 self.step(name, getattr(self, name))
             self.step("umount", self.umount)
+            if self.mode == "iommufd" and "umount" not in self.res["errors"]:
+                self.step("forced", self.forced)
         if "umount" in self.res["errors"] or "mount" in self.res["errors"]:
             self.sh("umount", "-l", MNT, check=False)  # leave nothing mounted
         else:
