@@ -818,8 +818,9 @@ def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
 
 
 # -- serve ------------------------------------------------------------------------------
-#: mount flags libfuse has no option for
-_NO_LIBFUSE_OPTION = {"strictatime", "lazytime"}
+#: options libfuse cannot take from us: no option for these flags, and max_read
+#: would have to be repeated in pyfuse3's init() (libfuse refuses the session else)
+_NO_LIBFUSE_OPTION = {"strictatime", "lazytime", "max_read"}
 
 
 def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
@@ -841,7 +842,8 @@ def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
     mo = MountOptions.parse(groups)
     mo.check()
     names = mo.flag_names()
-    unsupported = _NO_LIBFUSE_OPTION.intersection(names)
+    unsupported = _NO_LIBFUSE_OPTION.intersection(
+        names + [o.partition("=")[0] for o in mo.fuse])
     if unsupported:
         raise FrontendError(
             f"mount option(s) {', '.join(sorted(unsupported))}: libfuse cannot set them; "
@@ -894,7 +896,9 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     finally:
         fs.on_notify = previous_on_notify
         try:
-            pyfuse3.close(unmount=True)
+            # a failed device ends the server as a dead FUSE daemon: the mount stays
+            # and answers ENOTCONN until unmounted (nothing lands underneath it)
+            pyfuse3.close(unmount=ops.dev.failure is None)
         finally:
             try:
                 if fs.broken is None:
@@ -902,7 +906,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
             except (OSError, VfsdrvError, TimeoutError) as exc:
                 log.warning("FUSE_DESTROY failed: %s", exc)
     if ops.dev.failure is not None:
-        raise ops.dev.failure  # unmounted, but not because anyone asked
+        raise ops.dev.failure  # left mounted and disconnected, as a dead daemon's
 
 
 async def _main(ops: DeviceOperations, ready: Callable[[], None] | None) -> None:
