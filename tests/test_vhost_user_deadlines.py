@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fakes.stalling_backend import StallingBackend
 from mounting import force_unmount, is_mounted
-from vfsdrv.errors import DeviceGoneError, DeviceTimeoutError
+from vfsdrv.errors import DeviceGoneError, DeviceTimeoutError, TransportError
 from vfsdrv.fs.config import encode_config
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.virtio import vhost_user_proto as vu
@@ -114,6 +114,20 @@ def test_a_listener_that_never_accepts_fails_the_connect_in_time(sock_path: str)
         listener.close()
 
 
+def test_a_backend_that_hangs_up_is_named(sock_path: str) -> None:
+    with StallingBackend(sock_path, "hangup"), pytest.raises(DeviceGoneError) as info:
+        VhostUserTransport(sock_path, timeout=2)
+    assert str(info.value).startswith(f"vhost-user:{sock_path}: ")
+    assert "GET_FEATURES" in str(info.value)
+
+
+def test_a_reply_to_the_wrong_message_retires_the_connection(sock_path: str) -> None:
+    with StallingBackend(sock_path, "wrong-reply"), pytest.raises(TransportError) as info:
+        VhostUserTransport(sock_path, timeout=2)
+    assert str(info.value) == (f"vhost-user:{sock_path}: expected the reply to GET_FEATURES, "
+                               "got GET_PROTOCOL_FEATURES with flags 0x5")
+
+
 def test_default_deadline_fits_the_mount_bound() -> None:
     # one message times out, then teardown (bounded separately) must still fit in 30 s
     assert DEFAULT_TIMEOUT <= 15
@@ -134,7 +148,7 @@ def test_after_a_timeout_the_connection_is_not_reused(no_init: StallingBackend) 
         assert str(info.value).startswith(f"vhost-user:{no_init.path}: no reply to "
                                           "GET_VRING_BASE within 0.3 s")
         t0 = time.monotonic()
-        with pytest.raises(DeviceTimeoutError, match="no reply to GET_VRING_BASE"):
+        with pytest.raises(DeviceGoneError, match="no reply to GET_VRING_BASE"):
             t.set_driver_features(0)  # REPLY_ACK: would wait for an ack
         assert time.monotonic() - t0 < 0.1
         with pytest.raises(DeviceGoneError, match="no longer usable"):
@@ -157,7 +171,7 @@ def test_an_unrequested_message_is_a_gone_device_not_a_spinning_loop(
         assert r
         with pytest.raises(DeviceGoneError, match="nobody asked for"):
             t.check_alive()
-        with pytest.raises(DeviceTimeoutError, match="nobody asked for"):
+        with pytest.raises(DeviceGoneError, match="nobody asked for"):
             t.set_driver_features(0)
     finally:
         t.close()

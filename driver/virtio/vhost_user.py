@@ -15,7 +15,8 @@ to take each message), and as much for the backend's share of the whole bring-up
 stretch it to minutes), a shorter `teardown_timeout` for the whole of close(), and
 reset(t) is bounded by t. A backend that misses one fails the transport with an
 error naming the socket and the message; the connection is then out of step (a late
-reply would be taken for the next message's), so every later message fails at once.
+reply would be taken for the next message's), so every later message fails at once
+(DeviceGoneError: the device cannot be reached any more).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class VhostUserTransport(Transport):
     def _deadline(self, request: int) -> tuple[float, float, str]:
         """(absolute deadline, seconds allowed, why not `timeout`) for the next message."""
         if self._broken is not None:
-            raise DeviceTimeoutError(f"{self._broken}; the connection is no longer usable")
+            raise DeviceGoneError(f"{self._broken}; the connection is no longer usable")
         now = time.monotonic()
         allowed, why = self.timeout, ""
         if self._setup_left is not None and self._setup_left < allowed:
@@ -209,6 +210,10 @@ class VhostUserTransport(Transport):
             vu.send_message(self.sock, request, payload, fds, flags, deadline=limit[0])
         except TimeoutError as exc:
             self._missed("the backend did not take", request, limit, exc)
+        except DeviceGoneError as exc:
+            raise DeviceGoneError(
+                f"{self.name}: {exc} (sending {_request_name(request)})"
+            ) from exc
 
     def _send(self, request: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         """A message without a defined reply; with REPLY_ACK we ask for and check one."""
@@ -244,13 +249,21 @@ class VhostUserTransport(Transport):
             rreq, rflags, data, fds = vu.recv_message(self.sock, limit[0])
         except TimeoutError as exc:
             self._missed("no reply to", request, limit, exc)
+        except DeviceGoneError as exc:
+            raise DeviceGoneError(
+                f"{self.name}: {exc} (waiting for the reply to {_request_name(request)})"
+            ) from exc
+        except TransportError as exc:  # malformed: what follows cannot be trusted
+            self._broken = f"{self.name}: {exc} (the reply to {_request_name(request)})"
+            raise TransportError(self._broken) from exc
         for fd in fds:
             os.close(fd)
         if rreq != request or not rflags & vu.FLAG_REPLY:
-            raise TransportError(
-                f"{self.name}: expected a reply to request {request}, got request {rreq} "
-                f"flags {rflags:#x}"
+            self._broken = (
+                f"{self.name}: expected the reply to {_request_name(request)}, got "
+                f"{_request_name(rreq)} with flags {rflags:#x}"
             )
+            raise TransportError(self._broken)
         return data
 
     def _get_u64(self, request: int) -> int:

@@ -8,7 +8,9 @@ vfsdrv.virtio.vhost_user_proto.
     answered; and like a backend whose queue thread is stuck in a request, it never
     answers GET_VRING_BASE either (virtiofsd answers it only once the ring is stopped);
   * "slow": as "no-init", each answer `delay` seconds late (within any one message's
-    deadline, but adding up).
+    deadline, but adding up);
+  * "hangup": closes each connection as soon as it accepts it;
+  * "wrong-reply": answers GET_FEATURES as if it were GET_PROTOCOL_FEATURES.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ NUM_QUEUES = 2
 
 class StallingBackend:
     def __init__(self, path: str, mode: str, delay: float = 0.0) -> None:
-        if mode not in ("silent", "no-init", "slow"):
+        if mode not in ("silent", "no-init", "slow", "hangup", "wrong-reply"):
             raise ValueError(mode)
         self.path = path
         self.mode = mode
@@ -54,6 +56,9 @@ class StallingBackend:
             for s in ready:
                 if s is self._listener:
                     conn, _ = self._listener.accept()
+                    if self.mode == "hangup":
+                        conn.close()
+                        continue
                     self._conns.append(conn)
                     if self.mode != "silent":
                         watched.append(conn)  # the silent backend never reads
@@ -79,6 +84,8 @@ class StallingBackend:
             return  # stuck: the ring never stops
         elif flags & vu.FLAG_NEED_REPLY:
             answer = vu.U64.pack(0)
+        if self.mode == "wrong-reply" and request == vu.Request.GET_FEATURES:
+            request = vu.Request.GET_PROTOCOL_FEATURES
         if answer is not None:
             if self.mode == "slow":
                 time.sleep(self.delay)
