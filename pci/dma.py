@@ -290,8 +290,11 @@ class DmaMemory(DmaMemoryLike):
 
 
 def _unmapper(length: int):
+    # bound now: at interpreter exit the module's globals may be gone before the owner
+    munmap, cast = libc.munmap, ffi.cast
+
     def unmap(pointer: Any) -> None:
-        libc.munmap(ffi.cast("void *", pointer), length)
+        munmap(cast("void *", pointer), length)
 
     return unmap
 
