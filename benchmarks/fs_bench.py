@@ -181,13 +181,16 @@ def unmount(path: Path, proc: subprocess.Popen) -> None:
 # -- workloads -------------------------------------------------------------------------------
 def fio(directory: Path, rw: str, bs: str, size: int, *, invalidate: bool = False,
         io_size: int | None = None, jobs: int = 1, fsync: bool = False,
-        seconds: float | None = None) -> tuple[float, int]:
-    """(bytes per second, operations) of one fio job group on `directory`/data. With
+        seconds: float | None = None, name: str = "data", depth: int = 1,
+        direct: bool = False) -> tuple[float, int]:
+    """(bytes per second, operations) of one fio job group on `directory`/`name`. With
     `jobs` > 1 each job gets its own 1/jobs of the file (no job reads another's
-    blocks, so none hits a page another one brought in)."""
-    cmd = ["fio", "--name=bench", f"--filename={directory / 'data'}", f"--rw={rw}", f"--bs={bs}",
-           f"--size={size // jobs}", "--ioengine=psync", f"--invalidate={int(invalidate)}",
-           f"--numjobs={jobs}", "--group_reporting", "--output-format=json", "--randrepeat=0"]
+    blocks, so none hits a page another one brought in). `depth` > 1: libaio."""
+    engine = ["--ioengine=libaio", f"--iodepth={depth}"] if depth > 1 else ["--ioengine=psync"]
+    cmd = ["fio", "--name=bench", f"--filename={directory / name}", f"--rw={rw}", f"--bs={bs}",
+           f"--size={size // jobs}", *engine, f"--invalidate={int(invalidate)}",
+           f"--direct={int(direct)}", f"--numjobs={jobs}", "--group_reporting",
+           "--output-format=json", "--randrepeat=0"]
     if jobs > 1:
         cmd.append(f"--offset_increment={size // jobs}")
     if io_size:
@@ -252,18 +255,19 @@ def measured(t: Target, fn: Callable[[], tuple[float, int]], scale: float = 1.0)
                   (d1[0] - d0[0]) / 1000 / ops if t.device is not None else None)
 
 
-def strace_syscalls(t: Target, size: int, io_size: int) -> float | None:
-    """Syscalls of the server's processes per 4 KiB random read, from `strace -c -f`."""
-    if shutil.which("strace") is None or t.server is None:
+def strace_syscalls(server: int | None, out: Path,
+                    workload: Callable[[], tuple[float, int]]) -> float | None:
+    """Syscalls of the server's processes (process group `server`) per operation of
+    `workload`, from `strace -c -f`."""
+    if shutil.which("strace") is None or server is None:
         return None
-    pids = group_pids(t.server)
-    out = t.dir.parent.parent / f"strace-{t.name}.txt"
+    pids = group_pids(server)
     args = ["strace", "-c", "-f", "-o", str(out)]
     for pid in pids:
         args += ["-p", str(pid)]
     tracer = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # let it attach
-    _, ops = fio(t.dir, "randread", "4k", size, io_size=io_size, invalidate=True)
+    _, ops = workload()
     tracer.send_signal(signal.SIGINT)
     tracer.wait(10)
     total = None
@@ -272,6 +276,55 @@ def strace_syscalls(t: Target, size: int, io_size: int) -> float | None:
         if words and words[-1] == "total":
             total = int(words[3])  # % time, seconds, usecs/call, calls, [errors,] total
     return None if total is None else total / max(ops, 1)
+
+
+NULL_FILE = 1 << 30  # the null device's file "null": READs report data never written
+
+
+def null_mount(work: Path, seconds: float, count_syscalls: bool
+               ) -> list[tuple[str, Result, float | None]]:
+    """A vfsdrv mount over the null device (benchmarks/nulldev.c): no file work behind
+    it, so what the FUSE server spends is the driver's own cost per request."""
+    from vfsdrv.tools.nulldev import NullDevice
+
+    mnt = work / "mnt-null"
+    mnt.mkdir()
+    rows: list[tuple[str, Result, float | None]] = []
+    # entry and attr timeouts 0: every stat is a LOOKUP and a GETATTR
+    with NullDevice(work / "null.sock", extra=("--attr-timeout", "0")) as dev:
+        log = work / "vfsdrv-null-mount.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user", str(dev.socket_path),
+                                     str(mnt)], stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            wait_mounted(mnt, proc, log)
+            t = Target("vfsdrv-null", mnt, server=proc.pid, device=dev.pid)
+            for depth in (1, 16):
+                def reads(depth: int = depth) -> tuple[float, int]:
+                    return _iops(fio(mnt, "randread", "4k", NULL_FILE, name="null", direct=True,
+                                     depth=depth, seconds=seconds))
+
+                rows.append((f"4 KiB O_DIRECT read, {depth} in flight", measured(t, reads),
+                             strace_syscalls(t.server, work / f"strace-null-{depth}.txt", reads)
+                             if count_syscalls else None))
+
+            def stats() -> tuple[float, int]:
+                path = str(mnt / "hello")
+                n = 0
+                t0 = time.perf_counter()
+                while (dt := time.perf_counter() - t0) < seconds:
+                    for _ in range(100):
+                        os.stat(path)
+                    n += 100
+                return n / dt, n
+
+            rows.append(("stat: LOOKUP + GETATTR", measured(t, stats),
+                         strace_syscalls(t.server, work / "strace-null-stat.txt", stats)
+                         if count_syscalls else None))
+        finally:
+            unmount(mnt, proc)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes read by each random-read run (default 128; quick 64)")
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=1, help="repeat everything, report medians")
+    ap.add_argument("--no-null", action="store_true",
+                    help="leave out the mount over the null device")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the servers' syscalls per random read with strace -c")
     args = ap.parse_args(argv)
@@ -295,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                        stdout=subprocess.DEVNULL)
     work = Path(tempfile.mkdtemp(prefix="vfsdrv-fs-bench-", dir="/tmp"))
     targets: dict[str, Target] = {}
+    null_rows: list[tuple[str, Result, float | None]] = []
     results: dict[tuple[str, str], list[Result]] = {}
     syscalls: dict[str, float | None] = {}
     t_start = time.monotonic()
@@ -335,9 +391,15 @@ def main(argv: list[str] | None = None) -> int:
                         0.0, (s1[0] - s0[0]) / 1000 / n, (s1[1] - s0[1]) * 1e6 / CLK_TCK / n,
                         (d1[0] - d0[0]) / 1000 / n if t.device is not None else None))
             order = order[1:] + order[:1]
+        if not args.no_null:
+            null_rows = null_mount(work, 2.0 if args.quick else 5.0, args.syscalls)
         if args.syscalls:
             for tname in ("passthrough_ll", "vfsdrv"):
-                syscalls[tname] = strace_syscalls(targets[tname], size, rand // 4)
+                t = targets[tname]
+                syscalls[tname] = strace_syscalls(
+                    t.server, work / f"strace-{tname}.txt",
+                    lambda t=t: fio(t.dir, "randread", "4k", size, io_size=rand // 4,
+                                    invalidate=True))
     finally:
         for t in targets.values():
             for stop in t.stop:
@@ -379,6 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     if syscalls:
         print("syscalls per 4 KiB random read (strace -c -f of the server): " + ", ".join(
             f"{k} {v:.1f}" if v is not None else f"{k} n/a" for k, v in syscalls.items()))
+    if null_rows:
+        print()
+        print("vfsdrv mount over the null device (no file work behind it): the FUSE server's "
+              "own cost per operation")
+        print(f"{'workload':<34} {'ops/s':>10} {'cpu us':>7} {'user us':>7} {'nulldev us':>10} "
+              f"{'syscalls':>8}")
+        for name, r, sc in null_rows:
+            print(f"{name:<34} {r.value:>10,.0f} {r.server_us or 0:>7.1f} "
+                  f"{r.server_user_us or 0:>7.1f} {r.device_us or 0:>10.1f} "
+                  f"{'n/a' if sc is None else f'{sc:.1f}':>8}")
     return 0
 
 

@@ -135,11 +135,12 @@ enum {
 #define FUSE_ASYNC_READ (1u << 0)
 #define FUSE_BIG_WRITES (1u << 5)
 #define FUSE_DO_READDIRPLUS (1u << 13)
+#define FUSE_ASYNC_DIO (1u << 15)
 #define FUSE_PARALLEL_DIROPS (1u << 18)
 #define FUSE_MAX_PAGES (1u << 22)
 #define FUSE_INIT_EXT (1u << 30)
 #define INIT_GRANTED (FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | \
-		      FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_INIT_EXT)
+		      FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_INIT_EXT)
 #define MAX_WRITE (1u << 20)
 #define PAGE_SIZE 4096u
 
@@ -628,7 +629,8 @@ static int serve_fuse(const struct fuse_in_header *h, const uint8_t *args, size_
 		return 0;
 	}
 	case FUSE_STATFS: {
-		struct fuse_statfs_out o = {.blocks = 1 << 20, .files = NNODES, .bsize = PAGE_SIZE,
+		struct fuse_statfs_out o = {.blocks = 1 << 20, .bfree = 1 << 20, .bavail = 1 << 20,
+					    .files = NNODES, .bsize = PAGE_SIZE,
 					    .namelen = 255, .frsize = PAGE_SIZE};
 		memcpy(r->buf, &o, sizeof(o));
 		r->len = sizeof(o);
