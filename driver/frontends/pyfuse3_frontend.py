@@ -818,9 +818,9 @@ def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
 
 
 # -- serve ------------------------------------------------------------------------------
-#: options libfuse cannot take from us: no option for these flags, and max_read
+#: options libfuse (3.14) cannot take from us: no option for these flags; max_read
 #: would have to be repeated in pyfuse3's init() (libfuse refuses the session else)
-_NO_LIBFUSE_OPTION = {"strictatime", "lazytime", "max_read"}
+_NO_LIBFUSE_OPTION = {"strictatime", "lazytime", "nodiratime", "max_read"}
 
 
 def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
