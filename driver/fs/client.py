@@ -32,7 +32,7 @@ ROOT_ID = 1
 NAME_MAX = 1024
 LLONG_MAX = (1 << 63) - 1
 #: READDIR batches readdir_all follows before it calls the directory endless
-MAX_DIR_ENTRIES = 1 << 22
+MAX_DIR_ENTRIES = 1 << 20
 _VALID_TYPES = frozenset({
     stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
     stat.S_IFSOCK,
