@@ -5,7 +5,8 @@
  * virtqueue, no file I/O.
  *
  *   cc -O2 -pthread -o nulldev nulldev.c
- *   nulldev --socket PATH [--queues N] [--tag TAG] [--no-event-idx] [--once] [-v]
+ *   nulldev --socket PATH [--queues N] [--tag TAG] [--no-event-idx] [--attr-timeout S]
+ *           [--stats FILE] [--once] [-v]
  *
  * It is a benchmark fixture, not part of the installed driver (tools/nulldev.py
  * builds it into a cache directory).
@@ -23,6 +24,8 @@
  * MQ, REPLY_ACK, CONFIG (tag and num_request_queues in the config space) and STATUS.
  * Queue 0 is hiprio, queues 1..N the request queues (no notification queue). One
  * connection at a time; with --once it exits when the frontend disconnects.
+ * --stats FILE keeps per-queue counters (requests, kicks, wakes, interrupts,
+ * batches: five u64 per queue, queue 0 first) in a shared file a benchmark reads.
  *
  * Everything read from guest memory is validated (ring indexes, descriptor indexes,
  * chain length and loops, addresses and lengths, request header lengths): a
@@ -32,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <poll.h>
 #include <pthread.h>
@@ -269,11 +273,27 @@ struct queue {
 	bool addr_set, kicked, enabled, running, broken;
 	uint16_t last_avail, used_idx, base;
 	pthread_t thread;
-	/* statistics, read by the control thread after the queue thread stops */
-	uint64_t requests, wakes, calls, batches;
+	/* statistics of this connection, read by the control thread after the queue
+	 * thread stops */
+	uint64_t requests, kicks, wakes, calls, batches;
+	struct qstats *total; /* the same, over the process's life, shared (--stats) */
 };
 
+/* --stats FILE: counters another process may read at any time (a benchmark taking
+ * kicks and interrupts per request); each is written by its queue's thread alone,
+ * with single 64-bit stores */
+struct qstats {
+	uint64_t requests, kicks, wakes, calls, batches;
+};
+
+static void count(uint64_t *c, uint64_t n)
+{
+	__atomic_store_n(c, *c + n, __ATOMIC_RELAXED);
+}
+
 #define MAX_QUEUES 65
+static struct qstats private_stats[MAX_QUEUES], *stats = private_stats;
+
 static struct {
 	int sock;
 	uint64_t features, protocol, status;
@@ -287,10 +307,10 @@ static struct {
 } dev;
 
 static struct {
-	const char *socket, *tag;
+	const char *socket, *tag, *stats;
 	int queues;
 	bool event_idx, once, verbose;
-} opt = {NULL, "null", 1, true, false, false};
+} opt = {NULL, "null", NULL, 1, true, false, false};
 
 static volatile sig_atomic_t stopping;
 
@@ -772,8 +792,10 @@ static void publish(struct queue *q, uint16_t *old)
 			   VRING_AVAIL_F_NO_INTERRUPT);
 	*old = q->used_idx;
 	q->batches++;
+	count(&q->total->batches, 1);
 	if (signal && q->call_fd >= 0) {
 		q->calls++;
+		count(&q->total->calls, 1);
 		if (eventfd_write(q->call_fd, 1) < 0)
 			say("queue %d: call failed: %s", q->index, strerror(errno));
 	}
@@ -809,6 +831,7 @@ static bool process(struct queue *q, struct chain *c, struct reply *r)
 		u->len = (uint32_t)n;
 		q->used_idx++;
 		q->requests++;
+		count(&q->total->requests, 1);
 		if ((uint16_t)(q->used_idx - old) >= 32)
 			publish(q, &old); /* long batches: let the driver start on the first */
 	}
@@ -859,8 +882,12 @@ static void *queue_main(void *arg)
 			break;
 		if (p[0].revents) {
 			eventfd_t v;
-			(void)eventfd_read(q->kick_fd, &v);
+			if (eventfd_read(q->kick_fd, &v) == 0) {
+				q->kicks += v; /* the counter sums the driver's writes */
+				count(&q->total->kicks, v);
+			}
 			q->wakes++;
+			count(&q->total->wakes, 1);
 		}
 	}
 	free(c);
@@ -940,6 +967,7 @@ static void device_reset(void)
 		close_fd(&q->kick_fd);
 		close_fd(&q->call_fd);
 		memset(q, 0, sizeof(*q));
+		q->total = &stats[i];
 		q->index = i;
 		q->kick_fd = q->call_fd = q->stop_fd = -1;
 	}
@@ -1316,8 +1344,9 @@ static void print_stats(void)
 	for (int i = 0; i < dev.nq; i++) {
 		struct queue *q = &dev.q[i];
 		if (q->requests)
-			say("queue %d: %llu requests, %llu wakes (kicks), %llu interrupts, %llu batches",
-			    i, (unsigned long long)q->requests, (unsigned long long)q->wakes,
+			say("queue %d: %llu requests, %llu kicks, %llu wakes, %llu interrupts, "
+			    "%llu batches", i, (unsigned long long)q->requests,
+			    (unsigned long long)q->kicks, (unsigned long long)q->wakes,
 			    (unsigned long long)q->calls, (unsigned long long)q->batches);
 	}
 }
@@ -1363,7 +1392,7 @@ static void on_signal(int sig)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: nulldev --socket PATH [--queues N] [--tag TAG] [--no-event-idx]\n"
-		   "               [--attr-timeout S] [--once] [-v]\n"
+		   "               [--attr-timeout S] [--stats FILE] [--once] [-v]\n"
 		   "A null vhost-user virtio-fs device: canned replies at C speed, one thread per\n"
 		   "queue. --queues is num_request_queues (1..64, default 1).\n");
 }
@@ -1374,9 +1403,9 @@ int main(int argc, char **argv)
 		{"socket", required_argument, NULL, 's'}, {"queues", required_argument, NULL, 'q'},
 		{"tag", required_argument, NULL, 't'}, {"no-event-idx", no_argument, NULL, 'E'},
 		{"attr-timeout", required_argument, NULL, 'a'}, {"once", no_argument, NULL, 'o'},
-		{"verbose", no_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0}};
+		{"stats", required_argument, NULL, 'S'}, {"verbose", no_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0}};
 	int ch;
-	while ((ch = getopt_long(argc, argv, "s:q:t:a:ovh", longopts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "s:q:t:a:S:ovh", longopts, NULL)) != -1) {
 		switch (ch) {
 		case 's': opt.socket = optarg; break;
 		case 'q': opt.queues = atoi(optarg); break;
@@ -1384,6 +1413,7 @@ int main(int argc, char **argv)
 		case 'E': opt.event_idx = false; break;
 		case 'a': attr_timeout = strtoull(optarg, NULL, 10); break;
 		case 'o': opt.once = true; break;
+		case 'S': opt.stats = optarg; break;
 		case 'v': opt.verbose = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -1401,8 +1431,21 @@ int main(int argc, char **argv)
 		return 1;
 	for (size_t i = 0; i < PATTERN_MOD + MAX_WRITE; i++)
 		pattern_table[i] = i % PATTERN_MOD;
-	for (int i = 0; i < MAX_QUEUES; i++)
+	if (opt.stats) {
+		/* per queue: requests, kicks (eventfd writes), wakes, interrupts, batches */
+		size_t len = sizeof(struct qstats) * MAX_QUEUES;
+		int fd = open(opt.stats, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (fd < 0 || ftruncate(fd, len) < 0 ||
+		    (stats = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+			say("--stats %s: %s", opt.stats, strerror(errno));
+			return 1;
+		}
+		close(fd);
+	}
+	for (int i = 0; i < MAX_QUEUES; i++) {
 		dev.q[i].kick_fd = dev.q[i].call_fd = dev.q[i].stop_fd = -1;
+		dev.q[i].total = &stats[i];
+	}
 
 	struct sigaction sa = {.sa_handler = on_signal}; /* no SA_RESTART: accept/recv return */
 	sigaction(SIGTERM, &sa, NULL);

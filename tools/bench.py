@@ -48,7 +48,7 @@ from ..virtio import ring_layout as rl
 from ..virtio.device import VirtioDevice
 from ..virtio.vhost_user import VhostUserTransport
 from .backends import BACKENDS, Backend, check_available
-from .nulldev import NullDevice
+from .nulldev import Counters, NullDevice
 
 MiB = 1 << 20
 FILE_SIZE = 64 * MiB
@@ -206,20 +206,27 @@ class Sample:
     cpu_us: float  # this process, run time per request
     user_us: float  # this process, user time per request
     dev_us: float  # the device, run time per request
+    kicks: float | None = None  # per request, as the null device counts them
+    irqs: float | None = None  # interrupts per request, likewise
 
 
-def _measure(step: Callable[[], int], seconds: float, dev_pids: list[int]) -> Sample:
+def _measure(step: Callable[[], int], seconds: float, dev: _Device) -> Sample:
     step()
     me = [os.getpid()]
-    m0, d0 = _times(me), _times(dev_pids)
+    dev_pids = dev.pids()
+    m0, d0, c0 = _times(me), _times(dev_pids), dev.counters()
     n = 0
     t0 = time.perf_counter()
     while (dt := time.perf_counter() - t0) < seconds:
         n += step()
-    m1, d1 = _times(me), _times(dev_pids)
+    m1, d1, c1 = _times(me), _times(dev_pids), dev.counters()
     per = max(n, 1)
-    return Sample(n / dt, n, (m1[0] - m0[0]) / 1000 / per,
-                  (m1[1] - m0[1]) * 1e6 / CLK_TCK / per, (d1[0] - d0[0]) / 1000 / per)
+    sample = Sample(n / dt, n, (m1[0] - m0[0]) / 1000 / per,
+                    (m1[1] - m0[1]) * 1e6 / CLK_TCK / per, (d1[0] - d0[0]) / 1000 / per)
+    if c0 is not None and c1 is not None:
+        c = c1 - c0
+        sample.kicks, sample.irqs = c.kicks / per, c.interrupts / per
+    return sample
 
 
 def _latencies(fn: Callable[[], None], seconds: float) -> list[float]:
@@ -254,6 +261,10 @@ class _Device:
 
     def pids(self) -> list[int]:
         return _group_pids(self.pgid)
+
+    def counters(self) -> Counters | None:
+        """The null device's running counts of requests, kicks and interrupts."""
+        return self.proc.counters() if isinstance(self.proc, NullDevice) else None
 
     def transport(self) -> VhostUserTransport:
         # the fallback config is for a device with no config space (Debian 12's virtiofsd)
@@ -378,8 +389,8 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
         raw.reap()
         return 1
 
-    vread = _measure(read_1m, secs, vdev1.pids())
-    fread = _measure(raw_read, secs, fdev.pids())
+    vread = _measure(read_1m, secs, vdev1)
+    fread = _measure(raw_read, secs, fdev)
 
     # 3. GETATTR at each depth: the floor, then vfsdrv with each queue count
     floor: dict[int, Sample] = {}
@@ -397,7 +408,7 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
             raw.kick()
             return len(done)
 
-        floor[depth] = _measure(rstep, secs, fdev.pids())
+        floor[depth] = _measure(rstep, secs, fdev)
         pending = depth
         while pending > 0:
             pending -= len(raw.reap())
@@ -410,7 +421,7 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
                 q_.append(c_.submit(Opcode.GETATTR, ROOT_ID, getattr_body))
                 return 1
 
-            mine[(q, depth)] = _measure(step, secs, dev.pids())
+            mine[(q, depth)] = _measure(step, secs, dev)
             for p in inflight:
                 p.result()
 
@@ -437,18 +448,24 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
     print("CPU per request (schedstat run time; user = utime), GETATTR, by request queues "
           "and depth:")
     print(f"{'queues':>6s} {'depth':>5s} {'vfsdrv ops/s':>12s} {'cpu us':>7s} {'user us':>7s} "
-          f"{'dev us':>7s} {'floor ops/s':>11s} {'cpu us':>7s} {'dev us':>7s} {'of floor':>8s}")
+          f"{'dev us':>7s} {'kick/rq':>7s} {'irq/rq':>6s} {'floor ops/s':>11s} {'cpu us':>7s} "
+          f"{'dev us':>7s} {'of floor':>8s}")
+
+    def per(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     for q in clients:
         for depth in depths:
             m, f = mine[(q, depth)], floor[depth]
             print(f"{q:6d} {depth:5d} {m.rate:12.0f} {m.cpu_us:7.2f} {m.user_us:7.2f} "
-                  f"{m.dev_us:7.2f} {f.rate:11.0f} {f.cpu_us:7.2f} {f.dev_us:7.2f} "
-                  f"{m.rate / f.rate:8.2f}")
+                  f"{m.dev_us:7.2f} {per(m.kicks):>7s} {per(m.irqs):>6s} {f.rate:11.0f} "
+                  f"{f.cpu_us:7.2f} {f.dev_us:7.2f} {m.rate / f.rate:8.2f}")
     print(f"READ 1 MiB: vfsdrv cpu {vread.cpu_us:.1f} us (user {vread.user_us:.1f}) per request, "
           f"floor cpu {fread.cpu_us:.1f} us; device {vread.dev_us:.1f} / {fread.dev_us:.1f} us")
     print("cpu us: this process (the client and the driver, every thread) per request; "
-          "dev us: the device's threads; floor: the raw client (one request queue); "
-          "of floor: vfsdrv ops/s / floor ops/s")
+          "dev us: the device's threads; kick/rq, irq/rq: the driver's kicks (eventfd "
+          "writes) and the interrupts it got per request, as the null device counts them; "
+          "floor: the raw client (one request queue); of floor: vfsdrv ops/s / floor ops/s")
     for q in skipped:
         print(f"note: {args.backend} has fewer than {q} request queues: that row is left out")
     if raw.stalls:

@@ -16,14 +16,30 @@ import hashlib
 import os
 import shlex
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import VfsdrvError
 
 CFLAGS = ("-O2", "-g", "-pthread", "-Wall", "-Wextra")
+#: --stats FILE: five u64 counters per queue, for this many queues
+STATS = struct.Struct("<5Q")
+STATS_QUEUES = 65
+
+
+class Counters(NamedTuple):
+    requests: int
+    kicks: int  # eventfd writes of the driver (the device reads their sum)
+    wakes: int  # times a queue thread woke for a kick
+    interrupts: int
+    batches: int  # used index publications
+
+    def __sub__(self, other: tuple) -> Counters:  # type: ignore[override]
+        return Counters(*(a - b for a, b in zip(self, other, strict=True)))
 
 
 def source_path() -> Path:
@@ -76,8 +92,10 @@ class NullDevice:
         self.socket_path = socket_path
         self.tag = tag
         self.queues = queues
+        self.stats_path = socket_path.with_suffix(".stats")
         cmd = [str(build()), "--socket", str(socket_path), "--queues", str(queues),
-               "--tag", tag, *([] if event_idx else ["--no-event-idx"]), *extra]
+               "--tag", tag, "--stats", str(self.stats_path),
+               *([] if event_idx else ["--no-event-idx"]), *extra]
         self.log_path = socket_path.with_suffix(".log")
         socket_path.unlink(missing_ok=True)
         with open(self.log_path, "wb") as log:
@@ -98,6 +116,17 @@ class NullDevice:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace").strip()
+
+    def counters(self) -> Counters:
+        """Requests, kicks, wakes, interrupts and batches over all queues so far (the
+        device's running totals, readable at any time)."""
+        with open(self.stats_path, "rb") as f:
+            data = f.read(STATS_QUEUES * STATS.size)
+        total = [0] * 5
+        for fields in STATS.iter_unpack(data[: len(data) - len(data) % STATS.size]):
+            for i, v in enumerate(fields):
+                total[i] += v
+        return Counters(*total)
 
     def queue_requests(self) -> dict[int, int]:
         """Requests served per queue, from the statistics the device logs when a
