@@ -143,3 +143,35 @@ def test_kernel_locks_conflict_between_processes(mounted: tuple[Path, Path]) -> 
     # closed: both locks are gone (FLUSH drops POSIX locks, RELEASE the flock)
     out = subprocess.run(["python3", "-c", probe], capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["granted", "granted"]
+
+
+def test_o_direct_reads_and_writes(mounted: tuple[Path, Path]) -> None:
+    """The kernel sends an O_DIRECT file's I/O as it comes (any offset, any size):
+    the device must not hand O_DIRECT on to the host file (EINVAL there)."""
+    source, mnt = mounted
+    fd = os.open(mnt / "direct", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        buf = mmap.mmap(-1, 8192)  # page aligned, as O_DIRECT programs use
+        buf[:] = b"d" * 8192
+        assert os.pwritev(fd, [buf], 0) == 8192
+        assert os.pwrite(fd, b"unaligned", 3) == 9
+        assert os.pread(fd, 12, 0) == b"dddunaligned"
+        out = mmap.mmap(-1, 4096)
+        assert os.preadv(fd, [out], 4096) == 4096 and out[:] == b"d" * 4096
+    finally:
+        os.close(fd)
+    assert (source / "direct").read_bytes()[:12] == b"dddunaligned"
+
+
+def test_names_over_255_bytes_are_enametoolong(mounted: tuple[Path, Path]) -> None:
+    _, mnt = mounted
+    (mnt / "f").write_text("x")
+    long = "n" * 256
+    for call in (lambda: os.mkdir(mnt / long), lambda: os.open(mnt / long, os.O_CREAT),
+                 lambda: os.stat(mnt / long), lambda: os.symlink("f", mnt / long),
+                 lambda: os.link(mnt / "f", mnt / long), lambda: os.rename(mnt / "f", mnt / long),
+                 lambda: os.mknod(mnt / long)):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.ENAMETOOLONG
+    os.mkdir(mnt / long[1:])  # 255 bytes is a name
