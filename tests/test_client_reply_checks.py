@@ -46,15 +46,15 @@ def tampered(monkeypatch, device_factory, connect, export_dir: Path):
     return client, rules
 
 
-def _edit(reply: bytearray, struct_name: str, offset: int, **fields) -> None:
-    obj = abi.unpack(struct_name, reply, offset)
+def _edit(reply: bytearray, struct_name: str, at: int, /, **fields) -> None:
+    obj = abi.unpack(struct_name, reply, at)
     for name, value in fields.items():
         target = obj
         *path, last = name.split(".")
         for part in path:
             target = getattr(target, part)
         setattr(target, last, value)
-    reply[offset : offset + abi.sizeof(struct_name)] = bytes(abi.ffi.buffer(obj))
+    reply[at : at + abi.sizeof(struct_name)] = bytes(abi.ffi.buffer(obj))
 
 
 def _dirents(reply: bytearray) -> list[int]:
@@ -237,3 +237,15 @@ def test_getlk_with_a_backwards_range_and_listxattr_without_nul(tampered) -> Non
     rules[Opcode.LISTXATTR] = unterminated
     with pytest.raises(InvalidReplyError, match="LISTXATTR"):
         client.listxattr(e.nodeid)
+
+
+def test_lseek_past_llong_max_and_copying_more_than_asked(tampered) -> None:
+    client, rules = tampered
+    e, h = client.create(ROOT_ID, "seek")
+    client.write(e.nodeid, h.fh, 0, b"0123456789")
+    rules[Opcode.LSEEK] = lambda rq, rp: _edit(rp, "fuse_lseek_out", HDR, offset=1 << 63)
+    with pytest.raises(InvalidReplyError, match="LSEEK"):
+        client.lseek(e.nodeid, h.fh, 0, 3)  # SEEK_DATA
+    rules[Opcode.COPY_FILE_RANGE] = lambda rq, rp: _edit(rp, "fuse_write_out", HDR, size=9)
+    with pytest.raises(InvalidReplyError, match="COPY_FILE_RANGE"):
+        client.copy_file_range(e.nodeid, h.fh, 0, e.nodeid, h.fh, 20, 4)

@@ -352,15 +352,21 @@ class FuseClient:
 
     def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
         body = abi.pack("fuse_lseek_in", fh=fh, offset=offset, whence=whence)
-        return abi.unpack("fuse_lseek_out", self._call(Opcode.LSEEK, nodeid, body)).offset
+        out = abi.unpack("fuse_lseek_out", self._call(Opcode.LSEEK, nodeid, body)).offset
+        if out > LLONG_MAX:  # vfs_setpos would refuse it: no file position is negative
+            raise InvalidReplyError(f"LSEEK to {out}")
+        return out
 
     def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
                         fh_out: int, off_out: int, length: int, flags: int = 0) -> int:
         body = abi.pack("fuse_copy_file_range_in", fh_in=fh_in, off_in=off_in,
                         nodeid_out=nodeid_out, fh_out=fh_out, off_out=off_out, len=length,
                         flags=flags)
-        return abi.unpack("fuse_write_out",
+        size = abi.unpack("fuse_write_out",
                           self._call(Opcode.COPY_FILE_RANGE, nodeid_in, body)).size
+        if size > length:
+            raise InvalidReplyError(f"COPY_FILE_RANGE of {length} bytes reported {size}")
+        return size
 
     # -- extended attributes ------------------------------------------------------------------
     def setxattr(self, nodeid: int, name: bytes | str, value: bytes, flags: int = 0) -> None:
