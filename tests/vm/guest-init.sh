@@ -17,7 +17,7 @@ R=${vfsdrv_run:-}
 [ -n "$R" ] || { echo "guest-init: no vfsdrv_run= on the kernel command line" >&2; quit; }
 unset vfsdrv_run vfsdrv_kroot vfsdrv_init
 . "$(dirname "$0")/guest-lib.sh"
-export -f vfsdrv_virtiofs_bdfs vfsdrv_vfio_bind vfsdrv_vfio_group
+export -f vfsdrv_virtiofs_bdfs vfsdrv_vfio_bind vfsdrv_vfio_group vfsdrv_host
 (
   set -e
   . "$R/setup.sh"

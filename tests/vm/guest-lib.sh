@@ -34,3 +34,21 @@ vfsdrv_vfio_group() {
   else echo "vfsdrv_vfio_group: no /dev/vfio node for group $grp of $1" >&2; return 1
   fi
 }
+
+# vfsdrv_host NAME [TIMEOUT]: ask the host to do NAME (run_in_guest's on_request, e.g. a
+# QMP device_del) and wait for it (default 300 s); prints the handler's answer and
+# fails when the handler failed. The run directory is an uncached 9p share: a file
+# written here is on the host at once, and the host's answer is seen at the next stat.
+vfsdrv_host() {
+  local name=$1 t=${2:-300} d=$VFSDRV_VM_RUN_DIR/req status
+  : > "$d/$name.want"
+  local end=$((SECONDS + t))
+  while [ ! -e "$d/$name.done" ]; do
+    [ $SECONDS -lt $end ] || { echo "vfsdrv_host $name: no answer in ${t}s" >&2; return 1; }
+    sleep 0.1
+  done
+  {
+    read -r status
+    if [ "$status" = ok ]; then cat; echo; else cat >&2; echo >&2; return 1; fi
+  } < "$d/$name.done"
+}

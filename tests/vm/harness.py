@@ -42,15 +42,17 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -84,8 +86,15 @@ class GuestTimeout(GuestError):
         self.console = console
 
 
-def fs_bdf(index: int = 0) -> str:
-    """PCI address, in the guest, of the index-th virtio-fs function."""
+def fs_bdf(index: int = 0, devices: Sequence[FsDevice] | None = None) -> str:
+    """PCI address, in the guest, of the index-th virtio-fs function.
+
+    On the root bus at slot FS_SLOT + index; one with ``hotplug`` (given
+    ``devices``) is function 0 of the bus behind its pcie-root-port, which the
+    firmware numbers 1, 2, ... in slot order."""
+    if devices is not None and devices[index].hotplug:
+        bus = sum(1 for d in devices[:index + 1] if d.hotplug)
+        return f"0000:{bus:02x}:00.0"
     return f"0000:00:{FS_SLOT + index:02x}.0"
 
 
@@ -105,6 +114,9 @@ class FsDevice:
     num_request_queues: int = 1
     queue_size: int | None = None  # vhost-user-fs-pci queue-size (default 128)
     properties: str = ""  # extra device properties, e.g. ",cache-size=64M"
+    #: behind its own pcie-root-port (native PCIe hotplug, pciehp in the guest), so
+    #: that QMP device_del / device_add can unplug and plug it; see ``on_request``
+    hotplug: bool = False
 
     def __post_init__(self) -> None:
         if self.fs_dir is not None and self.socket is not None:
@@ -400,6 +412,79 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class Qmp:
+    """A minimal QMP client on QEMU's unix socket: commands and the events seen meanwhile."""
+
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._buf = b""
+        self.events: list[dict] = []
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise GuestError("QMP: QEMU closed the monitor")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments: object) -> object:
+        """Run a command; its ``return`` value, or GuestError with QEMU's error."""
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise GuestError(f"QMP {command}: {reply['error'].get('desc', reply)}")
+            elif "return" in reply:
+                return reply["return"]
+
+    def wait_event(self, name: str, timeout: float,
+                   match: Callable[[dict], bool] = lambda e: True) -> dict:
+        """The first event ``name`` (seen before or arriving within ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events:
+                if e.get("event") == name and match(e):
+                    self.events.remove(e)
+                    return e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"QMP: no {name} event within {timeout:g}s")
+            self.sock.settimeout(left)
+            try:
+                reply = self._read()
+            except TimeoutError:
+                continue
+            if "event" in reply:
+                self.events.append(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class HostControl:
+    """What ``on_request`` gets: the run's QMP monitor and directory."""
+
+    qmp: Qmp
+    run_dir: Path
+    devices: Sequence[FsDevice]
+
+
+#: on_request(name, control) -> text handed back to the guest's `vfsdrv_host NAME`
+RequestHandler = Callable[[str, HostControl], str]
+
+
 def run_in_guest(
     script: str,
     *,
@@ -421,6 +506,7 @@ def run_in_guest(
     mem: str = "1G",
     smp: int = 1,
     stream: TextIO | None = None,
+    on_request: RequestHandler | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it (``bash -e -o pipefail``, as root) and return its result.
 
@@ -447,6 +533,14 @@ def run_in_guest(
     (vfsdrv_vfio_bind BDF, vfsdrv_vfio_group BDF, vfsdrv_virtiofs_bdfs) are
     available. ``rw_dirs`` are host directories made writable in the guest at
     the same paths. ``stream`` receives the script's output while it runs.
+
+    Host actions while the script runs: the guest calls ``vfsdrv_host NAME``
+    (guest-lib.sh), which waits until ``on_request(NAME, control)`` has run on
+    the host and prints what it returned; ``control.qmp`` is QEMU's monitor
+    (e.g. ``control.qmp.execute("device_del", id="fs0")``: function i has the
+    QOM id ``fs{i}``, its chardev ``vfs{i}``, its root port ``rp{i}``). An
+    exception in the handler is reported to the guest (exit status 1 of
+    vfsdrv_host, the message on its stderr) and re-raised after the run.
     """
     if iommufd:
         if noiommu:
@@ -484,10 +578,11 @@ def run_in_guest(
     run = Path(tempfile.mkdtemp(prefix="vfsdrv-vm-"))
     backends: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     qproc: subprocess.Popen[bytes] | None = None
+    control: HostControl | None = None
     try:
         _no_space(run, "run directory")
         # the guest's setup: env, modules, rw mounts, cwd
-        bdfs = [fs_bdf(i) for i in range(len(fs_devices))]
+        bdfs = [fs_bdf(i, fs_devices) for i in range(len(fs_devices))]
         mode = "iommufd" if iommufd else "iommu" if iommu else "noiommu" if noiommu else "plain"
         genv = {
             "PATH": f"{GUEST_PYTHON.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
@@ -516,6 +611,7 @@ def run_in_guest(
             setup += [f"vfsdrv_vfio_bind {b}" for b in bdfs]
         setup.append(f"cd {shlex.quote(str(cwd or REPO))}")
         (run / "setup.sh").write_text("\n".join(setup) + "\n")
+        (run / "req").mkdir()
         (run / "script").write_text(script if script.endswith("\n") else script + "\n")
 
         # virtiofsd for the devices without a caller-provided backend
@@ -575,7 +671,12 @@ def run_in_guest(
             "-append", " ".join(kargs),
             *dev_iommu,  # before the PCI devices it translates
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",  # guest-init: qemu exits
+            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
         ]
+        if any(d.hotplug for d in fs_devices):
+            # native PCIe hotplug (pciehp, the attention button), as on real hardware,
+            # not the ACPI hotplug q35 uses by default
+            argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
         shares = [("hostroot", Path("/"), True), ("vfsdrv_run", run, False)]
         shares += [(f"vfsdrv_rw{i}", Path(d).resolve(), False) for i, d in enumerate(rw_dirs)]
         for i, (tag, path, ro) in enumerate(shares):
@@ -587,9 +688,14 @@ def run_in_guest(
             props = f"num-request-queues={d.num_request_queues}"
             if d.queue_size is not None:
                 props += f",queue-size={d.queue_size}"
-            argv += ["-chardev", f"socket,id=vfs{i},path={_no_space(sock, 'socket')}",
-                     "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag={d.tag},{props},"
-                     f"addr={FS_SLOT + i:#x}{d.properties}"]
+            argv += ["-chardev", f"socket,id=vfs{i},path={_no_space(sock, 'socket')}"]
+            where = f"addr={FS_SLOT + i:#x}"
+            if d.hotplug:
+                argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},"
+                         f"slot={i + 1},addr={FS_SLOT + i:#x}"]
+                where = f"bus=rp{i},addr=0x0"
+            argv += ["-device", f"vhost-user-fs-pci,id=fs{i},chardev=vfs{i},tag={d.tag},"
+                     f"{props},{where}{d.properties}"]
         argv += list(extra_qemu_args)
         (run / "qemu.argv").write_text(shlex.join(argv) + "\n")
 
@@ -599,6 +705,28 @@ def run_in_guest(
                                      cwd=run)
         out_path, pos = run / "output", 0
         deadline = start + timeout
+        handler_error: BaseException | None = None
+
+        def serve_requests() -> None:  # the guest's `vfsdrv_host NAME`
+            nonlocal control, handler_error
+            for req in sorted((run / "req").glob("*.want")):
+                name = req.name[:-len(".want")]
+                done = run / "req" / f"{name}.done"
+                if done.exists():
+                    continue
+                try:
+                    if on_request is None:
+                        raise GuestError("vfsdrv_host: no on_request handler on the host")
+                    if control is None:
+                        control = HostControl(Qmp(run / "qmp.sock"), run, fs_devices)
+                    answer, status = on_request(name, control), "ok"
+                except Exception as e:  # reported to the guest, re-raised after the run
+                    handler_error = handler_error or e
+                    answer, status = f"{type(e).__name__}: {e}", "error"
+                tmp = run / "req" / f"{name}.tmp"
+                tmp.write_text(f"{status}\n{answer}")
+                tmp.rename(done)
+
         def pump() -> None:  # copy new script output to `stream`
             nonlocal pos
             if stream is None or not out_path.exists():
@@ -613,6 +741,7 @@ def run_in_guest(
 
         while qproc.poll() is None:
             pump()
+            serve_requests()
             if time.monotonic() > deadline:
                 qproc.kill()
                 qproc.wait()
@@ -637,11 +766,15 @@ def run_in_guest(
                 diag += [f"--- virtiofsd {tag}:", _tail(log, 20)]
             raise GuestError("\n".join(diag))
         t_start = _read(run / "t-start").strip()
+        if handler_error is not None:
+            raise handler_error
         return GuestResult(returncode=int(rc_text), output=output, console=console,
                            duration=time.monotonic() - start,
                            boot_time=float(t_start) if t_start else None, backend_logs=logs,
                            dmesg=_read(run / "dmesg"))
     finally:
+        if control is not None:
+            control.qmp.close()
         if qproc is not None and qproc.poll() is None:
             qproc.kill()
             qproc.wait()
