@@ -12,7 +12,7 @@ import struct
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.tools.bench import RawClient
-from vfsdrv.tools.nulldev import NullDevice
+from vfsdrv.tools.nulldev import Counters, NullDevice
 from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 DEPTH = 16
@@ -195,3 +195,67 @@ def test_a_broken_ring_is_refused_loudly_and_the_device_survives(sock_path: Path
     expected = {"head": "out of range", "next": "next", "address": "outside guest memory",
                 "avail-idx": "more than the size"}[fault]
     assert expected in log, log
+
+
+def _settled(dev: NullDevice, cond: Callable[[Counters], bool]) -> Counters:
+    deadline = time.monotonic() + 5
+    while not cond(c := dev.counters()):
+        assert time.monotonic() < deadline, c
+        time.sleep(0.001)
+    return c
+
+
+def test_one_kick_for_sixteen_requests_is_one_batch_and_one_interrupt(sock_path: Path) -> None:
+    with NullDevice(sock_path) as dev:
+        raw = RawClient(sock_path, DEPTH, 4096)
+        try:
+            raw.set_request(0, Opcode.INIT, 0, abi.pack(
+                "fuse_init_in", major=7, minor=38, max_readahead=4096), 64)
+            raw.post(0)
+            raw.kick()
+            raw.reap()
+            # the device counts a batch and its interrupt just after publishing it, and
+            # INIT's kick maybe later (a thread that found INIT before its first sleep)
+            before = _settled(dev, lambda c: c.interrupts == 1 and c.kicks == 1)
+            time.sleep(0.02)  # usually back in poll(): see the bounds below for when not
+            for k in range(DEPTH):
+                raw.set_request(k, Opcode.GETATTR, ROOT_ID, abi.pack("fuse_getattr_in"), 104)
+                raw.post(k)
+            raw.kick()
+            done: list[int] = []
+            while len(done) < DEPTH:
+                done += raw.reap()
+            assert sorted(done) == list(range(DEPTH))
+            c = _settled(dev, lambda c: c.kicks > before.kicks
+                         and c.requests == before.requests + DEPTH) - before
+            # one kick, one wake; the 16 in one batch with one interrupt, or in two if the
+            # thread was still on its last look at the ring when the first ones came
+            assert (c.requests, c.kicks, c.wakes) == (DEPTH, 1, 1)
+            assert 1 <= c.interrupts <= c.batches <= 2, c
+        finally:
+            raw.close()
+
+
+def test_no_interrupt_while_the_driver_suppresses_them(sock_path: Path) -> None:
+    with NullDevice(sock_path, event_idx=False) as dev:
+        raw = _raw(sock_path)
+        try:
+            struct.pack_into("<H", raw.avail, 0, 1)  # avail->flags: VRING_AVAIL_F_NO_INTERRUPT
+            before = _settled(dev, lambda c: c.interrupts == 1)  # INIT's
+            try:
+                os.eventfd_read(raw.call_fd)  # INIT's interrupt, if reap left it
+            except BlockingIOError:
+                pass
+            raw.set_request(1, Opcode.GETATTR, ROOT_ID, abi.pack("fuse_getattr_in"), 104)
+            raw.post(1)
+            raw.kick()
+            deadline = time.monotonic() + 5
+            while lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) == raw.last_used:
+                assert time.monotonic() < deadline, dev.log()
+                time.sleep(0.001)
+            c = dev.counters() - before
+            assert (c.requests, c.interrupts) == (1, 0)
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(raw.call_fd)  # nothing signalled
+        finally:
+            raw.close()
