@@ -259,3 +259,48 @@ def test_no_interrupt_while_the_driver_suppresses_them(sock_path: Path) -> None:
                 os.eventfd_read(raw.call_fd)  # nothing signalled
         finally:
             raw.close()
+
+
+def test_event_idx_kicks_and_interrupts_as_the_indexes_say(sock_path: Path) -> None:
+    with NullDevice(sock_path) as dev:
+        raw = RawClient(sock_path, 4, 4096, event_idx=True)
+        try:
+            used_event = 4 + 2 * raw.size  # after avail->ring[size]
+            avail_event = 4 + 8 * raw.size  # after used->ring[size]
+            raw.set_request(0, Opcode.INIT, 0, abi.pack(
+                "fuse_init_in", major=7, minor=38, max_readahead=4096), 64)
+            raw.post(0)
+            raw.kick()
+            assert raw.reap() == [0]
+            # asleep, the device asks for a kick when entry 1 is made available
+            deadline = time.monotonic() + 5
+            while struct.unpack_from("<H", raw.used, avail_event)[0] != 1:
+                assert time.monotonic() < deadline, dev.log()
+                time.sleep(0.001)
+            _settled(dev, lambda c: c.interrupts == 1)
+            try:
+                os.eventfd_read(raw.call_fd)
+            except BlockingIOError:
+                pass
+            # used_event far ahead: the completion comes without an interrupt
+            struct.pack_into("<H", raw.avail, used_event, raw.last_used + 100)
+            raw.set_request(1, Opcode.GETATTR, ROOT_ID, abi.pack("fuse_getattr_in"), 104)
+            raw.post(1)
+            raw.kick()
+            deadline = time.monotonic() + 5
+            while lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) == raw.last_used:
+                assert time.monotonic() < deadline, dev.log()
+                time.sleep(0.001)
+            assert raw.reap() == [1]
+            assert _settled(dev, lambda c: c.requests == 2).interrupts == 1
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(raw.call_fd)
+            # used_event at the next entry: that completion interrupts (reap waits for it)
+            struct.pack_into("<H", raw.avail, used_event, raw.last_used)
+            raw.post(1)
+            raw.kick()
+            assert raw.reap() == [1]
+            assert raw.stalls == 0
+            assert _settled(dev, lambda c: c.requests == 3).interrupts == 2
+        finally:
+            raw.close()

@@ -45,6 +45,7 @@ from ..fs.client import ROOT_ID, FuseClient
 from ..fs.config import encode_config
 from ..fs.device import VirtioFs
 from ..virtio import ring_layout as rl
+from ..virtio.constants import Feature
 from ..virtio.device import VirtioDevice
 from ..virtio.vhost_user import VhostUserTransport
 from .backends import BACKENDS, Backend, check_available
@@ -78,11 +79,13 @@ class RawClient:
     """Fixed chains, no validation, no bookkeeping: slot k = descriptors 2k (request,
     readable) and 2k+1 (reply, writable), chained once at set-up."""
 
-    def __init__(self, socket_path: Path, slots: int, reply_size: int) -> None:
+    def __init__(self, socket_path: Path, slots: int, reply_size: int, *,
+                 event_idx: bool = False) -> None:
         self.t = VhostUserTransport(str(socket_path), config=encode_config("bench", 1),
                                     num_queues=2)
         self.dev = VirtioDevice(self.t)
-        self.dev.negotiate(ring_features=0)  # no EVENT_IDX: an interrupt per used buffer
+        # no EVENT_IDX unless asked (a test of the device's): an interrupt per used buffer
+        self.dev.negotiate(ring_features=Feature.EVENT_IDX if event_idx else 0)
         self.dev.setup_queue(0, 2 * slots)
         self.vq = self.dev.setup_queue(1, 2 * slots)
         self.dev.driver_ok()
