@@ -463,6 +463,12 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
             print(f"{q:6d} {depth:5d} {m.rate:12.0f} {m.cpu_us:7.2f} {m.user_us:7.2f} "
                   f"{m.dev_us:7.2f} {per(m.kicks):>7s} {per(m.irqs):>6s} {f.rate:11.0f} "
                   f"{f.cpu_us:7.2f} {f.dev_us:7.2f} {m.rate / f.rate:8.2f}")
+    top = max(depths)
+    for q in clients:
+        if q > 1:
+            print(f"scaling, {q} request queues vs 1 at {top} in flight: "
+                  f"{mine[(q, top)].rate / mine[(1, top)].rate:.2f} times the ops/s "
+                  f"({os.cpu_count()} CPUs)")
     print(f"READ 1 MiB: vfsdrv cpu {vread.cpu_us:.1f} us (user {vread.user_us:.1f}) per request, "
           f"floor cpu {fread.cpu_us:.1f} us; device {vread.dev_us:.1f} / {fread.dev_us:.1f} us")
     print("cpu us: this process (the client and the driver, every thread) per request; "
