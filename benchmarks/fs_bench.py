@@ -125,9 +125,11 @@ class Target:
     stop: list[Callable[[], None]] = field(default_factory=list)
 
 
-def start_targets(work: Path) -> dict[str, Target]:
+def start_targets(work: Path, out: dict[str, Target]) -> None:
+    """Fill `out` target by target, so that a failure half-way still stops what runs."""
+    pt_bin = subprocess.run(["sh", str(HERE / "build-passthrough-ll.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip()
     export = work / "export"
-    out: dict[str, Target] = {}
     for name in TARGETS:
         (export / name).mkdir(parents=True)
     out["plain"] = Target("plain", export / "plain")
@@ -148,8 +150,6 @@ def start_targets(work: Path) -> dict[str, Target]:
     t.stop.insert(0, lambda: unmount(mv, proc))
     wait_mounted(mv, proc, log)
 
-    pt_bin = subprocess.run(["sh", str(HERE / "build-passthrough-ll.sh")], check=True,
-                            capture_output=True, text=True).stdout.strip()
     log = work / "passthrough_ll.log"
     with open(log, "wb") as f:
         proc_pt = subprocess.Popen([pt_bin, "-f", "-o", f"source={export}", "-o", "cache=auto",
@@ -159,7 +159,6 @@ def start_targets(work: Path) -> dict[str, Target]:
     t.stop.append(lambda: unmount(mp, proc_pt))
     out["passthrough_ll"] = t
     wait_mounted(mp, proc_pt, log)
-    return out
 
 
 def unmount(path: Path, proc: subprocess.Popen) -> None:
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     syscalls: dict[str, float | None] = {}
     t_start = time.monotonic()
     try:
-        targets = start_targets(work)
+        start_targets(work, targets)
         order = list(TARGETS)
         # the entry timeout of cache=auto is 1 s for both FUSE servers
         workloads: list[tuple[str, str, Callable[[Target], Result]]] = []
