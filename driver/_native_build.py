@@ -19,7 +19,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "native"
 HEADER = NATIVE / "vfsdrv_core.h"
-SOURCES = [NATIVE / "core.c", NATIVE / "pump.c"]
+SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())

@@ -139,6 +139,8 @@ static void put_desc(uint8_t *table, uint32_t i, uint64_t addr, uint32_t len, ui
 
 int vfsdrv_vq_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n)
 {
+    if (vq->packed)
+        return vfsdrv_packed_add(vq, segs, n);
     if (n == 0)
         return fail(vq, -EINVAL, "a chain needs at least one buffer");
     if (n > vq->size)
@@ -204,6 +206,8 @@ static int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
 
 int vfsdrv_vq_publish(struct vfsdrv_vq *vq)
 {
+    if (vq->packed)
+        return vfsdrv_packed_publish(vq);
     uint16_t new_idx = vq->avail_idx, old = vq->published;
     if (new_idx == old)
         return 0;
@@ -221,11 +225,15 @@ int vfsdrv_vq_publish(struct vfsdrv_vq *vq)
 
 int vfsdrv_vq_used_pending(struct vfsdrv_vq *vq)
 {
+    if (vq->packed)
+        return vfsdrv_packed_used_pending(vq);
     return (uint16_t)(vfsdrv_load_acquire_u16(USED_IDX(vq)) - vq->last_used);
 }
 
 int vfsdrv_vq_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t max)
 {
+    if (vq->packed)
+        return vfsdrv_packed_harvest(vq, out, max);
     /* acquire: the entries are read after the index that says they are there */
     uint16_t idx = vfsdrv_load_acquire_u16(USED_IDX(vq));
     uint32_t pending = (uint16_t)(idx - vq->last_used);
@@ -276,6 +284,8 @@ int vfsdrv_vq_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t ma
 
 int vfsdrv_vq_arm(struct vfsdrv_vq *vq)
 {
+    if (vq->packed)
+        return vfsdrv_packed_arm(vq);
     vq->interrupts_on = 1;
     if (vq->event_idx)
         vfsdrv_store_u16(USED_EVENT(vq), vq->last_used);
@@ -289,6 +299,10 @@ int vfsdrv_vq_arm(struct vfsdrv_vq *vq)
 
 void vfsdrv_vq_disarm(struct vfsdrv_vq *vq)
 {
+    if (vq->packed) {
+        vfsdrv_packed_disarm(vq);
+        return;
+    }
     vq->interrupts_on = 0;
     if (!vq->event_idx)  /* with EVENT_IDX used_event simply stops advancing */
         vfsdrv_store_u16(vq->avail, AVAIL_F_NO_INTERRUPT);

@@ -62,6 +62,16 @@ struct vfsdrv_vq {
     uint8_t interrupts_on;
     uint8_t pad;
     char error[200];         /* why the last call failed */
+    /* packed ring (VIRTIO_F_RING_PACKED, virtio 1.2 2.8; packed.c): desc is the
+     * descriptor ring, avail the driver event area, used the device event area;
+     * next/free_head are the free buffer ids, chain_len the ring entries an id holds,
+     * avail_idx/published count entries made available/notified (16-bit) */
+    uint8_t packed;
+    uint8_t avail_wrap;      /* wrap counter of next_avail (starts at 1) */
+    uint8_t used_wrap;       /* wrap counter of next_used (starts at 1) */
+    uint8_t pad2;
+    uint16_t next_avail;     /* ring position of the next entry the driver writes */
+    uint16_t next_used;      /* ring position of the next used entry */
 };
 
 int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *desc,
@@ -74,6 +84,18 @@ int vfsdrv_vq_used_pending(struct vfsdrv_vq *vq);
 int vfsdrv_vq_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t max);
 int vfsdrv_vq_arm(struct vfsdrv_vq *vq);
 void vfsdrv_vq_disarm(struct vfsdrv_vq *vq);
+
+/* packed virtqueue: vfsdrv_vq_init_packed sets it up; every vfsdrv_vq_* call above
+ * then works on it (core.c hands it to the vfsdrv_packed_* below) */
+int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *ring,
+                          uint8_t *driver_event, uint8_t *device_event, uint8_t *indirect,
+                          uint64_t indirect_addr, uint32_t indirect_heads, int event_idx);
+int vfsdrv_packed_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n);
+int vfsdrv_packed_publish(struct vfsdrv_vq *vq);
+int vfsdrv_packed_used_pending(struct vfsdrv_vq *vq);
+int vfsdrv_packed_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t max);
+int vfsdrv_packed_arm(struct vfsdrv_vq *vq);
+void vfsdrv_packed_disarm(struct vfsdrv_vq *vq);
 
 /* ---- FUSE rules: reply room, request layout, reply validation ---- */
 #define VFSDRV_PAGE 4096

@@ -21,17 +21,29 @@ from .virtqueue import Virtqueue
 log = logging.getLogger(__name__)
 
 #: ring features this core implements; ORDER_PLATFORM because vfsdrv._native's
-#: barriers are the hardware-suitable ones (dmb osh on aarch64, mfence on x86-64)
+#: barriers are the hardware-suitable ones (dmb osh on aarch64, mfence on x86-64);
+#: RING_PACKED (native/packed.c) is preferred whenever offered. IN_ORDER is not
+#: accepted: the core completes used entries in any order, which an in-order device
+#: also satisfies, and the batching IN_ORDER allows (one used entry for several
+#: buffers) is not implemented.
 CORE_FEATURES = (
     Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.ORDER_PLATFORM
+    | Feature.RING_PACKED
 )
+
+#: the `ring` choices: None takes packed when offered, else split
+RING_LAYOUTS = ("split", "packed")
 
 CONFIG_RETRIES = 100
 
 
 class VirtioDevice:
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, *, ring: str | None = None) -> None:
+        if ring not in (None, *RING_LAYOUTS):
+            raise ValueError(f"ring must be one of {RING_LAYOUTS} or None, not {ring!r}")
         self.transport = transport
+        #: "split" or "packed" forces that layout; None: packed whenever offered
+        self.ring = ring
         self.status = 0
         self.offered = 0
         self.features = 0
@@ -74,10 +86,19 @@ class VirtioDevice:
                     f"{t.name}: device does not offer VIRTIO_F_VERSION_1; legacy devices "
                     "are not supported"
                 )
+            if self.ring == "packed" and not self.offered & Feature.RING_PACKED:
+                raise DeviceError(
+                    f"{t.name}: packed virtqueues asked for, but the device does not offer "
+                    "VIRTIO_F_RING_PACKED"
+                )
             # Accept only what we understand and the device offered (checklist 5, 7).
             wanted = (device_features & DEVICE_FEATURE_MASK) | (
                 ring_features & CORE_FEATURES
             ) | Feature.VERSION_1
+            if self.ring == "split":
+                wanted &= ~Feature.RING_PACKED
+            elif self.ring == "packed":
+                wanted |= Feature.RING_PACKED
             accept = self.offered & wanted
             accept |= t.transport_features(self.offered) & self.offered
             log.info(
@@ -125,11 +146,14 @@ class VirtioDevice:
             if device_max > rl.MAX_QUEUE_SIZE:
                 raise DeviceError(f"{t.name}: queue {index} reports size {device_max} > 32768")
             size = min(device_max, max_size)
-            size = 1 << (size.bit_length() - 1)  # split rings need a power of two
+            packed = self.has(Feature.RING_PACKED)
+            if not packed:
+                size = 1 << (size.bit_length() - 1)  # split rings need a power of two
             vq = Virtqueue(
                 index, size, t.dma_pool(),
                 event_idx=self.has(Feature.EVENT_IDX),
                 indirect=self.has(Feature.INDIRECT_DESC),
+                packed=packed,
             )
             t.setup_queue(index, size, vq.addresses)
             t.enable_queue(index)
@@ -139,7 +163,8 @@ class VirtioDevice:
             self.fail()
             raise
         self.queues[index] = vq
-        log.debug("%s: queue %d size %d ready", t.name, index, size)
+        log.debug("%s: queue %d size %d (%s) ready", t.name, index, size,
+                  "packed" if vq.packed else "split")
         return vq
 
     def driver_ok(self) -> None:

@@ -1,4 +1,4 @@
-"""Driver side of a split virtqueue (virtio 1.2 2.7), sans I/O.
+"""Driver side of a split (virtio 1.2 2.7) or packed (2.8) virtqueue, sans I/O.
 
 The ring itself is the native core's (`struct vfsdrv_vq` in driver/native/core.c):
 the same code serves this class, used by the control plane, the typed client and
@@ -19,6 +19,14 @@ Everything the device hands back is validated: a used id out of range or not in
 flight, a length larger than the chain's writable part, or a used index that
 runs ahead by more than the chains in flight raises RingError and leaves the
 queue untouched (the whole batch is checked before any of it completes).
+
+A packed queue (`packed=True`, native/packed.c) has three parts as well, laid out
+differently: the descriptor ring, the driver event suppression area and the device
+event suppression area, given to the transport where split's descriptor table,
+avail ring and used ring go. A head descriptor's flags, stored last with release,
+publish its chain; a used entry's flags are read with acquire before its id and
+length; flags neither "available" nor "used" for the expected wrap counter raise
+RingError as the other faults do.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 
 from .._native import ffi, lib
 from ..errors import DmaError, RingError
+from . import packed_layout as pl
 from . import ring_layout as rl
 from .memory import DmaBuffer, DmaPool
 from .transport import QueueAddresses
@@ -57,17 +66,27 @@ class Virtqueue:
         *,
         event_idx: bool = False,
         indirect: bool = False,
+        packed: bool = False,
     ) -> None:
-        if not rl.is_valid_size(size):
+        if packed and not 0 < size <= rl.MAX_QUEUE_SIZE:
+            raise RingError(f"queue {index}: size {size} is not 1..32768")
+        if not packed and not rl.is_valid_size(size):
             raise RingError(f"queue {index}: size {size} is not a power of two <= 32768")
         self.index = index
         self.size = size
         self.event_idx = event_idx
+        self.packed = packed
         self._pool = pool
         self._parts: list[DmaBuffer] = []
+        # packed: desc is the descriptor ring, avail the driver event area, used the
+        # device event area (the same three transport addresses)
         self.desc = self._alloc_part(rl.desc_table_size(size), rl.DESC_ALIGN)
-        self.avail = self._alloc_part(rl.avail_ring_size(size), rl.AVAIL_ALIGN)
-        self.used = self._alloc_part(rl.used_ring_size(size), rl.USED_ALIGN)
+        if packed:
+            self.avail = self._alloc_part(pl.EVENT_SIZE, pl.EVENT_ALIGN)
+            self.used = self._alloc_part(pl.EVENT_SIZE, pl.EVENT_ALIGN)
+        else:
+            self.avail = self._alloc_part(rl.avail_ring_size(size), rl.AVAIL_ALIGN)
+            self.used = self._alloc_part(rl.used_ring_size(size), rl.USED_ALIGN)
         self._desc_view = self.desc.view
         self._indirect: DmaBuffer | None = None
         heads = min(size, INDIRECT_HEADS) if indirect else 0
@@ -78,7 +97,8 @@ class Virtqueue:
                                               rl.DESC_ALIGN)
         self.indirect = self._indirect is not None
         self._c = ffi.new("struct vfsdrv_vq *")
-        rc = lib.vfsdrv_vq_init(
+        init = lib.vfsdrv_vq_init_packed if packed else lib.vfsdrv_vq_init
+        rc = init(
             self._c, index, size, self.desc.address_of(), self.avail.address_of(),
             self.used.address_of(),
             self._indirect.address_of() if self._indirect else ffi.NULL,
@@ -181,6 +201,10 @@ class Virtqueue:
 
     # -- harvesting -----------------------------------------------------------------
     def used_idx(self) -> int:
+        """split: used->idx as the device wrote it; packed: the next used position
+        and its wrap counter (bit 15), which moves as the driver harvests."""
+        if self.packed:
+            return self._c.next_used | self._c.used_wrap << 15
         return lib.vfsdrv_load_acquire_u16(self.used.address_of() + rl.USED_IDX)
 
     def has_used(self) -> bool:
