@@ -12,7 +12,8 @@ change on a shared machine hits both), over vhost-user to a local backend:
   * the driver's CPU per request at each depth and request-queue count: CPU time of
     this process (all its threads: the typed client and the driver) per GETATTR from
     /proc/self/task/*/schedstat (exact run time, not tick-sampled), of it user space
-    from utime; the device's CPU per request the same way; the raw floor's alongside.
+    from utime; the device's CPU per request the same way; with the null device the
+    driver's kicks and interrupts per request (its counters); the raw floor's alongside.
 
 Backends (--backend): ``null`` (default), the null device of benchmarks/nulldev.c,
 which answers at C speed with canned replies on every queue, one thread per queue,
