@@ -72,7 +72,7 @@ def export(sock_dir: Path) -> Path:
 
 #: the devices every check test runs on; the Rust virtiofsd joins by adding its name
 #: (tests/backends.py starts it like the C one)
-CHECKED_DEVICES = ["virtiofsd", "refdev"]
+CHECKED_DEVICES = ["virtiofsd", "virtiofsd-rs", "refdev"]
 
 
 @contextmanager
@@ -153,6 +153,14 @@ def test_real_device_passes_every_check(checked_device: str, sock_dir: Path, exp
         assert c["notify.queue"]["result"] == "skip" and c["notify.load"]["result"] == "skip"
         assert "VIRTIO_FS_F_NOTIFICATION" not in doc["negotiated"]
         assert "not negotiated" in cov["not_observable"]["D84"]
+    if checked_device == "virtiofsd-rs":  # config space (--tag), no notification queue
+        assert c["queues.layout"]["deviation"] == INDEX1_DEVIATION
+        assert c["config.tag"]["result"] == "pass" and f"{DEVICE_TAG!r}" in c["config.tag"][
+            "observed"]
+        assert c["config.num_request_queues"]["result"] == "pass"
+        assert c["notify.queue"]["result"] == "skip" and c["notify.load"]["result"] == "skip"
+        assert c["fuse.opcodes[ACCESS]"]["result"] == "pass"
+        assert "VIRTIO_FS_F_NOTIFICATION" not in doc["negotiated"]
     if checked_device == "refdev":
         assert doc["summary"]["deviation"] == 0
         assert "VIRTIO_FS_F_NOTIFICATION" in doc["negotiated"]
