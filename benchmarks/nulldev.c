@@ -6,7 +6,7 @@
  *
  *   cc -O2 -pthread -o nulldev nulldev.c
  *   nulldev --socket PATH [--queues N] [--tag TAG] [--no-event-idx] [--attr-timeout S]
- *           [--stats FILE] [--once] [-v]
+ *           [--stats FILE] [--die-with-parent] [--once] [-v]
  *
  * It is a benchmark fixture, not part of the installed driver (tools/nulldev.py
  * builds it into a cache directory).
@@ -48,6 +48,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -309,8 +310,8 @@ static struct {
 static struct {
 	const char *socket, *tag, *stats;
 	int queues;
-	bool event_idx, once, verbose;
-} opt = {NULL, "null", NULL, 1, true, false, false};
+	bool event_idx, once, verbose, die_with_parent;
+} opt = {NULL, "null", NULL, 1, true, false, false, false};
 
 static volatile sig_atomic_t stopping;
 
@@ -1392,7 +1393,7 @@ static void on_signal(int sig)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: nulldev --socket PATH [--queues N] [--tag TAG] [--no-event-idx]\n"
-		   "               [--attr-timeout S] [--stats FILE] [--once] [-v]\n"
+		   "               [--attr-timeout S] [--stats FILE] [--die-with-parent] [--once] [-v]\n"
 		   "A null vhost-user virtio-fs device: canned replies at C speed, one thread per\n"
 		   "queue. --queues is num_request_queues (1..64, default 1).\n");
 }
@@ -1403,7 +1404,7 @@ int main(int argc, char **argv)
 		{"socket", required_argument, NULL, 's'}, {"queues", required_argument, NULL, 'q'},
 		{"tag", required_argument, NULL, 't'}, {"no-event-idx", no_argument, NULL, 'E'},
 		{"attr-timeout", required_argument, NULL, 'a'}, {"once", no_argument, NULL, 'o'},
-		{"stats", required_argument, NULL, 'S'}, {"verbose", no_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0}};
+		{"stats", required_argument, NULL, 'S'}, {"die-with-parent", no_argument, NULL, 'P'}, {"verbose", no_argument, NULL, 'v'}, {"help", no_argument, NULL, 'h'}, {0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "s:q:t:a:S:ovh", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -1414,6 +1415,7 @@ int main(int argc, char **argv)
 		case 'a': attr_timeout = strtoull(optarg, NULL, 10); break;
 		case 'o': opt.once = true; break;
 		case 'S': opt.stats = optarg; break;
+		case 'P': opt.die_with_parent = true; break;
 		case 'v': opt.verbose = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -1424,6 +1426,9 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	/* a benchmark killed outright must not leave its device listening forever */
+	if (opt.die_with_parent && prctl(PR_SET_PDEATHSIG, SIGTERM) < 0)
+		say("PR_SET_PDEATHSIG: %s", strerror(errno));
 	start_time = time(NULL);
 	make_config();
 	pattern_table = malloc(PATTERN_MOD + MAX_WRITE);

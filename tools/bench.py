@@ -29,8 +29,10 @@ import argparse
 import os
 import select
 import shutil
+import signal
 import statistics
 import struct
+import sys
 import tempfile
 import time
 from collections import deque
@@ -133,11 +135,20 @@ class RawClient:
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
 
+    #: seconds without any completion after which the device is given up on
+    GIVE_UP = 10
+
     def reap(self) -> list[int]:
+        quiet = 0
         while lib.vfsdrv_load_acquire_u16(self._used_idx_ptr) == self.last_used:
             if not select.select([self.call_fd], [], [], 1.0)[0]:
-                # nothing for a second: count it and kick again rather than hang
+                # nothing for a second: count it and kick again rather than hang; a
+                # device that closed its socket or stays silent ends the run
                 self.stalls += 1
+                quiet += 1
+                self.t.check_alive()
+                if quiet >= self.GIVE_UP:
+                    raise VfsdrvError(f"{self.t.name}: no completion for {quiet} s")
                 self.kick()
                 continue
             try:
@@ -292,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise VfsdrvError("bench needs root: the backends write pid files under /run and "
                           "take memory locks (run it with sudo)")
+    # SIGTERM (a timeout, a test harness) unwinds like ^C: the devices are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     secs = 0.5 if args.quick else args.seconds
     depths = _csv(args.depths, 16)
     queue_counts = _csv(args.queues, 64)

@@ -94,7 +94,7 @@ class NullDevice:
         self.queues = queues
         self.stats_path = socket_path.with_suffix(".stats")
         cmd = [str(build()), "--socket", str(socket_path), "--queues", str(queues),
-               "--tag", tag, "--stats", str(self.stats_path),
+               "--tag", tag, "--stats", str(self.stats_path), "--die-with-parent",
                *([] if event_idx else ["--no-event-idx"]), *extra]
         self.log_path = socket_path.with_suffix(".log")
         socket_path.unlink(missing_ok=True)
