@@ -63,7 +63,10 @@ class MountRequest:
     vhost_user: str | None = None
     device: str | None = None
     tag: str | None = None
-    request_queues: int = 1
+    #: None: 1 without config space, all the device has with it
+    request_queues: int | None = None
+    #: native pumps (one per request queue) at most; None: one per queue
+    threads: int | None = None
     frontend: str = DEFAULT_FRONTEND
     options: list[str] = field(default_factory=list)
     foreground: bool = False
@@ -103,8 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function, through VFIO")
     src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
                      "--vhost-user: the tag to use when the backend has no config space")
-    p.add_argument("--request-queues", type=int, default=1, metavar="N",
-                   help="with --vhost-user and no config space: request queues (default 1)")
+    p.add_argument("--request-queues", type=int, default=None, metavar="N",
+                   help="request queues to use: with --vhost-user and no config space the "
+                   "backend's count (default 1); with config space at most N of the device's")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="relay: at most N worker threads (one native pump per request "
+                   "queue; default: one per queue)")
     p.add_argument("--frontend", choices=sorted(FRONTENDS), default=DEFAULT_FRONTEND,
                    help=f"how the mount is served (default {DEFAULT_FRONTEND})")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -154,7 +161,8 @@ def run_mount(args: argparse.Namespace) -> int:
         raise MountError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
     req = MountRequest(
         mountpoint=args.mountpoint, vhost_user=args.vhost_user, device=args.device,
-        tag=args.tag, request_queues=args.request_queues, frontend=args.frontend,
+        tag=args.tag, request_queues=args.request_queues, threads=args.threads,
+        frontend=args.frontend,
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
         notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
@@ -227,8 +235,10 @@ def precheck(req: MountRequest) -> None:
             ) from None
         if not stat.S_ISSOCK(st.st_mode):
             raise MountError(f"{req.vhost_user} is not a socket")
-        if req.request_queues < 1:
-            raise MountError("--request-queues must be at least 1")
+    if req.request_queues is not None and req.request_queues < 1:
+        raise MountError("--request-queues must be at least 1")
+    if req.threads is not None and req.threads < 1:
+        raise MountError("--threads must be at least 1")
     if req.small_slots < 1 or req.large_slots < 1:
         raise MountError("--small-slots and --large-slots must be at least 1")
     if req.device is not None and not BDF_RE.match(req.device):
@@ -261,28 +271,46 @@ def open_device(req: MountRequest) -> VirtioFs:
         tag = req.tag or DEFAULT_VHOST_USER_TAG
         # used only when the backend has no config space (virtiofsd): read it otherwise
         extra = accepted_keywords(VhostUserTransport, timeout=req.timeout)
+        wanted = req.request_queues or 1
         transport = VhostUserTransport(
-            req.vhost_user, config=encode_config(tag, req.request_queues),
-            num_queues=1 + req.request_queues, **extra,
+            req.vhost_user, config=encode_config(tag, wanted), num_queues=1 + wanted, **extra,
         )
         backend_queues = transport.num_queues()
-        if not transport.has_config_space and 1 + req.request_queues > backend_queues:
+        if not transport.has_config_space and 1 + wanted > backend_queues:
             transport.close()
             raise MountError(
                 f"the backend has {backend_queues} queues (hiprio + request queues): "
-                f"--request-queues {req.request_queues} is too many, at most "
+                f"--request-queues {wanted} is too many, at most "
                 f"{max(1, backend_queues - 1)}"
             )
     else:
         transport = _pci_transport(req)
     try:
-        return VirtioFs(transport, poll=req.poll, small_slots=req.small_slots,
-                        large_slots=req.large_slots, notify_lock_code=req.notify_lock_code,
-                        notification=not req.no_notification).start()
+        fs = VirtioFs(transport, poll=req.poll, small_slots=req.small_slots,
+                      large_slots=req.large_slots, notify_lock_code=req.notify_lock_code,
+                      notification=not req.no_notification,
+                      request_queues=req.request_queues).start()
+        _warn_config_space(req, fs)
+        return fs
     except BaseException:
         transport.close()
         _give_back(req)
         raise
+
+
+def _warn_config_space(req: MountRequest, fs: VirtioFs) -> None:
+    """A device with config space names its own tag and queue count: say so when the
+    command line asked for something else (it cannot apply)."""
+    if req.vhost_user is None or not getattr(fs.transport, "has_config_space", False):
+        return
+    cfg = fs.config
+    assert cfg is not None
+    if req.tag and req.tag != cfg.tag:
+        log.warning("--tag %r ignored: the device's config space names it %r", req.tag,
+                    cfg.tag)
+    if req.request_queues and req.request_queues != cfg.num_request_queues:
+        log.warning("--request-queues %d: the device has %d request queue(s); using %d",
+                    req.request_queues, cfg.num_request_queues, len(fs.request_queues))
 
 
 def accepted_keywords(func: Callable, **kwargs: object) -> dict[str, object]:
@@ -359,10 +387,9 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
             from ..frontends.relay import Relay
 
             # the source in the mount table is the spec, so that mount(8) sees an fstab
-            # line as mounted (Relay takes `source` from the version that supports it)
-            extra = accepted_keywords(Relay, source=req.spec())
+            # line as mounted
             runner = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
-                           ready=on_ready, **extra)
+                           ready=on_ready, source=req.spec(), threads=req.threads)
             runner.run()
         else:
             get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
