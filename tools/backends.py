@@ -53,6 +53,20 @@ def check_available(name: str) -> None:
         raise VfsdrvError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
 
 
+def is_listening(sock: Path) -> bool:
+    """Whether a unix socket is bound *and* listening at `sock`. The file exists from
+    bind() on, before listen(): a client that connects in between (QEMU) gets
+    ECONNREFUSED, and a single-connection backend cannot be probed by connecting."""
+    want = str(sock)
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == want and int(fields[3], 16) & 0x10000:
+                return True  # __SO_ACCEPTCON
+    return False
+
+
 class Backend:
     """One backend process serving `source` on `socket_path`. Both virtiofsds serve a
     single connection and exit when it closes; the reference device serves many."""
@@ -72,12 +86,12 @@ class Backend:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not socket_path.exists():
+        while not is_listening(socket_path):
             if self.proc.poll() is not None:
                 raise VfsdrvError(f"{name} exited at start: {self.log()[-1000:]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise VfsdrvError(f"{name} did not open its socket within {timeout:g} s")
+                raise VfsdrvError(f"{name} did not listen on its socket within {timeout:g} s")
             time.sleep(0.005)
 
     @property
