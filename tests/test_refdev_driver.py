@@ -24,9 +24,9 @@ MiB = 1 << 20
 WAIT_TIMEOUT = 5.0
 
 
-@pytest.fixture
-def device(device_factory) -> RefDevice:
-    return device_factory()
+@pytest.fixture(params=["split", "packed"])
+def device(device_factory, request) -> RefDevice:
+    return device_factory(ring=request.param)  # each virtqueue layout
 
 
 @pytest.fixture

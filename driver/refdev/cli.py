@@ -51,6 +51,10 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
         "unknown-feature (offer an undefined virtio-fs feature bit), refuse-features-ok "
         "(never keep FEATURES_OK)",
     )
+    p.add_argument("--ring", choices=("split", "packed"), default=None,
+                   help="virtqueue layout: split (do not offer VIRTIO_F_RING_PACKED) or "
+                   "packed (refuse drivers without it); default: offer packed, the driver "
+                   "chooses")
     p.add_argument("-d", "--debug", action="store_true", help="log every session event")
     return p
 
@@ -73,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             notify_lock_code=args.notify_lock_code,
             audit=args.audit or bool(args.audit_probe),
             audit_probes=frozenset(args.audit_probe),
+            ring=args.ring,
         )
     except ValueError as exc:
         print(f"refdev: {exc}", file=sys.stderr)

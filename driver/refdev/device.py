@@ -91,6 +91,7 @@ class RefDevice:
         audit: bool = False,
         audit_probes: frozenset[str] | set[str] = frozenset(),
         auditor: Auditor | None = None,
+        ring: str | None = None,
     ) -> None:
         """`audit`: auditing mode (docs/audit.rst): offer the STATUS protocol feature
         and check every driver-normative statement observable here; see audit_report().
@@ -108,6 +109,7 @@ class RefDevice:
             notify_buf_size=notify_buf_size,
             notification=notification,
             notify_lock_code=notify_lock_code,
+            ring=ring,
         )
         self.locks = LockTable(max_waiting_locks)
         if auditor is None and audit:

@@ -16,6 +16,18 @@ Device-normative statements this module holds itself to:
 Everything the driver wrote is validated (indices, loop-free chains no longer than
 the queue, readable before writable, buffers inside shared memory); a violation
 raises RingError and the caller stops using the queue.
+
+With VIRTIO_F_RING_PACKED (`packed`, virtio 1.2 2.8) the three addresses are the
+descriptor ring and the driver and device event suppression areas:
+  * 2.8.21.1 the device reads an entry's flags (acquire) before its other fields,
+    and writes a used entry's id and len before its flags (release), once per chain
+    at the next used position, skipping the rest of the chain's entries;
+  * 2.8.10 it interrupts unless the driver's area says DISABLE, or, with EVENT_IDX
+    and DESC, only when the used position passes the driver's off_wrap;
+  * it asks for kicks at the next entry it will read (DESC with EVENT_IDX; else the
+    area stays ENABLE), then re-checks that entry after a full fence;
+  * 2.8.19 indirect tables: WRITE is the only flag it honours in them.
+Chains are served in order, so the used entries come in ring order.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from .._native import ffi, lib
 from ..errors import RingError
+from ..virtio import packed_layout as pl
 from ..virtio import ring_layout as rl
 from .guest_memory import GuestMemory, MemoryAccessError
 
@@ -40,9 +53,10 @@ MAX_CHAIN_BYTES = 1 << 32
 class Chain:
     """One available descriptor chain: the driver's readable and writable buffers."""
 
-    head: int
+    head: int  # packed: the buffer id
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    entries: int = 1  # packed: ring entries the chain takes
 
     @property
     def readable_len(self) -> int:
@@ -75,6 +89,11 @@ class DeviceQueue:
         self.index = index
         self.event_idx = event_idx
         self.indirect = indirect
+        self.packed = False  # VIRTIO_F_RING_PACKED negotiated
+        # packed: last_avail/used_idx are ring positions with these wrap counters
+        self.avail_wrap = self.used_wrap = 1
+        self._used_since_signal = 0
+        self._desc_ptr = None
         self.size = 0
         self.desc_user_addr = self.avail_user_addr = self.used_user_addr = 0
         self.addresses_set = False
@@ -102,14 +121,18 @@ class DeviceQueue:
     def set_size(self, size: int) -> None:
         if self.started:
             raise RingError(f"queue {self.index}: SET_VRING_NUM on a running queue")
-        if not rl.is_valid_size(size):
+        if not rl.is_valid_size(size) and not (self.packed and 0 < size <= rl.MAX_QUEUE_SIZE):
             raise RingError(f"queue {self.index}: size {size} is not a power of 2 <= 32768")
         self.size = size
 
     def set_addresses(self, desc: int, used: int, avail: int) -> None:
         if self.started:
             raise RingError(f"queue {self.index}: SET_VRING_ADDR on a running queue")
-        if desc % rl.DESC_ALIGN or avail % rl.AVAIL_ALIGN or used % rl.USED_ALIGN:
+        if self.packed:
+            bad = desc % pl.DESC_ALIGN or avail % pl.EVENT_ALIGN or used % pl.EVENT_ALIGN
+        else:
+            bad = desc % rl.DESC_ALIGN or avail % rl.AVAIL_ALIGN or used % rl.USED_ALIGN
+        if bad:
             raise RingError(f"queue {self.index}: misaligned ring addresses")
         self.desc_user_addr, self.avail_user_addr, self.used_user_addr = desc, avail, used
         self.addresses_set = True
@@ -122,6 +145,14 @@ class DeviceQueue:
         # Every chain is completed before it is popped again, so nothing is in flight.
         self.last_avail = self.used_idx = base
         self.signalled_used = None
+        if self.packed:
+            # bits 0-14 the position, bit 15 the wrap counter (QEMU, DPDK)
+            self.last_avail = self.used_idx = base & 0x7FFF
+            self.avail_wrap = self.used_wrap = base >> pl.WRAP_SHIFT & 1
+            self._used_since_signal = 0
+            if self.last_avail >= max(self.size, 1):
+                raise RingError(f"queue {self.index}: base position {self.last_avail} outside "
+                                f"a {self.size}-entry ring")
         if self.audit is not None:
             self.audit.set_base(base)
 
@@ -137,15 +168,19 @@ class DeviceQueue:
         """Resolve the ring addresses in `memory` (again after every SET_MEM_TABLE)."""
         if not self.size or not self.addresses_set:
             raise RingError(f"queue {self.index}: started before SET_VRING_NUM/ADDR")
+        avail_len, used_len = rl.avail_ring_size(self.size), rl.used_ring_size(self.size)
+        if self.packed:
+            avail_len = used_len = pl.EVENT_SIZE
         try:
             self._desc = memory.user_addr(self.desc_user_addr, rl.desc_table_size(self.size))
-            self._avail = memory.user_addr(self.avail_user_addr, rl.avail_ring_size(self.size))
-            self._used = memory.user_addr(self.used_user_addr, rl.used_ring_size(self.size))
+            self._avail = memory.user_addr(self.avail_user_addr, avail_len)
+            self._used = memory.user_addr(self.used_user_addr, used_len)
         except MemoryAccessError as exc:
             raise RingError(f"queue {self.index}: {exc}") from exc
         self._memory = memory
         self._avail_ptr = ffi.cast("char *", ffi.from_buffer(self._avail))
         self._used_ptr = ffi.cast("char *", ffi.from_buffer(self._used))
+        self._desc_ptr = ffi.cast("char *", ffi.from_buffer(self._desc))
         self.started = True
         if self.audit is not None:
             self.audit.started(self)
@@ -154,8 +189,10 @@ class DeviceQueue:
         """GET_VRING_BASE: stop and return the next avail index to read."""
         self.started = False
         self._desc = self._avail = self._used = None
-        self._avail_ptr = self._used_ptr = None
+        self._avail_ptr = self._used_ptr = self._desc_ptr = None
         self._memory = None
+        if self.packed:
+            return self.last_avail | self.avail_wrap << pl.WRAP_SHIFT
         return self.last_avail
 
     def close(self) -> None:
@@ -168,7 +205,10 @@ class DeviceQueue:
         return lib.vfsdrv_load_acquire_u16(self._avail_ptr + rl.AVAIL_IDX)
 
     def pending(self) -> int:
-        """Chains the driver made available that the device has not taken yet."""
+        """Chains the driver made available that the device has not taken yet
+        (packed: 1 if the next entry is available, else 0)."""
+        if self.packed:
+            return int(pl.is_avail(self._entry_flags(self.last_avail), self.avail_wrap))
         idx = self._avail_idx()
         if self.audit is not None:
             self.audit.avail_idx(self, idx)
@@ -183,6 +223,8 @@ class DeviceQueue:
         """The next available chain, or None when the ring is empty."""
         if not self.ready or not self.pending():
             return None
+        if self.packed:
+            return self._read_packed_chain()
         assert self._avail is not None
         if self.audit is not None:
             self.audit.scan(self)
@@ -239,11 +281,102 @@ class DeviceQueue:
         except MemoryAccessError as exc:
             raise RingError(f"queue {self.index}: {exc}") from exc
 
+    # -- packed ring --------------------------------------------------------------------
+    def _entry_flags(self, pos: int) -> int:
+        # acquire: the entry's other fields are read after the flags that hand it over
+        return lib.vfsdrv_load_acquire_u16(self._desc_ptr + pl.DESC_SIZE * pos + pl.FLAGS_OFFSET)
+
+    def _read_packed_chain(self) -> Chain:
+        """The chain whose first entry pending() saw available."""
+        assert self._desc is not None
+        pos, wrap, start = self.last_avail, self.avail_wrap, self.last_avail
+        chain = Chain(-1)
+        bufs: list[tuple[int, int, int]] = []
+        total = 0
+        while True:
+            if chain.entries > self.size:
+                raise RingError(f"queue {self.index}: chain at {start} runs around the ring")
+            addr, length, buf_id, _ = pl.DESC.unpack_from(self._desc, pl.DESC_SIZE * pos)
+            flags = self._entry_flags(pos)
+            if not pl.is_avail(flags, wrap):
+                raise RingError(f"queue {self.index}: entry {pos} of the chain at {start} is "
+                                f"not available (flags {flags:#x}, wrap {wrap})")
+            pos += 1
+            if pos == self.size:
+                pos, wrap = 0, wrap ^ 1
+            if flags & pl.F_INDIRECT:
+                if not self.indirect or flags & pl.F_NEXT or bufs:
+                    raise RingError(f"queue {self.index}: invalid indirect descriptor at {start}")
+                if not length or length % pl.DESC_SIZE:
+                    raise RingError(f"queue {self.index}: bad indirect table length {length}")
+                table = self._buffer(addr, length)
+                for k in range(length // pl.DESC_SIZE):
+                    a, n, _id, f = pl.DESC.unpack_from(table, pl.DESC_SIZE * k)
+                    bufs.append((a, n, f & pl.F_WRITE))  # 2.8.19: other flags reserved
+                break
+            bufs.append((addr, length, flags & pl.F_WRITE))
+            if not flags & pl.F_NEXT:
+                break
+            chain.entries += 1
+        if buf_id >= self.size:
+            raise RingError(f"queue {self.index}: buffer id {buf_id} outside a "
+                            f"{self.size}-entry ring")
+        chain.head = buf_id  # 2.8.6: the id of the chain's last entry
+        for addr, length, write in bufs:
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise RingError(f"queue {self.index}: chain at {start} exceeds 4 GiB")
+            buf = self._buffer(addr, length)
+            if write:
+                chain.writable.append(buf)
+            elif chain.writable:
+                raise RingError(f"queue {self.index}: readable descriptor after a writable one")
+            else:
+                chain.readable.append(buf)
+        self.last_avail, self.avail_wrap = pos, wrap
+        return chain
+
+    def _push_packed(self, chain: Chain, written: int) -> None:
+        assert self._desc is not None
+        pos = self.used_idx
+        off = pl.DESC_SIZE * pos
+        # id and len (8..13) first; addr is left as the driver wrote it
+        self._desc[off + 8 : off + 12] = written.to_bytes(4, "little")
+        self._desc[off + 12 : off + 14] = chain.head.to_bytes(2, "little")
+        # release: the reply data and id/len are visible before the flags that
+        # hand the entry back (AVAIL = USED = our wrap counter)
+        flags = pl.F_AVAIL | pl.F_USED if self.used_wrap else 0
+        lib.vfsdrv_store_release_u16(self._desc_ptr + off + pl.FLAGS_OFFSET, flags)
+        pos += chain.entries  # the rest of the chain's entries are skipped
+        if pos >= self.size:
+            pos -= self.size
+            self.used_wrap ^= 1
+        self.used_idx = pos
+        self._used_since_signal += chain.entries
+
+    def _signal_packed(self) -> None:
+        moved, self._used_since_signal = self._used_since_signal, 0
+        if not moved:
+            return
+        lib.vfsdrv_mb()  # our used flags stores before reading the driver's suppression
+        raw = lib.vfsdrv_load_acquire_u32(self._avail_ptr)  # off_wrap and flags at once
+        off_wrap, flags = raw & 0xFFFF, raw >> 16
+        if flags == pl.EVENT_DISABLE:
+            return
+        if flags == pl.EVENT_DESC and self.event_idx:
+            event = pl.event_position(off_wrap, self.used_wrap, self.size)
+            if not rl.need_event(event, self.used_idx, (self.used_idx - moved) & 0xFFFF):
+                return
+        os.eventfd_write(self.call_fd, 1)
+
     def push(self, chain: Chain, written: int) -> None:
         """Return a chain with `written` bytes written to its writable part."""
         assert self._used is not None
         if written > chain.writable_len:
             raise RingError(f"queue {self.index}: used len {written} > writable part")
+        if self.packed:
+            self._push_packed(chain, written)
+            return
         if self.audit is not None:
             self.audit.used(self, chain.head)
         slot = rl.USED_RING + rl.USED_ELEM.size * (self.used_idx % self.size)
@@ -257,6 +390,9 @@ class DeviceQueue:
         if self.call_fd is None or not self.started:
             return
         assert self._avail is not None
+        if self.packed:
+            self._signal_packed()
+            return
         lib.vfsdrv_mb()  # our used idx store before reading the driver's suppression
         if self.event_idx:
             off = rl.used_event_offset(self.size)
@@ -275,6 +411,15 @@ class DeviceQueue:
         """Ask for a kick at the next avail entry; True if entries arrived meanwhile."""
         if not self.ready:
             return False
+        if self.packed:
+            if self.event_idx:
+                # off_wrap before flags: a driver that sees DESC sees this offset
+                # (without EVENT_IDX the area stays ENABLE: a kick for every batch)
+                lib.vfsdrv_store_u16(self._used_ptr + 0,
+                                     self.last_avail | self.avail_wrap << pl.WRAP_SHIFT)
+                lib.vfsdrv_store_release_u16(self._used_ptr + 2, pl.EVENT_DESC)
+                lib.vfsdrv_mb()  # the event store before the next entry's flags load
+            return self.pending() > 0
         if self.event_idx:
             off = rl.avail_event_offset(self.size)
             # one naturally sized store: the driver reads avail_event concurrently, and a

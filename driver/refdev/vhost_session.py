@@ -49,6 +49,10 @@ VIRTIO_FS_F_NOTIFICATION = 1 << 0
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
+VIRTIO_F_RING_PACKED = 1 << 34
+#: `ring` choices: None offers packed (the driver picks), "split" does not offer it,
+#: "packed" offers it and refuses a feature set without it
+RING_LAYOUTS = ("split", "packed")
 
 PROTOCOL_FEATURES = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
 #: device status bits the session acts on (only with the STATUS protocol feature)
@@ -67,8 +71,11 @@ class DeviceConfig:
     notify_buf_size: int = 64
     notification: bool = True
     notify_lock_code: int = abi.DEFAULT_NOTIFY_LOCK_CODE
+    ring: str | None = None
 
     def __post_init__(self) -> None:
+        if self.ring not in (None, *RING_LAYOUTS):
+            raise ValueError(f"ring must be one of {', '.join(RING_LAYOUTS)}")
         if not 1 <= self.request_queues <= 64:
             raise ValueError("request_queues must be 1..64")  # "MUST set ... to 1 or greater"
         if len(self.tag.encode()) > 36 or not self.tag:
@@ -85,6 +92,7 @@ class DeviceConfig:
             | vu.VHOST_USER_F_PROTOCOL_FEATURES
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | (VIRTIO_F_RING_PACKED if self.ring != "split" else 0)
             | (VIRTIO_FS_F_NOTIFICATION if self.notification else 0)
         )
 
@@ -144,6 +152,8 @@ class VhostUserSession:
         #: feature bits offered (an auditing probe may add one the spec leaves undefined)
         self.offered = config.features
         if auditor is not None:
+            # the auditor's ring checks read split rings
+            self.offered &= ~VIRTIO_F_RING_PACKED
             if PROBE_UNKNOWN_FEATURE in auditor.probes:
                 self.offered |= UNKNOWN_FEATURE
             self.audit = SessionAudit(
@@ -316,11 +326,14 @@ class VhostUserSession:
             raise MessageError(f"features {features:#x} include some never offered")
         if any(q.started for q in self.queues):
             raise MessageError("SET_FEATURES while queues run")
+        if self.config.ring == "packed" and not features & VIRTIO_F_RING_PACKED:
+            raise MessageError("this device runs packed virtqueues only (--ring packed)")
         self.features = features
         self.features_set = True
         for q in self.queues:
             q.event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
             q.indirect = bool(features & VIRTIO_RING_F_INDIRECT_DESC)
+            q.packed = bool(features & VIRTIO_F_RING_PACKED)
         notify = self._post_lock_notification if self.notification else None
         self.server.notify_lock = notify
         for q in self.queues:

@@ -34,7 +34,9 @@ from contextlib import contextmanager
 from .._native import ffi
 from ..errors import DeviceGoneError, DeviceTimeoutError, TransportError
 from . import vhost_user_proto as vu
+from .constants import Feature
 from .memory import Arena, DmaPool
+from .packed_layout import INITIAL_BASE as INITIAL_PACKED_BASE
 from .transport import QueueAddresses, Transport
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class VhostUserTransport(Transport):
         self._started: set[int] = set()
         self._queues: dict[int, tuple[int, int]] = {}  # index -> (kick fd, call fd)
         self._sizes: dict[int, int] = {}
+        self._packed = False  # VIRTIO_F_RING_PACKED accepted: rings start at wrap 1
         self._closed = False
         self.sock = self._connect(
             socket_path, min(self.timeout, 5.0) if connect_timeout is None else connect_timeout
@@ -312,6 +315,7 @@ class VhostUserTransport(Transport):
 
     def set_driver_features(self, features: int) -> None:
         self._send(vu.Request.SET_FEATURES, vu.U64.pack(features))
+        self._packed = bool(features & Feature.RING_PACKED)
 
     # -- Transport: config ------------------------------------------------------
     def config_generation(self) -> int:
@@ -370,7 +374,9 @@ class VhostUserTransport(Transport):
             vu.Request.SET_VRING_ADDR,
             vu.VRING_ADDR.pack(index, 0, va + addrs.desc, va + addrs.used, va + addrs.avail, 0),
         )
-        self._send(vu.Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
+        # packed: position 0, wrap counter 1 (bit 15), as QEMU sends it
+        base = INITIAL_PACKED_BASE if self._packed else 0
+        self._send(vu.Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, base))
         # libvhost-user starts the queue thread on KICK, so CALL goes first
         self._send(vu.Request.SET_VRING_CALL, vu.U64.pack(index), (call,))
         self._send(vu.Request.SET_VRING_KICK, vu.U64.pack(index), (kick,))

@@ -55,7 +55,7 @@ from vfsdrv.pci.errors import PciError
 from vfsdrv.pci.function import DmaMemoryLike
 from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio import vhost_user_proto as vu
-from vfsdrv.virtio.constants import Status
+from vfsdrv.virtio.constants import Feature, Status
 from vfsdrv.virtio.vhost_user import VhostUserTransport
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,9 @@ class VhostPciFunction(EmulatedFunction):
             nq = self.backend.num_queues()
             if nq <= 0 or not self.backend.has_config_space:
                 raise TransportError("the backend must offer MQ and CONFIG (the refdev does)")
-            offered = self.backend.device_features() & ~vu.VHOST_USER_F_PROTOCOL_FEATURES
+            # split rings only, as QEMU's vhost-user-fs-pci without packed=on
+            offered = self.backend.device_features() & ~(
+                vu.VHOST_USER_F_PROTOCOL_FEATURES | Feature.RING_PACKED)
             vectors = nq + 1 if msix_vectors is None else msix_vectors
             self.common = BridgeCommonCfg(
                 self, num_queues=nq, max_size=queue_max_size, features=offered,
