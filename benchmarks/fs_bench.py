@@ -334,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rand-mib", type=int,
                     help="bytes read by each random-read run (default 128; quick 64)")
     ap.add_argument("--files", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=1, help="repeat everything, report medians")
+    ap.add_argument("--rounds", type=int,
+                    help="repeat everything, report medians (default 3; quick 1)")
     ap.add_argument("--no-null", action="store_true",
                     help="leave out the mount over the null device")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the servers' syscalls per random read with strace -c")
     args = ap.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     # SIGTERM (timeout(1), a CI limit) unwinds like ^C: the mounts come down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = (args.size_mib or (256 if args.quick else 1024)) * MiB
