@@ -503,3 +503,20 @@ def test_packed_forced_on_a_device_without_it_fails_clearly() -> None:
         VirtioDevice(t, ring="packed").negotiate()
     with pytest.raises(ValueError):
         VirtioDevice(t, ring="spiral")
+
+
+def test_used_idx_follows_the_device_not_the_harvest() -> None:
+    """used_idx() (what check's reset.live watches) moves when the device writes used
+    entries, before anything is harvested, and names position and wrap counter."""
+    rig = Rig(4)
+    assert rig.vq.used_idx() == 0 | 1 << 15
+    for n in range(2):
+        rig.add_simple(n, n_read=1, n_write=1)
+    chains = rig.roundtrip()
+    before = rig.vq.used_idx()
+    rig.dev.complete(chains[0])
+    assert rig.vq.used_idx() == 2 | 1 << 15 != before
+    rig.dev.complete(chains[1])
+    assert rig.vq.used_idx() == 0 | 0 << 15  # past the end: wrap counter flipped
+    rig.vq.get_used()
+    assert rig.vq.used_idx() == 0 and rig.vq.native.used_wrap == 0

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--read-only", action="store_true",
                    help="create nothing in the export (the checks that need a scratch "
                    "directory are skipped)")
+    p.add_argument("--ring", choices=("split", "packed"), default=None,
+                   help="virtqueue layout (default: packed when offered, else split)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: {device, transport, ok, summary, negotiated, "
                    "ring_layout, coverage: {covered, not_observable, not_reached, "
@@ -74,7 +76,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.request_queues < 1:
         raise CheckUsageError("--request-queues must be at least 1")
     opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification,
-                        read_only=args.read_only)
+                        read_only=args.read_only, ring=args.ring)
     if args.vhost_user:
         report = check_vhost_user(args.vhost_user, opts, tag=args.tag,
                                   request_queues=args.request_queues)

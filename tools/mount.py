@@ -83,6 +83,7 @@ class MountRequest:
     source: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
     iommu: str = "auto"  # VFIO backend for a PCI function (pci/device.py BACKENDS)
+    ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
 
     def spec(self) -> str:
         """The mount's source: what mount(8) finds in fstab for this mount."""
@@ -141,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iommu", choices=("auto", "type1", "iommufd", "noiommu"), default="auto",
                    help="how a PCI function's DMA is set up through VFIO (default: iommufd "
                    "when the kernel has it, else the group's type1 or no-IOMMU container)")
+    p.add_argument("--ring", choices=("split", "packed"), default=None,
+                   help="virtqueue layout (default: packed when the device offers "
+                   "VIRTIO_F_RING_PACKED, else split)")
     p.add_argument("mountpoint")
     p.set_defaults(func=run_mount)
 
@@ -166,7 +170,7 @@ def run_mount(args: argparse.Namespace) -> int:
         options=args.options, foreground=args.foreground or args.debug, debug=args.debug,
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
         notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
-        log_file=args.log, timeout=args.timeout, iommu=args.iommu,
+        log_file=args.log, timeout=args.timeout, iommu=args.iommu, ring=args.ring,
     )
     if req.timeout is not None and req.timeout <= 0:
         raise MountError("--timeout must be positive")
@@ -289,7 +293,9 @@ def open_device(req: MountRequest) -> VirtioFs:
         fs = VirtioFs(transport, poll=req.poll, small_slots=req.small_slots,
                       large_slots=req.large_slots, notify_lock_code=req.notify_lock_code,
                       notification=not req.no_notification,
-                      request_queues=req.request_queues).start()
+                      request_queues=req.request_queues)
+        fs.dev.ring = req.ring
+        fs.start()
         _warn_config_space(req, fs)
         return fs
     except BaseException:
@@ -677,6 +683,10 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.timeout = float(value)
             elif key == "iommu":
                 req.iommu = value
+            elif key == "ring":
+                if value not in ("split", "packed"):
+                    raise MountError(f"-o ring={value}: give split or packed")
+                req.ring = value
             elif key == "log":
                 req.log_file = value
             elif key == "fsname":

@@ -38,8 +38,9 @@ CONDITIONS = {
                 "not run)",
 }
 
-_PACKED = ("not applicable: VIRTIO_F_RING_PACKED not negotiated (vfsdrv drives split rings "
-           "only; the `negotiated` list and ring_layout say which layout is in use)")
+_PACKED = ("not observed: check's ring probes drive split rings (with VIRTIO_F_RING_PACKED "
+           "negotiated the FUSE checks run over packed rings; the `negotiated` list and "
+           "ring_layout say which layout is in use)")
 _RING_RESET = ("not applicable: VIRTIO_F_RING_RESET is never negotiated (vfsdrv does not "
                "reset single queues)")
 _DAX = ("not exercised: vfsdrv does not use the DAX window (no FUSE_SETUPMAPPING), so "

@@ -62,6 +62,8 @@ class CheckOptions:
     config_supplied: bool = False
     #: create nothing in the export (no scratch directory: the checks that need one skip)
     read_only: bool = False
+    #: virtqueue layout forced: "split" or "packed" (None: packed when offered)
+    ring: str | None = None
 
 
 class _ProbeFs(VirtioFs):
@@ -411,8 +413,10 @@ _SESSION_CHECKS = ["fuse.init", "queues.request", "queues.inflight", "hiprio.for
 def _new_fs(t: Transport, opt: CheckOptions, use_notify: bool) -> _ProbeFs:
     # slots for IN_FLIGHT requests per queue plus a FORGET storm; few notification
     # buffers, so that notify.load needs them replenished
-    return _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=32,
-                    large_slots=2, max_io=64 << 10, notify_buffers=8)
+    fs = _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=32,
+                  large_slots=2, max_io=64 << 10, notify_buffers=8)
+    fs.dev.ring = opt.ring
+    return fs
 
 
 def _reset_live(t: Transport, fs: _ProbeFs, report: Report, opt: CheckOptions,

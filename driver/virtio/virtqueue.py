@@ -201,11 +201,26 @@ class Virtqueue:
 
     # -- harvesting -----------------------------------------------------------------
     def used_idx(self) -> int:
-        """split: used->idx as the device wrote it; packed: the next used position
-        and its wrap counter (bit 15), which moves as the driver harvests."""
-        if self.packed:
-            return self._c.next_used | self._c.used_wrap << 15
-        return lib.vfsdrv_load_acquire_u16(self.used.address_of() + rl.USED_IDX)
+        """split: used->idx as the device wrote it; packed: the position (wrap counter
+        in bit 15) after the used entries the device has written so far, not yet
+        harvested (it moves when the device completes, as used->idx does)."""
+        if not self.packed:
+            return lib.vfsdrv_load_acquire_u16(self.used.address_of() + rl.USED_IDX)
+        c = self._c
+        pos, wrap, left = c.next_used, c.used_wrap, c.in_flight
+        base = self.desc.address_of()
+        while left:
+            flags = lib.vfsdrv_load_acquire_u16(base + pl.DESC_SIZE * pos + pl.FLAGS_OFFSET)
+            if not pl.is_used(flags, wrap):
+                break
+            buf_id = int.from_bytes(self.desc.view[pl.DESC_SIZE * pos + 12:][:2], "little")
+            if buf_id >= self.size or not c.chain_len[buf_id]:
+                break  # get_used() reports it
+            pos += c.chain_len[buf_id]
+            if pos >= self.size:
+                pos, wrap = pos - self.size, wrap ^ 1
+            left -= 1
+        return pos | wrap << pl.WRAP_SHIFT
 
     def has_used(self) -> bool:
         return lib.vfsdrv_vq_used_pending(self._c) != 0
