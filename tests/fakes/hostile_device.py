@@ -219,11 +219,15 @@ class HostileSession(VhostUserSession):
 
     def _push_used(self, q: DeviceQueue, chain: Chain, written: int, used: tuple) -> None:
         what, value = used
+        # a stand-in chain lets DeviceQueue.push write what no honest device would
+        # (split or packed ring alike); `entries` keeps a packed ring's position right
         if what == "len":  # any length, even one beyond the writable part
-            fake = Chain(chain.head, writable=[memoryview(bytearray(max(value, 0)))])
+            fake = Chain(chain.head, writable=[memoryview(bytearray(max(value, 0)))],
+                         entries=chain.entries)
             q.push(fake, value)
         elif what == "id":
-            fake = Chain(value, writable=[memoryview(bytearray(written))])
+            fake = Chain(value & 0xFFFF if q.packed else value,
+                         writable=[memoryview(bytearray(written))], entries=chain.entries)
             q.push(fake, written)
         elif what == "dup":
             q.push(chain, written)

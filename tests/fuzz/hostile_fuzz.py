@@ -116,10 +116,13 @@ class SeedResult:
     counts: Counter = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
     mutations: int = 0
+    failed_at: str = ""  #: the step at which the device was declared failed
 
     def add(self, outcome: str, step: str, detail: str = "",
             mutations: list[Mutation] | None = None) -> None:
         self.counts[outcome] += 1
+        if outcome == "failed" and not self.failed_at:
+            self.failed_at = step
         if SEVERITY[outcome] > SEVERITY[self.outcome]:
             self.outcome = outcome
         if outcome not in ALLOWED:
@@ -375,7 +378,9 @@ def run_client_seed(seed: int, work: Path, rounds: int = 3) -> SeedResult:
     make_export(export, rng)
     sock = str(work / "d.sock")
     queues = rng.choice([1, 1, 2])
-    dev = HostileDevice(sock, str(export), mutator, request_queues=queues)
+    # packed rings when the driver takes them (the default), or split only
+    dev = HostileDevice(sock, str(export), mutator, request_queues=queues,
+                        ring=rng.choice([None, "split"]))
     dev.start()
     fs = None
     try:
@@ -492,10 +497,11 @@ def run_mount_seed(seed: int, work: Path) -> SeedResult:
     scratch.mkdir()
     sock = str(work / "d.sock")
     log = work / "serve.log"
-    dev = HostileDevice(sock, str(export), mutator, request_queues=rng.choice([1, 2]))
+    dev = HostileDevice(sock, str(export), mutator, request_queues=rng.choice([1, 2]),
+                        ring=rng.choice([None, "split"]))
     dev.start()
     cmd = [sys.executable, str(HERE / "native_override.py"), "-m", "vfsdrv.tools.cli",
-           "mount", "-f", "--vhost-user", sock, "--timeout", "5", str(mnt)]
+           "mount", "-f", "-v", "--vhost-user", sock, "--timeout", "5", str(mnt)]
     proc = None
     ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     ready.bind(str(work / "notify.sock"))
@@ -635,6 +641,9 @@ def _stop_server(res: SeedResult, proc: subprocess.Popen | None, mnt: Path, log:
 
 
 # -- driver --------------------------------------------------------------------------------
+KEEP = False  # --keep: leave each seed's directory (export, server log) behind
+
+
 def run_seed(mode: str, seed: int) -> SeedResult:
     work = Path(tempfile.mkdtemp(prefix=f"fz{mode[0]}{seed}-", dir="/tmp"))
     watchdog = threading.Timer(SEED_WATCHDOG, _stuck, (mode, seed))
@@ -646,7 +655,10 @@ def run_seed(mode: str, seed: int) -> SeedResult:
         return run_mount_seed(seed, work)
     finally:
         watchdog.cancel()
-        shutil.rmtree(work, ignore_errors=True)
+        if KEEP:
+            print(f"{mode} seed {seed}: kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _stuck(mode: str, seed: int) -> None:
@@ -678,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="with --long: how long")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep each seed's directory")
     ap.add_argument("-v", "--verbose", action="store_true", help="the driver's warnings too")
     args = ap.parse_args(argv)
     # the driver logs every refused reply: thousands of warnings per run
@@ -686,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 and args.mode != "client":
         print("mount mode needs root", file=sys.stderr)
         return 2
+    global KEEP
+    KEEP = args.keep
     modes = ["client", "mount"] if args.mode == "both" else [args.mode]
     results: list[SeedResult] = []
     started = time.monotonic()
@@ -713,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "seeds": [{"seed": r.seed, "mode": r.mode, "outcome": r.outcome,
+                       "failed_at": r.failed_at,
                        "counts": dict(r.counts), "mutations": r.mutations} for r in results],
             "findings": [asdict(f) for f in findings],
         }, indent=1))
@@ -723,7 +739,9 @@ def _one(mode: str, seed: int, quiet: bool) -> SeedResult:
     t = time.monotonic()
     r = run_seed(mode, seed)
     if not quiet:
-        print(f"{mode} seed {seed}: {r.outcome} ({dict(r.counts)}, {r.mutations} mutations, "
+        where = f" at {r.failed_at}" if r.failed_at else ""
+        print(f"{mode} seed {seed}: {r.outcome}{where} ({dict(r.counts)}, "
+              f"{r.mutations} mutations, "
               f"{time.monotonic() - t:.1f} s)", flush=True)
     return r
 
