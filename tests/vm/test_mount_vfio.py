@@ -35,9 +35,9 @@ a blocking request really waits).
 
 The type1 run once more with Debian 13's Rust virtiofsd behind the function
 (vfsdrv.tools.backends, fetched by python -m vfsdrv.tools.virtiofsd_rs): started
-without --tag (QEMU 7.2's vhost-user-fs-pci does not use a backend's config space,
-and QEMU 7.1-8.0 crash logging that they do not), it takes over no locks, so the
-guest kernel keeps them as in no-IOMMU mode.
+without --tag (QEMU 7.2's vhost-user-fs-pci ignores a backend's config space: the
+tag is QEMU's), it takes over no locks, so the guest kernel keeps them as in
+no-IOMMU mode.
 """
 
 from __future__ import annotations
