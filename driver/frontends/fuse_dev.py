@@ -53,6 +53,8 @@ FLAG_OPTIONS: dict[str, tuple[int, int]] = {
 }
 #: FUSE options that take a number and go to the kernel as they are
 NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
+#: FUSE session settings the relay answers FUSE_INIT with (not mount(2) options)
+SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_readahead"})
 #: options that mount(8) passes along and that mean nothing here
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
                              "_netdev", "nofail"})
@@ -72,6 +74,8 @@ class MountOptions:
     allow_other: bool = True
     default_permissions: bool = True
     fuse: list[str] = field(default_factory=list)  # extra key=value for the kernel
+    #: FUSE_INIT reply settings chosen by the user (SESSION_OPTIONS)
+    session: dict[str, int] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
 
     @classmethod
@@ -96,6 +100,8 @@ class MountOptions:
                     mo.default_permissions = False
                 elif key in NUMERIC_FUSE_OPTIONS and value.isdigit():
                     mo.fuse.append(f"{key}={int(value)}")
+                elif key in SESSION_OPTIONS and value.isdigit():
+                    mo.session[key] = int(value)
                 else:
                     mo.unknown.append(opt)
         return mo
@@ -105,7 +111,8 @@ class MountOptions:
             raise MountError(
                 f"unknown mount option(s): {', '.join(self.unknown)} (known: "
                 f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
-                "default_permissions, nodefault_permissions, max_read=N, blksize=N)"
+                "default_permissions, nodefault_permissions, max_read=N, blksize=N, "
+                "max_background=N, congestion_threshold=N, max_readahead=N)"
             )
 
     def flag_names(self) -> list[str]:

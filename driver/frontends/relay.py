@@ -395,6 +395,11 @@ class Relay:
                 self.ready()
 
     # -- the pumps -------------------------------------------------------------------------
+    def _pump_capacity(self) -> int:
+        """Slots the pumps will have: requests that can be on the rings at once."""
+        small, large = self.fs.free_slots
+        return max(0, small - CONTROL_SLOTS) + large
+
     def _start_pumps(self) -> None:
         fs = self.fs
         queues = fs.hand_over_request_queues()
@@ -663,6 +668,7 @@ class Relay:
         fields = init_reply_fields(
             minor=self.fs.minor, device=out, kernel_max_readahead=kin.max_readahead,
             granted=granted, max_io=self.fs.max_io, device_max_write=self.fs.max_write,
+            slots=self._pump_capacity(), chosen=self.options.session,
         )
         fields["flags"] = reply_flags & 0xFFFFFFFF
         fields["flags2"] = reply_flags >> 32
@@ -685,9 +691,15 @@ class Relay:
 
 def init_reply_fields(
     *, minor: int, device, kernel_max_readahead: int, granted: int, max_io: int,
-    device_max_write: int,
+    device_max_write: int, slots: int = 0, chosen: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """fuse_init_out for the kernel (flags aside) from the device's reply."""
+    """fuse_init_out for the kernel (flags aside) from the device's reply.
+
+    max_background (asynchronous requests: readahead, async direct I/O, writeback)
+    is the pumps' slot count: more cannot be on the rings at once, fewer leaves
+    slots idle. congestion_threshold is three quarters of it (the kernel's own
+    ratio for its defaults). max_readahead is the kernel's offer when the device
+    allows it. Each can be chosen with -o (`chosen`), within the FUSE limits."""
     io_pages = max(1, max_io // PAGE)
     if granted & InitFlag.MAX_PAGES:
         max_pages = min(max(device.max_pages, 1), io_pages)
@@ -696,12 +708,17 @@ def init_reply_fields(
     max_write = min(device_max_write, max_io)
     if max_pages:
         max_write = min(max_write, max_pages * PAGE)
+    chosen = chosen or {}
+    background = min(chosen.get("max_background", slots or device.max_background), 0xFFFF)
+    congestion = min(chosen.get("congestion_threshold", background * 3 // 4), 0xFFFF)
     return {
         "major": abi.KERNEL_VERSION,
         "minor": minor,
-        "max_readahead": min(device.max_readahead, kernel_max_readahead),
-        "max_background": device.max_background,
-        "congestion_threshold": device.congestion_threshold,
+        "max_readahead": min(chosen.get("max_readahead", kernel_max_readahead),
+                             device.max_readahead or kernel_max_readahead,
+                             kernel_max_readahead),
+        "max_background": background,
+        "congestion_threshold": congestion,
         "max_write": max(4096, max_write),
         "time_gran": device.time_gran,
         "max_pages": max_pages,

@@ -360,3 +360,39 @@ def test_back_pressure_with_few_slots(tmp_path: Path) -> None:
         assert len(os.listdir(m.mnt)) == 1 + 16 + 16 * 20
     stalls = re.search(r"stopped reading /dev/fuse (\d+) times", m.log_text())
     assert stalls and int(stalls.group(1)) > 0, m.log_text()[-2000:]
+
+
+def test_init_reply_sizes_the_background_queue_to_the_slots() -> None:
+    """max_background is what the pumps can have on their rings; congestion at 3/4;
+    either, and max_readahead, can be chosen with -o (kept within FUSE's limits)."""
+    dev = SimpleNamespace(max_readahead=1 << 20, max_background=0, congestion_threshold=0,
+                          time_gran=1, max_pages=256)
+    f = init_reply_fields(minor=36, device=dev, kernel_max_readahead=128 << 10, granted=0,
+                          max_io=1 << 20, device_max_write=1 << 20, slots=72)
+    assert (f["max_background"], f["congestion_threshold"]) == (72, 54)
+    f = init_reply_fields(minor=36, device=dev, kernel_max_readahead=1 << 20, granted=0,
+                          max_io=1 << 20, device_max_write=1 << 20, slots=72,
+                          chosen={"max_background": 1 << 20, "congestion_threshold": 5,
+                                  "max_readahead": 64 << 10})
+    assert (f["max_background"], f["congestion_threshold"]) == (0xFFFF, 5)
+    assert f["max_readahead"] == 64 << 10
+
+
+def test_session_options_reach_the_kernel(tmp_path: Path) -> None:
+    """-o max_background=N, congestion_threshold=N: the kernel's connection shows them
+    (fusectl), and a mount without them shows the slot-sized defaults."""
+    ctl = Path("/sys/fs/fuse/connections")
+    if not os.path.ismount(ctl):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], check=False)
+    assert os.path.ismount(ctl), "fusectl could not be mounted at /sys/fs/fuse/connections"
+    for opts, expect in ((("-o", "max_background=10,congestion_threshold=7"), (10, 7)),
+                         ((), None)):
+        (tmp_path / str(len(opts))).mkdir()
+        with serving(tmp_path / str(len(opts)), "relay", mount_args=opts) as m:
+            conn = ctl / str(os.stat(m.mnt).st_dev)  # anonymous device: major 0
+            got = (int((conn / "max_background").read_text()),
+                   int((conn / "congestion_threshold").read_text()))
+        if expect is not None:
+            assert got == expect
+        else:
+            assert got[0] > 12 and got[1] == got[0] * 3 // 4  # sized to the slots
