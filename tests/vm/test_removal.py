@@ -16,7 +16,11 @@ it. Then:
     /dev/vfio node is gone, the serving process has exited;
   * the mount ends as any dead FUSE server's does: it stays, every access answers
     ENOTCONN (nothing created in the mount-point directory underneath), and a plain
-    `umount` removes it.
+    `umount` removes it;
+  * re-plugged: with the udev rule installed (`vfsdrv udev install`, the tag opted in
+    with a mountpoint in /etc/vfsdrv.conf, the real systemd-udevd), the host plugs a
+    new function into the same root port (QMP chardev-add of a second virtiofsd,
+    device_add): pciehp finds it, the rule binds it to vfio-pci and mounts it.
 
 The last point is issue 10 item 2 (the relay used to unmount itself when the device
 died, so later writes landed in the directory underneath); it is an xfail naming
@@ -26,6 +30,7 @@ that item while only it fails.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -36,6 +41,7 @@ from pathlib import Path
 import pytest
 
 MNT = "/mnt/x"
+AUTO = "/mnt/auto"  # where the udev rule mounts the re-plugged function
 #: seconds from the removal request to every program's error and the device's removal:
 #: pciehp waits 5 s, then vfio-pci asks the user, who must release the device
 REMOVAL_BOUND = 120
@@ -54,6 +60,7 @@ def _removal_run(guest, tmp_path: Path) -> dict:
         (share / "tree" / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
         (share / "tree" / f"d{i % 4}" / f"f{i}").write_text(f"file {i}\n")
     host: dict = {}
+    replug_sock = tmp_path / "replug.sock"
 
     def on_request(name: str, ctl) -> str:
         if name == "unplug":
@@ -65,12 +72,26 @@ def _removal_run(guest, tmp_path: Path) -> dict:
                                     lambda e: e["data"].get("device") == "fs0")
             host["deleted_after"] = round(time.monotonic() - host["unplug_at"], 1)
             return json.dumps(ev["data"])
+        if name == "replug":  # a new function in the same slot, another virtiofsd
+            ctl.qmp.execute("chardev-add", id="vfs0b", backend={
+                "type": "socket", "data": {"addr": {"type": "unix",
+                                                    "data": {"path": str(replug_sock)}},
+                                           "server": False}})
+            ctl.qmp.execute("device_add", driver="vhost-user-fs-pci", id="fs0b",
+                            chardev="vfs0b", tag="myfs", bus="rp0", addr="0x0")
+            return "device_add done"
         raise ValueError(f"unknown request {name}")
 
-    r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest",
-              iommu=True, kernel_args=("no_timer_check",),
-              fs_devices=[FsDevice(fs_dir=share, hotplug=True)],
-              on_request=on_request, timeout=900)
+    from vfsdrv.tools.backend import Virtiofsd
+
+    replug = Virtiofsd(share, replug_sock)
+    try:
+        r = guest(f"{GUEST_PYTHON} {Path(__file__).resolve()} --guest",
+                  iommu=True, kernel_args=("no_timer_check",),
+                  fs_devices=[FsDevice(fs_dir=share, hotplug=True)],
+                  on_request=on_request, timeout=900)
+    finally:
+        replug.stop()
     lines = [ln for ln in r.output.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"{r}\n--- console:\n{r.console[-3000:]}"
     res = json.loads(lines[-1][len("RESULT "):])
@@ -104,6 +125,12 @@ def test_removal_during_io(guest, tmp_path: Path) -> None:
         REMOVAL_BOUND
     assert not res["group_node_after"], res["group_node_after"]
     assert not res["server_alive_after"], res["server_alive_after"]
+
+    # re-plugged: bound and mounted again by the udev rule
+    rp = res["replug"]
+    assert rp["device_back"] and rp["driver"] == "vfio-pci", rp
+    assert rp["mounted"] and rp["content"] == "file 0\n", rp
+    assert rp["umount_rc"] == 0 and rp["servers_after"] == [], rp
 
     # a dead FUSE server's mount: stays, ENOTCONN, umount works, nothing underneath
     dead = res["dead_mount"]
@@ -170,10 +197,10 @@ class Guest:
         link = Path(f"/sys/bus/pci/devices/{self.bdf}/driver")
         return os.path.basename(os.readlink(link)) if link.exists() else "none"
 
-    def mounted(self) -> bool:
-        return any(ln.split()[1] == MNT for ln in Path("/proc/mounts").read_text().splitlines())
+    def mounted(self, mnt: str = MNT) -> bool:
+        return any(ln.split()[1] == mnt for ln in Path("/proc/mounts").read_text().splitlines())
 
-    def servers(self) -> list[int]:
+    def servers(self, mnt: str = MNT) -> list[int]:
         found = []
         for d in Path("/proc").iterdir():
             if d.name.isdigit() and int(d.name) != os.getpid():
@@ -181,7 +208,8 @@ class Guest:
                     cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                if " mount " in cmd and MNT in cmd:
+                # `vfsdrv mount ... MNT`; the udev rule's `vfsdrv udev mount myfs` for AUTO
+                if " mount " in cmd and (mnt in cmd or (mnt == AUTO and " udev " in cmd)):
                     found.append(int(d.name))
         return found
 
@@ -292,6 +320,44 @@ class Guest:
         dead["underneath"] = sorted(os.listdir(MNT)) if not self.mounted() else None
         res["dead_mount"] = dead
         res["left_processes"] = self.servers()
+        self.replug()
+
+    def replug(self) -> None:
+        """The udev rule binds and mounts a function plugged into the same slot."""
+        rp: dict = {}
+        self.res["replug"] = rp
+        sh = functools.partial(subprocess.run, capture_output=True, text=True, timeout=180)
+        Path("/etc/vfsdrv.conf").write_text(f"[tag:myfs]\nmountpoint = {AUTO}\n")
+        # the rings hold guest-physical addresses (virtiofsd ignores the vIOMMU) and must be
+        # physically contiguous; after the first mount 4 KiB pages rarely are: huge pages
+        Path("/proc/sys/vm/nr_hugepages").write_text("32\n")
+        rp["install"] = sh(["vfsdrv", "udev", "install", "--no-reload"]).returncode
+        sh(["/lib/systemd/systemd-udevd", "--daemon"])
+        end = time.monotonic() + 30
+        while sh(["udevadm", "control", "--ping"]).returncode != 0 and time.monotonic() < end:
+            time.sleep(0.2)
+        try:
+            subprocess.run(["bash", "-c", "vfsdrv_host replug"], check=True, timeout=60)
+            end = time.monotonic() + REMOVAL_BOUND
+            while not os.path.exists(f"/sys/bus/pci/devices/{self.bdf}") and \
+                    time.monotonic() < end:
+                time.sleep(0.2)
+            rp["device_back"] = os.path.exists(f"/sys/bus/pci/devices/{self.bdf}")
+            sh(["udevadm", "settle", "--timeout=120"])
+            while not self.mounted(AUTO) and time.monotonic() < end:
+                time.sleep(0.2)
+            rp["mounted"] = self.mounted(AUTO)
+            rp["driver"] = self.driver()
+            if rp["mounted"]:
+                rp["content"] = Path(f"{AUTO}/tree/d0/f0").read_text()
+                rp["umount_rc"] = sh(["vfsdrv", "umount", AUTO]).returncode
+                end = time.monotonic() + 60
+                while self.servers(AUTO) and time.monotonic() < end:
+                    time.sleep(0.2)
+            rp["servers_after"] = self.servers(AUTO)
+            rp["logs"] = {f.name: f.read_text()[-1500:] for f in Path("/run/vfsdrv").glob("*.log")}
+        finally:
+            sh(["udevadm", "control", "--exit"])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--guest"]:
