@@ -55,6 +55,10 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
                    help="virtqueue layout: split (do not offer VIRTIO_F_RING_PACKED) or "
                    "packed (refuse drivers without it); default: offer packed, the driver "
                    "chooses")
+    p.add_argument("--access-platform", action="store_true",
+                   help="offer VIRTIO_F_ACCESS_PLATFORM: a driver that accepts it passes I/O "
+                   "virtual addresses, translated through the IOTLB its vhost-user frontend "
+                   "fills with IOTLB_MSG updates (needs the BACKEND_REQ protocol feature)")
     p.add_argument("-d", "--debug", action="store_true", help="log every session event")
     return p
 
@@ -78,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit=args.audit or bool(args.audit_probe),
             audit_probes=frozenset(args.audit_probe),
             ring=args.ring,
+            access_platform=args.access_platform,
         )
     except ValueError as exc:
         print(f"refdev: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ import time
 from ..errors import VfsdrvError
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from .audit import Auditor, AuditReport
+from .iotlb import IotlbSession
 from .lock_table import LockTable
 from .vhost_session import DeviceConfig, VhostUserSession
 
@@ -92,11 +93,14 @@ class RefDevice:
         audit_probes: frozenset[str] | set[str] = frozenset(),
         auditor: Auditor | None = None,
         ring: str | None = None,
+        access_platform: bool = False,
     ) -> None:
         """`audit`: auditing mode (docs/audit.rst): offer the STATUS protocol feature
         and check every driver-normative statement observable here; see audit_report().
         `audit_probes`: deliberate departures to test the driver (audit.PROBES).
-        `auditor`: record into this one (several devices, one report); implies audit."""
+        `auditor`: record into this one (several devices, one report); implies audit.
+        `access_platform`: offer VIRTIO_F_ACCESS_PLATFORM; a driver that accepts it
+        passes IOVAs, translated through the IOTLB its frontend fills (refdev/iotlb.py)."""
         if not os.path.isdir(source_dir):
             raise ValueError(f"source {source_dir!r} is not a directory")
         if max_waiting_locks < 0:
@@ -112,6 +116,10 @@ class RefDevice:
             ring=ring,
         )
         self.locks = LockTable(max_waiting_locks)
+        if access_platform and (audit or auditor is not None):
+            # the auditor reads rings by guest-physical address
+            raise ValueError("auditing mode does not combine with access_platform")
+        self.access_platform = access_platform
         if auditor is None and audit:
             auditor = Auditor(audit_probes)
         elif auditor is not None and audit_probes:
@@ -207,7 +215,8 @@ class RefDevice:
                     break
                 conn, _ = self._listener.accept()
                 with self._mutex:
-                    session = VhostUserSession(
+                    kind = IotlbSession if self.access_platform else VhostUserSession
+                    session = kind(
                         conn, self.config, self._next_session, self.locks, self._forget,
                         self.auditor,
                     )

@@ -431,8 +431,12 @@ class VhostUserSession:
         for q in self.queues:
             if q.started:
                 q.stop()
-                q.start(memory)  # ring addresses are re-resolved in the new table
+                q.start(self._ring_memory())  # ring addresses re-resolved in the new table
         old.close()
+
+    def _ring_memory(self) -> GuestMemory:
+        """Where ring and buffer addresses are looked up (refdev/iotlb.py: the IOTLB)."""
+        return self.memory
 
     def _set_vring_num(self, payload: bytes, fds: list[int]) -> None:
         index, num = self._state(payload)
@@ -487,7 +491,7 @@ class VhostUserSession:
         q.set_kick(fd)
         self._selector.register(fd, selectors.EVENT_READ, q)
         if not q.started:
-            q.start(self.memory)  # as libvhost-user: the kick fd starts the ring
+            q.start(self._ring_memory())  # as libvhost-user: the kick fd starts the ring
             if not self.protocol_features_acked:
                 q.enabled = True  # without PROTOCOL_FEATURES rings start enabled
         self._run_queue(q)

@@ -9,6 +9,17 @@ the STATUS protocol feature is offered); device config comes from GET_CONFIG whe
 the backend offers CONFIG, otherwise from what the caller says (virtiofsd 7.2 has no
 config space: QEMU makes up tag and num_request_queues in its own device model).
 
+VIRTIO_F_ACCESS_PLATFORM (a backend that offers it, such as `vfsdrv refdev
+--access-platform`): the driver then works with I/O virtual addresses, the memfd
+offset plus IOVA_BASE, so they differ from the guest-physical addresses of the
+memory table; ring addresses in SET_VRING_ADDR are IOVAs too; and one
+VHOST_USER_IOTLB_MSG UPDATE maps the whole memfd (IOVA_BASE -> our mapping, read-write)
+before the first ring is set up. As QEMU requires, this needs the BACKEND_REQ and
+REPLY_ACK protocol features: the backend reports IOTLB misses and access failures
+on the backend channel (SET_BACKEND_REQ_FD), which is read and logged whenever the
+device's liveness is checked; the whole memfd being mapped, a miss or failure means
+the device went outside the driver's memory.
+
 Every message has a deadline: `timeout` seconds for each reply (and for the backend
 to take each message), and as much for the backend's share of the whole bring-up
 (handshake to DRIVER_OK: a backend answering each message just in time cannot
@@ -27,6 +38,7 @@ import mmap
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +66,15 @@ WANTED_PROTOCOL = (
     vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG
     | vu.ProtocolFeature.STATUS
 )
+#: IOVA of memfd offset 0 with ACCESS_PLATFORM: far from every guest-physical address
+#: of the memory table, so an address used untranslated is caught by the device
+IOVA_BASE = 1 << 40
+#: struct vhost_iotlb_msg {u64 iova, size, uaddr; u8 perm, type;} padded to 32 bytes
+IOTLB_MSG = struct.Struct("<QQQBB6x")
+IOTLB_MISS, IOTLB_UPDATE, IOTLB_INVALIDATE, IOTLB_ACCESS_FAIL = 1, 2, 3, 4
+IOTLB_ACCESS_RW = 3
+#: backend -> frontend request on the backend channel carrying a vhost_iotlb_msg
+BACKEND_IOTLB_MSG = 1
 
 
 class VhostUserTransport(Transport):
@@ -94,6 +115,12 @@ class VhostUserTransport(Transport):
         self._queues: dict[int, tuple[int, int]] = {}  # index -> (kick fd, call fd)
         self._sizes: dict[int, int] = {}
         self._packed = False  # VIRTIO_F_RING_PACKED accepted: rings start at wrap 1
+        #: ACCESS_PLATFORM accepted: device addresses are IOVAs (memfd offset + this)
+        self._iova_base = 0
+        #: our end of the backend channel (SET_BACKEND_REQ_FD), for IOTLB events
+        self._backend_channel: socket.socket | None = None
+        #: (type, iova, perm) of every IOTLB message the backend sent
+        self.iotlb_events: list[tuple[int, int, int]] = []
         self._closed = False
         self.sock = self._connect(
             socket_path, min(self.timeout, 5.0) if connect_timeout is None else connect_timeout
@@ -105,8 +132,10 @@ class VhostUserTransport(Transport):
             view = memoryview(self._mm)
             pointer = ffi.cast("char *", ffi.from_buffer(view))
             self._va = int(ffi.cast("uintptr_t", pointer))
-            # guest-physical address == offset in the memfd; one region, contiguous
-            self._arena = Arena(view, lambda off: (off, memory_size - off), pointer)
+            # guest-physical address == offset in the memfd (IOVA: plus IOVA_BASE);
+            # one region, contiguous
+            self._arena = Arena(
+                view, lambda off: (self._iova_base + off, memory_size - off), pointer)
             self._memory_size = memory_size
             self._handshake()
         except BaseException:
@@ -152,11 +181,26 @@ class VhostUserTransport(Transport):
         self.backend_queue_num: int | None = None
         if self._features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
             offered = self._get_u64(vu.Request.GET_PROTOCOL_FEATURES)
-            self.protocol_features = offered & WANTED_PROTOCOL
+            wanted = WANTED_PROTOCOL
+            if self._features & Feature.ACCESS_PLATFORM:
+                wanted |= vu.ProtocolFeature.BACKEND_REQ  # for the IOTLB's messages
+            self.protocol_features = offered & wanted
             self._send(vu.Request.SET_PROTOCOL_FEATURES, vu.U64.pack(self.protocol_features))
             self.reply_ack = bool(self.protocol_features & vu.ProtocolFeature.REPLY_ACK)
             if self.protocol_features & vu.ProtocolFeature.MQ:
                 self.backend_queue_num = self._get_u64(vu.Request.GET_QUEUE_NUM)
+            if self.protocol_features & vu.ProtocolFeature.BACKEND_REQ:
+                ours, theirs = socket.socketpair(
+                    socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                try:
+                    self._send(vu.Request.SET_BACKEND_REQ_FD, b"", (theirs.fileno(),))
+                except BaseException:
+                    ours.close()
+                    raise
+                finally:
+                    theirs.close()
+                ours.setblocking(False)
+                self._backend_channel = ours
         self._send(vu.Request.SET_OWNER)
         log.debug(
             "%s: features %#x, protocol features %#x, queues %s", self.name, self._features,
@@ -311,11 +355,24 @@ class VhostUserTransport(Transport):
         return self._features
 
     def transport_features(self, offered: int) -> int:
-        return vu.VHOST_USER_F_PROTOCOL_FEATURES & offered
+        """PROTOCOL_FEATURES, and ACCESS_PLATFORM when the backend channel that the
+        IOTLB needs is up (QEMU's rule: BACKEND_REQ and REPLY_ACK)."""
+        accept = vu.VHOST_USER_F_PROTOCOL_FEATURES
+        if self._backend_channel is not None and self.reply_ack:
+            accept |= Feature.ACCESS_PLATFORM
+        return accept & offered
 
     def set_driver_features(self, features: int) -> None:
+        if self._memory_sent:
+            raise TransportError(f"{self.name}: features set again after the rings")
         self._send(vu.Request.SET_FEATURES, vu.U64.pack(features))
         self._packed = bool(features & Feature.RING_PACKED)
+        self._iova_base = IOVA_BASE if features & Feature.ACCESS_PLATFORM else 0
+
+    @property
+    def iova_mode(self) -> bool:
+        """ACCESS_PLATFORM negotiated: descriptors and rings carry IOVAs."""
+        return self._iova_base != 0
 
     # -- Transport: config ------------------------------------------------------
     def config_generation(self) -> int:
@@ -360,16 +417,25 @@ class VhostUserTransport(Transport):
         self._send(vu.Request.SET_MEM_TABLE, vu.MEM_TABLE_HEAD.pack(1, 0) + region, (self._memfd,))
         self._memory_sent = True
 
+    def _send_iotlb_update(self) -> None:
+        """One mapping for the whole memfd: every buffer the driver hands out lies in it."""
+        msg = IOTLB_MSG.pack(self._iova_base, self._memory_size, self._va, IOTLB_ACCESS_RW,
+                             IOTLB_UPDATE)
+        self._send(vu.Request.IOTLB_MSG, msg)
+
     def setup_queue(self, index: int, size: int, addrs: QueueAddresses) -> None:
         if not self._memory_sent:
             self._send_memory_table()
+            if self.iova_mode:
+                self._send_iotlb_update()  # before any ring address needs it
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._queues[index] = (kick, call)
         self._sizes[index] = size
         self._send(vu.Request.SET_VRING_NUM, vu.VRING_STATE.pack(index, size))
-        # ring addresses are frontend virtual addresses (translated via the region)
-        va = self._va
+        # ring addresses are frontend virtual addresses (translated via the region),
+        # or with ACCESS_PLATFORM IOVAs (translated via the IOTLB): the device addresses
+        va = 0 if self.iova_mode else self._va
         self._send(
             vu.Request.SET_VRING_ADDR,
             vu.VRING_ADDR.pack(index, 0, va + addrs.desc, va + addrs.used, va + addrs.avail, 0),
@@ -419,6 +485,7 @@ class VhostUserTransport(Transport):
             raise DeviceGoneError(f"{self.name}: transport is closed")
         if self._broken is not None:
             raise DeviceGoneError(f"{self._broken}; the connection is no longer usable")
+        self._read_backend_channel()
         r, _, _ = select.select([self.sock], [], [], 0)
         if r:
             try:
@@ -432,6 +499,38 @@ class VhostUserTransport(Transport):
 
     def dma_pool(self) -> DmaPool:
         return self._arena
+
+    def _read_backend_channel(self) -> None:
+        """Log the IOTLB misses and access failures the backend reported (no reply
+        is asked for: the whole memfd is mapped, there is nothing more to map)."""
+        ch = self._backend_channel
+        while ch is not None:
+            try:
+                request, flags, payload, fds = vu.recv_message(ch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (DeviceGoneError, TransportError, OSError) as exc:
+                log.debug("%s: backend channel closed: %s", self.name, exc)
+                ch.close()
+                self._backend_channel = ch = None
+                return
+            for fd in fds:
+                os.close(fd)
+            if request == BACKEND_IOTLB_MSG and len(payload) >= IOTLB_MSG.size:
+                iova, _size, _uaddr, perm, kind = IOTLB_MSG.unpack_from(payload)
+                self.iotlb_events.append((kind, iova, perm))
+                what = {IOTLB_MISS: "an IOTLB miss", IOTLB_ACCESS_FAIL: "an access failure"}
+                log.error("%s: the device reported %s at IOVA %#x (perm %d): outside the "
+                          "driver's memory", self.name, what.get(kind, f"IOTLB event {kind}"),
+                          iova, perm)
+            else:
+                log.warning("%s: backend request %d on the backend channel ignored",
+                            self.name, request)
+            if flags & vu.FLAG_NEED_REPLY:
+                try:
+                    vu.send_message(ch, request, vu.U64.pack(1), flags=vu.VERSION | vu.FLAG_REPLY)
+                except OSError:
+                    pass
 
     # -- teardown -----------------------------------------------------------------
     def _stop_rings(self, raise_errors: bool = False) -> None:
@@ -458,6 +557,9 @@ class VhostUserTransport(Transport):
             except Exception as exc:  # noqa: BLE001 - closing must finish
                 log.debug("%s: stopping rings: %s", self.name, exc)
             self.sock.close()
+        if getattr(self, "_backend_channel", None) is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
         self._closed = True
         for kick, call in self._queues.values():
             for fd in (kick, call):
