@@ -32,6 +32,7 @@ from pathlib import Path
 import pyfuse3  # tools/setup-env.sh installs the extra: pip install -e '.[test,pyfuse3]'
 import pytest
 from backends import refdev, virtiofsd
+from mounting import mount_points
 from vfsdrv.frontends.pyfuse3_frontend import FRESH_INO_BASE, InodeMap
 from vfsdrv.fs.config import encode_config
 from vfsdrv.fs.device import VirtioFs
@@ -777,13 +778,20 @@ def test_requests_overlap_and_wait_for_free_buffers(tmp_path: Path, export_dir: 
 
 
 # -- failures -------------------------------------------------------------------------------
-def test_backend_killed_while_mounted_unmounts(mount: Mount) -> None:
+def test_backend_killed_while_mounted_leaves_a_disconnected_mount(mount: Mount) -> None:
+    """As a dead FUSE daemon's: the mount stays and answers ENOTCONN until unmounted,
+    so nothing a program writes lands in the directory underneath."""
     (mount.path / "f").write_text("x")
     os.killpg(os.getpgid(mount.backend_pid), signal.SIGKILL)
     mount.proc.join(30)
-    assert mount.proc.exitcode == 1  # noticed, unmounted, raised DeviceGoneError
-    assert not os.path.ismount(mount.path)
+    assert mount.proc.exitcode == 1  # noticed, raised DeviceGoneError
     mount.expect_exitcode = 1
+    assert str(mount.path) in mount_points()  # (a stat of it would say ENOTCONN)
+    with pytest.raises(OSError) as err:
+        (mount.path / "g").write_text("lost?")
+    assert err.value.errno == errno.ENOTCONN
+    subprocess.run(["umount", str(mount.path)], check=True, timeout=30)
+    assert str(mount.path) not in mount_points() and os.listdir(mount.path) == []
 
 
 def test_mounting_on_a_missing_directory_fails_cleanly(tmp_path: Path,
