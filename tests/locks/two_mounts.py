@@ -24,6 +24,12 @@ from mounting import force_unmount, is_mounted, wait_mounted
 
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
 LOCKER = Path(__file__).with_name("locker.py")
+#: the virtqueue layout forced on devices and mounts (conftest's `ring_layout` sets it)
+ring_layout: str | None = None
+
+
+def _ring_args() -> tuple[str, ...]:
+    return ("--ring", ring_layout) if ring_layout else ()
 
 
 @dataclass
@@ -66,7 +72,7 @@ def refdev(base: Path, *args: str) -> Iterator[Device]:
     sockdir = Path(tempfile.mkdtemp(prefix="vfl-", dir="/tmp"))
     sock = sockdir / "refdev.sock"
     try:
-        with refdev_process(export, sock, *args) as proc:
+        with refdev_process(export, sock, *_ring_args(), *args) as proc:
             yield Device(proc, sock, export, sock.with_suffix(".log"))
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
@@ -78,7 +84,8 @@ def mounted(dev: Device, mnt: Path, *args: str) -> Iterator[Mount]:
     log = mnt.with_suffix(".log")
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [*VFSDRV, "mount", "-f", "--vhost-user", str(dev.socket), *args, str(mnt)],
+            [*VFSDRV, "mount", "-f", "--vhost-user", str(dev.socket), *_ring_args(), *args,
+             str(mnt)],
             stdout=logf, stderr=subprocess.STDOUT,
         )
     m = Mount(proc, mnt, log)
