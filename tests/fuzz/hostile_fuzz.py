@@ -105,7 +105,10 @@ class Finding:
     mutations: list[str] = field(default_factory=list)
 
     def replay(self) -> str:
-        return f"python tests/fuzz/hostile_fuzz.py --mode {self.mode} --seeds {self.seed}"
+        forced = (f" --kinds {','.join(FORCED.kinds)}" if FORCED.kinds else "") + (
+            f" --rate {FORCED.rate}" if FORCED.rate is not None else "")
+        return (f"python tests/fuzz/hostile_fuzz.py --mode {self.mode} --seeds {self.seed}"
+                + forced)
 
 
 @dataclass
@@ -143,12 +146,29 @@ def make_export(root: Path, rng: random.Random) -> None:
     (root / "lockf").write_bytes(b"")
 
 
+@dataclass
+class Forced:
+    """What --kinds/--rate fix instead of the seed's choice (a replay, a self-test)."""
+
+    kinds: list[str] | None = None
+    rate: float | None = None
+
+
+FORCED = Forced()
+
+
 def choose_mutator(seed: int, kinds: list[str], rates: list[float]) -> Mutator:
     rng = random.Random(seed * 7919 + 1)
     session = [rng.choice(SESSION_KINDS)] if rng.random() < 0.12 else []
     # a seed fuzzes a few kinds at a time, so each gets a chance to hit its opcode
     chosen = rng.sample(kinds, k=min(len(kinds), rng.choice([1, 2, 3, 6, len(kinds)])))
-    m = Mutator(seed, rate=rng.choice(rates), kinds=chosen, session=session,
+    rate = rng.choice(rates)
+    if FORCED.kinds is not None:
+        chosen = [k for k in FORCED.kinds if k in REPLY_KINDS]
+        session = [k for k in FORCED.kinds if k in SESSION_KINDS]
+    if FORCED.rate is not None:
+        rate = FORCED.rate
+    m = Mutator(seed, rate=rate, kinds=chosen, session=session,
                 notify_rate=rng.choice([0.0, 0.02, 0.1]), flood=rng.choice([50, 300, 2000]))
     for kind in session:  # listed with the findings; not tied to a request
         m.record(Mutation(kind, detectable=False))
@@ -345,8 +365,9 @@ def judge_call(res: SeedResult, fs: VirtioFs, c: RecordingClient, mutator: Mutat
             res.add("wrong", step, f"success differs from the honest device: {exc}", muts)
         return
     except VfsdrvError as exc:
-        if isinstance(exc, OSError) and exc.errno and 0 < exc.errno < 512 and fs.broken is None:
-            res.add("error", step)
+        if isinstance(exc, OSError) and exc.errno is not None and not 0 < exc.errno < 512:
+            res.add("wrong", step, f"errno {exc.errno!r} no program can get: {exc!r}",
+                    mutator.since(mark))
         elif fs.broken is not None:
             res.add("failed", step)
         else:
@@ -354,7 +375,9 @@ def judge_call(res: SeedResult, fs: VirtioFs, c: RecordingClient, mutator: Mutat
         return
     except OSError as exc:
         if exc.errno is None or not 0 < exc.errno < 512:
-            res.add("crash", step, f"errno {exc.errno!r} no program can get: {exc!r}",
+            # the kernel refuses such an error (a program would wait forever): the
+            # reply had to become EIO
+            res.add("wrong", step, f"errno {exc.errno!r} no program can get: {exc!r}",
                     mutator.since(mark))
         else:
             res.add("failed" if fs.broken is not None else "error", step)
@@ -454,12 +477,18 @@ def _force_unmount(mnt: Path) -> None:
         time.sleep(0.05)
 
 
+def program_env(**extra: str) -> dict[str, str]:
+    """The environment of the ordinary programs: not under the sanitizer's preload."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VFSDRV_NATIVE_SO")}
+    return {**env, **extra}
+
+
 def run_program(argv: list[str], timeout: float, mnt: Path | None,
                 env: dict | None = None) -> tuple[int | None, bytes, bytes]:
     """(returncode or None on timeout, stdout, stderr). A program stuck past its
     timeout is killed; one that cannot die (D state) is freed by aborting the mount."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=program_env() if env is None else env)
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -557,25 +586,24 @@ def _judge_program(res: SeedResult, step: str, rc: int | None, out: bytes, err: 
 
 def _programs(res: SeedResult, mnt: Path, export: Path, scratch: Path, mutator: Mutator,
               seed: int) -> None:
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD",)}
     for step, script in PROGRAMS:
         (scratch / "copy").unlink(missing_ok=True)
         mark = mutator.mark()
         rc, out, err = run_program(["bash", "-o", "pipefail", "-c", script], PROGRAM_TIMEOUT, mnt,
-                                   env={**base, "R": str(mnt), "T": str(scratch)})
+                                   env=program_env(R=str(mnt), T=str(scratch)))
         muts = mutator.since(mark)
         want = None
         if rc == 0:
             (scratch / "copy").unlink(missing_ok=True)
             _hrc, want, _ = run_program(["bash", "-o", "pipefail", "-c", script],
                                         PROGRAM_TIMEOUT, None,
-                                        env={**base, "R": str(export), "T": str(scratch)})
+                                        env=program_env(R=str(export), T=str(scratch)))
         _judge_program(res, step, rc, out, err, want, muts)
     # a write through the mount lands in the export, nowhere else
     token = f"seed {seed} was here\n".encode()
     mark = mutator.mark()
     rc, out, err = run_program(["sh", "-c", 'echo "seed $S was here" > "$R/w" && cat "$R/w"'],
-                               PROGRAM_TIMEOUT, mnt, env={**base, "R": str(mnt), "S": str(seed)})
+                               PROGRAM_TIMEOUT, mnt, env=program_env(R=str(mnt), S=str(seed)))
     _judge_program(res, "write", rc, out, err, token, mutator.since(mark))
     if rc == 0:
         try:
@@ -593,7 +621,7 @@ def _flock(res: SeedResult, mnt: Path, mutator: Mutator) -> None:
     mark = mutator.mark()
     holder = subprocess.Popen(["flock", str(mnt / "lockf"), "sleep", "0.5"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+                              start_new_session=True, env=program_env())
     time.sleep(0.2)
     rc, out, err = run_program(["flock", str(mnt / "lockf"), "true"], PROGRAM_TIMEOUT, mnt)
     try:
@@ -691,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep each seed's directory")
+    ap.add_argument("--kinds", help="comma list: only these mutations (REPLY_KINDS, "
+                    "SESSION_KINDS of tests/fakes/hostile_device.py)")
+    ap.add_argument("--rate", type=float, help="chance that a reply is rewritten")
     ap.add_argument("-v", "--verbose", action="store_true", help="the driver's warnings too")
     args = ap.parse_args(argv)
     # the driver logs every refused reply: thousands of warnings per run
@@ -701,6 +732,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     global KEEP
     KEEP = args.keep
+    if args.kinds:
+        unknown = set(args.kinds.split(",")) - set(REPLY_KINDS) - set(SESSION_KINDS)
+        if unknown:
+            ap.error(f"unknown mutation kinds {sorted(unknown)}")
+        FORCED.kinds = args.kinds.split(",")
+    FORCED.rate = args.rate
     modes = ["client", "mount"] if args.mode == "both" else [args.mode]
     results: list[SeedResult] = []
     started = time.monotonic()
