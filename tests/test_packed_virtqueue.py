@@ -520,3 +520,22 @@ def test_used_idx_follows_the_device_not_the_harvest() -> None:
     assert rig.vq.used_idx() == 0 | 0 << 15  # past the end: wrap counter flipped
     rig.vq.get_used()
     assert rig.vq.used_idx() == 0 and rig.vq.native.used_wrap == 0
+
+
+def test_init_zeroes_a_ring_that_held_an_earlier_queue() -> None:
+    """Last lap's flags of an earlier queue on the same memory must not look used."""
+    from vfsdrv._native import ffi, lib
+
+    ring = ffi.new("uint8_t[]", 16 * 8)
+    ffi.memmove(ring, b"\xff" * 16 * 8, 16 * 8)
+    driver_area, device_area = ffi.new("uint8_t[]", 4), ffi.new("uint8_t[]", 4)
+    vq = ffi.new("struct vfsdrv_vq *")
+    assert lib.vfsdrv_vq_init_packed(vq, 0, 8, ring, driver_area, device_area, ffi.NULL, 0, 0,
+                                     0) == 0
+    try:
+        assert bytes(ffi.buffer(ring)) == bytes(16 * 8)
+        out = ffi.new("struct vfsdrv_used[]", 8)
+        assert lib.vfsdrv_vq_harvest(vq, out, 8) == 0
+        assert lib.vfsdrv_vq_used_pending(vq) == 0
+    finally:
+        lib.vfsdrv_vq_destroy(vq)

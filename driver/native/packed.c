@@ -107,7 +107,10 @@ int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, u
     for (uint32_t i = 0; i < size; i++)
         vq->next[i] = (uint16_t)((i + 1) % size);
     vq->num_free = (uint16_t)size;
-    /* interrupts wanted from the start (the ring memory is zeroed, i.e. ENABLE) */
+    /* The ring is ours until the queue is enabled: zero it, so that no entry shows
+     * flags of the first lap's colours (a reused ring would look used), and ask
+     * for every interrupt (off_wrap 0, flags ENABLE) */
+    memset(ring, 0, 16 * (size_t)size);
     __atomic_store_n((uint32_t *)vq->avail, 0, __ATOMIC_RELAXED);
     return 0;
 }

@@ -33,6 +33,7 @@ Chains are served in order, so the used entries come in ring order.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,8 @@ from .guest_memory import GuestMemory, MemoryAccessError
 if TYPE_CHECKING:
     from .audit import QueueAudit
 
+#: a packed used entry's len and id
+_LEN_ID = struct.Struct("<IH")
 #: a chain of more than 4 GiB is a driver bug (2.7.5.2: "MUST NOT add a chain longer than 2^32")
 MAX_CHAIN_BYTES = 1 << 32
 
@@ -340,9 +343,10 @@ class DeviceQueue:
         assert self._desc is not None
         pos = self.used_idx
         off = pl.DESC_SIZE * pos
-        # id and len (8..13) first; addr is left as the driver wrote it
-        self._desc[off + 8 : off + 12] = written.to_bytes(4, "little")
-        self._desc[off + 12 : off + 14] = chain.head.to_bytes(2, "little")
+        # len and id (bytes 8..13) first; addr is left as the driver wrote it. The
+        # driver reads them only after the flags below (acquire), so their width
+        # does not matter
+        _LEN_ID.pack_into(self._desc, off + 8, written, chain.head)
         # release: the reply data and id/len are visible before the flags that
         # hand the entry back (AVAIL = USED = our wrap counter)
         flags = pl.F_AVAIL | pl.F_USED if self.used_wrap else 0
