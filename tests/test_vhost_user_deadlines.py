@@ -243,8 +243,6 @@ def test_mount_fails_in_time(mode: str, sock_path: str, mountpoint: Path) -> Non
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="the FUSE request timeout is raised in "
-                   "driver/fs/device.py (Pending.result), which does not name the transport")
 def test_mount_init_timeout_names_the_backend(no_init: StallingBackend,
                                               mountpoint: Path) -> None:
     r, took = _run(["mount", "--vhost-user", no_init.path, str(mountpoint)], COMMAND_BOUND)

@@ -659,7 +659,9 @@ class Relay:
         offer = kflags & RELAY_FLAGS
         minor = min(kin.minor, abi.KERNEL_MINOR_VERSION)
         try:
-            out = self.fs.init(offer, minor=minor, max_readahead=kin.max_readahead)
+            # the device has as long as any setup message (vfsdrv mount --timeout)
+            out = self.fs.init(offer, minor=minor, max_readahead=kin.max_readahead,
+                               timeout=getattr(self.fs.transport, "timeout", None) or 10.0)
         except (VfsdrvError, OSError, TimeoutError) as exc:
             self._reply_error(self.fuse_fd, unique, -errno.EIO)
             raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc

@@ -766,8 +766,8 @@ class Pending:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
-                    f"no reply to FUSE opcode {self.opcode} (unique {self.unique}) "
-                    f"within {timeout} s"
+                    f"{self.fs.transport.name}: no reply to FUSE opcode {self.opcode} "
+                    f"(unique {self.unique}) within {timeout} s"
                 )
             try:
                 self.fs.wait(remaining if remaining is None else min(remaining, 0.5))

@@ -92,9 +92,15 @@ class Virtqueue:
         heads = min(size, INDIRECT_HEADS) if indirect else 0
         if heads:
             # one table per head, allocated once: the ring core picks a head's table
-            # by its index (one device-contiguous block)
-            self._indirect = self._alloc_part(heads * INDIRECT_TABLE_ENTRIES * rl.DESC_SIZE,
-                                              rl.DESC_ALIGN)
+            # by its index, so the block must be device-contiguous; scattered 4 KiB
+            # pages (no-IOMMU) cannot give that: then chains go without indirect
+            size_ = heads * INDIRECT_TABLE_ENTRIES * rl.DESC_SIZE
+            block = pool.alloc(size_, 4096)
+            if len(block.segments(0, size_)) == 1:
+                self._indirect = block
+                self._parts.append(block)
+            else:
+                pool.free(block)
         self.indirect = self._indirect is not None
         self._c = ffi.new("struct vfsdrv_vq *")
         init = lib.vfsdrv_vq_init_packed if packed else lib.vfsdrv_vq_init
