@@ -53,6 +53,8 @@ def test_layout_negotiated(device_factory, opened, device_ring: str | None,
     assert all(vq.packed is packed for vq in c.fs.dev.queues.values())
     assert c.getattr(ROOT_ID).mode & 0o170000 == 0o040000
     assert all(s.queues[2].packed is packed for s in dev.sessions)
+    # the device counts what waits on a ring either way (a walk over packed entries)
+    assert [s.queues[1].pending() for s in dev.sessions] == [c.fs.notify_buffers]
 
 
 def test_split_forced_on_a_packed_only_device_fails(device_factory, opened) -> None:

@@ -208,10 +208,9 @@ class DeviceQueue:
         return lib.vfsdrv_load_acquire_u16(self._avail_ptr + rl.AVAIL_IDX)
 
     def pending(self) -> int:
-        """Chains the driver made available that the device has not taken yet
-        (packed: 1 if the next entry is available, else 0)."""
+        """Chains the driver made available that the device has not taken yet."""
         if self.packed:
-            return int(pl.is_avail(self._entry_flags(self.last_avail), self.avail_wrap))
+            return self._packed_pending()
         idx = self._avail_idx()
         if self.audit is not None:
             self.audit.avail_idx(self, idx)
@@ -224,10 +223,12 @@ class DeviceQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain, or None when the ring is empty."""
+        if self.packed:
+            if not self.ready or not self._head_available():
+                return None
+            return self._read_packed_chain()
         if not self.ready or not self.pending():
             return None
-        if self.packed:
-            return self._read_packed_chain()
         assert self._avail is not None
         if self.audit is not None:
             self.audit.scan(self)
@@ -288,6 +289,26 @@ class DeviceQueue:
     def _entry_flags(self, pos: int) -> int:
         # acquire: the entry's other fields are read after the flags that hand it over
         return lib.vfsdrv_load_acquire_u16(self._desc_ptr + pl.DESC_SIZE * pos + pl.FLAGS_OFFSET)
+
+    def _head_available(self) -> bool:
+        return pl.is_avail(self._entry_flags(self.last_avail), self.avail_wrap)
+
+    def _packed_pending(self) -> int:
+        """Count the available chains by walking their entries (a packed ring has no
+        index to subtract); bounded by one lap."""
+        n = seen = 0
+        pos, wrap = self.last_avail, self.avail_wrap
+        while seen < self.size and pl.is_avail(self._entry_flags(pos), wrap):
+            while True:  # over one chain
+                flags = self._entry_flags(pos)
+                seen += 1
+                pos += 1
+                if pos == self.size:
+                    pos, wrap = 0, wrap ^ 1
+                if not flags & pl.F_NEXT or flags & pl.F_INDIRECT or seen >= self.size:
+                    break
+            n += 1
+        return n
 
     def _read_packed_chain(self) -> Chain:
         """The chain whose first entry pending() saw available."""
@@ -423,7 +444,7 @@ class DeviceQueue:
                                      self.last_avail | self.avail_wrap << pl.WRAP_SHIFT)
                 lib.vfsdrv_store_release_u16(self._used_ptr + 2, pl.EVENT_DESC)
                 lib.vfsdrv_mb()  # the event store before the next entry's flags load
-            return self.pending() > 0
+            return self._head_available()
         if self.event_idx:
             off = rl.avail_event_offset(self.size)
             # one naturally sized store: the driver reads avail_event concurrently, and a
