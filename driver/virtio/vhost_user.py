@@ -363,11 +363,13 @@ class VhostUserTransport(Transport):
         return accept & offered
 
     def set_driver_features(self, features: int) -> None:
-        if self._memory_sent:
-            raise TransportError(f"{self.name}: features set again after the rings")
+        base = IOVA_BASE if features & Feature.ACCESS_PLATFORM else 0
+        if self._memory_sent and base != self._iova_base:
+            # buffers already handed out carry addresses of the other mode
+            raise TransportError(f"{self.name}: ACCESS_PLATFORM changed after the rings")
         self._send(vu.Request.SET_FEATURES, vu.U64.pack(features))
         self._packed = bool(features & Feature.RING_PACKED)
-        self._iova_base = IOVA_BASE if features & Feature.ACCESS_PLATFORM else 0
+        self._iova_base = base
 
     @property
     def iova_mode(self) -> bool:
