@@ -83,6 +83,8 @@ class MountRequest:
     source: str | None = None
     bound_here: str | None = None  # a PCI function this command bound to vfio-pci
     iommu: str = "auto"  # VFIO backend for a PCI function (pci/device.py BACKENDS)
+    #: no-IOMMU DMA on 4 KiB pages that the kernel may migrate: only when forced
+    force_4k_noiommu: bool = False
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
 
     def spec(self) -> str:
@@ -139,6 +141,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long the device may take to answer each setup message (default: "
                    "the transport's, 10 s for vhost-user); the mount fails naming the device")
+    p.add_argument("--force-4k-noiommu", action="store_true",
+                   help="without an IOMMU, use 4 KiB pages for DMA even though the kernel may "
+                   "move them (memory corruption); reserve huge pages instead "
+                   "(echo N > /proc/sys/vm/nr_hugepages)")
     p.add_argument("--iommu", choices=("auto", "type1", "iommufd", "noiommu"), default="auto",
                    help="how a PCI function's DMA is set up through VFIO (default: iommufd "
                    "when the kernel has it, else the group's type1 or no-IOMMU container)")
@@ -171,6 +177,7 @@ def run_mount(args: argparse.Namespace) -> int:
         poll=args.poll, small_slots=args.small_slots, large_slots=args.large_slots,
         notify_lock_code=args.notify_lock_code, no_notification=args.no_notification,
         log_file=args.log, timeout=args.timeout, iommu=args.iommu, ring=args.ring,
+        force_4k_noiommu=args.force_4k_noiommu,
     )
     if req.timeout is not None and req.timeout <= 0:
         raise MountError("--timeout must be positive")
@@ -346,7 +353,8 @@ def _pci_transport(req: MountRequest):
     if sysfs.driver(bdf) != "vfio-pci":
         req.bound_here = bdf
     try:
-        return vpci.open_pci(bdf, poll=req.poll, backend=req.iommu)
+        return vpci.open_pci(bdf, poll=req.poll, backend=req.iommu,
+                             allow_unpinned_4k=req.force_4k_noiommu)
     except BaseException:
         _give_back(req)
         raise
@@ -683,6 +691,8 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.timeout = float(value)
             elif key == "iommu":
                 req.iommu = value
+            elif key == "force_4k_noiommu":
+                req.force_4k_noiommu = True
             elif key == "ring":
                 if value not in ("split", "packed"):
                     raise MountError(f"-o ring={value}: give split or packed")
