@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build the native core's C tests with one compiler:
+#   tests/native/build.sh CC OUTDIR [EXTRA_CFLAGS...]
+# OUTDIR gets core.o, packed.o, pump.o (each driver source alone, compiled as cffi
+# compiles it for vfsdrv._native: -O2 -fPIC, the flags of driver/_native_build.py),
+# test_core (the unit tests, tests/native/test_core.c) and budget (the instruction
+# budget workload, tests/native/budget.c), both linked with the driver's sources.
+# A cross compiler links statically, so that qemu-user needs no target libraries.
+set -euo pipefail
+cc=${1:?usage: build.sh CC OUTDIR [EXTRA_CFLAGS...]}
+out=${2:?usage: build.sh CC OUTDIR [EXTRA_CFLAGS...]}
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+# VFSDRV_NATIVE_DIR: another copy of driver/native (a deliberate defect proves the
+# tests see it)
+native=$(cd "${VFSDRV_NATIVE_DIR:-$here/../../driver/native}" && pwd)
+command -v "$cc" >/dev/null || { echo "build.sh: no compiler $cc" >&2; exit 127; }
+mkdir -p "$out"
+# the flags driver/_native_build.py gives cffi
+flags=(-O2 -Wall -Wextra -Wno-unused-parameter -std=gnu11 -I"$native" "$@")
+link=()
+case "$("$cc" -dumpmachine)" in
+    "$(cc -dumpmachine 2>/dev/null || true)") ;;
+    *) link=(-static) ;;  # cross: run under qemu-user without a target sysroot
+esac
+for src in core packed pump; do
+    "$cc" "${flags[@]}" -fPIC -c -o "$out/$src.o" "$native/$src.c"
+done
+sources=("$native/core.c" "$native/packed.c" "$native/pump.c")
+"$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "${sources[@]}" "${link[@]}" -lpthread
+"$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
