@@ -3,7 +3,8 @@
 It holds what Python cannot do or cannot do fast enough, each rule once:
   * memory ordering and device registers: Python issues no barriers and gives no
     guarantee about the width of a store (core.c says why at each barrier);
-  * the split virtqueue (driver side) with the validation of every used entry;
+  * the split and packed virtqueues (driver side; core.c, packed.c) with the
+    validation of every used entry;
   * the FUSE rules shared by every request path: reply room per opcode, where a
     request and its reply sit in a slot, validation of a device's reply;
   * the request pump (pump.c): one thread per request queue moving requests

@@ -1,4 +1,5 @@
-/* vfsdrv native core: barriers, the split virtqueue (driver side) and the FUSE
+/* vfsdrv native core: barriers, the split virtqueue (driver side; a packed queue
+ * is handed to packed.c at the top of each vfsdrv_vq_* call) and the FUSE
  * rules every request path uses (reply room per opcode, request layout in a slot,
  * validation of a device's reply). The relay's pump (pump.c) and the Python core
  * (vfsdrv.virtio.virtqueue, vfsdrv.fs) both call these: each rule exists once.
