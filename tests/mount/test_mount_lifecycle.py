@@ -1,6 +1,7 @@
 """`vfsdrv mount` / `vfsdrv umount` as a user runs them: daemonizing, every way of
 unmounting (vfsdrv umount, umount, fusermount3 -u, SIGTERM, SIGINT), the mount(8)
-helper, and failures, each of which must leave nothing mounted."""
+helper, and failures, each of which must leave nothing mounted. Every test that
+serves a mount runs on each real device (`device_name`: the C and the Rust virtiofsd)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from backends import virtiofsd
+from backends import DEVICE_TAG, device
 from mount_helpers import FRONTENDS, VFSDRV, Mounted, serving, stop_server
 from mounting import force_unmount, is_mounted, mount_points, wait_mounted
 
@@ -36,26 +37,28 @@ def vfsdrv(*args: str | Path, timeout: float = 30) -> subprocess.CompletedProces
 
 
 @contextmanager
-def backend(tmp_path: Path, *extra: str) -> Iterator[tuple[Path, Path, subprocess.Popen]]:
+def backend(tmp_path: Path, *extra: str,
+            device_name: str = "virtiofsd") -> Iterator[tuple[Path, Path, subprocess.Popen]]:
     export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
     export.mkdir()
     mnt.mkdir()
     (export / "hello").write_text("hello\n")
-    with virtiofsd(export, sock, *extra) as proc:
+    with device(device_name, export, sock, *extra) as dev:
         try:
-            yield mnt, sock, proc
+            yield mnt, sock, dev.proc
         finally:
             force_unmount(mnt)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float = 10) -> int:
-    """virtiofsd serves one connection: it exits once the driver let go of it."""
+    """Both virtiofsds serve one connection: they exit once the driver let go of it."""
     return proc.wait(timeout)
 
 
 @each_frontend
-def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str) -> None:
-    with backend(tmp_path) as (mnt, sock, proc):
+def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str,
+                                             device_name: str) -> None:
+    with backend(tmp_path, device_name=device_name) as (mnt, sock, proc):
         t0 = time.monotonic()
         r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, mnt)
         assert r.returncode == 0, r.stderr
@@ -64,7 +67,10 @@ def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str) -> N
         assert (mnt / "hello").read_text() == "hello\n"
         line = [ln for ln in open("/proc/self/mounts") if f" {mnt} " in ln][0]
         # the relay records the spec (what an fstab line says); pyfuse3 the tag
-        source = f"vhost-user:{sock}" if frontend == "relay" else "vfsdrv"
+        # pyfuse3 names the mount by the tag: the Rust virtiofsd's own (config space),
+        # the default one for the C one (no config space)
+        source = f"vhost-user:{sock}" if frontend == "relay" else \
+            DEVICE_TAG if device_name == "virtiofsd-rs" else "vfsdrv"
         assert " fuse.vfsdrv " in line and line.startswith(f"{source} ")
         r = vfsdrv("umount", mnt)
         assert r.returncode == 0, r.stderr
@@ -74,8 +80,9 @@ def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str) -> N
 
 @each_frontend
 @pytest.mark.parametrize("how", ["umount", "fusermount3"])
-def test_plain_umount_and_fusermount(tmp_path: Path, frontend: str, how: str) -> None:
-    with backend(tmp_path) as (mnt, sock, proc):
+def test_plain_umount_and_fusermount(tmp_path: Path, frontend: str,
+                                     device_name: str, how: str) -> None:
+    with backend(tmp_path, device_name=device_name) as (mnt, sock, proc):
         r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, mnt)
         assert r.returncode == 0, r.stderr
         (mnt / "new").write_text("x")
@@ -89,8 +96,8 @@ def test_plain_umount_and_fusermount(tmp_path: Path, frontend: str, how: str) ->
 
 @each_frontend
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_unmounts_cleanly(tmp_path: Path, frontend: str, sig: int) -> None:
-    with serving(tmp_path, frontend) as m:
+def test_signal_unmounts_cleanly(tmp_path: Path, frontend: str, device_name: str, sig: int) -> None:
+    with serving(tmp_path, frontend, backend=device_name) as m:
         assert (m.mnt / "anything").exists() is False
         assert m.proc is not None
         m.proc.send_signal(sig)
@@ -99,8 +106,9 @@ def test_signal_unmounts_cleanly(tmp_path: Path, frontend: str, sig: int) -> Non
 
 
 @each_frontend
-def test_sigterm_while_busy_detaches_and_exits(tmp_path: Path, frontend: str) -> None:
-    with serving(tmp_path, frontend) as m:
+def test_sigterm_while_busy_detaches_and_exits(tmp_path: Path, frontend: str,
+                                               device_name: str) -> None:
+    with serving(tmp_path, frontend, backend=device_name) as m:
         f = open(m.mnt / "held", "w")  # keeps the file system busy
         try:
             assert m.proc is not None
@@ -131,11 +139,13 @@ def assert_disconnected(mnt: Path) -> None:
 
 
 @each_frontend
-def test_device_gone_leaves_a_disconnected_mount(tmp_path: Path, frontend: str) -> None:
+def test_device_gone_leaves_a_disconnected_mount(tmp_path: Path, frontend: str,
+                                                 device_name: str) -> None:
     export, sock = tmp_path / "export", tmp_path / "vfsd.sock"
     export.mkdir()
     (tmp_path / "mnt").mkdir()
-    with virtiofsd(export, sock) as vproc:
+    with device(device_name, export, sock) as dev:
+        vproc = dev.proc
         cmd = [*VFSDRV, "mount", "-f", "--vhost-user", str(sock), "--frontend", frontend,
                str(tmp_path / "mnt")]
         log = tmp_path / "serve.log"
@@ -159,10 +169,10 @@ def test_device_gone_leaves_a_disconnected_mount(tmp_path: Path, frontend: str) 
 
 # -- failures leave nothing mounted ------------------------------------------------------
 @each_frontend
-def test_busy_mount_point(tmp_path: Path, frontend: str) -> None:
-    with serving(tmp_path, frontend) as m:
+def test_busy_mount_point(tmp_path: Path, frontend: str, device_name: str) -> None:
+    with serving(tmp_path, frontend, backend=device_name) as m:
         other = tmp_path / "other.sock"
-        with virtiofsd(tmp_path / "export", other):
+        with device(device_name, tmp_path / "export", other):
             r = vfsdrv("mount", "--vhost-user", other, "--frontend", frontend, m.mnt)
         assert r.returncode == 1
         assert "busy" in r.stderr and "already mounted" in r.stderr
@@ -219,8 +229,8 @@ def test_not_root(tmp_path: Path) -> None:
 
 
 @each_frontend
-def test_mount_helper_for_mount8_read_only(tmp_path: Path, frontend: str) -> None:
-    with backend(tmp_path) as (mnt, sock, proc):
+def test_mount_helper_for_mount8_read_only(tmp_path: Path, frontend: str, device_name: str) -> None:
+    with backend(tmp_path, device_name=device_name) as (mnt, sock, proc):
         r = subprocess.run(
             [sys.executable, "-m", "vfsdrv.tools.mount", str(sock), str(mnt), "-o",
              f"ro,tag=helper-tag,frontend={frontend}"],
@@ -228,7 +238,9 @@ def test_mount_helper_for_mount8_read_only(tmp_path: Path, frontend: str) -> Non
         )
         assert r.returncode == 0, r.stderr
         line = [ln for ln in open("/proc/self/mounts") if f" {mnt} " in ln][0]
-        source = str(sock) if frontend == "relay" else "helper-tag"  # the spec as given
+        # the spec as given; pyfuse3: the tag, the Rust virtiofsd's own (config space)
+        source = str(sock) if frontend == "relay" else \
+            DEVICE_TAG if device_name == "virtiofsd-rs" else "helper-tag"
         assert line.startswith(f"{source} ") and " ro," in line
         assert (mnt / "hello").read_text() == "hello\n"
         with pytest.raises(OSError) as exc:
@@ -259,9 +271,10 @@ def test_more_request_queues_than_the_backend_has(tmp_path: Path) -> None:
 
 
 @each_frontend
-def test_background_server_logs_when_the_device_dies(tmp_path: Path, frontend: str) -> None:
+def test_background_server_logs_when_the_device_dies(tmp_path: Path, frontend: str,
+                                                     device_name: str) -> None:
     log = tmp_path / "server.log"
-    with backend(tmp_path) as (mnt, sock, proc):
+    with backend(tmp_path, device_name=device_name) as (mnt, sock, proc):
         r = vfsdrv("mount", "--vhost-user", sock, "--frontend", frontend, "--log", log, mnt)
         assert r.returncode == 0, r.stderr
         assert (mnt / "hello").read_text() == "hello\n"
