@@ -44,8 +44,8 @@ def wait_for_log(m: Mounted, pattern: str, timeout: float = 5) -> re.Match:
         time.sleep(0.05)
 
 
-def test_debug_logs_every_request(tmp_path: Path) -> None:
-    with serving(tmp_path, "relay", debug=True) as m:
+def test_debug_logs_every_request(tmp_path: Path, device_name: str) -> None:
+    with serving(tmp_path, "relay", debug=True, backend=device_name) as m:
         (m.mnt / "f").write_text("data")
         with pytest.raises(FileNotFoundError):
             (m.mnt / "missing").stat()
@@ -59,18 +59,20 @@ def test_debug_logs_every_request(tmp_path: Path) -> None:
     assert re.search(r"unique \d+ DESTROY \(the relay's own\) -> ok", m.log_text())
 
 
-def test_init_is_filtered_both_ways(tmp_path: Path) -> None:
-    with serving(tmp_path, "relay", debug=True) as m:
+def test_init_is_filtered_both_ways(tmp_path: Path, device_name: str) -> None:
+    with serving(tmp_path, "relay", debug=True, backend=device_name) as m:
         minor, flags, kernel, device = wait_for_log(m, INIT_LINE.pattern).groups()
     flags, kernel, device = int(flags, 16), int(kernel, 16), int(device, 16)
-    assert int(minor) == 36  # virtiofsd 7.2 speaks 7.36; the kernel more, the relay 7.38
+    # virtiofsd 7.2 speaks 7.36, the Rust one 7.38; the kernel more, the relay 7.38
+    assert int(minor) == {"virtiofsd": 36, "virtiofsd-rs": 38}[device_name]
     assert flags & InitFlag.INIT_EXT
     granted = flags & ~InitFlag.INIT_EXT
     assert granted & ~(kernel & device) == 0, "granted the kernel what one side lacks"
     assert granted & ~RELAY_FLAGS == 0
     assert flags & NEVER_OFFERED == 0
     assert kernel & InitFlag.SPLICE_READ  # offered by the kernel, dropped by the relay
-    # without -o posix_lock/flock virtiofsd grants no locks: the kernel locks locally
+    # without -o posix_lock/flock (the C one) or at all (the Rust one) the device grants
+    # no locks: the kernel locks locally
     assert not granted & (InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS)
     assert granted & InitFlag.MAX_PAGES and granted & InitFlag.DO_READDIRPLUS
 
@@ -194,12 +196,12 @@ os.close(fd)
 """
 
 
-def test_interrupts_of_ordinary_requests_are_ignored(tmp_path: Path) -> None:
+def test_interrupts_of_ordinary_requests_are_ignored(tmp_path: Path, device_name: str) -> None:
     """Signals delivered while requests are with the device make the kernel send
     FUSE_INTERRUPT (unique = the request's | 1). For anything but a pending SETLKW
     the relay ignores it, as FUSE allows (virtiofsd 7.2 dies on an INTERRUPT of a
     request it already finished); the interrupted requests complete correctly."""
-    with serving(tmp_path, "relay", debug=True) as m:
+    with serving(tmp_path, "relay", debug=True, backend=device_name) as m:
         for _attempt in range(5):
             r = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITER, str(m.mnt / "w"), "64"],
                                capture_output=True, text=True, timeout=60)
@@ -318,12 +320,12 @@ def _check_other_user(base: Path) -> None:
         assert denied.returncode != 0 and "Permission denied" in denied.stderr
 
 
-def test_back_pressure_with_few_slots(tmp_path: Path) -> None:
+def test_back_pressure_with_few_slots(tmp_path: Path, device_name: str) -> None:
     """With 2 small and 2 large DMA slots, 16 threads of big O_DIRECT reads, big
     writes and metadata calls keep more requests coming than slots exist: the relay
     stops reading /dev/fuse while no large slot is free, and every result is right."""
     with serving(tmp_path, "relay", mount_args=("--small-slots", "2", "--large-slots", "2"),
-                 debug=True) as m:
+                 debug=True, backend=device_name) as m:
         blob = os.urandom(8 * MiB)
         (m.export / "src").write_bytes(blob)
         errors: list[BaseException] = []
