@@ -26,6 +26,8 @@ TEST_APT_PACKAGES=(
     qemu-system-x86 busybox-static kmod cpio xz-utils linux-source-6.1 make  # guest tests
     attr                                        # getfattr/setfattr for the mount tests
     udev                                        # systemd-udevd for the udev auto-binding guest tests
+    # the native core's C tests on aarch64 under emulation, and its instruction budget
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user valgrind
 )
 EXTRAS=""
 CHECK="import vfsdrv._native"
