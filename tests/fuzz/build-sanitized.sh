@@ -26,7 +26,9 @@ stage=$out/stage
 rm -rf "$stage"
 mkdir -p "$stage/driver"
 cp -r "$src/native" "$src/_native_build.py" "$stage/driver/"
-flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
+# -fno-wrapv: Python's own CFLAGS (which distutils adds) define signed overflow; here
+# it is reported instead
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-wrapv -fno-omit-frame-pointer -g -O1"
 (
     cd "$stage"
     CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" "$py" -c '

@@ -79,7 +79,7 @@ ALLOWED = ("ok", "error", "failed")
 SEVERITY = {name: i for i, name in enumerate(["ok", "error", "failed", "wrong", "hang", "crash"])}
 #: seconds a typed call, a program, a mount or an unmount may take
 CALL_TIMEOUT = 10.0
-PROGRAM_TIMEOUT = 10.0
+PROGRAM_TIMEOUT = float(os.environ.get("VFSDRV_FUZZ_PROGRAM_TIMEOUT", 10))
 MOUNT_TIMEOUT = 30.0
 UNMOUNT_TIMEOUT = 15.0
 #: a seed that takes longer than this has hung the fuzzer itself
@@ -541,7 +541,8 @@ def run_mount_seed(seed: int, work: Path) -> SeedResult:
         if not _wait_mount(res, proc, ready, mnt, mutator):
             return res
         _programs(res, mnt, export, scratch, mutator, seed)
-        _flock(res, mnt, mutator)
+        if not res.counts["hang"]:
+            _flock(res, mnt, mutator)
     finally:
         ready.close()
         _stop_server(res, proc, mnt, log)
@@ -587,6 +588,8 @@ def _judge_program(res: SeedResult, step: str, rc: int | None, out: bytes, err: 
 def _programs(res: SeedResult, mnt: Path, export: Path, scratch: Path, mutator: Mutator,
               seed: int) -> None:
     for step, script in PROGRAMS:
+        if res.counts["hang"]:
+            return  # the stuck program's connection was aborted: the mount is gone
         (scratch / "copy").unlink(missing_ok=True)
         mark = mutator.mark()
         rc, out, err = run_program(["bash", "-o", "pipefail", "-c", script], PROGRAM_TIMEOUT, mnt,
@@ -599,6 +602,8 @@ def _programs(res: SeedResult, mnt: Path, export: Path, scratch: Path, mutator: 
                                         PROGRAM_TIMEOUT, None,
                                         env=program_env(R=str(export), T=str(scratch)))
         _judge_program(res, step, rc, out, err, want, muts)
+    if res.counts["hang"]:
+        return
     # a write through the mount lands in the export, nowhere else
     token = f"seed {seed} was here\n".encode()
     mark = mutator.mark()
