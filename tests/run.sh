@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup-env.sh --tests
 .venv/bin/python -m vfsdrv.tools.virtiofsd_rs  # Debian 13's Rust virtiofsd, the second real device (private prefix)
+# hostile-device fuzzer (issue 10 item 19, tests/test_fuzz_hostile.py): clang's libFuzzer
+# runtime makes tests/fuzz/fuzz_core.c coverage-guided (without it: random inputs)
+dpkg -s clang libclang-rt-14-dev >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends clang libclang-rt-14-dev
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== pytest"
