@@ -646,6 +646,20 @@ def _flock(res: SeedResult, mnt: Path, mutator: Mutator) -> None:
 
 
 def _stop_server(res: SeedResult, proc: subprocess.Popen | None, mnt: Path, log: Path) -> None:
+    if str(mnt) in _mountinfo():
+        # as a user would: `vfsdrv umount` must return whatever the device did (and
+        # must not touch the file system it unmounts, item 4); the server then exits
+        rc, _out, err = run_program([sys.executable, "-m", "vfsdrv.tools.cli", "umount",
+                                     str(mnt)], UNMOUNT_TIMEOUT, mnt)
+        if rc is None:
+            res.add("hang", "vfsdrv umount", f"blocked past {UNMOUNT_TIMEOUT:.0f} s")
+        elif rc != 0:
+            res.add("error", "vfsdrv umount")
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.wait(UNMOUNT_TIMEOUT if str(mnt) not in _mountinfo() else 0.1)
+        except subprocess.TimeoutExpired:
+            pass
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
