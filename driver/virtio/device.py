@@ -57,6 +57,8 @@ class VirtioDevice:
     def fail(self) -> None:
         """Set FAILED (best effort: the device may already be gone)."""
         try:
+            # DEVICE_NEEDS_RESET is the device's bit: written back, never cleared (2.1.1)
+            self.status |= self.transport.get_status() & Status.DEVICE_NEEDS_RESET
             self._add_status(Status.FAILED)
         except Exception as exc:  # noqa: BLE001 - we are already failing
             log.debug("could not set FAILED on %s: %s", self.transport.name, exc)
