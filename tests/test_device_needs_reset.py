@@ -28,8 +28,9 @@ from types import SimpleNamespace
 import pytest
 from backends import refdev
 from driver_helpers import WAIT, open_file, pump, whole
+from fakes.bridge_mount import BridgeMount
 from fakes.vhost_pci_bridge import VhostPciFunction
-from mounting import force_unmount, is_mounted, wait_mounted
+from mounting import is_mounted
 from vfsdrv.errors import DeviceNeedsResetError
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient
@@ -41,7 +42,6 @@ from vfsdrv.virtio.constants import Status
 #: how long a waiter may take to hear of the failure (it is told at once; this
 #: only bounds a loaded machine)
 PROMPT = 2.0
-BRIDGE_MOUNT = Path(__file__).parent / "fakes" / "bridge_mount.py"
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
 
 
@@ -149,40 +149,6 @@ def test_in_poll_mode_a_waiter_also_fails(function, export_dir: Path) -> None:
 
 
 # -- a relay mount --------------------------------------------------------------------------
-class BridgeMount:
-    """tests/fakes/bridge_mount.py serving `mnt` over the bridge to `sock`."""
-
-    def __init__(self, sock: Path, mnt: Path, log: Path) -> None:
-        self.mnt, self.log = mnt, log
-        with open(log, "wb") as lf:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(BRIDGE_MOUNT), str(sock), str(mnt)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=lf, text=True)
-        wait_mounted(mnt, self.proc, log)
-
-    def device_error(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("device-error\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.strip() == "done device-error":
-                return
-        raise AssertionError(f"bridge_mount gone:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        force_unmount(self.mnt)
-
-
 @pytest.fixture
 def bridge_mount(tmp_path: Path) -> Iterator[tuple[BridgeMount, Path]]:
     export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "ref.sock"

@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from driver_helpers import WAIT
+from backends import refdev
+from driver_helpers import WAIT, open_file, pump, whole
+from fakes.bridge_mount import BridgeMount
+from fakes.vhost_pci_bridge import IOVA_BASE as BRIDGE_IOVA
+from fakes.vhost_pci_bridge import VhostPciFunction
 
 # the typed client suite, re-run on a device in IOVA mode (collected in this module,
 # so they take this module's `device` and `connect`)
@@ -52,6 +56,8 @@ from vfsdrv.refdev.iotlb import (
     IotlbSession,
     Mapping,
 )
+from vfsdrv.refdev.lock_table import F_UNLCK, F_WRLCK
+from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio import vhost_user_proto as vu
 from vfsdrv.virtio.constants import Feature
 from vfsdrv.virtio.vhost_user import IOVA_BASE, VhostUserTransport
@@ -238,3 +244,100 @@ def test_an_update_outside_the_memory_table_is_refused(device, connect) -> None:
     # the device still serves the driver
     assert c.getattr(ROOT_ID).ino
 
+
+
+# -- behind the emulated PCI function (QEMU with a vIOMMU's role) ----------------------------
+@pytest.fixture
+def pci_iova(device_factory) -> Iterator[Callable[..., FuseClient]]:
+    """The driver's PCI transport on the bridge with iommu=True, the device offering
+    ACCESS_PLATFORM: the driver allocates IOVA DMA memory, the bridge maps each
+    block in the device's IOTLB."""
+    opened: list[VirtioFs] = []
+
+    def attach(dev: RefDevice) -> FuseClient:
+        fn = VhostPciFunction(dev.socket_path, iommu=True)
+        try:
+            t = vp.VirtioPciTransport(fn, device_id=vp.VIRTIO_ID_FS)
+        except BaseException:
+            fn.close()
+            raise
+        fs = VirtioFs(t)
+        opened.append(fs)
+        fs.start()
+        fs.init()
+        return FuseClient(fs)
+
+    yield attach
+    for fs in opened:
+        fs.close()
+
+
+def test_iova_mode_behind_the_emulated_pci_function(device_factory, pci_iova, connect,
+                                                    export_dir: Path) -> None:
+    dev = device_factory(access_platform=True)
+    c = pci_iova(dev)
+    t = c.fs.transport
+    fn = t.fn
+    assert isinstance(fn, VhostPciFunction)
+    assert t.iova_mode and c.fs.dev.features & Feature.ACCESS_PLATFORM
+    assert fn.common.driver_features & Feature.ACCESS_PLATFORM  # passed on to the device
+    (s,) = dev.sessions
+    assert isinstance(s, IotlbSession) and s.access_platform
+    # the rings went to the device as IOVAs of the bridge's vIOMMU, mapped beforehand
+    assert all(vq.addresses.desc >= BRIDGE_IOVA for vq in c.fs.dev.queues.values())
+    assert len(s.iotlb) == len([d for d in fn.dma if not d.closed]) >= 1
+    assert fn.messages.index("IOTLB_MSG") < fn.messages.index("SET_VRING_KICK")
+    # FUSE traffic, 1 MiB both ways
+    data = os.urandom(1 << 20)
+    e, h = c.create(ROOT_ID, "big", 0o644)
+    assert c.write(e.nodeid, h.fh, 0, data) == len(data)
+    assert c.read(e.nodeid, h.fh, 0, len(data)) == data
+    assert (export_dir / "big").read_bytes() == data
+    # a blocking lock completed by a notification in an IOVA buffer
+    other = connect(dev)
+    na, fa = open_file(other, "big")
+    nb, fb = open_file(c, "big")
+    other.setlk(na, fa, 1, whole(F_WRLCK))
+    pending = c.setlkw_async(nb, fb, 1, whole(F_WRLCK))
+    pump([c], lambda: c.fs.lock_waiters == 1)
+    other.setlk(na, fa, 1, whole(F_UNLCK))
+    pending.result(WAIT)
+    assert s.access_failures == [] and fn.errors == []
+    c.fs.close()  # the DMA blocks go: their IOTLB entries are invalidated
+    assert fn.messages.count("IOTLB_MSG") >= 2
+
+
+def test_without_an_iommu_the_bridge_does_not_offer_access_platform(device_factory,
+                                                                    export_dir: Path) -> None:
+    dev = device_factory(access_platform=True)
+    fn = VhostPciFunction(dev.socket_path)
+    fs = VirtioFs(vp.VirtioPciTransport(fn, device_id=vp.VIRTIO_ID_FS))
+    try:
+        fs.start()
+        fs.init()
+        assert not fs.dev.offered & Feature.ACCESS_PLATFORM and not fs.transport.iova_mode
+        assert FuseClient(fs).getattr(ROOT_ID).ino
+        (s,) = dev.sessions
+        assert not s.access_platform and s.access_failures == []
+    finally:
+        fs.close()
+
+
+def test_a_relay_mount_behind_the_function_in_iova_mode(tmp_path: Path) -> None:
+    """tests/fakes/bridge_mount.py --iommu: the relay's native pumps post IOVAs."""
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "ref.sock"
+    export.mkdir()
+    mnt.mkdir()
+    with refdev(export, sock, "--access-platform"):
+        m = BridgeMount(sock, mnt, tmp_path / "bridge.log", "--iommu")
+        try:
+            data = os.urandom(3 << 20)
+            (mnt / "f").write_bytes(data)
+            assert (export / "f").read_bytes() == data
+            assert (mnt / "f").read_bytes() == data
+            assert sorted(os.listdir(mnt)) == ["f"]
+        finally:
+            m.close()
+    assert "IOTLB refused" not in sock.with_suffix(".log").read_text()
+    log = m.log_text()
+    assert "ACCESS_PLATFORM" in log and "IOVA" in log, log[-3000:]

@@ -35,6 +35,14 @@ meets the reference device (`vfsdrv.refdev`) through this bridge:
   running ring (vhost_dev_stop), SET_STATUS 0, and the registers return to reset values.
   A failed start sets DEVICE_NEEDS_RESET.
 
+IOMMU (`iommu=True`, QEMU's iommu_platform=on with a vIOMMU): VIRTIO_F_ACCESS_PLATFORM
+is passed on from the backend (`vfsdrv refdev --access-platform`) and the function
+reports an IOMMU (iommu_mode "type1"), so the driver asks for IOVA DMA memory. Each
+block gets IOVAs at IOVA_BASE + memfd offset, told to the backend with an
+IOTLB_MSG UPDATE when allocated (INVALIDATE when freed); ring addresses go to the
+backend as IOVAs, as QEMU sends them with an IOMMU. Without it ACCESS_PLATFORM is
+not offered (QEMU's default).
+
 `messages` records every vhost-user request the bridge sent, `kicks` the notify writes
 per queue, `errors` every rule the driver broke at the register level.
 """
@@ -56,7 +64,13 @@ from vfsdrv.pci.function import DmaMemoryLike
 from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio import vhost_user_proto as vu
 from vfsdrv.virtio.constants import Feature, Status
-from vfsdrv.virtio.vhost_user import VhostUserTransport
+from vfsdrv.virtio.vhost_user import (
+    IOTLB_ACCESS_RW,
+    IOTLB_INVALIDATE,
+    IOTLB_MSG,
+    IOTLB_UPDATE,
+    VhostUserTransport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +82,9 @@ DMA_BASE = 0x10_0000
 #: lowest GPA of a scattered memory layout (regions > 1)
 SCATTER_GPA = 0x1_0000_0000
 QUEUE_MAX_SIZE = 1024
+#: IOVA of memfd offset 0 with `iommu=True`: apart from every GPA and from the
+#: vhost-user transport's own IOVA_BASE
+IOVA_BASE = 0xFE_0000_0000
 
 
 class BridgeFrontend(VhostUserTransport):
@@ -154,23 +171,43 @@ class BridgeFrontend(VhostUserTransport):
     def protocol_feature_bit(self) -> int:
         return self._features & vu.VHOST_USER_F_PROTOCOL_FEATURES
 
+    def va(self, offset: int) -> int:
+        """Our virtual address of memfd `offset` (what IOTLB updates map to)."""
+        return self._va + offset
+
+    def iotlb(self, iova: int, size: int, uaddr: int, kind: int) -> None:
+        """An IOTLB_MSG to the backend (after the memory table, which it refers to)."""
+        if not self._memory_sent:
+            self._send_memory_table()
+        self._send(vu.Request.IOTLB_MSG, IOTLB_MSG.pack(iova, size, uaddr, IOTLB_ACCESS_RW, kind))
+
 
 class SharedDma(DmaMemoryLike):
     """A piece of the bridge's memfd at `start`; device addresses are its GPAs."""
 
-    def __init__(self, frontend: BridgeFrontend, start: int, size: int) -> None:
-        self.frontend, self.start, self.size = frontend, start, size
+    def __init__(self, frontend: BridgeFrontend, start: int, size: int,
+                 iova: bool = False) -> None:
+        self.frontend, self.start, self.size, self.iova = frontend, start, size, iova
         self.view = frontend.memory[start : start + size]
         self.pointer = ffi.cast("char *", ffi.from_buffer(self.view))
         self.closed = False
+        if iova:  # the vIOMMU maps the block: the backend hears of it at once
+            frontend.iotlb(IOVA_BASE + start, size, frontend.va(start), IOTLB_UPDATE)
 
     def translate(self, offset: int) -> tuple[int, int]:
         if not 0 <= offset < self.size:
             raise PciError(f"offset {offset:#x} outside the bridge's DMA block")
+        if self.iova:
+            return IOVA_BASE + self.start + offset, self.size - offset
         gpa, run = self.frontend.gpa(self.start + offset)
         return gpa, min(run, self.size - offset)
 
     def close(self) -> None:
+        if self.iova and not self.closed and not self.frontend._closed:
+            try:
+                self.frontend.iotlb(IOVA_BASE + self.start, self.size, 0, IOTLB_INVALIDATE)
+            except (VfsdrvError, OSError) as exc:
+                log.debug("IOTLB invalidate: %s", exc)
         self.closed = True
 
 
@@ -214,13 +251,15 @@ class VhostPciFunction(EmulatedFunction):
 
     def __init__(self, socket_path: str, *, memory_size: int = 64 << 20,
                  queue_max_size: int = QUEUE_MAX_SIZE, msix_vectors: int | None = None,
-                 refuse_vectors: frozenset[int] = frozenset(), regions: int = 1) -> None:
+                 refuse_vectors: frozenset[int] = frozenset(), regions: int = 1,
+                 iommu: bool = False) -> None:
         """`msix_vectors`: size of the MSI-X table (default: config + one per queue;
         QEMU's vhost-user-fs-pci has num_request_queues + 2); `refuse_vectors`: vectors
         a queue_msix_vector write gets NO_VECTOR for (an interrupt routing failure);
         `regions` > 1: the memfd goes to the backend as that many memory regions whose
         GPAs are out of order and apart, so DMA memory is not device-contiguous (as
-        pinned pages are in VFIO no-IOMMU mode) and buffers split into segments."""
+        pinned pages are in VFIO no-IOMMU mode) and buffers split into segments.
+        `iommu`: behind a vIOMMU, ACCESS_PLATFORM passed on (see the module docstring)."""
         self.messages: list[str] = []
         self.kicks: collections.Counter[int] = collections.Counter()
         self.errors: list[str] = []
@@ -232,9 +271,11 @@ class VhostPciFunction(EmulatedFunction):
             nq = self.backend.num_queues()
             if nq <= 0 or not self.backend.has_config_space:
                 raise TransportError("the backend must offer MQ and CONFIG (the refdev does)")
-            # split rings only, as QEMU's vhost-user-fs-pci without packed=on
+            # split rings only, as QEMU's vhost-user-fs-pci without packed=on;
+            # ACCESS_PLATFORM only behind an IOMMU (iommu_platform=on)
             offered = self.backend.device_features() & ~(
-                vu.VHOST_USER_F_PROTOCOL_FEATURES | Feature.RING_PACKED)
+                vu.VHOST_USER_F_PROTOCOL_FEATURES | Feature.RING_PACKED
+                | (0 if iommu else Feature.ACCESS_PLATFORM))
             vectors = nq + 1 if msix_vectors is None else msix_vectors
             self.common = BridgeCommonCfg(
                 self, num_queues=nq, max_size=queue_max_size, features=offered,
@@ -244,7 +285,9 @@ class VhostPciFunction(EmulatedFunction):
         except BaseException:
             self.backend.close()
             raise
-        super().__init__(fn.config, fn.bars, msix_vectors=vectors)
+        super().__init__(fn.config, fn.bars, msix_vectors=vectors,
+                         iommu_mode="type1" if iommu else "noiommu")
+        self.iommu = iommu
         self.name = f"vhost-pci-bridge:{socket_path}"
         self.bar4 = bar4
         bar4.attach(ISR_OFFSET, REGION_SIZE, _Region(self._isr_read, self._ignore))
@@ -341,9 +384,11 @@ class VhostPciFunction(EmulatedFunction):
         if size <= 0 or size & (size - 1) or size > self.common.max_size:
             raise TransportError(f"queue {index}: size {size} is not a power of 2 <= max")
         va = {}
+        iova = bool(self.common.driver_features & Feature.ACCESS_PLATFORM)
         for part, length in (("desc", 16 * size), ("driver", 6 + 2 * size),
                              ("device", 6 + 8 * size)):
-            va[part] = self.backend.user_addr(q[part], length)
+            # with ACCESS_PLATFORM the backend gets the IOVAs (its IOTLB translates)
+            va[part] = q[part] if iova else self.backend.user_addr(q[part], length)
             if va[part] is None:
                 raise TransportError(
                     f"queue {index}: {part} at {q[part]:#x}+{length:#x} is not inside one "
@@ -449,14 +494,15 @@ class VhostPciFunction(EmulatedFunction):
 
     # -- memory and teardown ---------------------------------------------------------
     def alloc_dma(self, size: int, iova: bool) -> SharedDma:
-        if iova:
+        if iova and not self.iommu:
             raise PciError("the bridge has no IOMMU (ACCESS_PLATFORM is not offered)")
         size = (size + 4095) & ~4095
         if all(d.closed for d in self.dma):
             self._dma_next = DMA_BASE  # every earlier block was given back
         if self._dma_next + size > self.backend.memory_size:
             raise PciError(f"{size} bytes of DMA memory do not fit in the bridge's memfd")
-        dma = SharedDma(self.backend, self._dma_next, size)
+        with self._mutex:
+            dma = SharedDma(self.backend, self._dma_next, size, iova)
         self._dma_next += size
         self.dma.append(dma)  # type: ignore[arg-type]
         return dma
