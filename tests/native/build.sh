@@ -3,8 +3,9 @@
 #   tests/native/build.sh CC OUTDIR [EXTRA_CFLAGS...]
 # OUTDIR gets core.o, packed.o, pump.o (each driver source alone, compiled as cffi
 # compiles it for vfsdrv._native: -O2 -fPIC, the flags of driver/_native_build.py),
-# test_core (the unit tests, tests/native/test_core.c) and budget (the instruction
-# budget workload, tests/native/budget.c), both linked with the driver's sources.
+# test_core (the unit tests, tests/native/test_core.c), budget (the instruction
+# budget's ring workload, budget.c) and pump_bench (the whole pump on a FUSE mount,
+# pump_bench.c), each linked with the driver's sources.
 # A cross compiler links statically, so that qemu-user needs no target libraries.
 set -euo pipefail
 cc=${1:?usage: build.sh CC OUTDIR [EXTRA_CFLAGS...]}
@@ -29,3 +30,5 @@ done
 sources=("$native/core.c" "$native/packed.c" "$native/pump.c")
 "$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
+# the whole pump over a real /dev/fuse mount (root; tests/test_native_budget.py)
+"$cc" "${flags[@]}" -g -o "$out/pump_bench" "$here/pump_bench.c" "${sources[@]}" "${link[@]}" -lpthread

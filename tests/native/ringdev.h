@@ -214,6 +214,51 @@ static inline void rd_push(struct rd_dev *d, uint32_t id, uint32_t len, uint16_t
     d->used_idx = (uint16_t)next;
 }
 
+static inline int rd_need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* A device about to sleep until the next kick: with EVENT_IDX (split) ask for a
+ * kick once the driver passes what it has taken (avail_event), then look at the
+ * ring again: a chain published before that store was seen would get no kick.
+ * 1: more is available now (do not sleep). */
+static inline int rd_want_kicks(struct rd_dev *d, int event_idx)
+{
+    struct rd_ring *r = d->r;
+    if (!r->packed && event_idx)
+        vfsdrv_store_u16(r->used + 4 + 8 * (size_t)r->size, d->last_avail);
+    vfsdrv_mb();  /* store->load, as the driver's publish does on its side */
+    if (!r->packed)
+        return vfsdrv_load_acquire_u16(r->avail + 2) != d->last_avail;
+    uint16_t fl = vfsdrv_load_acquire_u16(r->desc + 16 * (size_t)d->last_avail + 14);
+    return !!(fl & RD_F_AVAIL) == d->avail_wrap && !!(fl & RD_F_USED) != d->avail_wrap;
+}
+
+/* Whether the driver wants an interrupt for the used entries returned since
+ * `old` (split: used idx; packed: ring position), as vhost decides it: split
+ * with EVENT_IDX against used_event, without it the NO_INTERRUPT flag; packed
+ * the driver area's flags (DESC: its offset and wrap). */
+static inline int rd_should_signal(struct rd_dev *d, int event_idx, uint16_t old)
+{
+    struct rd_ring *r = d->r;
+    vfsdrv_mb();  /* our used entries before the driver's wish: it may just have re-armed */
+    if (!r->packed) {
+        if (event_idx)
+            return rd_need_event(rd_u16(r->avail + 4 + 2 * (size_t)r->size), d->used_idx, old);
+        return !(rd_u16(r->avail) & 1);
+    }
+    uint32_t area;
+    memcpy(&area, r->avail, 4);
+    uint16_t off_wrap = (uint16_t)area, flags = (uint16_t)(area >> 16);
+    if (flags != 2 /* DESC */)
+        return flags != 1 /* DISABLE */;
+    uint16_t event = off_wrap & 0x7FFF;
+    if ((off_wrap >> 15) != d->used_wrap)
+        event = (uint16_t)(event - r->size);
+    return rd_need_event(event, d->used_idx, old);
+}
+
 /* the driver's notification wish as the device reads it (split: used->flags; the
  * avail_event otherwise is the device's to write) */
 static inline void rd_set_no_notify(struct rd_dev *d, int on)
