@@ -13,7 +13,10 @@ and what the device does with an address it cannot translate (ACCESS_FAIL).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -341,3 +344,17 @@ def test_a_relay_mount_behind_the_function_in_iova_mode(tmp_path: Path) -> None:
     assert "IOTLB refused" not in sock.with_suffix(".log").read_text()
     log = m.log_text()
     assert "ACCESS_PLATFORM" in log and "IOVA" in log, log[-3000:]
+
+
+def test_vfsdrv_check_passes_in_iova_mode(tmp_path: Path) -> None:
+    """`vfsdrv check` runs its conformance checks through the IOTLB and names
+    ACCESS_PLATFORM among the negotiated features."""
+    export, sock = tmp_path / "export", tmp_path / "ref.sock"
+    export.mkdir()
+    with refdev(export, sock, "--access-platform"):
+        r = subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "check", "--vhost-user",
+                            str(sock), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["ok"] and "ACCESS_PLATFORM" in report["negotiated"]
+    assert "IOTLB refused" not in sock.with_suffix(".log").read_text()
