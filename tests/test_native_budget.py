@@ -51,16 +51,20 @@ PUMP_BUDGET = {("split", 1): 1400, ("split", 4): 1300,
                ("packed", 1): 1825, ("packed", 4): 1675}
 
 
-@pytest.fixture(scope="module")
-def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build(out: Path, native_dir: Path | None = None) -> Path:
     require_tools({"valgrind": "valgrind", "cc": "gcc"})
-    out = tmp_path_factory.mktemp("budget")
     # the flags Python gives cffi's compiler (driver/_native_build.py adds its own)
     pyflags = shlex.split(sysconfig.get_config_var("CFLAGS") or "")
+    env = {**os.environ, "VFSDRV_NATIVE_DIR": str(native_dir)} if native_dir else None
     proc = subprocess.run(["bash", str(NATIVE_TESTS / "build.sh"), "cc", str(out), *pyflags],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out / "budget"
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("budget"))
 
 
 def callgrind_totals(path: Path) -> int:
@@ -96,6 +100,22 @@ def test_instructions_per_request_within_budget(workload: Path, tmp_path: Path, 
     assert per_request <= budget, (
         f"{layout} ring, {depth} per publish: {per_request:.1f} instructions per request "
         f"exceeds the budget of {budget}")
+
+
+def test_a_heavier_request_path_exceeds_the_budget(tmp_path: Path) -> None:
+    """The guard bites: ~100 extra instructions in a function every request
+    calls (vfsdrv_reply_capacity) put the split ring over its budget."""
+    broken = tmp_path / "native"
+    shutil.copytree(NATIVE_TESTS.parents[1] / "driver" / "native", broken)
+    core = broken / "core.c"
+    text = core.read_text()
+    head = "                               uint32_t max_io)\n{\n"
+    assert text.count(head) == 1, "core.c changed: update where this test adds work"
+    core.write_text(text.replace(
+        head, head + "    for (volatile int spin = 0; spin < 40; spin++) {}\n"))
+    heavier = build(tmp_path / "out", broken)
+    per_request = instructions(heavier, "split", 16, 4000, tmp_path) / 4000
+    assert per_request > BUDGET[("split", 16)], per_request
 
 
 def test_the_count_is_per_request_and_repeatable(workload: Path, tmp_path: Path) -> None:
