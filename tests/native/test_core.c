@@ -690,8 +690,11 @@ static void test_layout(void)
 /* Barriers, across threads. A producer fills entries with plain (relaxed) stores
  * and publishes a 16-bit index with vfsdrv_store_release_u16; a consumer reads the
  * index with vfsdrv_load_acquire_u16 and then the entries: it must never see an
- * entry older than the index says. On aarch64 this needs the dmb the functions
- * issue (under qemu-user, on a multi-core host, the threads run in parallel). */
+ * entry older than the index says. A smoke test: it catches a helper the compiler
+ * may reorder around, and on real aarch64 hardware a missing dmb; under qemu-user
+ * on an x86-64 host the emulated CPU is as strongly ordered as the host (TSO), so
+ * there the fences themselves are guarded by the disassembly check in
+ * tests/test_native_aarch64.py. */
 /* the machine may have fewer free cores than threads: let the other side run */
 static void pause_now_and_then(uint32_t spins)
 {
