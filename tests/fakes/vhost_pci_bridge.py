@@ -38,8 +38,9 @@ meets the reference device (`vfsdrv.refdev`) through this bridge:
 IOMMU (`iommu=True`, QEMU's iommu_platform=on with a vIOMMU): VIRTIO_F_ACCESS_PLATFORM
 is passed on from the backend (`vfsdrv refdev --access-platform`) and the function
 reports an IOMMU (iommu_mode "type1"), so the driver asks for IOVA DMA memory. Each
-block gets IOVAs at IOVA_BASE + memfd offset, told to the backend with an
-IOTLB_MSG UPDATE when allocated (INVALIDATE when freed); ring addresses go to the
+block gets IOVAs at IOVA_BASE + its GPA (so scattered regions stay apart), told to
+the backend with IOTLB_MSG UPDATEs when allocated, one per region (INVALIDATE when
+freed); ring addresses go to the
 backend as IOVAs, as QEMU sends them with an IOMMU. Without it ACCESS_PLATFORM is
 not offered (QEMU's default).
 
@@ -192,20 +193,32 @@ class SharedDma(DmaMemoryLike):
         self.pointer = ffi.cast("char *", ffi.from_buffer(self.view))
         self.closed = False
         if iova:  # the vIOMMU maps the block: the backend hears of it at once
-            frontend.iotlb(IOVA_BASE + start, size, frontend.va(start), IOTLB_UPDATE)
+            for io, n, pos in self._pieces():
+                frontend.iotlb(io, n, frontend.va(pos), IOTLB_UPDATE)
+
+    def _pieces(self) -> list[tuple[int, int, int]]:
+        """(IOVA, length, memfd offset) of the block, one per memory region it spans."""
+        out, pos, end = [], self.start, self.start + self.size
+        while pos < end:
+            gpa, run = self.frontend.gpa(pos)
+            n = min(run, end - pos)
+            out.append((IOVA_BASE + gpa, n, pos))
+            pos += n
+        return out
 
     def translate(self, offset: int) -> tuple[int, int]:
         if not 0 <= offset < self.size:
             raise PciError(f"offset {offset:#x} outside the bridge's DMA block")
-        if self.iova:
-            return IOVA_BASE + self.start + offset, self.size - offset
         gpa, run = self.frontend.gpa(self.start + offset)
-        return gpa, min(run, self.size - offset)
+        # IOVA = IOVA_BASE + GPA: as far apart as the regions, so no buffer the device
+        # must find in one region runs across two
+        return (IOVA_BASE if self.iova else 0) + gpa, min(run, self.size - offset)
 
     def close(self) -> None:
         if self.iova and not self.closed and not self.frontend._closed:
             try:
-                self.frontend.iotlb(IOVA_BASE + self.start, self.size, 0, IOTLB_INVALIDATE)
+                for io, n, _ in self._pieces():
+                    self.frontend.iotlb(io, n, 0, IOTLB_INVALIDATE)
             except (VfsdrvError, OSError) as exc:
                 log.debug("IOTLB invalidate: %s", exc)
         self.closed = True
