@@ -1,9 +1,11 @@
 """The native core (driver/native) off the Python path: its C unit tests
 (tests/native/test_core.c: the split and packed rings against an in-memory device,
 bad used entries, 16-bit index wraparound, indirect tables, the FUSE reply rules,
-barriers across threads) built and run natively and, with Debian's cross gcc, on
-aarch64 under qemu-user; and the aarch64 objects checked for the outer-shareable
-barriers that order ring memory against the device.
+barriers across threads) and the request pump's whole loop (tests/native/
+pump_bench.c --socket: a socket pair in place of /dev/fuse, which qemu-user cannot
+clone) built and run natively and, with Debian's cross gcc, on aarch64 under
+qemu-user; and the aarch64 objects checked for the outer-shareable barriers that
+order ring memory against the device.
 
 The cross tools are test requirements (`bash tools/setup-env.sh --tests` installs
 them): missing ones fail these tests. They skip, with the reason printed, only
@@ -93,6 +95,9 @@ def test_unit_tests_pass_on_aarch64_under_qemu(
         assert "ARM aarch64" in info.stdout, info.stdout
     assert_all_passed(proc, "on aarch64 (qemu-aarch64)")
     assert "budget: split ring, depth 16: 2000 requests, 2000 valid replies, 0 bad" in proc.stdout
+    for layout in ("split", "packed"):  # the pump's whole loop, a socket pair for /dev/fuse
+        assert (f"pump_bench: {layout} ring, 1 threads: requests 2000 replies 2000 "
+                "bad_replies 0") in proc.stdout, proc.stdout
 
 
 def test_unit_tests_pass_natively(tmp_path: Path) -> None:
@@ -101,6 +106,11 @@ def test_unit_tests_pass_natively(tmp_path: Path) -> None:
     proc = subprocess.run([str(tmp_path / "test_core")], capture_output=True, text=True,
                           timeout=120)
     assert_all_passed(proc, f"natively ({platform.machine()})")
+    for layout in ("split", "packed"):
+        pump = subprocess.run([str(tmp_path / "pump_bench"), "--socket", "2000", layout],
+                              capture_output=True, text=True, timeout=120)
+        assert pump.returncode == 0, pump.stdout + pump.stderr
+        assert "requests 2000 replies 2000 bad_replies 0" in pump.stdout, pump.stdout
 
 
 # -- the objects' barriers --------------------------------------------------------

@@ -8,6 +8,13 @@
  * one GETATTR each, always sent to the "server".
  *
  *   pump_bench N [THREADS] [split|packed]
+ *   pump_bench --socket N [split|packed]
+ *
+ * --socket needs neither root nor /dev/fuse (nor FUSE_DEV_IOC_CLONE, which
+ * qemu-user does not translate): an AF_UNIX SOCK_SEQPACKET pair stands in for the
+ * connection, one request at a time from a thread of ours that checks each reply
+ * (the pump reads the blocking descriptor whenever nothing is in flight, so at
+ * depth 1 every request arrives there). It runs the pump on aarch64 under qemu.
  *
  * tests/test_native_budget.py counts the pump thread alone with
  *   valgrind --tool=callgrind --toggle-collect=vfsdrv_pump_run
@@ -26,6 +33,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -136,6 +144,37 @@ static int stat_workload(const char *path, uint32_t threads)
     return 0;
 }
 
+/* --socket: the kernel's side of the connection, one GETATTR at a time */
+static int sock_peer;
+static uint32_t sock_requests, sock_good;
+
+static void *socket_feeder(void *arg)
+{
+    (void)arg;
+    for (uint32_t i = 0; i < sock_requests; i++) {
+        struct { struct fuse_in_header h; struct fuse_getattr_in a; } req;
+        memset(&req, 0, sizeof req);
+        req.h.len = sizeof req;
+        req.h.opcode = FUSE_GETATTR;
+        req.h.unique = 2 * (uint64_t)i + 2;
+        req.h.nodeid = 1;
+        if (write(sock_peer, &req, sizeof req) != sizeof req)
+            die("feeder: write");
+        uint8_t buf[512];
+        ssize_t got = read(sock_peer, buf, sizeof buf);
+        struct fuse_out_header h;
+        if (got < (ssize_t)sizeof h)
+            die("feeder: read");
+        memcpy(&h, buf, sizeof h);
+        struct fuse_attr_out a;
+        memcpy(&a, buf + sizeof h, sizeof a);
+        if (got == (ssize_t)(sizeof h + sizeof a) && h.len == got && h.error == 0 &&
+            h.unique == req.h.unique && a.attr.ino == 1)
+            sock_good++;
+    }
+    return NULL;
+}
+
 /* FUSE_INIT is the control plane's; answer it before the pump starts */
 static void answer_init(int fd)
 {
@@ -169,36 +208,54 @@ int main(int argc, char **argv)
         per_thread = (uint32_t)atoi(argv[3]);
         return stat_workload(argv[2], (uint32_t)atoi(argv[4]));
     }
+    int socket_mode = argc > 1 && !strcmp(argv[1], "--socket");
+    if (socket_mode) {
+        argv++;
+        argc--;
+    }
     if (argc < 2) {
-        fprintf(stderr, "usage: %s N [THREADS] [split|packed]\n", argv[0]);
+        fprintf(stderr, "usage: %s N [THREADS] [split|packed] | --socket N [split|packed]\n",
+                argv[0]);
         return 2;
     }
     alarm(120);  /* a hang ends here; the workload then sees the connection abort */
     uint32_t n = (uint32_t)atoi(argv[1]);
-    uint32_t threads = argc > 2 ? (uint32_t)atoi(argv[2]) : 1;
-    int packed = argc > 3 && !strcmp(argv[3], "packed");
+    uint32_t threads = !socket_mode && argc > 2 ? (uint32_t)atoi(argv[2]) : 1;
+    const char *layout = argc > (socket_mode ? 2 : 3) ? argv[socket_mode ? 2 : 3] : "split";
+    int packed = !strcmp(layout, "packed");
     if (threads < 1 || threads > 64 || n < threads)
         return 2;
     per_thread = n / threads;
 
-    int fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC);
-    if (fuse < 0)
-        die("/dev/fuse");
-    if (!mkdtemp(mnt))
-        die("mkdtemp");
-    char opts[128];
-    snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=0,group_id=0", fuse);
-    if (mount("vfsdrv-pump-bench", mnt, "fuse.vfsdrv-pump-bench", MS_NOSUID | MS_NODEV, opts))
-        die("mount");
-    answer_init(fuse);
-
-    /* the relay's two clones of the session: blocking (idle) and non-blocking (busy) */
     int fds[2];
-    for (int k = 0; k < 2; k++) {
-        fds[k] = open("/dev/fuse", O_RDWR | O_CLOEXEC | (k ? O_NONBLOCK : 0));
-        uint32_t session = (uint32_t)fuse;
-        if (fds[k] < 0 || ioctl(fds[k], FUSE_DEV_IOC_CLONE, &session))
-            die("FUSE_DEV_IOC_CLONE");
+    if (socket_mode) {
+        int sp[2], idle[2];
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) ||
+            socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, idle))
+            die("socketpair");
+        fds[0] = sp[0];
+        fds[1] = idle[0];  /* never readable: at depth 1 nothing arrives while busy */
+        sock_peer = sp[1];
+        sock_requests = n;
+    } else {
+        int fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+        if (fuse < 0)
+            die("/dev/fuse");
+        if (!mkdtemp(mnt))
+            die("mkdtemp");
+        char opts[128];
+        snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=0,group_id=0", fuse);
+        if (mount("vfsdrv-pump-bench", mnt, "fuse.vfsdrv-pump-bench", MS_NOSUID | MS_NODEV,
+                  opts))
+            die("mount");
+        answer_init(fuse);
+        /* the relay's two clones of the session: blocking (idle) and non-blocking (busy) */
+        for (int k = 0; k < 2; k++) {
+            fds[k] = open("/dev/fuse", O_RDWR | O_CLOEXEC | (k ? O_NONBLOCK : 0));
+            uint32_t session = (uint32_t)fuse;
+            if (fds[k] < 0 || ioctl(fds[k], FUSE_DEV_IOC_CLONE, &session))
+                die("FUSE_DEV_IOC_CLONE");
+        }
     }
     kick_fd = eventfd(0, EFD_CLOEXEC);
     irq_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -234,17 +291,23 @@ int main(int argc, char **argv)
     pthread_t pt, dt;
     pthread_create(&dt, NULL, device_thread, NULL);
     pthread_create(&pt, NULL, pump_thread, p);
-    char per[16], nthreads[16];
-    snprintf(per, sizeof per, "%u", per_thread);
-    snprintf(nthreads, sizeof nthreads, "%u", threads);
-    pid_t child = fork();
-    if (child == 0) {  /* the /dev/fuse descriptors are O_CLOEXEC */
-        execl(argv[0], argv[0], "--stat", mnt, per, nthreads, (char *)NULL);
-        _exit(127);
+    int status = 0;
+    if (socket_mode) {
+        pthread_t ft;
+        pthread_create(&ft, NULL, socket_feeder, NULL);
+        pthread_join(ft, NULL);
+    } else {
+        char per[16], nthreads[16];
+        snprintf(per, sizeof per, "%u", per_thread);
+        snprintf(nthreads, sizeof nthreads, "%u", threads);
+        pid_t child = fork();
+        if (child == 0) {  /* the /dev/fuse descriptors are O_CLOEXEC */
+            execl(argv[0], argv[0], "--stat", mnt, per, nthreads, (char *)NULL);
+            _exit(127);
+        }
+        if (child < 0 || waitpid(child, &status, 0) != child)
+            die("workload process");
     }
-    int status = -1;
-    if (child < 0 || waitpid(child, &status, 0) != child)
-        die("workload process");
 
     /* stop() is repeated: a signal sent just before the pump enters read() is lost */
     while (vfsdrv_pump_running(p) || !served) {
@@ -273,9 +336,14 @@ int main(int argc, char **argv)
     for (uint32_t k = 0; k < nev; k++)
         printf("pump_bench: event %u opcode %u: %s\n", ev[k].kind, ev[k].opcode, ev[k].why);
     vfsdrv_pump_free(p);
-    if (umount2(mnt, MNT_DETACH))
-        perror("umount");
-    rmdir(mnt);
+    if (!socket_mode) {
+        if (umount2(mnt, MNT_DETACH))
+            perror("umount");
+        rmdir(mnt);
+    } else if (sock_good != n) {
+        fprintf(stderr, "pump_bench: %u of %u replies right\n", sock_good, n);
+        status = 1 << 8;
+    }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         fprintf(stderr, "pump_bench: the workload failed (status %#x)\n", status);
     int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && s.requests == (uint64_t)per_thread * threads && s.replies == s.requests &&

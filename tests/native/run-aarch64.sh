@@ -2,7 +2,8 @@
 # The native core on aarch64, under emulation: build driver/native and its C unit
 # tests (tests/native/test_core.c) with Debian's cross gcc, disassemble the
 # objects, check that the barriers are the outer-shareable ones the device needs,
-# and run the tests (and a short budget workload) under qemu-user.
+# and run the tests, a short budget workload and the pump (over a socket pair)
+# under qemu-user.
 #
 #   tests/native/run-aarch64.sh [OUTDIR [TEST_NAME...]]
 #
@@ -47,4 +48,7 @@ fi
 echo "run-aarch64: core.o has dmb osh, dmb oshld, dmb oshst (and no dmb ish*)"
 "$qemu" "$out/budget" split 16 2000
 "$qemu" "$out/budget" packed 16 2000
+# the whole pump (epoll, eventfds, the stop signal) with a socket for /dev/fuse
+"$qemu" "$out/pump_bench" --socket 2000 split
+"$qemu" "$out/pump_bench" --socket 2000 packed
 "$qemu" "$out/test_core" "$@"
