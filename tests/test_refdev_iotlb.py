@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -42,16 +43,28 @@ from test_refdev_driver import (  # noqa: F401 - collected by pytest
     test_xattrs,
     two,
 )
+from test_refdev_vhost import (
+    F_NOTIFICATION,
+    F_VERSION_1,
+    MEM_SIZE,
+    QSIZE,
+    USER_BASE,
+    Frontend,
+    Ring,
+)
 from vfsdrv.errors import TransportError
+from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient
 from vfsdrv.fs.device import VirtioFs
-from vfsdrv.refdev import RefDevice
+from vfsdrv.refdev import RefDevice, iotlb
 from vfsdrv.refdev.iotlb import (
     ACCESS_RO,
     ACCESS_RW,
+    BACKEND_IOTLB_MSG,
     IOTLB_ACCESS_FAIL,
     IOTLB_INVALIDATE,
+    IOTLB_MISS,
     IOTLB_MSG,
     IOTLB_UPDATE,
     Iotlb,
@@ -61,9 +74,11 @@ from vfsdrv.refdev.iotlb import (
 )
 from vfsdrv.refdev.lock_table import F_UNLCK, F_WRLCK
 from vfsdrv.virtio import pci as vp
+from vfsdrv.virtio import ring_layout as rl
 from vfsdrv.virtio import vhost_user_proto as vu
 from vfsdrv.virtio.constants import Feature
 from vfsdrv.virtio.vhost_user import IOVA_BASE, VhostUserTransport
+from vfsdrv.virtio.vhost_user_proto import ProtocolFeature, Request
 
 
 @pytest.fixture(params=["split", "packed"])
@@ -364,3 +379,123 @@ def test_vfsdrv_check_passes_in_iova_mode(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert report["ok"] and "ACCESS_PLATFORM" in report["negotiated"]
     assert "IOTLB refused" not in sock.with_suffix(".log").read_text()
+
+
+# -- a frontend that maps lazily: IOTLB misses ------------------------------------------------
+IOVA0 = 0x40_0000_0000  # the raw frontend's IOVA of its memory offset 0
+
+
+class LazyFrontend(Frontend):
+    """QEMU with a vIOMMU, reduced to the bone (tests/test_refdev_vhost.py's
+    frontend in IOVA mode): ring addresses and descriptors carry IOVA0 + offset,
+    the device's IOTLB holds only what `map` put there, and misses arrive on the
+    backend channel for the test to answer."""
+
+    def handshake(self, features: int) -> None:
+        assert self.get_u64(Request.GET_FEATURES) & Feature.ACCESS_PLATFORM
+        self.get_u64(Request.GET_PROTOCOL_FEATURES)
+        vu.send_message(self.sock, Request.SET_PROTOCOL_FEATURES, vu.U64.pack(
+            ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.BACKEND_REQ))
+        self.reply_ack = True
+        self.backend, theirs = socket.socketpair()
+        self.backend.settimeout(WAIT)
+        assert self.send(Request.SET_BACKEND_REQ_FD, b"", (theirs.fileno(),))
+        theirs.close()
+        assert self.send(Request.SET_OWNER)
+        acked = features | vu.VHOST_USER_F_PROTOCOL_FEATURES | Feature.ACCESS_PLATFORM
+        assert self.send(Request.SET_FEATURES, vu.U64.pack(acked))
+        table = vu.MEM_TABLE_HEAD.pack(1, 0) + vu.MEM_REGION.pack(0, MEM_SIZE, USER_BASE, 0)
+        assert self.send(Request.SET_MEM_TABLE, table, (self.fd,))
+
+    def map(self, off: int, size: int) -> bool:
+        return self.send(Request.IOTLB_MSG, IOTLB_MSG.pack(
+            IOVA0 + off, size, USER_BASE + off, ACCESS_RW, IOTLB_UPDATE))
+
+    def setup_ring(self, index: int) -> Ring:
+        ring = Ring(self, index, 0x1000 * (index + 1))
+        assert self.map(ring.desc, 0x1000)  # the ring itself is mapped up front
+        assert self.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(index, QSIZE))
+        assert self.send(Request.SET_VRING_ADDR, vu.VRING_ADDR.pack(
+            index, 0, IOVA0 + ring.desc, IOVA0 + ring.used, IOVA0 + ring.avail, 0))
+        assert self.send(Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
+        assert self.send(Request.SET_VRING_CALL, vu.U64.pack(index), (ring.call,))
+        assert self.send(Request.SET_VRING_KICK, vu.U64.pack(index), (ring.kick,))
+        assert self.send(Request.SET_VRING_ENABLE, vu.VRING_STATE.pack(index, 1))
+        self.rings[index] = ring
+        return ring
+
+    def post_init(self, ring: Ring) -> tuple[int, int]:
+        """FUSE_INIT in two descriptors at IOVAs; (request offset, reply offset)."""
+        body = abi.pack("fuse_init_in", major=7, minor=38, flags=0)
+        req = abi.pack("fuse_in_header", len=abi.IN_HEADER_SIZE + len(body),
+                       opcode=Opcode.INIT, unique=2, nodeid=0) + body
+        a, b = self.alloc(len(req)), self.alloc(4096)
+        self.mem[a : a + len(req)] = req
+        ring.set_desc(0, IOVA0 + a, len(req), rl.VRING_DESC_F_NEXT, 1)
+        ring.set_desc(1, IOVA0 + b, 4096, rl.VRING_DESC_F_WRITE)
+        ring.publish(0)
+        return a, b
+
+    def next_backend_message(self) -> tuple[int, int, int, int, int]:
+        """(request, flags, iova, perm, type) of the device's next IOTLB message."""
+        request, flags, payload, _ = vu.recv_message(self.backend)
+        iova, _, _, perm, kind = IOTLB_MSG.unpack_from(payload)
+        return request, flags, iova, perm, kind
+
+    def ack_miss(self, ok: bool = True) -> None:
+        vu.send_message(self.backend, BACKEND_IOTLB_MSG, vu.U64.pack(0 if ok else 1),
+                        flags=vu.VERSION | vu.FLAG_REPLY)
+
+
+@pytest.fixture
+def lazy(device_factory) -> Iterator[tuple[LazyFrontend, Ring, IotlbSession]]:
+    dev = device_factory(access_platform=True)
+    fe = LazyFrontend(dev.socket_path)
+    try:
+        fe.handshake(F_VERSION_1 | F_NOTIFICATION)
+        fe.setup_ring(0)
+        req = fe.setup_ring(2)
+        (s,) = dev.sessions
+        assert isinstance(s, IotlbSession) and s.access_platform
+        yield fe, req, s
+    finally:
+        fe.backend.close()
+        fe.close()
+
+
+def test_a_miss_is_asked_for_and_served_once_the_frontend_maps_it(lazy) -> None:
+    fe, req, s = lazy
+    a, b = fe.post_init(req)
+    request, flags, iova, perm, kind = fe.next_backend_message()
+    assert (request, kind, iova, perm) == (BACKEND_IOTLB_MSG, IOTLB_MISS, IOVA0 + a, ACCESS_RO)
+    assert flags & vu.FLAG_NEED_REPLY
+    assert fe.map(0x10000, MEM_SIZE - 0x10000)  # UPDATE on the main socket, acked meanwhile
+    fe.ack_miss()
+    _head, length = req.wait_used()
+    out_len, error, unique = fe.out_header(b)
+    assert (error, unique, out_len) == (0, 2, length) and length > 16
+    assert s.misses == [(IOVA0 + a, ACCESS_RO)] and s.access_failures == []
+
+
+def test_an_unanswered_miss_becomes_an_access_failure(lazy, monkeypatch) -> None:
+    monkeypatch.setattr(iotlb, "MISS_TIMEOUT", 0.3)
+    fe, req, s = lazy
+    a, _ = fe.post_init(req)
+    assert fe.next_backend_message()[4] == IOTLB_MISS  # never answered
+    request, flags, iova, perm, kind = fe.next_backend_message()
+    assert (request, kind, iova, perm) == (BACKEND_IOTLB_MSG, IOTLB_ACCESS_FAIL, IOVA0 + a,
+                                           ACCESS_RO)
+    assert not flags & vu.FLAG_NEED_REPLY
+    assert req.nothing_used() and s.queues[2].broken
+    assert s.access_failures == [(IOVA0 + a, ACCESS_RO)]
+
+
+def test_a_miss_the_frontend_refuses_is_an_access_failure_at_once(lazy) -> None:
+    fe, req, s = lazy
+    fe.post_init(req)
+    assert fe.next_backend_message()[4] == IOTLB_MISS
+    t0 = time.monotonic()
+    fe.ack_miss(ok=False)  # "invalid IOVA": nothing mapped
+    assert fe.next_backend_message()[4] == IOTLB_ACCESS_FAIL
+    assert time.monotonic() - t0 < 1.0 and len(s.misses) == 1
+    assert req.nothing_used()

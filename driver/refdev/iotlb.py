@@ -12,12 +12,15 @@ how IOVAs map to its own virtual addresses with VHOST_USER_IOTLB_MSG carrying a
     ACCESS_FAIL (backend -> frontend) an access the IOTLB refused
 
 The backend's messages travel on the backend channel (BACKEND_REQ protocol
-feature, SET_BACKEND_REQ_FD). This device serves only what the frontend mapped
-beforehand: a translation it does not find, or one without the permission the
-access needs, is refused. It reports VHOST_IOTLB_ACCESS_FAIL on the backend
-channel (when the frontend gave one) and the queue stops, as a device behind an
-IOMMU gets a fault. It never sends MISS and waits (a frontend that maps lazily,
-such as QEMU with a vIOMMU, is not served).
+feature, SET_BACKEND_REQ_FD). A translation the IOTLB lacks, met while the
+session thread serves a queue, is asked for: MISS with NEED_REPLY (REPLY_ACK
+negotiated), then the session serves the frontend's IOTLB_MSGs on the main socket
+until the frontend acks the MISS on the backend channel (as QEMU answers a miss:
+UPDATE first, then the ack), for at most MISS_TIMEOUT seconds. A translation
+still missing, one without the permission the access needs, or a miss met while
+a message is being handled (the frontend waits for that message's ack and cannot
+answer), is refused: VHOST_IOTLB_ACCESS_FAIL on the backend channel (when the
+frontend gave one) and the queue stops, as a device behind an IOMMU gets a fault.
 
 `IotlbSession` is the vhost-user session with that added; `IotlbMemory` looks
 like `GuestMemory` to the queues, so the ring code is the same in both modes.
@@ -27,11 +30,14 @@ from __future__ import annotations
 
 import bisect
 import logging
+import select
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass
 
-from ..errors import DeviceGoneError
+from ..errors import DeviceGoneError, TransportError
 from ..virtio import vhost_user_proto as vu
 from ..virtio.vhost_user_proto import ProtocolFeature, Request
 from .guest_memory import GuestMemory, MemoryAccessError
@@ -50,14 +56,19 @@ ACCESS_RO, ACCESS_WO, ACCESS_RW = 1, 2, 3
 BACKEND_IOTLB_MSG = 1
 #: mappings one session keeps (a frontend cannot make the device hoard memory)
 MAX_ENTRIES = 4096
+#: seconds a MISS waits for the frontend's answer before the access is refused
+MISS_TIMEOUT = 2.0
+#: misses one access may ask for (a range over several missing mappings)
+MAX_MISSES = 8
 
 
 class IotlbAccessError(MemoryAccessError):
     """An IOVA access the IOTLB does not allow (unmapped or lacking permission)."""
 
-    def __init__(self, message: str, iova: int, perm: int) -> None:
+    def __init__(self, message: str, iova: int, perm: int, missing: bool = False) -> None:
         super().__init__(message)
         self.iova, self.perm = iova, perm
+        self.missing = missing  #: unmapped (a MISS may help), not a permission fault
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,8 @@ class Iotlb:
             m = self._maps[self._starts[i]] if i >= 0 else None
             if m is None or pos >= m.end:
                 raise IotlbAccessError(
-                    f"IOVA range {iova:#x}+{length:#x}: {pos:#x} is not mapped", pos, perm)
+                    f"IOVA range {iova:#x}+{length:#x}: {pos:#x} is not mapped", pos, perm,
+                    missing=True)
             if m.perm & perm != perm:
                 raise IotlbAccessError(
                     f"IOVA {pos:#x} mapped with permissions {m.perm}, access needs {perm}",
@@ -140,7 +152,19 @@ class IotlbMemory:
     def _resolve(self, addr: int, length: int, perm: int) -> memoryview:
         s = self._session
         try:
-            uaddr = s.iotlb.translate(addr, length, perm)
+            asked: set[int] = set()
+            while True:
+                try:
+                    uaddr = s.iotlb.translate(addr, length, perm)
+                    break
+                except IotlbAccessError as exc:
+                    # each missing IOVA is asked for once: still missing is a fault
+                    if not (exc.missing and exc.iova not in asked and len(asked) < MAX_MISSES
+                            and s.may_ask()):
+                        raise
+                    asked.add(exc.iova)
+                    if not s.ask_miss(exc.iova, exc.perm):
+                        raise
             return s.memory.user_addr(uaddr, length)
         except IotlbAccessError as exc:
             s.access_failed(exc.iova, exc.perm)
@@ -175,8 +199,12 @@ class IotlbSession(VhostUserSession):
         self.iotlb = Iotlb()
         self.iova_memory = IotlbMemory(self)
         self.backend_channel: socket.socket | None = None
-        #: (iova, perm) of every ACCESS_FAIL this session reported
+        #: (iova, perm) of every ACCESS_FAIL this session reported, every MISS it sent
         self.access_failures: list[tuple[int, int]] = []
+        self.misses: list[tuple[int, int]] = []
+        self._handling = 0  # inside a message handler: a MISS cannot be answered
+        self._in_miss = False
+        self._reresolve_pending = False
         self._handlers[Request.IOTLB_MSG] = self._iotlb_msg
         self._handlers[Request.SET_BACKEND_REQ_FD] = self._set_backend_req_fd
 
@@ -211,7 +239,10 @@ class IotlbSession(VhostUserSession):
                       uaddr, perm)
         elif kind == IOTLB_INVALIDATE:
             if self.iotlb.invalidate(iova, size):
-                self._reresolve_rings()
+                if self._in_miss:  # mid-chain: the rings are looked up once it is done
+                    self._reresolve_pending = True
+                else:
+                    self._reresolve_rings()
         else:
             raise MessageError(f"IOTLB message of type {kind} from the frontend")
 
@@ -228,6 +259,68 @@ class IotlbSession(VhostUserSession):
                 except Exception as exc:  # noqa: BLE001 - the queue stops either way
                     log.error("session %d: queue %d stopped: %s", self.id, q.index, exc)
                     q.broken = True
+
+    # -- misses ---------------------------------------------------------------------------
+    def _serve_message(self) -> None:
+        self._handling += 1
+        try:
+            super()._serve_message()
+        finally:
+            self._handling -= 1
+
+    def _run_queue(self, q) -> None:
+        super()._run_queue(q)
+        self._after_miss()
+
+    def _deliver_notifications(self) -> None:
+        super()._deliver_notifications()
+        self._after_miss()
+
+    def _after_miss(self) -> None:
+        if self._reresolve_pending and not self._in_miss:
+            self._reresolve_pending = False
+            self._reresolve_rings()
+
+    def may_ask(self) -> bool:
+        """Can a MISS be answered now? Only in the session thread, serving a queue
+        (not a message: its ack is still owed), with a backend channel and REPLY_ACK."""
+        return (self.backend_channel is not None and not self._handling
+                and not self._in_miss and threading.current_thread() is self._thread
+                and bool(self.protocol_features & ProtocolFeature.REPLY_ACK))
+
+    def ask_miss(self, iova: int, perm: int) -> bool:
+        """Send MISS (NEED_REPLY) and serve the frontend's IOTLB messages until it acks
+        the MISS; False when it did not within MISS_TIMEOUT, or sent another message
+        (which stays for the main loop)."""
+        ch = self.backend_channel
+        assert ch is not None
+        self.misses.append((iova, perm))
+        log.info("session %d: IOTLB miss at IOVA %#x (perm %d)", self.id, iova, perm)
+        deadline = time.monotonic() + MISS_TIMEOUT
+        self._in_miss = True
+        try:
+            vu.send_message(ch, BACKEND_IOTLB_MSG, IOTLB_MSG.pack(iova, 0, 0, perm, IOTLB_MISS),
+                            flags=vu.VERSION | vu.FLAG_NEED_REPLY, deadline=deadline)
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.sock, ch], [], [], left)
+                if ch in ready:
+                    request, flags, payload, fds = vu.recv_message(ch, deadline)
+                    for fd in fds:
+                        socket.close(fd)
+                    if request == BACKEND_IOTLB_MSG and flags & vu.FLAG_REPLY:
+                        # 0: done (an update came first); else the frontend refused it
+                        return payload[:8] == bytes(8)
+                if self.sock in ready:
+                    head = self.sock.recv(vu.HEADER.size, socket.MSG_PEEK)
+                    if len(head) < vu.HEADER.size or vu.HEADER.unpack(head)[0] != Request.IOTLB_MSG:
+                        return False  # closed, or not an IOTLB message: the main loop's
+                    self._serve_message()
+            return False
+        except (OSError, TimeoutError, DeviceGoneError, TransportError) as exc:
+            log.warning("session %d: IOTLB miss unanswered: %s", self.id, exc)
+            return False
+        finally:
+            self._in_miss = False
 
     def access_failed(self, iova: int, perm: int) -> None:
         """VHOST_IOTLB_ACCESS_FAIL on the backend channel (best effort)."""
