@@ -486,7 +486,11 @@ def test_an_unanswered_miss_becomes_an_access_failure(lazy, monkeypatch) -> None
     assert (request, kind, iova, perm) == (BACKEND_IOTLB_MSG, IOTLB_ACCESS_FAIL, IOVA0 + a,
                                            ACCESS_RO)
     assert not flags & vu.FLAG_NEED_REPLY
-    assert req.nothing_used() and s.queues[2].broken
+    deadline = time.monotonic() + WAIT  # the queue breaks just after the message goes
+    while not s.queues[2].broken:
+        assert time.monotonic() < deadline, "the queue kept running"
+        time.sleep(0.01)
+    assert req.nothing_used()
     assert s.access_failures == [(IOVA0 + a, ACCESS_RO)]
 
 
