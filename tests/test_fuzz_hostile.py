@@ -172,3 +172,27 @@ def test_libfuzzer_target_catches_a_broken_rule(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NATIVE_DIR": str(src / "native")})
     assert proc.returncode != 0 and "rule broken" in proc.stderr, proc.stderr[-3000:]
+
+
+# -- defects the fuzzer found ----------------------------------------------------------------
+@needs_mount
+def test_packed_ring_lap_does_not_leave_a_program_waiting(tmp_path: Path) -> None:
+    """Found by the fuzzer, reported to the lead (driver/native: not ours to fix).
+
+    On a packed ring the device answers `cat`'s OPEN, then marks a whole lap of the
+    ring used, so the OPEN's own entry ends with the next lap's flags (neither
+    available nor used for the driver: packed.c's own rule says -EIO). The pump
+    does not look at it: `cat` waits in request_wait_answer until the mount is
+    unmounted, and only FUSE_DESTROY at teardown reports "entry N has flags 0:
+    neither available nor used in wrap 1". The same device on a split ring is
+    declared failed at once (ENOTCONN). Expected: the device fails, the program gets
+    an error within seconds.
+
+    Replay: VFSDRV_FUZZ_PROGRAM_TIMEOUT=5 python tests/fuzz/hostile_fuzz.py --mode
+    mount --seeds 3 --kinds used_ring_lap --rate 0.02 --ring packed
+    """
+    rc, results, output = fuzz(tmp_path, "--mode", "mount", "--seeds", "3", "--kinds",
+                               "used_ring_lap", "--rate", "0.02", "--ring", "packed",
+                               env={"VFSDRV_FUZZ_PROGRAM_TIMEOUT": "5"})
+    assert "hang" not in {f["outcome"] for f in results.get("findings", [])}, output[-3000:]
+    assert_clean(rc, results, output)
