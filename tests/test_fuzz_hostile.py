@@ -26,11 +26,11 @@ import pytest
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 RUNNER = FUZZ / "hostile_fuzz.py"
 #: seeds per CI run: the whole file stays under a minute on two shared cores
-CLIENT_SEEDS = "0:50"
-MOUNT_SEEDS = "0:6"
+CLIENT_SEEDS = "0:40"
+MOUNT_SEEDS = "0:5"
 SANITIZED_CLIENT_SEEDS = "0:30"
 SANITIZED_MOUNT_SEEDS = "0:2"
-FUZZ_CORE_SECONDS = 6
+FUZZ_CORE_SECONDS = 5
 
 needs_mount = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("flock"),
