@@ -236,7 +236,8 @@ def test_reference_device_without_notification(sock_dir: Path, export: Path) -> 
 
 
 def _check_broken(sock_dir: Path, export: Path, **kw) -> dict[str, dict]:
-    with serve("refdev", export, sock_dir / "ref.sock", **kw):
+    # split rings: the broken devices patch the split ring's code paths
+    with serve("refdev-split", export, sock_dir / "ref.sock", **kw):
         report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
     assert not report.ok
     return by_id(report)

@@ -539,3 +539,109 @@ def test_init_zeroes_a_ring_that_held_an_earlier_queue() -> None:
         assert lib.vfsdrv_vq_used_pending(vq) == 0
     finally:
         lib.vfsdrv_vq_destroy(vq)
+
+
+# -- VIRTIO_F_IN_ORDER: one used entry for a batch ------------------------------------------------
+def _in_order_rig(size: int = 16, **kw: bool) -> Rig:
+    rig = Rig(size, **kw)
+    rig.vq.close()
+    rig.vq = Virtqueue(5, size, rig.arena, packed=True, in_order=True, **kw)
+    rig.dev = PackedDevice(rig.arena.view, size, rig.vq.addresses, **kw)
+    assert rig.vq.native.in_order == 1
+    return rig
+
+
+def test_in_order_batch_completes_every_older_buffer() -> None:
+    rig = _in_order_rig()
+    for n, (r, w) in enumerate([(1, 1), (2, 2), (0, 1), (1, 0), (1, 2)]):
+        rig.add_simple(n, n_read=r, n_write=w)
+    chains = rig.roundtrip()
+    rig.dev.complete_batch(chains[:3], b"last")
+    # the first two count as used completely; the entry's len is the third's
+    assert rig.vq.get_used() == [(0, 32), (1, 64), (2, 4)]
+    assert rig.vq.native.next_used == 2 + 4 + 1
+    assert rig.vq.in_flight == 2
+    rig.dev.complete(chains[3])  # a batch of one
+    rig.dev.complete_batch([chains[4]], b"x")
+    assert rig.vq.get_used() == [(3, 0), (4, 1)]
+    assert rig.state() == (16, 0, 11, 1)  # 2 + 4 + 1 + 1 + 3 entries
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_in_order_batches_over_many_laps(indirect: bool) -> None:
+    rng = random.Random(3)
+    rig = _in_order_rig(11, indirect=indirect)
+    live: list[Chain] = []
+    expect: list[tuple[int, int]] = []
+    got: list[tuple[int, int]] = []
+    for n in range(3000):
+        try:
+            rig.add_simple(n, n_read=rng.randint(0, 2), n_write=rng.randint(1, 2))
+        except QueueFull:
+            pass
+        live += rig.roundtrip()
+        if live and rng.random() < 0.4:
+            k = rng.randint(1, len(live))
+            batch, live = live[:k], live[k:]
+            tokens = [rig.vq._tokens[c.id] for c in batch]
+            last = rng.randint(0, batch[-1].writable_len)
+            expect += [(t, c.writable_len) for t, c in zip(tokens[:-1], batch[:-1], strict=True)]
+            expect.append((tokens[-1], last))
+            rig.dev.complete_batch(batch, bytes(last))
+        got += rig.vq.get_used()
+    assert got == expect and len(got) > 1000
+    assert rig.vq.native.order_head == (len(got) % 11)
+
+
+def test_in_order_used_id_not_in_flight_is_refused() -> None:
+    rig = _in_order_rig()
+    for n in range(3):
+        rig.add_simple(n)
+    chains = rig.roundtrip()
+    rig.dev.push_used(9, 0, skip=2)
+    _refused(rig, "used id 9 at entry 0 is not in flight")
+    rig.dev.rewind(2, F_AVAIL | F_NEXT)
+    rig.dev.complete_batch(chains)
+    assert [t for t, _ in rig.vq.get_used()] == [0, 1, 2]
+
+
+def test_in_order_entry_for_a_later_buffer_completes_the_earlier_ones() -> None:
+    """Under IN_ORDER a used entry for the second buffer completes the first as well
+    (used completely); the device's own entry for the first then lands behind the
+    driver's position and is never taken, and the ring goes on."""
+    rig = _in_order_rig()
+    for n in range(2):
+        rig.add_simple(n)
+    first, second = rig.roundtrip()
+    rig.dev.complete(second, b"2")
+    assert rig.vq.get_used() == [(0, 32), (1, 1)]
+    rig.dev.complete(first, b"1")
+    assert rig.vq.get_used() == [] and rig.state() == (16, 0, 4, 1)
+    rig.add_simple("next")
+    [c] = rig.roundtrip()
+    rig.dev.complete(c, b"ok")
+    assert rig.vq.get_used() == [("next", 2)]
+
+
+def test_in_order_batch_larger_than_the_room_given_is_refused() -> None:
+    from vfsdrv._native import ffi, lib
+
+    rig = _in_order_rig()
+    for n in range(3):
+        rig.add_simple(n)
+    rig.dev.complete_batch(rig.roundtrip())
+    out = ffi.new("struct vfsdrv_used[]", 2)
+    assert lib.vfsdrv_vq_harvest(rig.vq.native, out, 2) < 0
+    assert "in-order batch of 3" in ffi.string(rig.vq.native.error).decode()
+    assert [t for t, _ in rig.vq.get_used()] == [0, 1, 2]
+
+
+def test_in_order_is_accepted_with_packed_only() -> None:
+    feats = DEFAULT_FEATURES | Feature.RING_PACKED | Feature.IN_ORDER
+    for ring, in_order in ((None, True), ("split", False)):
+        dev = VirtioDevice(FakeTransport(features=feats), ring=ring)
+        assert bool(dev.negotiate() & Feature.IN_ORDER) is in_order
+        assert dev.setup_queue(0).native.in_order == in_order
+        dev.close()
+    with pytest.raises(RingError):
+        Virtqueue(0, 8, identity_arena(), in_order=True)  # split

@@ -251,7 +251,7 @@ def test_features_protocol_features_and_queue_count(frontends) -> None:
     features = fe.get_u64(Request.GET_FEATURES)
     assert features == (
         F_VERSION_1 | vu.VHOST_USER_F_PROTOCOL_FEATURES | F_NOTIFICATION | F_INDIRECT | F_EVENT_IDX
-        | 1 << 34  # VIRTIO_F_RING_PACKED
+        | 1 << 34 | 1 << 35  # VIRTIO_F_RING_PACKED, VIRTIO_F_IN_ORDER
     )
     proto = fe.get_u64(Request.GET_PROTOCOL_FEATURES)
     assert proto == ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
@@ -276,7 +276,7 @@ def test_get_config_whole_and_by_field(frontends) -> None:
 def test_invalid_messages_are_nacked(frontends) -> None:
     fe = frontends()
     fe.handshake(F_VERSION_1 | F_NOTIFICATION)
-    assert not fe.send(Request.SET_FEATURES, vu.U64.pack(1 << 35))  # never offered (IN_ORDER)
+    assert not fe.send(Request.SET_FEATURES, vu.U64.pack(1 << 38))  # never offered
     assert not fe.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(0, 100))  # not a power of 2
     assert not fe.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(0, 65536))
     assert not fe.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(9, 16))  # no queue 9

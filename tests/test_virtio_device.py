@@ -74,8 +74,9 @@ def test_accepts_only_offered_and_understood_features() -> None:
     dev = VirtioDevice(t)
     # bit 3 is wanted but not offered; bit 30 is not a device-type bit
     accepted = dev.negotiate(DEV_BIT0 | (1 << 3) | (1 << 30))
-    # RING_PACKED is preferred whenever offered; IN_ORDER is not implemented
-    assert accepted == Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.RING_PACKED | DEV_BIT0
+    # RING_PACKED is preferred whenever offered, and IN_ORDER comes with it
+    assert accepted == (Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.RING_PACKED
+                        | Feature.IN_ORDER | DEV_BIT0)
     assert t.driver_features == accepted
     assert dev.has(Feature.INDIRECT_DESC) and not dev.has(Feature.EVENT_IDX)
     assert not dev.has(DEV_BIT5)

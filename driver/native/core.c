@@ -20,7 +20,9 @@
 /* Fences. On aarch64 the device (a DMA master) is in the outer-shareable domain,
  * so the barriers are "dmb osh*" (what Linux's dma_*mb() use for
  * VIRTIO_F_ORDER_PLATFORM), which also order against other CPUs. On x86-64 (TSO)
- * the C11 fences suffice: only the full fence emits an instruction (mfence). */
+ * the C11 fences suffice: only the full fence emits an instruction (gcc's locked
+ * "or" on the stack, which orders write-back memory and the uncached BAR mappings
+ * vfio-pci gives; we never map BARs write-combining). */
 #if defined(__aarch64__)
 #define MB()  __asm__ __volatile__("dmb osh" ::: "memory")
 #define RMB() __asm__ __volatile__("dmb oshld" ::: "memory")
@@ -123,6 +125,8 @@ int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t 
 
 void vfsdrv_vq_destroy(struct vfsdrv_vq *vq)
 {
+    free(vq->order);  /* packed with IN_ORDER only (packed.c) */
+    vq->order = NULL;
     free(vq->next);
     free(vq->chain_len);
     free(vq->writable);

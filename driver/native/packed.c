@@ -16,8 +16,11 @@
  *
  * Chains are exposed at add() (the head's flags, stored last with release, are
  * the publish point, as Linux's virtqueue_add_packed); publish() only decides
- * whether to notify. VIRTIO_F_IN_ORDER is not negotiated (device.py): every used
- * entry names its own buffer and completions may come in any order.
+ * whether to notify. Completions may come in any order; with VIRTIO_F_IN_ORDER
+ * (vfsdrv_vq_set_in_order, 2.8.18 "In-order use of descriptors") the device may
+ * write one used entry for a batch, naming its last buffer: every buffer made
+ * available before it completes too, "used completely" (its whole writable part),
+ * and the device skips the batch's ring entries.
  *
  * Validation matches split: a used id out of range, not in flight or twice in one
  * batch, a length beyond the chain's writable part, a used entry when nothing is
@@ -115,6 +118,22 @@ int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, u
     return 0;
 }
 
+/* VIRTIO_F_IN_ORDER negotiated: call after init, before the first add() */
+int vfsdrv_vq_set_in_order(struct vfsdrv_vq *vq)
+{
+    if (!vq->packed)
+        return fail(vq, -EINVAL, "in-order batches are implemented for packed rings only");
+    if (vq->in_flight)
+        return fail(vq, -EBUSY, "in-order mode set with buffers in flight");
+    free(vq->order);
+    vq->order = calloc(vq->size, sizeof *vq->order);
+    if (!vq->order)
+        return fail(vq, -ENOMEM, "out of memory");
+    vq->order_head = 0;
+    vq->in_order = 1;
+    return 0;
+}
+
 int vfsdrv_packed_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n)
 {
     if (n == 0)
@@ -190,6 +209,8 @@ int vfsdrv_packed_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint3
     vq->num_free -= needed;
     vq->chain_len[id] = (uint16_t)needed;
     vq->writable[id] = (uint32_t)writable;
+    if (vq->in_order)  /* in_flight < size here: the slot is free */
+        vq->order[(vq->order_head + vq->in_flight) % vq->size] = id;
     vq->in_flight++;
     vq->avail_idx = (uint16_t)(vq->avail_idx + needed);  /* entries made available */
     /* The publish point: release orders every store above (the rest of the chain,
@@ -288,21 +309,45 @@ int vfsdrv_packed_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_
         if (len > vq->writable[id])
             return fail(vq, -EIO, "used length %u exceeds the %u device-writable bytes of "
                         "buffer %u", len, vq->writable[id], id);
-        vq->seen[id] = vq->seen_gen;
-        out[n].id = id;
-        out[n].len = len;
-        n++;
-        left--;
-        /* the device wrote one entry for the chain and skips the rest of it */
-        uint32_t next = (uint32_t)pos + vq->chain_len[id];
-        if (next >= vq->size) {
-            next -= vq->size;
-            wrap ^= 1;
+        /* the buffers this entry completes: itself, or with IN_ORDER every buffer
+         * still in flight that was made available before it (found in order[]) */
+        uint32_t batch = 1;
+        if (vq->in_order) {
+            uint32_t done = vq->in_flight - left;  /* order[] slots taken by this batch */
+            while (batch <= left &&
+                   vq->order[(vq->order_head + done + batch - 1) % vq->size] != id)
+                batch++;
+            if (batch > left)  /* cannot happen: an id in flight is in order[] */
+                return fail(vq, -EIO, "used id %u at entry %u is not in flight", id, pos);
+            if (n + batch > max) {
+                if (n == 0)
+                    return fail(vq, -EINVAL, "room for %u completions, an in-order batch "
+                                "of %u", max, batch);
+                break;  /* the next call takes the whole batch */
+            }
         }
-        pos = (uint16_t)next;
+        for (uint32_t k = 0; k < batch; k++) {
+            uint16_t b = vq->in_order
+                ? vq->order[(vq->order_head + vq->in_flight - left) % vq->size] : id;
+            vq->seen[b] = vq->seen_gen;
+            out[n].id = b;
+            /* a buffer the entry skips counts as used completely (2.8.18) */
+            out[n].len = b == id ? len : vq->writable[b];
+            n++;
+            left--;
+            /* the device wrote one entry for the chain (the batch) and skips the rest */
+            uint32_t next = (uint32_t)pos + vq->chain_len[b];
+            if (next >= vq->size) {
+                next -= vq->size;
+                wrap ^= 1;
+            }
+            pos = (uint16_t)next;
+        }
     }
     if (n == 0)
         return 0;
+    if (vq->in_order)
+        vq->order_head = (uint16_t)((vq->order_head + n) % vq->size);
     for (uint32_t i = 0; i < n; i++) {
         uint16_t id = (uint16_t)out[i].id;
         vq->next[id] = vq->free_head;

@@ -72,6 +72,10 @@ struct vfsdrv_vq {
     uint8_t pad2;
     uint16_t next_avail;     /* ring position of the next entry the driver writes */
     uint16_t next_used;      /* ring position of the next used entry */
+    uint8_t in_order;        /* VIRTIO_F_IN_ORDER: a used entry completes every older buffer */
+    uint8_t pad3;
+    uint16_t order_head;     /* in_order: slot in order[] of the oldest buffer in flight */
+    uint16_t *order;         /* in_order: buffer ids in the order they were made available */
 };
 
 int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *desc,
@@ -90,6 +94,7 @@ void vfsdrv_vq_disarm(struct vfsdrv_vq *vq);
 int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *ring,
                           uint8_t *driver_event, uint8_t *device_event, uint8_t *indirect,
                           uint64_t indirect_addr, uint32_t indirect_heads, int event_idx);
+int vfsdrv_vq_set_in_order(struct vfsdrv_vq *vq);
 int vfsdrv_packed_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n);
 int vfsdrv_packed_publish(struct vfsdrv_vq *vq);
 int vfsdrv_packed_used_pending(struct vfsdrv_vq *vq);

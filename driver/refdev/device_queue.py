@@ -27,7 +27,11 @@ descriptor ring and the driver and device event suppression areas:
   * it asks for kicks at the next entry it will read (DESC with EVENT_IDX; else the
     area stays ENABLE), then re-checks that entry after a full fence;
   * 2.8.19 indirect tables: WRITE is the only flag it honours in them.
-Chains are served in order, so the used entries come in ring order.
+Chains are served in order, so the used entries come in ring order; with
+VIRTIO_F_IN_ORDER (2.8.18) the chains pushed before a flush() (the session flushes
+before each interrupt decision) get one used entry, naming the last of them, and
+every other one of the batch is filled completely (a reply shorter than its buffer
+is padded with zeros).
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ class DeviceQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.packed = False  # VIRTIO_F_RING_PACKED negotiated
+        self.in_order = False  # VIRTIO_F_IN_ORDER negotiated (batches with packed)
+        self._batch: tuple[int, int] | None = None  # in-order: (last id, its len)
+        self._batch_entries = 0
+        self._batch_chain: Chain | None = None
+        self.used_entries = 0  # packed: used entries written (fewer than chains in batches)
         # packed: last_avail/used_idx are ring positions with these wrap counters
         self.avail_wrap = self.used_wrap = 1
         self._used_since_signal = 0
@@ -190,6 +199,8 @@ class DeviceQueue:
 
     def stop(self) -> int:
         """GET_VRING_BASE: stop and return the next avail index to read."""
+        if self.started:
+            self._flush_batch()
         self.started = False
         self._desc = self._avail = self._used = None
         self._avail_ptr = self._used_ptr = self._desc_ptr = None
@@ -361,23 +372,60 @@ class DeviceQueue:
         return chain
 
     def _push_packed(self, chain: Chain, written: int) -> None:
+        if self.in_order:
+            # 2.8.18: buffers skipped by a batch's entry count as used completely
+            if self._batch is not None:
+                self._pad_skipped()
+            self._batch_chain = chain
+            self._batch = (chain.head, written)
+            self._batch_entries += chain.entries
+            return
+        self._write_used(chain.head, written, chain.entries)
+
+    def _pad_skipped(self) -> None:
+        """The previous chain of the batch is skipped: zero the rest of its writable
+        part, so that what the driver takes as written is ours."""
+        assert self._batch is not None and self._batch_chain is not None
+        _, written = self._batch
+        for buf in self._batch_chain.writable:
+            n = len(buf)
+            if written < n:
+                buf[written:] = bytes(n - written)
+            written = max(0, written - n)
+
+    def flush(self) -> None:
+        """In-order batching: write the used entry of the chains pushed since the last
+        flush (the session flushes before each interrupt decision)."""
+        if self.started:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if self._batch is None:
+            return
+        head, written = self._batch
+        entries, self._batch, self._batch_entries = self._batch_entries, None, 0
+        self._batch_chain = None
+        self._write_used(head, written, entries)
+
+    def _write_used(self, head: int, written: int, entries: int) -> None:
         assert self._desc is not None
         pos = self.used_idx
         off = pl.DESC_SIZE * pos
         # len and id (bytes 8..13) first; addr is left as the driver wrote it. The
         # driver reads them only after the flags below (acquire), so their width
         # does not matter
-        _LEN_ID.pack_into(self._desc, off + 8, written, chain.head)
+        _LEN_ID.pack_into(self._desc, off + 8, written, head)
         # release: the reply data and id/len are visible before the flags that
         # hand the entry back (AVAIL = USED = our wrap counter)
         flags = pl.F_AVAIL | pl.F_USED if self.used_wrap else 0
         lib.vfsdrv_store_release_u16(self._desc_ptr + off + pl.FLAGS_OFFSET, flags)
-        pos += chain.entries  # the rest of the chain's entries are skipped
+        pos += entries  # the rest of the chain's (the batch's) entries are skipped
         if pos >= self.size:
             pos -= self.size
             self.used_wrap ^= 1
         self.used_idx = pos
-        self._used_since_signal += chain.entries
+        self._used_since_signal += entries
+        self.used_entries += 1
 
     def _signal_packed(self) -> None:
         moved, self._used_since_signal = self._used_since_signal, 0

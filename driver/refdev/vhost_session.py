@@ -50,6 +50,7 @@ VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_F_RING_PACKED = 1 << 34
+VIRTIO_F_IN_ORDER = 1 << 35  # every queue is served in order (batched with packed rings)
 #: `ring` choices: None offers packed (the driver picks), "split" does not offer it,
 #: "packed" offers it and refuses a feature set without it
 RING_LAYOUTS = ("split", "packed")
@@ -93,6 +94,7 @@ class DeviceConfig:
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
             | (VIRTIO_F_RING_PACKED if self.ring != "split" else 0)
+            | VIRTIO_F_IN_ORDER
             | (VIRTIO_FS_F_NOTIFICATION if self.notification else 0)
         )
 
@@ -152,8 +154,9 @@ class VhostUserSession:
         #: feature bits offered (an auditing probe may add one the spec leaves undefined)
         self.offered = config.features
         if auditor is not None:
-            # the auditor's ring checks read split rings
-            self.offered &= ~VIRTIO_F_RING_PACKED
+            # the auditor's ring checks read split rings; IN_ORDER is among the
+            # features the auditing device does not offer (docs/audit.rst)
+            self.offered &= ~(VIRTIO_F_RING_PACKED | VIRTIO_F_IN_ORDER)
             if PROBE_UNKNOWN_FEATURE in auditor.probes:
                 self.offered |= UNKNOWN_FEATURE
             self.audit = SessionAudit(
@@ -334,6 +337,7 @@ class VhostUserSession:
             q.event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
             q.indirect = bool(features & VIRTIO_RING_F_INDIRECT_DESC)
             q.packed = bool(features & VIRTIO_F_RING_PACKED)
+            q.in_order = bool(features & VIRTIO_F_IN_ORDER)
         notify = self._post_lock_notification if self.notification else None
         self.server.notify_lock = notify
         for q in self.queues:
@@ -571,6 +575,7 @@ class VhostUserSession:
             # queue (libvhost-user's vu_panic); the device and other queues go on.
             log.error("session %d: queue %d broken: %s", self.id, q.index, exc)
             q.broken = True
+        q.flush()  # in-order batches end here
         q.signal()
 
     def _serve_chain(self, q: DeviceQueue, chain: Chain, hiprio: bool) -> None:
@@ -648,6 +653,7 @@ class VhostUserSession:
         except VfsdrvError as exc:
             log.error("session %d: notification queue broken: %s", self.id, exc)
             q.broken = True
+        q.flush()  # in-order batches end here
         q.signal()
 
     def _lock_message(self, unique: int, error: int) -> bytes:

@@ -22,13 +22,12 @@ log = logging.getLogger(__name__)
 
 #: ring features this core implements; ORDER_PLATFORM because vfsdrv._native's
 #: barriers are the hardware-suitable ones (dmb osh on aarch64, mfence on x86-64);
-#: RING_PACKED (native/packed.c) is preferred whenever offered. IN_ORDER is not
-#: accepted: the core completes used entries in any order, which an in-order device
-#: also satisfies, and the batching IN_ORDER allows (one used entry for several
-#: buffers) is not implemented.
+#: RING_PACKED (native/packed.c) is preferred whenever offered. IN_ORDER is accepted
+#: with RING_PACKED only: the packed core takes a used entry for a batch (it completes
+#: every older buffer); the split core completes each used entry by itself.
 CORE_FEATURES = (
     Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.ORDER_PLATFORM
-    | Feature.RING_PACKED
+    | Feature.RING_PACKED | Feature.IN_ORDER
 )
 
 #: the `ring` choices: None takes packed when offered, else split
@@ -102,6 +101,8 @@ class VirtioDevice:
             elif self.ring == "packed":
                 wanted |= Feature.RING_PACKED
             accept = self.offered & wanted
+            if not accept & Feature.RING_PACKED:
+                accept &= ~Feature.IN_ORDER
             accept |= t.transport_features(self.offered) & self.offered
             log.info(
                 "%s: offered %s; accepting %s", t.name, feature_names(self.offered),
@@ -156,6 +157,7 @@ class VirtioDevice:
                 event_idx=self.has(Feature.EVENT_IDX),
                 indirect=self.has(Feature.INDIRECT_DESC),
                 packed=packed,
+                in_order=self.has(Feature.IN_ORDER),
             )
             t.setup_queue(index, size, vq.addresses)
             t.enable_queue(index)

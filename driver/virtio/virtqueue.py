@@ -67,6 +67,7 @@ class Virtqueue:
         event_idx: bool = False,
         indirect: bool = False,
         packed: bool = False,
+        in_order: bool = False,
     ) -> None:
         if packed and not 0 < size <= rl.MAX_QUEUE_SIZE:
             raise RingError(f"queue {index}: size {size} is not 1..32768")
@@ -110,6 +111,11 @@ class Virtqueue:
             self._indirect.address_of() if self._indirect else ffi.NULL,
             self._indirect.addr if self._indirect else 0, heads, int(event_idx),
         )
+        if rc == 0 and in_order:
+            # VIRTIO_F_IN_ORDER (packed only): one used entry may complete a batch
+            rc = lib.vfsdrv_vq_set_in_order(self._c)
+            if rc < 0:
+                lib.vfsdrv_vq_destroy(self._c)
         if rc < 0:
             self._free_parts()
             raise RingError(self._error())

@@ -215,6 +215,19 @@ class PackedDevice:
     # -- returning chains ----------------------------------------------------------------
     def complete(self, chain: Chain, data: bytes = b"", *, length: int | None = None) -> None:
         """Scatter `data` over the writable buffers and write the used entry."""
+        self.fill(chain, data)
+        self.push_used(chain.id, len(data) if length is None else length, skip=chain.entries)
+
+    def complete_batch(self, chains: list[Chain], data: bytes = b"") -> None:
+        """VIRTIO_F_IN_ORDER: one used entry for the batch, naming its last buffer (with
+        len(data)); the others are filled completely and skipped (2.8.18)."""
+        for c in chains[:-1]:
+            self.fill(c, bytes(c.writable_len))
+        self.fill(chains[-1], data)
+        self.push_used(chains[-1].id, len(data), skip=sum(c.entries for c in chains))
+
+    def fill(self, chain: Chain, data: bytes = b"") -> None:
+        """Scatter `data` over the writable buffers; the device no longer owns the chain."""
         if self.outstanding.get(chain.id) is not chain:
             raise AssertionError(f"test bug: buffer {chain.id} is not owned by the device")
         if len(data) > chain.writable_len:
@@ -228,7 +241,6 @@ class PackedDevice:
             self.mem[off : off + k] = data[pos : pos + k]
             pos += k
         del self.outstanding[chain.id]
-        self.push_used(chain.id, len(data) if length is None else length, skip=chain.entries)
 
     def used_flags(self) -> int:
         return F_AVAIL | F_USED if self.used_wrap else 0
