@@ -188,8 +188,8 @@ ITEMS: tuple[Item, ...] = (
        "is through translated bus addresses or restricted by the platform.", "not observable: "
        "how the device reaches memory is known to the platform, not to the driver"),
     _i(40, MUST, S6, "If VIRTIO_F_IN_ORDER has been negotiated, a device MUST use buffers in the "
-       "same order in which they have been made available.", "not applicable: vfsdrv never "
-       "negotiates VIRTIO_F_IN_ORDER"),
+       "same order in which they have been made available.", "not observed: vfsdrv accepts "
+       "VIRTIO_F_IN_ORDER with packed rings only, which check's ring probes do not drive"),
     _i(41, MUST, S6, "A device MUST NOT offer VIRTIO_F_SR_IOV unless it is a PCI device that "
        "presents a PCI SR-IOV capability structure (and SHOULD offer it then).",
        ("features.offered",)),
