@@ -1,6 +1,7 @@
-"""The pyfuse3 frontend mounted for real over vhost-user to Debian's virtiofsd,
-exercised with ordinary programs (cp, mv, ln, chmod, touch, truncate, find, tar,
-diff) and the Python file API; every result is checked on the host side.
+"""The pyfuse3 frontend mounted for real over vhost-user to each real device (the
+`mount` fixture: Debian 12's C virtiofsd, Debian 13's Rust one), exercised with
+ordinary programs (cp, mv, ln, chmod, touch, truncate, find, tar, diff) and the
+Python file API; every result is checked on the host side.
 
 pyfuse3 keeps one session per process, so each mount is served by a forked child
 (`serve()` in its main thread, SIGTERM handling included); the test process only
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pyfuse3  # tools/setup-env.sh installs the extra: pip install -e '.[test,pyfuse3]'
 import pytest
-from backends import refdev, virtiofsd
+from backends import device, refdev, virtiofsd
 from mounting import mount_points
 from vfsdrv.frontends.pyfuse3_frontend import FRESH_INO_BASE, InodeMap
 from vfsdrv.fs.config import encode_config
@@ -130,11 +131,15 @@ def _unmount(path: Path) -> None:
 def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
            vfsd_args: tuple[str, ...] = (), options: tuple[str, ...] = (),
            backend_name: str = "virtiofsd") -> Iterator[Mount]:
-    """virtiofsd (or the reference device) on `export`, mounted on `mnt` by a
-    forked child running serve()."""
-    start = (lambda: virtiofsd(export, sock, *vfsd_args)) if backend_name == "virtiofsd" \
-        else (lambda: refdev(export, sock, "--tag", "refdev"))
-    with start() as backend:
+    """virtiofsd (C or Rust: "virtiofsd-rs"; or the reference device) on `export`,
+    mounted on `mnt` by a forked child running serve()."""
+    start = {
+        "virtiofsd": lambda: virtiofsd(export, sock, *vfsd_args),
+        "virtiofsd-rs": lambda: device("virtiofsd-rs", export, sock, *vfsd_args),
+        "refdev": lambda: refdev(export, sock, "--tag", "refdev"),
+    }[backend_name]
+    with start() as started:
+        backend = getattr(started, "proc", started)  # a Popen, or the launcher's Backend
         r, w = os.pipe()
         inject_r, inject_w = os.pipe()
         ack_r, ack_w = os.pipe()
@@ -167,10 +172,12 @@ def served(export: Path, mnt: Path, sock: Path, *, poll: bool = False,
 
 
 @pytest.fixture(params=["interrupt", "poll"])
-def mount(request, tmp_path: Path, export_dir: Path) -> Iterator[Mount]:
+def mount(request, tmp_path: Path, export_dir: Path, device_name: str) -> Iterator[Mount]:
+    """A pyfuse3 mount of each real device (`device_name`), interrupts and polling."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with served(export_dir, mnt, tmp_path / "vfsd.sock", poll=request.param == "poll") as m:
+    with served(export_dir, mnt, tmp_path / "vfsd.sock", poll=request.param == "poll",
+                backend_name=device_name) as m:
         yield m
 
 
