@@ -120,17 +120,20 @@ def test_native_validation_under_libfuzzer(tmp_path: Path) -> None:
 @needs_mount
 def test_catches_item1_error_out_of_range(tmp_path: Path) -> None:
     """Item 1 planted back (errors down to -4095 accepted): the typed client hands a
-    program an errno no kernel passes on, and through the mount `ls` blocks."""
+    program an errno no kernel passes on; through the mount `ls` blocks on a GETATTR
+    answered so, and flock(1) on a lock whose notification carries such an error."""
     env = sanitized_env(tmp_path / "build",
                         plant(tmp_path, VALID_ERRNO, "return error <= 0 && error >= -4095;"))
-    rc, results, output = fuzz(tmp_path, "--mode", "client", "--seeds", "1",
+    rc, results, output = fuzz(tmp_path, "--mode", "client", "--seeds", "0:8",
                                "--kinds", "hdr_error_range", "--rate", "0.3", env=env)
     assert rc == 1 and "wrong" in {f["outcome"] for f in results["findings"]}, output
     assert "no program can get" in output
-    rc, results, output = fuzz(tmp_path, "--mode", "mount", "--seeds", "0",
-                               "--kinds", "hdr_error_range", "--rate", "0.3",
-                               env={**env, "VFSDRV_FUZZ_PROGRAM_TIMEOUT": "3"})
-    assert rc == 1 and "hang" in {f["outcome"] for f in results["findings"]}, output
+    # a reply, then a FUSE_NOTIFY_LOCK completing flock(1)'s wait, with such an error
+    for kinds, rate in (("hdr_error_range", "0.3"), ("notify_lock_error", "0")):
+        rc, results, output = fuzz(tmp_path, "--mode", "mount", "--seeds", "0",
+                                   "--kinds", kinds, "--rate", rate,
+                                   env={**env, "VFSDRV_FUZZ_PROGRAM_TIMEOUT": "2"})
+        assert rc == 1 and "hang" in {f["outcome"] for f in results["findings"]}, output
 
 
 def test_catches_item7_impossible_data(tmp_path: Path) -> None:

@@ -121,11 +121,15 @@ class Mutator:
     kinds: list[str] = field(default_factory=lambda: list(REPLY_KINDS))
     session: list[str] = field(default_factory=list)
     notify_rate: float = 0.05
+    notify_kinds: list[str] = field(default_factory=lambda: list(NOTIFY_KINDS))
     flood: int = 300
     mutations: list[Mutation] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        # lock completions draw from their own generator: the main one is shared by
+        # threads whose order varies, and a replayed seed should mangle the same way
+        self.lock_rng = random.Random(self.seed + 1)
         self.lock = threading.Lock()
         self.replies = 0
 
@@ -395,7 +399,7 @@ class HostileSession(VhostUserSession):
     # -- notifications ---------------------------------------------------------------------
     def _notify_mischief(self) -> None:
         m = self.mutator
-        kind = m.pick(NOTIFY_KINDS)
+        kind = m.pick(m.notify_kinds)
         if kind == "notify_lock_error":
             return  # applied to the next real lock notification (see _lock_message)
         if kind == "notify_lock_extra":  # a unique nobody waits for
@@ -427,8 +431,9 @@ class HostileSession(VhostUserSession):
         if unique == -1:  # an extra message queued by _extra: already whole
             return error  # type: ignore[return-value]
         m = self.mutator
-        if m.notify_rate and m.chance(m.notify_rate * 4):
-            bad = m.pick([-m.randint(512, 4095), -(1 << 31), m.randint(1, (1 << 31) - 1)])
+        r = m.lock_rng
+        if "notify_lock_error" in m.notify_kinds and r.random() < m.notify_rate * 4:
+            bad = r.choice([-r.randint(512, 4095), -(1 << 31), r.randint(1, (1 << 31) - 1)])
             m.record(Mutation("notify_lock_error", Opcode.SETLKW, unique, True, f"error {bad}"))
             error = bad
         return super()._lock_message(unique, error)

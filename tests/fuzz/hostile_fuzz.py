@@ -65,6 +65,7 @@ NATIVE_SO = native_override.install()
 from fakes.hostile_device import (  # noqa: E402
     CLIENT_ONLY,
     KNOWN_DEFECTS,
+    NOTIFY_KINDS,
     REPLY_KINDS,
     SESSION_KINDS,
     HostileDevice,
@@ -177,13 +178,18 @@ def choose_mutator(seed: int, kinds: list[str], rates: list[float]) -> Mutator:
     # a seed fuzzes a few kinds at a time, so each gets a chance to hit its opcode
     chosen = rng.sample(kinds, k=min(len(kinds), rng.choice([1, 2, 3, 6, len(kinds)])))
     rate = rng.choice(rates)
+    notify_rate = rng.choice([0.0, 0.02, 0.1])
+    notify_kinds = list(NOTIFY_KINDS)
     if FORCED.kinds is not None:
         chosen = [k for k in FORCED.kinds if k in REPLY_KINDS]
         session = [k for k in FORCED.kinds if k in SESSION_KINDS]
+        notify_kinds = [k for k in FORCED.kinds if k in NOTIFY_KINDS]
+        notify_rate = 1.0 if notify_kinds else 0.0
     if FORCED.rate is not None:
         rate = FORCED.rate
     m = Mutator(seed, rate=rate, kinds=chosen, session=session,
-                notify_rate=rng.choice([0.0, 0.02, 0.1]), flood=rng.choice([50, 300, 2000]))
+                notify_rate=notify_rate, notify_kinds=notify_kinds,
+                flood=rng.choice([50, 300, 2000]))
     for kind in session:  # listed with the findings; not tied to a request
         m.record(Mutation(kind, detectable=False))
     return m
@@ -777,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep each seed's directory")
     ap.add_argument("--kinds", help="comma list: only these mutations (REPLY_KINDS, "
-                    "SESSION_KINDS of tests/fakes/hostile_device.py)")
+                    "SESSION_KINDS, NOTIFY_KINDS of tests/fakes/hostile_device.py)")
     ap.add_argument("--rate", type=float, help="chance that a reply is rewritten")
     ap.add_argument("--ring", choices=["split", "packed"], help="the device's ring layout")
     ap.add_argument("-v", "--verbose", action="store_true", help="the driver's warnings too")
@@ -791,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     global KEEP
     KEEP = args.keep
     if args.kinds:
-        unknown = set(args.kinds.split(",")) - set(REPLY_KINDS) - set(SESSION_KINDS)
+        unknown = (set(args.kinds.split(",")) - set(REPLY_KINDS) - set(SESSION_KINDS)
+                   - set(NOTIFY_KINDS))
         if unknown:
             ap.error(f"unknown mutation kinds {sorted(unknown)}")
         FORCED.kinds = args.kinds.split(",")
