@@ -21,6 +21,7 @@ from vfsdrv.fs import device as fs_device
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient
 from vfsdrv.fs.device import VirtioFs
+from vfsdrv.fs.notify import NotificationQueue
 from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.audit import CHECKLIST_SIZE, HELD, NOT_EXERCISED, VIOLATED, AuditReport
 from vfsdrv.tools import audit as audit_tool
@@ -281,10 +282,10 @@ def test_kick_before_driver_ok(device: RefDevice, monkeypatch) -> None:
 def test_notification_buffer_smaller_than_notify_buf_size(
     device: RefDevice, monkeypatch
 ) -> None:
-    def add_notify_buffer(self, buf) -> None:
-        self.notify_vq.add([], buf.segments(0, self.config.notify_buf_size - 8), buf)
+    def post(self, buf) -> None:
+        self.vq.add([], buf.segments(0, self.buf_size - 8), buf)
 
-    monkeypatch.setattr(VirtioFs, "_add_notify_buffer", add_notify_buffer)
+    monkeypatch.setattr(NotificationQueue, "_post", post)
     fs = bring_up(device)
     report = finish(device, fs)
     assert violated(report) == {"63"}, report.format_table()

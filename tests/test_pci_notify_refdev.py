@@ -528,13 +528,13 @@ def test_scattered_guest_memory_splits_buffers_over_pci(device_factory, pci_conn
     c = pci_connect(device_factory(), bridge={"regions": 8})
     fs, fn = c.fs, bridge_of(c)
     assert fn.messages.count("SET_MEM_TABLE") == 1 and len(fn.backend.layout) == 8
-    split = [s for s in fs._free_large if len(s.buf.segments(0, s.buf.size)) > 1]
+    split = [s for s in fs.slots.large if len(s.buf.segments(0, s.buf.size)) > 1]
     assert split, "no large slot crosses a region boundary"
     e = c.lookup(ROOT_ID, "big")
     h = c.open(e.nodeid, os.O_RDWR)
     MiB = 1 << 20
     # every large slot at once, so the split ones carry data both ways
-    n = len(fs._free_large)
+    n = len(fs.slots.large)
     reads = [c.submit(*c.read_request(e.nodeid, h.fh, (i % 4) * MiB, MiB)) for i in range(n)]
     for i, p in enumerate(reads):
         assert p.result(WAIT) == data[(i % 4) * MiB : (i % 4 + 1) * MiB]

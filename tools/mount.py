@@ -464,7 +464,7 @@ def mount_figures(req: MountRequest, fs: VirtioFs, runner: object,
         "in_flight": getattr(runner, "inflight", 0),
         "errors": sum(v for k, v in dev_stats.items() if k.startswith("bad_")),
         "notifications": stats.get("notifications", 0),
-        "lock_waiters": len(getattr(fs, "_lock_waiters", ())),
+        "lock_waiters": fs.lock_waiters,
         "uptime": round(time.monotonic() - started, 3),
         "counters": {**dev_stats, **{f"relay_{k}": v for k, v in stats.items()}},
     })

@@ -70,7 +70,7 @@ from ..errors import VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
-from ..fs.device import _LARGE_REPLY_OPCODES, Pending, VirtioFs
+from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
 from .fuse_dev import MS_NODEV, MS_NOSUID, MountOptions
 
@@ -205,7 +205,7 @@ class TrioDevice:
     async def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
                      ctx: Any = None) -> Pending:
         in_len = abi.IN_HEADER_SIZE + sum(len(p) for p in parts)
-        large = in_len > self.fs.SLOT_SIZE_SMALL // 2 or opcode in _LARGE_REPLY_OPCODES
+        large = self.fs.needs_large(opcode, in_len)
         await self._free_slot(large)
         uid, gid, pid = (self.uid, self.gid, self.pid) if ctx is None else (
             ctx.uid, ctx.gid, ctx.pid)

@@ -1,9 +1,12 @@
-"""The virtio-fs device: queue layout, FUSE_INIT, routing of requests, the table
-of requests in flight, the notification queue and blocking-lock waits.
+"""The virtio-fs device: queue layout, FUSE_INIT, routing of requests and the
+table of requests in flight, completion, waiting, failure.
 
-It knows nothing of PCI or vhost-user (only the Transport interface, through
-VirtioDevice) and nothing of frontends: a frontend fills a `Slot` (a DMA buffer)
-with a FUSE request, submits it, and gets a `Completion` back from `process()`.
+Its helpers, one job each: vfsdrv.fs.slots (the DMA buffers requests travel in),
+vfsdrv.fs.notify (the notification queue and blocking-lock waits),
+vfsdrv.fs.sizing (the core's reply-room and layout rules). It knows nothing of
+PCI or vhost-user (only the Transport interface, through VirtioDevice) and
+nothing of frontends: a frontend fills a `Slot` (a DMA buffer) with a FUSE
+request, submits it, and gets a `Completion` back from `process()`.
 
 Queue layout (virtio 1.2 5.11.2): 0 = hiprio; with VIRTIO_FS_F_NOTIFICATION 1 =
 notification queue and requests from 2; without it requests from 1, which is what
@@ -36,13 +39,16 @@ from ..errors import (
     VfsdrvError,
 )
 from ..virtio.device import VirtioDevice
-from ..virtio.memory import PAGE_SIZE, DmaBuffer
 from ..virtio.transport import Transport
 from ..virtio.virtqueue import QueueFull, Virtqueue
 from . import abi
 from .abi import FUSE_LOCK_WAIT, IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
-from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, check_notify_buf_size, parse_config
+from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, parse_config
+from .notify import LockWaits, NotificationQueue, OnNotify
 from .sizing import reply_capacity, reply_offset, request_offset
+from .slots import Completion, OnDone, Slot, SlotPool, synthetic
+
+__all__ = ["Completion", "OnDone", "OnNotify", "Pending", "Slot", "VirtioFs"]
 
 log = logging.getLogger(__name__)
 
@@ -56,60 +62,6 @@ POLL_INTERVAL = 0.001
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 IN_HEADER_START = struct.Struct("<IIQ")  # len, opcode, unique
 OUT_HEADER = struct.Struct("<IiQ")
-LOCK_NOTIFY = struct.Struct("<Qii")
-#: notify codes counted one by one in the statistics (others share one counter,
-#: so a device cannot grow the table without bound)
-COUNTED_NOTIFY_CODES = frozenset(range(1, 10))
-
-
-@dataclass
-class Completion:
-    """The outcome of one request. `reply` is the whole reply (out header and
-    payload) exactly as a FUSE daemon would write it to /dev/fuse; it is valid only
-    during the callback (it may point into DMA memory that is reused afterwards)."""
-
-    unique: int
-    opcode: int
-    error: int  # 0 or -errno
-    reply: memoryview | bytes
-
-    @property
-    def payload(self) -> memoryview:
-        return memoryview(self.reply)[OUT_HEADER_SIZE:]
-
-
-OnDone = Callable[[Completion], None]
-OnNotify = Callable[[int, memoryview], None]  # (notify code, whole message incl. header)
-
-
-@dataclass(eq=False)
-class Slot:
-    """One DMA buffer for one request: the device-readable request at offset 0, the
-    device-writable reply at `reply_off`, placed so that the reply payload starts
-    on a page boundary (data copies into page-aligned memory run several times
-    faster in the backend)."""
-
-    buf: DmaBuffer
-    large: bool
-    view: memoryview = field(init=False, repr=False)
-    unique: int = 0
-    opcode: int = 0
-    in_len: int = 0
-    req_off: int = 0
-    reply_off: int = 0
-    reply_cap: int | None = None
-    on_done: OnDone | None = None
-
-    def __post_init__(self) -> None:
-        self.view = self.buf.view
-
-
-@dataclass
-class _Waiter:
-    opcode: int
-    on_done: OnDone | None
-
-
 @dataclass
 class _QueueState:
     vq: Virtqueue
@@ -146,22 +98,20 @@ class VirtioFs:
         self.on_notify = on_notify
         self._small_count = small_slots
         self._large_count = large_slots
+        self.slots = SlotPool(max_io)
         self.config: FsConfig | None = None
         self.notification = False
         self.hiprio: _QueueState | None = None
         self.notify_vq: Virtqueue | None = None
         self.request_queues: list[_QueueState] = []
         self._rr = 0
-        self._free_small: list[Slot] = []
-        self._free_large: list[Slot] = []
-        self._notify_bufs: list[DmaBuffer] = []
         self._in_flight: dict[int, Slot] = {}
-        self._lock_waiters: dict[int, _Waiter] = {}
-        self._early_lock: dict[int, int] = {}  # unique -> error, notification before reply
         self._next_unique = 2
         self._broken: VfsdrvError | None = None
         self.init_out = None
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.locks = LockWaits(self.stats)
+        self.notifications: NotificationQueue | None = None
         self._poller: select.poll | None = None
         self._fd_queue: dict[int, int] = {}
         #: longest a wait may block: set when a queue has no interrupt (no MSI-X vector)
@@ -193,10 +143,17 @@ class VirtioFs:
                 n = min(n, self.want_request_queues)
             for i in range(n):
                 self.request_queues.append(_QueueState(dev.setup_queue(first + i, self.queue_size)))
-            self._alloc_slots()
+            self.slots.allocate(self.transport.dma_pool(), self._small_count, self._large_count)
             if self.notification:
-                self._post_notify_buffers()
-                self.notify_vq.publish()  # available at DRIVER_OK; no kick before it
+                assert self.notify_vq is not None
+                self.notifications = NotificationQueue(
+                    self.notify_vq, self.config.notify_buf_size or 0, self.notify_buffers,
+                    locks=self.locks, lock_code=self.notify_lock_code,
+                    still_coming=self._setlkw_on_its_way, dispatch=lambda: self.on_notify,
+                    stats=self.stats,
+                )
+                self.notifications.post_all(pool=self.transport.dma_pool())
+                # available at DRIVER_OK; no kick before it
             if self.poll:
                 for qs in self._all_queues():
                     qs.disable_interrupts()
@@ -224,33 +181,11 @@ class VirtioFs:
             qs.append(self.notify_vq)
         return qs + [q.vq for q in self.request_queues]
 
+    SLOT_SIZE_SMALL = SlotPool.SMALL_SIZE
+
     @property
     def slot_size_large(self) -> int:
-        return self.max_io + 3 * PAGE_SIZE
-
-    SLOT_SIZE_SMALL = 4 * PAGE_SIZE
-
-    def _alloc_slots(self) -> None:
-        pool = self.transport.dma_pool()
-        for _ in range(self._small_count):
-            self._free_small.append(Slot(pool.alloc(self.SLOT_SIZE_SMALL, PAGE_SIZE), False))
-        for _ in range(self._large_count):
-            self._free_large.append(Slot(pool.alloc(self.slot_size_large, PAGE_SIZE), True))
-
-    def _post_notify_buffers(self) -> None:
-        assert self.config is not None and self.notify_vq is not None
-        size = self.config.notify_buf_size or 0
-        check_notify_buf_size(size)
-        pool = self.transport.dma_pool()
-        count = min(self.notify_buffers, self.notify_vq.size)
-        for _ in range(count):
-            buf = pool.alloc((size + 63) & ~63, 64)
-            self._notify_bufs.append(buf)
-            self._add_notify_buffer(buf)
-
-    def _add_notify_buffer(self, buf: DmaBuffer) -> None:
-        size = self.config.notify_buf_size  # type: ignore[union-attr]
-        self.notify_vq.add([], buf.segments(0, size), buf)  # type: ignore[union-attr]
+        return self.slots.large_size
 
     def _setup_poller(self) -> None:
         self._poller = select.poll()
@@ -325,13 +260,10 @@ class VirtioFs:
         return u
 
     def needs_large(self, opcode: int, in_len: int) -> bool:
-        """Whether a request of this opcode and length wants a large slot."""
-        return (request_offset(opcode) + in_len > self.SLOT_SIZE_SMALL // 2
-                or opcode in _LARGE_REPLY_OPCODES)
+        return self.slots.needs_large(opcode, in_len)
 
     def try_acquire(self, large: bool = False) -> Slot | None:
-        free = self._free_large if large else self._free_small
-        return free.pop() if free else None
+        return self.slots.try_acquire(large)
 
     def acquire(self, large: bool = False, timeout: float = 30.0) -> Slot:
         """A free slot, waiting for completions while none is free."""
@@ -360,22 +292,17 @@ class VirtioFs:
 
     def lend_slots(self, small: int, large: int) -> list[Slot]:
         """Take free slots out of the pool (for a pump) until return_slots()."""
-        n_small, n_large = min(small, len(self._free_small)), min(large, len(self._free_large))
-        out = [self._free_small.pop() for _ in range(n_small)]
-        out += [self._free_large.pop() for _ in range(n_large)]
-        return out
+        return self.slots.lend(small, large)
 
     def return_slots(self, slots: list[Slot]) -> None:
-        for slot in slots:
-            self.release(slot)
+        self.slots.give_back(slots)
 
     @property
     def free_slots(self) -> tuple[int, int]:
-        return len(self._free_small), len(self._free_large)
+        return self.slots.free
 
     def release(self, slot: Slot) -> None:
-        slot.on_done = None
-        (self._free_large if slot.large else self._free_small).append(slot)
+        self.slots.release(slot)
 
     def submit(self, slot: Slot, in_len: int, on_done: OnDone | None, req_off: int = 0) -> None:
         """Send the request already written at slot.view[req_off:req_off + in_len]. Its
@@ -387,7 +314,7 @@ class VirtioFs:
         hdr_len, opcode, unique = IN_HEADER_START.unpack_from(slot.view, req_off)
         if hdr_len != in_len:
             raise ValueError(f"fuse_in_header.len {hdr_len} != request length {in_len}")
-        if unique in self._in_flight or unique in self._lock_waiters:
+        if unique in self._in_flight or unique in self.locks:
             raise ValueError(f"unique {unique} is already in flight")
         cap = reply_capacity(
             opcode, slot.view[req_off + IN_HEADER_SIZE : req_off + in_len], self.max_io)
@@ -506,94 +433,39 @@ class VirtioFs:
             self.stats["bad_reply"] += 1
             log.warning("device sent a bad reply (opcode %d): %s", slot.opcode,
                         ffi.string(self._why).decode(errors="replace"))
-            return _synthetic(slot.unique, slot.opcode, -errno.EIO)
+            return synthetic(slot.unique, slot.opcode, -errno.EIO)
         # error and length come from the copy; the payload is read where it lies
         return Completion(hdr.unique, slot.opcode, hdr.error, slot.view[off : off + hdr.len])
 
     def _may_wait(self, opcode: int) -> bool:
         return opcode == Opcode.SETLKW and self.notification
 
-    # -- blocking locks ---------------------------------------------------------------
+    # -- blocking locks and notifications (vfsdrv.fs.notify) ----------------------------
     def park_lock(self, unique: int, opcode: int, on_done: OnDone | None) -> None:
         """A SETLKW the device answered "wait": `on_done` gets the final reply when
         its FUSE_NOTIFY_LOCK arrives (or at once, if it already has)."""
-        early = self._early_lock.pop(unique, None)
-        if early is not None:
-            self.stats["lock_notify_before_reply"] += 1
-            if on_done is not None:
-                on_done(_synthetic(unique, opcode, early))
-            return
-        self._lock_waiters[unique] = _Waiter(opcode, on_done)
-        self.stats["lock_waits"] += 1
+        self.locks.park(unique, opcode, on_done)
 
     def is_lock_waiter(self, unique: int) -> bool:
-        return unique in self._lock_waiters
+        return unique in self.locks
 
     @property
     def lock_waiters(self) -> int:
-        return len(self._lock_waiters)
+        return len(self.locks)
+
+    def _setlkw_on_its_way(self, unique: int) -> bool:
+        """Whether a SETLKW with this unique is still in flight (its "wait" reply
+        not yet seen): here, or in the relay's native pumps."""
+        slot = self._in_flight.get(unique)
+        if slot is not None and slot.opcode == Opcode.SETLKW:
+            return True
+        return self.pending_setlkw is not None and self.pending_setlkw(unique)
 
     def _process_notifications(self) -> int:
-        vq = self.notify_vq
-        assert vq is not None
-        n = 0
-        while True:
-            for buf, length in vq.get_used():
-                n += 1
-                try:
-                    self._handle_notification(buf, length)
-                except ProtocolError as exc:
-                    self.stats["bad_notification"] += 1
-                    log.warning("ignoring a malformed notification: %s", exc)
-                self._add_notify_buffer(buf)  # replenish at once
-            if self.poll or not vq.enable_interrupts():
-                break
-        self.dev.kick(vq)
+        assert self.notifications is not None
+        n = self.notifications.process(self.poll)
+        self.dev.kick(self.notifications.vq)
         return n
-
-    def _handle_notification(self, buf: DmaBuffer, length: int) -> None:
-        if length < OUT_HEADER_SIZE:
-            raise ProtocolError(f"notification of {length} bytes")
-        out_len, code, unique = OUT_HEADER.unpack_from(buf.view, 0)
-        if not OUT_HEADER_SIZE <= out_len <= length:
-            raise ProtocolError(f"notification header len {out_len}, used length {length}")
-        if unique != 0:
-            # FUSE marks notifications with unique 0; some devices do not. Dispatch anyway.
-            log.debug("notification code %d with non-zero unique %d", code, unique)
-        payload_len = out_len - OUT_HEADER_SIZE
-        if code == self.notify_lock_code and payload_len == LOCK_NOTIFY.size:
-            lock_unique, error, _pad = LOCK_NOTIFY.unpack_from(buf.view, OUT_HEADER_SIZE)
-            self._lock_notification(lock_unique, error)
-            return
-        if code == abi.NotifyCode.RESEND_OR_LOCK and payload_len == 0:
-            self.stats["notify_resend"] += 1
-            log.warning("device asked for FUSE_NOTIFY_RESEND, which this driver does not do")
-            return
-        self.stats[f"notify_{code}" if code in COUNTED_NOTIFY_CODES else "notify_other"] += 1
-        if self.on_notify is not None:
-            self.on_notify(code, buf.view[:out_len])
-        else:
-            log.debug("notification code %d (%d bytes) not handled", code, payload_len)
-
-    def _lock_notification(self, unique: int, error: int) -> None:
-        if not lib.vfsdrv_valid_errno(error):
-            # the waiter still gets an answer the kernel accepts, or it never wakes
-            self.stats["bad_notification"] += 1
-            log.warning("FUSE_NOTIFY_LOCK for %d with error %d: answering EIO", unique, error)
-            error = -errno.EIO
-        self.stats["lock_notifications"] += 1
-        waiter = self._lock_waiters.pop(unique, None)
-        if waiter is not None:
-            if waiter.on_done is not None:
-                waiter.on_done(_synthetic(unique, waiter.opcode, error))
-            return
-        slot = self._in_flight.get(unique)
-        if (slot is not None and slot.opcode == Opcode.SETLKW) or (
-            self.pending_setlkw is not None and self.pending_setlkw(unique)
-        ):
-            self._early_lock[unique] = error  # the "wait" reply is still on its way
-            return
-        raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
 
     # -- waiting --------------------------------------------------------------------------
     def wait(self, timeout: float | None) -> int:
@@ -712,11 +584,8 @@ class VirtioFs:
         self._in_flight.clear()
         for slot in waiting:
             if slot.on_done is not None and slot.reply_cap is not None:
-                slot.on_done(_synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))
-        for unique, waiter in list(self._lock_waiters.items()):
-            if waiter.on_done is not None:
-                waiter.on_done(_synthetic(unique, waiter.opcode, -errno.ENOTCONN))
-        self._lock_waiters.clear()
+                slot.on_done(synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))
+        self.locks.fail_all(-errno.ENOTCONN)
 
     @property
     def broken(self) -> VfsdrvError | None:
@@ -728,15 +597,6 @@ class VirtioFs:
         if self._broken is None:
             self._broken = DeviceError(f"{self.transport.name}: the device was closed")
         self.dev.close()
-
-
-_LARGE_REPLY_OPCODES = frozenset(
-    {Opcode.READ, Opcode.READDIR, Opcode.READDIRPLUS, Opcode.GETXATTR, Opcode.LISTXATTR}
-)
-
-
-def _synthetic(unique: int, opcode: int, error: int) -> Completion:
-    return Completion(unique, opcode, error, OUT_HEADER.pack(OUT_HEADER_SIZE, error, unique))
 
 
 class Pending:
