@@ -34,7 +34,7 @@ CHECK="import vfsdrv._native"
 if [ "$tests" = yes ]; then
     APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
     EXTRAS="[test,pyfuse3]"
-    CHECK="import vfsdrv._native, pyfuse3, pytest"
+    CHECK="import vfsdrv._native, pyfuse3, pytest, pytest_timeout"
 fi
 
 if [ "$(id -u)" -ne 0 ]; then

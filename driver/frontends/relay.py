@@ -424,6 +424,11 @@ class Relay:
         log.info("%d pump(s) on request queue(s) %s, %d small and %d large slots each",
                  count, ", ".join(str(p.vq.index) for p in self.pumps), per_small, per_large)
 
+    def _take_events(self) -> None:
+        for pump in self.pumps:
+            for event in pump.events():
+                self._on_pump_event(pump, *event)
+
     def _on_pump_exit(self, pump: Pump) -> None:
         # in the pump's thread: hand over to the control loop
         self._exits.put(pump)
@@ -449,16 +454,21 @@ class Relay:
             self._event_fd = -1
 
     def _pending_setlkw(self, unique: int) -> bool:
-        return any(p.has_setlkw(unique) for p in self.pumps)
+        """Whether a SETLKW's "wait" reply is still to come, for a FUSE_NOTIFY_LOCK
+        that found no waiter. Either its slot is still on a ring, or the pump has
+        already queued the LOCK_WAIT event (it queues it before freeing the slot):
+        so look at the slots first, then take in the events (which may park it)."""
+        if any(p.has_setlkw(unique) for p in self.pumps):
+            return True
+        self._take_events()
+        return self.fs.is_lock_waiter(unique)
 
     def _on_events(self) -> None:
         try:
             os.eventfd_read(self._event_fd)
         except BlockingIOError:
             pass
-        for pump in self.pumps:
-            for event in pump.events():
-                self._on_pump_event(pump, *event)
+        self._take_events()
         while not self._exits.empty():
             pump = self._exits.get()
             ex = pump.exit

@@ -74,14 +74,17 @@ class LockWaits:
             error = -errno.EIO
         self.stats["lock_notifications"] += 1
         waiter = self._waiters.pop(unique, None)
-        if waiter is not None:
-            if waiter.on_done is not None:
-                waiter.on_done(synthetic(unique, waiter.opcode, error))
-            return
-        if still_coming(unique):
-            self._early[unique] = error
-            return
-        raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
+        if waiter is None and still_coming(unique):
+            # still_coming may have parked it meanwhile (the relay takes in the pumps'
+            # events first); if not, its "wait" reply is still on the way
+            waiter = self._waiters.pop(unique, None)
+            if waiter is None:
+                self._early[unique] = error
+                return
+        if waiter is None:
+            raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
+        if waiter.on_done is not None:
+            waiter.on_done(synthetic(unique, waiter.opcode, error))
 
     def __contains__(self, unique: int) -> bool:
         return unique in self._waiters
