@@ -130,10 +130,6 @@ def test_every_waiter_fails_together(function, connect, export_dir: Path) -> Non
     c.fs.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "in poll mode nothing notices DEVICE_NEEDS_RESET: VirtioPciTransport programs no "
-    "configuration vector (config_fd() is None) and neither VirtioFs nor the relay reads "
-    "device_status or the ISR config bit, so waiters wait forever (issue 12 item 4)"))
 def test_in_poll_mode_a_waiter_also_fails(function, export_dir: Path) -> None:
     fn = function
     c = bring_up(fn, poll=True)

@@ -59,6 +59,9 @@ ERROR_FD = -1
 CONFIG_FD = -2
 #: how often a queue without an interrupt is looked at
 POLL_INTERVAL = 0.001
+#: how often device_status is read for DEVICE_NEEDS_RESET when no configuration
+#: interrupt would say so (PCI without an MSI-X config vector, or --poll)
+STATUS_POLL_INTERVAL = 0.1
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 IN_HEADER_START = struct.Struct("<IIQ")  # len, opcode, unique
 OUT_HEADER = struct.Struct("<IiQ")
@@ -116,6 +119,8 @@ class VirtioFs:
         self._fd_queue: dict[int, int] = {}
         #: longest a wait may block: set when a queue has no interrupt (no MSI-X vector)
         self.max_wait: float | None = None
+        self._status_every: float | None = None
+        self._next_status = 0.0
         self.started = False
         #: request queues handed to native pumps (the relay): not harvested here
         self.pumped = False
@@ -202,6 +207,10 @@ class VirtioFs:
             self._poller.register(fd, select.POLLIN)
             self._fd_queue[fd] = vq.index
         cfd = self.transport.config_fd()
+        if cfd is None and self.transport.status_is_register:
+            # nothing would tell us about DEVICE_NEEDS_RESET: look now and then
+            self._status_every = STATUS_POLL_INTERVAL
+            self.max_wait = min(self.max_wait or STATUS_POLL_INTERVAL, STATUS_POLL_INTERVAL)
         if cfd is not None:
             self._poller.register(cfd, select.POLLIN)
             self._fd_queue[cfd] = CONFIG_FD
@@ -379,6 +388,10 @@ class VirtioFs:
     def process(self) -> int:
         """Harvest every used ring; run completions. Returns how many were handled."""
         self._check_usable()
+        if self._status_every is not None and time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + self._status_every
+            self._check_needs_reset()
+            self._check_usable()
         handled = 0
         try:
             if self.notify_vq is not None and self.notify_vq.has_used():
@@ -526,10 +539,14 @@ class VirtioFs:
             os.eventfd_read(fd)
         except BlockingIOError:
             pass
+        self._check_needs_reset()
+
+    def _check_needs_reset(self) -> None:
         if self.dev.needs_reset():
             # nothing in flight will complete: tell every waiter now
             self._break(DeviceNeedsResetError(
-                f"{self.transport.name}: the device set DEVICE_NEEDS_RESET"
+                f"{self.transport.name}: the device set DEVICE_NEEDS_RESET; unmount, "
+                "then mount again (the session cannot be resumed)"
             ))
 
     # -- synchronous calls (used by the client API and by INIT) ------------------------

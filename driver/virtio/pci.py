@@ -299,6 +299,8 @@ class _PagePool:
 
 
 class VirtioPciTransport(Transport):
+    status_is_register = True
+
     def __init__(
         self,
         fn: PciFunction,

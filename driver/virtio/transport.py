@@ -30,6 +30,9 @@ class Transport(ABC):
 
     #: short human name used in logs and errors, e.g. "vhost-user:/run/fs.sock"
     name: str = "transport"
+    #: get_status() is a register read (cheap enough to poll when the bus has no
+    #: configuration-change interrupt), not a message to a backend
+    status_is_register: bool = False
 
     # -- status and reset -------------------------------------------------------
     @abstractmethod
