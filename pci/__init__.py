@@ -17,8 +17,8 @@ Modules, one job each:
 
 Typical use goes through the virtio-pci transport::
 
-    from vfsdrv.virtio.pci import open_pci, find_by_tag
-    transport = open_pci(find_by_tag("myfs"))     # binds to vfio-pci if needed
+    from vfsdrv.tools.pci_functions import find_by_tag, open_fs_function
+    transport = open_fs_function(find_by_tag("myfs"))     # binds to vfio-pci if needed
     ...                                           # VirtioFs(transport).start()
     transport.close()
     Sysfs().unbind_vfio(bdf)                      # back to virtio-pci

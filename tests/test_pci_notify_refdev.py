@@ -31,6 +31,7 @@ from vfsdrv.fs.config import VIRTIO_FS_F_NOTIFICATION
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
+from vfsdrv.tools import pci_functions as pf
 from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio.constants import Status
 
@@ -83,7 +84,7 @@ def test_bring_up_with_the_notification_queue(device_factory, pci_connect) -> No
                  if op == "r" and DEVICE_CFG_OFFSET <= o < DEVICE_CFG_OFFSET + 44]
     assert {w for _, w in cfg_reads} == {4} and len(cfg_reads) >= 11
     assert fn.config_reads == len(cfg_reads) and "GET_CONFIG" in fn.messages
-    assert vp.read_virtiofs_tag(fn) == "pcifs"  # the list/bind helper on the same function
+    assert pf.read_virtiofs_tag(fn) == "pcifs"  # the list/bind helper on the same function
     # VIRTIO_FS_F_NOTIFICATION offered on PCI, negotiated, and passed on to the device
     assert fn.common.features & VIRTIO_FS_F_NOTIFICATION
     assert fs.notification and fn.common.driver_features & VIRTIO_FS_F_NOTIFICATION

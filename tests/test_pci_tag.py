@@ -15,6 +15,7 @@ from vfsdrv.pci.emulated import EmulatedFunction
 from vfsdrv.pci.errors import BadAddressError, BarError, PciError
 from vfsdrv.pci.resource import SysfsFunction
 from vfsdrv.pci.sysfs import Sysfs
+from vfsdrv.tools import pci_functions as pf
 from vfsdrv.virtio import pci as vp
 
 PCI_CFG_CAP = vcap(vp.PCI_CFG, 0, 0, 0, cap_len=20, extra=bytes(4))
@@ -50,13 +51,13 @@ def pci_cfg_function(tag: bytes = b"via-window") -> PciCfgDevice:
 
 def test_tag_through_the_pci_cfg_window() -> None:
     dev = pci_cfg_function()
-    assert vp.read_virtiofs_tag(dev, via_pci_cfg=True) == "via-window"
+    assert pf.read_virtiofs_tag(dev, via_pci_cfg=True) == "via-window"
     assert dev.window_reads >= 9 + 2  # 36 bytes in 32-bit reads, plus the generation twice
 
 
 def test_pci_cfg_window_is_read_only_and_natural() -> None:
     dev = pci_cfg_function()
-    w = vp.PciCfgWindow(dev, dev.pci_cfg_pos, 4, 0x2000, 40, "device cfg")
+    w = pf.PciCfgWindow(dev, dev.pci_cfg_pos, 4, 0x2000, 40, "device cfg")
     assert w.read_bytes(0, 4) == b"via-"
     with pytest.raises(BarError, match="unaligned"):
         w.read16(1)
@@ -67,7 +68,7 @@ def test_pci_cfg_window_is_read_only_and_natural() -> None:
 def test_no_pci_cfg_capability() -> None:
     fn, _, _ = make_function()
     with pytest.raises(CapabilityError, match="no PCI cfg access capability"):
-        vp.read_virtiofs_tag(fn, via_pci_cfg=True)
+        pf.read_virtiofs_tag(fn, via_pci_cfg=True)
 
 
 # -- a fake sysfs with real files standing in for config and BAR resources -------------------
@@ -101,15 +102,15 @@ def test_list_and_find_by_tag(tmp_path: Path) -> None:
     fake_function(root, "0000:00:04.0", b"fs2", driver=None)
     fake_function(root, "0000:00:05.0", b"\xff\xfe")  # broken tag
     s = Sysfs(root, state_dir=tmp_path / "state")
-    found = vp.list_virtiofs(s)
+    found = pf.list_virtiofs(s)
     assert [(f.bdf, f.driver, f.tag) for f in found] == [
         ("0000:00:03.0", "virtio-pci", "myfs"), ("0000:00:04.0", None, "fs2"),
         ("0000:00:05.0", "virtio-pci", None)]
     assert "not valid UTF-8" in (found[2].error or "")
-    assert vp.find_by_tag("fs2", s) == "0000:00:04.0"
+    assert pf.find_by_tag("fs2", s) == "0000:00:04.0"
     with pytest.raises(BadAddressError, match=r"no virtio-fs PCI function has tag 'x'.*"
                                               r"0000:00:03.0 \('myfs'\)"):
-        vp.find_by_tag("x", s)
+        pf.find_by_tag("x", s)
 
 
 def test_duplicate_tags(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_duplicate_tags(tmp_path: Path) -> None:
     fake_function(root, "0000:00:03.0", b"same")
     fake_function(root, "0000:00:04.0", b"same")
     with pytest.raises(ConfigError, match="used by several functions"):
-        vp.find_by_tag("same", Sysfs(root, state_dir=tmp_path / "state"))
+        pf.find_by_tag("same", Sysfs(root, state_dir=tmp_path / "state"))
 
 
 def test_sysfs_function_windows_are_read_only(tmp_path: Path) -> None:
@@ -144,6 +145,6 @@ def test_kernel_busy_check_through_fake_sysfs(tmp_path: Path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text("myfs /srv virtiofs rw 0 0\n")
     with pytest.raises(Exception, match="in use by the kernel: mounted on /srv"):
-        vp.check_kernel_not_using("0000:00:03.0", s, str(mounts))
+        pf.check_kernel_not_using("0000:00:03.0", s, str(mounts))
     mounts.write_text("other /srv virtiofs rw 0 0\n")
-    vp.check_kernel_not_using("0000:00:03.0", s, str(mounts))
+    pf.check_kernel_not_using("0000:00:03.0", s, str(mounts))

@@ -18,6 +18,7 @@ import pytest
 from vfsdrv.errors import CapabilityError, ConfigError, DeviceGoneError, TransportError
 from vfsdrv.pci.emulated import ConfigSpace, EmulatedBar, EmulatedFunction
 from vfsdrv.pci.errors import DeviceBusyError, PciError, WrongDeviceError
+from vfsdrv.tools import pci_functions as pf
 from vfsdrv.virtio import pci as vp
 from vfsdrv.virtio.constants import Feature, Status
 from vfsdrv.virtio.device import VirtioDevice
@@ -574,7 +575,7 @@ def test_config_generation() -> None:
 ])
 def test_virtiofs_tag(raw: bytes, tag: str) -> None:
     fn, _, _ = make_function(tag=raw)
-    assert vp.read_virtiofs_tag(fn) == tag
+    assert pf.read_virtiofs_tag(fn) == tag
 
 
 @pytest.mark.parametrize("raw,word", [
@@ -585,18 +586,18 @@ def test_virtiofs_tag(raw: bytes, tag: str) -> None:
 def test_bad_virtiofs_tag(raw: bytes, word: str) -> None:
     fn, _, _ = make_function(tag=raw)
     with pytest.raises(ConfigError, match=word):
-        vp.read_virtiofs_tag(fn)
+        pf.read_virtiofs_tag(fn)
 
 
 def test_tag_needs_device_cfg() -> None:
     caps = standard_caps()
     fn, _, _ = make_function([caps[0], caps[1], caps[3]])
     with pytest.raises(CapabilityError, match="without a device cfg"):
-        vp.read_virtiofs_tag(fn)
+        pf.read_virtiofs_tag(fn)
     caps[2] = vcap(vp.DEVICE_CFG, 4, 0x2000, 16)
     fn, _, _ = make_function(caps)
     with pytest.raises(CapabilityError, match="below the 40-byte"):
-        vp.read_virtiofs_tag(fn)
+        pf.read_virtiofs_tag(fn)
 
 
 def test_tag_read_retries_on_generation_change() -> None:
@@ -610,17 +611,17 @@ def test_tag_read_retries_on_generation_change() -> None:
         return real_read(off, width)
 
     model.read = read  # type: ignore[method-assign]
-    assert vp.read_virtiofs_tag(fn) == "myfs"
+    assert pf.read_virtiofs_tag(fn) == "myfs"
 
 
 def test_mounted_virtiofs_is_refused(tmp_path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text("proc /proc proc rw 0 0\nmyfs /mnt/my\\040share virtiofs rw 0 0\n"
                       "other /x virtiofs rw 0 0\n")
-    assert vp.mounted_virtiofs("myfs", str(mounts)) == ["/mnt/my share"]
+    assert pf.mounted_virtiofs("myfs", str(mounts)) == ["/mnt/my share"]
     with pytest.raises(DeviceBusyError, match="umount /mnt/my share"):
-        vp.check_not_mounted("0000:00:03.0", "myfs", str(mounts))
-    vp.check_not_mounted("0000:00:03.0", "nope", str(mounts))
+        pf.check_not_mounted("0000:00:03.0", "myfs", str(mounts))
+    pf.check_not_mounted("0000:00:03.0", "nope", str(mounts))
 
 
 # -- DMA pool ---------------------------------------------------------------------------------

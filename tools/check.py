@@ -112,11 +112,11 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
 def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
     from ..pci.resource import SysfsFunction
     from ..pci.sysfs import Sysfs, normalize_bdf, require_root
-    from ..virtio import pci as vpci
+    from . import pci_functions as pf
 
     require_root()
     sysfs = Sysfs()
-    bdf = normalize_bdf(bdf) if bdf else vpci.find_by_tag(tag or "", sysfs)
+    bdf = normalize_bdf(bdf) if bdf else pf.find_by_tag(tag or "", sysfs)
     report = Report(device=bdf, transport="virtio-pci (VFIO)")
     with SysfsFunction(bdf, sysfs) as sfn:
         usable = check_pci_function(report, sfn)
@@ -124,7 +124,7 @@ def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
         return report
     before = sysfs.driver(bdf)
     try:
-        transport = vpci.open_pci(bdf)
+        transport = pf.open_fs_function(bdf)
         try:
             return run_checks(transport, report, opts)
         finally:

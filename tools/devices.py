@@ -31,6 +31,7 @@ from ..errors import VfsdrvError
 from ..pci.errors import DeviceBusyError
 from ..pci.sysfs import VFIO_PCI, Sysfs, normalize_bdf, require_root
 from ..virtio import pci as vpci
+from . import pci_functions as pf
 
 SYS_FS_VIRTIOFS = Path("/sys/fs/virtiofs")
 MOUNTINFO = "/proc/self/mountinfo"
@@ -119,7 +120,7 @@ def describe(bdf: str, sysfs: Sysfs, *, ktags: dict[str, str] | None = None,
         tag, source = ktags[vdev], "kernel"
     else:
         try:
-            tag, source = (read_tag or vpci.function_tag)(bdf, sysfs), "device"
+            tag, source = (read_tag or pf.function_tag)(bdf, sysfs), "device"
         except (VfsdrvError, OSError) as exc:
             error = str(exc)
     return DeviceInfo(bdf, tag, source, driver, vdev, vdrv, group, members,
@@ -215,13 +216,13 @@ def bind(bdf: str | None, tag: str | None, sysfs: Sysfs | None = None) -> tuple[
     sysfs = sysfs or Sysfs()
     if bool(bdf) == bool(tag):
         raise VfsdrvError("give the function's address or --tag TAG (one of them)")
-    bdf = normalize_bdf(bdf) if bdf else vpci.find_by_tag(tag or "", sysfs)
+    bdf = normalize_bdf(bdf) if bdf else pf.find_by_tag(tag or "", sysfs)
     ident = sysfs.identity(bdf)
     if (ident.vendor, ident.device) != (vpci.VIRTIO_PCI_VENDOR, vpci.VIRTIO_FS_PCI_DEVICE):
         raise VfsdrvError(f"{bdf} is {ident.vendor:04x}:{ident.device:04x}, not a virtio-fs "
                           "function (1af4:105a); `vfsdrv list` shows them")
     if sysfs.driver(bdf) not in (None, VFIO_PCI):
-        vpci.check_kernel_not_using(bdf, sysfs)
+        pf.check_kernel_not_using(bdf, sysfs)
     before = sysfs.driver(bdf)
     sysfs.bind_vfio(bdf)
     return bdf, before

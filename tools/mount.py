@@ -345,15 +345,15 @@ def _pci_transport(req: MountRequest):
     to vfio-pci goes back to its driver when the command ends (or fails)."""
     try:
         from ..pci.sysfs import Sysfs, normalize_bdf
-        from ..virtio import pci as vpci
+        from . import pci_functions as pf
     except ImportError as exc:
         raise MountError(f"the VFIO/PCI transport is not available: {exc}") from exc
     sysfs = Sysfs()
-    bdf = normalize_bdf(req.device) if req.device is not None else vpci.find_by_tag(req.tag)
+    bdf = normalize_bdf(req.device) if req.device is not None else pf.find_by_tag(req.tag)
     if sysfs.driver(bdf) != "vfio-pci":
         req.bound_here = bdf
     try:
-        return vpci.open_pci(bdf, poll=req.poll, backend=req.iommu,
+        return pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
                              allow_unpinned_4k=req.force_4k_noiommu)
     except BaseException:
         _give_back(req)

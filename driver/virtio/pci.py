@@ -31,10 +31,9 @@ from ..errors import (
     ConfigError,
     DeviceGoneError,
     TransportError,
-    VfsdrvError,
 )
 from ..pci import config as pcicfg
-from ..pci.errors import DeviceBusyError, WrongDeviceError
+from ..pci.errors import WrongDeviceError
 from ..pci.function import DmaMemoryLike, PciFunction, RegisterWindow
 from ..pci.sysfs import Sysfs
 from .constants import Feature
@@ -627,193 +626,6 @@ class VirtioPciTransport(Transport):
         self._gone = f"{self.name}: transport is closed"
 
 
-# -- virtio-fs helpers ------------------------------------------------------------------------
-
-
-def decode_virtiofs_tag(raw: bytes) -> str:
-    """The 36-byte tag field: UTF-8, NUL-padded, non-empty, nothing after the padding."""
-    if len(raw) != VIRTIO_FS_TAG_SIZE:
-        raise ConfigError(f"virtio-fs tag field is {len(raw)} bytes, expected 36")
-    end = raw.find(b"\0")
-    body = raw if end < 0 else raw[:end]
-    if end >= 0 and raw[end:].strip(b"\0"):
-        raise ConfigError(f"virtio-fs tag {raw!r} has bytes after its NUL padding")
-    if not body:
-        raise ConfigError("virtio-fs tag is empty")
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"virtio-fs tag {body!r} is not valid UTF-8: {e}") from e
-
-
-class PciCfgWindow(RegisterWindow):
-    """BAR registers reached through the VIRTIO_PCI_CAP_PCI_CFG window in config space
-    (virtio 1.2 4.1.4.9): set bar/offset/length in the capability, then access
-    pci_cfg_data. For reading a device whose BARs cannot be mapped (a kernel driver
-    owns them). Read-only here."""
-
-    def __init__(self, fn: PciFunction, cap_pos: int, bar: int, base: int, length: int,
-                 name: str) -> None:
-        super().__init__(length, name)
-        self.fn, self.pos, self.bar, self.base = fn, cap_pos, bar, base
-
-    def _read(self, off: int, width: int) -> int:
-        # cap.offset must be a multiple of cap.length: natural alignment, checked by _check
-        self.fn.config_write(self.pos + 4, bytes([self.bar]))
-        self.fn.config_write(self.pos + 8, struct.pack("<II", self.base + off, width))
-        return int.from_bytes(self.fn.config_read(self.pos + 16, width), "little")
-
-    def _write(self, off: int, width: int, value: int) -> None:
-        raise TransportError(f"{self.name}: the PCI cfg access window is used read-only")
-
-
-def read_virtiofs_tag(fn: PciFunction, retries: int = 10, *, via_pci_cfg: bool = False) -> str:
-    """The tag of a virtio-fs PCI function, without the virtio core (for `list` and
-    bind-by-tag). Reading device config and config_generation has no side effects.
-    `via_pci_cfg` reads through the PCI cfg access capability instead of the BARs
-    (works while the kernel's driver owns them)."""
-    check_identity(fn, VIRTIO_ID_FS)
-    caps = parse_capabilities(fn)
-    if caps.device is None:
-        raise CapabilityError(
-            f"{fn.name}: virtio-fs function without a device cfg capability (the tag lives there)"
-        )
-    if caps.device.length < VIRTIO_FS_CONFIG_MIN:
-        raise CapabilityError(
-            f"{caps.device.name}: length {caps.device.length} is below the {VIRTIO_FS_CONFIG_MIN}"
-            "-byte virtio-fs config (tag + num_request_queues)"
-        )
-    if via_pci_cfg:
-        if caps.pci_cfg is None:
-            raise CapabilityError(f"{fn.name}: no PCI cfg access capability")
-        c, d = caps.common, caps.device
-        common: RegisterWindow = PciCfgWindow(fn, caps.pci_cfg, c.bar, c.offset, COMMON_CFG_MIN,
-                                              "common cfg")
-        devcfg: RegisterWindow = PciCfgWindow(fn, caps.pci_cfg, d.bar, d.offset,
-                                              VIRTIO_FS_TAG_SIZE, "device cfg")
-    else:
-        common = fn.bar_window(caps.common.bar, caps.common.offset, COMMON_CFG_MIN, "common cfg")
-        devcfg = fn.bar_window(caps.device.bar, caps.device.offset, VIRTIO_FS_TAG_SIZE,
-                               "device cfg")
-    for _ in range(retries):
-        gen = common.read8(CONFIG_GENERATION)
-        raw = devcfg.read_bytes(0, VIRTIO_FS_TAG_SIZE)
-        if common.read8(CONFIG_GENERATION) == gen:
-            return decode_virtiofs_tag(raw)
-    raise ConfigError(f"{fn.name}: config generation kept changing while reading the tag")
-
-
-def mounted_virtiofs(tag: str, mounts: str = "/proc/mounts") -> list[str]:
-    """Mount points of kernel virtiofs mounts of `tag`."""
-    out = []
-    try:
-        with open(mounts) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] == "virtiofs" and parts[0] == tag:
-                    out.append(parts[1].replace("\\040", " "))
-    except OSError:
-        pass
-    return out
-
-
-def check_not_mounted(bdf: str, tag: str, mounts: str = "/proc/mounts") -> None:
-    where = mounted_virtiofs(tag, mounts)
-    if where:
-        raise DeviceBusyError(
-            f"{bdf} (virtio-fs tag {tag!r}) is in use by the kernel: mounted on "
-            f"{', '.join(where)}; unmount it first (`umount {where[0]}`)"
-        )
-
-
-def check_kernel_not_using(bdf: str, sysfs: Sysfs, mounts: str = "/proc/mounts") -> None:
-    """Refuse to take a virtio-fs function away from the kernel while it is mounted."""
-    tag = kernel_tag(bdf, sysfs)
-    if tag is not None:
-        check_not_mounted(bdf, tag, mounts)
-        return
-    # tag unreadable: refuse if the kernel's virtiofs driver holds it and anything is mounted
-    held = [p for p in sysfs.device_dir(bdf).glob("virtio*/driver")
-            if os.path.basename(os.readlink(p)) == "virtiofs"]
-    if held and any(mounted_virtiofs_all(mounts)):
-        raise DeviceBusyError(
-            f"{bdf} is in use by the kernel's virtiofs driver and virtiofs file systems are "
-            f"mounted ({', '.join(mounted_virtiofs_all(mounts))}); its tag could not be read "
-            "to tell which: unmount them first"
-        )
-
-
-def mounted_virtiofs_all(mounts: str = "/proc/mounts") -> list[str]:
-    try:
-        with open(mounts) as f:
-            return [ln.split()[1] for ln in f if len(ln.split()) >= 3
-                    and ln.split()[2] == "virtiofs"]
-    except OSError:
-        return []
-
-
-@dataclass(frozen=True)
-class FsFunction:
-    """A virtio-fs PCI function as `list` shows it."""
-
-    bdf: str
-    driver: str | None
-    iommu_group: int | None
-    tag: str | None
-    error: str | None = None  # why the tag could not be read
-
-
-def function_tag(bdf: str, sysfs: Sysfs) -> str:
-    """Tag of a virtio-fs function whoever owns it: through a sysfs BAR mapping where the
-    kernel allows one, else through the PCI cfg access capability."""
-    from ..pci.resource import SysfsFunction
-
-    errors = []
-    for via_pci_cfg in (False, True):
-        try:
-            with SysfsFunction(bdf, sysfs) as sfn:
-                return read_virtiofs_tag(sfn, via_pci_cfg=via_pci_cfg)
-        except (OSError, VfsdrvError) as e:
-            errors.append(str(e))
-    raise ConfigError(f"{bdf}: cannot read the virtio-fs tag: {'; '.join(errors)}")
-
-
-def list_virtiofs(sysfs: Sysfs | None = None) -> list[FsFunction]:
-    """Every virtio-fs PCI function (1af4:105a) with its driver, IOMMU group and tag."""
-    sysfs = sysfs or Sysfs()
-    out = []
-    for bdf in sysfs.functions(VIRTIO_PCI_VENDOR, VIRTIO_FS_PCI_DEVICE):
-        try:
-            tag, err = function_tag(bdf, sysfs), None
-        except VfsdrvError as e:
-            tag, err = None, str(e)
-        out.append(FsFunction(bdf, sysfs.driver(bdf), sysfs.iommu_group(bdf), tag, err))
-    return out
-
-
-def find_by_tag(tag: str, sysfs: Sysfs | None = None) -> str:
-    """The PCI address of the virtio-fs function with this tag."""
-    from ..pci.errors import BadAddressError
-
-    found = list_virtiofs(sysfs)
-    hits = [f.bdf for f in found if f.tag == tag]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise ConfigError(f"virtio-fs tag {tag!r} is used by several functions: "
-                          f"{', '.join(hits)}; give the address instead")
-    known = ", ".join(f"{f.bdf} ({f.tag!r})" if f.tag else f"{f.bdf} (tag unreadable)"
-                      for f in found) or "none"
-    raise BadAddressError(f"no virtio-fs PCI function has tag {tag!r}; there are: {known}")
-
-
-def kernel_tag(bdf: str, sysfs: Sysfs) -> str | None:
-    try:
-        return function_tag(bdf, sysfs)
-    except VfsdrvError:
-        return None
-
-
 def open_pci(
     bdf: str,
     *,
@@ -825,8 +637,9 @@ def open_pci(
     allow_unpinned_4k: bool = False,
 ) -> VirtioPciTransport:
     """Open a virtio PCI function through VFIO (binding it to vfio-pci if asked) and
-    return its transport. For a virtio-fs function bound to the kernel's virtio-pci,
-    refuses if the file system is mounted. `allow_unpinned_4k`: in no-IOMMU mode,
+    return its transport. Whether the host may give the function away (a kernel
+    mount of it) is the caller's to check: vfsdrv.tools.pci_functions.open_fs_function.
+    `allow_unpinned_4k`: in no-IOMMU mode,
     accept DMA memory on 4 KiB pages when there are not enough huge pages (refused
     otherwise: such pages may move under the device)."""
     from ..pci.device import VfioPciDevice
@@ -835,18 +648,6 @@ def open_pci(
     require_root()
     sysfs = Sysfs()
     bdf = normalize_bdf(bdf)
-    ident = sysfs.identity(bdf)
-    if device_id == VIRTIO_ID_FS and (ident.vendor, ident.device) != (
-        VIRTIO_PCI_VENDOR,
-        VIRTIO_FS_PCI_DEVICE,
-    ):
-        found = sysfs.functions(VIRTIO_PCI_VENDOR, VIRTIO_FS_PCI_DEVICE)
-        raise WrongDeviceError(
-            f"{bdf} is {ident.vendor:04x}:{ident.device:04x}, not a virtio-fs function "
-            f"(1af4:105a); virtio-fs functions here: {', '.join(found) or 'none'}"
-        )
-    if device_id == VIRTIO_ID_FS and sysfs.driver(bdf) not in (None, "vfio-pci"):
-        check_kernel_not_using(bdf, sysfs)
     dev = VfioPciDevice(bdf, backend=backend, sysfs=sysfs, bind=bind)
     dev.allow_unpinned_4k = allow_unpinned_4k
     try:

@@ -1,7 +1,7 @@
 """The VFIO/PCI transport end to end in a QEMU guest, type1 (vIOMMU) and no-IOMMU.
 
 In the guest, with the function first owned by the kernel's virtio-pci:
-  1. a mounted kernel virtiofs makes `open_pci` refuse ("in use by the kernel");
+  1. a mounted kernel virtiofs makes `open_fs_function` refuse ("in use by the kernel");
   2. session 1: bind to vfio-pci, bring the device up through the virtio core,
      FUSE_INIT, round trips (lookup/getattr/read of a host file, create/write/
      read-back of a new one, readdir), data checked byte for byte, completions
@@ -171,10 +171,10 @@ def _session(bdf: str, *, poll: bool, hugepages: bool) -> dict:
 
     from vfsdrv.fs.client import FuseClient
     from vfsdrv.fs.device import VirtioFs
-    from vfsdrv.virtio import pci as vp
+    from vfsdrv.tools import pci_functions as pf
 
     # 4 KiB pages without an IOMMU only when forced (they may move under the device)
-    t = vp.open_pci(bdf, bind=True, poll=poll, dma_size=8 << 20,
+    t = pf.open_fs_function(bdf, bind=True, poll=poll, dma_size=8 << 20,
                     allow_unpinned_4k=not hugepages)
     t.fn.hugepages = hugepages
     acks: collections.Counter[int] = collections.Counter()
@@ -269,9 +269,9 @@ def _session(bdf: str, *, poll: bool, hugepages: bool) -> dict:
 def _refused_4k(bdf: str) -> list[str] | None:
     """Bring-up on 4 KiB pages without forcing them: [error class, message]."""
     from vfsdrv.fs.device import VirtioFs
-    from vfsdrv.virtio import pci as vp
+    from vfsdrv.tools import pci_functions as pf
 
-    t = vp.open_pci(bdf, bind=True, dma_size=8 << 20)
+    t = pf.open_fs_function(bdf, bind=True, dma_size=8 << 20)
     t.fn.hugepages = False
     try:
         VirtioFs(t, max_io=128 << 10, small_slots=16, large_slots=4).start().close()
@@ -292,7 +292,7 @@ def guest_main(mode: str) -> int:
 
     from vfsdrv.pci.errors import DeviceBusyError
     from vfsdrv.pci.sysfs import Sysfs
-    from vfsdrv.virtio import pci as vp
+    from vfsdrv.tools import pci_functions as pf
 
     bdf = os.environ["VFSDRV_VM_BDF"]
     sysfs = Sysfs()
@@ -305,7 +305,7 @@ def guest_main(mode: str) -> int:
     os.makedirs("/mnt/k", exist_ok=True)
     _sh("mount", "-t", "virtiofs", "myfs", "/mnt/k")
     try:
-        vp.open_pci(bdf, bind=True).close()
+        pf.open_fs_function(bdf, bind=True).close()
         res["busy_error"] = "opened a mounted device"
         print("RESULT " + json.dumps(res), flush=True)
         return 1
@@ -348,23 +348,23 @@ def _guest_group(sysfs, res: dict) -> int:
     from vfsdrv.errors import VfsdrvError
     from vfsdrv.fs.client import FuseClient
     from vfsdrv.fs.device import VirtioFs
-    from vfsdrv.virtio import pci as vp
+    from vfsdrv.tools import pci_functions as pf
 
     a, b = "0000:00:03.0", "0000:00:03.1"
     res["groups"] = [sysfs.iommu_group(a), sysfs.iommu_group(b)]
     try:
-        vp.open_pci(a, bind=True).close()
+        pf.open_fs_function(a, bind=True).close()
         res["not_viable"] = ["no error", ""]
     except VfsdrvError as e:
         res["not_viable"] = [type(e).__name__, str(e)]
     res["driver_after_failure"] = sysfs.driver(a)
     sysfs.bind_vfio(b)
     try:  # this 6.1 guest kernel has no iommufd / VFIO device cdevs
-        vp.open_pci(a, bind=True, backend="iommufd").close()
+        pf.open_fs_function(a, bind=True, backend="iommufd").close()
         res["iommufd"] = ["no error", ""]
     except VfsdrvError as e:
         res["iommufd"] = [type(e).__name__, str(e)]
-    fs = VirtioFs(vp.open_pci(a, bind=True), max_io=64 << 10, small_slots=8, large_slots=2)
+    fs = VirtioFs(pf.open_fs_function(a, bind=True), max_io=64 << 10, small_slots=8, large_slots=2)
     try:
         fs.start()
         res["init_minor"] = fs.init().minor
@@ -378,11 +378,11 @@ def _guest_group(sysfs, res: dict) -> int:
 
 def _guest_errors(bdf: str, sysfs, res: dict) -> int:
     from vfsdrv.errors import VfsdrvError
-    from vfsdrv.virtio import pci as vp
+    from vfsdrv.tools import pci_functions as pf
 
     def attempt(target: str) -> list[str]:
         try:
-            vp.open_pci(target, bind=True)
+            pf.open_fs_function(target, bind=True)
         except VfsdrvError as e:
             return [type(e).__name__, str(e)]
         return ["no error", ""]
@@ -392,10 +392,10 @@ def _guest_errors(bdf: str, sysfs, res: dict) -> int:
     res["missing"] = attempt("0000:00:1e.6")
     res["bad"] = attempt("00:03")
     res["driver_after"] = sysfs.driver(bdf)
-    res["listed"] = [[f.bdf, f.driver, f.tag] for f in vp.list_virtiofs()]
-    res["by_tag"] = vp.find_by_tag("second-fs")
+    res["listed"] = [[f.bdf, f.driver, f.tag] for f in pf.list_virtiofs()]
+    res["by_tag"] = pf.find_by_tag("second-fs")
     try:
-        vp.find_by_tag("nope")
+        pf.find_by_tag("nope")
         res["by_bad_tag"] = ["no error", ""]
     except VfsdrvError as e:
         res["by_bad_tag"] = [type(e).__name__, str(e)]
