@@ -34,6 +34,7 @@
 #define TAG_FUSE 1
 #define TAG_IRQ 2
 #define TAG_CTL 3
+#define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
 
 struct vfsdrv_pump {
     struct vfsdrv_pump_config cfg;
@@ -663,6 +664,10 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
             timeout = vq->in_flight ? p->cfg.poll_ms : -1;
         else if (vq->in_flight && vfsdrv_vq_arm(vq))
             continue;  /* completions arrived while we were busy */
+        else if (vq->in_flight)
+            /* look at the ring now and then anyway: harvest() then catches a device
+             * that wrote (or garbled) it without the interrupt it owed us */
+            timeout = RING_WATCHDOG_MS;
         int can_read = p->pend_count == 0 && ensure_landing(p);
         if (!can_read && p->fuse_polled)
             STAT(p, stalls);
