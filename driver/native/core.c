@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "vfsdrv_core.h"
+#include "ring.h"  /* after vfsdrv_core.h, which has no include guard (cffi reads it) */
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio rings are little-endian; this core stores fields natively"
@@ -79,16 +80,41 @@ _Static_assert(sizeof(struct desc) == 16, "virtq_desc is 16 bytes");
 #define USED_ELEM(vq, i) ((vq)->used + 4 + 8 * (i))
 #define AVAIL_EVENT(vq) ((vq)->used + 4 + 8 * (vq)->size)
 
-__attribute__((format(printf, 3, 4)))
-static int fail(struct vfsdrv_vq *vq, int rc, const char *fmt, ...)
+int vfsdrv_ring_fail(struct vfsdrv_vq *vq, int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int n = snprintf(vq->error, sizeof vq->error, "queue %u: ", vq->index);
+    int n = snprintf(vq->error, sizeof vq->error, "queue %u%s: ", vq->index,
+                     vq->packed ? " (packed)" : "");
     if (n > 0 && (size_t)n < sizeof vq->error)
         vsnprintf(vq->error + n, sizeof vq->error - n, fmt, ap);
     va_end(ap);
     return rc;
+}
+#define fail vfsdrv_ring_fail
+
+int vfsdrv_chain_check(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n,
+                       uint32_t *writable)
+{
+    if (n == 0)
+        return fail(vq, -EINVAL, "a chain needs at least one buffer");
+    if (n > vq->size)
+        return fail(vq, -EINVAL, "chain of %u descriptors exceeds queue size %u", n, vq->size);
+    uint64_t total = 0, wlen = 0;
+    int in_write = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (segs[i].flags & VFSDRV_SEG_WRITE) {
+            in_write = 1;
+            wlen += segs[i].len;
+        } else if (in_write) {
+            return fail(vq, -EINVAL, "device-readable buffer after a writable one");
+        }
+        total += segs[i].len;
+    }
+    if (total > 0xFFFFFFFFu)
+        return fail(vq, -EINVAL, "a chain must not exceed 2^32 bytes");
+    *writable = (uint32_t)wlen;
+    return 0;
 }
 
 int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t *desc,
@@ -146,23 +172,10 @@ int vfsdrv_vq_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t 
 {
     if (vq->packed)
         return vfsdrv_packed_add(vq, segs, n);
-    if (n == 0)
-        return fail(vq, -EINVAL, "a chain needs at least one buffer");
-    if (n > vq->size)
-        return fail(vq, -EINVAL, "chain of %u descriptors exceeds queue size %u", n, vq->size);
-    uint64_t total = 0, writable = 0;
-    int in_write = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (segs[i].flags & VFSDRV_SEG_WRITE) {
-            in_write = 1;
-            writable += segs[i].len;
-        } else if (in_write) {
-            return fail(vq, -EINVAL, "device-readable buffer after a writable one");
-        }
-        total += segs[i].len;
-    }
-    if (total > 0xFFFFFFFFu)
-        return fail(vq, -EINVAL, "a chain must not exceed 2^32 bytes");
+    uint32_t writable;
+    int rc = vfsdrv_chain_check(vq, segs, n, &writable);
+    if (rc)
+        return rc;
     int indirect = vq->use_indirect && n > 1 && n <= VFSDRV_INDIRECT_MAX &&
                    vq->free_head < vq->indirect_heads;
     uint32_t needed = indirect ? 1 : n;

@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "vfsdrv_core.h"
+#include "ring.h"  /* after vfsdrv_core.h, which has no include guard (cffi reads it) */
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -57,17 +58,7 @@ _Static_assert(sizeof(struct pdesc) == 16, "pvirtq_desc is 16 bytes");
 #define DESC_AT(vq, i) ((vq)->desc + 16 * (size_t)(i))
 #define FLAGS_AT(vq, i) (DESC_AT(vq, i) + 14)
 
-__attribute__((format(printf, 3, 4)))
-static int fail(struct vfsdrv_vq *vq, int rc, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = snprintf(vq->error, sizeof vq->error, "queue %u (packed): ", vq->index);
-    if (n > 0 && (size_t)n < sizeof vq->error)
-        vsnprintf(vq->error + n, sizeof vq->error - n, fmt, ap);
-    va_end(ap);
-    return rc;
-}
+#define fail vfsdrv_ring_fail
 
 /* the AVAIL/USED bits a driver writes to make an entry available in lap `wrap` */
 static uint16_t avail_bits(int wrap)
@@ -136,23 +127,10 @@ int vfsdrv_vq_set_in_order(struct vfsdrv_vq *vq)
 
 int vfsdrv_packed_add(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n)
 {
-    if (n == 0)
-        return fail(vq, -EINVAL, "a chain needs at least one buffer");
-    if (n > vq->size)
-        return fail(vq, -EINVAL, "chain of %u descriptors exceeds queue size %u", n, vq->size);
-    uint64_t total = 0, writable = 0;
-    int in_write = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (segs[i].flags & VFSDRV_SEG_WRITE) {
-            in_write = 1;
-            writable += segs[i].len;
-        } else if (in_write) {
-            return fail(vq, -EINVAL, "device-readable buffer after a writable one");
-        }
-        total += segs[i].len;
-    }
-    if (total > 0xFFFFFFFFu)
-        return fail(vq, -EINVAL, "a chain must not exceed 2^32 bytes");
+    uint32_t writable;
+    int rc = vfsdrv_chain_check(vq, segs, n, &writable);
+    if (rc)
+        return rc;
     uint16_t id = vq->free_head;
     int indirect = vq->use_indirect && n > 1 && n <= VFSDRV_INDIRECT_MAX &&
                    id < vq->indirect_heads;
