@@ -180,7 +180,8 @@ def test_libfuzzer_target_catches_a_broken_rule(tmp_path: Path) -> None:
 # -- defects the fuzzer found ----------------------------------------------------------------
 @needs_mount
 def test_packed_ring_lap_does_not_leave_a_program_waiting(tmp_path: Path) -> None:
-    """Found by the fuzzer, reported to the lead (driver/native: not ours to fix).
+    """Found by the fuzzer (fixed in 119cccb: the pump looks at the ring once a second
+    while requests are in flight and no interrupt comes).
 
     On a packed ring the device answers `cat`'s OPEN, then marks a whole lap of the
     ring used, so the OPEN's own entry ends with the next lap's flags (neither
@@ -188,7 +189,7 @@ def test_packed_ring_lap_does_not_leave_a_program_waiting(tmp_path: Path) -> Non
     does not look at it: `cat` waits in request_wait_answer until the mount is
     unmounted, and only FUSE_DESTROY at teardown reports "entry N has flags 0:
     neither available nor used in wrap 1". The same device on a split ring is
-    declared failed at once (ENOTCONN). Expected: the device fails, the program gets
+    declared failed at once (ENOTCONN). Now: the device fails, the program gets
     an error within seconds.
 
     Replay: VFSDRV_FUZZ_PROGRAM_TIMEOUT=5 python tests/fuzz/hostile_fuzz.py --mode
