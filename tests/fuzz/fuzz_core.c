@@ -3,7 +3,7 @@
  *
  *   vfsdrv_check_reply      a reply header and its used length, in a buffer of
  *                           exactly used_len bytes (a read past it is an ASan report)
- *   vfsdrv_vq_harvest       split and packed rings the fuzzer writes as a device:
+ *   vfsdrv_vq_harvest       split and packed (also IN_ORDER) rings the fuzzer writes:
  *                           a stateful script of add / publish / used entry / used
  *                           index / harvest operations
  *   vfsdrv_reply_capacity   reply room from request arguments of exactly args_len
@@ -188,6 +188,8 @@ static int ring_setup(struct ring_model *r, struct input *in)
         rc = vfsdrv_vq_init_packed(&r->vq, 2, r->size, r->desc, r->avail, r->used,
                                    r->indirect, 0x100000, heads, event_idx);
         r->dev_wrap = 1;
+        if (rc == 0 && (b >> 7) & 1)  /* VIRTIO_F_IN_ORDER: one entry completes older ones */
+            rc = vfsdrv_vq_set_in_order(&r->vq);
     } else {
         r->desc = calloc(r->size, 16);
         r->avail = calloc(1, 6 + 2 * (size_t)r->size);
@@ -284,7 +286,8 @@ static void ring_harvest(struct ring_model *r, struct input *in)
     uint16_t in_flight = r->vq.in_flight, num_free = r->vq.num_free;
     int rc = vfsdrv_vq_harvest(&r->vq, out, max);
     if (rc < 0) {
-        CHECK(rc == -EIO);
+        /* -EINVAL: less room than an in-order batch completes (the caller's error) */
+        CHECK(rc == -EIO || (rc == -EINVAL && r->vq.in_order && max < in_flight));
         CHECK(r->vq.in_flight == in_flight && r->vq.num_free == num_free);  /* nothing moved */
         CHECK(memchr(r->vq.error, '\0', sizeof r->vq.error) != NULL);
         return;
