@@ -22,9 +22,8 @@ it. Then:
     new function into the same root port (QMP chardev-add of a second virtiofsd,
     device_add): pciehp finds it, the rule binds it to vfio-pci and mounts it.
 
-The last point is issue 10 item 2 (the relay used to unmount itself when the device
-died, so later writes landed in the directory underneath); it is an xfail naming
-that item while only it fails.
+The dead-mount point is issue 10 item 2 (the relay used to unmount itself when the
+device died, so later writes landed in the directory underneath).
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 MNT = "/mnt/x"
 AUTO = "/mnt/auto"  # where the udev rule mounts the re-plugged function
@@ -132,14 +129,12 @@ def test_removal_during_io(guest, tmp_path: Path) -> None:
     assert rp["mounted"] and rp["content"] == "file 0\n", rp
     assert rp["umount_rc"] == 0 and rp["servers_after"] == [], rp
 
-    # a dead FUSE server's mount: stays, ENOTCONN, umount works, nothing underneath
+    # a dead FUSE server's mount (issue 10 item 2): stays, ENOTCONN, umount works,
+    # nothing written to the directory underneath
     dead = res["dead_mount"]
-    ok = (dead["still_mounted"] and dead["stat_errno"] == errno.ENOTCONN
-          and dead["create_errno"] == errno.ENOTCONN and dead["umount_rc"] == 0
-          and dead["unmounted"] and dead["underneath"] == [])
-    if not ok:
-        pytest.xfail(f"issue 10 item 2 (the mount must stay and answer ENOTCONN until "
-                     f"unmounted, nothing written underneath): {dead}")
+    assert dead["still_mounted"], dead
+    assert dead["stat_errno"] == dead["create_errno"] == errno.ENOTCONN, dead
+    assert dead["umount_rc"] == 0 and dead["unmounted"] and dead["underneath"] == [], dead
     assert res["left_processes"] == []
 
 
