@@ -515,6 +515,10 @@ class Relay:
                                  "pending SETLKW)", unique, target)
         elif opcode == Opcode.NOTIFY_REPLY:
             pump.give(slot, forward=True)  # to the device; the kernel expects no reply
+            if self.debug:
+                self._pending_debug.pop(unique, None)
+                reqlog.debug("unique %d NOTIFY_REPLY nodeid %d (forwarded; no reply)", unique,
+                             IN_HEADER.unpack_from(data, 0)[3])
             return
         elif opcode == Opcode.DESTROY:
             self.destroyed = True
