@@ -532,11 +532,17 @@ class Relay:
             reqlog.debug("unique %d %s (control plane)", unique, _opname(opcode))
 
     def _to_hiprio(self, data: bytes) -> None:
+        _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
         if self.debug:
-            _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
             self._pending_debug.pop(unique, None)
             reqlog.debug("unique %d %s nodeid %d (no reply)", unique, _opname(opcode), nodeid)
-        self._hiprio_backlog.append(data)
+        if opcode == Opcode.BATCH_FORGET:
+            self._hiprio_backlog.extend(split_batch_forget(data, VirtioFs.SLOT_SIZE_SMALL))
+        elif len(data) <= VirtioFs.SLOT_SIZE_SMALL:
+            self._hiprio_backlog.append(data)
+        else:  # no hiprio request is this big; never let one stop the loop
+            log.warning("hiprio request %d (%s) of %d bytes dropped", unique, _opname(opcode),
+                        len(data))
         self._flush_hiprio()
 
     def _flush_hiprio(self) -> None:
@@ -739,6 +745,32 @@ def init_reply_fields(
         "time_gran": device.time_gran,
         "max_pages": max_pages,
     }
+
+
+BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy
+FORGET_ONE = 16  # fuse_forget_one: nodeid, nlookup
+
+
+def split_batch_forget(data: bytes, limit: int) -> list[bytes]:
+    """A FUSE_BATCH_FORGET as requests of at most `limit` bytes each (the kernel
+    fills its read buffer, up to max_write, with forgets after a cache drop; the
+    control plane's slots are small). The same unique on each: none gets a reply."""
+    if len(data) <= limit or len(data) < IN_HEADER_SIZE + BATCH_FORGET_IN.size:
+        return [data]
+    _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
+    rest = data[IN_HEADER.size : IN_HEADER_SIZE]  # uid, gid, pid, extlen, padding
+    count = BATCH_FORGET_IN.unpack_from(data, IN_HEADER_SIZE)[0]
+    body = data[IN_HEADER_SIZE + BATCH_FORGET_IN.size :]
+    count = min(count, len(body) // FORGET_ONE)
+    per = (limit - IN_HEADER_SIZE - BATCH_FORGET_IN.size) // FORGET_ONE
+    out = []
+    for first in range(0, count, per):
+        n = min(per, count - first)
+        chunk = body[first * FORGET_ONE : (first + n) * FORGET_ONE]
+        size = IN_HEADER_SIZE + BATCH_FORGET_IN.size + len(chunk)
+        out.append(IN_HEADER.pack(size, opcode, unique, nodeid) + rest
+                   + BATCH_FORGET_IN.pack(n, 0) + chunk)
+    return out
 
 
 def _opname(opcode: int) -> str:

@@ -68,3 +68,44 @@ def test_o_direct_write_through_a_device_that_honours_it(tmp_path: Path) -> None
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert (m.export / "d").read_bytes() == (m.mnt / "d").read_bytes()
+
+
+def test_forget_storm_after_a_cache_drop(tmp_path: Path) -> None:
+    """Dropping the kernel's caches after a big listing makes it send FORGET and
+    BATCH_FORGETs of up to a read buffer's size (a MiB); the control plane splits
+    them into its small slots and the mount serves on (it once died here)."""
+    with serving(tmp_path, "relay") as m:
+        d = m.mnt / "many"
+        d.mkdir()
+        for i in range(3000):
+            (d / f"f{i}").touch()
+        assert len(os.listdir(d)) == 3000
+        for p in d.iterdir():
+            os.stat(p)
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+        assert len(os.listdir(d)) == 3000
+        st = status_of(m.mnt)
+        assert st["counters"].get("relay_forgets", 0) > 0
+        assert m.proc.poll() is None
+
+
+def test_split_batch_forget() -> None:
+    import struct
+
+    from vfsdrv.frontends.relay import split_batch_forget
+
+    count = 3000
+    body = b"".join(struct.pack("<QQ", n, 1) for n in range(1, count + 1))
+    data = (struct.pack("<IIQQIIIHH", 40 + 8 + len(body), 42, 77, 0, 0, 0, 0, 0, 0)
+            + struct.pack("<II", count, 0) + body)
+    parts = split_batch_forget(data, 16384)
+    assert len(parts) == 3 and all(len(p) <= 16384 for p in parts)
+    nodeids = []
+    for p in parts:
+        length, opcode, unique = struct.unpack_from("<IIQ", p)
+        n = struct.unpack_from("<I", p, 40)[0]
+        assert (length, opcode, unique) == (len(p), 42, 77) and len(p) == 48 + 16 * n
+        nodeids += [struct.unpack_from("<Q", p, 48 + 16 * i)[0] for i in range(n)]
+    assert nodeids == list(range(1, count + 1))
+    assert split_batch_forget(data[:48 + 160], 16384) == [data[:48 + 160]]
