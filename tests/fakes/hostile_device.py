@@ -60,6 +60,9 @@ REPLY_KINDS: dict[str, bool] = {
     # packed only: a whole lap of the ring marked used, ending on the request's own
     # entry with the next lap's flags (neither available nor used for the driver)
     "used_ring_lap": False,   # the honest entry first: success is fine; a hang is not
+    # a SETLKW's "wait" reply with an error the kernel refuses: the driver answers EIO
+    # while the device keeps the waiter parked (and later grants it)
+    "lock_wait_refused": True,
     "used_len_short": True,    # used len shorter than an out header
     "used_len_cut": True,      # used len shorter than the header's len
     "hdr_len_big": True,       # header len beyond the used len
@@ -132,6 +135,17 @@ class Mutator:
         self.lock_rng = random.Random(self.seed + 1)
         self.lock = threading.Lock()
         self.replies = 0
+        self._local = threading.local()
+
+    def for_reply(self, unique: int, opcode: int) -> None:
+        """Draw this reply's choices from a generator of (seed, unique, opcode): a
+        replay makes the same choices for the same request, whatever order the
+        session threads run in."""
+        self._local.rng = random.Random(f"{self.seed}:{unique}:{opcode}")
+
+    @property
+    def _rng(self) -> random.Random:
+        return getattr(self._local, "rng", None) or self.rng
 
     def record(self, m: Mutation) -> None:
         with self.lock:
@@ -147,15 +161,15 @@ class Mutator:
 
     def chance(self, p: float) -> bool:
         with self.lock:
-            return self.rng.random() < p
+            return self._rng.random() < p
 
     def pick(self, items: list):
         with self.lock:
-            return self.rng.choice(items)
+            return self._rng.choice(items)
 
     def randint(self, a: int, b: int) -> int:
         with self.lock:
-            return self.rng.randint(a, b)
+            return self._rng.randint(a, b)
 
 
 class HostileSession(VhostUserSession):
@@ -209,6 +223,7 @@ class HostileSession(VhostUserSession):
         m = self.mutator
         m.replies += 1
         opcode, unique = struct.unpack_from("<IQ", request, 4) if len(request) >= 16 else (0, 0)
+        m.for_reply(unique, opcode)
         if m.notify_rate and self.notification and m.chance(m.notify_rate):
             self._notify_mischief()
         kind = None
@@ -312,6 +327,13 @@ class HostileSession(VhostUserSession):
             del data[HDR:]
             OUT_HEADER.pack_into(data, 0, HDR, err, unique)
             mut.detail = f"error {err}"
+            return mut, None
+        if kind == "lock_wait_refused":
+            # once per seed: the program's retry then meets the lock held for nobody
+            if opcode != Opcode.SETLKW or error != 1 or any(
+                    x.kind == kind for x in m.mutations):
+                return None, None
+            OUT_HEADER.pack_into(data, 0, HDR, -(1 << 31), unique)
             return mut, None
         if not success:
             return None, None
