@@ -363,12 +363,15 @@ def _pci_transport(req: MountRequest):
 def _give_back(req: MountRequest) -> None:
     if req.bound_here is None:
         return
+    from ..pci.errors import BadAddressError
     from ..pci.sysfs import Sysfs
 
     bdf, req.bound_here = req.bound_here, None
     try:
         if Sysfs().driver(bdf) == "vfio-pci":
             Sysfs().unbind_vfio(bdf)
+    except BadAddressError:
+        log.info("%s is gone (removed): nothing to give back", bdf)
     except VfsdrvError as exc:
         log.error("could not give %s back to its driver: %s", bdf, exc)
 
