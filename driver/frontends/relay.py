@@ -490,6 +490,10 @@ class Relay:
             self.fs.stats["bad_reply"] += 1
             log.warning("device sent a bad reply to %s (unique %d): %s; answered EIO",
                         _opname(opcode), unique, why)
+            if opcode == Opcode.SETLKW and self.fs.notification:
+                # the kernel was told it failed; a device that parked the lock must
+                # not grant it later to nobody (the lock would stay held)
+                self._to_hiprio(interrupt_request(unique))
         elif kind == lib.VFSDRV_EV_BAD_REQUEST:
             log.warning("request %d (%s) not forwarded: %s", unique, _opname(opcode), why)
         elif kind == lib.VFSDRV_EV_TRACE_REQUEST:
@@ -745,6 +749,17 @@ def init_reply_fields(
         "time_gran": device.time_gran,
         "max_pages": max_pages,
     }
+
+
+#: FUSE_INT_REQ_BIT: an INTERRUPT's own unique is its target's with bit 0 set
+INT_REQ_BIT = 1
+
+
+def interrupt_request(target: int) -> bytes:
+    """A FUSE_INTERRUPT of request `target`, as the kernel would send it."""
+    body = INTERRUPT_IN.pack(target)
+    head = IN_HEADER.pack(IN_HEADER_SIZE + len(body), Opcode.INTERRUPT, target | INT_REQ_BIT, 0)
+    return head + bytes(IN_HEADER_SIZE - IN_HEADER.size) + body
 
 
 BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy
