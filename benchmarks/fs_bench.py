@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfsdrv.tools.backends import Backend
+from vfsdrv.tools.bench import task_times
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -59,25 +60,6 @@ TARGETS = ("passthrough_ll", "vfsdrv", "plain")
 
 
 # -- CPU accounting (as vfsdrv bench) ---------------------------------------------------------
-def task_times(pid: int) -> tuple[int, int]:
-    """(run ns from schedstat, user ticks from stat) over the live threads of `pid`."""
-    run = user = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return 0, 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                run += int(f.read().split()[0])
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        user += int(stat[stat.rindex(")") + 2 :].split()[11])
-    return run, user
-
-
 def group_pids(pgid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):

@@ -171,7 +171,7 @@ class RawClient:
 
 
 # -- CPU accounting ---------------------------------------------------------------------
-def _task_times(pid: int) -> tuple[int, int]:
+def task_times(pid: int) -> tuple[int, int]:
     """(run time ns from schedstat, user ticks from stat) summed over the live threads
     of process `pid`. A thread that ends takes its time with it: the processes
     measured here keep theirs for the whole run."""
@@ -211,7 +211,7 @@ def _group_pids(pgid: int) -> list[int]:
 def _times(pids: list[int]) -> tuple[int, int]:
     run = user = 0
     for pid in pids:
-        r, u = _task_times(pid)
+        r, u = task_times(pid)
         run += r
         user += u
     return run, user

@@ -135,6 +135,11 @@ int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t 
     vq->use_indirect = indirect != NULL && indirect_heads > 0;
     vq->event_idx = event_idx != 0;
     vq->interrupts_on = 1;
+    return vfsdrv_ring_shadow_init(vq, size);
+}
+
+int vfsdrv_ring_shadow_init(struct vfsdrv_vq *vq, uint32_t size)
+{
     vq->next = calloc(size, sizeof *vq->next);
     vq->chain_len = calloc(size, sizeof *vq->chain_len);
     vq->writable = calloc(size, sizeof *vq->writable);

@@ -88,19 +88,11 @@ int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, u
     vq->interrupts_on = 1;
     vq->avail_wrap = 1;
     vq->used_wrap = 1;
-    vq->next = calloc(size, sizeof *vq->next);
-    vq->chain_len = calloc(size, sizeof *vq->chain_len);
-    vq->writable = calloc(size, sizeof *vq->writable);
-    vq->seen = calloc(size, sizeof *vq->seen);
-    if (!vq->next || !vq->chain_len || !vq->writable || !vq->seen) {
-        vfsdrv_vq_destroy(vq);
-        return fail(vq, -ENOMEM, "out of memory");
-    }
     /* next[] is the free list of buffer ids: a chain holds at least one ring entry,
      * so with an entry free there is always an id free */
-    for (uint32_t i = 0; i < size; i++)
-        vq->next[i] = (uint16_t)((i + 1) % size);
-    vq->num_free = (uint16_t)size;
+    int rc = vfsdrv_ring_shadow_init(vq, size);
+    if (rc)
+        return rc;
     /* The ring is ours until the queue is enabled: zero it, so that no entry shows
      * flags of the first lap's colours (a reused ring would look used), and ask
      * for every interrupt (off_wrap 0, flags ENABLE) */

@@ -14,6 +14,10 @@ int vfsdrv_ring_fail(struct vfsdrv_vq *vq, int rc, const char *fmt, ...);
  * at least one buffer and no more than the queue holds, device-readable buffers
  * before device-writable ones, at most 2^32 - 1 bytes. 0 and the device-writable
  * byte count in *writable, or -EINVAL with the reason in vq->error. */
+/* The shadow state both layouts keep per head (or buffer id): the free list through
+ * next[], chain_len, writable, seen; all free. 0, or -ENOMEM. */
+int vfsdrv_ring_shadow_init(struct vfsdrv_vq *vq, uint32_t size);
+
 int vfsdrv_chain_check(struct vfsdrv_vq *vq, const struct vfsdrv_seg *segs, uint32_t n,
                        uint32_t *writable);
 

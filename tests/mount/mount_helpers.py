@@ -108,3 +108,39 @@ def serving(
             yield m
         finally:
             stop_server(m)
+
+
+@contextmanager
+def inprocess_refdev_mount(base: Path, *mount_args: str,
+                           verbose: bool = False) -> Iterator[tuple[Path, Path, object]]:
+    """The reference device running in this process (so a test can rewrite what it
+    sends), mounted by a real `vfsdrv mount -f` on base/mnt: (mnt, server log, device).
+    base/export holds a file "f" with "x"."""
+    from vfsdrv.refdev.device import RefDevice
+
+    export, mnt = base / "export", base / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    (export / "f").write_text("x")
+    dev = RefDevice(str(base / "d.sock"), str(export))
+    dev.start()
+    log = base / "serve.log"
+    try:
+        with open(log, "wb") as lf:
+            proc = subprocess.Popen([*VFSDRV, *(["-v"] if verbose else []), "mount", "-f",
+                                     *mount_args, "--vhost-user", str(base / "d.sock"),
+                                     str(mnt)],
+                                    stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            wait_mounted(mnt, proc, log)
+            yield mnt, log, dev
+        finally:
+            subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, timeout=30)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            force_unmount(mnt)
+    finally:
+        dev.stop()

@@ -13,17 +13,14 @@ import errno
 import fcntl
 import os
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from mount_helpers import VFSDRV
-from mounting import force_unmount, wait_mounted
+from mount_helpers import inprocess_refdev_mount
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.refdev import fuse_server
-from vfsdrv.refdev.device import RefDevice
 from vfsdrv.refdev.fuse_server import FuseServer
 
 
@@ -48,28 +45,8 @@ def mounted_refdev(tmp_path: Path, monkeypatch):
         return out
 
     monkeypatch.setattr(fuse_server.FuseServer, "handle", handle)
-    export, mnt = tmp_path / "export", tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    (export / "f").write_text("x")
-    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
-    dev.start()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user", str(tmp_path / "d.sock"),
-                                 str(mnt)], stdout=lf, stderr=subprocess.STDOUT)
-    try:
-        wait_mounted(mnt, proc, log)
+    with inprocess_refdev_mount(tmp_path) as (mnt, log, _dev):
         yield mnt, rules, log
-    finally:
-        subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, timeout=30)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        force_unmount(mnt)
-        dev.stop()
 
 
 def in_thread(fn, timeout: float = 10.0) -> BaseException | None:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
 import time
 from pathlib import Path
 
-from mount_helpers import VFSDRV
-from mounting import force_unmount, wait_mounted
+from mount_helpers import inprocess_refdev_mount
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.refdev import fuse_server, vhost_session
-from vfsdrv.refdev.device import RefDevice
 from vfsdrv.refdev.fuse_server import FuseServer
 
 NOTIFY_UNIQUE = 4242
@@ -50,19 +47,7 @@ def test_notify_reply_is_forwarded_and_never_answered(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(fuse_server.FuseServer, "handle", handle)
     monkeypatch.setattr(vhost_session.VhostUserSession, "_lock_message", message)
-    export, mnt = tmp_path / "export", tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    (export / "f").write_text("x")
-    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
-    dev.start()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen([*VFSDRV, "-v", "mount", "-d", "--vhost-user",
-                                 str(tmp_path / "d.sock"), str(mnt)],
-                                stdout=lf, stderr=subprocess.STDOUT)
-    try:
-        wait_mounted(mnt, proc, log)
+    with inprocess_refdev_mount(tmp_path, "-d", verbose=True) as (mnt, log, dev):
         assert (mnt / "f").read_text() == "x"
         sessions = list(dev.sessions)
         assert sessions, "no session to send the notification through"
@@ -79,12 +64,3 @@ def test_notify_reply_is_forwarded_and_never_answered(tmp_path: Path, monkeypatc
         assert not re.search(rf"unique {NOTIFY_UNIQUE} NOTIFY_REPLY.*->", text), \
             "the relay answered a request that expects no reply"
         assert "bad reply" not in text and "refused notification" not in text
-    finally:
-        subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, timeout=30)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        force_unmount(mnt)
-        dev.stop()
