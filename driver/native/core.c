@@ -125,17 +125,8 @@ int vfsdrv_vq_init(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, uint8_t 
     vq->index = (uint16_t)index;
     if (size == 0 || size > 32768 || (size & (size - 1)))
         return fail(vq, -EINVAL, "size %u is not a power of two <= 32768", size);
-    vq->size = (uint16_t)size;  /* 32768 fits; 16-bit arithmetic below wraps as the spec's */
-    vq->desc = desc;
-    vq->avail = avail;
-    vq->used = used;
-    vq->indirect = indirect;
-    vq->indirect_addr = indirect_addr;
-    vq->indirect_heads = indirect_heads;
-    vq->use_indirect = indirect != NULL && indirect_heads > 0;
-    vq->event_idx = event_idx != 0;
-    vq->interrupts_on = 1;
-    return vfsdrv_ring_shadow_init(vq, size);
+    return vfsdrv_ring_setup(vq, size, desc, avail, used, indirect, indirect_addr,
+                             indirect_heads, event_idx);
 }
 
 int vfsdrv_ring_shadow_init(struct vfsdrv_vq *vq, uint32_t size)

@@ -76,21 +76,12 @@ int vfsdrv_vq_init_packed(struct vfsdrv_vq *vq, uint32_t index, uint32_t size, u
     if (size == 0 || size > 32768)
         return fail(vq, -EINVAL, "size %u is not 1..32768", size);
     vq->packed = 1;
-    vq->size = (uint16_t)size;
-    vq->desc = ring;
-    vq->avail = driver_event;
-    vq->used = device_event;
-    vq->indirect = indirect;
-    vq->indirect_addr = indirect_addr;
-    vq->indirect_heads = indirect_heads;
-    vq->use_indirect = indirect != NULL && indirect_heads > 0;
-    vq->event_idx = event_idx != 0;
-    vq->interrupts_on = 1;
     vq->avail_wrap = 1;
     vq->used_wrap = 1;
     /* next[] is the free list of buffer ids: a chain holds at least one ring entry,
      * so with an entry free there is always an id free */
-    int rc = vfsdrv_ring_shadow_init(vq, size);
+    int rc = vfsdrv_ring_setup(vq, size, ring, driver_event, device_event, indirect,
+                               indirect_addr, indirect_heads, event_idx);
     if (rc)
         return rc;
     /* The ring is ours until the queue is enabled: zero it, so that no entry shows
