@@ -15,6 +15,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import VfsdrvError
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
@@ -24,6 +25,14 @@ from .lock_table import LockTable
 from .vhost_session import DeviceConfig, VhostUserSession
 
 log = logging.getLogger(__name__)
+
+#: Builds a frontend's session; called with VhostUserSession's arguments (socket,
+#: config, session id, lock table, on_exit, auditor).
+SessionFactory = Callable[
+    [socket.socket, DeviceConfig, int, LockTable, Callable[[VhostUserSession], None],
+     Auditor | None],
+    VhostUserSession,
+]
 
 
 class SocketError(VfsdrvError):
@@ -94,13 +103,16 @@ class RefDevice:
         auditor: Auditor | None = None,
         ring: str | None = None,
         access_platform: bool = False,
+        session_factory: SessionFactory | None = None,
     ) -> None:
         """`audit`: auditing mode (docs/audit.rst): offer the STATUS protocol feature
         and check every driver-normative statement observable here; see audit_report().
         `audit_probes`: deliberate departures to test the driver (audit.PROBES).
         `auditor`: record into this one (several devices, one report); implies audit.
         `access_platform`: offer VIRTIO_F_ACCESS_PLATFORM; a driver that accepts it
-        passes IOVAs, translated through the IOTLB its frontend fills (refdev/iotlb.py)."""
+        passes IOVAs, translated through the IOTLB its frontend fills (refdev/iotlb.py).
+        `session_factory`: builds each frontend's session (a test device's own session
+        class); default VhostUserSession, IotlbSession with access_platform."""
         if not os.path.isdir(source_dir):
             raise ValueError(f"source {source_dir!r} is not a directory")
         if max_waiting_locks < 0:
@@ -120,6 +132,9 @@ class RefDevice:
             # the auditor reads rings by guest-physical address
             raise ValueError("auditing mode does not combine with access_platform")
         self.access_platform = access_platform
+        if session_factory is None:
+            session_factory = IotlbSession if access_platform else VhostUserSession
+        self._session_factory = session_factory
         if auditor is None and audit:
             auditor = Auditor(audit_probes)
         elif auditor is not None and audit_probes:
@@ -215,8 +230,7 @@ class RefDevice:
                     break
                 conn, _ = self._listener.accept()
                 with self._mutex:
-                    kind = IotlbSession if self.access_platform else VhostUserSession
-                    session = kind(
+                    session = self._session_factory(
                         conn, self.config, self._next_session, self.locks, self._forget,
                         self.auditor,
                     )

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import errno
 import random
-import selectors
 import stat
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
@@ -465,29 +465,13 @@ class HostileDevice(RefDevice):
     """RefDevice whose sessions are HostileSessions sharing one Mutator."""
 
     def __init__(self, socket_path: str, source_dir: str, mutator: Mutator, **options) -> None:
-        super().__init__(socket_path, source_dir, **options)
         self.mutator = mutator
+        super().__init__(socket_path, source_dir, session_factory=self._session, **options)
 
-    def _accept_loop(self) -> None:
-        # RefDevice._accept_loop with the session class replaced
-        assert self._listener is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._listener, selectors.EVENT_READ)
-            sel.register(self._stop_fd, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in sel.select()}
-                if self._stop_fd in ready:
-                    break
-                conn, _ = self._listener.accept()
-                with self._mutex:
-                    session = HostileSession(conn, self.config, self._next_session, self.locks,
-                                             self._forget, self.auditor)
-                    session.mutator = self.mutator
-                    self._next_session += 1
-                    self.sessions.append(session)
-                session.start()
-        self._listener.close()
-        self._listener = None
+    def _session(self, *args: Any) -> HostileSession:  # RefDevice's SessionFactory
+        session = HostileSession(*args)
+        session.mutator = self.mutator  # before the session starts
+        return session
 
 
 def _opname(opcode: int) -> str:
