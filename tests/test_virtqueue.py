@@ -384,7 +384,7 @@ def test_no_notify_flag_suppresses_kicks_without_event_idx() -> None:
 def test_event_idx_publish_kicks_exactly_when_need_event_says_so() -> None:
     rng = random.Random(99)
     rig = Rig(8, event_idx=True)
-    rig.dev.auto_avail_event = False
+    rig.dev.auto_event = False
     vq, dev = rig.vq, rig.dev
     old = 0
     kicks = skips = 0

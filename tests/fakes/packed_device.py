@@ -9,8 +9,9 @@ wrap counter of its position, a buffer id reused while the device owns it, a cha
 without a consistent id, INDIRECT with NEXT, a nested or misaligned indirect table,
 a flag other than WRITE inside a table, readable after writable.
 
-The layout constants and the event formula are written out here from the spec, not
-imported from the driver, so a layout bug in the driver cannot hide behind itself.
+The layout constants and the event formula are written out here (and in
+queue_device.py) from the spec, not imported from the driver, so a layout bug in
+the driver cannot hide behind itself.
 
 Misbehaviour on request: `push_used()` writes any (id, len, flags) at the next used
 position, `write_entry()` any entry anywhere, and `rewind()` moves the device's used
@@ -20,87 +21,44 @@ position back so a test can put the ring right again.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vfsdrv.virtio.transport import QueueAddresses
 
-DESC = struct.Struct("<QIHH")  # le64 addr, le32 len, le16 id, le16 flags
-U16 = struct.Struct("<H")
+from .queue_device import (  # noqa: F401 (vring_need_event, DriverBug: the tests take them from here)
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    Buffers,
+    DriverBug,
+    QueueDevice,
+    vring_need_event,
+)
 
-F_NEXT = 1
-F_WRITE = 2
-F_INDIRECT = 4
+DESC = struct.Struct("<QIHH")  # le64 addr, le32 len, le16 id, le16 flags
+
 F_AVAIL = 1 << 7
 F_USED = 1 << 15
 EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC = 0, 1, 2
 
 
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """Linux vring_need_event, 16-bit."""
-    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
-
-
-class DriverBug(AssertionError):
-    """The driver wrote something a device must refuse."""
-
-
 @dataclass
-class Chain:
+class Chain(Buffers):
     """One buffer taken from the ring."""
 
     id: int
     pos: int  # ring position of its first entry
     entries: int  # ring entries it occupies
-    readable: list[tuple[int, int]] = field(default_factory=list)  # (device addr, len)
-    writable: list[tuple[int, int]] = field(default_factory=list)
-    indirect: bool = False
-    table: tuple[int, int] | None = None
-
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
 
 
-class PackedDevice:
-    def __init__(
-        self,
-        mem: memoryview,
-        size: int,
-        addrs: QueueAddresses,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        to_offset: Callable[[int], int] = lambda addr: addr,
-        auto_event: bool = True,
-    ) -> None:
-        self.mem = mem
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.to_offset = to_offset
-        #: with EVENT_IDX, ask for a kick at the next entry after each pop_all()
-        self.auto_event = auto_event
-        self.ring_off = to_offset(addrs.desc)
-        self.driver_off = to_offset(addrs.avail)  # driver event area
-        self.device_off = to_offset(addrs.used)  # device event area
+class PackedDevice(QueueDevice):
+    def _init_layout(self, addrs: QueueAddresses) -> None:
+        self.ring_off = self.to_offset(addrs.desc)
+        self.driver_off = self.to_offset(addrs.avail)  # driver event area
+        self.device_off = self.to_offset(addrs.used)  # device event area
         self.avail_pos, self.avail_wrap = 0, 1
         self.used_pos, self.used_wrap = 0, 1
         self._used_since_signal = 0  # ring entries used since the last interrupt decision
-        self.outstanding: dict[int, Chain] = {}
-        self.popped = 0
-        self.interrupts = 0
-
-    # -- raw memory ------------------------------------------------------------------
-    def _u16(self, off: int) -> int:
-        return U16.unpack_from(self.mem, off)[0]
-
-    def _put_u16(self, off: int, value: int) -> None:
-        U16.pack_into(self.mem, off, value & 0xFFFF)
 
     def entry(self, pos: int) -> tuple[int, int, int, int]:
         """(addr, len, id, flags) of ring entry `pos`."""
@@ -108,12 +66,6 @@ class PackedDevice:
 
     def write_entry(self, pos: int, addr: int, length: int, id_: int, flags: int) -> None:
         DESC.pack_into(self.mem, self.ring_off + 16 * pos, addr, length, id_, flags)
-
-    def _check_range(self, addr: int, length: int, what: str) -> int:
-        off = self.to_offset(addr)
-        if off < 0 or off + length > len(self.mem):
-            raise DriverBug(f"{what} {addr:#x}+{length} outside device memory")
-        return off
 
     # -- event suppression --------------------------------------------------------------
     @property
@@ -207,11 +159,6 @@ class PackedDevice:
         self.popped += 1
         return chain
 
-    def read(self, chain: Chain) -> bytes:
-        return b"".join(
-            bytes(self.mem[self.to_offset(a) : self.to_offset(a) + n]) for a, n in chain.readable
-        )
-
     # -- returning chains ----------------------------------------------------------------
     def complete(self, chain: Chain, data: bytes = b"", *, length: int | None = None) -> None:
         """Scatter `data` over the writable buffers and write the used entry."""
@@ -228,19 +175,7 @@ class PackedDevice:
 
     def fill(self, chain: Chain, data: bytes = b"") -> None:
         """Scatter `data` over the writable buffers; the device no longer owns the chain."""
-        if self.outstanding.get(chain.id) is not chain:
-            raise AssertionError(f"test bug: buffer {chain.id} is not owned by the device")
-        if len(data) > chain.writable_len:
-            raise AssertionError(f"test bug: {len(data)} bytes do not fit {chain.writable_len}")
-        pos = 0
-        for addr, n in chain.writable:
-            if pos == len(data):
-                break
-            k = min(n, len(data) - pos)
-            off = self.to_offset(addr)
-            self.mem[off : off + k] = data[pos : pos + k]
-            pos += k
-        del self.outstanding[chain.id]
+        self._scatter(chain.id, chain, data)
 
     def used_flags(self) -> int:
         return F_AVAIL | F_USED if self.used_wrap else 0

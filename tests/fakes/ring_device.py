@@ -7,8 +7,9 @@ would read them. It checks what the driver wrote and raises `DriverBug` when the
 driver breaks the protocol (a chain reusing a descriptor still owned by the device,
 readable after writable, NEXT with INDIRECT, nested indirect tables, ...).
 
-Its own layout constants and `need_event` are written out here from the spec, not
-imported from the driver, so a layout bug in the driver cannot hide behind itself.
+Its own layout constants and `need_event` are written out here (and in
+queue_device.py) from the spec, not imported from the driver, so a layout bug in
+the driver cannot hide behind itself.
 
 Misbehaviour on request: `push_used()` writes any (id, len) pair, `jump_used_idx()`
 moves used->idx without writing entries, and `retract()` takes entries back so a
@@ -18,92 +19,43 @@ test can put the ring right again and check the driver still works.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfsdrv.virtio.transport import QueueAddresses
 
+from .queue_device import (  # noqa: F401 (vring_need_event: the tests take it from here)
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    Buffers,
+    DriverBug,
+    QueueDevice,
+    vring_need_event,
+)
+
 DESC = struct.Struct("<QIHH")  # le64 addr, le32 len, le16 flags, le16 next
 USED_ELEM = struct.Struct("<II")  # le32 id, le32 len
-U16 = struct.Struct("<H")
 
-F_NEXT = 1
-F_WRITE = 2
-F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
 
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """virtio 1.2 2.7.10.1 / Linux vring_need_event, in 16-bit arithmetic."""
-    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
-
-
-class DriverBug(AssertionError):
-    """The driver wrote something a device must refuse."""
-
-
 @dataclass
-class Chain:
+class Chain(Buffers):
     """One chain taken from the avail ring."""
 
     head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)  # (device addr, len)
-    writable: list[tuple[int, int]] = field(default_factory=list)
-    indirect: bool = False
     ring_descs: list[int] = field(default_factory=list)  # ring descriptor ids it occupies
-    table: tuple[int, int] | None = None  # indirect table (addr, len)
-
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
 
 
-class RingDevice:
-    def __init__(
-        self,
-        mem: memoryview,
-        size: int,
-        addrs: QueueAddresses,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        to_offset: Callable[[int], int] = lambda addr: addr,
-        auto_avail_event: bool = True,
-    ) -> None:
-        self.mem = mem
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.to_offset = to_offset
-        #: with EVENT_IDX, ask for a kick on the next new buffer after each pop_all()
-        self.auto_avail_event = auto_avail_event
-        self.desc_off = to_offset(addrs.desc)
-        self.avail_off = to_offset(addrs.avail)
-        self.used_off = to_offset(addrs.used)
+class RingDevice(QueueDevice):
+    def _init_layout(self, addrs: QueueAddresses) -> None:
+        self.desc_off = self.to_offset(addrs.desc)
+        self.avail_off = self.to_offset(addrs.avail)
+        self.used_off = self.to_offset(addrs.used)
         self.last_avail = 0
         self.used_idx = 0
         self._signalled = 0  # used idx at the last interrupt decision
-        self.outstanding: dict[int, Chain] = {}  # head -> chain the device still owns
-        self.popped = 0
-        self.interrupts = 0
-
-    # -- raw memory ------------------------------------------------------------------
-    def _u16(self, off: int) -> int:
-        return U16.unpack_from(self.mem, off)[0]
-
-    def _put_u16(self, off: int, value: int) -> None:
-        U16.pack_into(self.mem, off, value & 0xFFFF)
-
-    def _check_range(self, addr: int, length: int, what: str) -> int:
-        off = self.to_offset(addr)
-        if off < 0 or off + length > len(self.mem):
-            raise DriverBug(f"{what} {addr:#x}+{length} outside device memory")
-        return off
 
     # -- what the driver writes --------------------------------------------------------
     @property
@@ -152,7 +104,7 @@ class RingDevice:
             slot = self.avail_off + 4 + 2 * (self.last_avail % self.size)
             chains.append(self._take(self._u16(slot)))
             self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if self.event_idx and self.auto_avail_event:
+        if self.event_idx and self.auto_event:
             self.set_avail_event(self.last_avail)
         return chains
 
@@ -217,29 +169,11 @@ class RingDevice:
                 if a < b + m and b < a + n:
                     raise DriverBug(f"indirect tables of {chain.head} and {other.head} overlap")
 
-    def read(self, chain: Chain) -> bytes:
-        """The device-readable bytes of a chain, in order."""
-        return b"".join(
-            bytes(self.mem[self.to_offset(a) : self.to_offset(a) + n]) for a, n in chain.readable
-        )
-
     # -- returning chains ----------------------------------------------------------------
     def complete(self, chain: Chain, data: bytes = b"", *, length: int | None = None) -> None:
         """Scatter `data` over the chain's writable buffers and put it on the used ring
         with len = len(data) (or `length`, to lie about it)."""
-        if self.outstanding.get(chain.head) is not chain:
-            raise AssertionError(f"test bug: chain {chain.head} is not owned by the device")
-        if len(data) > chain.writable_len:
-            raise AssertionError(f"test bug: {len(data)} bytes do not fit {chain.writable_len}")
-        pos = 0
-        for addr, n in chain.writable:
-            if pos == len(data):
-                break
-            k = min(n, len(data) - pos)
-            off = self.to_offset(addr)
-            self.mem[off : off + k] = data[pos : pos + k]
-            pos += k
-        del self.outstanding[chain.head]
+        self._scatter(chain.head, chain, data)
         self.push_used(chain.head, len(data) if length is None else length)
 
     def push_used(self, head: int, length: int) -> None:
