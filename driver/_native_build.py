@@ -8,7 +8,9 @@ It holds what Python cannot do or cannot do fast enough, each rule once:
   * the FUSE rules shared by every request path: reply room per opcode, where a
     request and its reply sit in a slot, validation of a device's reply;
   * the request pump (pump.c): one thread per request queue moving requests
-    between /dev/fuse and the ring without the GIL.
+    between /dev/fuse and the ring without the GIL;
+  * the hiprio sender (hiprio.c): FORGETs from the pumps and the control thread
+    onto the hiprio queue, with the one rule for splitting a BATCH_FORGET.
 The declarations live once, in native/vfsdrv_core.h, read by both cffi and the C
 compiler. A failed build is an install error: there is no Python fallback.
 """
@@ -20,7 +22,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "native"
 HEADER = NATIVE / "vfsdrv_core.h"
-SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c"]
+SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c", NATIVE / "hiprio.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())

@@ -10,10 +10,14 @@
  *   - requests in flight: epoll_wait on the O_NONBLOCK clone (more requests), the
  *     used-buffer eventfd (edge-triggered: never read, re-armed by each signal) and
  *     the control eventfd.
- * Everything else goes to the control plane (Python) as an event: INIT, FORGET,
- * BATCH_FORGET, INTERRUPT, DESTROY, NOTIFY_REPLY (the slot is lent to it), a SETLKW
- * the device answered "wait" (the final reply comes from the notification queue),
- * a bad reply (already answered with EIO here; the event is for the log).
+ * FORGET and BATCH_FORGET go straight to the hiprio sender (hiprio.c) when the pump
+ * has one: copied out of the landing slot (which stays the landing slot), flushed
+ * once per round with the request queue's own publish. When the sender is full
+ * they take the control plane's path below, whose backlog retries.
+ * Everything else goes to the control plane (Python) as an event: INIT,
+ * INTERRUPT, DESTROY, NOTIFY_REPLY (the slot is lent to it), a SETLKW the device
+ * answered "wait" (the final reply comes from the notification queue), a bad reply
+ * (already answered with EIO here; the event is for the log).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,6 +54,8 @@ struct vfsdrv_pump {
     struct vfsdrv_seg *segs;
     uint32_t max_segs;
     struct vfsdrv_used *used;
+    struct vfsdrv_hiprio *hiprio;  /* FORGET/BATCH_FORGET go here; NULL: to the control plane */
+    int hiprio_added;            /* sent to hiprio since the last flush */
     int epfd, ctl_fd;
     int fuse_polled;
     int conn_gone;
@@ -292,6 +298,8 @@ void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out)
 
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p) { return p->error; }
 
+void vfsdrv_pump_set_hiprio(struct vfsdrv_pump *p, struct vfsdrv_hiprio *h) { p->hiprio = h; }
+
 /* -- slots ---------------------------------------------------------------------- */
 static void free_slot(struct vfsdrv_pump *p, uint32_t i)
 {
@@ -384,20 +392,23 @@ static void submit_pending(struct vfsdrv_pump *p)
 
 static int flush(struct vfsdrv_pump *p)
 {
+    if (p->hiprio_added) {
+        /* this round's FORGETs: one publish, one kick (unless suppressed). A broken
+         * sender is the control plane's to report (it reads vfsdrv_hiprio_error);
+         * later forgets then reach it as events. */
+        p->hiprio_added = 0;
+        vfsdrv_hiprio_flush(p->hiprio);
+    }
     if (!vfsdrv_vq_publish(p->vq))
         return 0;
     STAT(p, kicks);
-    if (p->cfg.kick_fd >= 0) {
-        uint64_t one = 1;
+    if (p->cfg.kick_fd >= 0)
         STAT(p, syscalls);
-        if (write(p->cfg.kick_fd, &one, 8) < 0 && errno != EAGAIN) {
-            set_error(p, "kick failed: %s", strerror(errno));
-            return -1;
-        }
-    } else if (p->cfg.notify_width == 4) {
-        vfsdrv_mmio_write32(p->cfg.notify_addr, p->cfg.notify_value);
-    } else {
-        vfsdrv_mmio_write16(p->cfg.notify_addr, (uint16_t)p->cfg.notify_value);
+    int rc = vfsdrv_kick(p->cfg.kick_fd, p->cfg.notify_addr, p->cfg.notify_value,
+                         p->cfg.notify_width);
+    if (rc < 0) {
+        set_error(p, "kick failed: %s", strerror(-rc));
+        return -1;
     }
     return 0;
 }
@@ -508,6 +519,13 @@ static void dispatch(struct vfsdrv_pump *p, ssize_t n, int fd)
         uint64_t nodeid;
         memcpy(&nodeid, req + 16, 8);
         push_event_arg(p, VFSDRV_EV_TRACE_REQUEST, li, unique, opcode, fd, len, NULL, nodeid);
+    }
+    if (p->hiprio && (opcode == 2 || opcode == 42) /* FORGET, BATCH_FORGET */ &&
+        vfsdrv_hiprio_send(p->hiprio, req, len) == 0) {
+        /* copied into a hiprio buffer: the landing slot is free for the next read */
+        STAT(p, hiprio);
+        p->hiprio_added = 1;
+        return;
     }
     if (to_control(opcode)) {
         land->unique = unique;

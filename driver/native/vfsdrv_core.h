@@ -198,6 +198,7 @@ struct vfsdrv_pump_stats {
     uint64_t write_errors;
     uint64_t stalls;         /* times reading stopped for want of a slot or ring room */
     uint64_t in_flight;
+    uint64_t hiprio;         /* FORGET/BATCH_FORGET handed to the hiprio sender */
 };
 
 #define VFSDRV_PUMP_STOPPED 0
@@ -219,3 +220,61 @@ int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
 void vfsdrv_pump_free(struct vfsdrv_pump *p);
+
+/* ---- the hiprio sender: FORGET, BATCH_FORGET, INTERRUPT on queue 0 (hiprio.c) ----
+ * One owner of the hiprio ring, shared by the pumps and the control thread under a
+ * mutex. Requests are copied into DMA buffers (one device-readable segment each; no
+ * reply) and published by vfsdrv_hiprio_flush; buffers come back lazily when a
+ * later send harvests the used ring (hiprio interrupts stay off). */
+struct vfsdrv_hiprio_buf {
+    uint8_t *host;           /* page-aligned host address */
+    uint64_t addr;           /* device address (buf_size bytes, device-contiguous) */
+};
+
+struct vfsdrv_hiprio_config {
+    int32_t kick_fd;         /* eventfd kick; -1: MMIO store to notify_addr */
+    uint32_t notify_value;
+    uint8_t *notify_addr;
+    uint32_t notify_width;   /* 2 or 4 */
+    uint32_t buf_size;       /* bytes in each buffer: at most VFSDRV_PAGE */
+};
+
+struct vfsdrv_hiprio_stats {
+    uint64_t sent;           /* requests put on the ring (BATCH_FORGET pieces each count) */
+    uint64_t flushes;        /* publishes that exposed something */
+    uint64_t kicks;
+    uint64_t full;           /* sends refused for want of a buffer or ring room */
+    uint64_t reclaimed;      /* buffers the device gave back */
+    uint64_t in_flight;
+};
+
+/* the one notify rule of the pump and the sender: an eventfd write, or an MMIO
+ * store of `value` (16 or 32 bits) to `addr`. 0, or -errno of the write */
+int vfsdrv_kick(int32_t kick_fd, uint8_t *notify_addr, uint32_t notify_value,
+                uint32_t notify_width);
+
+/* the splitting rule: how many requests of at most `limit` bytes carry `req` (1: as
+ * it is; more: BATCH_FORGET pieces, the same header, count forgets each; 0: it
+ * cannot be sent), and piece k of them, written to out (limit bytes of room) */
+uint32_t vfsdrv_hiprio_pieces(const uint8_t *req, uint32_t len, uint32_t limit);
+uint32_t vfsdrv_hiprio_piece(const uint8_t *req, uint32_t len, uint32_t limit, uint32_t k,
+                             uint8_t *out);
+
+struct vfsdrv_hiprio;
+struct vfsdrv_hiprio *vfsdrv_hiprio_new(const struct vfsdrv_hiprio_config *cfg,
+                                        struct vfsdrv_vq *vq,
+                                        const struct vfsdrv_hiprio_buf *bufs, uint32_t nbufs,
+                                        char *err, uint32_t err_len);
+/* 0: queued (every piece); -ENOSPC: nothing queued, try later; -EMSGSIZE: cannot be
+ * sent (too big, not a BATCH_FORGET); -EIO: the sender is broken */
+int vfsdrv_hiprio_send(struct vfsdrv_hiprio *h, const uint8_t *req, uint32_t len);
+/* publish what was queued, kick unless suppressed. 0, or -EIO (broken) */
+int vfsdrv_hiprio_flush(struct vfsdrv_hiprio *h);
+/* harvest the used ring: buffers given back, or -EIO (broken) */
+int vfsdrv_hiprio_reclaim(struct vfsdrv_hiprio *h);
+/* 1 and why (into out) once broken, else 0 */
+int vfsdrv_hiprio_error(struct vfsdrv_hiprio *h, char *out, uint32_t out_len);
+void vfsdrv_hiprio_get_stats(struct vfsdrv_hiprio *h, struct vfsdrv_hiprio_stats *out);
+void vfsdrv_hiprio_free(struct vfsdrv_hiprio *h);
+/* before vfsdrv_pump_run: FORGET and BATCH_FORGET go to `h` (NULL: to the control plane) */
+void vfsdrv_pump_set_hiprio(struct vfsdrv_pump *p, struct vfsdrv_hiprio *h);

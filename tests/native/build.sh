@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the native core's C tests with one compiler:
 #   tests/native/build.sh CC OUTDIR [EXTRA_CFLAGS...]
-# OUTDIR gets core.o, packed.o, pump.o (each driver source alone, compiled as cffi
+# OUTDIR gets core.o, packed.o, pump.o, hiprio.o (each driver source alone, compiled as cffi
 # compiles it for vfsdrv._native: -O2 -fPIC, the flags of driver/_native_build.py),
 # test_core (the unit tests, tests/native/test_core.c), budget (the instruction
 # budget's ring workload, budget.c) and pump_bench (the whole pump on a FUSE mount,
@@ -24,10 +24,10 @@ case "$("$cc" -dumpmachine)" in
     "$(cc -dumpmachine 2>/dev/null || true)") ;;
     *) link=(-static) ;;  # cross: run under qemu-user without a target sysroot
 esac
-for src in core packed pump; do
+for src in core packed pump hiprio; do
     "$cc" "${flags[@]}" -fPIC -c -o "$out/$src.o" "$native/$src.c"
 done
-sources=("$native/core.c" "$native/packed.c" "$native/pump.c")
+sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c")
 "$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
 # the whole pump over a real /dev/fuse mount (root; tests/test_native_budget.py)
