@@ -64,9 +64,6 @@ void vfsdrv_mmio_write32(void *p, uint32_t v) { MB(); *(volatile uint32_t *)p = 
  *   avail flags, idx, ring[size], used_event
  *   used  flags, idx, ring[size] {le32 id; le32 len}, avail_event
  */
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY 1
 

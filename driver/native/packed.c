@@ -41,9 +41,6 @@
 #include "vfsdrv_core.h"
 #include "ring.h"  /* after vfsdrv_core.h, which has no include guard (cffi reads it) */
 
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
 #define F_AVAIL (1u << 7)
 #define F_USED (1u << 15)
 

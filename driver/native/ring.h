@@ -5,6 +5,11 @@
 
 /* include vfsdrv_core.h first: it has no include guard (cffi cannot parse one) */
 
+/* descriptor flags, the same bits in both layouts (virtio 1.2 2.7.5, 2.8.3) */
+#define F_NEXT 1
+#define F_WRITE 2
+#define F_INDIRECT 4
+
 /* Record why a ring call failed in vq->error ("queue N[ (packed)]: ...") and
  * return rc. */
 __attribute__((format(printf, 3, 4)))
