@@ -46,6 +46,24 @@ class IommuContext(ABC):
     def close(self) -> None: ...
 
 
+class KernelIommu(IommuContext):
+    """A context behind a kernel file descriptor (VFIO container, iommufd) that keeps
+    its mappings (iova -> size) in _mapped, so that close() can undo them."""
+
+    fd: int
+    _mapped: dict[int, int]
+
+    def close(self) -> None:
+        for iova, size in list(self._mapped.items()):
+            try:
+                self.unmap(iova, size)
+            except OSError:
+                pass  # closing the fd drops what is left
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def _open(path: str, what: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -104,7 +122,7 @@ class VfioGroup:
             self.fd = -1
 
 
-class VfioContainer(IommuContext):
+class VfioContainer(KernelIommu):
     """A container with one group attached; type1v2, or no-IOMMU for noiommu groups."""
 
     def __init__(self, group: VfioGroup, describe_members: list[str] | None = None) -> None:
@@ -212,12 +230,5 @@ class VfioContainer(IommuContext):
         return []
 
     def close(self) -> None:
-        for iova, size in list(self._mapped.items()):
-            try:
-                self.unmap(iova, size)
-            except OSError:
-                pass
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        super().close()
         self.group.close()

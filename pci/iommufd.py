@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from . import vfio
-from .container import DEFAULT_IOVA_RANGES, IommuContext, _open
+from .container import DEFAULT_IOVA_RANGES, KernelIommu, _open
 from .errors import PciError
 from .vfio import ffi
 
@@ -19,7 +19,7 @@ def available() -> bool:
     return os.path.exists("/dev/iommu") and os.path.isdir("/dev/vfio/devices")
 
 
-class Iommufd(IommuContext):
+class Iommufd(KernelIommu):
     kind = "iommufd"
 
     def __init__(self) -> None:
@@ -89,13 +89,3 @@ class Iommufd(IommuContext):
             vfio.ioctl(self.fd, vfio.IOMMU_IOAS_IOVA_RANGES, q, what="IOAS_IOVA_RANGES")
             self._ranges = [(int(arr[i].start), int(arr[i].last)) for i in range(n)]
         return self._ranges or DEFAULT_IOVA_RANGES
-
-    def close(self) -> None:
-        for iova, size in list(self._mapped.items()):
-            try:
-                self.unmap(iova, size)
-            except OSError:
-                pass
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
