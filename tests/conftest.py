@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,6 +84,35 @@ def connect() -> Iterator:
     def attach(dev: RefDevice, **fs_options) -> FuseClient:
         fs = VirtioFs(VhostUserTransport(dev.socket_path), **fs_options).start()
         opened.append(fs)
+        fs.init()
+        return FuseClient(fs)
+
+    yield attach
+    for fs in opened:
+        fs.close()
+
+
+@pytest.fixture
+def pci_connect() -> Iterator[Callable[..., FuseClient]]:
+    """Attach the driver's PCI transport to a RefDevice through the emulated virtio-pci
+    function (tests/fakes/vhost_pci_bridge.py; `bridge`: its options); FUSE_INIT done."""
+    # imported here: the bridge imports a test module (test_pci_transport)
+    from fakes.vhost_pci_bridge import VhostPciFunction
+    from vfsdrv.virtio import pci as vp
+
+    opened: list[VirtioFs] = []
+
+    def attach(dev: RefDevice, *, poll: bool = False, bridge: dict | None = None,
+               **fs_options) -> FuseClient:
+        fn = VhostPciFunction(dev.socket_path, **(bridge or {}))
+        try:
+            t = vp.VirtioPciTransport(fn, poll=poll, device_id=vp.VIRTIO_ID_FS)
+        except BaseException:
+            fn.close()
+            raise
+        fs = VirtioFs(t, poll=poll, **fs_options)
+        opened.append(fs)
+        fs.start()
         fs.init()
         return FuseClient(fs)
 

@@ -18,7 +18,6 @@ import os
 import select
 import stat
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient, Lock
 from vfsdrv.fs.config import VIRTIO_FS_F_NOTIFICATION
 from vfsdrv.fs.device import VirtioFs
-from vfsdrv.refdev import RefDevice
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
 from vfsdrv.tools import pci_functions as pf
 from vfsdrv.virtio import pci as vp
@@ -40,30 +38,6 @@ def bridge_of(c: FuseClient) -> VhostPciFunction:
     t = c.fs.transport
     assert isinstance(t, vp.VirtioPciTransport) and isinstance(t.fn, VhostPciFunction)
     return t.fn
-
-
-@pytest.fixture
-def pci_connect() -> Iterator[Callable[..., FuseClient]]:
-    """Attach the driver to a RefDevice through the PCI bridge; FUSE_INIT done."""
-    opened: list[VirtioFs] = []
-
-    def attach(dev: RefDevice, *, poll: bool = False, bridge: dict | None = None,
-               **fs_options) -> FuseClient:
-        fn = VhostPciFunction(dev.socket_path, **(bridge or {}))
-        try:
-            t = vp.VirtioPciTransport(fn, poll=poll, device_id=vp.VIRTIO_ID_FS)
-        except BaseException:
-            fn.close()
-            raise
-        fs = VirtioFs(t, poll=poll, **fs_options)
-        opened.append(fs)
-        fs.start()
-        fs.init()
-        return FuseClient(fs)
-
-    yield attach
-    for fs in opened:
-        fs.close()
 
 
 def assert_clean(fn: VhostPciFunction) -> None:

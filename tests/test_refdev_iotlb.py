@@ -266,28 +266,11 @@ def test_an_update_outside_the_memory_table_is_refused(device, connect) -> None:
 
 # -- behind the emulated PCI function (QEMU with a vIOMMU's role) ----------------------------
 @pytest.fixture
-def pci_iova(device_factory) -> Iterator[Callable[..., FuseClient]]:
+def pci_iova(pci_connect) -> Callable[..., FuseClient]:
     """The driver's PCI transport on the bridge with iommu=True, the device offering
     ACCESS_PLATFORM: the driver allocates IOVA DMA memory, the bridge maps each
     block in the device's IOTLB."""
-    opened: list[VirtioFs] = []
-
-    def attach(dev: RefDevice, **bridge) -> FuseClient:
-        fn = VhostPciFunction(dev.socket_path, iommu=True, **bridge)
-        try:
-            t = vp.VirtioPciTransport(fn, device_id=vp.VIRTIO_ID_FS)
-        except BaseException:
-            fn.close()
-            raise
-        fs = VirtioFs(t)
-        opened.append(fs)
-        fs.start()
-        fs.init()
-        return FuseClient(fs)
-
-    yield attach
-    for fs in opened:
-        fs.close()
+    return lambda dev, **bridge: pci_connect(dev, bridge={"iommu": True, **bridge})
 
 
 @pytest.mark.parametrize("regions", [1, 8])
