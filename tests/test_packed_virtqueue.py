@@ -9,13 +9,11 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from vfsdrv.errors import DeviceError, RingError
 from vfsdrv.virtio.constants import Feature
 from vfsdrv.virtio.device import VirtioDevice
-from vfsdrv.virtio.memory import Arena, DmaBuffer
 from vfsdrv.virtio.virtqueue import QueueFull, Virtqueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,34 +31,18 @@ from fakes.packed_device import (  # noqa: E402
     PackedDevice,
     vring_need_event,
 )
+from fakes.rig import QueueRig  # noqa: E402
 from fakes.transport import DEFAULT_FEATURES, FakeTransport, identity_arena  # noqa: E402
 
 
-class Rig:
+class Rig(QueueRig):
     """A packed virtqueue, the device on the other end and a data buffer."""
 
+    dev: PackedDevice
+
     def __init__(self, size: int, *, event_idx: bool = False, indirect: bool = False) -> None:
-        self.arena: Arena = identity_arena(1 << 20)
-        self.vq = Virtqueue(5, size, self.arena, event_idx=event_idx, indirect=indirect,
-                            packed=True)
-        self.dev = PackedDevice(self.arena.view, size, self.vq.addresses, event_idx=event_idx,
-                                indirect=indirect)
-        self.data: DmaBuffer = self.arena.alloc(64 * 1024, 4096)
-        self._slot = 0
-
-    def seg(self, offset: int, length: int) -> tuple[int, int]:
-        return (self.data.addr + offset, length)
-
-    def add_simple(self, token: Any, n_read: int = 1, n_write: int = 1) -> int:
-        base = (self._slot % 256) * 256
-        self._slot += 1
-        readable = [self.seg(base + 16 * i, 16) for i in range(n_read)]
-        writable = [self.seg(base + 128 + 32 * i, 32) for i in range(n_write)]
-        return self.vq.add(readable, writable, token)
-
-    def roundtrip(self) -> list[Chain]:
-        self.vq.publish()
-        return self.dev.pop_all()
+        super().__init__(5, size, PackedDevice, packed=True, event_idx=event_idx,
+                         indirect=indirect)
 
     def state(self) -> tuple[int, int, int, int]:
         c = self.vq.native

@@ -7,46 +7,25 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from vfsdrv.errors import RingError
 from vfsdrv.virtio import ring_layout as rl
-from vfsdrv.virtio.memory import Arena, DmaBuffer
 from vfsdrv.virtio.virtqueue import INDIRECT_TABLE_ENTRIES, QueueFull, Virtqueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fakes.rig import QueueRig  # noqa: E402
 from fakes.ring_device import Chain, DriverBug, RingDevice, vring_need_event  # noqa: E402
 from fakes.transport import identity_arena  # noqa: E402
 
 
-class Rig:
-    """A virtqueue, the device on the other end and a data buffer in the same arena."""
+class Rig(QueueRig):
+    """A split virtqueue, the device on the other end and a data buffer."""
+
+    dev: RingDevice
 
     def __init__(self, size: int, *, event_idx: bool = False, indirect: bool = False) -> None:
-        self.arena: Arena = identity_arena(1 << 20)
-        self.vq = Virtqueue(3, size, self.arena, event_idx=event_idx, indirect=indirect)
-        self.dev = RingDevice(
-            self.arena.view, size, self.vq.addresses, event_idx=event_idx, indirect=indirect
-        )
-        self.data: DmaBuffer = self.arena.alloc(64 * 1024, 4096)
-        self._slot = 0
-
-    def seg(self, offset: int, length: int) -> tuple[int, int]:
-        return (self.data.addr + offset, length)
-
-    def add_simple(self, token: Any, n_read: int = 1, n_write: int = 1) -> int:
-        """A chain of n_read 16-byte readable and n_write 32-byte writable segments,
-        in the next of 256 places in the data buffer, so live chains never share bytes."""
-        base = (self._slot % 256) * 256
-        self._slot += 1
-        readable = [self.seg(base + 16 * i, 16) for i in range(n_read)]
-        writable = [self.seg(base + 128 + 32 * i, 32) for i in range(n_write)]
-        return self.vq.add(readable, writable, token)
-
-    def roundtrip(self) -> list[Chain]:
-        self.vq.publish()
-        return self.dev.pop_all()
+        super().__init__(3, size, RingDevice, event_idx=event_idx, indirect=indirect)
 
     def state(self) -> tuple[int, int, int]:
         return (self.vq.num_free, self.vq.in_flight, self.vq.last_used)
