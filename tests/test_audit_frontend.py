@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -250,28 +248,9 @@ class RawFrontend:
 
 # -- fixtures ---------------------------------------------------------------------------
 @pytest.fixture
-def sock_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="audit-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def make_device(tmp_path: Path, sock_dir: str) -> Iterator:
-    devices: list[RefDevice] = []
-    export = tmp_path / "export"
-    export.mkdir()
-
-    def make(**options) -> RefDevice:
-        dev = RefDevice(os.path.join(sock_dir, f"d{len(devices)}.sock"), str(export),
-                        audit=True, **options)
-        dev.start()
-        devices.append(dev)
-        return dev
-
-    yield make
-    for dev in devices:
-        dev.stop()
+def make_device(device_factory) -> Callable[..., RefDevice]:
+    """The conftest's device_factory (an empty export), in auditing mode."""
+    return lambda **options: device_factory(audit=True, **options)
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import errno
 import mmap
 import os
 import select
-import shutil
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,13 +190,6 @@ class Frontend:
         body = abi.pack("fuse_init_in", major=7, minor=38, flags=abi.InitFlag.POSIX_LOCKS)
         out = abi.unpack("fuse_init_out", self.call(ring, Opcode.INIT, 0, body, 2))
         assert out.major == 7 and out.minor == 38
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="refdev-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
