@@ -660,49 +660,41 @@ class FuseServer:
         return handle.entries
 
     def readdir(self, hdr: Any, body: bytes, room: int) -> bytes:
-        arg = abi.unpack("fuse_read_in", body)
-        handle = self._inodes.handle(arg.fh)
-        limit = min(arg.size, room)
-        out = bytearray()
-        entries = self._entries(handle, arg.offset)
-        for i in range(arg.offset, len(entries)):
-            e = entries[i]
-            size = abi.dirent_size(len(e.name))
-            if len(out) + size > limit:
-                break
-            out += abi.pack("fuse_dirent", ino=e.ino, off=i + 1, namelen=len(e.name), type=e.type)
-            out += e.name.ljust(size - abi.sizeof("fuse_dirent"), b"\0")
-        return bytes(out)
+        return self._read_dir(body, room, plus=False)
 
     def readdirplus(self, hdr: Any, body: bytes, room: int) -> bytes:
+        return self._read_dir(body, room, plus=True)
+
+    def _read_dir(self, body: bytes, room: int, plus: bool) -> bytes:
+        """READDIR's fuse_dirents, or READDIRPLUS's fuse_direntplus (each with its
+        entry, as LOOKUP answers it), from the handle's snapshot at arg.offset."""
         arg = abi.unpack("fuse_read_in", body)
         handle = self._inodes.handle(arg.fh)
         limit = min(arg.size, room)
+        record_size = abi.direntplus_size if plus else abi.dirent_size
+        header = abi.sizeof("fuse_direntplus" if plus else "fuse_dirent")
         out = bytearray()
         entries = self._entries(handle, arg.offset)
         for i in range(arg.offset, len(entries)):
             e = entries[i]
-            size = abi.direntplus_size(len(e.name))
+            size = record_size(len(e.name))
             if len(out) + size > limit:
                 break  # before the lookup: an entry not sent must not be counted
-            if e.name in (b".", b".."):
-                # nodeid 0: the driver does not instantiate "." and ".."
-                entry = abi.new("fuse_entry_out")
-                entry.attr.ino, entry.attr.mode = e.ino, e.type << 12
-            else:
-                try:
-                    entry = self._lookup_reply(handle.node, e.name)
-                except FileNotFoundError:
-                    continue  # removed since the snapshot
-            out += _bytes(entry)
-            out += abi.pack(
-                "fuse_dirent",
-                ino=entry.attr.ino or e.ino,
-                off=i + 1,
-                namelen=len(e.name),
-                type=e.type,
-            )
-            out += e.name.ljust(size - abi.sizeof("fuse_direntplus"), b"\0")
+            ino = e.ino
+            if plus:
+                if e.name in (b".", b".."):
+                    # nodeid 0: the driver does not instantiate "." and ".."
+                    entry = abi.new("fuse_entry_out")
+                    entry.attr.ino, entry.attr.mode = e.ino, e.type << 12
+                else:
+                    try:
+                        entry = self._lookup_reply(handle.node, e.name)
+                    except FileNotFoundError:
+                        continue  # removed since the snapshot
+                out += _bytes(entry)
+                ino = entry.attr.ino or e.ino
+            out += abi.pack("fuse_dirent", ino=ino, off=i + 1, namelen=len(e.name), type=e.type)
+            out += e.name.ljust(size - header, b"\0")
         return bytes(out)
 
     # -- locks --------------------------------------------------------------------------
