@@ -5,6 +5,7 @@ statement id."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -318,60 +319,56 @@ def test_forget_on_a_request_queue(device: RefDevice, monkeypatch) -> None:
 
 
 # -- the device's own command line ------------------------------------------------------
-def test_refdev_audit_prints_the_report_on_exit(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def refdev_audit_cli(source: Path) -> Iterator[tuple[str, Callable[[], tuple[int, str]]]]:
+    """`python -m vfsdrv.refdev --audit` serving `source`, once its socket exists, and
+    finish(): SIGTERM once the driver has left; its exit status and stdout (the report)."""
     d = tempfile.mkdtemp(prefix="audit-", dir="/tmp")
     sock = os.path.join(d, "cli.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(tmp_path),
+        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(source),
          "--audit"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+
+    def finish() -> tuple[int, str]:
+        time.sleep(0.2)  # let the session see the disconnect
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+        return proc.returncode, out
+
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        fs = VirtioFs(VhostUserTransport(sock)).start()
-        fs.init()
-        FuseClient(fs).getattr(ROOT_ID)
-        fs.close()
-        time.sleep(0.2)  # let the session see the disconnect
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        yield sock, finish
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         shutil.rmtree(d, ignore_errors=True)
-    assert proc.returncode == 0, out
+
+
+def test_refdev_audit_prints_the_report_on_exit(tmp_path: Path) -> None:
+    with refdev_audit_cli(tmp_path) as (sock, finish):
+        fs = VirtioFs(VhostUserTransport(sock)).start()
+        fs.init()
+        FuseClient(fs).getattr(ROOT_ID)
+        fs.close()
+        rc, out = finish()
+    assert rc == 0, out
     assert f"of {CHECKLIST_SIZE} driver-normative statements" in out
     assert "0 violated (MUST)" in out
     assert "16    MUST   held" in out and "27    MUST   held" in out
 
 
 def test_refdev_audit_exit_status_on_a_violation(tmp_path: Path, monkeypatch) -> None:
-    d = tempfile.mkdtemp(prefix="audit-", dir="/tmp")
-    sock = os.path.join(d, "cli.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(tmp_path),
-         "--audit"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+    with refdev_audit_cli(tmp_path) as (sock, finish):
         monkeypatch.setattr(VirtioFs, "_pick_request_queue", lambda self: self.hiprio)
         fs = VirtioFs(VhostUserTransport(sock)).start()
         with pytest.raises(OSError):
             fs.init(timeout=2.0)  # FUSE_INIT on hiprio: EINVAL
         fs.close()
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
-    assert proc.returncode == 1, out
+        rc, out = finish()
+    assert rc == 1, out
     assert "61    MUST   violated" in out and "1 violated (MUST)" in out
