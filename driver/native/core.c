@@ -281,11 +281,7 @@ int vfsdrv_vq_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_t ma
         uint16_t head = (uint16_t)out[i].id, tail = head;
         for (uint16_t k = 1; k < vq->chain_len[head]; k++)
             tail = vq->next[tail];
-        vq->next[tail] = vq->free_head;
-        vq->free_head = head;
-        vq->num_free += vq->chain_len[head];
-        vq->chain_len[head] = 0;
-        vq->in_flight--;
+        vfsdrv_ring_put_free(vq, head, tail);
     }
     vq->last_used = pos;
     if (vq->event_idx && vq->interrupts_on)

@@ -306,14 +306,8 @@ int vfsdrv_packed_harvest(struct vfsdrv_vq *vq, struct vfsdrv_used *out, uint32_
         return 0;
     if (vq->in_order)
         vq->order_head = (uint16_t)((vq->order_head + n) % vq->size);
-    for (uint32_t i = 0; i < n; i++) {
-        uint16_t id = (uint16_t)out[i].id;
-        vq->next[id] = vq->free_head;
-        vq->free_head = id;
-        vq->num_free += vq->chain_len[id];
-        vq->chain_len[id] = 0;
-        vq->in_flight--;
-    }
+    for (uint32_t i = 0; i < n; i++)
+        vfsdrv_ring_put_free(vq, (uint16_t)out[i].id, (uint16_t)out[i].id);
     vq->next_used = pos;
     vq->used_wrap = (uint8_t)wrap;
     vq->last_used = (uint16_t)(vq->last_used + n);

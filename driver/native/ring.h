@@ -48,4 +48,16 @@ static inline int vfsdrv_ring_setup(struct vfsdrv_vq *vq, uint32_t size, uint8_t
     return vfsdrv_ring_shadow_init(vq, size);
 }
 
+/* A used chain back on the shadow free list: head..tail linked through next[] (a
+ * packed buffer id is its own tail), its chain_len[head] entries free again. The
+ * caller has validated head (in flight). */
+static inline void vfsdrv_ring_put_free(struct vfsdrv_vq *vq, uint16_t head, uint16_t tail)
+{
+    vq->next[tail] = vq->free_head;
+    vq->free_head = head;
+    vq->num_free += vq->chain_len[head];
+    vq->chain_len[head] = 0;
+    vq->in_flight--;
+}
+
 #endif
