@@ -47,7 +47,6 @@ from test_refdev_vhost import (
     F_NOTIFICATION,
     F_VERSION_1,
     MEM_SIZE,
-    QSIZE,
     USER_BASE,
     Frontend,
     Ring,
@@ -374,6 +373,8 @@ class LazyFrontend(Frontend):
     the device's IOTLB holds only what `map` put there, and misses arrive on the
     backend channel for the test to answer."""
 
+    ring_base = IOVA0
+
     def handshake(self, features: int) -> None:
         assert self.get_u64(Request.GET_FEATURES) & Feature.ACCESS_PLATFORM
         self.get_u64(Request.GET_PROTOCOL_FEATURES)
@@ -395,17 +396,8 @@ class LazyFrontend(Frontend):
             IOVA0 + off, size, USER_BASE + off, ACCESS_RW, IOTLB_UPDATE))
 
     def setup_ring(self, index: int) -> Ring:
-        ring = Ring(self, index, 0x1000 * (index + 1))
-        assert self.map(ring.desc, 0x1000)  # the ring itself is mapped up front
-        assert self.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(index, QSIZE))
-        assert self.send(Request.SET_VRING_ADDR, vu.VRING_ADDR.pack(
-            index, 0, IOVA0 + ring.desc, IOVA0 + ring.used, IOVA0 + ring.avail, 0))
-        assert self.send(Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
-        assert self.send(Request.SET_VRING_CALL, vu.U64.pack(index), (ring.call,))
-        assert self.send(Request.SET_VRING_KICK, vu.U64.pack(index), (ring.kick,))
-        assert self.send(Request.SET_VRING_ENABLE, vu.VRING_STATE.pack(index, 1))
-        self.rings[index] = ring
-        return ring
+        assert self.map(self.ring_offset(index), 0x1000)  # the ring itself is mapped up front
+        return super().setup_ring(index)
 
     def post_init(self, ring: Ring) -> tuple[int, int]:
         """FUSE_INIT in two descriptors at IOVAs; (request offset, reply offset)."""

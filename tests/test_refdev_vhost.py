@@ -84,6 +84,9 @@ class Ring:
 class Frontend:
     """What QEMU does for vhost-user-fs, reduced to the bone."""
 
+    #: what ring addresses are given as: the frontend's address of a ring offset
+    ring_base = USER_BASE
+
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
@@ -142,13 +145,17 @@ class Frontend:
         table = vu.MEM_TABLE_HEAD.pack(1, 0) + vu.MEM_REGION.pack(0, MEM_SIZE, USER_BASE, 0)
         assert self.send(Request.SET_MEM_TABLE, table, (self.fd,))
 
+    @staticmethod
+    def ring_offset(index: int) -> int:
+        """Where ring `index` lives in the frontend's memory (one page each)."""
+        return 0x1000 * (index + 1)
+
     def setup_ring(self, index: int) -> Ring:
-        ring = Ring(self, index, 0x1000 * (index + 1))
+        ring = Ring(self, index, self.ring_offset(index))
         assert self.send(Request.SET_VRING_NUM, vu.VRING_STATE.pack(index, QSIZE))
-        addr = vu.VRING_ADDR.pack(
-            index, 0, USER_BASE + ring.desc, USER_BASE + ring.used, USER_BASE + ring.avail, 0
-        )
-        assert self.send(Request.SET_VRING_ADDR, addr)
+        base = self.ring_base
+        assert self.send(Request.SET_VRING_ADDR, vu.VRING_ADDR.pack(
+            index, 0, base + ring.desc, base + ring.used, base + ring.avail, 0))
         assert self.send(Request.SET_VRING_BASE, vu.VRING_STATE.pack(index, 0))
         assert self.send(Request.SET_VRING_CALL, vu.U64.pack(index), (ring.call,))
         assert self.send(Request.SET_VRING_KICK, vu.U64.pack(index), (ring.kick,))
