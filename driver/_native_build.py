@@ -10,7 +10,9 @@ It holds what Python cannot do or cannot do fast enough, each rule once:
   * the request pump (pump.c): one thread per request queue moving requests
     between /dev/fuse and the ring without the GIL;
   * the hiprio sender (hiprio.c): FORGETs from the pumps and the control thread
-    onto the hiprio queue, with the one rule for splitting a BATCH_FORGET.
+    onto the hiprio queue, with the one rule for splitting a BATCH_FORGET;
+  * the typed client's batched path (client.c): a batch of requests added and
+    published in one call, every used entry harvested and its reply checked in one.
 The declarations live once, in native/vfsdrv_core.h, read by both cffi and the C
 compiler. A failed build is an install error: there is no Python fallback.
 """
@@ -22,7 +24,8 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "native"
 HEADER = NATIVE / "vfsdrv_core.h"
-SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c", NATIVE / "hiprio.c"]
+SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c", NATIVE / "hiprio.c",
+           NATIVE / "client.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())

@@ -3,6 +3,12 @@
 Errors come back as OSError with the device's errno. Every method is synchronous;
 `VirtioFs.call_async` (used by `submit`) keeps many requests in flight.
 
+Batches: `submit(..., publish=False)` (or `submit_many`) stages requests without
+showing them to the device; `publish()` adds them all and publishes once, with at
+most one kick per queue; `reap()` waits for completions and returns every batched
+request done so far. That path runs in the native core (vfsdrv.fs.batch,
+driver/native/client.c) and checks every reply with the same rule as the others.
+
 Replies are checked as Linux's fs/fuse checks them before believing them: a file
 type that does not exist or a size over LLONG_MAX (fuse_invalid_attr), node id 0
 or the root's id for a new entry, a created object of another type than asked,
@@ -19,13 +25,16 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, VfsdrvError
 from . import abi
-from .abi import Opcode
+from .abi import IN_HEADER_SIZE, Opcode
+from .batch import CREQ, BatchPending, NativeBatch
 from .device import Pending, VirtioFs
+from .sizing import reply_capacity
 
 ROOT_ID = 1
 #: the longest name the kernel accepts in a dirent (FUSE_NAME_MAX)
@@ -167,12 +176,197 @@ class FuseClient:
         self.gid = os.getgid() if gid is None else gid
         self.pid = os.getpid()
         self.timeout = 60.0
+        # the batched path: requests staged for publish() (parallel lists), the done
+        # ones not yet reaped, those sent the one-at-a-time way, and how many of
+        # all of them reap() has still to return
+        self._reqs: list[bytes] = []
+        self._bodies: list[bytes | memoryview] = []
+        self._idx: list[int] = []
+        self._staged: list[BatchPending] = []
+        self._reaped: list[Pending] = []
+        self._slow: list[Pending] = []
+        self._outstanding = 0
+        #: (opcode, body length) -> (large slot, native path): each rule asked once
+        self._route: dict[tuple[int, int], tuple[bool, bool]] = {}
 
     # -- plumbing -------------------------------------------------------------------
-    def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview) -> Pending:
-        return self.fs.call_async(
-            opcode, nodeid, *parts, uid=self.uid, gid=self.gid, pid=self.pid
-        )
+    def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
+               publish: bool = True) -> Pending:
+        """Send a request; its Pending's result() waits for the reply. With
+        publish=False it is staged: the device sees it at the next publish() (or
+        reap(), or result() of a staged request), and reap() returns it once done."""
+        if publish and not self._staged:
+            return self.fs.call_async(
+                opcode, nodeid, *parts, uid=self.uid, gid=self.gid, pid=self.pid
+            )
+        p = self._stage(opcode, nodeid, parts)
+        if publish:
+            self.publish()
+        return p
+
+    def submit_many(self, requests) -> list[Pending]:
+        """Send (opcode, nodeid, *parts) requests as one batch: one native call adds
+        them all, one publish, at most one kick per queue. reap() returns them."""
+        out: list[Pending] = []
+        fs = self.fs
+        if fs.broken is not None:
+            raise fs.broken
+        if fs.pumped:  # the request queues are the pumps': the one-at-a-time refusal
+            return [self.submit(*r) for r in requests]
+        route_get = self._route.get
+        pool = fs.slots
+        pack, uid, gid, pid = CREQ.pack, self.uid, self.gid, self.pid
+        new = BatchPending.__new__
+        batch = None
+        for r in requests:
+            if batch is None:
+                # (again) after _stage: it may have set up the batch or added the
+                # staged requests (and so replaced these lists)
+                batch, inlined = fs.batch, 0
+                reqs, bodies, idxs, staged = self._reqs, self._bodies, self._idx, self._staged
+                slot_index = batch.slot_index if batch is not None else {}
+            # _stage inlined for the usual request (one body, a native route, a free
+            # slot already in the table): SlotPool.try_acquire's pop done here
+            slot = idx = None
+            if len(r) == 3:
+                route = route_get((r[0], len(r[2])))
+                if route is not None and route[1]:
+                    free = pool.large if route[0] else pool.small
+                    if free:
+                        slot = free.pop()
+                        idx = slot_index.get(slot)
+            if idx is None:
+                if slot is not None:
+                    fs.release(slot)
+                self._outstanding += inlined
+                out.append(self._stage(r[0], r[1], r[2:]))
+                batch = None
+                continue
+            opcode, nodeid, body = r
+            unique = fs.next_unique()
+            # BatchPending(fs, unique, opcode, self) without the call frames
+            p = new(BatchPending)
+            p.fs, p.unique, p.opcode, p.completion, p.data, p._client = (
+                fs, unique, opcode, None, b"", self)
+            reqs.append(pack(idx, opcode, unique, nodeid, uid, gid, pid, len(body)))
+            bodies.append(body)
+            idxs.append(idx)
+            staged.append(p)
+            out.append(p)
+            inlined += 1
+        if batch is not None:
+            self._outstanding += inlined
+        self.publish()
+        return out
+
+    def _route_of(self, opcode: int, body_len: int) -> tuple[bool, bool]:
+        """(large slot, native path) for requests of this opcode and body length:
+        the slot size rule and the "no reply" rule (hiprio), asked of the core once.
+        SETLKW stays with the in-flight table (its "wait" reply, its early grant)."""
+        fs = self.fs
+        native = opcode != Opcode.SETLKW and reply_capacity(opcode, b"", fs.max_io) is not None
+        route = (fs.needs_large(opcode, IN_HEADER_SIZE + body_len), native)
+        self._route[(opcode, body_len)] = route
+        return route
+
+    def _stage(self, opcode: int, nodeid: int, parts) -> Pending:
+        # the per-request work of the batched path: kept to a few operations
+        fs = self.fs
+        if fs.broken is not None:
+            raise fs.broken
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        n = len(body)
+        route = self._route.get((opcode, n)) or self._route_of(opcode, n)
+        batch = fs.batch
+        if batch is None:
+            if not fs.started or fs.pumped:
+                return self._stage_slow(opcode, nodeid, parts)
+            batch = fs.batch = NativeBatch(fs)
+        if not route[1] or fs.pumped:
+            return self._stage_slow(opcode, nodeid, parts)
+        slot = fs.slots.try_acquire(route[0])
+        if slot is None:
+            self.publish()  # what is staged must reach the device before we wait on it
+            slot = fs.acquire(route[0])
+        idx = batch.slot_index.get(slot)
+        if idx is None:
+            idx = batch.index(slot)
+            if idx is None:  # not device-contiguous
+                fs.release(slot)
+                return self._stage_slow(opcode, nodeid, parts)
+        unique = fs.next_unique()
+        p = BatchPending(fs, unique, opcode, self)
+        self._reqs.append(CREQ.pack(idx, opcode, unique, nodeid, self.uid, self.gid,
+                                    self.pid, n))
+        self._bodies.append(body)
+        self._idx.append(idx)
+        self._staged.append(p)
+        self._outstanding += 1
+        return p
+
+    def _stage_slow(self, opcode: int, nodeid: int, parts) -> Pending:
+        self._add_staged(publish=False)  # keep the order of submission
+        p = self.fs.call_async(opcode, nodeid, *parts, uid=self.uid, gid=self.gid,
+                               pid=self.pid, publish=False)
+        self._slow.append(p)
+        self._outstanding += 1
+        return p
+
+    def _add_staged(self, publish: bool) -> None:
+        staged = self._staged
+        if not staged:
+            return
+        reqs, bodies, idx = self._reqs, self._bodies, self._idx
+        self._reqs, self._bodies, self._idx, self._staged = [], [], [], []
+        fs = self.fs
+        if fs.broken is not None:  # they will never be answered: say so, then why
+            for p in staged:
+                p._finish(-errno.ENOTCONN, b"")
+            raise fs.broken
+        left = fs.batch.add(fs._pick_request_queue(), b"".join(reqs), b"".join(bodies), idx,
+                            staged, publish)
+        for k in left:
+            # refused by the core's rules (room for the request or its reply):
+            # the one-at-a-time path would have refused it too
+            fs.release(fs.batch._slots[idx[k]])
+            staged[k]._finish(-errno.EINVAL, b"")
+
+    def publish(self) -> None:
+        """Add every staged request and publish: one native call, one publish and at
+        most one kick per request queue."""
+        self._add_staged(publish=True)
+        self.fs.publish()
+
+    def reap(self, timeout: float | None = 60.0) -> list[Pending]:
+        """Every request sent with publish=False or submit_many that is done and not
+        yet reaped (flushing first): all a wake-up harvested, at once. Waits up to
+        `timeout` seconds (None: no limit; 0: just look) for one when none is done;
+        [] when nothing is in flight or time is up."""
+        self.publish()
+        fs = self.fs
+        deadline = None if timeout is None else time.monotonic() + timeout
+        looked = False
+        while True:
+            out = self._reaped[:]
+            if self._slow:
+                out += [p for p in self._slow if p.done]
+                self._slow = [p for p in self._slow if not p.done]
+            if out or not self._outstanding:
+                break
+            if looked and deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                if deadline is not None and timeout <= 0:
+                    fs.process()
+                else:
+                    fs.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except VfsdrvError:
+                if not self._reaped:  # the failed requests are in it when the device broke
+                    raise
+            looked = True
+        self._reaped.clear()  # in place: the batched path appends to this very list
+        self._outstanding -= len(out)
+        return out
 
     def _call(self, opcode: int, nodeid: int, *parts: bytes | memoryview) -> bytes:
         return self.submit(opcode, nodeid, *parts).result(self.timeout)

@@ -128,6 +128,11 @@ class VirtioFs:
         self.pending_setlkw: Callable[[int], bool] | None = None
         self._reply_hdr = ffi.new("struct vfsdrv_out_header *")
         self._why = ffi.new("char[]", 120)
+        #: the typed client's batched path (vfsdrv.fs.batch), once a client uses it:
+        #: it harvests the request queues (its own chains and, for process(), ours)
+        self.batch = None
+        #: request queues with chains added but not yet published (publish())
+        self._unpublished: list[_QueueState] = []
 
     # -- bring-up -----------------------------------------------------------------
     def start(self) -> VirtioFs:
@@ -313,10 +318,12 @@ class VirtioFs:
     def release(self, slot: Slot) -> None:
         self.slots.release(slot)
 
-    def submit(self, slot: Slot, in_len: int, on_done: OnDone | None, req_off: int = 0) -> None:
+    def submit(self, slot: Slot, in_len: int, on_done: OnDone | None, req_off: int = 0,
+               publish: bool = True) -> None:
         """Send the request already written at slot.view[req_off:req_off + in_len]. Its
         fuse_in_header gives the opcode and unique; the reply room is sized from the
-        opcode and placed by the core's layout rule (vfsdrv.fs.sizing)."""
+        opcode and placed by the core's layout rule (vfsdrv.fs.sizing). With
+        publish=False it is added but the device sees it only at publish()."""
         self._check_usable()
         if in_len < IN_HEADER_SIZE or req_off < 0 or req_off + in_len > len(slot.view):
             raise ValueError(f"request length {in_len} out of range")
@@ -350,7 +357,7 @@ class VirtioFs:
                 raise ValueError("the request queues belong to the native pumps")
             qs = self._pick_request_queue()
         self._in_flight[unique] = slot
-        self._enqueue(qs, (readable, writable, slot))
+        self._enqueue(qs, (readable, writable, slot), publish)
 
     def _pick_request_queue(self) -> _QueueState:
         qs = self.request_queues
@@ -360,7 +367,7 @@ class VirtioFs:
         best = max(range(len(qs)), key=lambda i: (qs[i].vq.num_free, i == self._rr))
         return qs[best]
 
-    def _enqueue(self, qs: _QueueState, item) -> None:
+    def _enqueue(self, qs: _QueueState, item, publish: bool = True) -> None:
         if qs.pending:
             qs.pending.append(item)  # keep order behind waiting requests
             return
@@ -370,7 +377,20 @@ class VirtioFs:
             qs.pending.append(item)
             self.stats["queue_full"] += 1
             return
-        self.dev.kick(qs.vq)
+        if publish:
+            self.dev.kick(qs.vq)
+        else:
+            self.defer_publish(qs)
+
+    def defer_publish(self, qs: _QueueState) -> None:
+        if qs not in self._unpublished:
+            self._unpublished.append(qs)
+
+    def publish(self) -> None:
+        """Make every chain added with publish=False visible: one publish and at most
+        one kick per queue."""
+        while self._unpublished:
+            self.dev.kick(self._unpublished.pop().vq)
 
     def _drain_pending(self, qs: _QueueState) -> None:
         added = False
@@ -401,11 +421,15 @@ class VirtioFs:
                 if vq.idle and not vq.has_used():
                     continue
                 while True:
-                    used = vq.get_used()
+                    if self.batch is not None:  # it completes its own chains
+                        used, n = self.batch.harvest(vq)
+                        handled += n
+                    else:
+                        used = vq.get_used()
+                        handled += len(used)
                     for slot, length in used:
                         if slot is not None:  # None: left by a pump that has stopped
                             self._complete(slot, length)
-                    handled += len(used)
                     if self.poll or not vq.enable_interrupts():
                         break
                 if qs.pending:
@@ -561,6 +585,7 @@ class VirtioFs:
     def call_async(
         self, opcode: int, nodeid: int, *parts: bytes | memoryview,
         uid: int = 0, gid: int = 0, pid: int = 0, unique: int | None = None,
+        publish: bool = True,
     ) -> Pending:
         body_len = sum(len(p) for p in parts)
         in_len = IN_HEADER_SIZE + body_len
@@ -576,7 +601,7 @@ class VirtioFs:
             pos += len(p)
         pending = Pending(self, unique, opcode)
         try:
-            self.submit(slot, in_len, pending._done, req_off)
+            self.submit(slot, in_len, pending._done, req_off, publish)
         except BaseException:
             self._in_flight.pop(unique, None)
             self.release(slot)
@@ -599,6 +624,8 @@ class VirtioFs:
             self.dev.fail()
         waiting = list(self._in_flight.values())
         self._in_flight.clear()
+        if self.batch is not None:
+            self.batch.fail_all(-errno.ENOTCONN)
         for slot in waiting:
             if slot.on_done is not None and slot.reply_cap is not None:
                 slot.on_done(synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))

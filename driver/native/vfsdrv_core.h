@@ -278,3 +278,44 @@ void vfsdrv_hiprio_get_stats(struct vfsdrv_hiprio *h, struct vfsdrv_hiprio_stats
 void vfsdrv_hiprio_free(struct vfsdrv_hiprio *h);
 /* before vfsdrv_pump_run: FORGET and BATCH_FORGET go to `h` (NULL: to the control plane) */
 void vfsdrv_pump_set_hiprio(struct vfsdrv_pump *p, struct vfsdrv_hiprio *h);
+
+/* ---- the typed client's batched path (client.c): a batch per call ----
+ * The caller owns the slot table (struct vfsdrv_slot above; contiguous slots) and
+ * one head_slot array per queue (queue size entries, VFSDRV_CLIENT_NONE when the
+ * head carries no slot of the table). */
+#define VFSDRV_CLIENT_NONE 4294967295
+
+struct vfsdrv_creq {         /* one request to add */
+    uint32_t slot;           /* index into the slot table: a free slot */
+    uint32_t opcode;
+    uint64_t unique;
+    uint64_t nodeid;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t pid;
+    uint32_t body_len;       /* its body: the next body_len bytes of `bodies` */
+};
+
+struct vfsdrv_cdone {        /* one used entry harvested */
+    uint32_t slot;           /* VFSDRV_CLIENT_NONE: a chain added another way */
+    uint32_t head;
+    uint32_t len;            /* bytes the device says it wrote */
+    int32_t error;           /* the validated copy's error (-EIO for a bad reply) */
+    uint32_t payload_off;    /* the payload, where it lies in the slot */
+    uint32_t payload_len;
+    uint32_t bad;            /* 1: vfsdrv_check_reply refused the reply (why says why) */
+    uint32_t pad;
+};
+
+/* write, size and chain each request (status[k]: its head, -ENOSPC: written but the
+ * ring is full, any other -errno: not added, not for this path); publish once when
+ * `publish`. Returns 1 when the device wants a kick, 0, or -EINVAL (vq->error) */
+int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
+                      uint32_t *head_slot, const struct vfsdrv_creq *reqs, uint32_t n,
+                      const uint8_t *bodies, uint32_t bodies_len, uint32_t max_io,
+                      int32_t *status, int publish);
+/* every used entry (at most max), each reply of this path checked: count, or -errno
+ * (vq->error says why; the ring's own faults as vfsdrv_vq_harvest reports them) */
+int vfsdrv_client_harvest(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
+                          uint32_t *head_slot, struct vfsdrv_used *used,
+                          struct vfsdrv_cdone *out, uint32_t max, char *why, uint32_t why_len);

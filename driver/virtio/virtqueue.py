@@ -250,6 +250,13 @@ class Virtqueue:
             tokens[e.id] = None
         return out
 
+    def pop_token(self, head: int) -> Any:
+        """The token of a chain whose used entry was harvested natively (by a
+        batched path): what get_used() would have returned for it."""
+        token = self._tokens[head]
+        self._tokens[head] = None
+        return token
+
     # -- used-buffer notification suppression -----------------------------------------
     def disable_interrupts(self) -> None:
         """Ask the device not to interrupt (best effort: the device may still)."""
