@@ -181,10 +181,7 @@ def test_a_broken_ring_is_refused_loudly_and_the_device_survives(sock_path: Path
                 lib.vfsdrv_store_release_u16(raw._avail_idx_ptr, raw.avail_idx)
             raw.kick()
             # the device stops the queue and says so in its status (with STATUS)
-            deadline = time.monotonic() + 5
-            while not raw.t.get_status() & STATUS_NEEDS_RESET:
-                assert time.monotonic() < deadline, dev.log()
-                time.sleep(0.01)
+            _until(dev, lambda: raw.t.get_status() & STATUS_NEEDS_RESET)
             assert dev.proc.poll() is None
         finally:
             raw.close()
@@ -203,6 +200,14 @@ def test_a_broken_ring_is_refused_loudly_and_the_device_survives(sock_path: Path
     expected = {"head": "out of range", "next": "next", "address": "outside guest memory",
                 "avail-idx": "more than the size"}[fault]
     assert expected in log, log
+
+
+def _until(dev: NullDevice, cond: Callable[[], object]) -> None:
+    """Wait (5 s at most) until cond() holds; else fail with the device's log."""
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline, dev.log()
+        time.sleep(0.001)
 
 
 def _settled(dev: NullDevice, cond: Callable[[Counters], bool]) -> Counters:
@@ -257,10 +262,7 @@ def test_no_interrupt_while_the_driver_suppresses_them(sock_path: Path) -> None:
             raw.set_request(1, Opcode.GETATTR, ROOT_ID, abi.pack("fuse_getattr_in"), 104)
             raw.post(1)
             raw.kick()
-            deadline = time.monotonic() + 5
-            while lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) == raw.last_used:
-                assert time.monotonic() < deadline, dev.log()
-                time.sleep(0.001)
+            _until(dev, lambda: lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) != raw.last_used)
             c = dev.counters() - before
             assert (c.requests, c.interrupts) == (1, 0)
             with pytest.raises(BlockingIOError):
@@ -281,10 +283,7 @@ def test_event_idx_kicks_and_interrupts_as_the_indexes_say(sock_path: Path) -> N
             raw.kick()
             assert raw.reap() == [0]
             # asleep, the device asks for a kick when entry 1 is made available
-            deadline = time.monotonic() + 5
-            while struct.unpack_from("<H", raw.used, avail_event)[0] != 1:
-                assert time.monotonic() < deadline, dev.log()
-                time.sleep(0.001)
+            _until(dev, lambda: struct.unpack_from("<H", raw.used, avail_event)[0] == 1)
             _settled(dev, lambda c: c.interrupts == 1)
             try:
                 os.eventfd_read(raw.call_fd)
@@ -295,10 +294,7 @@ def test_event_idx_kicks_and_interrupts_as_the_indexes_say(sock_path: Path) -> N
             raw.set_request(1, Opcode.GETATTR, ROOT_ID, abi.pack("fuse_getattr_in"), 104)
             raw.post(1)
             raw.kick()
-            deadline = time.monotonic() + 5
-            while lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) == raw.last_used:
-                assert time.monotonic() < deadline, dev.log()
-                time.sleep(0.001)
+            _until(dev, lambda: lib.vfsdrv_load_acquire_u16(raw._used_idx_ptr) != raw.last_used)
             assert raw.reap() == [1]
             assert _settled(dev, lambda c: c.requests == 2).interrupts == 1
             with pytest.raises(BlockingIOError):
