@@ -7,10 +7,12 @@ bigger than a buffer is split with every forget kept, in order, exactly once."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,99 @@ def test_threads_send_each_forget_exactly_once(rig: Rig) -> None:
     dev.join(60)
     assert sorted(seen) == sorted((k * 10000 + i, 1) for k in range(4) for i in range(per_thread))
     assert rig.sender.broken is None
+
+
+# -- through VirtioFs, on the reference device ------------------------------------------------
+@pytest.fixture(params=["split", "packed"])
+def handed_over(device_factory, connect, export_dir: Path, request: pytest.FixtureRequest):
+    """A client whose device gave hiprio to the native sender (as the relay does)."""
+    (export_dir / "f").write_text("")
+    client = connect(device_factory(ring=request.param))
+    sender = client.fs.hand_over_hiprio()
+    assert sender is not None and client.fs.hiprio_sender is sender
+    return client
+
+
+def _stale(client, nodeid: int) -> bool:
+    try:
+        client.getattr(nodeid)
+    except OSError as exc:
+        return exc.errno == errno.ESTALE
+    return False
+
+
+def test_forgets_through_the_sender_reach_the_device(handed_over) -> None:
+    from vfsdrv.fs.client import ROOT_ID
+
+    c = handed_over
+    e = c.lookup(ROOT_ID, "f")
+    for _ in range(3):
+        c.lookup(ROOT_ID, "f")
+    c.forget(e.nodeid, 2)
+    c.batch_forget([(e.nodeid, 1)])
+    assert c.getattr(e.nodeid).ino == e.attr.ino  # one lookup left
+    c.fs.send_hiprio(forget(c.fs.next_unique(), e.nodeid, 1))
+    deadline = time.monotonic() + 10
+    while not _stale(c, e.nodeid):
+        assert time.monotonic() < deadline, "the last FORGET never reached the device"
+        time.sleep(0.01)
+    st = c.fs.hiprio_sender.stats()
+    assert st["sent"] == 3 and st["full"] == 0 and st["in_flight"] == 0
+
+
+def test_full_sender_keeps_requests_in_the_backlog(handed_over, monkeypatch) -> None:
+    """What the sender has no room for waits in order and goes out once it has."""
+    from vfsdrv.fs.client import ROOT_ID
+
+    c = handed_over
+    fs = c.fs
+    e = c.lookup(ROOT_ID, "f")
+    for _ in range(40):
+        c.lookup(ROOT_ID, "f")
+    real_send = HiprioSender.send
+    refuse = [True]
+
+    def send(self, data: bytes) -> None:
+        if refuse[0]:
+            lib_full = HiprioFull()
+            raise lib_full
+        real_send(self, data)
+
+    monkeypatch.setattr(HiprioSender, "send", send)
+    for _ in range(40):
+        c.forget(e.nodeid, 1)
+    assert fs.hiprio_backlog == 40
+    fs.process()
+    assert fs.hiprio_backlog == 40  # still full
+    refuse[0] = False
+    deadline = time.monotonic() + 10
+    while fs.hiprio_backlog:  # 32 buffers: the rest once the device gave some back
+        assert time.monotonic() < deadline
+        fs.process()
+        time.sleep(0.01)
+    c.forget(e.nodeid, 1)  # the 41st lookup
+    while not _stale(c, e.nodeid):
+        assert time.monotonic() < deadline, "forgets were lost on the way"
+        time.sleep(0.01)
+
+
+def test_a_bad_used_entry_on_hiprio_fails_the_device(handed_over) -> None:
+    """The device's used entry for a FORGET names a buffer it was never given: the
+    sender breaks, and VirtioFs reports the device as failed with the reason."""
+    c = handed_over
+    fs = c.fs
+    vq = fs.hiprio_sender.vq
+    fs.send_hiprio(forget(fs.next_unique(), 1, 1))
+    deadline = time.monotonic() + 10
+    while not vq.has_used():  # the device used it (and will not touch the entry again)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    if vq.packed:  # the buffer id of the used descriptor at next_used
+        struct.pack_into("<H", vq.desc.view, 16 * vq.native.next_used + 12, 7)
+    else:  # the id of the used element at last_used
+        struct.pack_into("<I", vq.used.view, 4 + 8 * (vq.last_used % vq.size), 7)
+    with pytest.raises(RingError, match="not in flight"):
+        fs.process()
+    assert isinstance(fs.broken, RingError) and "hiprio" in str(fs.broken)
+    with pytest.raises(RingError):
+        fs.send_hiprio(forget(fs.next_unique(), 1, 1))

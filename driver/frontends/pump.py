@@ -10,7 +10,8 @@ Each pump reads through two clones of the connection (FUSE_DEV_IOC_CLONE): a
 blocking one it sleeps in when nothing is in flight, and an O_NONBLOCK one it
 reads in batches when busy. A reply must go back through the descriptor that
 read its request (the kernel keeps a processing list per descriptor), so every
-event names the descriptor.
+event names the descriptor. Given the device's hiprio sender (vfsdrv.fs.hiprio),
+the pump sends FORGET and BATCH_FORGET itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 from .._native import ffi, lib
 from ..fs.device import Slot, VirtioFs
+from ..fs.hiprio import HiprioSender
+from ..virtio.kick import NativeKick
 from ..virtio.virtqueue import Virtqueue
 from .fuse_dev import DEV_FUSE
 
@@ -74,6 +77,7 @@ class Pump:
     def __init__(
         self, fs: VirtioFs, vq: Virtqueue, session_fd: int, slots: list[Slot], *,
         event_fd: int, on_exit, poll: bool, trace: bool = False,
+        hiprio: HiprioSender | None = None,
     ) -> None:
         self.fs = fs
         self.vq = vq
@@ -82,7 +86,8 @@ class Pump:
         self.exit: PumpExit | None = None
         self._final_stats: dict[str, int] | None = None  # kept when the native state goes
         self._fds: list[int] = []
-        self._kick_relay: tuple[int, threading.Thread] | None = None
+        self._kick: NativeKick | None = None
+        self._hiprio = hiprio  # keeps the sender alive while the pump may use it
         self._cslots = ffi.new("struct vfsdrv_slot[]", len(slots))
         self._keep = []  # page tables must outlive the pump
         for i, slot in enumerate(slots):
@@ -113,44 +118,19 @@ class Pump:
             cfg.lock_wait = int(fs.notification)
             cfg.small_size = VirtioFs.SLOT_SIZE_SMALL
             cfg.trace = int(trace)
-            self._setup_kick(cfg)
+            self._kick = NativeKick(fs.transport, vq.index)
+            self._kick.fill(cfg)
             err = ffi.new("char[]", 200)
             self._p = lib.vfsdrv_pump_new(cfg, vq.native, self._cslots, len(slots), err, 200)
             if self._p == ffi.NULL:
                 raise OSError(f"native pump: {ffi.string(err).decode()}")
+            if hiprio is not None:
+                lib.vfsdrv_pump_set_hiprio(self._p, hiprio.native)
         except BaseException:
             self._close_fds()
             raise
         self._thread = threading.Thread(target=self._run, name=f"vfsdrv-pump-{vq.index}",
                                         daemon=True)
-
-    def _setup_kick(self, cfg) -> None:
-        """The pump kicks by an eventfd write or an MMIO store; a transport with
-        neither gets an eventfd that a small thread turns into notify() calls."""
-        kick = self.fs.transport.native_kick(self.vq.index)
-        if kick is not None:
-            cfg.kick_fd, ptr, cfg.notify_value, cfg.notify_width = kick
-            cfg.notify_addr = ffi.cast("uint8_t *", ptr) if ptr is not None else ffi.NULL
-            return
-        efd = os.eventfd(0, os.EFD_CLOEXEC)
-        self._fds.append(efd)
-
-        def relay_kicks() -> None:
-            while True:
-                try:
-                    os.eventfd_read(efd)
-                    self.fs.transport.notify(self.vq.index)
-                except OSError:
-                    return
-                if self.exit is not None:
-                    return
-
-        t = threading.Thread(target=relay_kicks, name=f"vfsdrv-kick-{self.vq.index}",
-                             daemon=True)
-        self._kick_relay = (efd, t)
-        cfg.kick_fd = efd
-        cfg.notify_addr = ffi.NULL
-        t.start()
 
     # -- running ------------------------------------------------------------------
     def start(self) -> None:
@@ -225,6 +205,9 @@ class Pump:
                 self._fds.remove(fd)
 
     def _close_fds(self) -> None:
+        if self._kick is not None:
+            self._kick.close()
+            self._kick = None
         for fd in self._fds:
             try:
                 os.close(fd)

@@ -165,7 +165,6 @@ class Relay:
         self._lent: list = []
         self._event_fd = -1
         self._exits: queue.SimpleQueue[Pump] = queue.SimpleQueue()
-        self._hiprio_backlog: collections.deque[bytes] = collections.deque()
         self._sel: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._pending_debug: dict[int, tuple[int, int, float]] = {}
@@ -241,7 +240,7 @@ class Relay:
                 f"{st['errors']} bad replies, stopped reading /dev/fuse {stalls} times for "
                 f"want of a slot, {self.stats['interrupts_ignored']} interrupts ignored, "
                 f"{self.stats['notifications']} notifications forwarded, "
-                f"{self.stats['forgets']} forgets")
+                f"{st['counters']['relay_forgets']} forgets")
 
     def _end_device_session(self) -> None:
         fs = self.fs
@@ -315,8 +314,7 @@ class Relay:
                         self._on_events()
                     else:
                         self._on_wake()
-                fs.process()
-                self._flush_hiprio()
+                fs.process()  # also retries hiprio requests that found no room
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
                     log.warning("%s still busy after %.0f s: aborting the connection",
                                 self.mountpoint, STOP_GRACE)
@@ -333,8 +331,8 @@ class Relay:
         if self.stop_at is not None:
             return 0.1
         if self.fs.poll:
-            return 0.0 if self.fs.lock_waiters or self._hiprio_backlog else 0.005
-        if self._hiprio_backlog:
+            return 0.0 if self.fs.lock_waiters or self.fs.hiprio_backlog else 0.005
+        if self.fs.hiprio_backlog:
             return 0.001
         return self.fs.max_wait  # a queue without an interrupt is looked at this often
 
@@ -413,11 +411,15 @@ class Relay:
         per_small = max(0, small - CONTROL_SLOTS) // count
         per_large = large // count
         fs.pending_setlkw = self._pending_setlkw
+        # the pumps send FORGETs themselves; the control thread's hiprio traffic goes
+        # through the same sender (None: hiprio stays with the control plane)
+        hiprio = fs.hand_over_hiprio()
         for vq in queues[:count]:
             slots = fs.lend_slots(per_small, per_large)
             self._lent.append(slots)
             pump = Pump(fs, vq, self.fuse_fd, slots, event_fd=self._event_fd,
-                        on_exit=self._on_pump_exit, poll=fs.poll, trace=self.debug)
+                        on_exit=self._on_pump_exit, poll=fs.poll, trace=self.debug,
+                        hiprio=hiprio)
             self.pumps.append(pump)
         for pump in self.pumps:
             pump.start()
@@ -497,7 +499,12 @@ class Relay:
         elif kind == lib.VFSDRV_EV_BAD_REQUEST:
             log.warning("request %d (%s) not forwarded: %s", unique, _opname(opcode), why)
         elif kind == lib.VFSDRV_EV_TRACE_REQUEST:
-            self._pending_debug[unique] = (opcode, arg, time.monotonic())
+            if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+                # no reply will come (the pump may have sent it to hiprio already)
+                reqlog.debug("unique %d %s nodeid %d (hiprio, no reply)", unique,
+                             _opname(opcode), arg)
+            else:
+                self._pending_debug[unique] = (opcode, arg, time.monotonic())
         elif kind == lib.VFSDRV_EV_TRACE_REPLY:
             self._log_reply(unique, opcode, -int(arg), length)
 
@@ -537,31 +544,10 @@ class Relay:
 
     def _to_hiprio(self, data: bytes) -> None:
         _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
-        if self.debug:
-            self._pending_debug.pop(unique, None)
+        if self.debug and opcode not in (Opcode.FORGET, Opcode.BATCH_FORGET):
+            self._pending_debug.pop(unique, None)  # forgets were logged when traced
             reqlog.debug("unique %d %s nodeid %d (no reply)", unique, _opname(opcode), nodeid)
-        if opcode == Opcode.BATCH_FORGET:
-            self._hiprio_backlog.extend(split_batch_forget(data, VirtioFs.SLOT_SIZE_SMALL))
-        elif len(data) <= VirtioFs.SLOT_SIZE_SMALL:
-            self._hiprio_backlog.append(data)
-        else:  # no hiprio request is this big; never let one stop the loop
-            log.warning("hiprio request %d (%s) of %d bytes dropped", unique, _opname(opcode),
-                        len(data))
-        self._flush_hiprio()
-
-    def _flush_hiprio(self) -> None:
-        fs = self.fs
-        while self._hiprio_backlog:
-            slot = fs.try_acquire(False)
-            if slot is None:
-                return  # hiprio completions free slots; the loop comes back
-            data = self._hiprio_backlog.popleft()
-            slot.view[: len(data)] = data
-            try:
-                fs.submit(slot, len(data), None)
-            except ValueError as exc:
-                fs.release(slot)
-                log.warning("hiprio request not forwarded: %s", exc)
+        self.fs.send_hiprio(data)  # a full ring keeps it in the device's backlog
 
     # -- replies and notifications to the kernel -----------------------------------------
     def _lock_done(self, fd: int, comp: Completion) -> None:
@@ -628,16 +614,23 @@ class Relay:
 
         fs = self.fs
         queues: list[dict[str, object]] = []
-        if fs.hiprio is not None:
+        if fs.hiprio_sender is not None:
+            hs = fs.hiprio_sender.stats()  # reclaims first: in_flight is what the device holds
+            queues.append({"name": "hiprio", "index": fs.hiprio_sender.vq.index,
+                           "size": fs.hiprio_sender.vq.size, "in_flight": hs["in_flight"],
+                           "sent": hs["sent"], "flushes": hs["flushes"], "kicks": hs["kicks"],
+                           "full": hs["full"], "backlog": fs.hiprio_backlog})
+        elif fs.hiprio is not None:
             queues.append({"name": "hiprio", "index": fs.hiprio.vq.index,
                            "size": fs.hiprio.vq.size, "in_flight": fs.hiprio.vq.in_flight})
         if fs.notify_vq is not None:
             queues.append({"name": "notification", "index": fs.notify_vq.index,
                            "size": fs.notify_vq.size,
                            "buffers_posted": fs.notify_vq.in_flight})
-        served = in_flight = bad = 0
+        served = in_flight = bad = native_forgets = 0
         for pump in self.pumps:
             st = pump.stats()
+            native_forgets += st["hiprio"]
             served += st["replies"]
             in_flight += st["in_flight"]
             bad += st["bad_replies"]
@@ -663,7 +656,9 @@ class Relay:
             "notifications": self.stats["notifications"],
             "lock_waiters": fs.lock_waiters,
             "uptime": round(time.monotonic() - self.started_at, 3),
-            "counters": {**dev_stats, **{f"relay_{k}": v for k, v in self.stats.items()}},
+            "counters": {**dev_stats, **{f"relay_{k}": v for k, v in self.stats.items()},
+                         # forgets: those the pumps sent and those that came through here
+                         "relay_forgets": self.stats["forgets"] + native_forgets},
         }
 
     # -- FUSE_INIT -----------------------------------------------------------------------
@@ -760,32 +755,6 @@ def interrupt_request(target: int) -> bytes:
     body = INTERRUPT_IN.pack(target)
     head = IN_HEADER.pack(IN_HEADER_SIZE + len(body), Opcode.INTERRUPT, target | INT_REQ_BIT, 0)
     return head + bytes(IN_HEADER_SIZE - IN_HEADER.size) + body
-
-
-BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy
-FORGET_ONE = 16  # fuse_forget_one: nodeid, nlookup
-
-
-def split_batch_forget(data: bytes, limit: int) -> list[bytes]:
-    """A FUSE_BATCH_FORGET as requests of at most `limit` bytes each (the kernel
-    fills its read buffer, up to max_write, with forgets after a cache drop; the
-    control plane's slots are small). The same unique on each: none gets a reply."""
-    if len(data) <= limit or len(data) < IN_HEADER_SIZE + BATCH_FORGET_IN.size:
-        return [data]
-    _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
-    rest = data[IN_HEADER.size : IN_HEADER_SIZE]  # uid, gid, pid, extlen, padding
-    count = BATCH_FORGET_IN.unpack_from(data, IN_HEADER_SIZE)[0]
-    body = data[IN_HEADER_SIZE + BATCH_FORGET_IN.size :]
-    count = min(count, len(body) // FORGET_ONE)
-    per = (limit - IN_HEADER_SIZE - BATCH_FORGET_IN.size) // FORGET_ONE
-    out = []
-    for first in range(0, count, per):
-        n = min(per, count - first)
-        chunk = body[first * FORGET_ONE : (first + n) * FORGET_ONE]
-        size = IN_HEADER_SIZE + BATCH_FORGET_IN.size + len(chunk)
-        out.append(IN_HEADER.pack(size, opcode, unique, nodeid) + rest
-                   + BATCH_FORGET_IN.pack(n, 0) + chunk)
-    return out
 
 
 def _opname(opcode: int) -> str:

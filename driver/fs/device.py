@@ -34,6 +34,7 @@ from ..errors import (
     DeviceError,
     DeviceGoneError,
     DeviceNeedsResetError,
+    DmaError,
     ProtocolError,
     RingError,
     VfsdrvError,
@@ -44,6 +45,7 @@ from ..virtio.virtqueue import QueueFull, Virtqueue
 from . import abi
 from .abi import FUSE_LOCK_WAIT, IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
 from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, parse_config
+from .hiprio import HiprioFull, HiprioSender, split_hiprio
 from .notify import LockWaits, NotificationQueue, OnNotify
 from .sizing import reply_capacity, reply_offset, request_offset
 from .slots import Completion, OnDone, Slot, SlotPool, synthetic
@@ -128,6 +130,10 @@ class VirtioFs:
         self.pending_setlkw: Callable[[int], bool] | None = None
         self._reply_hdr = ffi.new("struct vfsdrv_out_header *")
         self._why = ffi.new("char[]", 120)
+        #: the native owner of the hiprio queue once the relay's pumps run (vfsdrv.fs.hiprio)
+        self.hiprio_sender: HiprioSender | None = None
+        #: hiprio requests the sender had no room for, oldest first (retried by process())
+        self._hiprio_backlog: collections.deque[bytes] = collections.deque()
         #: the typed client's batched path (vfsdrv.fs.batch), once a client uses it:
         #: it harvests the request queues (its own chains and, for process(), ours)
         self.batch = None
@@ -304,6 +310,94 @@ class VirtioFs:
         self.pumped = False
         self._harvest = [self.hiprio, *self.request_queues]
 
+    def hand_over_hiprio(self) -> HiprioSender | None:
+        """The hiprio queue to a native sender, which owns it from now on (the pumps
+        and the control thread send through it; this object stops harvesting it).
+        None, and hiprio stays here, if it cannot be (chains of ours still in
+        flight, no DMA memory for its buffers)."""
+        if self.hiprio_sender is not None:
+            return self.hiprio_sender
+        assert self.hiprio is not None
+        if not self.hiprio.vq.idle or self.hiprio.pending:
+            return None
+        try:
+            sender = HiprioSender(self.hiprio.vq, self.transport.dma_pool(), self.transport)
+        except (DmaError, OSError, ValueError) as exc:
+            log.warning("hiprio stays with the control plane: %s", exc)
+            return None
+        self.hiprio_sender = sender
+        self._harvest = [qs for qs in self._harvest if qs is not self.hiprio]
+        return sender
+
+    def send_hiprio(self, data: bytes) -> None:
+        """Send a whole hiprio request (FORGET, BATCH_FORGET, INTERRUPT; no reply),
+        through the native sender once it owns hiprio, else in slots; what finds no
+        room waits in a backlog that process() retries."""
+        try:
+            self._send_hiprio(data)
+        except RingError as exc:  # the sender broke (a bad used entry, a failed kick)
+            self._break(exc)
+            raise
+
+    def _send_hiprio(self, data: bytes) -> None:
+        sender = self.hiprio_sender
+        if sender is None:
+            self._hiprio_backlog.extend(split_hiprio(data, self.SLOT_SIZE_SMALL) or
+                                        self._unsendable(data))
+            self._drain_hiprio()
+            return
+        if not self._hiprio_backlog:
+            try:
+                sender.send(data)
+                sender.flush()
+                return
+            except HiprioFull:
+                pass
+            except ValueError:
+                self._unsendable(data)
+                return
+        # behind what already waits, in pieces the sender takes one at a time
+        self._hiprio_backlog.extend(split_hiprio(data, sender.limit))
+        self._drain_hiprio()
+
+    def _unsendable(self, data: bytes) -> list[bytes]:
+        _len, opcode, unique = IN_HEADER_START.unpack_from(data, 0)
+        log.warning("hiprio request %d (opcode %d) of %d bytes dropped", unique, opcode,
+                    len(data))
+        return []
+
+    @property
+    def hiprio_backlog(self) -> int:
+        """hiprio requests waiting for room."""
+        return len(self._hiprio_backlog)
+
+    def _drain_hiprio(self) -> None:
+        backlog = self._hiprio_backlog
+        sender = self.hiprio_sender
+        if sender is None:
+            while backlog:
+                slot = self.try_acquire(False)
+                if slot is None:
+                    return  # hiprio completions free slots; process() comes back
+                data = backlog.popleft()
+                slot.view[: len(data)] = data
+                try:
+                    self.submit(slot, len(data), None)
+                except ValueError as exc:
+                    self.release(slot)
+                    log.warning("hiprio request not forwarded: %s", exc)
+            return
+        sent = False
+        try:
+            while backlog:
+                sender.send(backlog[0])
+                backlog.popleft()
+                sent = True
+        except HiprioFull:
+            pass
+        if sent:
+            sender.flush()
+
     def lend_slots(self, small: int, large: int) -> list[Slot]:
         """Take free slots out of the pool (for a pump) until return_slots()."""
         return self.slots.lend(small, large)
@@ -339,6 +433,11 @@ class VirtioFs:
         slot.on_done = on_done
         buf = slot.buf
         if cap is None:
+            if self.hiprio_sender is not None:  # hiprio is the native sender's now
+                data = bytes(slot.view[req_off : req_off + in_len])
+                self.release(slot)
+                self.send_hiprio(data)
+                return
             readable = buf.segments(req_off, in_len)
             writable: list[tuple[int, int]] = []
             qs = self.hiprio
@@ -414,6 +513,10 @@ class VirtioFs:
             self._check_usable()
         handled = 0
         try:
+            if self.hiprio_sender is not None:
+                self._check_hiprio_sender()
+            if self._hiprio_backlog:
+                self._drain_hiprio()
             if self.notify_vq is not None and self.notify_vq.has_used():
                 handled += self._process_notifications()
             for qs in self._harvest:
@@ -438,6 +541,12 @@ class VirtioFs:
             self._break(exc)
             raise
         return handled
+
+    def _check_hiprio_sender(self) -> None:
+        # reclaim what the device used: a bad used entry raises RingError (process()
+        # breaks the device with it), as does a sender a pump's send or flush broke
+        assert self.hiprio_sender is not None
+        self.hiprio_sender.reclaim()
 
     def _complete(self, slot: Slot, length: int) -> None:
         self._in_flight.pop(slot.unique, None)
@@ -641,6 +750,9 @@ class VirtioFs:
         if self._broken is None:
             self._broken = DeviceError(f"{self.transport.name}: the device was closed")
         self.dev.close()
+        if self.hiprio_sender is not None:  # after the reset: no buffer of it is read now
+            self.hiprio_sender.close()
+            self.hiprio_sender = None
 
 
 class Pending:

@@ -197,18 +197,18 @@ static int reclaim_locked(struct vfsdrv_hiprio *h)
     if (h->broken)
         return -EIO;
     int total = 0;
-    while (h->vq->in_flight) {
+    for (;;) {  /* with nothing in flight too: a used entry then is the device's fault */
         int n = vfsdrv_vq_harvest(h->vq, h->used, h->vq->size);
         if (n < 0) {
             break_locked(h, "hiprio queue: %s", h->vq->error);
             return -EIO;
         }
-        if (n == 0)
-            break;
         /* each id is validated (in flight, once) by the harvest: one buffer each */
         for (int k = 0; k < n; k++)
             h->free_bufs[h->nfree++] = h->head_buf[h->used[k].id];
         total += n;
+        if (n == 0 || h->vq->in_flight == 0)
+            break;
     }
     h->stats.reclaimed += (uint64_t)total;
     return total;

@@ -72,8 +72,8 @@ def test_o_direct_write_through_a_device_that_honours_it(tmp_path: Path) -> None
 
 def test_forget_storm_after_a_cache_drop(tmp_path: Path) -> None:
     """Dropping the kernel's caches after a big listing makes it send FORGET and
-    BATCH_FORGETs of up to a read buffer's size (a MiB); the control plane splits
-    them into its small slots and the mount serves on (it once died here)."""
+    BATCH_FORGETs of up to a read buffer's size (a MiB); the hiprio sender splits
+    them into its buffers and the mount serves on (it once died here)."""
     with serving(tmp_path, "relay") as m:
         d = m.mnt / "many"
         d.mkdir()
@@ -87,13 +87,16 @@ def test_forget_storm_after_a_cache_drop(tmp_path: Path) -> None:
         assert len(os.listdir(d)) == 3000
         st = status_of(m.mnt)
         assert st["counters"].get("relay_forgets", 0) > 0
+        # the pumps sent them to the hiprio queue themselves (the native sender)
+        (hiprio,) = [q for q in st["queues"] if q["name"] == "hiprio"]
+        assert hiprio["sent"] > 0 and hiprio["kicks"] <= hiprio["flushes"] <= hiprio["sent"]
         assert m.proc.poll() is None
 
 
 def test_split_batch_forget() -> None:
     import struct
 
-    from vfsdrv.frontends.relay import split_batch_forget
+    from vfsdrv.fs.hiprio import split_hiprio as split_batch_forget
 
     count = 3000
     body = b"".join(struct.pack("<QQ", n, 1) for n in range(1, count + 1))
