@@ -27,7 +27,7 @@ from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient, Lock
 from vfsdrv.fs.config import VIRTIO_FS_F_NOTIFICATION
-from vfsdrv.fs.device import VirtioFs
+from vfsdrv.fs.device import Pending, VirtioFs
 from vfsdrv.refdev.lock_table import F_RDLCK, F_UNLCK, F_WRLCK
 from vfsdrv.tools import pci_functions as pf
 from vfsdrv.virtio import pci as vp
@@ -38,6 +38,18 @@ def bridge_of(c: FuseClient) -> VhostPciFunction:
     t = c.fs.transport
     assert isinstance(t, vp.VirtioPciTransport) and isinstance(t.fn, VhostPciFunction)
     return t.fn
+
+
+def b_waits_on_a(a: FuseClient, b: FuseClient, name: str,
+                 want: Lock | None = None) -> tuple[int, int, Pending]:
+    """A write-locks all of `name`; B's SETLKW for `want` (default: the same) waits,
+    its FUSE_LOCK_WAIT seen. A's (nodeid, fh) and B's request in flight."""
+    na, fa = open_file(a, name)
+    nb, fb = open_file(b, name)
+    a.setlk(na, fa, 1, whole(F_WRLCK))
+    pending = b.setlkw_async(nb, fb, 1, want or whole(F_WRLCK))
+    pump([b], lambda: b.fs.lock_waiters == 1)
+    return na, fa, pending
 
 
 def assert_clean(fn: VhostPciFunction) -> None:
@@ -125,11 +137,7 @@ def test_blocking_lock_completed_by_notify_lock_over_pci(
     a = connect(dev)  # vhost-user
     b = pci_connect(dev, poll=mode == "poll")  # PCI, through the bridge
     fn = bridge_of(b)
-    na, fa = open_file(a, "locked")
-    nb, fb = open_file(b, "locked")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)  # FUSE_LOCK_WAIT came back on queue 2
+    na, fa, pending = b_waits_on_a(a, b, "locked")  # FUSE_LOCK_WAIT came back on queue 2
     assert not pending.done and dev.locks.waiting() == 1
     if mode == "msix":
         vector_fd = fn.msix_fds[2]  # the notification queue's vector
@@ -208,11 +216,7 @@ def test_notify_buf_size_edges_over_pci(device_factory, connect, pci_connect,
     dev = device_factory(notify_buf_size=size)
     a, b = connect(dev), pci_connect(dev)
     assert b.fs.config.notify_buf_size == size  # read through the device-config region
-    na, fa = open_file(a, "e")
-    nb, fb = open_file(b, "e")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "e")
     a.setlk(na, fa, 1, whole(F_UNLCK))
     pending.result(WAIT)
 
@@ -282,11 +286,7 @@ def test_interrupt_cancels_a_waiting_lock_over_pci(device_factory, connect, pci_
     (export_dir / "locked").write_text("")
     dev = device_factory()
     a, b = connect(dev), pci_connect(dev)
-    na, fa = open_file(a, "locked")
-    nb, fb = open_file(b, "locked")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, Lock(0, 10, F_RDLCK, 0))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "locked", Lock(0, 10, F_RDLCK, 0))
     fn = bridge_of(b)
     assert fn.kicks[0] == 0
     b.interrupt(pending.unique)  # FUSE_INTERRUPT on the hiprio queue
@@ -317,11 +317,7 @@ def test_two_request_queues_over_pci(device_factory, connect, pci_connect,
     # a blocking lock completes the same way with requests spread over two queues
     (export_dir / "locked").write_text("")
     a = connect(dev)
-    na, fa = open_file(a, "locked")
-    nb, fb = open_file(b, "locked")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "locked")
     a.setlk(na, fa, 1, whole(F_UNLCK))
     pending.result(WAIT)
     assert_clean(fn)
@@ -404,11 +400,7 @@ def test_the_refdev_auditor_finds_no_violation_over_pci(device_factory, connect,
     a, b = connect(dev), pci_connect(dev)
     fn = bridge_of(b)
     assert fn.backend.has_status and "SET_STATUS" in fn.messages
-    na, fa = open_file(a, "locked")
-    nb, fb = open_file(b, "locked")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "locked")
     a.setlk(na, fa, 1, whole(F_UNLCK))
     pending.result(WAIT)
     b.fs.close()
@@ -436,11 +428,7 @@ def test_notification_queue_without_a_vector_is_still_served(
     fn = bridge_of(b)
     assert b.fs.transport.interrupt_fd(1) is None and fn.route(1) == "isr"
     assert b.fs.transport.interrupt_fd(2) is not None
-    na, fa = open_file(a, "f")
-    nb, fb = open_file(b, "f")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "f")
     a.setlk(na, fa, 1, whole(F_UNLCK))
     wait_used(b, 1)  # the FUSE_NOTIFY_LOCK is in the used ring
     t0 = time.monotonic()
@@ -477,11 +465,7 @@ def test_device_error_ends_a_waiting_lock(device_factory, connect, pci_connect,
     dev = device_factory()
     a, b = connect(dev), pci_connect(dev)
     fn = bridge_of(b)
-    na, fa = open_file(a, "f")
-    nb, fb = open_file(b, "f")
-    a.setlk(na, fa, 1, whole(F_WRLCK))
-    pending = b.setlkw_async(nb, fb, 1, whole(F_WRLCK))
-    pump([b], lambda: b.fs.lock_waiters == 1)
+    na, fa, pending = b_waits_on_a(a, b, "f")
     fn.device_error()
     config_fd = b.fs.transport.config_fd()
     assert config_fd == fn.msix_fds[0]
