@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from vfsdrv.fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from vfsdrv.refdev.lock_table import F_UNLCK, F_WRLCK
 
 WAIT = 5.0
 
@@ -24,6 +25,20 @@ def open_file(c: FuseClient, name: str) -> tuple[int, int]:
     except FileNotFoundError:
         e, h = c.create(ROOT_ID, name)
         return e.nodeid, h.fh
+
+
+def count_under_lock(c: FuseClient, name: str, rounds: int, timeout: float) -> None:
+    """`rounds` times: wait for a whole-file write lock on `name` (SETLKW), add one to
+    the number the file holds, unlock. Frontends doing this at once lose no count."""
+    e = c.lookup(ROOT_ID, name)
+    h = c.open(e.nodeid, os.O_RDWR)
+    for _ in range(rounds):
+        c.setlkw(e.nodeid, h.fh, 1, whole(F_WRLCK), timeout=timeout)
+        value = int(c.read(e.nodeid, h.fh, 0, 64))
+        c.setattr(e.nodeid, size=0, fh=h.fh)
+        c.write(e.nodeid, h.fh, 0, str(value + 1).encode())
+        c.setlk(e.nodeid, h.fh, 1, whole(F_UNLCK))
+    c.release(e.nodeid, h.fh)
 
 
 def pump(clients: list[FuseClient], cond: Callable[[], bool], timeout: float = WAIT) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from driver_helpers import WAIT, open_file, pump, wait_used, whole
+from driver_helpers import WAIT, count_under_lock, open_file, pump, wait_used, whole
 from fakes.vhost_pci_bridge import DEVICE_CFG_OFFSET, VhostPciFunction
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
@@ -236,15 +236,7 @@ def test_blocking_locks_exclude_across_pci_and_vhost_user_threads(
 
     def work(c: FuseClient) -> None:
         try:
-            e = c.lookup(ROOT_ID, "counter")
-            h = c.open(e.nodeid, os.O_RDWR)
-            for _ in range(rounds):
-                c.setlkw(e.nodeid, h.fh, 1, whole(F_WRLCK), timeout=WAIT * 4)
-                value = int(c.read(e.nodeid, h.fh, 0, 64))
-                c.setattr(e.nodeid, size=0, fh=h.fh)
-                c.write(e.nodeid, h.fh, 0, str(value + 1).encode())
-                c.setlk(e.nodeid, h.fh, 1, whole(F_UNLCK))
-            c.release(e.nodeid, h.fh)
+            count_under_lock(c, "counter", rounds, WAIT * 4)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 

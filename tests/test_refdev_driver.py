@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from driver_helpers import pump, whole
+from driver_helpers import count_under_lock, pump, whole
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import InitFlag, Opcode
 from vfsdrv.fs.client import ROOT_ID, FuseClient, Lock
@@ -394,16 +394,7 @@ def test_blocking_locks_give_mutual_exclusion_across_concurrent_frontends(
 
     def work(c: FuseClient) -> None:
         try:
-            e = c.lookup(ROOT_ID, "counter")
-            h = c.open(e.nodeid, os.O_RDWR)
-            for _ in range(rounds):
-                c.setlkw(e.nodeid, h.fh, 1, whole(F_WRLCK), timeout=WAIT_TIMEOUT * 4)
-                value = int(c.read(e.nodeid, h.fh, 0, 64))
-                data = str(value + 1).encode()
-                c.setattr(e.nodeid, size=0, fh=h.fh)
-                c.write(e.nodeid, h.fh, 0, data)
-                c.setlk(e.nodeid, h.fh, 1, whole(F_UNLCK))
-            c.release(e.nodeid, h.fh)
+            count_under_lock(c, "counter", rounds, WAIT_TIMEOUT * 4)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
