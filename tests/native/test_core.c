@@ -61,6 +61,16 @@ static int snap_same(struct snap a, struct snap b)
            a.next_used == b.next_used && a.used_wrap == b.used_wrap;
 }
 
+/* what most tests start from: a ring of `size` entries, the device on it, the
+ * driver's queue */
+static void rig_up(struct rd_ring *r, struct rd_dev *d, struct vfsdrv_vq *vq, uint32_t size,
+                   int packed, uint32_t indirect_heads, int event_idx)
+{
+    rd_ring_init(r, size, packed, indirect_heads);
+    rd_dev_init(d, r);
+    EQ(rd_vq_init(vq, r, event_idx), 0);
+}
+
 /* ---------------------------------------------------------------------------- */
 static void test_init_rejects_bad_sizes(void)
 {
@@ -118,9 +128,7 @@ static void test_roundtrip_and_batching(void)
         struct rd_ring r;
         struct rd_dev d;
         struct vfsdrv_vq vq;
-        rd_ring_init(&r, 8, packed, 0);
-        rd_dev_init(&d, &r);
-        EQ(rd_vq_init(&vq, &r, 0), 0);
+        rig_up(&r, &d, &vq, 8, packed, 0, 0);
         uint8_t req[8][64], rep[8][128];
         int heads[8];
         for (int i = 0; i < 8; i++) {
@@ -186,9 +194,7 @@ static void test_harvest_max(void)
         struct rd_ring r;
         struct rd_dev d;
         struct vfsdrv_vq vq;
-        rd_ring_init(&r, 8, packed, 0);
-        rd_dev_init(&d, &r);
-        EQ(rd_vq_init(&vq, &r, 0), 0);
+        rig_up(&r, &d, &vq, 8, packed, 0, 0);
         uint8_t b[16];
         for (int i = 0; i < 5; i++) {
             struct vfsdrv_seg s[1] = {seg(b, 16, 1)};
@@ -216,9 +222,7 @@ static void bad_entry_case(int packed, const char *name, const char *expect)
     struct rd_ring r;
     struct rd_dev d;
     struct vfsdrv_vq vq;
-    rd_ring_init(&r, 8, packed, 0);
-    rd_dev_init(&d, &r);
-    EQ(rd_vq_init(&vq, &r, 0), 0);
+    rig_up(&r, &d, &vq, 8, packed, 0, 0);
     uint8_t req[2][64], rep[2][64];
     int h[2];
     for (int i = 0; i < 2; i++) {
@@ -294,9 +298,7 @@ static void test_used_entry_with_nothing_in_flight(void)
         struct rd_ring r;
         struct rd_dev d;
         struct vfsdrv_vq vq;
-        rd_ring_init(&r, 4, packed, 0);
-        rd_dev_init(&d, &r);
-        EQ(rd_vq_init(&vq, &r, 0), 0);
+        rig_up(&r, &d, &vq, 4, packed, 0, 0);
         rd_push(&d, 0, 0, 1);
         struct vfsdrv_used u[4];
         EQ(vfsdrv_vq_harvest(&vq, u, 4), -EIO);
@@ -316,9 +318,7 @@ static void wrap_case(int packed, int event_idx)
     struct rd_ring r;
     struct rd_dev d;
     struct vfsdrv_vq vq;
-    rd_ring_init(&r, size, packed, 0);
-    rd_dev_init(&d, &r);
-    EQ(rd_vq_init(&vq, &r, event_idx), 0);
+    rig_up(&r, &d, &vq, size, packed, 0, event_idx);
     uint8_t req[8][48], rep[8][64];
     uint32_t done = 0, added = 0, notifies = 0, batch_no = 0;
     int bad = 0;
@@ -419,9 +419,7 @@ static void test_indirect(void)
         struct rd_ring r;
         struct rd_dev d;
         struct vfsdrv_vq vq;
-        rd_ring_init(&r, 8, packed, 4);
-        rd_dev_init(&d, &r);
-        EQ(rd_vq_init(&vq, &r, 0), 0);
+        rig_up(&r, &d, &vq, 8, packed, 4, 0);
         uint8_t b[8][96];
         int h[8];
         for (int i = 0; i < 4; i++) {
@@ -478,9 +476,7 @@ static void test_arm_disarm(void)
             struct rd_ring r;
             struct rd_dev d;
             struct vfsdrv_vq vq;
-            rd_ring_init(&r, 4, packed, 0);
-            rd_dev_init(&d, &r);
-            EQ(rd_vq_init(&vq, &r, ev), 0);
+            rig_up(&r, &d, &vq, 4, packed, 0, ev);
             uint8_t b[16];
             struct vfsdrv_seg s[1] = {seg(b, 16, 1)};
             vfsdrv_vq_disarm(&vq);
@@ -795,9 +791,7 @@ static void ring_threaded_case(int packed)
 {
     struct devthread *t = rd_zalloc(sizeof *t);
     struct vfsdrv_vq vq;
-    rd_ring_init(&t->r, 16, packed, 0);
-    rd_dev_init(&t->d, &t->r);
-    EQ(rd_vq_init(&vq, &t->r, 1), 0);
+    rig_up(&t->r, &t->d, &vq, 16, packed, 0, 1);
     static uint32_t req[16][4], rep[16][4];
     uint32_t tag_of[16];
     pthread_t th;
