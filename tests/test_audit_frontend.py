@@ -637,31 +637,21 @@ def test_exposed_descriptor_altered(device: RefDevice, live: RawFrontend) -> Non
 
 
 # -- the virtio-fs queues -----------------------------------------------------------------
-def test_notification_buffer_too_small(device: RefDevice, frontend: RawFrontend) -> None:
+@pytest.mark.parametrize("buffer,observed", [
+    ({"size": 48}, "48 writable"),  # too small
+    ({"readable": 16}, "16 readable"),  # a notification buffer is device-writable only
+])
+def test_notification_buffer_unfit(device: RefDevice, frontend: RawFrontend, buffer: dict,
+                                   observed: str) -> None:
     frontend.negotiate()
     frontend.mem_table()
     for i in (HIPRIO, NOTIFY, REQUEST):
         frontend.setup_queue(i)
-    frontend.post_notify_buffers(1, size=48)
+    frontend.post_notify_buffers(1, **buffer)
     frontend.add_status(DRIVER_OK)
     frontend.queues[NOTIFY].kick()
     report = wait_result(device, "63")
-    assert "48 writable" in report.entry("63").observed
-    assert_only(report, "63")
-
-
-def test_notification_buffer_with_a_readable_part(
-    device: RefDevice, frontend: RawFrontend
-) -> None:
-    frontend.negotiate()
-    frontend.mem_table()
-    for i in (HIPRIO, NOTIFY, REQUEST):
-        frontend.setup_queue(i)
-    frontend.post_notify_buffers(1, readable=16)
-    frontend.add_status(DRIVER_OK)
-    frontend.queues[NOTIFY].kick()
-    report = wait_result(device, "63")
-    assert "16 readable" in report.entry("63").observed
+    assert observed in report.entry("63").observed
     assert_only(report, "63")
 
 
