@@ -172,6 +172,12 @@ def test_one_at_a_time_calls_share_the_queue_with_a_batch(null) -> None:
     with pytest.raises(OSError) as exc:
         p[1].result()
     assert exc.value.errno == errno.ENODATA
+    # a request with no body, and one whose body comes in parts
+    st, mk = c.submit_many([(Opcode.STATFS, ROOT_ID),
+                            (Opcode.LOOKUP, ROOT_ID, b"hel", b"lo\0")])
+    reap_all(c, 2)
+    assert abi.unpack("fuse_statfs_out", st.result(0)).st.namelen == 255
+    assert abi.unpack("fuse_entry_out", mk.result(0)).nodeid == e.nodeid
     # hiprio requests in a batch go the one-at-a-time way (no reply: done at once)
     f = c.submit_many([(Opcode.FORGET, e.nodeid, abi.pack("fuse_forget_in", nlookup=1)),
                        (Opcode.GETATTR, ROOT_ID, GETATTR_IN)])

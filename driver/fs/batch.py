@@ -90,6 +90,7 @@ class NativeBatch:
         self._done = ffi.new("struct vfsdrv_cdone[]", size)
         self._done_buf = ffi.buffer(self._done)
         self._status = ffi.new("int32_t[]", size)
+        self._kick = ffi.new("int32_t[1]")
         self._why = ffi.new("char[]", 120)
         self._in_flight: dict[int, BatchPending] = {}  # slot index -> its request
         for qs in fs.request_queues:
@@ -134,27 +135,31 @@ class NativeBatch:
         n = len(idx)
         if n > len(self._status):  # a status per request: more than a ring's worth may come
             self._status = ffi.new("int32_t[]", n)
-        rc = lib.vfsdrv_client_add(
+        added = lib.vfsdrv_client_add(
             vq.native, self._table, len(self._slots), self._heads[vq.index],
             ffi.from_buffer("struct vfsdrv_creq[]", reqs), n, ffi.from_buffer(bodies),
-            len(bodies), self.fs.max_io, self._status, int(publish),
+            len(bodies), self.fs.max_io, self._status, int(publish), self._kick,
         )
-        if rc < 0:
+        if added < 0:
             raise ValueError(ffi.string(vq.native.error).decode(errors="replace"))
-        in_flight = self._in_flight
         left: list[int] = []
-        for k, st in enumerate(ffi.unpack(self._status, n)):
-            if st >= 0:
-                in_flight[idx[k]] = pendings[k]
-            elif st == -errno.ENOSPC:
-                # written in its slot: queued behind the ring, the Python path's way
-                self.fs.submit(self._slots[idx[k]], self._table[idx[k]].in_len,
-                               pendings[k]._done, self._table[idx[k]].req_off, False)
-            else:
-                left.append(k)
-        if rc:
+        if added == n:  # the usual case: every one in the ring
+            self._in_flight.update(zip(idx, pendings, strict=True))
+        else:
+            in_flight = self._in_flight
+            for k, st in enumerate(ffi.unpack(self._status, n)):
+                if st >= 0:
+                    in_flight[idx[k]] = pendings[k]
+                elif st == -errno.ENOSPC:
+                    # written in its slot: queued behind the ring, the Python path's way
+                    t = self._table[idx[k]]
+                    self.fs.submit(self._slots[idx[k]], t.in_len, pendings[k]._done,
+                                   t.req_off, False)
+                else:
+                    left.append(k)
+        if self._kick[0]:
             self.fs.transport.notify(vq.index)
-        elif not publish:
+        elif not publish and added:
             self.fs.defer_publish(qs)
         return left
 

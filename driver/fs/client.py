@@ -214,7 +214,7 @@ class FuseClient:
         if fs.pumped:  # the request queues are the pumps': the one-at-a-time refusal
             return [self.submit(*r) for r in requests]
         route_get = self._route.get
-        pool = fs.slots
+        small, large = fs.slots.small, fs.slots.large  # SlotPool's free lists
         pack, uid, gid, pid = CREQ.pack, self.uid, self.gid, self.pid
         new = BatchPending.__new__
         batch = None
@@ -228,13 +228,16 @@ class FuseClient:
             # _stage inlined for the usual request (one body, a native route, a free
             # slot already in the table): SlotPool.try_acquire's pop done here
             slot = idx = None
-            if len(r) == 3:
-                route = route_get((r[0], len(r[2])))
-                if route is not None and route[1]:
-                    free = pool.large if route[0] else pool.small
-                    if free:
-                        slot = free.pop()
-                        idx = slot_index.get(slot)
+            try:
+                opcode, nodeid, body = r
+                route = route_get((opcode, len(body)))
+            except ValueError:  # the body in several parts
+                route = None
+            if route is not None and route[1]:
+                free = large if route[0] else small
+                if free:
+                    slot = free.pop()
+                    idx = slot_index.get(slot)
             if idx is None:
                 if slot is not None:
                     fs.release(slot)
@@ -242,7 +245,6 @@ class FuseClient:
                 out.append(self._stage(r[0], r[1], r[2:]))
                 batch = None
                 continue
-            opcode, nodeid, body = r
             unique = fs.next_unique()
             # BatchPending(fs, unique, opcode, self) without the call frames
             p = new(BatchPending)

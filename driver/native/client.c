@@ -43,11 +43,13 @@ _Static_assert(sizeof(struct in_header) == VFSDRV_IN_HEADER, "fuse_in_header is 
 int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
                       uint32_t *head_slot, const struct vfsdrv_creq *reqs, uint32_t n,
                       const uint8_t *bodies, uint32_t bodies_len, uint32_t max_io,
-                      int32_t *status, int publish)
+                      int32_t *status, int publish, int32_t *kick)
 {
     uint64_t pos = 0;
     uint32_t added = 0;
     int full = 0;
+
+    *kick = 0;
 
     /* the bodies must add up before anything is written */
     for (uint32_t k = 0; k < n; k++)
@@ -111,7 +113,9 @@ int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t 
         status[k] = head;
         added++;
     }
-    return publish && added ? vfsdrv_vq_publish(vq) : 0;
+    if (publish && added)
+        *kick = vfsdrv_vq_publish(vq);
+    return (int)added;
 }
 
 int vfsdrv_client_harvest(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,

@@ -309,11 +309,12 @@ struct vfsdrv_cdone {        /* one used entry harvested */
 
 /* write, size and chain each request (status[k]: its head, -ENOSPC: written but the
  * ring is full, any other -errno: not added, not for this path); publish once when
- * `publish`. Returns 1 when the device wants a kick, 0, or -EINVAL (vq->error) */
+ * `publish`, *kick = 1 when the device wants a kick. Returns how many were added, or
+ * -EINVAL (vq->error) */
 int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
                       uint32_t *head_slot, const struct vfsdrv_creq *reqs, uint32_t n,
                       const uint8_t *bodies, uint32_t bodies_len, uint32_t max_io,
-                      int32_t *status, int publish);
+                      int32_t *status, int publish, int32_t *kick);
 /* every used entry (at most max), each reply of this path checked: count, or -errno
  * (vq->error says why; the ring's own faults as vfsdrv_vq_harvest reports them) */
 int vfsdrv_client_harvest(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
