@@ -21,7 +21,7 @@ from vfsdrv.errors import VfsdrvError
 from vfsdrv.fs import abi
 from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.batch import CDONE, CREQ, BatchPending
-from vfsdrv.fs.client import ROOT_ID, FuseClient
+from vfsdrv.fs.client import ROOT_ID, Attr, FuseClient, StatFs
 from vfsdrv.fs.device import VirtioFs
 from vfsdrv.refdev import fuse_server
 from vfsdrv.refdev.fuse_server import FuseServer
@@ -63,6 +63,18 @@ def null() -> Iterator[tuple[NullDevice, FuseClient]]:
         os.rmdir(d)
 
 
+def attr_of(reply: bytes) -> Attr:
+    out = abi.unpack("fuse_attr_out", reply)  # the owner: .attr is a view into it
+    return Attr.from_c(out.attr)
+
+
+def statfs_of(reply: bytes) -> StatFs:
+    out = abi.unpack("fuse_statfs_out", reply)
+    st = out.st
+    return StatFs(st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize, st.namelen,
+                  st.frsize)
+
+
 def reap_all(c: FuseClient, want: int) -> list:
     got: list = []
     while len(got) < want:
@@ -91,7 +103,7 @@ def test_a_batch_is_published_once_with_one_kick(null) -> None:
     assert (delta.requests, delta.kicks, delta.wakes) == (32, 1, 1), delta
     assert {id(p) for p in done} == {id(p) for p in batch}
     for p in done:
-        assert abi.unpack("fuse_attr_out", p.result(0)).attr.mode == 0o40755
+        assert attr_of(p.result(0)).mode == 0o40755
     assert vq.in_flight == 0 and fs.batch.in_flight == 0
 
     # publish=False stages; nothing reaches the device before publish()
@@ -122,7 +134,7 @@ def test_many_in_flight_of_every_kind_all_correct(null) -> None:
         kind = i % 4
         if kind == 0:
             reqs.append((Opcode.GETATTR, pat.nodeid, GETATTR_IN))
-            checks.append(lambda r: abi.unpack("fuse_attr_out", r).attr.size == 64 << 20)
+            checks.append(lambda r: attr_of(r).size == 64 << 20)
         elif kind == 1:
             reqs.append((Opcode.LOOKUP, ROOT_ID, b"pattern\0"))
             checks.append(lambda r: abi.unpack("fuse_entry_out", r).nodeid == pat.nodeid)
@@ -143,7 +155,7 @@ def test_many_in_flight_of_every_kind_all_correct(null) -> None:
     # more requests than small slots (64): the pool runs dry and refills mid-batch
     many = c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)] * 200)
     reap_all(c, 200)  # some completed while staging waited for slots: reaped all the same
-    assert all(abi.unpack("fuse_attr_out", p.result(0)).attr.ino == ROOT_ID for p in many)
+    assert all(attr_of(p.result(0)).ino == ROOT_ID for p in many)
     assert c.fs.free_slots == (64, 16)
     c.release(pat.nodeid, ph.fh)
 
@@ -160,7 +172,7 @@ def test_one_at_a_time_calls_share_the_queue_with_a_batch(null) -> None:
     assert all(p.completion == 0 for p in done)
     # result() of a staged request publishes it first
     p = c.submit(Opcode.GETATTR, ROOT_ID, GETATTR_IN, publish=False)
-    assert abi.unpack("fuse_attr_out", p.result(5)).attr.ino == ROOT_ID
+    assert attr_of(p.result(5)).ino == ROOT_ID
     assert c.reap(0) == [p]
     # an error reply completes its request with the errno
     p = c.submit_many([(Opcode.LOOKUP, ROOT_ID, b"missing\0"),
@@ -176,7 +188,7 @@ def test_one_at_a_time_calls_share_the_queue_with_a_batch(null) -> None:
     st, mk = c.submit_many([(Opcode.STATFS, ROOT_ID),
                             (Opcode.LOOKUP, ROOT_ID, b"hel", b"lo\0")])
     reap_all(c, 2)
-    assert abi.unpack("fuse_statfs_out", st.result(0)).st.namelen == 255
+    assert statfs_of(st.result(0)).namelen == 255
     assert abi.unpack("fuse_entry_out", mk.result(0)).nodeid == e.nodeid
     # hiprio requests in a batch go the one-at-a-time way (no reply: done at once)
     f = c.submit_many([(Opcode.FORGET, e.nodeid, abi.pack("fuse_forget_in", nlookup=1)),
@@ -202,7 +214,7 @@ def test_a_full_ring_queues_the_rest_in_order() -> None:
                 assert fs.stats["queue_full"] >= 1
                 done = reap_all(c, 40)
                 assert {id(p) for p in done} == {id(p) for p in pendings}
-                assert all(abi.unpack("fuse_attr_out", p.result(0)).attr.ino == ROOT_ID
+                assert all(attr_of(p.result(0)).ino == ROOT_ID
                            for p in pendings)
                 assert vq.in_flight == 0 and fs.free_slots == (64, 16)
                 assert dev.counters().requests >= 41  # INIT and the 40
@@ -285,7 +297,7 @@ def test_batches_against_virtiofsd(client: FuseClient, export_dir: Path) -> None
     opens = c.submit_many([(Opcode.OPEN, n, abi.pack("fuse_open_in", flags=os.O_RDONLY))
                            for n in ids[:10]])
     reap_all(c, 50)
-    assert [abi.unpack("fuse_attr_out", p.result(0)).attr.ino for p in attrs] == \
+    assert [attr_of(p.result(0)).ino for p in attrs] == \
         [os.stat(export_dir / f"n{i}").st_ino for i in range(40)]
     fhs = [abi.unpack("fuse_open_out", p.result(0)).fh for p in opens]
     reads = c.submit_many([(Opcode.READ, ids[i], abi.pack("fuse_read_in", fh=fhs[i],

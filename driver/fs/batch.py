@@ -198,6 +198,7 @@ class NativeBatch:
         return others, n
 
     def _bad(self, p: BatchPending) -> None:
+        # why: the native harvest keeps the reason of the last bad reply of the batch
         self.bad_replies += 1
         self.fs.stats["bad_reply"] += 1
         log.warning("device sent a bad reply (opcode %d): %s", p.opcode,
