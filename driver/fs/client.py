@@ -194,7 +194,9 @@ class FuseClient:
                publish: bool = True) -> Pending:
         """Send a request; its Pending's result() waits for the reply. With
         publish=False it is staged: the device sees it at the next publish() (or
-        reap(), or result() of a staged request), and reap() returns it once done."""
+        reap(), or result() of a staged request), and reap() returns it once done.
+        While requests are staged, a published one joins their batch (and reap()
+        returns it too)."""
         if publish and not self._staged:
             return self.fs.call_async(
                 opcode, nodeid, *parts, uid=self.uid, gid=self.gid, pid=self.pid
