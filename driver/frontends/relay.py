@@ -8,10 +8,14 @@ Threads (docs/architecture.rst draws them):
     harvests and validates used entries and reply headers (the core's rules, the
     same the typed client uses) and writes each reply back through the descriptor
     that read its request. `--threads N` caps the number of pumps.
-  * the control thread (this module's loop): FUSE_INIT, the hiprio queue (FORGET,
-    BATCH_FORGET, INTERRUPT), the notification queue and blocking-lock waits,
-    device notifications for the kernel, errors, signals, statistics, teardown.
-    The pumps hand it what they cannot decide alone as events (an eventfd).
+  * the control thread (this module's loop): FUSE_INIT, INTERRUPT, the
+    notification queue and blocking-lock waits, device notifications for the
+    kernel, errors, signals, statistics, teardown. The pumps hand it what they
+    cannot decide alone as events (an eventfd).
+  * the hiprio queue belongs to the device's native hiprio sender (vfsdrv.fs.hiprio)
+    while the pumps run: they send FORGET and BATCH_FORGET through it themselves,
+    and the control thread sends its own hiprio requests (an INTERRUPT, forgets a
+    full sender turned back) through it too.
   * a writer thread for device notifications (a notification write may wait on the
     file system, which the pumps serve).
 
@@ -29,7 +33,7 @@ minor is the smallest of kernel's, device's and ours; max_write and max_pages ar
 clamped to what a large slot (and thus a descriptor chain) carries;
 max_background and congestion_threshold are sized to the pumps' slots.
 
-FORGET and BATCH_FORGET go to the hiprio queue (no reply). A SETLKW the device
+FORGET and BATCH_FORGET go to the hiprio queue (no reply), from the pumps. A SETLKW the device
 answers "wait" is parked and completed later from the notification queue; the
 final reply goes to the descriptor that read the SETLKW. FUSE_INTERRUPT goes to
 the device (hiprio) only when it names a SETLKW still pending: that is the one

@@ -112,3 +112,24 @@ def test_split_batch_forget() -> None:
         nodeids += [struct.unpack_from("<Q", p, 48 + 16 * i)[0] for i in range(n)]
     assert nodeids == list(range(1, count + 1))
     assert split_batch_forget(data[:48 + 160], 16384) == [data[:48 + 160]]
+
+
+def test_forgets_the_pumps_send_are_traced(tmp_path: Path) -> None:
+    """With -d a FORGET is logged though the pump sent it to hiprio itself (the
+    control plane only sees its trace event), and the mount's figures count it."""
+    import re
+    import time
+
+    with serving(tmp_path, "relay", debug=True) as m:
+        for i in range(20):
+            (m.mnt / f"g{i}").touch()
+        for i in range(20):
+            (m.mnt / f"g{i}").unlink()  # the kernel forgets each inode it drops
+        deadline = time.monotonic() + 10
+        pattern = r"unique \d+ (BATCH_)?FORGET nodeid \d+ \(hiprio, no reply\)"
+        while not re.search(pattern, m.log_text()):
+            assert time.monotonic() < deadline, m.log_text()[-3000:]
+            time.sleep(0.05)
+        st = status_of(m.mnt)
+        (hiprio,) = [q for q in st["queues"] if q["name"] == "hiprio"]
+        assert hiprio["sent"] > 0 and st["counters"]["relay_forgets"] > 0
