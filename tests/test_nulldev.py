@@ -48,6 +48,11 @@ def sock_path() -> Iterator[Path]:
     os.rmdir(d)
 
 
+def _attr_size(reply: bytes) -> int:
+    out = abi.unpack("fuse_attr_out", reply)  # kept alive: .attr is a view into it
+    return out.attr.size
+
+
 def _expect_pattern(offset: int, size: int) -> bytes:
     return bytes((offset + i) % PATTERN_MOD for i in range(size))
 
@@ -80,8 +85,7 @@ def test_typed_client_at_depth_16_on_every_queue(sock_path: Path, event_idx: boo
             data = os.urandom(8192)
             kinds = {
                 "getattr": lambda i: ((Opcode.GETATTR, pat.nodeid, abi.pack("fuse_getattr_in")),
-                                      lambda r: abi.unpack("fuse_attr_out", r).attr.size
-                                      == 64 << 20),
+                                      lambda r: _attr_size(r) == 64 << 20),
                 "lookup": lambda i: ((Opcode.LOOKUP, ROOT_ID, b"pattern\0"),
                                      lambda r: abi.unpack("fuse_entry_out", r).nodeid
                                      == pat.nodeid),
