@@ -351,3 +351,27 @@ def test_a_bad_used_entry_on_hiprio_fails_the_device(handed_over) -> None:
     assert isinstance(fs.broken, RingError) and "hiprio" in str(fs.broken)
     with pytest.raises(RingError):
         fs.send_hiprio(forget(fs.next_unique(), 1, 1))
+
+
+def test_hiprio_stays_with_the_sender_after_the_pumps_stop(handed_over) -> None:
+    """Taking the request queues back from the pumps leaves hiprio to the sender:
+    process() must not harvest the sender's entries (its buffers would never come
+    back and it would stay full)."""
+    fs = handed_over.fs
+    fs.hand_over_request_queues()
+    fs.take_back_request_queues()
+    # (a completion that lands between the sender's reclaim and a harvest here would
+    # be lost to the sender: too rare to catch by timing, so look at the owner list)
+    assert all(qs is not fs.hiprio for qs in fs._harvest)
+    deadline = time.monotonic() + 20
+    for _ in range(100):  # three times the sender's buffers, one at a time
+        fs.send_hiprio(forget(fs.next_unique(), 1, 0))
+        fs.process()
+    while fs.hiprio_backlog:
+        assert time.monotonic() < deadline, "the sender never got its buffers back"
+        fs.process()
+        time.sleep(0.005)
+    while (st := fs.hiprio_sender.stats())["in_flight"]:
+        assert time.monotonic() < deadline, "the device never used them all"
+        time.sleep(0.005)
+    assert st["sent"] == st["reclaimed"] == 100 and fs.broken is None

@@ -130,15 +130,15 @@ class VirtioFs:
         self.pending_setlkw: Callable[[int], bool] | None = None
         self._reply_hdr = ffi.new("struct vfsdrv_out_header *")
         self._why = ffi.new("char[]", 120)
-        #: the native owner of the hiprio queue once the relay's pumps run (vfsdrv.fs.hiprio)
-        self.hiprio_sender: HiprioSender | None = None
-        #: hiprio requests the sender had no room for, oldest first (retried by process())
-        self._hiprio_backlog: collections.deque[bytes] = collections.deque()
         #: the typed client's batched path (vfsdrv.fs.batch), once a client uses it:
         #: it harvests the request queues (its own chains and, for process(), ours)
         self.batch = None
         #: request queues with chains added but not yet published (publish())
         self._unpublished: list[_QueueState] = []
+        #: the native owner of the hiprio queue once the relay's pumps run (vfsdrv.fs.hiprio)
+        self.hiprio_sender: HiprioSender | None = None
+        #: hiprio requests the sender had no room for, oldest first (retried by process())
+        self._hiprio_backlog: collections.deque[bytes] = collections.deque()
 
     # -- bring-up -----------------------------------------------------------------
     def start(self) -> VirtioFs:
@@ -301,14 +301,18 @@ class VirtioFs:
         """The request queues, for native pumps that own them from now on: this
         object then harvests only hiprio and the notification queue."""
         self.pumped = True
-        self._harvest = [self.hiprio]
+        self._harvest = self._hiprio_here()
         return [qs.vq for qs in self.request_queues]
 
     def take_back_request_queues(self) -> None:
         """The pumps have stopped: harvest the request queues here again (entries
         the pumps left in flight complete with no owner and are dropped)."""
         self.pumped = False
-        self._harvest = [self.hiprio, *self.request_queues]
+        self._harvest = [*self._hiprio_here(), *self.request_queues]
+
+    def _hiprio_here(self) -> list[_QueueState]:
+        # hiprio, unless the native sender owns it (for good: it has buffers on it)
+        return [self.hiprio] if self.hiprio_sender is None and self.hiprio else []
 
     def hand_over_hiprio(self) -> HiprioSender | None:
         """The hiprio queue to a native sender, which owns it from now on (the pumps
