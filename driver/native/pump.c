@@ -394,10 +394,15 @@ static int flush(struct vfsdrv_pump *p)
 {
     if (p->hiprio_added) {
         /* this round's FORGETs: one publish, one kick (unless suppressed). A broken
-         * sender is the control plane's to report (it reads vfsdrv_hiprio_error);
-         * later forgets then reach it as events. */
+         * sender (its kick failed) is the control plane's to report: wake it, it
+         * reads vfsdrv_hiprio_error; later forgets reach it as events anyway. */
         p->hiprio_added = 0;
-        vfsdrv_hiprio_flush(p->hiprio);
+        if (vfsdrv_hiprio_flush(p->hiprio) < 0) {
+            uint64_t one = 1;
+            STAT(p, syscalls);
+            if (write(p->cfg.event_fd, &one, 8) < 0 && errno != EAGAIN)
+                STAT(p, write_errors);
+        }
     }
     if (!vfsdrv_vq_publish(p->vq))
         return 0;

@@ -133,3 +133,52 @@ def test_forgets_the_pumps_send_are_traced(tmp_path: Path) -> None:
         st = status_of(m.mnt)
         (hiprio,) = [q for q in st["queues"] if q["name"] == "hiprio"]
         assert hiprio["sent"] > 0 and st["counters"]["relay_forgets"] > 0
+
+
+def test_a_bad_used_entry_on_hiprio_fails_the_mount(tmp_path: Path, monkeypatch) -> None:
+    """A device that answers a FORGET with a used entry naming another buffer breaks
+    the hiprio sender; the relay then fails like a dead FUSE server (ENOTCONN), and
+    says why."""
+    import dataclasses
+    import errno
+    import re
+    import time
+
+    from mount_helpers import inprocess_refdev_mount
+    from vfsdrv.refdev.device_queue import DeviceQueue
+    from vfsdrv.refdev.vhost_session import VhostUserSession
+
+    real_serve, real_push = VhostUserSession._serve_chain, DeviceQueue.push
+
+    def serve(self, q, chain, hiprio: bool) -> None:
+        if not hiprio:
+            return real_serve(self, q, chain, hiprio)
+        # the used entry names the next buffer, not the one it used
+        wrong = dataclasses.replace(chain, head=(chain.head + 1) % q.size)
+        q.push = lambda _chain, written: real_push(q, wrong, written)
+        try:
+            real_serve(self, q, chain, hiprio)
+        finally:
+            del q.push
+
+    monkeypatch.setattr(VhostUserSession, "_serve_chain", serve)
+    with inprocess_refdev_mount(tmp_path) as (mnt, log, _dev):
+        deadline = time.monotonic() + 30
+        failed = None
+        while failed is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                p = mnt / "g"
+                p.touch()
+                p.unlink()  # a FORGET each time the kernel drops the inode
+            except OSError as exc:
+                failed = exc
+        # a call in flight when the connection was aborted gets ECONNABORTED
+        assert failed.errno in (errno.ENOTCONN, errno.ECONNABORTED), failed
+        with pytest.raises(OSError) as later:
+            (mnt / "f").stat()
+        assert later.value.errno == errno.ENOTCONN
+        while not re.search(r"the device failed: hiprio queue: .*used id \d+ .*is not in "
+                            r"flight", log.read_text()):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
