@@ -287,7 +287,7 @@ int vfsdrv_hiprio_flush(struct vfsdrv_hiprio *h)
     int rc = vfsdrv_kick(h->cfg.kick_fd, h->cfg.notify_addr, h->cfg.notify_value,
                          h->cfg.notify_width);
     if (rc == 0)
-        return 0;
+        return 1;
     pthread_mutex_lock(&h->lock);
     break_locked(h, "hiprio kick failed: %s", strerror(-rc));
     pthread_mutex_unlock(&h->lock);

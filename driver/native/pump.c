@@ -397,7 +397,10 @@ static int flush(struct vfsdrv_pump *p)
          * sender (its kick failed) is the control plane's to report: wake it, it
          * reads vfsdrv_hiprio_error; later forgets reach it as events anyway. */
         p->hiprio_added = 0;
-        if (vfsdrv_hiprio_flush(p->hiprio) < 0) {
+        int kicked = vfsdrv_hiprio_flush(p->hiprio);
+        if (kicked > 0 && p->cfg.kick_fd >= 0)
+            STAT(p, syscalls);  /* (hiprio's kick is as the request queue's) */
+        if (kicked < 0) {
             uint64_t one = 1;
             STAT(p, syscalls);
             if (write(p->cfg.event_fd, &one, 8) < 0 && errno != EAGAIN)

@@ -268,7 +268,7 @@ struct vfsdrv_hiprio *vfsdrv_hiprio_new(const struct vfsdrv_hiprio_config *cfg,
 /* 0: queued (every piece); -ENOSPC: nothing queued, try later; -EMSGSIZE: cannot be
  * sent (too big, not a BATCH_FORGET); -EIO: the sender is broken */
 int vfsdrv_hiprio_send(struct vfsdrv_hiprio *h, const uint8_t *req, uint32_t len);
-/* publish what was queued, kick unless suppressed. 0, or -EIO (broken) */
+/* publish what was queued, kick unless suppressed. 1: kicked, 0: no kick, -EIO: broken */
 int vfsdrv_hiprio_flush(struct vfsdrv_hiprio *h);
 /* harvest the used ring: buffers given back, or -EIO (broken) */
 int vfsdrv_hiprio_reclaim(struct vfsdrv_hiprio *h);
