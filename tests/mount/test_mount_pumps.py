@@ -182,3 +182,36 @@ def test_a_bad_used_entry_on_hiprio_fails_the_mount(tmp_path: Path, monkeypatch)
                             r"flight", log.read_text()):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
+
+
+def test_a_device_that_stalls_hiprio_blocks_no_thread(tmp_path: Path, monkeypatch) -> None:
+    """A device that never takes what is on hiprio: the sender fills up, the pumps
+    hand further forgets to the control thread, whose backlog holds them, and every
+    other request is still served (nobody waits for hiprio room)."""
+    from mount_helpers import inprocess_refdev_mount
+    from vfsdrv.refdev.vhost_session import Role, VhostUserSession
+
+    real_run = VhostUserSession._run_queue
+
+    def run_queue(self, q) -> None:
+        if self.role(q.index) is not Role.HIPRIO:
+            real_run(self, q)
+
+    monkeypatch.setattr(VhostUserSession, "_run_queue", run_queue)
+    with inprocess_refdev_mount(tmp_path) as (mnt, _log, _dev):
+        for i in range(300):  # a FORGET each: far more than the sender's buffers
+            p = mnt / f"h{i}"
+            p.write_text("x")
+            p.unlink()
+        assert (mnt / "f").read_text() == "x"
+        import time
+
+        deadline = time.monotonic() + 10
+        while True:  # the control thread takes the pumps' hand-overs in its own time
+            st = status_of(mnt)
+            (hiprio,) = [q for q in st["queues"] if q["name"] == "hiprio"]
+            if hiprio["backlog"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert hiprio["in_flight"] == hiprio["sent"] > 0  # none given back
+        assert hiprio["full"] > 0 and hiprio["backlog"] > 0
