@@ -22,7 +22,8 @@
  * vfsdrv_vq_add, and the release store of avail->idx in vfsdrv_vq_publish, or the
  * head flags' release for packed, makes them visible before the index); an MMIO
  * kick is preceded by a full fence inside vfsdrv_mmio_write*, an eventfd write is a
- * system call (a full barrier).
+ * system call (a full barrier). The kick itself is the pump's vfsdrv_kick (pump.c,
+ * where the compiler can inline it into the request path).
  *
  * A used entry the device gets wrong (vfsdrv_vq_harvest validates them) breaks the
  * sender for good; the reason stays readable (vfsdrv_hiprio_error) for the control
@@ -58,22 +59,6 @@ struct vfsdrv_hiprio {
     struct vfsdrv_hiprio_stats stats;
     char error[VFSDRV_ERROR_LEN];
 };
-
-int vfsdrv_kick(int32_t kick_fd, uint8_t *notify_addr, uint32_t notify_value,
-                uint32_t notify_width)
-{
-    if (kick_fd >= 0) {
-        uint64_t one = 1;
-        /* EAGAIN: the counter is full, so the device has a kick pending anyway */
-        if (write(kick_fd, &one, 8) < 0 && errno != EAGAIN)
-            return -errno;
-    } else if (notify_width == 4) {
-        vfsdrv_mmio_write32(notify_addr, notify_value);
-    } else {
-        vfsdrv_mmio_write16(notify_addr, (uint16_t)notify_value);
-    }
-    return 0;
-}
 
 /* -- the splitting rule ----------------------------------------------------------- */
 /* A BATCH_FORGET too big for `limit`: its forgets (count clamped to what the request
