@@ -119,3 +119,12 @@ def pci_connect() -> Iterator[Callable[..., FuseClient]]:
     yield attach
     for fs in opened:
         fs.close()
+
+
+@pytest.fixture
+def nulldev_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The null device's source next to these tests, installed package or not (it is
+    not in the package)."""
+    if "VFSDRV_NULLDEV_SOURCE" not in os.environ:
+        monkeypatch.setenv("VFSDRV_NULLDEV_SOURCE",
+                           str(Path(__file__).resolve().parents[1] / "benchmarks" / "nulldev.c"))

@@ -32,11 +32,7 @@ GETATTR_IN = abi.pack("fuse_getattr_in")
 PATTERN_MOD = 251  # the null device's "pattern" file: the byte at offset o is o % 251
 
 
-@pytest.fixture(autouse=True)
-def nulldev_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "VFSDRV_NULLDEV_SOURCE" not in os.environ:
-        monkeypatch.setenv("VFSDRV_NULLDEV_SOURCE",
-                           str(Path(__file__).resolve().parents[1] / "benchmarks" / "nulldev.c"))
+pytestmark = pytest.mark.usefixtures("nulldev_source")
 
 
 @pytest.fixture

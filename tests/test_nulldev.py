@@ -31,12 +31,7 @@ PATTERN_MOD = 251  # the "pattern" file: the byte at offset o is o % 251
 STATUS_NEEDS_RESET = 64
 
 
-@pytest.fixture(autouse=True)
-def nulldev_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The source next to these tests, installed package or not (it is not in it)."""
-    if "VFSDRV_NULLDEV_SOURCE" not in os.environ:
-        monkeypatch.setenv("VFSDRV_NULLDEV_SOURCE",
-                           str(Path(__file__).resolve().parents[1] / "benchmarks" / "nulldev.c"))
+pytestmark = pytest.mark.usefixtures("nulldev_source")
 
 
 @pytest.fixture
