@@ -16,8 +16,8 @@ from vfsdrv.fs.abi import Opcode
 from vfsdrv.fs.sizing import reply_capacity
 
 HEADER = Path(__file__).resolve().parents[1] / "driver" / "native" / "vfsdrv_core.h"
-STRUCTS = ("vfsdrv_seg", "vfsdrv_used", "vfsdrv_vq", "vfsdrv_out_header", "vfsdrv_slot",
-           "vfsdrv_pump_config", "vfsdrv_event", "vfsdrv_pump_stats")
+STRUCTS = ("vfsdrv_seg", "vfsdrv_used", "vfsdrv_vq", "vfsdrv_in_header", "vfsdrv_out_header",
+           "vfsdrv_slot", "vfsdrv_pump_config", "vfsdrv_event", "vfsdrv_pump_stats")
 
 
 def test_fixed_layouts_of_what_crosses_to_the_device_or_the_kernel() -> None:
@@ -26,7 +26,10 @@ def test_fixed_layouts_of_what_crosses_to_the_device_or_the_kernel() -> None:
     assert ffi.sizeof("struct vfsdrv_out_header") == abi.OUT_HEADER_SIZE == 16
     assert [ffi.offsetof("struct vfsdrv_out_header", f) for f in ("len", "error", "unique")] \
         == [0, 4, 8]
-    assert lib.VFSDRV_IN_HEADER == abi.IN_HEADER_SIZE
+    assert lib.VFSDRV_IN_HEADER == abi.IN_HEADER_SIZE == ffi.sizeof("struct vfsdrv_in_header")
+    fields = ("len", "opcode", "unique", "nodeid", "uid", "gid", "pid", "total_extlen", "padding")
+    assert [ffi.offsetof("struct vfsdrv_in_header", f) for f in fields] \
+        == [abi.ffi.offsetof("struct fuse_in_header", f) for f in fields]
     assert lib.VFSDRV_WRITE_HEADERS == abi.IN_HEADER_SIZE + abi.sizeof("fuse_write_in")
     assert lib.VFSDRV_LOCK_WAIT == abi.FUSE_LOCK_WAIT
 

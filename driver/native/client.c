@@ -26,19 +26,7 @@
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "fuse_in_header is written in host order: virtio-fs on x86-64 and aarch64");
 
-/* fuse_in_header, as the device reads it */
-struct in_header {
-    uint32_t len;
-    uint32_t opcode;
-    uint64_t unique;
-    uint64_t nodeid;
-    uint32_t uid;
-    uint32_t gid;
-    uint32_t pid;
-    uint16_t total_extlen;
-    uint16_t padding;
-};
-_Static_assert(sizeof(struct in_header) == VFSDRV_IN_HEADER, "fuse_in_header is 40 bytes");
+_Static_assert(sizeof(struct vfsdrv_in_header) == VFSDRV_IN_HEADER, "fuse_in_header is 40 bytes");
 
 int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t nslots,
                       uint32_t *head_slot, const struct vfsdrv_creq *reqs, uint32_t n,
@@ -80,7 +68,7 @@ int vfsdrv_client_add(struct vfsdrv_vq *vq, struct vfsdrv_slot *slots, uint32_t 
         if ((uint64_t)reply_off + VFSDRV_OUT_HEADER + cap > s->size)
             continue;
         /* written even when the ring is full: the caller queues it as it stands */
-        struct in_header h = {
+        struct vfsdrv_in_header h = {
             .len = (uint32_t)in_len, .opcode = r->opcode, .unique = r->unique,
             .nodeid = r->nodeid, .uid = r->uid, .gid = r->gid, .pid = r->pid,
         };

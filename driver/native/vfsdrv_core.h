@@ -111,6 +111,18 @@ void vfsdrv_packed_disarm(struct vfsdrv_vq *vq);
 #define VFSDRV_MAX_REPLY_ERRNO 511
 #define VFSDRV_NO_REPLY 4294967295
 
+struct vfsdrv_in_header {     /* fuse_in_header: what the device reads first */
+    uint32_t len;
+    uint32_t opcode;
+    uint64_t unique;
+    uint64_t nodeid;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t pid;
+    uint16_t total_extlen;
+    uint16_t padding;
+};
+
 struct vfsdrv_out_header {
     uint32_t len;
     int32_t error;

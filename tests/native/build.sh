@@ -24,10 +24,10 @@ case "$("$cc" -dumpmachine)" in
     "$(cc -dumpmachine 2>/dev/null || true)") ;;
     *) link=(-static) ;;  # cross: run under qemu-user without a target sysroot
 esac
-for src in core packed pump hiprio; do
+for src in core packed pump hiprio client; do
     "$cc" "${flags[@]}" -fPIC -c -o "$out/$src.o" "$native/$src.c"
 done
-sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c")
+sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c" "$native/client.c")
 "$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
 # the whole pump over a real /dev/fuse mount (root; tests/test_native_budget.py)
