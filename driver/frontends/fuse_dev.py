@@ -55,6 +55,10 @@ FLAG_OPTIONS: dict[str, tuple[int, int]] = {
 NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
 #: FUSE session settings the relay answers FUSE_INIT with (not mount(2) options)
 SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_readahead"})
+#: the relay's pump settings: name -> (largest value, what it is)
+PUMP_OPTIONS: dict[str, tuple[int, str]] = {
+    "poll_us": (1000, "microseconds each pump spins on its ring before sleeping; 0: never"),
+}
 #: options that mount(8) passes along and that mean nothing here
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
                              "_netdev", "nofail"})
@@ -76,7 +80,10 @@ class MountOptions:
     fuse: list[str] = field(default_factory=list)  # extra key=value for the kernel
     #: FUSE_INIT reply settings chosen by the user (SESSION_OPTIONS)
     session: dict[str, int] = field(default_factory=dict)
+    #: the relay's pump settings chosen by the user (PUMP_OPTIONS)
+    pump: dict[str, int] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # known options, bad values
 
     @classmethod
     def parse(cls, options: list[str]) -> MountOptions:
@@ -102,17 +109,26 @@ class MountOptions:
                     mo.fuse.append(f"{key}={int(value)}")
                 elif key in SESSION_OPTIONS and value.isdigit():
                     mo.session[key] = int(value)
+                elif key in PUMP_OPTIONS:
+                    top, what = PUMP_OPTIONS[key]
+                    if value.isascii() and value.isdigit() and int(value) <= top:
+                        mo.pump[key] = int(value)
+                    else:
+                        mo.invalid.append(f"{opt!r}: {key} is a whole number from 0 to {top} "
+                                          f"({what})")
                 else:
                     mo.unknown.append(opt)
         return mo
 
     def check(self) -> None:
+        if self.invalid:
+            raise MountError(f"bad mount option value: {'; '.join(self.invalid)}")
         if self.unknown:
             raise MountError(
                 f"unknown mount option(s): {', '.join(self.unknown)} (known: "
                 f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
                 "default_permissions, nodefault_permissions, max_read=N, blksize=N, "
-                "max_background=N, congestion_threshold=N, max_readahead=N)"
+                "max_background=N, congestion_threshold=N, max_readahead=N, poll_us=N)"
             )
 
     def flag_names(self) -> list[str]:

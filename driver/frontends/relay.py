@@ -423,12 +423,13 @@ class Relay:
             self._lent.append(slots)
             pump = Pump(fs, vq, self.fuse_fd, slots, event_fd=self._event_fd,
                         on_exit=self._on_pump_exit, poll=fs.poll, trace=self.debug,
-                        hiprio=hiprio)
+                        hiprio=hiprio, poll_us=self.options.pump.get("poll_us", 0))
             self.pumps.append(pump)
         for pump in self.pumps:
             pump.start()
-        log.info("%d pump(s) on request queue(s) %s, %d small and %d large slots each",
-                 count, ", ".join(str(p.vq.index) for p in self.pumps), per_small, per_large)
+        log.info("%d pump(s) on request queue(s) %s, %d small and %d large slots each, "
+                 "poll window %d us", count, ", ".join(str(p.vq.index) for p in self.pumps),
+                 per_small, per_large, self.options.pump.get("poll_us", 0))
 
     def _take_events(self) -> None:
         for pump in self.pumps:
@@ -643,7 +644,8 @@ class Relay:
                            "in_flight": st["in_flight"], "requests": st["requests"],
                            "bad_replies": st["bad_replies"], "kicks": st["kicks"],
                            "syscalls": st["syscalls"], "lock_waits": st["lock_waits"],
-                           "to_control": st["to_control"], "queue_full": st["queue_full"]})
+                           "to_control": st["to_control"], "queue_full": st["queue_full"],
+                           "polls": st["polls"], "poll_misses": st["poll_misses"]})
         features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
                                                    30: "VHOST_USER_PROTOCOL_FEATURES"})
         dev_stats = dict(fs.stats)

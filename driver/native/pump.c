@@ -10,6 +10,11 @@
  *   - requests in flight: epoll_wait on the O_NONBLOCK clone (more requests), the
  *     used-buffer eventfd (edge-triggered: never read, re-armed by each signal) and
  *     the control eventfd.
+ *     With a poll window (cfg.poll_ns, vfsdrv mount -o poll_us=N, off by default)
+ *     the pump first spins on the used ring for up to that long: a fast device's
+ *     completion then costs no sleep and wake-up (a context switch each), at the
+ *     price of the CPU burnt spinning. The window backs off after misses in a row
+ *     (slow requests: create, fsync), so they do not burn it every time.
  * FORGET and BATCH_FORGET go straight to the hiprio sender (hiprio.c) when the pump
  * has one: copied out of the landing slot (which stays the landing slot), flushed
  * once per round with the request queue's own publish. When the sender is full
@@ -30,6 +35,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vfsdrv_core.h"
@@ -39,6 +45,8 @@
 #define TAG_IRQ 2
 #define TAG_CTL 3
 #define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
+#define POLL_CLOCK_EVERY 16    /* spins between two looks at the clock */
+#define POLL_BACKOFF_MAX 6     /* after misses in a row, skip up to 2^6 - 1 windows */
 
 struct vfsdrv_pump {
     struct vfsdrv_pump_config cfg;
@@ -59,6 +67,9 @@ struct vfsdrv_pump {
     int epfd, ctl_fd;
     int fuse_polled;
     int conn_gone;
+    uint32_t poll_skip;          /* windows still to skip (sleep at once) after misses */
+    uint32_t poll_miss_run;      /* misses in a row */
+    int poll_peek;               /* the last spin found a completion: look at /dev/fuse first */
     /* shared with the control thread */
     pthread_mutex_t lock;
     struct vfsdrv_event *events;
@@ -668,6 +679,62 @@ static void take_gives(struct vfsdrv_pump *p)
     }
 }
 
+/* -- the poll window ------------------------------------------------------------ */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("isb" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* the vDSO: no syscall */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Spin on the used ring for up to cfg.poll_ns. 1: a completion is there; 0: the
+ * window ran out, is being skipped, or the control plane wants the pump (a give
+ * or stop also wrote the control eventfd, so the epoll_wait that follows returns
+ * at once: teardown is never delayed by a window). A miss doubles the number of
+ * windows skipped next (up to 2^POLL_BACKOFF_MAX - 1); a hit resets it. */
+__attribute__((noinline)) static int poll_used(struct vfsdrv_pump *p)
+{
+    if (p->poll_skip) {
+        p->poll_skip--;
+        return 0;
+    }
+    uint64_t deadline = 0;
+    for (uint32_t i = 0;; i++) {
+        if (vfsdrv_vq_used_pending(p->vq)) {
+            STAT(p, polls);
+            p->poll_miss_run = 0;
+            return 1;
+        }
+        if (i % POLL_CLOCK_EVERY == 0) {
+            if (__atomic_load_n(&p->gives, __ATOMIC_RELAXED) ||
+                __atomic_load_n(&p->stop, __ATOMIC_RELAXED))
+                return 0;
+            uint64_t t = now_ns();
+            if (!deadline)
+                deadline = t + p->cfg.poll_ns;
+            else if (t >= deadline)
+                break;
+        }
+        cpu_relax();
+    }
+    STAT(p, poll_misses);
+    if (p->poll_miss_run < POLL_BACKOFF_MAX)
+        p->poll_miss_run++;
+    p->poll_skip = (1u << (p->poll_miss_run - 1)) - 1;
+    return 0;
+}
+
 int vfsdrv_pump_run(struct vfsdrv_pump *p)
 {
     struct vfsdrv_vq *vq = p->vq;
@@ -696,6 +763,7 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
             /* idle: sleep in read() itself. The seq_cst store/load pair with
              * interrupt_read() so that a give or stop either is seen here or
              * sends the signal that ends the read. */
+            p->poll_peek = 0;  /* nothing in flight: this read is the look */
             __atomic_store_n(&p->in_block, 1, __ATOMIC_SEQ_CST);
             if (__atomic_load_n(&p->gives, __ATOMIC_SEQ_CST) ||
                 __atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) {
@@ -724,6 +792,18 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
         if (!can_read && p->fuse_polled)
             STAT(p, stalls);
         set_fuse_polling(p, can_read);
+        if (p->cfg.poll_ns && vq->in_flight) {
+            if (p->poll_peek) {
+                /* completions keep coming: take what /dev/fuse and the control plane
+                 * have (epoll_wait without sleeping) before spinning again, or a
+                 * steady stream of them would keep the pump from reading requests */
+                p->poll_peek = 0;
+                timeout = 0;
+            } else if (poll_used(p)) {
+                p->poll_peek = 1;
+                continue;
+            }
+        }
         struct epoll_event evs[4];
         STAT(p, syscalls);
         STAT(p, wakeups);
