@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import VfsdrvError
 from . import virtiofsd_rs
-from .backend import find_virtiofsd
+from .backend import find_virtiofsd, virtiofsd_env
 
 BACKENDS = ("virtiofsd", "virtiofsd-rs", "refdev")
 DEFAULT_BACKEND = "virtiofsd"
@@ -84,7 +84,8 @@ class Backend:
         with open(self.log_path, "wb") as log:
             # a session of its own: stop() signals the group (both virtiofsds fork)
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=virtiofsd_env() if name == "virtiofsd" else None)
         deadline = time.monotonic() + timeout
         while not is_listening(socket_path):
             if self.proc.poll() is not None:

@@ -631,9 +631,12 @@ def run_in_guest(
             sock = run / f"vfsd{i}.sock"
             logf = run / f"virtiofsd{i}.log"
             with open(logf, "wb") as lf:
+                # MALLOC_ARENA_MAX: see vfsdrv.tools.backend.virtiofsd_env (not
+                # imported: the harness uses nothing of vfsdrv)
                 p = subprocess.Popen([vfsd, f"--socket-path={sock}", "-o", f"source={src}",
                                       "-o", "cache=auto"],
-                                     stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+                                     stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                     env={**os.environ, "MALLOC_ARENA_MAX": "8"})
             backends.append((d.tag, p, logf))
             deadline = time.monotonic() + 10
             while not is_listening(sock):
