@@ -1,7 +1,9 @@
 """The native core (driver/native) off the Python path: its C unit tests
 (tests/native/test_core.c: the split and packed rings against an in-memory device,
 bad used entries, 16-bit index wraparound, indirect tables, the FUSE reply rules,
-barriers across threads) and the request pump's whole loop (tests/native/
+barriers across threads; and tests/native/test_hiprio_client.c, linked into the
+same program: the hiprio sender, hiprio.c, and the typed client's batched path,
+client.c, on both ring layouts) and the request pump's whole loop (tests/native/
 pump_bench.c --socket: a socket pair in place of /dev/fuse, which qemu-user cannot
 clone) built and run natively and, with Debian's cross gcc, on aarch64 under
 qemu-user; and the aarch64 objects checked for the outer-shareable barriers that
@@ -49,7 +51,8 @@ def require_tools(tools: dict[str, str]) -> None:
 
 
 def test_names() -> list[str]:
-    """Every test test_core.c registers: a run must report each one as ok."""
+    """Every test test_core.c's table registers (its own and test_hiprio_client.c's):
+    a run must report each one as ok."""
     src = (NATIVE_TESTS / "test_core.c").read_text()
     table = src[src.index("tests[] = {"):]
     return re.findall(r'\{"(\w+)", test_\w+\}', table)
@@ -62,7 +65,9 @@ def assert_all_passed(proc: subprocess.CompletedProcess[str], where: str) -> Non
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"test_core failed {where}:\n{out}"
     names = test_names()
-    assert len(names) >= 15
+    assert len(names) >= 27
+    for part in ("hiprio_", "client_"):  # hiprio.c and client.c have theirs too
+        assert any(n.startswith(part) for n in names), names
     for name in names:
         assert f"ok {name}\n" in proc.stdout, f"{name} did not pass {where}:\n{out}"
     assert f"{len(names)} tests, 0 failed checks" in proc.stdout
@@ -251,29 +256,42 @@ def test_x86_64_fences_are_free_except_the_full_one(tmp_path: Path) -> None:
 
 
 # -- the tests can fail --------------------------------------------------------------
-@pytest.mark.parametrize("defect,old,new,fails", [
-    ("error range widened to the kernel's -4095",
+@pytest.mark.parametrize("source,defect,old,new,fails", [
+    ("core.c", "error range widened to the kernel's -4095",
      "return error <= 0 && error >= -VFSDRV_MAX_REPLY_ERRNO;",
      "return error <= 0 && error >= -4095;", ["check_reply", "valid_errno"]),
-    ("duplicate used ids in one batch accepted",
+    ("core.c", "duplicate used ids in one batch accepted",
      "if (vq->chain_len[id] == 0 || vq->seen[id] == vq->seen_gen)\n"
      "            return fail(vq, -EIO, \"used id %u is not in flight\", id);",
      "if (vq->chain_len[id] == 0)\n"
      "            return fail(vq, -EIO, \"used id %u is not in flight\", id);",
      ["bad_used_entries"]),
-    ("16-bit used index compared as 32-bit",
+    ("core.c", "16-bit used index compared as 32-bit",
      "uint32_t pending = (uint16_t)(idx - vq->last_used);",
      "uint32_t pending = (uint32_t)idx - vq->last_used;", ["index_wraparound"]),
+    ("hiprio.c", "a BATCH_FORGET's last, partial piece dropped",
+     "return (count + per - 1) / per;", "return count / per;", ["hiprio_batch_forget_split"]),
+    ("hiprio.c", "a reclaimed entry frees the wrong buffer",
+     "h->free_bufs[h->nfree++] = h->head_buf[h->used[k].id];",
+     "h->free_bufs[h->nfree++] = h->head_buf[0];",
+     ["hiprio_full_and_reclaim", "hiprio_buffers_never_shared"]),
+    ("hiprio.c", "a bad used entry does not break the sender",
+     "            break_locked(h, \"hiprio queue: %s\", h->vq->error);\n            return -EIO;",
+     "            return -EIO;", ["hiprio_bad_used_id"]),
+    ("client.c", "a refused reply passed on as good",
+     "            d->bad = 1;", "            d->bad = 0;", ["client_bad_replies"]),
+    ("client.c", "a harvested head keeps its slot",
+     "        head_slot[id] = VFSDRV_CLIENT_NONE;\n", "", ["client_batch"]),
 ])
-def test_a_defect_in_the_core_fails_the_unit_tests(tmp_path: Path, defect: str, old: str,
-                                                   new: str, fails: list[str]) -> None:
+def test_a_defect_in_the_native_code_fails_the_unit_tests(
+        tmp_path: Path, source: str, defect: str, old: str, new: str, fails: list[str]) -> None:
     require_tools({"cc": "gcc"})
     broken = tmp_path / "native"
     shutil.copytree(DRIVER_NATIVE, broken)
-    core = broken / "core.c"
-    text = core.read_text()
-    assert text.count(old) == 1, f"core.c changed: update this test's defect ({defect})"
-    core.write_text(text.replace(old, new))
+    path = broken / source
+    text = path.read_text()
+    assert text.count(old) == 1, f"{source} changed: update this test's defect ({defect})"
+    path.write_text(text.replace(old, new))
     build("cc", tmp_path / "out", native_dir=broken)
     proc = subprocess.run([str(tmp_path / "out" / "test_core")], capture_output=True,
                           text=True, timeout=120)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the native core's C tests with one compiler:
 #   tests/native/build.sh CC OUTDIR [EXTRA_CFLAGS...]
-# OUTDIR gets core.o, packed.o, pump.o, hiprio.o (each driver source alone, compiled as cffi
-# compiles it for vfsdrv._native: -O2 -fPIC, the flags of driver/_native_build.py),
-# test_core (the unit tests, tests/native/test_core.c), budget (the instruction
-# budget's ring workload, budget.c) and pump_bench (the whole pump on a FUSE mount,
+# OUTDIR gets core.o, packed.o, pump.o, hiprio.o, client.o (each driver source alone,
+# compiled as cffi compiles it for vfsdrv._native: -O2 -fPIC, the flags of
+# driver/_native_build.py), test_core (the unit tests: test_core.c, whose runner
+# also runs test_hiprio_client.c's), budget (the instruction budget's ring workload,
+# budget.c) and pump_bench (the whole pump on a FUSE mount,
 # pump_bench.c), each linked with the driver's sources.
 # A cross compiler links statically, so that qemu-user needs no target libraries.
 set -euo pipefail
@@ -28,7 +29,8 @@ for src in core packed pump hiprio client; do
     "$cc" "${flags[@]}" -fPIC -c -o "$out/$src.o" "$native/$src.c"
 done
 sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c" "$native/client.c")
-"$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "${sources[@]}" "${link[@]}" -lpthread
+"$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "$here/test_hiprio_client.c" \
+    "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
 # the whole pump over a real /dev/fuse mount (root; tests/test_native_budget.py)
 "$cc" "${flags[@]}" -g -o "$out/pump_bench" "$here/pump_bench.c" "${sources[@]}" "${link[@]}" -lpthread

@@ -3,9 +3,9 @@
  * 2.7 and 2.8), not from driver/native, so that a test compares the driver with an
  * independent reading of the rules. Device addresses are host pointers.
  *
- * Shared by test_core.c (unit tests, x86-64 and aarch64) and budget.c (the
- * instruction budget). Header-only: each program is one translation unit plus the
- * driver's sources.
+ * Shared by the unit tests (test_core.c, test_hiprio_client.c: x86-64 and
+ * aarch64), budget.c (the instruction budget) and pump_bench.c. Header-only
+ * (static inline): include it in each translation unit that needs it.
  */
 #ifndef RINGDEV_H
 #define RINGDEV_H

@@ -1,11 +1,14 @@
 /* Unit tests of the native core (driver/native: core.c, packed.c), built with the
- * driver's sources into one program and run on x86-64 and, cross-compiled, on
- * aarch64 under qemu-user (tests/native/run-aarch64.sh, tests/test_native_aarch64.py).
+ * driver's sources and test_hiprio_client.c (the hiprio sender, hiprio.c; the
+ * typed client's batched path, client.c) into one program and run on x86-64 and,
+ * cross-compiled, on aarch64 under qemu-user (tests/native/run-aarch64.sh,
+ * tests/test_native_aarch64.py).
  *
  *   test_core [NAME...]    run all tests, or those whose name contains NAME
  *
  * Prints "ok NAME" per test and "FAIL file:line: ..." per failed check; exits 1
- * when any check failed. The device side is tests/native/ringdev.h.
+ * when any check failed. The checks and the common set-up are tests/native/testkit.h,
+ * the device side tests/native/ringdev.h.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -17,59 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ringdev.h"  /* and vfsdrv_core.h, which has no include guard (cffi reads it) */
+#include "testkit.h"
 
-static int failures;
-static int test_failed;
-
-#define CHECK(cond, ...) do { \
-    if (!(cond)) { \
-        failures++; test_failed = 1; \
-        fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        fprintf(stderr, __VA_ARGS__); \
-        fputc('\n', stderr); \
-    } \
-} while (0)
-
-#define EQ(a, b) do { \
-    long long a_ = (long long)(a), b_ = (long long)(b); \
-    CHECK(a_ == b_, "%lld != %lld", a_, b_); \
-} while (0)
-
-/* FUSE opcodes the tests use (linux/fuse.h) */
-enum { LOOKUP = 1, FORGET = 2, GETATTR = 3, SETATTR = 4, READLINK = 5, MKDIR = 9, UNLINK = 10,
-       OPEN = 14, READ = 15, WRITE = 16, STATFS = 17, GETXATTR = 22, LISTXATTR = 23, INIT = 26,
-       READDIR = 28, GETLK = 31, SETLK = 32, SETLKW = 33, CREATE = 35, INTERRUPT = 36,
-       DESTROY = 38, BATCH_FORGET = 42, LSEEK = 46 };
-
-static struct vfsdrv_seg seg(void *p, uint32_t len, int write)
-{
-    return (struct vfsdrv_seg){(uint64_t)(uintptr_t)p, len, write ? VFSDRV_SEG_WRITE : 0};
-}
-
-/* state the driver keeps that a failed harvest must leave alone */
-struct snap { uint16_t num_free, in_flight, last_used, free_head, next_used; uint8_t used_wrap; };
-static struct snap snap_of(const struct vfsdrv_vq *vq)
-{
-    return (struct snap){vq->num_free, vq->in_flight, vq->last_used, vq->free_head,
-                         vq->next_used, vq->used_wrap};
-}
-static int snap_same(struct snap a, struct snap b)
-{
-    return a.num_free == b.num_free && a.in_flight == b.in_flight &&
-           a.last_used == b.last_used && a.free_head == b.free_head &&
-           a.next_used == b.next_used && a.used_wrap == b.used_wrap;
-}
-
-/* what most tests start from: a ring of `size` entries, the device on it, the
- * driver's queue */
-static void rig_up(struct rd_ring *r, struct rd_dev *d, struct vfsdrv_vq *vq, uint32_t size,
-                   int packed, uint32_t indirect_heads, int event_idx)
-{
-    rd_ring_init(r, size, packed, indirect_heads);
-    rd_dev_init(d, r);
-    EQ(rd_vq_init(vq, r, event_idx), 0);
-}
+int failures;
+int test_failed;
 
 /* ---------------------------------------------------------------------------- */
 static void test_init_rejects_bad_sizes(void)
@@ -691,12 +645,6 @@ static void test_layout(void)
  * on an x86-64 host the emulated CPU is as strongly ordered as the host (TSO), so
  * there the fences themselves are guarded by the disassembly check in
  * tests/test_native_aarch64.py. */
-/* the machine may have fewer free cores than threads: let the other side run */
-static void pause_now_and_then(uint32_t spins)
-{
-    if (spins % 64 == 63)
-        sched_yield();
-}
 
 #define SM_ENTRIES 64
 #define SM_WORDS 4
@@ -859,6 +807,18 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     {"layout", test_layout},
     {"barriers_threaded", test_barriers_threaded},
     {"ring_threaded", test_ring_threaded},
+    {"hiprio_new_rejects_bad_config", test_hiprio_new_rejects_bad_config},
+    {"hiprio_one_publish_one_kick", test_hiprio_one_publish_one_kick},
+    {"hiprio_mmio_kick", test_hiprio_mmio_kick},
+    {"hiprio_full_and_reclaim", test_hiprio_full_and_reclaim},
+    {"hiprio_buffers_never_shared", test_hiprio_buffers_never_shared},
+    {"hiprio_batch_forget_split", test_hiprio_batch_forget_split},
+    {"hiprio_bad_used_id", test_hiprio_bad_used_id},
+    {"hiprio_kick_failure", test_hiprio_kick_failure},
+    {"hiprio_threaded", test_hiprio_threaded},
+    {"client_batch", test_client_batch},
+    {"client_bad_replies", test_client_bad_replies},
+    {"client_add_refusals", test_client_add_refusals},
 };
 
 int main(int argc, char **argv)
