@@ -30,7 +30,12 @@ space): for vfsdrv the mount process and, separately, the virtiofsd behind it. W
 --syscalls, one more random-read run per server under `strace -c -f` counts the
 server's syscalls per read (strace slows it; the count is what matters).
 
+--vfsdrv-opt KEY=VALUE (repeatable) mounts vfsdrv with -o KEY=VALUE, e.g.
+--vfsdrv-opt poll_us=20 for the pumps' busy-poll window; run once with and once
+without to compare (the header line names the options).
+
     .venv/bin/python benchmarks/fs_bench.py [--quick] [--rounds N] [--syscalls]
+                                            [--vfsdrv-opt KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -107,7 +112,19 @@ class Target:
     stop: list[Callable[[], None]] = field(default_factory=list)
 
 
-def start_targets(work: Path, out: dict[str, Target]) -> None:
+def mount_opts(opts: list[str]) -> list[str]:
+    """--vfsdrv-opt KEY=VALUE ... as vfsdrv mount arguments."""
+    return ["-o", ",".join(opts)] if opts else []
+
+
+def key_value(text: str) -> str:
+    key, eq, _value = text.partition("=")
+    if not key or not eq or "," in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one KEY=VALUE")
+    return text
+
+
+def start_targets(work: Path, out: dict[str, Target], opts: list[str]) -> None:
     """Fill `out` target by target, so that a failure half-way still stops what runs."""
     pt_bin = subprocess.run(["sh", str(HERE / "build-passthrough-ll.sh")], check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -126,7 +143,7 @@ def start_targets(work: Path, out: dict[str, Target]) -> None:
     log = work / "vfsdrv-mount.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user", str(vfsd.socket_path),
-                                 str(mv)], stdout=f, stderr=subprocess.STDOUT,
+                                 *mount_opts(opts), str(mv)], stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     t.server = proc.pid
     t.stop.insert(0, lambda: unmount(mv, proc))
@@ -272,7 +289,7 @@ def strace_syscalls(server: int | None, out: Path,
 NULL_FILE = 1 << 30  # the null device's file "null": READs report data never written
 
 
-def null_mount(work: Path, seconds: float, count_syscalls: bool
+def null_mount(work: Path, seconds: float, count_syscalls: bool, opts: list[str]
                ) -> list[tuple[str, Result, float | None]]:
     """A vfsdrv mount over the null device (benchmarks/nulldev.c): no file work behind
     it, so what the FUSE server spends is the driver's own cost per request."""
@@ -286,7 +303,8 @@ def null_mount(work: Path, seconds: float, count_syscalls: bool
         log = work / "vfsdrv-null-mount.log"
         with open(log, "wb") as f:
             proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user", str(dev.socket_path),
-                                     str(mnt)], stdout=f, stderr=subprocess.STDOUT,
+                                     *mount_opts(opts), str(mnt)], stdout=f,
+                                    stderr=subprocess.STDOUT,
                                     start_new_session=True)
         try:
             wait_mounted(mnt, proc, log)
@@ -340,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave out the mount over the null device")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the servers' syscalls per random read with strace -c")
+    ap.add_argument("--vfsdrv-opt", action="append", default=[], type=key_value,
+                    metavar="KEY=VALUE",
+                    help="a vfsdrv mount option (-o KEY=VALUE) for both vfsdrv mounts, e.g. "
+                    "poll_us=20; repeatable")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     # SIGTERM (timeout(1), a CI limit) unwinds like ^C: the mounts come down
@@ -356,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     syscalls: dict[str, float | None] = {}
     t_start = time.monotonic()
     try:
-        start_targets(work, targets)
+        start_targets(work, targets, args.vfsdrv_opt)
         order = list(TARGETS)
         # the entry timeout of cache=auto is 1 s for both FUSE servers
         workloads: list[tuple[str, str, Callable[[Target], Result]]] = []
@@ -393,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                         (d1[0] - d0[0]) / 1000 / n if t.device is not None else None))
             order = order[1:] + order[:1]
         if not args.no_null:
-            null_rows = null_mount(work, 2.0 if args.quick else 5.0, args.syscalls)
+            null_rows = null_mount(work, 2.0 if args.quick else 5.0, args.syscalls,
+                                   args.vfsdrv_opt)
         if args.syscalls:
             for tname in ("passthrough_ll", "vfsdrv"):
                 t = targets[tname]
@@ -414,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fs_bench: vfsdrv mount (relay -> vhost-user -> virtiofsd) vs libfuse passthrough_ll "
           f"vs the plain directory; file {size // MiB} MiB, random reads {rand // MiB} MiB, "
           f"{args.rounds} round(s), {time.monotonic() - t_start:.0f} s; load average {load}; "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; vfsdrv mount options: "
+          f"{','.join(args.vfsdrv_opt) if args.vfsdrv_opt else 'none'}")
     print(f"{'workload':<30} {'unit':<6} {'vfsdrv':>10} {'pt_ll':>10} {'plain':>10} "
           f"{'vfsdrv/pt':>9} {'plain/pt':>9}")
     for (name, unit, _fn) in [*workloads, *[(f"{op} {args.files:,} files", "ops/s", None)
