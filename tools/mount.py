@@ -124,7 +124,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "0: off): with requests in flight each pump spins on its ring up to N "
                    "microseconds before it sleeps, which saves a fast device's completion a "
                    "sleep and wake-up but burns that pump's CPU while it spins (up to N us "
-                   "per request, backing off after misses)")
+                   "per request, backing off after misses); request_timeout=SECONDS (a "
+                   "number, at least 1; default 0: off): a request queue with requests in "
+                   "flight and nothing completed for that long means the device is dead: "
+                   "waiting programs get an error, the mount stays and answers ENOTCONN "
+                   "until it is unmounted (a lock a SETLKW waits for does not count)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("-d", "--debug", action="store_true",
                    help="log every request (opcode, unique, nodeid, result); implies -f")

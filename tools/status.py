@@ -183,6 +183,8 @@ def format_mount(m: dict[str, Any]) -> str:
     for key in ("served", "in_flight", "errors", "notifications", "lock_waiters"):
         if key in m:
             lines.append(f"  {key.replace('_', ' ')}: {m[key]}")
+    if "request_timeout" in m:
+        lines.append(f"  request timeout: {m['request_timeout']:g} s")
     if "uptime" in m:
         lines.append(f"  uptime: {m['uptime']:.0f} s")
     return "\n".join(lines)

@@ -59,6 +59,8 @@ SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_read
 PUMP_OPTIONS: dict[str, tuple[int, str]] = {
     "poll_us": (1000, "microseconds each pump spins on its ring before sleeping; 0: never"),
 }
+#: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
+REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: options that mount(8) passes along and that mean nothing here
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
                              "_netdev", "nofail"})
@@ -82,6 +84,9 @@ class MountOptions:
     session: dict[str, int] = field(default_factory=dict)
     #: the relay's pump settings chosen by the user (PUMP_OPTIONS)
     pump: dict[str, int] = field(default_factory=dict)
+    #: seconds without a completion, requests in flight, before the relay declares the
+    #: device dead (-o request_timeout=; 0: never)
+    request_timeout: float = 0.0
     unknown: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)  # known options, bad values
 
@@ -116,6 +121,13 @@ class MountOptions:
                     else:
                         mo.invalid.append(f"{opt!r}: {key} is a whole number from 0 to {top} "
                                           f"({what})")
+                elif key == "request_timeout":
+                    if REQUEST_TIMEOUT_RE.fullmatch(value) and (float(value) == 0
+                                                                 or float(value) >= 1):
+                        mo.request_timeout = float(value)
+                    else:
+                        mo.invalid.append(f"{opt!r}: request_timeout is a number of seconds, "
+                                          "0 (off) or at least 1")
                 else:
                     mo.unknown.append(opt)
         return mo
@@ -128,7 +140,8 @@ class MountOptions:
                 f"unknown mount option(s): {', '.join(self.unknown)} (known: "
                 f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
                 "default_permissions, nodefault_permissions, max_read=N, blksize=N, "
-                "max_background=N, congestion_threshold=N, max_readahead=N, poll_us=N)"
+                "max_background=N, congestion_threshold=N, max_readahead=N, poll_us=N, "
+                "request_timeout=SECONDS)"
             )
 
     def flag_names(self) -> list[str]:

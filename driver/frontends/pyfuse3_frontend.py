@@ -843,7 +843,8 @@ def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
     mo.check()
     names = mo.flag_names()
     unsupported = _NO_LIBFUSE_OPTION.intersection(
-        names + [o.partition("=")[0] for o in mo.fuse]) | set(mo.session) | set(mo.pump)
+        names + [o.partition("=")[0] for o in mo.fuse]) | set(mo.session) | set(mo.pump) \
+        | ({"request_timeout"} if mo.request_timeout else set())
     if unsupported:
         raise FrontendError(
             f"mount option(s) {', '.join(sorted(unsupported))}: libfuse cannot set them; "

@@ -49,6 +49,16 @@ A device that fails (a broken ring, a reset request, a vanished backend) ends th
 server the way a dead FUSE daemon does: the connection is aborted and the mount
 stays, answering ENOTCONN until it is unmounted, so nothing a program writes
 afterwards lands in the directory underneath.
+
+A device can also stop answering and stay connected (the virtiofsd behind QEMU's
+vhost-user-fs-pci dies: the PCI function lives on). With -o request_timeout=N
+(off by default, like the kernel's own virtio-fs) the control thread reads the
+pumps' figures once a second: a request queue with requests in flight whose
+completions (replies, bad replies, "wait" answers to a SETLKW) have not moved
+for N seconds fails the device as above. Parked lock waits are off the ring and
+the hiprio and notification queues are not looked at, so neither a long
+blocking lock nor a quiet hiprio sender can trip it; the pumps' hot path is not
+touched.
 """
 
 from __future__ import annotations
@@ -121,6 +131,8 @@ OWN_UNIQUE = 1 << 62
 STOP_GRACE = 3.0
 #: small slots the control thread keeps for hiprio and its own requests
 CONTROL_SLOTS = 8
+#: -o request_timeout: how often the control thread looks at the pumps' progress
+PROGRESS_EVERY = 1.0
 
 
 def serve(
@@ -161,6 +173,11 @@ class Relay:
         self.initialized = False
         self.conn_gone = False
         self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
+        self.request_timeout = self.options.request_timeout  # seconds; 0: off
+        self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
+        #: request queue -> (completions, in flight, since when neither moved)
+        self._progress: dict[int, tuple[int, int, float]] = {}
+        self._next_progress = 0.0
         self.destroyed = False
         self.stop_at: float | None = None
         self.error: BaseException | None = None
@@ -248,7 +265,8 @@ class Relay:
 
     def _end_device_session(self) -> None:
         fs = self.fs
-        if not self.initialized or self.destroyed or fs.broken is not None:
+        if (not self.initialized or self.destroyed or fs.broken is not None
+                or self.unresponsive):
             return
         try:
             fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(5.0)
@@ -319,6 +337,8 @@ class Relay:
                     else:
                         self._on_wake()
                 fs.process()  # also retries hiprio requests that found no room
+                if self.request_timeout and self.pumps:
+                    self._check_progress()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
                     log.warning("%s still busy after %.0f s: aborting the connection",
                                 self.mountpoint, STOP_GRACE)
@@ -332,6 +352,13 @@ class Relay:
             self._device_failed(f"the device failed: {exc}")
 
     def _timeout(self) -> float | None:
+        timeout = self._io_timeout()
+        if self.request_timeout and self.pumps:
+            left = max(0.0, self._next_progress - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    def _io_timeout(self) -> float | None:
         if self.stop_at is not None:
             return 0.1
         if self.fs.poll:
@@ -339,6 +366,34 @@ class Relay:
         if self.fs.hiprio_backlog:
             return 0.001
         return self.fs.max_wait  # a queue without an interrupt is looked at this often
+
+    def _check_progress(self) -> None:
+        """-o request_timeout: fail the device when a request queue has had requests
+        in flight and nothing completed for request_timeout seconds. Completions
+        are replies, bad replies and SETLKW "wait" answers; in flight drops too
+        when the device answers a request whose reply nobody takes (NOTIFY_REPLY)."""
+        now = time.monotonic()
+        if now < self._next_progress:
+            return
+        self._next_progress = now + PROGRESS_EVERY
+        for pump in self.pumps:
+            if not pump.alive:
+                continue
+            st = pump.stats()
+            done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
+            last = self._progress.get(pump.vq.index)
+            if (in_flight == 0 or last is None or done != last[0] or in_flight < last[1]):
+                self._progress[pump.vq.index] = (done, in_flight, now)
+                continue
+            self._progress[pump.vq.index] = (done, in_flight, last[2])
+            if now - last[2] >= self.request_timeout:
+                self.stats["unresponsive"] += 1
+                self.unresponsive = True
+                self._device_failed(
+                    f"the device is unresponsive: request queue {pump.vq.index} has "
+                    f"{in_flight} request(s) in flight and nothing completed for "
+                    f"{now - last[2]:.1f} s (-o request_timeout={self.request_timeout:g})")
+                return
 
     def _device_failed(self, why: str) -> None:
         """Behave as a dead FUSE server: abort the connection, keep the mount."""
@@ -662,6 +717,7 @@ class Relay:
             "notifications": self.stats["notifications"],
             "lock_waiters": fs.lock_waiters,
             "uptime": round(time.monotonic() - self.started_at, 3),
+            **({"request_timeout": self.request_timeout} if self.request_timeout else {}),
             "counters": {**dev_stats, **{f"relay_{k}": v for k, v in self.stats.items()},
                          # forgets: those the pumps sent and those that came through here
                          "relay_forgets": self.stats["forgets"] + native_forgets},

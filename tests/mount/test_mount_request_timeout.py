@@ -1,0 +1,264 @@
+"""`vfsdrv mount -o request_timeout=N` (relay, off by default): a device that stays
+connected but stops answering fails the mount like a dead FUSE server after N
+seconds (waiting programs get an error, the mount stays and answers ENOTCONN
+until it is unmounted), while a slow device that keeps completing requests and a
+blocking lock that waits on the notification queue do not trip it.
+
+The reference device runs in this process (inprocess_refdev_mount) so that a test
+can make it hold requests or answer them late. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mount_helpers import VFSDRV, inprocess_refdev_mount
+from mounting import force_unmount, is_mounted, mount_points
+from test_mount_pumps import status_of
+
+TIMEOUT = 2  # -o request_timeout= in these tests
+
+READER = r"""
+import errno, sys, time
+t0 = time.monotonic()
+try:
+    with open(sys.argv[1]) as f:
+        f.read()
+    print("ok %.2f" % (time.monotonic() - t0), flush=True)
+except OSError as exc:
+    print("%s %.2f" % (errno.errorcode[exc.errno], time.monotonic() - t0), flush=True)
+"""
+
+HOLDER = r"""
+import fcntl, sys
+f = open(sys.argv[1], "r+")
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+WAITER = r"""
+import fcntl, sys, time
+f = open(sys.argv[1], "r+")
+print("asking", flush=True)
+t0 = time.monotonic()
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("granted %.2f" % (time.monotonic() - t0), flush=True)
+"""
+
+
+class DeviceControl:
+    """What the in-process reference device does with requests on the request
+    queues (hiprio is always served): answer, hold them forever, or answer each
+    one `delay` seconds late."""
+
+    def __init__(self) -> None:
+        self.stall = threading.Event()
+        self.delay = 0.0
+        self.held: list[object] = []
+        self.served_late = 0
+
+
+@pytest.fixture
+def control(monkeypatch) -> Iterator[DeviceControl]:
+    from vfsdrv.refdev.vhost_session import VhostUserSession
+
+    ctl = DeviceControl()
+    real_serve = VhostUserSession._serve_chain
+
+    def serve(self, q, chain, hiprio: bool) -> None:
+        if hiprio:
+            return real_serve(self, q, chain, hiprio)
+        if ctl.stall.is_set():
+            ctl.held.append(chain)  # never answered, never returned
+            return
+        delay = ctl.delay
+        if delay:
+            time.sleep(delay)
+        real_serve(self, q, chain, hiprio)
+        if delay:
+            # publish and signal each late answer at once, not at the end of the batch
+            ctl.served_late += 1
+            q.flush()
+            q.signal()
+
+    monkeypatch.setattr(VhostUserSession, "_serve_chain", serve)
+    yield ctl
+
+
+def _wait_for(pattern: str, log: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, text := log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"no {pattern!r} in:\n{text[-3000:]}"
+        time.sleep(0.05)
+    return text
+
+
+def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
+                                                       control: DeviceControl) -> None:
+    """The device keeps its connection but answers nothing: a program reading a file
+    gets an error after about request_timeout seconds instead of hanging; the mount
+    stays listed and answers ENOTCONN; `vfsdrv umount` removes it."""
+    with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}") as (mnt, log, _):
+        st = status_of(mnt)
+        assert st["request_timeout"] == TIMEOUT
+        text_status = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True,
+                                     timeout=30, check=True).stdout
+        assert f"request timeout: {TIMEOUT} s" in text_status
+        (tmp_path / "export" / "g").write_text("never looked up")
+        control.stall.set()
+        r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        name, elapsed = r.stdout.split()
+        # The kernel ends the requests still with the server with ECONNABORTED when
+        # the relay closes /dev/fuse (fuse_abort_conn); ENOTCONN if it was not sent yet
+        assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
+        # sampled once a second: between N and N + 2 s after the request went out
+        # (the upper bound leaves room for a loaded machine)
+        assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+        assert control.held, "the device was never asked"
+        text = _wait_for(
+            rf"the device is unresponsive: request queue \d+ has [1-9]\d* request\(s\) in "
+            rf"flight and nothing completed for [\d.]+ s \(-o request_timeout={TIMEOUT}\)",
+            log, 10)
+        _wait_for(r"stays mounted and answers ENOTCONN", log, 10)
+        assert "FUSE_DESTROY sent" not in text  # nothing more is asked of a dead device
+        assert str(mnt) in mount_points()
+        with pytest.raises(OSError) as later:
+            os.stat(mnt / "f")
+        assert later.value.errno == errno.ENOTCONN
+        r = subprocess.run([*VFSDRV, "umount", str(mnt)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not is_mounted(mnt)
+
+
+def test_a_slow_device_that_keeps_answering_does_not_trip_it(
+        tmp_path: Path, control: DeviceControl) -> None:
+    """Each request answered 0.5 s late, eight programs at once: the batch takes
+    about 4 s, twice the timeout, but something completes every 0.5 s."""
+    with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}") as (mnt, log, _):
+        names = [f"slow{i}" for i in range(8)]
+        for name in names:
+            (tmp_path / "export" / name).write_text(name)
+        control.delay = 0.5
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(["stat", "-c", "%s", str(mnt / name)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name in names]
+        try:
+            outs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        elapsed = time.monotonic() - t0
+        control.delay = 0.0
+        assert [p.returncode for p in procs] == [0] * 8, outs
+        assert [int(out) for out, _err in outs] == [len(n) for n in names]
+        assert control.served_late >= 8
+        assert elapsed > TIMEOUT + 1, f"the batch took {elapsed:.2f} s: not slow enough"
+        assert (mnt / "f").read_text() == "x"  # still served
+        assert "unresponsive" not in log.read_text()
+        assert is_mounted(mnt)
+
+
+def test_a_blocking_lock_waiting_longer_than_the_timeout_does_not_trip_it(
+        tmp_path: Path, control: DeviceControl) -> None:
+    """A SETLKW that the device answers "wait" (notification queue) and grants after
+    more than the timeout: parked off the ring, it is not an unanswered request."""
+    with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}") as (mnt, log, _):
+        path = mnt / "f"
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        waiter = None
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+            waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)],
+                                      stdout=subprocess.PIPE, text=True)
+            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+            time.sleep(TIMEOUT + 2.5)  # more than the timeout and two samples
+            assert waiter.poll() is None, "the lock was granted while held"
+            assert (mnt / "f").read_text() == "x"  # the mount still answers
+            st = status_of(mnt)
+            assert st["lock_waiters"] == 1, st
+            assert holder.stdin is not None
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            holder.wait(10)
+            out, _ = waiter.communicate(timeout=15)
+            assert waiter.returncode == 0 and out.startswith("granted"), out
+            assert float(out.split()[1]) >= TIMEOUT + 2, out
+        finally:
+            for p in (holder, waiter):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert "unresponsive" not in log.read_text()
+        assert is_mounted(mnt)
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "0.5", "", "1e3", "nan", "inf", "2s", ".5"])
+def test_bad_request_timeout_is_refused_and_nothing_is_mounted(tmp_path: Path,
+                                                               value: str) -> None:
+    from vfsdrv.refdev.device import RefDevice
+
+    export, mnt = tmp_path / "export", tmp_path / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
+    dev.start()
+    try:
+        r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(tmp_path / "d.sock"), "-o",
+                            f"ro,request_timeout={value}", str(mnt)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert (f"'request_timeout={value}': request_timeout is a number of seconds, "
+                "0 (off) or at least 1") in r.stderr
+        assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
+    finally:
+        force_unmount(mnt)
+        dev.stop()
+
+
+def test_request_timeout_values() -> None:
+    from vfsdrv.frontends.fuse_dev import MountOptions
+
+    assert MountOptions.parse([]).request_timeout == 0
+    assert MountOptions.parse(["ro,request_timeout=0"]).request_timeout == 0
+    assert MountOptions.parse(["request_timeout=1"]).request_timeout == 1
+    assert MountOptions.parse(["request_timeout=2.5"]).request_timeout == 2.5
+    mo = MountOptions.parse(["request_timeout=0.99"])
+    assert mo.invalid and mo.request_timeout == 0
+
+
+def test_request_timeout_needs_the_relay(tmp_path: Path) -> None:
+    """pyfuse3 has no pumps to watch: the option is refused, not silently ignored."""
+    from vfsdrv.refdev.device import RefDevice
+
+    export, mnt = tmp_path / "export", tmp_path / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
+    dev.start()
+    try:
+        r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(tmp_path / "d.sock"),
+                            "--frontend", "pyfuse3", "-o", "request_timeout=5", str(mnt)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "request_timeout" in r.stderr and "use the relay frontend" in r.stderr
+        assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
+    finally:
+        force_unmount(mnt)
+        dev.stop()
