@@ -809,6 +809,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     {"ring_threaded", test_ring_threaded},
     {"hiprio_new_rejects_bad_config", test_hiprio_new_rejects_bad_config},
     {"hiprio_one_publish_one_kick", test_hiprio_one_publish_one_kick},
+    {"hiprio_event_idx", test_hiprio_event_idx},
     {"hiprio_mmio_kick", test_hiprio_mmio_kick},
     {"hiprio_full_and_reclaim", test_hiprio_full_and_reclaim},
     {"hiprio_buffers_never_shared", test_hiprio_buffers_never_shared},

@@ -77,6 +77,7 @@ static inline void pause_now_and_then(uint32_t spins)
 /* test_hiprio_client.c's tests, in test_core.c's table */
 void test_hiprio_new_rejects_bad_config(void);
 void test_hiprio_one_publish_one_kick(void);
+void test_hiprio_event_idx(void);
 void test_hiprio_mmio_kick(void);
 void test_hiprio_full_and_reclaim(void);
 void test_hiprio_buffers_never_shared(void);
