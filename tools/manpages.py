@@ -133,7 +133,7 @@ complete -o filenames -F _vfsdrv vfsdrv
 _mount_vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
-        COMPREPLY=($(compgen -W "tag= request_queues= frontend= debug poll timeout= \\
+        COMPREPLY=($(compgen -W "tag= request_queues= frontend= debug poll timeout= poll_us= \\
 ro rw nosuid noexec nodev _netdev nofail noauto" -- "$cur"))
     else
         COMPREPLY=($(compgen -f -- "$cur"))

@@ -5,7 +5,7 @@
     vfsdrv umount [-l] MOUNTPOINT
     mount -t vfsdrv SPEC MOUNTPOINT -o OPTIONS     (SPEC: a vhost-user socket path,
         vhost-user:PATH, pci:BDF, or a tag; vfsdrv options in -o: tag=, request_queues=,
-        frontend=, debug)
+        frontend=, debug; the relay's options as with vfsdrv mount -o, e.g. poll_us=N)
 
 `mount` returns once the file system is usable: it forks, the child brings the
 device up, mounts and serves; the parent waits for the child's word on a pipe and
