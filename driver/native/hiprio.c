@@ -22,8 +22,8 @@
  * vfsdrv_vq_add, and the release store of avail->idx in vfsdrv_vq_publish, or the
  * head flags' release for packed, makes them visible before the index); an MMIO
  * kick is preceded by a full fence inside vfsdrv_mmio_write*, an eventfd write is a
- * system call (a full barrier). The kick itself is the pump's vfsdrv_kick (pump.c,
- * where the compiler can inline it into the request path).
+ * system call (a full barrier). The kick itself is kick.h's vfsdrv_kick, the
+ * pump's too.
  *
  * A used entry the device gets wrong (vfsdrv_vq_harvest validates them) breaks the
  * sender for good; the reason stays readable (vfsdrv_hiprio_error) for the control
@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "vfsdrv_core.h"
+#include "kick.h"  /* after vfsdrv_core.h */
 
 #define OP_BATCH_FORGET 42
 #define BATCH_FORGET_IN 8    /* fuse_batch_forget_in: count, dummy */

@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "vfsdrv_core.h"
+#include "kick.h"  /* after vfsdrv_core.h */
 
 #define READ_BATCH 64
 #define TAG_FUSE 1
@@ -401,32 +402,6 @@ static void submit_pending(struct vfsdrv_pump *p)
     }
 }
 
-/* The one notify rule, of the pump and the hiprio sender (which calls vfsdrv_kick):
- * an eventfd write, or an MMIO store (vfsdrv_mmio_write* fence first). Static here
- * so that the pump's flush has it inlined (-fPIC keeps a global function out of
- * line: it could be interposed). */
-static inline int kick(int32_t kick_fd, uint8_t *notify_addr, uint32_t notify_value,
-                       uint32_t notify_width)
-{
-    if (kick_fd >= 0) {
-        uint64_t one = 1;
-        /* EAGAIN: the counter is full, so the device has a kick pending anyway */
-        if (write(kick_fd, &one, 8) < 0 && errno != EAGAIN)
-            return -errno;
-    } else if (notify_width == 4) {
-        vfsdrv_mmio_write32(notify_addr, notify_value);
-    } else {
-        vfsdrv_mmio_write16(notify_addr, (uint16_t)notify_value);
-    }
-    return 0;
-}
-
-int vfsdrv_kick(int32_t kick_fd, uint8_t *notify_addr, uint32_t notify_value,
-                uint32_t notify_width)
-{
-    return kick(kick_fd, notify_addr, notify_value, notify_width);
-}
-
 static int flush(struct vfsdrv_pump *p)
 {
     if (p->hiprio_added) {
@@ -449,7 +424,7 @@ static int flush(struct vfsdrv_pump *p)
     STAT(p, kicks);
     if (p->cfg.kick_fd >= 0)
         STAT(p, syscalls);
-    int rc = kick(p->cfg.kick_fd, p->cfg.notify_addr, p->cfg.notify_value,
+    int rc = vfsdrv_kick(p->cfg.kick_fd, p->cfg.notify_addr, p->cfg.notify_value,
                   p->cfg.notify_width);
     if (rc < 0) {
         set_error(p, "kick failed: %s", strerror(-rc));

@@ -264,11 +264,6 @@ struct vfsdrv_hiprio_stats {
     uint64_t in_flight;
 };
 
-/* the one notify rule of the pump and the sender: an eventfd write, or an MMIO
- * store of `value` (16 or 32 bits) to `addr`. 0, or -errno of the write */
-int vfsdrv_kick(int32_t kick_fd, uint8_t *notify_addr, uint32_t notify_value,
-                uint32_t notify_width);
-
 /* the splitting rule: how many requests of at most `limit` bytes carry `req` (1: as
  * it is; more: BATCH_FORGET pieces, the same header, count forgets each; 0: it
  * cannot be sent), and piece k of them, written to out (limit bytes of room) */
