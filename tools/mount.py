@@ -120,15 +120,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (ro, nosuid, noexec, max_read=N, "
                    "noallow_other, nodefault_permissions, ...); relay: max_background=N, "
-                   "congestion_threshold=N, max_readahead=N, and poll_us=N (0-1000, default "
-                   "0: off): with requests in flight each pump spins on its ring up to N "
-                   "microseconds before it sleeps, which saves a fast device's completion a "
-                   "sleep and wake-up but burns that pump's CPU while it spins (up to N us "
-                   "per request, backing off after misses); request_timeout=SECONDS (a "
-                   "number, at least 1; default 0: off): a request queue with requests in "
-                   "flight and nothing completed for that long means the device is dead: "
-                   "waiting programs get an error, the mount stays and answers ENOTCONN "
-                   "until it is unmounted (a lock a SETLKW waits for does not count)")
+                   "congestion_threshold=N, max_readahead=N (bytes; default: the largest READ,"
+                   " 1 MiB over virtiofsd, set on the mount's bdi after FUSE_INIT), and "
+                   "poll_us=N (0-1000, default 0: off): with requests in flight each pump "
+                   "spins on its ring up to N microseconds before it sleeps, which saves a "
+                   "fast device's completion a sleep and wake-up but burns that pump's CPU "
+                   "while it spins (up to N us per request, backing off after misses); "
+                   "request_timeout=SECONDS (a number, at least 1; default 0: off): a request "
+                   "queue with requests in flight and nothing completed for that long means "
+                   "the device is dead: waiting programs get an error, the mount stays and "
+                   "answers ENOTCONN until it is unmounted (a lock a SETLKW waits for does not"
+                   " count)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("-d", "--debug", action="store_true",
                    help="log every request (opcode, unique, nodeid, result); implies -f")

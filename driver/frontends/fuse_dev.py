@@ -110,10 +110,15 @@ class MountOptions:
                     mo.default_permissions = True
                 elif opt in ("nodefault_permissions", "no_default_permissions"):
                     mo.default_permissions = False
-                elif key in NUMERIC_FUSE_OPTIONS and value.isdigit():
-                    mo.fuse.append(f"{key}={int(value)}")
-                elif key in SESSION_OPTIONS and value.isdigit():
-                    mo.session[key] = int(value)
+                elif key in NUMERIC_FUSE_OPTIONS or key in SESSION_OPTIONS:
+                    # ASCII digits only ("²".isdigit() too), and what FUSE's 32 bits hold
+                    if not (value.isascii() and value.isdigit() and int(value) <= 0xFFFFFFFF):
+                        mo.invalid.append(f"{opt!r}: {key} is a whole number from 0 to "
+                                          "4294967295")
+                    elif key in SESSION_OPTIONS:
+                        mo.session[key] = int(value)
+                    else:
+                        mo.fuse.append(f"{key}={int(value)}")
                 elif key in PUMP_OPTIONS:
                     top, what = PUMP_OPTIONS[key]
                     if value.isascii() and value.isdigit() and int(value) <= top:
@@ -189,6 +194,36 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]
             if len(fields) >= 5 and len(rfields) >= 2:
                 out.append((_unescape(fields[4]), rfields[0], _unescape(rfields[1])))
     return out
+
+
+def mount_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:
+    """"major:minor" of the mount on `mountpoint` (the newest, if mounts are stacked),
+    from mountinfo: never a stat, which a FUSE server must not do on its own mount."""
+    found = None
+    with open(path) as f:
+        for line in f:
+            fields = line.partition(" - ")[0].split()
+            if len(fields) >= 5 and _unescape(fields[4]) == mountpoint:
+                found = fields[2]
+    return found
+
+
+def set_readahead(mountpoint: str, nbytes: int) -> int:
+    """Set the readahead of the FUSE mount on `mountpoint` to `nbytes` (rounded down
+    to KiB) through its backing device's sysfs file; the value it had before. FUSE_INIT
+    can only lower the kernel's offer (128 KiB by default); the bdi can be raised
+    after. OSError when the mount or its sysfs file is not there."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        raise OSError(errno.ENOENT, f"{mountpoint} is not in /proc/self/mountinfo")
+    knob = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    with open(knob, "r+") as f:
+        before = int(f.read().strip() or 0)
+        kib = max(0, nbytes // 1024)
+        if kib != before:
+            f.seek(0)
+            f.write(f"{kib}\n")
+    return before * 1024
 
 
 def _unescape(s: str) -> str:

@@ -89,6 +89,7 @@ from .fuse_dev import (
     mount_fuse,
     open_fuse_device,
     require_root,
+    set_readahead,
     umount_busy_lazy,
 )
 from .pump import Pump
@@ -724,6 +725,21 @@ class Relay:
         }
 
     # -- FUSE_INIT -----------------------------------------------------------------------
+    def _size_readahead(self, device, fields: dict[str, int]) -> None:
+        """Raise (or lower) the mount's readahead once the kernel has taken the INIT
+        reply, which can only lower its own offer (see readahead_size)."""
+        want = readahead_size(device_max_readahead=device.max_readahead,
+                              max_pages=fields["max_pages"], max_io=self.fs.max_io,
+                              chosen=self.options.session)
+        try:
+            before = set_readahead(self.mountpoint, want)
+        except OSError as exc:  # the mount works as the kernel set it up
+            log.warning("readahead left at the kernel's %d bytes: %s",
+                        fields["max_readahead"], exc)
+            return
+        if before != want // 1024 * 1024:
+            log.info("readahead %d KiB (was %d KiB)", want // 1024, before // 1024)
+
     def _handle_init(self, view: memoryview, n: int, unique: int) -> None:
         if self.initialized:
             self._reply_error(self.fuse_fd, unique, -errno.EPROTO)
@@ -741,7 +757,11 @@ class Relay:
         minor = min(kin.minor, abi.KERNEL_MINOR_VERSION)
         try:
             # the device has as long as any setup message (vfsdrv mount --timeout)
-            out = self.fs.init(offer, minor=minor, max_readahead=kin.max_readahead,
+            # the device is offered the readahead the relay means to set (see
+            # _size_readahead), not only the kernel's default: its reply is its limit
+            ra_offer = max(kin.max_readahead,
+                           self.options.session.get("max_readahead", self.fs.max_io))
+            out = self.fs.init(offer, minor=minor, max_readahead=ra_offer,
                                timeout=getattr(self.fs.transport, "timeout", None) or 10.0)
         except (VfsdrvError, OSError, TimeoutError) as exc:
             self._reply_error(self.fuse_fd, unique, -errno.EIO)
@@ -761,6 +781,7 @@ class Relay:
         if self.conn_gone:
             raise FrontendError("the kernel closed the connection during FUSE_INIT")
         self.initialized = True
+        self._size_readahead(out, fields)
         log.info(
             "FUSE_INIT: kernel 7.%d offered %#x; device 7.%d granted %#x; session 7.%d, "
             "flags %#x, max_write %d, max_pages %d", kin.minor, kflags, out.minor,
@@ -770,6 +791,17 @@ class Relay:
         if self.debug:
             reqlog.debug("unique %d INIT -> 7.%d flags %#x (kernel offered %#x, device %#x)",
                          unique, fields["minor"], reply_flags, kflags, self.fs.init_flags)
+
+
+def readahead_size(*, device_max_readahead: int, max_pages: int, max_io: int,
+                   chosen: dict[str, int] | None = None) -> int:
+    """The mount's readahead in bytes: -o max_readahead when given, else the largest
+    READ the session allows (max_pages, or max_io without MAX_PAGES), so that a
+    sequential read goes to the device as whole requests instead of the kernel's
+    default 128 KiB ones; never more than the device's own max_readahead."""
+    chosen = chosen or {}
+    want = chosen.get("max_readahead", (max_pages * PAGE) if max_pages else max_io)
+    return min(want, device_max_readahead or want)
 
 
 def init_reply_fields(

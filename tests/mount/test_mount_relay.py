@@ -22,7 +22,12 @@ from types import SimpleNamespace
 
 import pytest
 from mount_helpers import FRONTENDS, Mounted, require, serving
-from vfsdrv.frontends.relay import NEVER_OFFERED, RELAY_FLAGS, init_reply_fields
+from vfsdrv.frontends.relay import (
+    NEVER_OFFERED,
+    RELAY_FLAGS,
+    init_reply_fields,
+    readahead_size,
+)
 from vfsdrv.fs.abi import InitFlag
 
 MiB = 1 << 20
@@ -378,6 +383,56 @@ def test_init_reply_sizes_the_background_queue_to_the_slots() -> None:
                                   "max_readahead": 64 << 10})
     assert (f["max_background"], f["congestion_threshold"]) == (0xFFFF, 5)
     assert f["max_readahead"] == 64 << 10
+
+
+def test_readahead_is_sized_to_whole_requests() -> None:
+    """Default: the largest READ (max_pages pages); -o max_readahead wins; the device's
+    own limit caps both."""
+    assert readahead_size(device_max_readahead=0xFFFFFFFF, max_pages=256,
+                          max_io=1 << 20) == 1 << 20
+    assert readahead_size(device_max_readahead=0, max_pages=0, max_io=512 << 10) == 512 << 10
+    assert readahead_size(device_max_readahead=0xFFFFFFFF, max_pages=256, max_io=1 << 20,
+                          chosen={"max_readahead": 64 << 10}) == 64 << 10
+    assert readahead_size(device_max_readahead=256 << 10, max_pages=256, max_io=1 << 20,
+                          chosen={"max_readahead": 4 << 20}) == 256 << 10
+
+
+@pytest.mark.parametrize("opt", ["max_readahead=4294967296", "max_readahead=abc",
+                                 "max_background=\u00b2", "max_read=-1", "blksize=",
+                                 "congestion_threshold=1e3"])
+def test_numeric_session_and_fuse_options_are_checked(opt: str) -> None:
+    """A value FUSE's 32 bits cannot hold, or that is not ASCII digits, is a clear
+    error before anything is mounted (it used to reach FUSE_INIT)."""
+    from vfsdrv.frontends.fuse_dev import MountError, MountOptions
+
+    mo = MountOptions.parse([opt])
+    with pytest.raises(MountError, match="whole number from 0 to 4294967295"):
+        mo.check()
+    assert MountOptions.parse(["max_readahead=4294967295"]).session == {
+        "max_readahead": 4294967295}
+
+
+def test_the_mount_reads_ahead_whole_requests(tmp_path: Path) -> None:
+    """The kernel's readahead (its bdi's read_ahead_kb, which FUSE_INIT can only lower
+    from 128 KiB) is raised to the largest READ, 1 MiB over virtiofsd; -o
+    max_readahead=N sets it; a sequential read then goes out in 1 MiB READs."""
+    for opts, expect_kib in (((), 1024), (("-o", "max_readahead=65536"), 64),
+                             (("-o", "max_readahead=4194304"), 4096)):
+        base = tmp_path / str(expect_kib)
+        base.mkdir()
+        with serving(base, "relay", mount_args=opts, debug=not opts) as m:
+            st = os.stat(m.mnt)
+            knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+                        "/read_ahead_kb")
+            assert int(knob.read_text()) == expect_kib
+            if not opts:
+                (m.export / "seq").write_bytes(os.urandom(8 << 20))
+                with open(m.mnt / "seq", "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+                reads = re.findall(r"READ nodeid \d+ -> ok, (\d+) bytes", m.log_text())
+                sizes = [int(x) for x in reads]
+                assert sizes and max(sizes) == 1 << 20, sizes[:20]
 
 
 def test_session_options_reach_the_kernel(tmp_path: Path) -> None:
