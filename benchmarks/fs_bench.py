@@ -4,7 +4,8 @@ interleaved run.
 Three ways to the same host directory:
 
   * vfsdrv:  `vfsdrv mount -f --vhost-user` (the relay) over vhost-user to Debian's
-             virtiofsd (-o cache=auto), which does the file work;
+             virtiofsd (-o cache=auto), which does the file work; --device
+             virtiofsd-rs puts Debian 13's Rust virtiofsd there instead (--cache=auto);
   * passthrough_ll: libfuse's C example server (built from Debian's libfuse3-dev by
              benchmarks/build-passthrough-ll.sh), -o cache=auto, its default threads;
   * plain:   the directory itself (no FUSE): the host's floor.
@@ -124,7 +125,8 @@ def key_value(text: str) -> str:
     return text
 
 
-def start_targets(work: Path, out: dict[str, Target], opts: list[str]) -> None:
+def start_targets(work: Path, out: dict[str, Target], opts: list[str],
+                  device: str = "virtiofsd") -> None:
     """Fill `out` target by target, so that a failure half-way still stops what runs."""
     pt_bin = subprocess.run(["sh", str(HERE / "build-passthrough-ll.sh")], check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -136,7 +138,7 @@ def start_targets(work: Path, out: dict[str, Target], opts: list[str]) -> None:
     mv, mp = work / "mnt-vfsdrv", work / "mnt-pt"
     mv.mkdir()
     mp.mkdir()
-    vfsd = Backend("virtiofsd", export, work / "vfsd.sock")
+    vfsd = Backend(device, export, work / "vfsd.sock")
     t = Target("vfsdrv", mv / "vfsdrv", device=vfsd.proc.pid)
     t.stop.append(vfsd.stop)
     out["vfsdrv"] = t
@@ -358,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave out the mount over the null device")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the servers' syscalls per random read with strace -c")
+    ap.add_argument("--device", choices=("virtiofsd", "virtiofsd-rs"), default="virtiofsd",
+                    help="the device behind the vfsdrv mount: Debian 12's C virtiofsd "
+                    "(default) or Debian 13's Rust one (python3 -m vfsdrv.tools.virtiofsd_rs "
+                    "fetches it)")
     ap.add_argument("--vfsdrv-opt", action="append", default=[], type=key_value,
                     metavar="KEY=VALUE",
                     help="a vfsdrv mount option (-o KEY=VALUE) for both vfsdrv mounts, e.g. "
@@ -378,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     syscalls: dict[str, float | None] = {}
     t_start = time.monotonic()
     try:
-        start_targets(work, targets, args.vfsdrv_opt)
+        start_targets(work, targets, args.vfsdrv_opt, args.device)
         order = list(TARGETS)
         # the entry timeout of cache=auto is 1 s for both FUSE servers
         workloads: list[tuple[str, str, Callable[[Target], Result]]] = []
@@ -434,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"fs_bench: vfsdrv mount (relay -> vhost-user -> virtiofsd) vs libfuse passthrough_ll "
-          f"vs the plain directory; file {size // MiB} MiB, random reads {rand // MiB} MiB, "
+    print(f"fs_bench: vfsdrv mount (relay -> vhost-user -> {args.device}) vs libfuse "
+          f"passthrough_ll vs the plain directory; file {size // MiB} MiB, random reads "
+          f"{rand // MiB} MiB, "
           f"{args.rounds} round(s), {time.monotonic() - t_start:.0f} s; load average {load}; "
           f"{os.cpu_count()} CPUs; vfsdrv mount options: "
           f"{','.join(args.vfsdrv_opt) if args.vfsdrv_opt else 'none'}")
@@ -449,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f / p:>9.2f}")
     print()
     print("FUSE server CPU per operation, us (schedstat run time; user = utime); vfsdrv's "
-          "device is the virtiofsd behind it")
-    print(f"{'workload':<30} {'vfsdrv':>8} {'user':>6} {'virtiofsd':>9} {'pt_ll':>8} "
+          f"device is the {args.device} behind it")
+    print(f"{'workload':<30} {'vfsdrv':>8} {'user':>6} {'device':>9} {'pt_ll':>8} "
           f"{'user':>6} {'vfsdrv/pt':>9}")
     names = [w[0] for w in workloads] + ["create+stat+unlink, per op"]
     for name in names:
