@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from backends import DEVICES, device, refdev
-from mounting import force_unmount, wait_mounted
+from mounting import force_unmount, mount_points, wait_mounted
 
 FRONTENDS = ["relay", "pyfuse3"]
 #: the tag the mounts ask for; the Rust virtiofsd gets the same in its config space
@@ -144,3 +144,21 @@ def inprocess_refdev_mount(base: Path, *mount_args: str,
             force_unmount(mnt)
     finally:
         dev.stop()
+
+
+def refused_mount(base: Path, *mount_args: str) -> subprocess.CompletedProcess:
+    """`vfsdrv mount <mount_args>` over Debian's virtiofsd on base/export, expected to
+    be refused: it exits 1 and leaves nothing mounted under base. Its output comes
+    back for the caller to check the message."""
+    export, mnt, sock = base / "export", base / "mnt", base / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    with device("virtiofsd", export, sock):
+        try:
+            r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(sock), *mount_args,
+                                str(mnt)], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert [p for p in mount_points() if p.startswith(f"{base}/")] == []
+            return r
+        finally:
+            force_unmount(mnt)

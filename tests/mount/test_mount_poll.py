@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from backends import device
-from mount_helpers import VFSDRV, serving
-from mounting import force_unmount, mount_points
+from mount_helpers import refused_mount, serving
 from test_mount_pumps import busy, status_of
 
 
@@ -64,36 +62,14 @@ def test_data_through_a_polling_mount_and_the_counts(tmp_path: Path, poll_us: st
 
 @pytest.mark.parametrize("value", ["-1", "abc", "1001", "", "1e3"])
 def test_bad_poll_us_is_refused_and_nothing_is_mounted(tmp_path: Path, value: str) -> None:
-    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
-    export.mkdir()
-    mnt.mkdir()
-    with device("virtiofsd", export, sock):
-        try:
-            r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(sock), "-o",
-                                f"ro,poll_us={value}", str(mnt)],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 1, r.stdout + r.stderr
-            assert f"'poll_us={value}': poll_us is a whole number from 0 to 1000" in r.stderr
-            assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
-        finally:
-            force_unmount(mnt)
+    r = refused_mount(tmp_path, "-o", f"ro,poll_us={value}")
+    assert f"'poll_us={value}': poll_us is a whole number from 0 to 1000" in r.stderr
 
 
 def test_poll_us_needs_the_relay(tmp_path: Path) -> None:
     """pyfuse3 has no pump: the option is refused, not silently ignored."""
-    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
-    export.mkdir()
-    mnt.mkdir()
-    with device("virtiofsd", export, sock):
-        try:
-            r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(sock), "--frontend",
-                                "pyfuse3", "-o", "poll_us=10", str(mnt)],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 1, r.stdout + r.stderr
-            assert "poll_us" in r.stderr and "use the relay frontend" in r.stderr
-            assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
-        finally:
-            force_unmount(mnt)
+    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "poll_us=10")
+    assert "poll_us" in r.stderr and "use the relay frontend" in r.stderr
 
 
 def test_unmount_while_the_pump_spins_is_prompt(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mount_helpers import VFSDRV, inprocess_refdev_mount
-from mounting import force_unmount, is_mounted, mount_points
+from mount_helpers import VFSDRV, inprocess_refdev_mount, refused_mount
+from mounting import is_mounted, mount_points
 from test_mount_pumps import status_of
 
 TIMEOUT = 2  # -o request_timeout= in these tests
@@ -212,24 +212,9 @@ def test_a_blocking_lock_waiting_longer_than_the_timeout_does_not_trip_it(
 @pytest.mark.parametrize("value", ["-1", "abc", "0.5", "", "1e3", "nan", "inf", "2s", ".5"])
 def test_bad_request_timeout_is_refused_and_nothing_is_mounted(tmp_path: Path,
                                                                value: str) -> None:
-    from vfsdrv.refdev.device import RefDevice
-
-    export, mnt = tmp_path / "export", tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
-    dev.start()
-    try:
-        r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(tmp_path / "d.sock"), "-o",
-                            f"ro,request_timeout={value}", str(mnt)],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert (f"'request_timeout={value}': request_timeout is a number of seconds, "
-                "0 (off) or at least 1") in r.stderr
-        assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
-    finally:
-        force_unmount(mnt)
-        dev.stop()
+    r = refused_mount(tmp_path, "-o", f"ro,request_timeout={value}")
+    assert (f"'request_timeout={value}': request_timeout is a number of seconds, "
+            "0 (off) or at least 1") in r.stderr
 
 
 def test_request_timeout_values() -> None:
@@ -245,20 +230,5 @@ def test_request_timeout_values() -> None:
 
 def test_request_timeout_needs_the_relay(tmp_path: Path) -> None:
     """pyfuse3 has no pumps to watch: the option is refused, not silently ignored."""
-    from vfsdrv.refdev.device import RefDevice
-
-    export, mnt = tmp_path / "export", tmp_path / "mnt"
-    export.mkdir()
-    mnt.mkdir()
-    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
-    dev.start()
-    try:
-        r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(tmp_path / "d.sock"),
-                            "--frontend", "pyfuse3", "-o", "request_timeout=5", str(mnt)],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert "request_timeout" in r.stderr and "use the relay frontend" in r.stderr
-        assert [p for p in mount_points() if p.startswith(f"{tmp_path}/")] == []
-    finally:
-        force_unmount(mnt)
-        dev.stop()
+    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "request_timeout=5")
+    assert "request_timeout" in r.stderr and "use the relay frontend" in r.stderr
