@@ -11,7 +11,6 @@ import os
 import signal
 import stat
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +35,8 @@ pytestmark = pytest.mark.usefixtures("nulldev_source")
 
 
 @pytest.fixture
-def null() -> Iterator[tuple[NullDevice, FuseClient]]:
-    d = tempfile.mkdtemp(prefix="nullb-", dir="/tmp")  # short: sun_path is 108 bytes
-    sock = Path(d) / "n.sock"
+def null(sock_dir: str) -> Iterator[tuple[NullDevice, FuseClient]]:
+    sock = Path(sock_dir) / "n.sock"
     dev = NullDevice(sock, tag="batch")
     fs = None
     try:
@@ -54,9 +52,6 @@ def null() -> Iterator[tuple[NullDevice, FuseClient]]:
         if fs is not None:
             fs.close()
         dev.stop()
-        for name in os.listdir(d):
-            os.unlink(os.path.join(d, name))
-        os.rmdir(d)
 
 
 def attr_of(reply: bytes) -> Attr:
@@ -194,32 +189,26 @@ def test_one_at_a_time_calls_share_the_queue_with_a_batch(null) -> None:
     assert c.getattr(ROOT_ID).mode == 0o40755
 
 
-def test_a_full_ring_queues_the_rest_in_order() -> None:
-    d = tempfile.mkdtemp(prefix="nullr-", dir="/tmp")
-    sock = Path(d) / "n.sock"
-    try:
-        with NullDevice(sock, tag="batch") as dev:
-            fs = VirtioFs(VhostUserTransport(str(sock)), queue_size=8).start()
-            try:
-                c = FuseClient(fs)
-                c.init()
-                vq = fs.request_queues[0].vq
-                pendings = c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)] * 40)
-                # as many as the ring holds went in; the rest wait behind it
-                assert vq.in_flight <= 8 and len(fs.request_queues[0].pending) >= 32
-                assert fs.stats["queue_full"] >= 1
-                done = reap_all(c, 40)
-                assert {id(p) for p in done} == {id(p) for p in pendings}
-                assert all(attr_of(p.result(0)).ino == ROOT_ID
-                           for p in pendings)
-                assert vq.in_flight == 0 and fs.free_slots == (64, 16)
-                assert dev.counters().requests >= 41  # INIT and the 40
-            finally:
-                fs.close()
-    finally:
-        for name in os.listdir(d):
-            os.unlink(os.path.join(d, name))
-        os.rmdir(d)
+def test_a_full_ring_queues_the_rest_in_order(sock_dir: str) -> None:
+    sock = Path(sock_dir) / "n.sock"
+    with NullDevice(sock, tag="batch") as dev:
+        fs = VirtioFs(VhostUserTransport(str(sock)), queue_size=8).start()
+        try:
+            c = FuseClient(fs)
+            c.init()
+            vq = fs.request_queues[0].vq
+            pendings = c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)] * 40)
+            # as many as the ring holds went in; the rest wait behind it
+            assert vq.in_flight <= 8 and len(fs.request_queues[0].pending) >= 32
+            assert fs.stats["queue_full"] >= 1
+            done = reap_all(c, 40)
+            assert {id(p) for p in done} == {id(p) for p in pendings}
+            assert all(attr_of(p.result(0)).ino == ROOT_ID
+                       for p in pendings)
+            assert vq.in_flight == 0 and fs.free_slots == (64, 16)
+            assert dev.counters().requests >= 41  # INIT and the 40
+        finally:
+            fs.close()
 
 
 # -- the reference device, one reply rewritten ------------------------------------------------
@@ -313,33 +302,27 @@ def test_batches_against_virtiofsd(client: FuseClient, export_dir: Path) -> None
     assert c.fs.free_slots == (64, 16)
 
 
-def test_a_device_that_dies_fails_the_whole_batch() -> None:
-    d = tempfile.mkdtemp(prefix="nulld-", dir="/tmp")
-    sock = Path(d) / "n.sock"
-    try:
-        with NullDevice(sock, tag="batch") as dev:
-            fs = VirtioFs(VhostUserTransport(str(sock))).start()
-            try:
-                c = FuseClient(fs)
-                c.init()
-                os.kill(dev.pid, signal.SIGSTOP)  # it cannot answer any of them
-                pendings = c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)] * 8)
-                assert fs.batch.in_flight == 8
-                os.kill(dev.pid, signal.SIGKILL)
-                done = c.reap(10)
-                assert {id(p) for p in done} == {id(p) for p in pendings}
-                for p in done:
-                    with pytest.raises(VfsdrvError):  # why the device failed, not ENOTCONN
-                        p.result(0)
-                assert fs.batch.in_flight == 0 and fs.broken is not None
-                with pytest.raises(VfsdrvError):
-                    c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)])
-            finally:
-                fs.close()
-    finally:
-        for name in os.listdir(d):
-            os.unlink(os.path.join(d, name))
-        os.rmdir(d)
+def test_a_device_that_dies_fails_the_whole_batch(sock_dir: str) -> None:
+    sock = Path(sock_dir) / "n.sock"
+    with NullDevice(sock, tag="batch") as dev:
+        fs = VirtioFs(VhostUserTransport(str(sock))).start()
+        try:
+            c = FuseClient(fs)
+            c.init()
+            os.kill(dev.pid, signal.SIGSTOP)  # it cannot answer any of them
+            pendings = c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)] * 8)
+            assert fs.batch.in_flight == 8
+            os.kill(dev.pid, signal.SIGKILL)
+            done = c.reap(10)
+            assert {id(p) for p in done} == {id(p) for p in pendings}
+            for p in done:
+                with pytest.raises(VfsdrvError):  # why the device failed, not ENOTCONN
+                    p.result(0)
+            assert fs.batch.in_flight == 0 and fs.broken is not None
+            with pytest.raises(VfsdrvError):
+                c.submit_many([(Opcode.GETATTR, ROOT_ID, GETATTR_IN)])
+        finally:
+            fs.close()
 
 
 def test_the_native_records_match_their_struct_layouts() -> None:
