@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vfsdrv.tools.backend import Virtiofsd
+from vfsdrv.tools.backends import Virtiofsd
 
 MiB = 1 << 20
 VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]

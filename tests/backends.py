@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vfsdrv.tools import virtiofsd_rs
-from vfsdrv.tools.backend import Virtiofsd
-from vfsdrv.tools.backends import Backend
+from vfsdrv.tools.backends import Backend, Virtiofsd
 
 #: the real devices: the suites parametrized over them run every test on each
 DEVICES = ["virtiofsd", "virtiofsd-rs"]

@@ -119,3 +119,10 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Virtiofsd(Backend):
+    """Debian 12's C virtiofsd serving `source` on `socket_path` (one connection)."""
+
+    def __init__(self, source: Path, socket_path: Path, *, extra: tuple[str, ...] = ()) -> None:
+        super().__init__("virtiofsd", source, socket_path, extra=extra)

@@ -79,7 +79,7 @@ def _removal_run(guest, tmp_path: Path) -> dict:
             return "device_add done"
         raise ValueError(f"unknown request {name}")
 
-    from vfsdrv.tools.backend import Virtiofsd
+    from vfsdrv.tools.backends import Virtiofsd
 
     replug = Virtiofsd(share, replug_sock)
     try:
