@@ -202,6 +202,16 @@ void vfsdrv_pump_free(struct vfsdrv_pump *p)
 }
 
 /* -- talking to the control plane ---------------------------------------------- */
+/* The control thread sleeps on event_fd: events wait for it, or a broken hiprio
+ * sender does (it reads vfsdrv_hiprio_error). */
+static void wake_control(struct vfsdrv_pump *p)
+{
+    uint64_t one = 1;
+    STAT(p, syscalls);
+    if (write(p->cfg.event_fd, &one, 8) < 0 && errno != EAGAIN)
+        STAT(p, write_errors);
+}
+
 static void push_event_arg(struct vfsdrv_pump *p, uint32_t kind, uint32_t slot, uint64_t unique,
                            uint32_t opcode, int32_t fd, uint32_t len, const char *why,
                            uint64_t arg)
@@ -228,10 +238,7 @@ static void push_event_arg(struct vfsdrv_pump *p, uint32_t kind, uint32_t slot, 
     if (why)
         snprintf(e->why, sizeof e->why, "%s", why);
     pthread_mutex_unlock(&p->lock);
-    uint64_t one = 1;
-    STAT(p, syscalls);
-    if (write(p->cfg.event_fd, &one, 8) < 0 && errno != EAGAIN)
-        STAT(p, write_errors);
+    wake_control(p);
 }
 
 static void push_event(struct vfsdrv_pump *p, uint32_t kind, uint32_t slot, uint64_t unique,
@@ -412,12 +419,8 @@ static int flush(struct vfsdrv_pump *p)
         int kicked = vfsdrv_hiprio_flush(p->hiprio);
         if (kicked > 0 && p->cfg.kick_fd >= 0)
             STAT(p, syscalls);  /* (hiprio's kick is as the request queue's) */
-        if (kicked < 0) {
-            uint64_t one = 1;
-            STAT(p, syscalls);
-            if (write(p->cfg.event_fd, &one, 8) < 0 && errno != EAGAIN)
-                STAT(p, write_errors);
-        }
+        if (kicked < 0)
+            wake_control(p);
     }
     if (!vfsdrv_vq_publish(p->vq))
         return 0;
