@@ -99,18 +99,21 @@ class HiprioSender:
             raise HiprioFull()
         if rc == -errno.EMSGSIZE:
             raise ValueError(f"hiprio request of {len(data)} bytes cannot be sent")
-        raise RingError(self.broken or "hiprio sender failed")
+        raise self._failed()
 
     def flush(self) -> None:
         """Publish what was queued; kick unless the device suppressed it."""
         if lib.vfsdrv_hiprio_flush(self._h) < 0:
-            raise RingError(self.broken or "hiprio sender failed")
+            raise self._failed()
 
     def reclaim(self) -> int:
         n = lib.vfsdrv_hiprio_reclaim(self._h)
         if n < 0:
-            raise RingError(self.broken or "hiprio sender failed")
+            raise self._failed()
         return n
+
+    def _failed(self) -> RingError:
+        return RingError(self.broken or "hiprio sender failed")
 
     @property
     def broken(self) -> str | None:
