@@ -35,6 +35,13 @@ server's syscalls per read (strace slows it; the count is what matters).
 --vfsdrv-opt poll_us=20 for the pumps' busy-poll window; run once with and once
 without to compare (the header line names the options).
 
+--cpus LIST (e.g. 0) pins the whole run -- both servers, the devices and fio -- to those
+CPUs. In a VM whose idle vCPUs halt, a wake-up that crosses vCPUs costs the hypervisor's
+halt exit and interrupt, several microseconds; on one CPU every hand-off is a plain
+context switch. Both FUSE servers get the same treatment, so the pinned ratios show what
+the hand-offs cost the relay (twice as many per request as passthrough_ll at queue
+depth 1) apart from what they cost the hypervisor.
+
     .venv/bin/python benchmarks/fs_bench.py [--quick] [--rounds N] [--syscalls]
                                             [--vfsdrv-opt KEY=VALUE ...]
 """
@@ -118,6 +125,23 @@ def mount_opts(opts: list[str]) -> list[str]:
     return ["-o", ",".join(opts)] if opts else []
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0', '0-1', '0,2': the CPUs this machine has, or an argparse error."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r} (e.g. 0 or 0-1)") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPUs {text!r} are not all available here (available: "
+            f"{','.join(map(str, sorted(allowed)))})")
+    return cpus
+
+
 def key_value(text: str) -> str:
     key, eq, _value = text.partition("=")
     if not key or not eq or "," in text:
@@ -126,7 +150,7 @@ def key_value(text: str) -> str:
 
 
 def start_targets(work: Path, out: dict[str, Target], opts: list[str],
-                  device: str = "virtiofsd") -> None:
+                  device: str = "virtiofsd", device_args: tuple[str, ...] = ()) -> None:
     """Fill `out` target by target, so that a failure half-way still stops what runs."""
     pt_bin = subprocess.run(["sh", str(HERE / "build-passthrough-ll.sh")], check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -138,7 +162,7 @@ def start_targets(work: Path, out: dict[str, Target], opts: list[str],
     mv, mp = work / "mnt-vfsdrv", work / "mnt-pt"
     mv.mkdir()
     mp.mkdir()
-    vfsd = Backend(device, export, work / "vfsd.sock")
+    vfsd = Backend(device, export, work / "vfsd.sock", extra=device_args)
     t = Target("vfsdrv", mv / "vfsdrv", device=vfsd.proc.pid)
     t.stop.append(vfsd.stop)
     out["vfsdrv"] = t
@@ -364,12 +388,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="the device behind the vfsdrv mount: Debian 12's C virtiofsd "
                     "(default) or Debian 13's Rust one (python3 -m vfsdrv.tools.virtiofsd_rs "
                     "fetches it)")
+    ap.add_argument("--device-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the device's command line, e.g. "
+                    "--device-arg=--thread-pool-size=0; repeatable")
+    ap.add_argument("--cpus", type=cpu_list, metavar="LIST",
+                    help="pin the whole run (servers, devices, fio) to these CPUs, "
+                    "e.g. 0 or 0-1")
     ap.add_argument("--vfsdrv-opt", action="append", default=[], type=key_value,
                     metavar="KEY=VALUE",
                     help="a vfsdrv mount option (-o KEY=VALUE) for both vfsdrv mounts, e.g. "
                     "poll_us=20; repeatable")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.cpus:
+        os.sched_setaffinity(0, args.cpus)  # every process started from here inherits it
     # SIGTERM (timeout(1), a CI limit) unwinds like ^C: the mounts come down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = (args.size_mib or (256 if args.quick else 1024)) * MiB
@@ -384,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     syscalls: dict[str, float | None] = {}
     t_start = time.monotonic()
     try:
-        start_targets(work, targets, args.vfsdrv_opt, args.device)
+        start_targets(work, targets, args.vfsdrv_opt, args.device, tuple(args.device_arg))
         order = list(TARGETS)
         # the entry timeout of cache=auto is 1 s for both FUSE servers
         workloads: list[tuple[str, str, Callable[[Target], Result]]] = []
@@ -444,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
           f"passthrough_ll vs the plain directory; file {size // MiB} MiB, random reads "
           f"{rand // MiB} MiB, "
           f"{args.rounds} round(s), {time.monotonic() - t_start:.0f} s; load average {load}; "
-          f"{os.cpu_count()} CPUs; vfsdrv mount options: "
+          f"{os.cpu_count()} CPUs"
+          f"{'; pinned to CPUs ' + ','.join(map(str, sorted(args.cpus))) if args.cpus else ''}"
+          f"; device args: {' '.join(args.device_arg) or 'none'}; vfsdrv mount options: "
           f"{','.join(args.vfsdrv_opt) if args.vfsdrv_opt else 'none'}")
     print(f"{'workload':<30} {'unit':<6} {'vfsdrv':>10} {'pt_ll':>10} {'plain':>10} "
           f"{'vfsdrv/pt':>9} {'plain/pt':>9}")
