@@ -6,7 +6,9 @@
  * DMA slot, sized by the shared rules in core.c), add them all, publish once,
  * kick once unless the device suppressed it. Then sleep:
  *   - nothing in flight: a blocking read() on the blocking descriptor, so one
- *     request at queue depth 1 costs read + kick + epoll_wait + writev;
+ *     request at queue depth 1 costs read + kick + epoll_wait + writev. When it
+ *     returns, the requests queued behind it are read too (O_NONBLOCK) so that one
+ *     kick covers them; that look backs off while it finds none (queue depth 1);
  *   - requests in flight: epoll_wait on the O_NONBLOCK clone (more requests), the
  *     used-buffer eventfd (edge-triggered: never read, re-armed by each signal) and
  *     the control eventfd.
@@ -47,7 +49,33 @@
 #define TAG_CTL 3
 #define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
 #define POLL_CLOCK_EVERY 16    /* spins between two looks at the clock */
-#define POLL_BACKOFF_MAX 6     /* after misses in a row, skip up to 2^6 - 1 windows */
+#define BACKOFF_MAX 6          /* after misses in a row, skip up to 2^6 - 1 looks */
+
+/* A look that may find nothing -- a spin on the used ring, a read of /dev/fuse that
+ * may end in EAGAIN -- costs the pump each time it misses. After misses in a row it
+ * is skipped for 1, 3, 7, ... 2^BACKOFF_MAX - 1 rounds, so a workload where it never
+ * pays stops paying for it; a hit resets it. */
+struct backoff {
+    uint32_t skip;               /* looks still to skip */
+    uint32_t miss_run;           /* misses in a row */
+};
+
+static int backoff_skip(struct backoff *b)
+{
+    if (!b->skip)
+        return 0;
+    b->skip--;
+    return 1;
+}
+
+static void backoff_hit(struct backoff *b) { b->miss_run = 0; }
+
+static void backoff_miss(struct backoff *b)
+{
+    if (b->miss_run < BACKOFF_MAX)
+        b->miss_run++;
+    b->skip = (1u << (b->miss_run - 1)) - 1;
+}
 
 struct vfsdrv_pump {
     struct vfsdrv_pump_config cfg;
@@ -68,8 +96,8 @@ struct vfsdrv_pump {
     int epfd, ctl_fd;
     int fuse_polled;
     int conn_gone;
-    uint32_t poll_skip;          /* windows still to skip (sleep at once) after misses */
-    uint32_t poll_miss_run;      /* misses in a row */
+    struct backoff poll;         /* the poll window (skipped: sleep at once) */
+    struct backoff more;         /* reading on after the idle read woke the pump */
     int poll_peek;               /* the last spin found a completion: look at /dev/fuse first */
     /* shared with the control thread */
     pthread_mutex_t lock;
@@ -630,6 +658,37 @@ static int read_one(struct vfsdrv_pump *p, int fd)
     }
 }
 
+/* Read what the kernel has on the O_NONBLOCK descriptor, up to READ_BATCH requests
+ * and while there is a slot to land in: the number read, or -1 on a fatal error.
+ * One publish and kick then cover them all. */
+static int read_batch(struct vfsdrv_pump *p)
+{
+    int n = 0;
+    while (n < READ_BATCH && !p->conn_gone && !p->pend_count && ensure_landing(p)) {
+        int got = read_one(p, p->cfg.fuse_nb_fd);
+        if (got <= 0)
+            return got < 0 ? -1 : n;
+        n++;
+    }
+    return n;
+}
+
+/* The idle read() just returned a request. Others may already wait behind it (several
+ * requesters, a queue depth): read them too before the publish, or each would cost a
+ * kick and a round of its own. At queue depth 1 this look only finds EAGAIN, so it
+ * backs off after misses. -1 on a fatal error. */
+static int read_more(struct vfsdrv_pump *p)
+{
+    if (backoff_skip(&p->more))
+        return 0;
+    int n = read_batch(p);
+    if (n > 0)
+        backoff_hit(&p->more);
+    else if (n == 0)
+        backoff_miss(&p->more);
+    return n < 0 ? -1 : 0;
+}
+
 static void take_gives(struct vfsdrv_pump *p)
 {
     __atomic_store_n(&p->gives, 0, __ATOMIC_SEQ_CST);
@@ -680,18 +739,16 @@ static inline uint64_t now_ns(void)
  * window ran out, is being skipped, or the control plane wants the pump (a give
  * or stop also wrote the control eventfd, so the epoll_wait that follows returns
  * at once: teardown is never delayed by a window). A miss doubles the number of
- * windows skipped next (up to 2^POLL_BACKOFF_MAX - 1); a hit resets it. */
+ * windows skipped next (struct backoff); a hit resets it. */
 __attribute__((noinline)) static int poll_used(struct vfsdrv_pump *p)
 {
-    if (p->poll_skip) {
-        p->poll_skip--;
+    if (backoff_skip(&p->poll))
         return 0;
-    }
     uint64_t deadline = 0;
     for (uint32_t i = 0;; i++) {
         if (vfsdrv_vq_used_pending(p->vq)) {
             STAT(p, polls);
-            p->poll_miss_run = 0;
+            backoff_hit(&p->poll);
             return 1;
         }
         if (i % POLL_CLOCK_EVERY == 0) {
@@ -707,9 +764,7 @@ __attribute__((noinline)) static int poll_used(struct vfsdrv_pump *p)
         cpu_relax();
     }
     STAT(p, poll_misses);
-    if (p->poll_miss_run < POLL_BACKOFF_MAX)
-        p->poll_miss_run++;
-    p->poll_skip = (1u << (p->poll_miss_run - 1)) - 1;
+    backoff_miss(&p->poll);
     return 0;
 }
 
@@ -750,6 +805,8 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
             }
             int r = read_one(p, p->cfg.fuse_fd);
             __atomic_store_n(&p->in_block, 0, __ATOMIC_SEQ_CST);
+            if (r > 0)
+                r = read_more(p);
             if (r < 0) {
                 rc = VFSDRV_PUMP_FUSE_ERROR;
                 break;
@@ -796,19 +853,9 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
                 uint64_t v;
                 STAT(p, syscalls);
                 if (read(p->ctl_fd, &v, 8) < 0) { /* EAGAIN: already drained */ }
-            } else if (evs[k].data.u32 == TAG_FUSE) {
-                /* read the whole batch the kernel has; one publish and kick follow */
-                for (int r = 0; r < READ_BATCH && !p->conn_gone; r++) {
-                    if (p->pend_count || !ensure_landing(p))
-                        break;
-                    int got = read_one(p, p->cfg.fuse_nb_fd);
-                    if (got < 0) {
-                        rc = VFSDRV_PUMP_FUSE_ERROR;
-                        goto out;
-                    }
-                    if (got == 0)
-                        break;
-                }
+            } else if (evs[k].data.u32 == TAG_FUSE && read_batch(p) < 0) {
+                rc = VFSDRV_PUMP_FUSE_ERROR;
+                goto out;
             }
         }
     }
