@@ -49,12 +49,13 @@
 #define TAG_CTL 3
 #define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
 #define POLL_CLOCK_EVERY 16    /* spins between two looks at the clock */
-#define BACKOFF_MAX 6          /* after misses in a row, skip up to 2^6 - 1 looks */
+#define BACKOFF_MAX 6          /* after misses in a row, skip up to 2^5 - 1 looks */
 
 /* A look that may find nothing -- a spin on the used ring, a read of /dev/fuse that
- * may end in EAGAIN -- costs the pump each time it misses. After misses in a row it
- * is skipped for 1, 3, 7, ... 2^BACKOFF_MAX - 1 rounds, so a workload where it never
- * pays stops paying for it; a hit resets it. */
+ * may end in EAGAIN -- costs the pump each time it misses. After the 2nd, 3rd, ...
+ * miss in a row it is skipped for 1, 3, 7, ... up to 2^(BACKOFF_MAX-1) - 1 rounds, so
+ * a workload where it never pays pays for it about once in 32 rounds; a hit resets
+ * it. */
 struct backoff {
     uint32_t skip;               /* looks still to skip */
     uint32_t miss_run;           /* misses in a row */
