@@ -127,12 +127,12 @@ class MountOptions:
                         mo.invalid.append(f"{opt!r}: {key} is a whole number from 0 to {top} "
                                           f"({what})")
                 elif key == "request_timeout":
-                    if REQUEST_TIMEOUT_RE.fullmatch(value) and (float(value) == 0
-                                                                 or float(value) >= 1):
+                    if REQUEST_TIMEOUT_RE.fullmatch(value) and (
+                            float(value) == 0 or 1 <= float(value) <= 0xFFFFFFFF):
                         mo.request_timeout = float(value)
                     else:
-                        mo.invalid.append(f"{opt!r}: request_timeout is a number of seconds, "
-                                          "0 (off) or at least 1")
+                        mo.invalid.append(f"{opt!r}: request_timeout is seconds in decimal "
+                                          "digits (30, 2.5): 0 (off) or from 1 to 4294967295")
                 else:
                     mo.unknown.append(opt)
         return mo

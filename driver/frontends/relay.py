@@ -92,6 +92,7 @@ from .fuse_dev import (
     set_readahead,
     umount_busy_lazy,
 )
+from .progress import ProgressClock
 from .pump import Pump
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,7 @@ class Relay:
         self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
         self.request_timeout = self.options.request_timeout  # seconds; 0: off
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
-        #: request queue -> (completions, in flight, since when neither moved)
-        self._progress: dict[int, tuple[int, int, float]] = {}
+        self._progress = ProgressClock()
         self._next_progress = 0.0
         self.destroyed = False
         self.stop_at: float | None = None
@@ -382,18 +382,14 @@ class Relay:
                 continue
             st = pump.stats()
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
-            last = self._progress.get(pump.vq.index)
-            if (in_flight == 0 or last is None or done != last[0] or in_flight < last[1]):
-                self._progress[pump.vq.index] = (done, in_flight, now)
-                continue
-            self._progress[pump.vq.index] = (done, in_flight, last[2])
-            if now - last[2] >= self.request_timeout:
+            stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
+            if stalled >= self.request_timeout:
                 self.stats["unresponsive"] += 1
                 self.unresponsive = True
                 self._device_failed(
                     f"the device is unresponsive: request queue {pump.vq.index} has "
                     f"{in_flight} request(s) in flight and nothing completed for "
-                    f"{now - last[2]:.1f} s (-o request_timeout={self.request_timeout:g})")
+                    f"{stalled:.1f} s (-o request_timeout={self.request_timeout:g})")
                 return
 
     def _device_failed(self, why: str) -> None:
