@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._native import lib
+from ..cliargs import seconds
 from ..errors import VfsdrvError
 from ..fs import abi
 from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("null", *BACKENDS), default="null",
                    help="the device to measure against (default: null, the C null device)")
-    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
+    p.add_argument("--seconds", type=seconds, default=2.0, help="time per measurement (default 2)")
     p.add_argument("--quick", action="store_true", help="0.5 s per measurement")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
                    help="requests in flight, comma-separated (default 1,4,16; at most 16)")

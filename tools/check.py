@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cliargs import seconds
 from ..conformance import CheckOptions, Report, run_checks
 from ..conformance.runner import check_pci_function
 from ..errors import VfsdrvError
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "--vhost-user: the tag to assume when the backend has no config space")
     p.add_argument("--request-queues", type=int, default=1, metavar="N",
                    help="with --vhost-user and no config space: request queues (default 1)")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=seconds, default=5.0, metavar="S",
                    help="seconds to wait for each answer and each reset (default 5)")
     p.add_argument("--no-notification", action="store_true",
                    help="do not negotiate VIRTIO_FS_F_NOTIFICATION even when offered")

@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..cliargs import notify_code, seconds
 from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
@@ -141,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DMA buffers for small requests (bounds requests in flight; default 64)")
     p.add_argument("--large-slots", type=int, default=16, metavar="N",
                    help="DMA buffers of 1 MiB + 12 KiB for big reads/writes (default 16)")
-    p.add_argument("--notify-lock-code", type=int, default=DEFAULT_NOTIFY_LOCK_CODE,
+    p.add_argument("--notify-lock-code", type=notify_code, default=DEFAULT_NOTIFY_LOCK_CODE,
                    metavar="N", help="notify code of FUSE_NOTIFY_LOCK (default %(default)s, "
                    "the virtio-fs proposal; mainline FUSE's RESEND shares 7 and is told "
                    "apart by length)")
@@ -150,7 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", metavar="FILE",
                    help="append the server's messages to FILE (also with -f and -d; without "
                    "it a background server logs to syslog/the journal)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="how long the device may take to answer each setup message (default: "
                    "the transport's, 10 s for vhost-user); the mount fails naming the device")
     p.add_argument("--force-4k-noiommu", action="store_true",
@@ -191,8 +192,6 @@ def run_mount(args: argparse.Namespace) -> int:
         log_file=args.log, timeout=args.timeout, iommu=args.iommu, ring=args.ring,
         force_4k_noiommu=args.force_4k_noiommu,
     )
-    if req.timeout is not None and req.timeout <= 0:
-        raise MountError("--timeout must be positive")
     return mount(req)
 
 

@@ -81,6 +81,7 @@ from ..errors import DeviceGoneError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, InitFlag, Opcode
 from ..fs.device import Completion, VirtioFs
+from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
 from .fuse_dev import (
     MountOptions,
@@ -135,6 +136,10 @@ STOP_GRACE = 3.0
 CONTROL_SLOTS = 8
 #: -o request_timeout: how often the control thread looks at the pumps' progress
 PROGRESS_EVERY = 1.0
+#: how long a device has to answer the INTERRUPT of a parked SETLKW before the relay
+#: answers EINTR itself: the kernel waits for that reply uninterruptibly (not even
+#: SIGKILL ends the program), so an untrusted device must not be able to withhold it
+INTERRUPT_GRACE = 5.0
 
 
 def serve(
@@ -178,6 +183,9 @@ class Relay:
         self.request_timeout = self.options.request_timeout  # seconds; 0: off
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
         self._progress = ProgressClock()
+        self._dropped_codes: set[int] = set()  # notification codes warned about
+        #: SETLKWs whose INTERRUPT went to the device -> when to answer EINTR instead
+        self._interrupted: dict[int, float] = {}
         self._next_progress = 0.0
         self.destroyed = False
         self.stop_at: float | None = None
@@ -340,6 +348,8 @@ class Relay:
                 fs.process()  # also retries hiprio requests that found no room
                 if self.request_timeout and self.pumps:
                     self._check_progress()
+                if self._interrupted:
+                    self._expire_interrupts()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
                     log.warning("%s still busy after %.0f s: aborting the connection",
                                 self.mountpoint, STOP_GRACE)
@@ -357,7 +367,24 @@ class Relay:
         if self.request_timeout and self.pumps:
             left = max(0.0, self._next_progress - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
+        if self._interrupted:
+            left = max(0.0, min(self._interrupted.values()) - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
         return timeout
+
+    def _expire_interrupts(self) -> None:
+        """Parked SETLKWs whose INTERRUPT the device left unanswered for
+        INTERRUPT_GRACE seconds get EINTR from the relay."""
+        now = time.monotonic()
+        for unique, deadline in list(self._interrupted.items()):
+            if now < deadline:
+                continue
+            del self._interrupted[unique]
+            if self.fs.abandon_lock(unique, -errno.EINTR):
+                log.warning("the device did not answer the INTERRUPT of SETLKW %d within "
+                            "%.0f s: answered EINTR", unique, INTERRUPT_GRACE)
+            elif self._pending_setlkw(unique):
+                self._interrupted[unique] = now + INTERRUPT_GRACE  # not parked yet
 
     def _io_timeout(self) -> float | None:
         if self.stop_at is not None:
@@ -576,6 +603,7 @@ class Relay:
             target = INTERRUPT_IN.unpack_from(data, IN_HEADER_SIZE)[0] if len(data) >= 48 else 0
             if self.fs.is_lock_waiter(target) or self._pending_setlkw(target):
                 self._to_hiprio(data)
+                self._interrupted.setdefault(target, time.monotonic() + INTERRUPT_GRACE)
             else:
                 self.stats["interrupts_ignored"] += 1
                 if self.debug:
@@ -640,7 +668,18 @@ class Relay:
 
     def _on_notify(self, code: int, message: memoryview) -> None:
         if code not in KERNEL_NOTIFY_CODES:
-            log.debug("device notification code %d not forwarded", code)
+            self.stats["notify_dropped"] += 1
+            if len(self._dropped_codes) < 16 and code not in self._dropped_codes:
+                self._dropped_codes.add(code)
+                hint = ""
+                if (code == abi.NotifyCode.RESEND_OR_LOCK
+                        and len(message) == OUT_HEADER_SIZE + LOCK_NOTIFY.size):
+                    hint = (f"; it has the shape of FUSE_NOTIFY_LOCK, which this mount "
+                            f"expects as code {self.fs.notify_lock_code} (--notify-lock-code):"
+                            " blocked lock waiters are not woken")
+                log.warning("device notification code %d (%d bytes) not forwarded: the "
+                            "kernel has no such notification%s (logged once)", code,
+                            len(message), hint)
             return
         data = bytearray(message)
         OUT_HEADER.pack_into(data, 0, len(data), code, 0)

@@ -599,6 +599,10 @@ class VirtioFs:
     def is_lock_waiter(self, unique: int) -> bool:
         return unique in self.locks
 
+    def abandon_lock(self, unique: int, error: int) -> bool:
+        """Answer a parked SETLKW with `error` now, without the device."""
+        return self.locks.abandon(unique, error)
+
     @property
     def lock_waiters(self) -> int:
         return len(self.locks)

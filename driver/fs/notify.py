@@ -33,6 +33,8 @@ LOCK_NOTIFY = struct.Struct("<Qii")
 #: notify codes counted one by one in the statistics (others share one counter,
 #: so a device cannot grow the table without bound)
 COUNTED_NOTIFY_CODES = frozenset(range(1, 10))
+#: given-up lock waits remembered, so that a late FUSE_NOTIFY_LOCK for one is no error
+ABANDONED_KEPT = 1024
 
 #: (code, whole message including the header) -> None
 OnNotify = Callable[[int, memoryview], None]
@@ -51,6 +53,8 @@ class LockWaits:
         self.stats = stats
         self._waiters: dict[int, _Waiter] = {}
         self._early: dict[int, int] = {}  # unique -> error: notification before the reply
+        #: waiters answered without the device (abandon()), newest last, bounded
+        self._abandoned: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def park(self, unique: int, opcode: int, on_done: OnDone | None) -> None:
         """`on_done` gets the final reply when its FUSE_NOTIFY_LOCK arrives (or at
@@ -74,6 +78,14 @@ class LockWaits:
             error = -errno.EIO
         self.stats["lock_notifications"] += 1
         waiter = self._waiters.pop(unique, None)
+        if waiter is None and unique in self._abandoned:
+            del self._abandoned[unique]
+            self.stats["lock_notify_after_abandon"] += 1
+            if error == 0:
+                log.warning("the device granted the lock of SETLKW %d after it was given up "
+                            "(its INTERRUPT went unanswered): the owner holds it on the "
+                            "device until it unlocks or closes the file", unique)
+            return
         if waiter is None and still_coming(unique):
             # still_coming may have parked it meanwhile (the relay takes in the pumps'
             # events first); if not, its "wait" reply is still on the way
@@ -85,6 +97,20 @@ class LockWaits:
             raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
         if waiter.on_done is not None:
             waiter.on_done(synthetic(unique, waiter.opcode, error))
+
+    def abandon(self, unique: int, error: int) -> bool:
+        """Answer a parked SETLKW with `error` without the device (which did not answer
+        its INTERRUPT); a FUSE_NOTIFY_LOCK for it later is dropped. False: not parked."""
+        waiter = self._waiters.pop(unique, None)
+        if waiter is None:
+            return False
+        self.stats["lock_waits_abandoned"] += 1
+        self._abandoned[unique] = None
+        while len(self._abandoned) > ABANDONED_KEPT:
+            self._abandoned.popitem(last=False)
+        if waiter.on_done is not None:
+            waiter.on_done(synthetic(unique, waiter.opcode, error))
+        return True
 
     def __contains__(self, unique: int) -> bool:
         return unique in self._waiters

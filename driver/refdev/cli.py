@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ..cliargs import notify_code
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from .device import RefDevice, SocketError
 
@@ -26,7 +27,7 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-locks", type=int, default=64, metavar="N")
     p.add_argument(
         "--notify-lock-code",
-        type=int,
+        type=notify_code,
         default=DEFAULT_NOTIFY_LOCK_CODE,
         metavar="N",
         help="notify code of FUSE_NOTIFY_LOCK (default %(default)s, the 2021 proposal)",

@@ -235,6 +235,52 @@ def test_a_blocking_lock_waiting_longer_than_the_timeout_does_not_trip_it(
         assert is_mounted(mnt)
 
 
+def test_a_lock_wait_whose_interrupt_the_device_leaves_unanswered_ends(tmp_path: Path) -> None:
+    """The kernel waits for the reply to an interrupted SETLKW uninterruptibly, so not
+    even SIGKILL ends a program whose lock wait the device never answers. Here the
+    mount takes lock notifications as code 8 while the reference device sends 7: the
+    device's answer to the INTERRUPT never counts. The relay answers EINTR itself
+    after INTERRUPT_GRACE, the killed program goes, and the log says why."""
+    from vfsdrv.frontends.relay import INTERRUPT_GRACE
+
+    with inprocess_refdev_mount(tmp_path, "--notify-lock-code", "8") as (mnt, log, _):
+        path = mnt / "f"
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        waiter = None
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+            waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)],
+                                      stdout=subprocess.PIPE, text=True)
+            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+            deadline = time.monotonic() + 15
+            while status_of(mnt)["lock_waiters"] != 1:
+                assert time.monotonic() < deadline, "the SETLKW was never parked"
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            waiter.kill()
+            try:
+                waiter.wait(INTERRUPT_GRACE + 15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("SIGKILL did not end the lock waiter: its SETLKW is unanswered")
+            assert time.monotonic() - t0 >= INTERRUPT_GRACE - 0.5
+        finally:
+            # a waiter still stuck in the kernel goes when the mount's teardown aborts
+            # the connection: no unbounded wait here
+            for p in (holder, waiter):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    try:
+                        p.wait(5)
+                    except subprocess.TimeoutExpired:
+                        pass
+        text = _wait_for(r"did not answer the INTERRUPT of SETLKW \d+ within \d+ s: "
+                         r"answered EINTR", log, 10)
+        assert "it has the shape of FUSE_NOTIFY_LOCK, which this mount expects as code 8" in text
+        assert (mnt / "f").read_text() == "x"  # the mount still answers
+        assert status_of(mnt)["lock_waiters"] == 0
+
+
 @pytest.mark.parametrize("value", ["-1", "abc", "0.5", "", "1e3", "nan", "inf", "2s", ".5",
                                    "4294967296", "99999999999999999999"])
 def test_bad_request_timeout_is_refused_and_nothing_is_mounted(tmp_path: Path,

@@ -1,0 +1,35 @@
+"""argparse types shared by the command lines (vfsdrv's and the reference device's):
+a bad value is a usage error naming the option, never a traceback later."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+#: what a timeout or a duration may be: FUSE's and the kernel's 32-bit seconds
+MAX_SECONDS = 0xFFFFFFFF
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (2, 0.5, 1e3)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seconds must be more than 0 and at most {MAX_SECONDS}")
+    return value
+
+
+def notify_code(text: str) -> int:
+    """A FUSE notification code: fuse_out_header.error of a notification, a positive
+    32-bit signed integer."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a notification code: {text!r}") from None
+    if not 1 <= value <= 0x7FFFFFFF:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a notification code is from 1 to {0x7FFFFFFF}")
+    return value
