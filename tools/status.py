@@ -6,9 +6,12 @@ client connects and reads one JSON object: mountpoint, source, pid, frontend and
 whatever figures the server's figure function returns (device, transport,
 negotiated features, queues with requests served and in flight, errors,
 notifications, lock waiters, uptime). A socket whose server is gone is removed.
+A vfsdrv mount in the mount table whose server is gone (killed) is listed too, as
+unserved: it answers ENOTCONN until it is unmounted.
 
-    vfsdrv status            one block per mount
-    vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...]}
+    vfsdrv status            one block per mount, then a line per unserved mount
+    vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...],
+                              "unserved": [{"mountpoint": ..., "source": ...}, ...]}
 """
 
 from __future__ import annotations
@@ -168,6 +171,20 @@ def collect() -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: str(m.get("mountpoint", "")))
 
 
+def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """vfsdrv mounts in the mount table that no running server answers for (its
+    server died or was killed): they answer ENOTCONN until they are unmounted."""
+    from ..frontends.fuse_dev import FS_SUBTYPE, mount_table
+
+    served = {str(m.get("mountpoint")) for m in live}
+    try:
+        table = mount_table()
+    except OSError:
+        return []
+    return [{"mountpoint": mp, "source": source} for mp, fstype, source in table
+            if fstype == f"fuse.{FS_SUBTYPE}" and mp not in served]
+
+
 def format_mount(m: dict[str, Any]) -> str:
     lines = [f"{m.get('mountpoint', '?')}: {m.get('source', '?')} (pid {m.get('pid', '?')})"]
     if "error" in m:
@@ -203,10 +220,15 @@ def run(args: argparse.Namespace) -> int:
 
         raise VfsdrvError("status needs root (the control sockets are root's)")
     mounts = collect()
+    orphans = unserved(mounts)
     if args.json:
-        print(json.dumps({"mounts": mounts}, indent=2))
-    elif not mounts:
+        print(json.dumps({"mounts": mounts, "unserved": orphans}, indent=2))
+        return 0
+    if not mounts and not orphans:
         print("no vfsdrv mounts are running")
-    else:
+    if mounts:
         print("\n".join(format_mount(m) for m in mounts))
+    for m in orphans:
+        print(f"{m['mountpoint']}: {m['source']} (no server: it answers ENOTCONN until "
+              f"unmounted; vfsdrv umount {m['mountpoint']})")
     return 0

@@ -122,11 +122,31 @@ def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
     s.close()
-    assert status_json(env) == {"mounts": []}
+    st = status_json(env)
+    assert st["mounts"] == [] and isinstance(st["unserved"], list)
     assert not stale.exists()
     r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, env=env,
                        timeout=30)
     assert r.returncode == 0 and "no vfsdrv mounts are running" in r.stdout
+
+
+def test_status_lists_a_mount_whose_server_was_killed(tmp_path: Path) -> None:
+    """kill -9 of the server leaves its mount (answering ENOTCONN): status names it
+    as unserved, with how to remove it, until `vfsdrv umount` does."""
+    with serving(tmp_path, "relay") as m:
+        assert m.proc is not None
+        m.proc.kill()
+        m.proc.wait(15)
+        assert is_mounted(m.mnt)
+        st = status_json(dict(os.environ))
+        assert str(m.mnt) not in [x["mountpoint"] for x in st["mounts"]]
+        assert str(m.mnt) in [x["mountpoint"] for x in st["unserved"]]
+        r = vfsdrv("status")
+        assert r.returncode == 0, r.stderr
+        assert f"{m.mnt}: " in r.stdout and "(no server: it answers ENOTCONN" in r.stdout
+        assert vfsdrv("umount", m.mnt).returncode == 0
+        assert not is_mounted(m.mnt)
+        assert str(m.mnt) not in vfsdrv("status").stdout
 
 
 # -- readiness (systemd Type=notify) ---------------------------------------------------------
