@@ -421,7 +421,7 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
             runner.run()
         else:
             get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
-                                       debug=req.debug, ready=on_ready)
+                                       debug=req.debug, ready=on_ready, source=req.spec())
     finally:
         if server is not None:  # it was mounted and served
             sd_notify("STOPPING=1")

@@ -37,6 +37,7 @@ class ServeFunction(Protocol):
         options: list[str],
         debug: bool = False,
         ready: Callable[[], None] | None = None,
+        source: str | None = None,  # what the mount table shows (default: the tag)
     ) -> None: ...
 
 

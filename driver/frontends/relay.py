@@ -149,9 +149,10 @@ def serve(
     options: list[str],
     debug: bool = False,
     ready: Callable[[], None] | None = None,
+    source: str | None = None,
 ) -> None:
     """Mount `fs` on `mountpoint` through /dev/fuse and relay until unmounted."""
-    Relay(fs, mountpoint, options=options, debug=debug, ready=ready).run()
+    Relay(fs, mountpoint, options=options, debug=debug, ready=ready, source=source).run()
 
 
 class Relay:
