@@ -10,6 +10,7 @@ can make it hold requests or answer them late. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,29 @@ t0 = time.monotonic()
 fcntl.lockf(f, fcntl.LOCK_EX)
 print("granted %.2f" % (time.monotonic() - t0), flush=True)
 """
+
+
+@contextmanager
+def lock_held_and_awaited(path: Path) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
+    """(holder, waiter): the holder has the lock on `path` (it lets go at a line on
+    its stdin), the waiter has asked for it. Both end with the block; a waiter still
+    stuck in the kernel goes when the mount's teardown aborts the connection, so no
+    wait here is unbounded."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    waiter = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+        yield holder, waiter
+    finally:
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
 
 
 class DeviceControl:
@@ -205,15 +230,7 @@ def test_a_blocking_lock_waiting_longer_than_the_timeout_does_not_trip_it(
     """A SETLKW that the device answers "wait" (notification queue) and grants after
     more than the timeout: parked off the ring, it is not an unanswered request."""
     with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}") as (mnt, log, _):
-        path = mnt / "f"
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        waiter = None
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-            waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)],
-                                      stdout=subprocess.PIPE, text=True)
-            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+        with lock_held_and_awaited(mnt / "f") as (holder, waiter):
             time.sleep(TIMEOUT + 2.5)  # more than the timeout and two samples
             assert waiter.poll() is None, "the lock was granted while held"
             assert (mnt / "f").read_text() == "x"  # the mount still answers
@@ -226,11 +243,6 @@ def test_a_blocking_lock_waiting_longer_than_the_timeout_does_not_trip_it(
             out, _ = waiter.communicate(timeout=15)
             assert waiter.returncode == 0 and out.startswith("granted"), out
             assert float(out.split()[1]) >= TIMEOUT + 2, out
-        finally:
-            for p in (holder, waiter):
-                if p is not None and p.poll() is None:
-                    p.kill()
-                    p.wait()
         assert "unresponsive" not in log.read_text()
         assert is_mounted(mnt)
 
@@ -244,15 +256,7 @@ def test_a_lock_wait_whose_interrupt_the_device_leaves_unanswered_ends(tmp_path:
     from vfsdrv.frontends.relay import INTERRUPT_GRACE
 
     with inprocess_refdev_mount(tmp_path, "--notify-lock-code", "8") as (mnt, log, _):
-        path = mnt / "f"
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        waiter = None
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-            waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(path)],
-                                      stdout=subprocess.PIPE, text=True)
-            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+        with lock_held_and_awaited(mnt / "f") as (_holder, waiter):
             deadline = time.monotonic() + 15
             while status_of(mnt)["lock_waiters"] != 1:
                 assert time.monotonic() < deadline, "the SETLKW was never parked"
@@ -264,16 +268,6 @@ def test_a_lock_wait_whose_interrupt_the_device_leaves_unanswered_ends(tmp_path:
             except subprocess.TimeoutExpired:
                 pytest.fail("SIGKILL did not end the lock waiter: its SETLKW is unanswered")
             assert time.monotonic() - t0 >= INTERRUPT_GRACE - 0.5
-        finally:
-            # a waiter still stuck in the kernel goes when the mount's teardown aborts
-            # the connection: no unbounded wait here
-            for p in (holder, waiter):
-                if p is not None and p.poll() is None:
-                    p.kill()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        pass
         text = _wait_for(r"did not answer the INTERRUPT of SETLKW \d+ within \d+ s: "
                          r"answered EINTR", log, 10)
         assert "it has the shape of FUSE_NOTIFY_LOCK, which this mount expects as code 8" in text
