@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
-#: what a timeout or a duration may be: FUSE's and the kernel's 32-bit seconds
-MAX_SECONDS = 0xFFFFFFFF
+#: the longest timeout or duration taken: 11 days is forever here, and four times it
+#: still fits the clocks select() and friends take (a 32-bit second count does not)
+MAX_SECONDS = 1_000_000
 
 
 def seconds(text: str) -> float:
@@ -20,6 +22,20 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{text!r}: seconds must be more than 0 and at most {MAX_SECONDS}")
     return value
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: from {lo} to {hi}")
+        return value
+    parse.__name__ = f"int from {lo} to {hi}"
+    return parse
 
 
 def notify_code(text: str) -> int:

@@ -83,3 +83,32 @@ def test_ctrl_c_during_demo_leaves_no_temporary_directory(tmp_path) -> None:
         time.sleep(0.05)
     assert list(tmp_path.glob("vfsdrv-demo-*")) == []
     assert set(mount_points()) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "--vhost-user", "/nonexistent.sock", "--request-queues", "99999999999999999999"],
+    ["check", "--vhost-user", "/nonexistent.sock", "--timeout", "inf"],
+    ["mount", "--vhost-user", "/nonexistent.sock", "--request-queues", "0", "/nonexistent"],
+    ["mount", "--vhost-user", "/nonexistent.sock", "--timeout", "4294967295", "/nonexistent"],
+    ["mount", "--vhost-user", "/nonexistent.sock", "--timeout", "nan", "/nonexistent"],
+    ["mount", "--vhost-user", "/nonexistent.sock", "--notify-lock-code", "0", "/nonexistent"],
+    ["audit", "--request-queues", "65"],
+    ["refdev", "--socket", "/nonexistent/s", "--source", "/", "--notify-buf-size", "4294967296"],
+    ["refdev", "--socket", "/nonexistent/s", "--source", "/", "--request-queues", "-1"],
+    ["bench", "--seconds", "0"],
+])
+def test_numbers_out_of_range_are_usage_errors(argv: list[str]) -> None:
+    """Refused by the argument parser with the option named: no traceback, nothing run."""
+    r = subprocess.run([*VFSDRV, *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    option = argv[-2] if argv[0] != "mount" else argv[-3]
+    assert f"error: argument {option}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_check_junit_path_is_checked_before_the_device(tmp_path) -> None:
+    for path in (tmp_path / "missing" / "j.xml", tmp_path):
+        r = subprocess.run([*VFSDRV, "check", "--vhost-user", str(tmp_path / "none.sock"),
+                            "--junit", str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "not a file in an existing directory" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -26,3 +26,13 @@ def test_notify_code_is_a_positive_i32() -> None:
     for bad in ("0", "-5", "2147483648", "99999999999", "7.0", "x", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             notify_code(bad)
+
+
+def test_int_range() -> None:
+    from vfsdrv.cliargs import int_range
+
+    queues = int_range(1, 64)
+    assert queues("1") == 1 and queues("64") == 64
+    for bad in ("0", "65", "-1", "99999999999999999999", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            queues(bad)

@@ -29,11 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cliargs import int_range
 from ..errors import FeatureNegotiationError
 from ..fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
 from ..fs.device import VirtioFs
 from ..refdev import RefDevice
 from ..refdev.audit import PROBE_REFUSE_FEATURES_OK, PROBE_UNKNOWN_FEATURE, AuditReport
+from ..refdev.vhost_session import MAX_REQUEST_QUEUES
 from ..virtio.transport import Transport
 from ..virtio.vhost_user import VhostUserTransport
 
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "coverage: {covered, not_observable, not_exercised, checklist_size}, "
                    "violated, warnings, summary, statements: [{id, checklist, section, level, "
                    "statement, result, observed, held, violated}], workload}")
-    p.add_argument("--request-queues", type=int, default=1, metavar="N",
+    p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
+                   metavar="N",
                    help="request queues the device offers (default 1)")
     p.set_defaults(func=run_audit)
 

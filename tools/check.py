@@ -24,12 +24,14 @@ backend without config space (virtiofsd); those config checks are then skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ..cliargs import seconds
+from ..cliargs import int_range, seconds
 from ..conformance import CheckOptions, Report, run_checks
 from ..conformance.runner import check_pci_function
 from ..errors import VfsdrvError
+from ..fs.config import MAX_REQUEST_QUEUES
 
 DEFAULT_TAG = "vfsdrv"
 
@@ -44,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function (VFIO)")
     src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
                      "--vhost-user: the tag to assume when the backend has no config space")
-    p.add_argument("--request-queues", type=int, default=1, metavar="N",
+    p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
+                   metavar="N",
                    help="with --vhost-user and no config space: request queues (default 1)")
     p.add_argument("--timeout", type=seconds, default=5.0, metavar="S",
                    help="seconds to wait for each answer and each reset (default 5)")
@@ -74,8 +77,9 @@ def run_check(args: argparse.Namespace) -> int:
         raise CheckUsageError("give one of --vhost-user SOCKET, --device BDF or --tag TAG")
     if not (args.vhost_user or args.device or args.tag):
         raise CheckUsageError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
-    if args.request_queues < 1:
-        raise CheckUsageError("--request-queues must be at least 1")
+    if args.junit and (os.path.isdir(args.junit)
+                       or not os.path.isdir(os.path.dirname(os.path.abspath(args.junit)))):
+        raise CheckUsageError(f"--junit {args.junit}: not a file in an existing directory")
     opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification,
                         read_only=args.read_only, ring=args.ring)
     if args.vhost_user:
@@ -83,11 +87,15 @@ def run_check(args: argparse.Namespace) -> int:
                                   request_queues=args.request_queues)
     else:
         report = check_pci(args.device, args.tag, opts)
-    if args.junit:
-        with open(args.junit, "w", encoding="utf-8") as f:
-            f.write(report.junit())
     print(report.to_json() if args.json else report.table())
     sys.stdout.flush()
+    if args.junit:  # after the report: a path that cannot be written loses nothing
+        try:
+            with open(args.junit, "w", encoding="utf-8") as f:
+                f.write(report.junit())
+        except OSError as exc:
+            raise VfsdrvError(f"cannot write the JUnit report to {args.junit}: "
+                              f"{exc.strerror}") from None
     return 0 if report.ok else 1
 
 

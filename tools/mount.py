@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..cliargs import notify_code, seconds
+from ..cliargs import int_range, notify_code, seconds
 from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
@@ -47,7 +47,7 @@ from ..frontends.fuse_dev import (
     umount,
 )
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
-from ..fs.config import encode_config
+from ..fs.config import MAX_REQUEST_QUEUES, encode_config
 from ..fs.device import VirtioFs
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function, through VFIO")
     src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
                      "--vhost-user: the tag to use when the backend has no config space")
-    p.add_argument("--request-queues", type=int, default=None, metavar="N",
+    p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=None,
+                   metavar="N",
                    help="request queues to use: with --vhost-user and no config space the "
                    "backend's count (default 1); with config space at most N of the device's")
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -8,9 +8,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ..cliargs import notify_code
+from ..cliargs import int_range, notify_code
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from .device import RefDevice, SocketError
+from .vhost_session import LOCK_NOTIFY_LEN, MAX_REQUEST_QUEUES
 
 
 def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
@@ -22,8 +23,11 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
     p.add_argument("--socket", required=True, help="vhost-user unix socket to listen on")
     p.add_argument("--source", required=True, help="host directory to share")
     p.add_argument("--tag", default="refdev", help="file system tag (config space)")
-    p.add_argument("--request-queues", type=int, default=1, metavar="N")
-    p.add_argument("--notify-buf-size", type=int, default=64, metavar="N")
+    p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
+                   metavar="N")
+    # a u32 in the config space
+    p.add_argument("--notify-buf-size", type=int_range(LOCK_NOTIFY_LEN, 0xFFFFFFFF), default=64,
+                   metavar="N")
     p.add_argument("--max-waiting-locks", type=int, default=64, metavar="N")
     p.add_argument(
         "--notify-lock-code",

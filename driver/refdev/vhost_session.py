@@ -62,6 +62,8 @@ STATUS_DRIVER_OK = 4
 #: auditing mode: seconds between the checks for lost kicks
 AUDIT_TICK = 0.2
 LOCK_NOTIFY_LEN = abi.OUT_HEADER_SIZE + abi.sizeof("fuse_notify_lock_out")
+#: request queues the reference device offers at most
+MAX_REQUEST_QUEUES = 64
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,8 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if self.ring not in (None, *RING_LAYOUTS):
             raise ValueError(f"ring must be one of {', '.join(RING_LAYOUTS)}")
-        if not 1 <= self.request_queues <= 64:
-            raise ValueError("request_queues must be 1..64")  # "MUST set ... to 1 or greater"
+        if not 1 <= self.request_queues <= MAX_REQUEST_QUEUES:  # "MUST set ... to 1 or greater"
+            raise ValueError(f"request_queues must be 1..{MAX_REQUEST_QUEUES}")
         if len(self.tag.encode()) > 36 or not self.tag:
             raise ValueError("the tag must be 1..36 bytes of UTF-8")
         if self.notify_buf_size < LOCK_NOTIFY_LEN:
