@@ -18,6 +18,7 @@ nothing mounted.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import logging.handlers
@@ -536,11 +537,17 @@ def _daemonize(req: MountRequest) -> int:
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child serves
         os.close(r)
         code = 1
         try:
+            # a parent killed outright (SIGKILL) cannot stop us: until the mount is
+            # ready its death is our SIGTERM (which unwinds like Ctrl-C)
+            _parent_death_signal(signal.SIGTERM)
+            if os.getppid() != parent:
+                raise VfsdrvError("the vfsdrv mount command that started this was killed")
             os.setsid()
             code = _child(req, w, log_fd)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -559,6 +566,9 @@ def _daemonize(req: MountRequest) -> int:
     data = b""
     limit = ready_timeout(req)
     deadline = time.monotonic() + limit
+    # SIGTERM or SIGHUP (timeout(1), a closed terminal) ends the wait as Ctrl-C does:
+    # the server being set up is stopped with us, not left behind
+    old = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()
@@ -575,6 +585,8 @@ def _daemonize(req: MountRequest) -> int:
         raise
     finally:
         os.close(r)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     text = data.decode(errors="replace").strip()
     if text == "OK":
         return 0
@@ -618,6 +630,7 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
             _log_to_syslog()
         else:
             _log_info()
+        _parent_death_signal(0)  # the parent exits once it reads OK: we stay
         os.write(w, b"OK\n")
         os.close(w)
         readied = True
@@ -635,6 +648,13 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _parent_death_signal(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): `sig` when the parent dies (0: none)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, ctypes.c_ulong(sig), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _log_to_syslog() -> None:

@@ -255,6 +255,28 @@ def test_ctrl_c_while_mounting_leaves_no_child(tmp_path: Path) -> None:
     assert not is_mounted(mnt)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_mount_command_killed_while_mounting_leaves_no_child(tmp_path: Path, sig) -> None:
+    """timeout(1) sends SIGTERM; kill -9 leaves no chance to clean up: either way the
+    server being set up (waiting for a device with a long --timeout) goes too."""
+    sock, mnt = tmp_path / "silent.sock", tmp_path / "mnt"
+    mnt.mkdir()
+    with silent_backend(sock) as conns:
+        proc = subprocess.Popen([*VFSDRV, "mount", "--timeout", "600", "--vhost-user",
+                                 str(sock), str(mnt)], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not conns and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert conns, "the server never connected"
+        proc.send_signal(sig)
+        proc.wait(20)
+        deadline = time.monotonic() + 15
+        while processes_mentioning(str(mnt)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_mentioning(str(mnt)) == []
+    assert not is_mounted(mnt)
+
+
 # -- the background server's log ---------------------------------------------------------------
 def test_a_background_server_that_dies_leaves_a_trace(tmp_path: Path) -> None:
     if os.path.exists("/dev/log"):
