@@ -85,6 +85,44 @@ def test_ctrl_c_during_demo_leaves_no_temporary_directory(tmp_path) -> None:
     assert set(mount_points()) == before
 
 
+@pytest.mark.parametrize("delay", [0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+def test_ctrl_c_at_a_terminal_during_the_demo_leaves_nothing(tmp_path, delay: float) -> None:
+    """A terminal's Ctrl-C goes to the whole process group (the demo and whatever it
+    runs), here `delay` s after the demo's directory appears (the mount part is about
+    0.3-0.5 s in): the demo still unmounts, stops its backend and removes its
+    directory, without a traceback."""
+    import os
+    import signal
+    import time
+
+    before = set(mount_points())
+    proc = subprocess.Popen([*VFSDRV, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("vfsdrv-demo-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the demo made no directory"
+            time.sleep(0.001)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, 130), err  # 0: it had finished
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 10
+        while list(tmp_path.glob("vfsdrv-demo-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m for m in mount_points() if m not in before] == []
+        assert list(tmp_path.glob("vfsdrv-demo-*")) == []
+    finally:  # leave the machine clean for the next test, pass or fail
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for m in set(mount_points()) - before:
+            subprocess.run(["umount", "-l", m], check=False)
+
+
 @pytest.mark.parametrize("argv", [
     ["check", "--vhost-user", "/nonexistent.sock", "--request-queues", "99999999999999999999"],
     ["check", "--vhost-user", "/nonexistent.sock", "--timeout", "inf"],

@@ -124,7 +124,10 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
 
 
 def _run(step: _Printer, *cmd: str) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # each command in a session of its own: Ctrl-C reaches the demo alone, which then
+    # stops them and takes everything down in order (unmount, then the backend)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         start_new_session=True).stdout
     step("\n".join([f"$ {' '.join(cmd)}", *(f"          {line}" for line in out.splitlines())]))
     return out
 
@@ -134,9 +137,9 @@ def _mounted_part(step: _Printer, src: Path, work: Path, sock: Path) -> bool:
     mnt = work / "mnt"
     mnt.mkdir()
     vfsdrv = [sys.executable, "-m", "vfsdrv.tools.cli"]
-    subprocess.run([*vfsdrv, "mount", "--vhost-user", str(sock), "--tag", "demo", str(mnt)],
-                   check=True)
-    try:
+    try:  # the mount may be up even when this is interrupted: the finally unmounts
+        subprocess.run([*vfsdrv, "mount", "--vhost-user", str(sock), "--tag", "demo",
+                        str(mnt)], check=True, start_new_session=True)
         _run(step, "findmnt", "-n", "-o", "SOURCE,FSTYPE,TARGET", str(mnt))
         _run(step, "ls", "-l", str(mnt))
         _run(step, "cat", str(mnt / "hello.txt"))
@@ -149,7 +152,9 @@ def _mounted_part(step: _Printer, src: Path, work: Path, sock: Path) -> bool:
         step(f"checksums through the mount match the host's files: {same}")
         _run(step, "df", "-h", str(mnt))
     finally:
-        subprocess.run([*vfsdrv, "umount", str(mnt)], check=False)
+        if str(mnt) in Path("/proc/self/mounts").read_text():
+            subprocess.run([*vfsdrv, "umount", str(mnt)], check=False, timeout=60,
+                           start_new_session=True)
     mounted = str(mnt) in Path("/proc/self/mounts").read_text()
     step(f"unmounted: {not mounted}")
     return same and not mounted
