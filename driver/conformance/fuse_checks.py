@@ -22,6 +22,7 @@ from ..errors import VfsdrvError
 from ..fs import abi
 from ..fs.abi import InitFlag, Opcode
 from ..fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
+from . import interrupt
 from .model import FAIL, PASS, SKIP, Report
 
 if TYPE_CHECKING:
@@ -76,28 +77,31 @@ class Scratch:
         raise FileExistsError(errno.EEXIST, f"{self.name}: exists (an earlier check?)")
 
     def remove(self) -> None:
-        c = self.client
-        for d in self.dirs:
-            try:
-                sub = c.lookup(self.nodeid, d).nodeid
-                for e in c.readdir_all(sub):
-                    if e.name not in (b".", b".."):
-                        c.unlink(sub, e.name)
-                c.rmdir(self.nodeid, d)
-            except (VfsdrvError, OSError) as exc:
-                log.debug("removing %s: %s", d, exc)
         try:
-            for e in c.readdir_all(self.nodeid):
-                if e.name not in (b".", b".."):
-                    c.unlink(self.nodeid, e.name)
-            c.rmdir(ROOT_ID, self.name)
+            self._empty(self.nodeid, depth=2)
+            self.client.rmdir(ROOT_ID, self.name)
         except (VfsdrvError, OSError) as exc:
             log.warning("could not remove the scratch directory %r: %s", self.name, exc)
+
+    def _empty(self, nodeid: int, depth: int) -> None:
+        """Remove what directory `nodeid` holds, sub-directories `depth` deep (the
+        checks make them one deep; a check interrupted half-way leaves its own)."""
+        c = self.client
+        for e in c.readdir_all(nodeid):
+            if e.name in (b".", b".."):
+                continue
+            try:
+                c.unlink(nodeid, e.name)
+            except IsADirectoryError:
+                if depth:
+                    self._empty(c.lookup(nodeid, e.name).nodeid, depth - 1)
+                c.rmdir(nodeid, e.name)
 
 
 def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
               granted: int) -> tuple[bool, Any]:
     """Run one opcode; record fuse.opcodes[name]. Returns (answered without error, result)."""
+    interrupt.checkpoint()  # between two requests: a Ctrl-C stops here
     claim = CLAIMS[name]
     claimed = claim == 0 or (claim is not None and granted & claim)
     bad = fs.stats.get("bad_reply", 0)

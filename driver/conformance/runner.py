@@ -39,7 +39,7 @@ from ..virtio.constants import DEVICE_FEATURE_MASK, Feature, Status, feature_nam
 from ..virtio.device import VirtioDevice
 from ..virtio.ring_layout import MAX_QUEUE_SIZE
 from ..virtio.transport import Transport
-from . import fuse_checks, probes
+from . import fuse_checks, interrupt, probes
 from .model import FAIL, PASS, SKIP, Report
 
 log = logging.getLogger(__name__)
@@ -538,29 +538,34 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
     # hiprio takes FORGET ------------------------------------------------------------------
     _forget_check(fs, report, opt)
     fuse_checks.inflight_checks(fs, report, opt.timeout)
-    scratch = None
-    if not opt.read_only:
-        scratch = fuse_checks.Scratch(FuseClient(fs))
+    with interrupt.deferred():  # Ctrl-C from here on: between requests, then clean up
+        scratch = None
+        if not opt.read_only:
+            scratch = fuse_checks.Scratch(FuseClient(fs))
+            try:
+                scratch.create()
+            except (VfsdrvError, OSError, TimeoutError) as exc:
+                report.add("fuse.opcodes", FAIL, f"cannot create the scratch directory: {exc}",
+                           instance="MKDIR")
+                scratch = None
         try:
-            scratch.create()
-        except (VfsdrvError, OSError, TimeoutError) as exc:
-            report.add("fuse.opcodes", FAIL, f"cannot create the scratch directory: {exc}",
-                       instance="MKDIR")
-            scratch = None
-    try:
-        if scratch is not None:
-            fuse_checks.opcode_checks(fs, report, scratch)
-        else:
-            report.add("fuse.opcodes", SKIP, "--read-only (or no scratch directory): the "
-                       "opcodes that write were not sent")
-        fuse_checks.error_checks(fs, report, scratch)
-        fuse_checks.storm_check(fs, report, opt.timeout, scratch)
-        _notify_check(fs, report, use_notify)
-        _lock_check(fs, report, opt, use_notify)
-        fuse_checks.notify_load_check(fs, report, opt.timeout, scratch)
-    finally:
-        if scratch is not None:
-            scratch.remove()
+            if scratch is not None:
+                fuse_checks.opcode_checks(fs, report, scratch)
+            else:
+                report.add("fuse.opcodes", SKIP, "--read-only (or no scratch directory): the "
+                           "opcodes that write were not sent")
+            for step in (lambda: fuse_checks.error_checks(fs, report, scratch),
+                         lambda: fuse_checks.storm_check(fs, report, opt.timeout, scratch),
+                         lambda: _notify_check(fs, report, use_notify),
+                         lambda: _lock_check(fs, report, opt, use_notify),
+                         lambda: fuse_checks.notify_load_check(fs, report, opt.timeout,
+                                                               scratch)):
+                interrupt.checkpoint()
+                step()
+        finally:
+            if scratch is not None:
+                scratch.remove()
+        interrupt.checkpoint()
     return True
 
 
