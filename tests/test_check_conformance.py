@@ -679,31 +679,18 @@ def test_a_check_stopped_by_a_signal_removes_its_scratch_directory(
     """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM while the
     checks work in the scratch directory: the check stops between two requests,
     removes the directory and exits 130, at every moment tried."""
-    import os
     import signal
-    import subprocess
     import sys
+
+    from interrupting import signal_group_when
 
     with RefDevice(str(sock_dir / "r.sock"), str(export)):
         for delay in (0.0, 0.004, 0.008, 0.012, 0.02, 0.04):
-            proc = subprocess.Popen(
+            rc, err = signal_group_when(
                 [sys.executable, "-m", "vfsdrv.tools.cli", "check", "--vhost-user",
-                 str(sock_dir / "r.sock")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, start_new_session=True)
-            try:
-                deadline = time.monotonic() + 30
-                while not list(export.glob(".vfsdrv-check-*")) and proc.poll() is None:
-                    assert time.monotonic() < deadline, "no scratch directory"
-                    time.sleep(0.0005)
-                time.sleep(delay)
-                if proc.poll() is None:
-                    os.killpg(proc.pid, getattr(signal, sig))
-                _out, err = proc.communicate(timeout=60)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                 str(sock_dir / "r.sock")], lambda: bool(list(export.glob(".vfsdrv-check-*"))),
+                delay, getattr(signal, sig))
             # 0/1: it had finished; -15: SIGTERM after the scratch work (its default)
-            assert proc.returncode in (0, 1, 130, -signal.SIGTERM), err
+            assert rc in (0, 1, 130, -signal.SIGTERM), err
             assert "Traceback" not in err and "could not remove" not in err, err
             assert list(export.glob(".vfsdrv-check-*")) == [], (delay, err)
