@@ -232,6 +232,20 @@ def test_reference_device_without_notification(sock_dir: Path, export: Path) -> 
     assert report.coverage()["not_reached"] == {}
 
 
+def test_ring_packed_asked_of_a_device_without_packed_rings(sock_dir: Path,
+                                                             export: Path) -> None:
+    """--ring packed is the user's choice: against a device that offers only split
+    rings the live checks are skipped with the reason, and nothing fails."""
+    sock = sock_dir / "ref.sock"
+    with RefDevice(str(sock), str(export), ring="split"):
+        report = check_vhost_user(str(sock), CheckOptions(ring="packed"))
+    c = by_id(report)
+    assert report.ok, [x for x in c.values() if x["result"] == "fail"]
+    for cid in ("features.features_ok", "bringup", "fuse.init"):
+        assert c[cid]["result"] == "skip", c[cid]
+        assert "does not offer VIRTIO_F_RING_PACKED" in c[cid]["observed"], c[cid]
+
+
 # -- broken devices: the reference device with one defect, caught under the right id ---------
 
 

@@ -290,9 +290,14 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
             "fuse.init", "queues.request", "queues.inflight", "hiprio.forget", "hiprio.storm",
             "fuse.opcodes", "fuse.errors", "notify.queue", "notify.lock", "notify.load",
             "reset.live"]
-    if not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok:
+    # --ring packed against a device without packed rings: the user's choice, not a fault
+    no_packed = opt.ring == "packed" and not offered & Feature.RING_PACKED
+    if (not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok
+            or no_packed):
         why = ("not reached: " + ("VERSION_1 not offered" if not offered & Feature.VERSION_1
                else "the device did not reset" if not reset_ok
+               else "--ring packed, and the device does not offer VIRTIO_F_RING_PACKED"
+               if no_packed
                else "the spec's queue layout (request queues from 2)" if spec_layout
                else "no usable num_request_queues"))
         for cid in live:
