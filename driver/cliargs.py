@@ -34,18 +34,9 @@ def int_range(lo: int, hi: int) -> Callable[[str], int]:
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{text!r}: from {lo} to {hi}")
         return value
-    parse.__name__ = f"int from {lo} to {hi}"
     return parse
 
 
-def notify_code(text: str) -> int:
-    """A FUSE notification code: fuse_out_header.error of a notification, a positive
-    32-bit signed integer."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a notification code: {text!r}") from None
-    if not 1 <= value <= 0x7FFFFFFF:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a notification code is from 1 to {0x7FFFFFFF}")
-    return value
+#: a FUSE notification code: fuse_out_header.error of a notification, a positive
+#: 32-bit signed integer
+notify_code = int_range(1, 0x7FFFFFFF)
