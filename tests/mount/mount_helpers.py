@@ -19,7 +19,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,3 +163,22 @@ def refused_mount(base: Path, *mount_args: str) -> subprocess.CompletedProcess:
             return r
         finally:
             force_unmount(mnt)
+
+
+def in_threads(worker: Callable[[int], None], n: int, timeout: float) -> None:
+    """worker(0) .. worker(n - 1), each on a thread of its own, all at once; joined
+    (`timeout` s each at most), then the first errors any of them raised fail the test."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            worker(k)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors[:3]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from backends import DEVICES
-from mount_helpers import FRONTENDS, VFSDRV, Mounted, serving, stop_server
+from mount_helpers import FRONTENDS, VFSDRV, Mounted, in_threads, serving, stop_server
 from mounting import is_mounted
 
 HOLDER = r"""
@@ -145,9 +145,6 @@ def test_c_virtiofsd_with_a_thread_pool_survives_many_requests_at_once(tmp_path:
     ninth arena, unless it is started with a fixed arena limit, as vfsdrv's launcher
     does (vfsdrv.tools.backend.virtiofsd_env). Without it this load killed it within
     seconds here; through the mount that is ENOTCONN."""
-    import threading
-
-    errors: list[BaseException] = []
     # cache=none: virtiofsd answers FOPEN_DIRECT_IO, so each read and write is a request
     with serving(tmp_path, "relay", vfsd_args=("--thread-pool-size=16", "-o", "cache=none")) as m:
         deadline = time.monotonic() + 8
@@ -155,25 +152,17 @@ def test_c_virtiofsd_with_a_thread_pool_survives_many_requests_at_once(tmp_path:
         def worker(k: int) -> None:
             data = os.urandom(4096)
             path = m.mnt / f"w{k}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    n = 0
-                    while time.monotonic() < deadline:
-                        off = (n % 64) * 4096
-                        os.pwrite(fd, data, off)
-                        assert os.pread(fd, 4096, off) == data
-                        os.stat(path)
-                        n += 1
-                finally:
-                    os.close(fd)
-            except BaseException as exc:  # noqa: BLE001 (reported below)
-                errors.append(exc)
+                n = 0
+                while time.monotonic() < deadline:
+                    off = (n % 64) * 4096
+                    os.pwrite(fd, data, off)
+                    assert os.pread(fd, 4096, off) == data
+                    os.stat(path)
+                    n += 1
+            finally:
+                os.close(fd)
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors[:3]
+        in_threads(worker, 16, 60)
         assert sorted(p.name for p in m.mnt.iterdir()) == sorted(f"w{k}" for k in range(16))

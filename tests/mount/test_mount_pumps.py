@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
-from mount_helpers import VFSDRV, serving
+from mount_helpers import VFSDRV, in_threads, serving
 
 
 def status_of(mnt: Path) -> dict:
@@ -23,24 +22,14 @@ def status_of(mnt: Path) -> dict:
 
 def busy(mnt: Path, workers: int = 8, files: int = 40) -> None:
     """Metadata and small I/O from several threads at once."""
-    errors: list[BaseException] = []
-
     def work(k: int) -> None:
-        try:
-            for i in range(files):
-                p = mnt / f"w{k}-{i}"
-                p.write_bytes(os.urandom(512))
-                assert len(p.read_bytes()) == 512
-                os.stat(p)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for i in range(files):
+            p = mnt / f"w{k}-{i}"
+            p.write_bytes(os.urandom(512))
+            assert len(p.read_bytes()) == 512
+            os.stat(p)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[:3]
+    in_threads(work, workers, 120)
 
 
 @pytest.mark.parametrize("threads,pumps", [(None, 3), (2, 2), (1, 1)])

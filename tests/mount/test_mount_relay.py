@@ -15,13 +15,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from mount_helpers import FRONTENDS, Mounted, require, serving
+from mount_helpers import FRONTENDS, Mounted, in_threads, require, serving
 from vfsdrv.frontends.relay import (
     NEVER_OFFERED,
     RELAY_FLAGS,
@@ -333,34 +332,24 @@ def test_back_pressure_with_few_slots(tmp_path: Path, device_name: str) -> None:
                  debug=True, backend=device_name) as m:
         blob = os.urandom(8 * MiB)
         (m.export / "src").write_bytes(blob)
-        errors: list[BaseException] = []
-
         def worker(k: int) -> None:
+            fd = os.open(m.mnt / "src", os.O_RDONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, MiB)
             try:
-                fd = os.open(m.mnt / "src", os.O_RDONLY | os.O_DIRECT)
-                buf = mmap.mmap(-1, MiB)
-                try:
-                    for i in range(8):
-                        off = ((k + i) % 8) * MiB
-                        assert os.preadv(fd, [buf], off) == MiB
-                        assert buf[:] == blob[off:off + MiB]
-                finally:
-                    os.close(fd)
-                    buf.close()
-                data = blob[k * 256 * 1024:(k + 1) * 256 * 1024] * 2
-                (m.mnt / f"out{k}").write_bytes(data)
-                for j in range(20):
-                    (m.mnt / f"meta{k}-{j}").touch()
-                    os.stat(m.mnt / f"meta{k}-{j}")
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+                for i in range(8):
+                    off = ((k + i) % 8) * MiB
+                    assert os.preadv(fd, [buf], off) == MiB
+                    assert buf[:] == blob[off:off + MiB]
+            finally:
+                os.close(fd)
+                buf.close()
+            data = blob[k * 256 * 1024:(k + 1) * 256 * 1024] * 2
+            (m.mnt / f"out{k}").write_bytes(data)
+            for j in range(20):
+                (m.mnt / f"meta{k}-{j}").touch()
+                os.stat(m.mnt / f"meta{k}-{j}")
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors[:3]
+        in_threads(worker, 16, 120)
         for k in range(16):
             expect = blob[k * 256 * 1024:(k + 1) * 256 * 1024] * 2
             assert (m.export / f"out{k}").read_bytes() == expect
