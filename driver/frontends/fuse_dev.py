@@ -57,7 +57,8 @@ NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
 SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_readahead"})
 #: the relay's pump settings: name -> (largest value, what it is)
 PUMP_OPTIONS: dict[str, tuple[int, str]] = {
-    "poll_us": (1000, "microseconds each pump spins on its ring before sleeping; 0: never"),
+    "poll_us": (1000, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "
+                "before sleeping; 0: never"),
 }
 #: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")

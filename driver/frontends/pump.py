@@ -14,9 +14,11 @@ event names the descriptor. Given the device's hiprio sender (vfsdrv.fs.hiprio),
 the pump sends FORGET and BATCH_FORGET itself.
 
 `poll_us` (vfsdrv mount -o poll_us=N) opens a busy-poll window: with requests in
-flight the pump spins on the used ring up to that long before it sleeps, which
-saves a fast device's completions a sleep and wake-up each but burns CPU while it
-spins (the stats' polls and poll_misses count what the windows found).
+flight the pump spins on the used ring up to that long before it sleeps, and with
+none it reads /dev/fuse without blocking that long before it sleeps in read(),
+which saves a fast device's completions, and a program's next request, a sleep and
+wake-up each but burns CPU while it spins (the stats' polls, idle_polls and
+poll_misses count what the windows found).
 """
 
 from __future__ import annotations

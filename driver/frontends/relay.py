@@ -737,7 +737,8 @@ class Relay:
                            "bad_replies": st["bad_replies"], "kicks": st["kicks"],
                            "syscalls": st["syscalls"], "lock_waits": st["lock_waits"],
                            "to_control": st["to_control"], "queue_full": st["queue_full"],
-                           "polls": st["polls"], "poll_misses": st["poll_misses"]})
+                           "polls": st["polls"], "idle_polls": st["idle_polls"],
+                           "poll_misses": st["poll_misses"]})
         features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
                                                    30: "VHOST_USER_PROTOCOL_FEATURES"})
         dev_stats = dict(fs.stats)

@@ -17,6 +17,9 @@
  *     completion then costs no sleep and wake-up (a context switch each), at the
  *     price of the CPU burnt spinning. The window backs off after misses in a row
  *     (slow requests: create, fsync), so they do not burn it every time.
+ *   - nothing in flight with a poll window: before the blocking read, O_NONBLOCK
+ *     reads for up to the window, so that a program's next request right after its
+ *     reply costs no wake-up of the pump either (backed off the same way).
  * FORGET and BATCH_FORGET go straight to the hiprio sender (hiprio.c) when the pump
  * has one: copied out of the landing slot (which stays the landing slot), flushed
  * once per round with the request queue's own publish. When the sender is full
@@ -99,6 +102,7 @@ struct vfsdrv_pump {
     int conn_gone;
     struct backoff poll;         /* the poll window (skipped: sleep at once) */
     struct backoff more;         /* reading on after the idle read woke the pump */
+    struct backoff idle;         /* the idle poll window on /dev/fuse */
     int poll_peek;               /* the last spin found a completion: look at /dev/fuse first */
     /* shared with the control thread */
     pthread_mutex_t lock;
@@ -769,6 +773,36 @@ __attribute__((noinline)) static int poll_used(struct vfsdrv_pump *p)
     return 0;
 }
 
+/* Idle, with a poll window: look at /dev/fuse (O_NONBLOCK reads) for up to
+ * cfg.poll_ns before sleeping in the blocking read, so that the next request of a
+ * program that just got its reply costs no wake-up. 1: a request was read; 0: none
+ * (or a give/stop); -1: fatal. */
+__attribute__((noinline)) static int poll_fuse(struct vfsdrv_pump *p)
+{
+    if (backoff_skip(&p->idle))
+        return 0;
+    uint64_t deadline = now_ns() + p->cfg.poll_ns;
+    do {
+        if (__atomic_load_n(&p->gives, __ATOMIC_RELAXED) ||
+            __atomic_load_n(&p->stop, __ATOMIC_RELAXED))
+            return 0;
+        int r = read_one(p, p->cfg.fuse_nb_fd);
+        if (r != 0) {
+            if (r > 0) {
+                STAT(p, idle_polls);
+                backoff_hit(&p->idle);
+            }
+            return r;
+        }
+        if (p->conn_gone)
+            return 0;
+        cpu_relax();
+    } while (now_ns() < deadline);
+    STAT(p, poll_misses);
+    backoff_miss(&p->idle);
+    return 0;
+}
+
 int vfsdrv_pump_run(struct vfsdrv_pump *p)
 {
     struct vfsdrv_vq *vq = p->vq;
@@ -798,6 +832,15 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
              * interrupt_read() so that a give or stop either is seen here or
              * sends the signal that ends the read. */
             p->poll_peek = 0;  /* nothing in flight: this read is the look */
+            if (p->cfg.poll_ns) {
+                int r = poll_fuse(p);
+                if (r < 0) {
+                    rc = VFSDRV_PUMP_FUSE_ERROR;
+                    break;
+                }
+                if (r > 0 || p->conn_gone)
+                    continue;
+            }
             __atomic_store_n(&p->in_block, 1, __ATOMIC_SEQ_CST);
             if (__atomic_load_n(&p->gives, __ATOMIC_SEQ_CST) ||
                 __atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) {

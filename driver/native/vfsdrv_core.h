@@ -175,8 +175,9 @@ struct vfsdrv_pump_config {
     uint32_t lock_wait;      /* SETLKW may be answered "wait" (notification queue on) */
     uint32_t small_size;
     uint32_t trace;          /* an event per request and reply (vfsdrv mount -d) */
-    uint32_t poll_ns;        /* busy: spin on the used ring this long before sleeping
-                              * (vfsdrv mount -o poll_us=N); 0: never spin */
+    uint32_t poll_ns;        /* spin this long before sleeping: on the used ring when
+                              * busy, on /dev/fuse when idle (vfsdrv mount -o
+                              * poll_us=N); 0: never spin */
 };
 
 #define VFSDRV_EV_REQUEST 1
@@ -214,7 +215,8 @@ struct vfsdrv_pump_stats {
     uint64_t in_flight;
     uint64_t hiprio;         /* FORGET/BATCH_FORGET handed to the hiprio sender */
     uint64_t polls;          /* spins (poll_ns) that found a completion */
-    uint64_t poll_misses;    /* spins that ran out of time (the pump then slept) */
+    uint64_t poll_misses;    /* spins, either kind, that ran out of time (then a sleep) */
+    uint64_t idle_polls;     /* idle spins (poll_ns) that found a request */
 };
 
 #define VFSDRV_PUMP_STOPPED 0

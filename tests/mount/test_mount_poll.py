@@ -1,6 +1,7 @@
 """The pumps' busy-poll window (`vfsdrv mount -o poll_us=N`, off by default): a relay
 mount over Debian's virtiofsd with the window open moves data byte for byte and
-`vfsdrv status` counts windows that found a completion; a default mount never
+`vfsdrv status` counts windows that found a completion and idle windows that found
+a request; a default mount never
 spins; a bad value is refused before anything is mounted; a pump that spins does
 not hold up the unmount."""
 
@@ -50,14 +51,18 @@ def test_data_through_a_polling_mount_and_the_counts(tmp_path: Path, poll_us: st
         busy(m.mnt)
         queues = request_queues(m.mnt)
     polls = sum(q["polls"] for q in queues)
+    idle_polls = sum(q["idle_polls"] for q in queues)
     misses = sum(q["poll_misses"] for q in queues)
     served = sum(q["served"] for q in queues)
     assert served > 1000, queues
     if poll_us:
         # virtiofsd answers a 4 KiB read well within 200 us unless descheduled
         assert polls > 0, queues
+        # and dd asks for the next block within 200 us of its reply: the idle window
+        # reads it without the pump sleeping in between
+        assert idle_polls > 0, queues
     else:
-        assert polls == misses == 0, queues
+        assert polls == idle_polls == misses == 0, queues
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "1001", "", "1e3"])
