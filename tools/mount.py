@@ -10,8 +10,10 @@
 `mount` returns once the file system is usable: it forks, the child brings the
 device up, mounts and serves; the parent waits for the child's word on a pipe and
 exits 0, or prints the child's error and exits 1. With -f it serves in the
-foreground; -d logs every request (and implies -f). SIGTERM/SIGINT unmount cleanly;
-so do `vfsdrv umount`, `umount` and `fusermount3 -u`. A failure at any step leaves
+foreground; -d logs every request (and implies -f). SIGTERM/SIGINT unmount cleanly
+(a busy mount: its dirty pages written back first, up to 30 s, a second signal stops
+that wait; then detached and served 3 s more); so do `vfsdrv umount`, `umount` and
+`fusermount3 -u`. A failure at any step leaves
 nothing mounted.
 """
 

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import VfsdrvError
@@ -175,6 +176,8 @@ def _lib() -> ctypes.CDLL:
         lib.mount.restype = ctypes.c_int
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.umount2.restype = ctypes.c_int
+        lib.syncfs.argtypes = [ctypes.c_int]
+        lib.syncfs.restype = ctypes.c_int
         _libc = lib
     return _libc
 
@@ -292,12 +295,34 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
         raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}", mountpoint)
 
 
-def umount_busy_lazy(mountpoint: str) -> bool:
-    """Unmount; when busy, detach lazily. False if it was not mounted."""
+#: when a server is told to stop (SIGTERM) while its mount is in use, how long writing
+#: back the mount's dirty pages (syncfs) may take before the server gives up on it: a
+#: device that stops answering cannot hold the stop up for longer
+FLUSH_LIMIT = 30.0
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2) on the file system mounted at `path`: its dirty pages written back.
+    OSError on failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _lib().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}", path)
+    finally:
+        os.close(fd)
+
+
+def umount_busy_lazy(mountpoint: str, *, before_detach: Callable[[], None] | None = None
+                     ) -> bool:
+    """Unmount; when busy, call `before_detach` (if given), then detach lazily.
+    False if it was not mounted."""
     try:
         umount(mountpoint)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
+            if before_detach is not None:
+                before_detach()
             umount(mountpoint, lazy=True)
         elif exc.errno == errno.EINVAL:
             return False

@@ -72,7 +72,7 @@ from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
-from .fuse_dev import MS_NODEV, MS_NOSUID, MountOptions
+from .fuse_dev import FLUSH_LIMIT, MS_NODEV, MS_NOSUID, MountOptions, syncfs
 
 log = logging.getLogger(__name__)
 
@@ -893,7 +893,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         raise FrontendError(f"pyfuse3 could not mount {mountpoint}: {exc}") from exc
     previous_on_notify, fs.on_notify = fs.on_notify, ops.on_notify
     try:
-        trio.run(_main, ops, ready)
+        trio.run(_main, ops, ready, mountpoint)
     finally:
         fs.on_notify = previous_on_notify
         try:
@@ -910,12 +910,13 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         raise ops.dev.failure  # left mounted and disconnected, as a dead daemon's
 
 
-async def _main(ops: DeviceOperations, ready: Callable[[], None] | None) -> None:
+async def _main(ops: DeviceOperations, ready: Callable[[], None] | None,
+                mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.notification_worker)
         nursery.start_soon(_pump_then_stop, ops.dev)
         if threading.current_thread() is threading.main_thread():
-            nursery.start_soon(_signals)
+            nursery.start_soon(_signals, mountpoint)
         await trio.sleep(0)
         main_done = trio.Event()
 
@@ -940,9 +941,28 @@ async def _pump_then_stop(dev: TrioDevice) -> None:
     pyfuse3.terminate()
 
 
-async def _signals() -> None:
+async def _signals(mountpoint: str) -> None:
+    """SIGTERM/SIGINT: write back the mount's dirty pages while the device still
+    serves (libfuse's unmount then drops what is left in a busy mount), for at most
+    FLUSH_LIMIT seconds or until a second signal, then end the session."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
+            log.info("signal %d: writing back and unmounting %s", signum, mountpoint)
+            break
+        with trio.move_on_after(FLUSH_LIMIT):
+            async with trio.open_nursery() as nursery:
+                async def again() -> None:
+                    async for _ in signals:
+                        log.warning("%s: asked again to stop: unmounting at once", mountpoint)
+                        nursery.cancel_scope.cancel()
+
+                async def flush() -> None:
+                    try:
+                        await trio.to_thread.run_sync(syncfs, mountpoint, abandon_on_cancel=True)
+                    except OSError as exc:
+                        log.warning("writing back %s: %s", mountpoint, exc)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(again)
+                nursery.start_soon(flush)
+        pyfuse3.terminate()

@@ -84,6 +84,7 @@ from ..fs.device import Completion, VirtioFs
 from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
 from .fuse_dev import (
+    FLUSH_LIMIT,
     MountOptions,
     check_mountpoint,
     is_mount_point,
@@ -91,6 +92,7 @@ from .fuse_dev import (
     open_fuse_device,
     require_root,
     set_readahead,
+    syncfs,
     umount_busy_lazy,
 )
 from .progress import ProgressClock
@@ -190,6 +192,8 @@ class Relay:
         self._next_progress = 0.0
         self.destroyed = False
         self.stop_at: float | None = None
+        self._signals = 0
+        self._aborting = False
         self.error: BaseException | None = None
         self.started_at = time.monotonic()
         self.pumps: list[Pump] = []
@@ -276,8 +280,8 @@ class Relay:
     def _end_device_session(self) -> None:
         fs = self.fs
         if (not self.initialized or self.destroyed or fs.broken is not None
-                or self.unresponsive):
-            return
+                or self.unresponsive or self.dead):
+            return  # a dead FUSE server says nothing more to its device
         try:
             fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(5.0)
             self.destroyed = True
@@ -306,6 +310,7 @@ class Relay:
         self._wake_r = self._wake_w = -1
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1
         log.info("signal %d: unmounting %s", signum, self.mountpoint)
         self.stop()
 
@@ -352,8 +357,7 @@ class Relay:
                 if self._interrupted:
                     self._expire_interrupts()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
-                    log.warning("%s still busy after %.0f s: aborting the connection",
-                                self.mountpoint, STOP_GRACE)
+                    log.warning("%s still busy: aborting the connection", self.mountpoint)
                     break
         except FrontendError as exc:
             log.error("%s", exc)
@@ -433,16 +437,39 @@ class Relay:
         except BlockingIOError:
             pass
         if self.stop_at is None:
-            self.stop_at = time.monotonic() + STOP_GRACE
+            # the unmount worker brings this forward once the mount is detached
+            self.stop_at = time.monotonic() + FLUSH_LIMIT + STOP_GRACE
             threading.Thread(target=self._unmount_worker, name="vfsdrv-umount",
                              daemon=True).start()
+        elif self._signals > 1 and not self._aborting:
+            log.warning("%s: asked again to stop: aborting the connection", self.mountpoint)
+            self._aborting = True
+            self.stop_at = time.monotonic()
 
     def _unmount_worker(self) -> None:
         # not in the loop's thread: the kernel may need the loop while unmounting
         try:
-            umount_busy_lazy(self.mountpoint)
+            umount_busy_lazy(self.mountpoint, before_detach=self._flush_before_detach)
         except OSError as exc:
             log.error("unmounting %s: %s", self.mountpoint, exc)
+        finally:
+            deadline = time.monotonic() + STOP_GRACE
+            if self.stop_at is not None and deadline < self.stop_at:
+                self.stop_at = deadline
+
+    def _flush_before_detach(self) -> None:
+        """The mount is busy: write back what programs wrote into its page cache
+        (writeback caching) while the device still serves, or the abort after
+        STOP_GRACE would drop it. Bounded by FLUSH_LIMIT (the loop aborts then)."""
+        if self.dead:
+            return
+        log.warning("%s is busy: writing back its dirty pages, then detaching it; "
+                    "programs using it get ENOTCONN %.0f s after that (signal again to "
+                    "abort at once)", self.mountpoint, STOP_GRACE)
+        try:
+            syncfs(self.mountpoint)
+        except OSError as exc:
+            log.warning("writing back %s: %s", self.mountpoint, exc)
 
     # -- before the pumps: FUSE_INIT on the session descriptor ------------------------
     def _read_init(self) -> None:

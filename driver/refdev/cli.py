@@ -52,7 +52,8 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="with --audit: depart from the normal behaviour to test the driver: "
+        help="auditing mode (implies --audit) that departs from the normal behaviour to "
+        "test the driver: "
         "unknown-feature (offer an undefined virtio-fs feature bit), refuse-features-ok "
         "(never keep FEATURES_OK)",
     )

@@ -118,6 +118,60 @@ def test_sigterm_while_busy_detaches_and_exits(tmp_path: Path, frontend: str,
                 pass  # the connection was aborted under it: expected
 
 
+@each_frontend
+def test_sigterm_while_busy_writes_back_what_programs_wrote(tmp_path: Path,
+                                                            frontend: str) -> None:
+    """Writeback caching: write() returned, the pages are dirty, the file is still
+    open. SIGTERM must write them to the device before the busy mount is detached
+    and its connection aborted, or what write() accepted is lost."""
+    with serving(tmp_path, frontend, vfsd_args=("-o", "writeback", "-o", "cache=always")) as m:
+        data = os.urandom(8 << 20)
+        fd = os.open(m.mnt / "dirty", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            assert os.write(fd, data) == len(data)
+            if frontend == "relay":  # the relay takes writeback caching when offered
+                assert (m.export / "dirty").stat().st_size < len(data), \
+                    "no dirty pages: the test would prove nothing"
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(45) == 0, m.log_text()
+            assert not is_mounted(m.mnt)
+            assert (m.export / "dirty").read_bytes() == data
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the connection was aborted under it: expected
+
+
+def test_second_signal_stops_a_write_back_that_hangs(tmp_path: Path) -> None:
+    """The device stops answering while SIGTERM writes back dirty pages: a second
+    signal ends the server at once (the first one alone would wait FLUSH_LIMIT).
+    The relay: pyfuse3 has no writeback caching, so no dirty pages to hang on."""
+    with serving(tmp_path, "relay", vfsd_args=("-o", "writeback", "-o", "cache=always")) as m:
+        fd = os.open(m.mnt / "dirty", os.O_WRONLY | os.O_CREAT, 0o644)
+        device_pid = int(subprocess.run(["pgrep", "-f", str(tmp_path / "vfsd.sock")],
+                                        capture_output=True, text=True).stdout.split()[0])
+        try:
+            assert os.write(fd, os.urandom(1 << 20)) == 1 << 20
+            os.kill(device_pid, signal.SIGSTOP)
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            assert m.proc.poll() is None, "the write-back did not wait for the device"
+            start = time.monotonic()
+            m.proc.send_signal(signal.SIGTERM)
+            m.proc.wait(20)
+            assert time.monotonic() - start < 10, m.log_text()
+            assert "asked again to stop" in m.log_text()
+        finally:
+            os.kill(device_pid, signal.SIGCONT)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def assert_disconnected(mnt: Path) -> None:
     """A dead server's mount: still mounted, every access ENOTCONN, nothing written
     lands in the directory underneath; `vfsdrv umount` removes it."""
