@@ -3,7 +3,7 @@ first sample that saw it, never from an earlier idle sample."""
 
 from __future__ import annotations
 
-from vfsdrv.frontends.progress import ProgressClock
+from vfsdrv.frontends.progress import LeftBehindClock, ProgressClock
 
 
 def test_requests_that_start_after_an_idle_sample_are_timed_from_the_next_one() -> None:
@@ -31,3 +31,23 @@ def test_queues_are_timed_apart() -> None:
     assert c.stalled_for(2, done=0, in_flight=1, now=1.0) == 0.0
     assert c.stalled_for(1, done=0, in_flight=1, now=1.0) == 1.0
     assert c.stalled_for(2, done=0, in_flight=1, now=2.0) == 1.0
+
+
+def test_a_request_overtaken_by_later_ones_is_timed_from_the_first_sample_that_saw_it() -> None:
+    c = LeftBehindClock()
+    assert c.left_behind_for(1, oldest=None, done_seq=0, now=0.0) == 0.0
+    assert c.left_behind_for(1, oldest=7, done_seq=6, now=1.0) == 0.0  # first seen
+    assert c.left_behind_for(1, oldest=7, done_seq=6, now=2.0) == 0.0  # nothing later done
+    assert c.left_behind_for(1, oldest=7, done_seq=9, now=3.5) == 2.5  # overtaken
+    assert c.left_behind_for(1, oldest=8, done_seq=9, now=4.0) == 0.0  # 7 answered: anew
+    assert c.left_behind_for(1, oldest=8, done_seq=9, now=5.0) == 1.0
+    assert c.left_behind_for(1, oldest=None, done_seq=9, now=6.0) == 0.0  # none in flight
+    assert c.left_behind_for(1, oldest=8, done_seq=9, now=7.0) == 0.0  # seen anew
+
+
+def test_left_behind_queues_are_timed_apart() -> None:
+    c = LeftBehindClock()
+    c.left_behind_for(1, oldest=3, done_seq=5, now=0.0)
+    c.left_behind_for(2, oldest=3, done_seq=5, now=1.0)
+    assert c.left_behind_for(1, oldest=3, done_seq=5, now=2.0) == 2.0
+    assert c.left_behind_for(2, oldest=3, done_seq=5, now=2.0) == 1.0

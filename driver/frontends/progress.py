@@ -1,4 +1,5 @@
-"""``-o request_timeout``: when has a request queue stopped making progress?
+"""``-o request_timeout``: when has a request queue stopped making progress, or
+left one request behind?
 
 The control thread samples each pump's counters now and then (relay.py,
 ``PROGRESS_EVERY``). A queue is stalled while it has requests in flight and nothing
@@ -6,6 +7,11 @@ completes; the clock starts at the first sample that sees requests in flight aft
 one that saw none (or after a completion). Requests that went out between two
 samples are timed from the later one, so a stall is reported between N and N plus
 one sampling interval after it began, never before N.
+
+A request is left behind when it stays the oldest in flight while the device
+answers requests read after it (a lost request: a device that serves in order, only
+slowly, never overtakes one). It is timed the same way, from the first sample that
+saw it as the oldest.
 """
 
 from __future__ import annotations
@@ -35,3 +41,22 @@ class ProgressClock:
             return 0.0
         last.in_flight = in_flight
         return now - last.since
+
+
+class LeftBehindClock:
+    def __init__(self) -> None:
+        self._oldest: dict[int, tuple[int, float]] = {}  # queue -> (seq, first seen)
+
+    def left_behind_for(self, queue: int, oldest: int | None, done_seq: int,
+                        now: float) -> float:
+        """Record a sample of `queue`: `oldest`, the seq of its oldest request in
+        flight (None: none), and `done_seq`, the highest seq answered. How long that
+        request has been the oldest, once a request read after it was answered (0.0
+        before that)."""
+        if oldest is None:
+            self._oldest.pop(queue, None)
+            return 0.0
+        seen = self._oldest.get(queue)
+        if seen is None or seen[0] != oldest:
+            self._oldest[queue] = seen = (oldest, now)
+        return now - seen[1] if done_seq > oldest else 0.0

@@ -197,6 +197,15 @@ class Pump:
     def has_setlkw(self, unique: int) -> bool:
         return self._p != ffi.NULL and bool(lib.vfsdrv_pump_has_setlkw(self._p, unique))
 
+    def oldest(self) -> int | None:
+        """The seq (the pump's request count when it was read) of the oldest request
+        on the ring, SETLKW aside; None when there is none. Compare with
+        stats()["done_seq"], the highest seq answered."""
+        if self._p == ffi.NULL:
+            return None
+        seq = int(lib.vfsdrv_pump_oldest(self._p))
+        return None if seq == 2**64 - 1 else seq
+
     def stats(self) -> dict[str, int]:
         if self._p == ffi.NULL:
             return dict(self._final_stats or {})

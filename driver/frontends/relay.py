@@ -95,7 +95,7 @@ from .fuse_dev import (
     syncfs,
     umount_busy_lazy,
 )
-from .progress import ProgressClock
+from .progress import LeftBehindClock, ProgressClock
 from .pump import Pump
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class Relay:
         self.request_timeout = self.options.request_timeout  # seconds; 0: off
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
         self._progress = ProgressClock()
+        self._left_behind = LeftBehindClock()
         self._dropped_codes: set[int] = set()  # notification codes warned about
         #: SETLKWs whose INTERRUPT went to the device -> when to answer EINTR instead
         self._interrupted: dict[int, float] = {}
@@ -402,7 +403,8 @@ class Relay:
 
     def _check_progress(self) -> None:
         """-o request_timeout: fail the device when a request queue has had requests
-        in flight and nothing completed for request_timeout seconds. Completions
+        in flight and nothing completed for request_timeout seconds, or when one
+        request has been left behind that long while later ones were answered. Completions
         are replies, bad replies and SETLKW "wait" answers; in flight drops too
         when the device answers a request whose reply nobody takes (NOTIFY_REPLY)."""
         now = time.monotonic()
@@ -415,13 +417,20 @@ class Relay:
             st = pump.stats()
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
             stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
+            behind = self._left_behind.left_behind_for(pump.vq.index, pump.oldest(),
+                                                       st["done_seq"], now)
+            why = None
             if stalled >= self.request_timeout:
+                why = (f"request queue {pump.vq.index} has {in_flight} request(s) in flight "
+                       f"and nothing completed for {stalled:.1f} s")
+            elif behind >= self.request_timeout:
+                why = (f"request queue {pump.vq.index}: a request has waited {behind:.1f} s "
+                       "while the device answered later ones")
+            if why:
                 self.stats["unresponsive"] += 1
                 self.unresponsive = True
-                self._device_failed(
-                    f"the device is unresponsive: request queue {pump.vq.index} has "
-                    f"{in_flight} request(s) in flight and nothing completed for "
-                    f"{stalled:.1f} s (-o request_timeout={self.request_timeout:g})")
+                self._device_failed(f"the device is unresponsive: {why} "
+                                    f"(-o request_timeout={self.request_timeout:g})")
                 return
 
     def _device_failed(self, why: str) -> None:

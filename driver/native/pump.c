@@ -340,6 +340,25 @@ int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique)
     return 0;
 }
 
+/* The seq of the oldest request on the ring, SETLKW aside (a device without the
+ * notification queue may hold one until the lock is free), or UINT64_MAX. A
+ * read-only scan from the control thread, as above: a slot reused meanwhile only
+ * makes the answer younger. */
+uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p)
+{
+    uint64_t oldest = UINT64_MAX;
+    for (uint32_t i = 0; i < p->nslots; i++) {
+        struct vfsdrv_slot *s = &p->slots[i];
+        if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != VFSDRV_SLOT_RING ||
+            __atomic_load_n(&s->opcode, __ATOMIC_RELAXED) == 33 /* SETLKW */)
+            continue;
+        uint64_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+        if (seq < oldest)
+            oldest = seq;
+    }
+    return oldest;
+}
+
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out)
 {
     uint64_t *src = (uint64_t *)&p->stats, *dst = (uint64_t *)out;
@@ -495,6 +514,8 @@ static void complete(struct vfsdrv_pump *p, uint32_t i, uint32_t len)
     struct vfsdrv_out_header h;
     char why[120];
     int may_wait = p->cfg.lock_wait && s->opcode == 33 /* SETLKW */;
+    if (s->seq > p->stats.done_seq)  /* only this thread writes it */
+        __atomic_store_n(&p->stats.done_seq, s->seq, __ATOMIC_RELAXED);
     int rc = vfsdrv_check_reply(s->host + s->reply_off, len, s->unique, s->opcode, s->cap,
                                 may_wait, &h, why, sizeof why);
     if (s->flags & VFSDRV_SLOT_DISCARD) {
@@ -609,7 +630,8 @@ static void dispatch(struct vfsdrv_pump *p, ssize_t n, int fd)
     }
     struct vfsdrv_slot *s = &p->slots[si];
     s->unique = unique;
-    s->opcode = opcode;
+    __atomic_store_n(&s->opcode, opcode, __ATOMIC_RELAXED);  /* vfsdrv_pump_oldest reads it */
+    __atomic_store_n(&s->seq, p->stats.requests, __ATOMIC_RELAXED);
     s->in_len = len;
     s->req_off = off;
     s->reply_off = vfsdrv_reply_offset(off, len);

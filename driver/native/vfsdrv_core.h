@@ -159,6 +159,8 @@ struct vfsdrv_slot {
     int32_t fd;              /* the /dev/fuse descriptor that read it (gets the reply) */
     uint32_t state;          /* VFSDRV_SLOT_* */
     uint32_t flags;          /* VFSDRV_SLOT_DISCARD: the reply goes nowhere */
+    uint64_t seq;            /* pump: its request count when this one was read (age
+                              * order for -o request_timeout) */
 };
 
 struct vfsdrv_pump_config {
@@ -217,6 +219,7 @@ struct vfsdrv_pump_stats {
     uint64_t polls;          /* spins (poll_ns) that found a completion */
     uint64_t poll_misses;    /* spins, either kind, that ran out of time (then a sleep) */
     uint64_t idle_polls;     /* idle spins (poll_ns) that found a request */
+    uint64_t done_seq;       /* the highest slot seq answered so far (not a count) */
 };
 
 #define VFSDRV_PUMP_STOPPED 0
@@ -235,6 +238,7 @@ int vfsdrv_pump_running(struct vfsdrv_pump *p);
 uint32_t vfsdrv_pump_events(struct vfsdrv_pump *p, struct vfsdrv_event *out, uint32_t max);
 void vfsdrv_pump_give(struct vfsdrv_pump *p, uint32_t slot, uint32_t forward);
 int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
+uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p);
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
 void vfsdrv_pump_free(struct vfsdrv_pump *p);

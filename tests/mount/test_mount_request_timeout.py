@@ -14,11 +14,12 @@ import contextlib
 import errno
 import os
 import re
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,10 +84,11 @@ def lock_held_and_awaited(path: Path) -> Iterator[tuple[subprocess.Popen, subpro
 
 class DeviceControl:
     """What the in-process reference device does with requests on the request
-    queues (hiprio is always served): answer, hold them forever, or answer each
-    one `delay` seconds late."""
+    queues (hiprio is always served): answer, hold them forever, answer each
+    one `delay` seconds late, or hold the next one that `drop` picks."""
 
     def __init__(self) -> None:
+        self.drop: Callable[[bytes], bool] | None = None
         self.stall = threading.Event()
         self.delay = 0.0
         self.held: list[object] = []
@@ -105,6 +107,10 @@ def control(monkeypatch) -> Iterator[DeviceControl]:
             return real_serve(self, q, chain, hiprio)
         if ctl.stall.is_set():
             ctl.held.append(chain)  # never answered, never returned
+            return
+        if ctl.drop is not None and ctl.drop(bytes(chain.read_all())):
+            ctl.drop = None
+            ctl.held.append(chain)
             return
         delay = ctl.delay
         if delay:
@@ -166,6 +172,50 @@ def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
                            timeout=30)
         assert r.returncode == 0, r.stdout + r.stderr
         assert not is_mounted(mnt)
+
+
+def test_a_request_left_behind_fails_the_mount(tmp_path: Path, control: DeviceControl) -> None:
+    """The device drops one LOOKUP and goes on answering everything else (another
+    program keeps asking): the reader gets an error after about request_timeout
+    seconds, not when the other program stops."""
+    # split: on the packed ring the two negotiate IN_ORDER, where answering a later
+    # request answers the held one too
+    with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}",
+                                "--ring", "split") as (mnt, log, _):
+        (tmp_path / "export" / "g").write_text("its LOOKUP is lost")
+        stop = threading.Event()
+
+        def other_program() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    os.stat(mnt / f"missing-{i}")  # a LOOKUP each, answered at once
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    return  # the mount failed
+                i += 1
+                time.sleep(0.02)
+
+        # the reader's LOOKUP of "g" (opcode 1, the name after the 40-byte header)
+        control.drop = lambda req: struct.unpack_from("<I", req, 4)[0] == 1 and \
+            req[40:].rstrip(b"\0") == b"g"
+        t = threading.Thread(target=other_program)
+        t.start()
+        try:
+            r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            stop.set()
+            t.join(30)
+        assert r.returncode == 0, r.stderr
+        name, elapsed = r.stdout.split()
+        assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
+        assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+        assert control.held, "the LOOKUP was not held"
+        _wait_for(rf"the device is unresponsive: request queue \d+: a request has waited "
+                  rf"[\d.]+ s while the device answered later ones \(-o request_timeout="
+                  rf"{TIMEOUT}\)", log, 10)
 
 
 def test_a_slow_device_that_keeps_answering_does_not_trip_it(
