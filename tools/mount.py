@@ -5,7 +5,10 @@
     vfsdrv umount [-l] MOUNTPOINT
     mount -t vfsdrv SPEC MOUNTPOINT -o OPTIONS     (SPEC: a vhost-user socket path,
         vhost-user:PATH, pci:BDF, or a tag; vfsdrv options in -o: tag=, request_queues=,
-        frontend=, debug; the relay's options as with vfsdrv mount -o, e.g. poll_us=N)
+        threads=, frontend=, timeout=, ring=, iommu=, log=, fsname=, poll,
+        force_4k_noiommu, debug (as vfsdrv mount's options of those names); the relay's
+        options as with vfsdrv mount -o, e.g. poll_us=N; -f checks the line and mounts
+        nothing; exit status 1 for a bad line, 32 for a failed mount, as mount(8))
 
 `mount` returns once the file system is usable: it forks, the child brings the
 device up, mounts and serves; the parent waits for the child's word on a pipe and
@@ -35,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..cliargs import int_range, notify_code, seconds
 from ..errors import VfsdrvError
@@ -60,6 +64,13 @@ DEFAULT_VHOST_USER_TAG = "vfsdrv"
 READY_TIMEOUT = 60.0
 BDF_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
+
+T = TypeVar("T")
+#: --iommu / -o iommu=: how a PCI function's DMA is set up through VFIO
+IOMMU_MODES = ("auto", "type1", "iommufd", "noiommu")
+#: --small-slots/--large-slots at most: no ring has more entries than 32768, so more
+#: buffers than twice that can never all be in flight
+MAX_SLOTS = 65536
 
 @dataclass
 class MountRequest:
@@ -90,6 +101,7 @@ class MountRequest:
     #: no-IOMMU DMA on 4 KiB pages that the kernel may migrate: only when forced
     force_4k_noiommu: bool = False
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
+    fake: bool = False  # mount.vfsdrv -f: check the command line, mount nothing
 
     def spec(self) -> str:
         """The mount's source: what mount(8) finds in fstab for this mount."""
@@ -117,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="N",
                    help="request queues to use: with --vhost-user and no config space the "
                    "backend's count (default 1); with config space at most N of the device's")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=int_range(1, MAX_REQUEST_QUEUES), default=None,
+                   metavar="N",
                    help="relay: at most N worker threads (one native pump per request "
                    "queue; default: one per queue)")
     p.add_argument("--frontend", choices=sorted(FRONTENDS), default=DEFAULT_FRONTEND,
@@ -128,12 +141,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "congestion_threshold=N, max_readahead=N (bytes; default: the largest READ,"
                    " 1 MiB over virtiofsd, set on the mount's bdi after FUSE_INIT), and "
                    "poll_us=N (0-1000, default 0: off): with requests in flight each pump "
-                   "spins on its ring up to N microseconds before it sleeps, which saves a "
-                   "fast device's completion a sleep and wake-up but burns that pump's CPU "
-                   "while it spins (up to N us per request, backing off after misses); "
+                   "spins on its ring up to N microseconds before it sleeps, and with none it "
+                   "reads /dev/fuse without blocking that long before it sleeps there, which "
+                   "saves a fast device's completion (and a program's next request) a sleep "
+                   "and wake-up but burns that pump's CPU while it spins (up to N us per "
+                   "request, backing off after misses); "
                    "request_timeout=SECONDS (decimal digits such as 30 or 2.5, from 1 to "
                    "4294967295; default 0: off): a request "
-                   "queue with requests in flight and nothing completed for that long means "
+                   "queue with requests in flight and nothing completed for that long, or one "
+                   "request left unanswered that long while later ones are answered, means "
                    "the device is dead: waiting programs get an error, the mount stays and "
                    "answers ENOTCONN until it is unmounted (a lock a SETLKW waits for does not"
                    " count)")
@@ -142,9 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="log every request (opcode, unique, nodeid, result); implies -f")
     p.add_argument("--poll", action="store_true",
                    help="poll the device's rings instead of waiting for interrupts")
-    p.add_argument("--small-slots", type=int, default=64, metavar="N",
+    p.add_argument("--small-slots", type=int_range(1, MAX_SLOTS), default=64, metavar="N",
                    help="DMA buffers for small requests (bounds requests in flight; default 64)")
-    p.add_argument("--large-slots", type=int, default=16, metavar="N",
+    p.add_argument("--large-slots", type=int_range(1, MAX_SLOTS), default=16, metavar="N",
                    help="DMA buffers of 1 MiB + 12 KiB for big reads/writes (default 16)")
     p.add_argument("--notify-lock-code", type=notify_code, default=DEFAULT_NOTIFY_LOCK_CODE,
                    metavar="N", help="notify code of FUSE_NOTIFY_LOCK (default %(default)s, "
@@ -162,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="without an IOMMU, use 4 KiB pages for DMA even though the kernel may "
                    "move them (memory corruption); reserve huge pages instead "
                    "(echo N > /proc/sys/vm/nr_hugepages)")
-    p.add_argument("--iommu", choices=("auto", "type1", "iommufd", "noiommu"), default="auto",
+    p.add_argument("--iommu", choices=IOMMU_MODES, default="auto",
                    help="how a PCI function's DMA is set up through VFIO (default: iommufd "
                    "when the kernel has it, else the group's type1 or no-IOMMU container)")
     p.add_argument("--ring", choices=("split", "packed"), default=None,
@@ -252,6 +268,12 @@ def precheck(req: MountRequest) -> None:
     if req.frontend not in FRONTENDS:
         raise MountError(f"unknown frontend {req.frontend!r}")
     get_frontend(req.frontend)  # importable?
+    if req.threads is not None and req.frontend != "relay":
+        raise MountError("--threads sets the relay's native pumps; the pyfuse3 frontend "
+                         "serves on one thread: use the relay frontend, or leave it out")
+    if req.vhost_user is not None and req.iommu != "auto":
+        raise MountError("--iommu is for a PCI function (--tag, --device) through VFIO; "
+                         "a vhost-user backend has no IOMMU to choose: leave it out")
     if req.vhost_user is not None:
         try:
             st = os.stat(req.vhost_user)
@@ -553,8 +575,12 @@ def _daemonize(req: MountRequest) -> int:
             os.setsid()
             code = _child(req, w, log_fd)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            msg = str(exc) if isinstance(exc, VfsdrvError | OSError) else \
-                "".join(traceback.format_exception(exc)).strip()
+            if isinstance(exc, KeyboardInterrupt):
+                msg = "stopped by a signal before the mount was ready"
+            elif isinstance(exc, VfsdrvError | OSError | ValueError):
+                msg = str(exc)
+            else:
+                msg = "".join(traceback.format_exception(exc)).strip()
             try:
                 os.write(w, f"ERR {msg}\n".encode())
             except OSError:
@@ -696,6 +722,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     """mount.vfsdrv SPEC DIR [-sfnv] [-o OPTIONS]"""
     positional: list[str] = []
     opts: list[str] = []
+    fake = False
     it = iter(argv)
     for a in it:
         if a == "-o":
@@ -703,36 +730,53 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         elif a.startswith("-o"):
             opts.append(a[2:])
         elif a.startswith("-") and len(a) > 1:
-            continue  # -s (sloppy), -f (fake), -n (no mtab), -v: nothing to do
+            # -f (fake): everything but the mount; -s (sloppy), -n (no mtab), -v: nothing
+            fake = fake or (not a.startswith("--") and "f" in a[1:])
         else:
             positional.append(a)
     if len(positional) != 2:
-        raise MountError("usage: mount.vfsdrv SPEC MOUNTPOINT [-o OPTIONS]")
+        raise HelperUsageError("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-o OPTIONS]")
     spec, mountpoint = positional
     req = MountRequest(mountpoint=mountpoint)
+    req.fake = fake
     rest: list[str] = []
+
+    def value_of(key: str, value: str, parse: Callable[[str], T]) -> T:
+        try:
+            return parse(value)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise HelperUsageError(f"-o {key}={value}: {exc}") from None
+
     for group in opts:
         for opt in group.split(","):
             key, _, value = opt.partition("=")
             if key == "tag":
                 req.tag = value
             elif key == "request_queues":
-                req.request_queues = int(value)
+                req.request_queues = value_of(key, value, int_range(1, MAX_REQUEST_QUEUES))
+            elif key == "threads":
+                req.threads = value_of(key, value, int_range(1, MAX_REQUEST_QUEUES))
             elif key == "frontend":
+                if value not in FRONTENDS:
+                    raise HelperUsageError(f"-o frontend={value}: give one of "
+                                           f"{', '.join(sorted(FRONTENDS))}")
                 req.frontend = value
             elif key == "debug":
                 req.debug = True
             elif key == "poll":
                 req.poll = True
             elif key == "timeout":
-                req.timeout = float(value)
+                req.timeout = value_of(key, value, seconds)
             elif key == "iommu":
+                if value not in IOMMU_MODES:
+                    raise HelperUsageError(f"-o iommu={value}: give one of "
+                                           f"{', '.join(IOMMU_MODES)}")
                 req.iommu = value
             elif key == "force_4k_noiommu":
                 req.force_4k_noiommu = True
             elif key == "ring":
                 if value not in ("split", "packed"):
-                    raise MountError(f"-o ring={value}: give split or packed")
+                    raise HelperUsageError(f"-o ring={value}: give split or packed")
                 req.ring = value
             elif key == "log":
                 req.log_file = value
@@ -758,15 +802,25 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     return req
 
 
+class HelperUsageError(MountError):
+    """A bad mount.vfsdrv command line: mount(8)'s status 1, not 32 (mount failure)."""
+
+
 def mount_helper_main(argv: list[str] | None = None) -> int:
+    """mount(8)'s exit statuses: 1 for a bad command line, 32 for a failed mount."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
     try:
         req = parse_helper_args(argv)
+        if req.fake:
+            return 0  # -f: everything but the mount itself
         return mount(req)
-    except (VfsdrvError, OSError, ValueError) as exc:
+    except HelperUsageError as exc:
         print(f"mount.vfsdrv: {exc}", file=sys.stderr)
         return 1
+    except (VfsdrvError, OSError, ValueError) as exc:
+        print(f"mount.vfsdrv: {exc}", file=sys.stderr)
+        return 32
 
 
 if __name__ == "__main__":

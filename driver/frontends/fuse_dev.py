@@ -56,6 +56,9 @@ FLAG_OPTIONS: dict[str, tuple[int, int]] = {
 NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
 #: FUSE session settings the relay answers FUSE_INIT with (not mount(2) options)
 SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_readahead"})
+#: numeric options whose FUSE field is narrower than 32 bits or where 0 means "the
+#: kernel's default": name -> (smallest, largest); the others take 0 to 2^32 - 1
+OPTION_RANGES = {"max_background": (1, 0xFFFF), "congestion_threshold": (1, 0xFFFF)}
 #: the relay's pump settings: name -> (largest value, what it is)
 PUMP_OPTIONS: dict[str, tuple[int, str]] = {
     "poll_us": (1000, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "
@@ -113,10 +116,11 @@ class MountOptions:
                 elif opt in ("nodefault_permissions", "no_default_permissions"):
                     mo.default_permissions = False
                 elif key in NUMERIC_FUSE_OPTIONS or key in SESSION_OPTIONS:
-                    # ASCII digits only ("²".isdigit() too), and what FUSE's 32 bits hold
-                    if not (value.isascii() and value.isdigit() and int(value) <= 0xFFFFFFFF):
-                        mo.invalid.append(f"{opt!r}: {key} is a whole number from 0 to "
-                                          "4294967295")
+                    # ASCII digits only ("²".isdigit() too), and what FUSE's field holds
+                    lo, hi = OPTION_RANGES.get(key, (0, 0xFFFFFFFF))
+                    if not (value.isascii() and value.isdigit() and lo <= int(value) <= hi):
+                        mo.invalid.append(f"{opt!r}: {key} is a whole number from {lo} to "
+                                          f"{hi}")
                     elif key in SESSION_OPTIONS:
                         mo.session[key] = int(value)
                     else:

@@ -386,16 +386,20 @@ def test_readahead_is_sized_to_whole_requests() -> None:
                           chosen={"max_readahead": 4 << 20}) == 256 << 10
 
 
-@pytest.mark.parametrize("opt", ["max_readahead=4294967296", "max_readahead=abc",
-                                 "max_background=\u00b2", "max_read=-1", "blksize=",
-                                 "congestion_threshold=1e3"])
-def test_numeric_session_and_fuse_options_are_checked(opt: str) -> None:
-    """A value FUSE's 32 bits cannot hold, or that is not ASCII digits, is a clear
+@pytest.mark.parametrize("opt,limits", [
+    ("max_readahead=4294967296", "0 to 4294967295"), ("max_readahead=abc", "0 to 4294967295"),
+    ("max_background=\u00b2", "1 to 65535"), ("max_read=-1", "0 to 4294967295"),
+    ("blksize=", "0 to 4294967295"), ("congestion_threshold=1e3", "1 to 65535"),
+    # FUSE_INIT's 16-bit fields, where 0 would leave the kernel's default
+    ("max_background=65536", "1 to 65535"), ("max_background=0", "1 to 65535"),
+    ("congestion_threshold=99999", "1 to 65535")])
+def test_numeric_session_and_fuse_options_are_checked(opt: str, limits: str) -> None:
+    """A value FUSE's field cannot hold, or that is not ASCII digits, is a clear
     error before anything is mounted (it used to reach FUSE_INIT)."""
     from vfsdrv.frontends.fuse_dev import MountError, MountOptions
 
     mo = MountOptions.parse([opt])
-    with pytest.raises(MountError, match="whole number from 0 to 4294967295"):
+    with pytest.raises(MountError, match=f"whole number from {limits}"):
         mo.check()
     assert MountOptions.parse(["max_readahead=4294967295"]).session == {
         "max_readahead": 4294967295}

@@ -1,0 +1,82 @@
+"""The mount.vfsdrv helper's command line (what mount(8) passes it): every value is
+checked the way `vfsdrv mount` checks it, a bad one is a one-line error naming the
+option with status 1, a failed mount is status 32 (mount(8)'s convention), and -f
+(fake) checks the line and mounts nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vfsdrv.tools.mount import mount_helper_main, parse_helper_args
+
+
+@pytest.mark.parametrize("opt,why", [
+    ("timeout=nan", "seconds must be more than 0"),
+    ("timeout=inf", "seconds must be more than 0"),
+    ("timeout=0", "seconds must be more than 0"),
+    ("timeout=-1", "seconds must be more than 0"),
+    ("timeout=x", "not a number of seconds"),
+    ("request_queues=abc", "not a whole number"),
+    ("request_queues=5000", "from 1 to"),
+    ("threads=0", "from 1 to"),
+    ("iommu=bogus", "give one of"),
+    ("frontend=nope", "give one of"),
+    ("ring=round", "give split or packed"),
+])
+def test_a_bad_value_is_a_one_line_error_naming_the_option(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], opt: str, why: str) -> None:
+    assert mount_helper_main([str(tmp_path / "s.sock"), str(tmp_path), "-o", opt]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mount.vfsdrv: -o {opt}: ") and why in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_options_are_taken() -> None:
+    req = parse_helper_args(["/run/x.sock", "/m", "-o",
+                             "threads=2,request_queues=3,timeout=2.5,iommu=type1,ring=split"])
+    assert (req.threads, req.request_queues, req.timeout, req.iommu, req.ring) == \
+        (2, 3, 2.5, "type1", "split")
+    assert not req.fake
+
+
+def test_fake_mounts_nothing(tmp_path: Path) -> None:
+    """-f (also in a group, -fv): the socket does not exist, so a real mount would fail."""
+    for flags in (["-f"], ["-fv"], ["-s", "-f"]):
+        assert mount_helper_main([*flags, str(tmp_path / "none.sock"), str(tmp_path)]) == 0
+    assert mount_helper_main(["-f", str(tmp_path / "s.sock"), str(tmp_path),
+                              "-o", "timeout=0"]) == 1  # the line is still checked
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+def test_a_failed_mount_is_status_32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mount_helper_main([str(tmp_path / "none.sock"), str(tmp_path)]) == 32
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--small-slots", "0"],
+                                  ["--large-slots", "x"]])
+def test_vfsdrv_mount_counts_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "mount", "--vhost-user",
+                        str(tmp_path / "s.sock"), *args, str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"argument {args[0]}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--frontend", "pyfuse3", "--threads", "2"], "--threads sets the relay's native pumps"),
+    (["--iommu", "type1"], "--iommu is for a PCI function"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path: Path, args: list[str],
+                                                   why: str) -> None:
+    sock = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))  # a socket nobody serves: the check comes before any exchange
+        r = subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "mount", "--vhost-user",
+                            str(sock), *args, str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and why in r.stderr, r.stderr
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
