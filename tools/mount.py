@@ -241,11 +241,22 @@ def find_mount(path: str) -> tuple[str, str]:
 
     given = os.path.normpath(os.path.abspath(path))
     fstype = lookup(given)
-    if fstype is None:
+    for _ in range(40):  # symlinks followed at most (the kernel's own limit)
+        if fstype is not None:
+            break
         parent, name = os.path.split(given)
         resolved = os.path.join(os.path.realpath(parent), name)
         fstype = lookup(resolved)
         given = resolved
+        if fstype is None:
+            # a symlink to the mount point: read the link itself (not a mount point,
+            # since its name is not in the table, so this touches no mount)
+            try:
+                target = os.readlink(resolved)
+            except OSError:
+                break
+            given = os.path.normpath(os.path.join(os.path.dirname(resolved), target))
+            fstype = lookup(given)
     if fstype is None:
         raise MountError(f"{path} is not mounted")
     return given, fstype

@@ -57,6 +57,18 @@ def test_umount_of_a_symlink_to_the_mount_point(tmp_path: Path) -> None:
         assert m.proc is not None and m.proc.wait(15) == 0
 
 
+def test_umount_of_a_symlink_named_as_the_mount_point(tmp_path: Path) -> None:
+    """The link is the last component (umount(8) follows it too); relative target."""
+    with serving(tmp_path, "relay") as m:
+        (tmp_path / "sub").mkdir()
+        link = tmp_path / "sub" / "lnk"
+        link.symlink_to("../mnt")
+        r = vfsdrv("umount", link)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m.mnt)
+        assert m.proc is not None and m.proc.wait(15) == 0
+
+
 def test_umount_of_what_is_not_mounted(tmp_path: Path) -> None:
     r = vfsdrv("umount", tmp_path)
     assert r.returncode == 1
