@@ -52,6 +52,7 @@
 #define TAG_CTL 3
 #define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
 #define POLL_CLOCK_EVERY 16    /* spins between two looks at the clock */
+#define IDLE_LOOK_NS 2000      /* idle poll window: one read of /dev/fuse per 2 us */
 #define BACKOFF_MAX 6          /* after misses in a row, skip up to 2^5 - 1 looks */
 
 /* A look that may find nothing -- a spin on the used ring, a read of /dev/fuse that
@@ -818,7 +819,10 @@ __attribute__((noinline)) static int poll_fuse(struct vfsdrv_pump *p)
         }
         if (p->conn_gone)
             return 0;
-        cpu_relax();
+        /* each look is a syscall: space them, at a cost of up to that much latency */
+        uint64_t t, next = now_ns() + IDLE_LOOK_NS;
+        while ((t = now_ns()) < next && t < deadline)
+            cpu_relax();
     } while (now_ns() < deadline);
     STAT(p, poll_misses);
     backoff_miss(&p->idle);
