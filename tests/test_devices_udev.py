@@ -88,6 +88,39 @@ def test_install_writes_rule_unit_and_example(tmp_path: Path) -> None:
     assert not (tmp_path / udev.RULES_FILE).exists()
 
 
+@pytest.mark.parametrize("dest", [udev.RULES_FILE, udev.UNIT_FILE, udev.CONF_EXAMPLE])
+def test_install_refuses_to_overwrite_a_foreign_file(tmp_path: Path, dest: str) -> None:
+    mine = tmp_path / dest
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the administrator's own\n")
+    with pytest.raises(VfsdrvError, match=f"{mine} exists and was not written by "
+                       "`vfsdrv udev install`: remove it first"):
+        udev.install(str(tmp_path), reload=False, command="/opt/x/bin/vfsdrv")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [mine]  # nothing half-written
+    kept: list[Path] = []
+    assert udev.uninstall(str(tmp_path), reload=False, kept=kept) == []
+    assert kept == [mine] and mine.read_text() == "the administrator's own\n"
+
+
+def test_udev_uninstall_cli_takes_no_reload_and_keeps_edits(tmp_path: Path) -> None:
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "udev", *args,
+                               "--root", str(tmp_path), "--no-reload"],
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("install")
+    assert r.returncode == 0, r.stderr
+    rules = tmp_path / udev.RULES_FILE
+    rules.write_text(rules.read_text() + "# mine\n")
+    r = cli("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert f"kept {rules}: not written by `vfsdrv udev install`, or changed since" in r.stderr
+    assert f"removed {tmp_path / udev.UNIT_FILE}" in r.stdout
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [rules]
+
+
 def test_add_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = fake_sysfs(tmp_path)
     bound: list[str] = []

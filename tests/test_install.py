@@ -101,6 +101,76 @@ def test_the_installed_unit_verifies(tmp_path: Path) -> None:
     assert "vfsdrv@" not in v.stderr, v.stderr  # no complaint about our unit
 
 
+# the files install writes besides the helper, each of which may be an administrator's own
+ADMIN_FILES = ("usr/local/sbin/vfsdrv", "etc/udev/rules.d/70-vfsdrv.rules",
+               "etc/systemd/system/vfsdrv@.service", "etc/vfsdrv.conf.example",
+               "usr/local/share/man/man8/vfsdrv.8",
+               "usr/share/bash-completion/completions/mount.vfsdrv")
+
+
+@pytest.mark.parametrize("rel", ADMIN_FILES)
+def test_install_refuses_to_overwrite_a_foreign_file(tmp_path: Path, rel: str) -> None:
+    """Not only the helper: any file install did not write is left alone, and nothing
+    is half-written (all targets are checked first)."""
+    mine = tmp_path / rel
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the administrator's own\n")
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 1, r.stdout
+    assert f"{mine} exists and was not written by `vfsdrv install`: remove it first" in r.stderr
+    assert mine.read_text() == "the administrator's own\n"
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [rel]  # nothing else was written
+    r = vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    assert mine.read_text() == "the administrator's own\n"
+    assert f"kept {mine}" in r.stderr
+
+
+def test_reinstall_and_an_install_from_elsewhere_are_overwritten(tmp_path: Path) -> None:
+    from vfsdrv.tools import udev
+
+    for _ in range(2):
+        r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+        assert r.returncode == 0, r.stderr
+    # what an install from another venv (another command) wrote, before the files were
+    # stamped: the templates' output
+    src = udev.templates_dir()
+    for template, dest in (("70-vfsdrv.rules.in", udev.RULES_FILE),
+                           ("vfsdrv@.service.in", udev.UNIT_FILE)):
+        (tmp_path / dest).write_text((src / template).read_text()
+                                     .replace("@VFSDRV@", "/opt/other venv/bin/vfsdrv"))
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    assert "/opt/other" not in (tmp_path / udev.UNIT_FILE).read_text()
+    # ... and an older vfsdrv's (stamped, other text) goes on uninstall
+    unit = tmp_path / udev.UNIT_FILE
+    unit.write_text(udev.stamped("[Service]\nExecStart=/old/vfsdrv udev mount %I\n"))
+    r = vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_uninstall_keeps_an_edited_unit(tmp_path: Path) -> None:
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "etc/systemd/system/vfsdrv@.service"
+    unit.write_text(unit.read_text().replace("TimeoutStopSec=30", "TimeoutStopSec=90"))
+    edited = unit.read_text()
+    r = vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    assert unit.read_text() == edited
+    assert f"kept {unit}: not written by `vfsdrv install`, or changed since" in r.stderr
+    assert f"removed {tmp_path / 'etc/udev/rules.d/70-vfsdrv.rules'}" in r.stdout
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["etc/systemd/system/vfsdrv@.service"]
+    # and a new install will not overwrite the edit either
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 1 and f"{unit} exists and was not written" in r.stderr
+    assert unit.read_text() == edited
+
+
 # -- the mount(8) helper's options -------------------------------------------------------------
 def test_helper_accepts_what_mount8_and_systemd_pass() -> None:
     req = parse_helper_args(["vhost-user:/run/x.sock", "/mnt/x", "-o",

@@ -284,9 +284,26 @@ def audit_driver(request_queues: int = 1) -> tuple[AuditReport, Workload]:
             d.wait_sessions_closed()
         return dev.audit_report(), w
     finally:
-        for d in devices:
+        _clean_up(devices, tmp)
+
+
+def _clean_up(devices: list[RefDevice], tmp: str) -> None:
+    """Stop every device and remove the scratch directory, even when one stop fails or
+    is interrupted (Ctrl-C): what went wrong first is raised once all is done."""
+    pending: BaseException | None = None
+    for d in devices:
+        try:
             d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:  # re-raised below
+            pending = pending or exc
+    while True:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            break
+        except KeyboardInterrupt as exc:  # a second Ctrl-C: the files still go
+            pending = pending or exc
+    if pending is not None:
+        raise pending
 
 
 def run_audit(args: argparse.Namespace) -> int:

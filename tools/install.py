@@ -14,8 +14,11 @@ install writes, under --root (default /):
   usr/share/bash-completion/completions/{vfsdrv,mount.vfsdrv}   bash completion
 
 The two commands are small shell scripts that run this installation's entry points
-(a venv's or a system-wide one); they carry a marker line, and uninstall removes
-only files that carry it (or are the templates' output), never /etc/vfsdrv.conf.
+(a venv's or a system-wide one); they carry a marker line, as the manual pages and
+completion do, and the udev and systemd files end with a stamp (the digest of the
+text above it). install overwrites only such files, and refuses, before it writes
+anything, when one of its targets is somebody else's; uninstall removes only such
+files (an edited udev or systemd file is kept, and named), never /etc/vfsdrv.conf.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import VfsdrvError
@@ -53,15 +57,6 @@ def wrapper(target: str) -> str:
     return f'#!/bin/sh\n{MARKER}\nexec {shlex.quote(target)} "$@"\n'
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.vfsdrv-new")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)  # never a half-written helper for a concurrent mount(8)
-    return path
-
-
 def _ours(path: Path) -> bool:
     try:
         return MARKER in path.read_text(errors="replace")
@@ -69,48 +64,61 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def install(root: str = "/", reload: bool = True) -> list[Path]:
-    base = Path(root)
-    written = []
-    helper = base / HELPER
-    if helper.exists() and not _ours(helper):
-        raise VfsdrvError(f"{helper} exists and was not written by `vfsdrv install`: "
-                          "remove it first")
-    written.append(_write(helper, wrapper(entry_point("mount.vfsdrv")), 0o755))
-    vfsdrv = entry_point("vfsdrv")
-    if str(Path(vfsdrv).parent) not in SYSTEM_BIN:
-        written.append(_write(base / COMMAND, wrapper(vfsdrv), 0o755))
-    written += udev.install(root, reload=reload, command=vfsdrv)
+def _generated(path: Path) -> bool:
     from . import manpages
 
+    try:
+        return manpages.GENERATED in path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def targets(root: str = "/") -> list[udev.Target]:
+    """Every file install writes, with how to recognize one it wrote before."""
+    from . import manpages
+
+    base = Path(root)
+    out = [udev.Target(base / HELPER, wrapper(entry_point("mount.vfsdrv")), 0o755, _ours)]
+    vfsdrv = entry_point("vfsdrv")
+    if str(Path(vfsdrv).parent) not in SYSTEM_BIN:
+        out.append(udev.Target(base / COMMAND, wrapper(vfsdrv), 0o755, _ours))
+    out += udev.targets(root, command=vfsdrv)
     for name, text in manpages.man_pages().items():
-        written.append(_write(base / MAN_DIR / name, text))
+        out.append(udev.Target(base / MAN_DIR / name, text, 0o644, _generated))
     for name, text in manpages.completions().items():
-        written.append(_write(base / COMPLETION_DIR / name, text))
+        out.append(udev.Target(base / COMPLETION_DIR / name, text, 0o644, _generated))
+    return out
+
+
+def install(root: str = "/", reload: bool = True) -> list[Path]:
+    todo = targets(root)
+    udev.check(todo, "`vfsdrv install`")  # all of them first: nothing half-installed
+    written = [udev.write_file(t.path, t.text, t.mode) for t in todo]
+    if reload and root == "/":
+        udev._reload()
     return written
 
 
-def uninstall(root: str = "/", reload: bool = True) -> list[Path]:
+def uninstall(root: str = "/", reload: bool = True,
+              kept: list[Path] | None = None) -> list[Path]:
+    """Remove what install wrote; a file there that it did not write, or (udev, systemd)
+    that was edited since, stays and is added to `kept`."""
     from . import manpages
 
     base = Path(root)
     removed = []
-    for rel in (HELPER, COMMAND):
-        path = base / rel
-        if _ours(path):
+    mine = [(base / HELPER, _ours), (base / COMMAND, _ours)]
+    mine += [(base / MAN_DIR / name, _generated) for name in manpages.man_pages()]
+    mine += [(base / COMPLETION_DIR / name, _generated) for name in manpages.completions()]
+    for path, ours in mine:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if ours(path):
             path.unlink()
             removed.append(path)
-    for name in manpages.man_pages():
-        path = base / MAN_DIR / name
-        if path.exists() and manpages.GENERATED in path.read_text(errors="replace"):
-            path.unlink()
-            removed.append(path)
-    for name in manpages.completions():
-        path = base / COMPLETION_DIR / name
-        if path.exists() and manpages.GENERATED in path.read_text(errors="replace"):
-            path.unlink()
-            removed.append(path)
-    removed += udev.uninstall(root, reload=reload)
+        elif kept is not None:
+            kept.append(path)
+    removed += udev.uninstall(root, reload=reload, kept=kept)
     return removed
 
 
@@ -141,6 +149,10 @@ def run_install(args: argparse.Namespace) -> int:
 def run_uninstall(args: argparse.Namespace) -> int:
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("uninstalling from / needs root")
-    for path in uninstall(args.root, reload=not args.no_reload):
+    kept: list[Path] = []
+    for path in uninstall(args.root, reload=not args.no_reload, kept=kept):
         print(f"removed {path}")
+    for path in kept:
+        print(f"vfsdrv: kept {path}: not written by `vfsdrv install`, or changed since "
+              "(remove it yourself if it is not needed)", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """`vfsdrv udev`: automatic binding of opted-in virtio-fs functions, with udev and systemd.
 
     vfsdrv udev install [--root DIR] [--no-reload]   rule, unit template, example config
-    vfsdrv udev uninstall [--root DIR]
+    vfsdrv udev uninstall [--root DIR] [--no-reload]
     vfsdrv udev show [--config FILE]                 what the config decides, per function
     vfsdrv udev add BDF [--config FILE]              run by the rule when a function appears
     vfsdrv udev mount [--foreground] INSTANCE        ExecStart of vfsdrv@INSTANCE.service
@@ -15,17 +15,24 @@ which mounts it through vfsdrv. Without systemd as init (containers, minimal
 guests) the unit's command is started directly, detached. A function not named in
 the config is left alone: it stays with the kernel's virtio-pci. What `add` did
 is logged to stderr and to /run/vfsdrv/udev.log.
+
+install overwrites only files it wrote, and uninstall removes only those, unchanged:
+each ends with a stamp line (the digest of the text above it), so a file an
+administrator edited, or wrote, is refused by install and kept by uninstall.
 """
 
 from __future__ import annotations
 
 import argparse
 import configparser
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +46,10 @@ UNIT_FILE = "etc/systemd/system/vfsdrv@.service"
 CONF_EXAMPLE = "etc/vfsdrv.conf.example"
 LOG_FILE = "udev.log"
 UNIT_TEMPLATE = "vfsdrv@.service"
+#: the last line of every file install writes, followed by the digest of the text above it
+STAMP = "# written by `vfsdrv install`; edited, it is yours (uninstall keeps it). sha256 above: "
+TEMPLATES = (("70-vfsdrv.rules.in", RULES_FILE), ("vfsdrv@.service.in", UNIT_FILE),
+             ("vfsdrv.conf.example", CONF_EXAMPLE))
 
 
 class UdevConfigError(VfsdrvError):
@@ -212,31 +223,108 @@ def _log(message: str, state_dir: Path | None = None) -> None:
 # -- install ------------------------------------------------------------------------------------
 
 
-def install(root: str = "/", reload: bool = True, command: str | None = None) -> list[Path]:
+def stamped(text: str) -> str:
+    """`text` as install writes it: with the stamp line that recognizes it, unedited."""
+    if not text.endswith("\n"):
+        text += "\n"
+    return f"{text}{STAMP}{hashlib.sha256(text.encode()).hexdigest()}\n"
+
+
+def _template_output(template: str) -> re.Pattern[str]:
+    """The output of an unstamped install (before stamps) of `template`, for any command."""
+    parts = template.split("@VFSDRV@")
+    pattern = re.escape(parts[0])
+    for i, part in enumerate(parts[1:]):
+        pattern += ("(?P<cmd>[^\n]+)" if i == 0 else "(?P=cmd)") + re.escape(part)
+    return re.compile(pattern)
+
+
+def written_by_install(path: Path, template: str | None = None) -> bool:
+    """Whether `path` holds a file install wrote, unchanged since: its stamp still
+    matches its text (whichever vfsdrv, venv or version wrote it), or it is the
+    template's output for some command (what install wrote before the stamps)."""
+    try:
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return False
+    head, sep, last = text.removesuffix("\n").rpartition("\n")
+    if last.startswith(STAMP):
+        body = (head + sep).encode("utf-8", "surrogateescape")
+        return last[len(STAMP):] == hashlib.sha256(body).hexdigest()
+    return template is not None and _template_output(template).fullmatch(text) is not None
+
+
+@dataclass
+class Target:
+    """A file install writes, and how to tell one it wrote there before (which it may
+    overwrite, and uninstall remove) from anybody else's."""
+
+    path: Path
+    text: str
+    mode: int = 0o644
+    ours: Callable[[Path], bool] = written_by_install
+
+    def foreign(self) -> bool:
+        return (self.path.exists() or self.path.is_symlink()) and not self.ours(self.path)
+
+
+def check(targets: list[Target], by: str) -> None:
+    """Refuse (before anything is written) to overwrite a file install did not write."""
+    foreign = [t.path for t in targets if t.foreign()]
+    if foreign:
+        more = f" (and {', '.join(map(str, foreign[1:]))})" if foreign[1:] else ""
+        raise VfsdrvError(f"{foreign[0]} exists and was not written by {by}: "
+                          f"remove it first{more}")
+
+
+def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.vfsdrv-new")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)  # never a half-written file for a concurrent reader
+    return path
+
+
+def targets(root: str = "/", command: str | None = None) -> list[Target]:
+    """The rule, the unit template and the example config, as install writes them."""
     cmd = command or vfsdrv_command()
     src = templates_dir()
-    base = Path(root)
-    written = []
-    for template, dest in (("70-vfsdrv.rules.in", RULES_FILE),
-                           ("vfsdrv@.service.in", UNIT_FILE),
-                           ("vfsdrv.conf.example", CONF_EXAMPLE)):
-        text = (src / template).read_text().replace("@VFSDRV@", cmd)
-        path = base / dest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
+    out = []
+    for template, dest in TEMPLATES:
+        text = (src / template).read_text()
+        out.append(Target(Path(root) / dest, stamped(text.replace("@VFSDRV@", cmd)),
+                          ours=lambda p, t=text: written_by_install(p, t)))
+    return out
+
+
+def install(root: str = "/", reload: bool = True, command: str | None = None) -> list[Path]:
+    todo = targets(root, command)
+    check(todo, "`vfsdrv udev install`")
+    written = [write_file(t.path, t.text, t.mode) for t in todo]
     if reload and root == "/":
         _reload()
     return written
 
 
-def uninstall(root: str = "/", reload: bool = True) -> list[Path]:
+def uninstall(root: str = "/", reload: bool = True,
+              kept: list[Path] | None = None) -> list[Path]:
+    """Remove what install wrote; a file there that install did not write, or that was
+    edited since, stays (and is added to `kept`)."""
     removed = []
-    for dest in (RULES_FILE, UNIT_FILE, CONF_EXAMPLE):
+    for template, dest in TEMPLATES:
         path = Path(root) / dest
-        if path.exists():
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            text: str | None = (templates_dir() / template).read_text()
+        except (VfsdrvError, OSError):
+            text = None  # then only a stamped file is recognized
+        if written_by_install(path, text):
             path.unlink()
             removed.append(path)
+        elif kept is not None:
+            kept.append(path)
     if reload and root == "/":
         _reload()
     return removed
@@ -350,7 +438,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--no-reload", action="store_true", help="do not reload udev and systemd")
     i.set_defaults(func=run_install)
     u = s.add_parser("uninstall", help="remove what install wrote (not /etc/vfsdrv.conf)")
-    u.add_argument("--root", default="/")
+    u.add_argument("--root", default="/", help="remove under this directory (default /)")
+    u.add_argument("--no-reload", action="store_true", help="do not reload udev and systemd")
     u.set_defaults(func=run_uninstall)
     for name, helptext in (("show", "what the config decides for each virtio-fs function"),
                            ("add", "handle an appearing function (run by the udev rule)"),
@@ -377,8 +466,12 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    for path in uninstall(args.root):
+    kept: list[Path] = []
+    for path in uninstall(args.root, reload=not args.no_reload, kept=kept):
         print(f"removed {path}")
+    for path in kept:
+        print(f"vfsdrv: kept {path}: not written by `vfsdrv udev install`, or changed since "
+              "(remove it yourself if it is not needed)", file=sys.stderr)
     return 0
 
 
