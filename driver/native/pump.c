@@ -535,7 +535,16 @@ static void complete(struct vfsdrv_pump *p, uint32_t i, uint32_t len)
                                 h.len - VFSDRV_OUT_HEADER}};
         STAT(p, syscalls);
         STAT(p, replies);
-        wrote(p, writev(s->fd, iov, h.len > VFSDRV_OUT_HEADER ? 2 : 1));
+        ssize_t n = writev(s->fd, iov, h.len > VFSDRV_OUT_HEADER ? 2 : 1);
+        int err = errno;
+        wrote(p, n);
+        if (n < 0 && err == EINVAL) {
+            /* a payload the kernel's own checks reject (e.g. an attr of the wrong
+             * size): it answers the program EIO itself; say which reply it was */
+            STAT(p, bad_replies);
+            push_event(p, VFSDRV_EV_BAD_REPLY, i, s->unique, s->opcode, s->fd, len,
+                       "the kernel refused the reply (its payload does not fit the request)");
+        }
         if (p->cfg.trace)
             push_event_arg(p, VFSDRV_EV_TRACE_REPLY, i, s->unique, s->opcode, s->fd,
                            h.len - VFSDRV_OUT_HEADER, NULL, (uint64_t)(int64_t)-h.error);
