@@ -68,6 +68,9 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     page = (tmp_path / "usr/local/share/man/man8/vfsdrv.8").read_text()
     for text in ("\\fB\\-\\-timeout\\fR", ".SS status", ".SS udev install", "\\fB\\-\\-json\\fR"):
         assert text in page, text
+    # refdev hands its arguments to the device's own parser: the page shows that one's
+    refdev = page[page.index(".SS refdev"):]
+    assert "\\fB\\-\\-socket\\fR" in refdev and "\\fB\\-\\-notify\\-buf\\-size\\fR" in refdev
     if shutil.which("man"):
         out = subprocess.run(["man", "-l", str(tmp_path / "usr/local/share/man/man8/vfsdrv.8")],
                              capture_output=True, text=True, timeout=60,
@@ -87,6 +90,7 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     assert "--timeout" in complete("mount", "--t")
     assert complete("udev", "ins") == ["install"]
     assert "--json" in complete("status", "--")
+    assert "--source" in complete("refdev", "--s")
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

@@ -22,9 +22,12 @@ def _dash(option: str) -> str:
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """name -> parser of each subcommand; a command that hands its arguments to a
+    parser of its own (refdev) is described by that parser (`documented_by`)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
+            return {name: (child.get_default("documented_by") or (lambda c=child: c))()
+                    for name, child in action.choices.items()}
     return {}
 
 

@@ -15,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the reference vhost-user virtio-fs device (notification queue, "
         "blocking locks)",
     )
-    p.set_defaults(func=run, pass_through=True)
+    # the manual page and completion describe the device's own parser
+    p.set_defaults(func=run, pass_through=True, documented_by=_device_parser)
+
+
+def _device_parser() -> argparse.ArgumentParser:
+    from ..refdev.cli import build_parser  # not at every vfsdrv start: it loads the device
+
+    return build_parser()
 
 
 def run(args: argparse.Namespace) -> int:

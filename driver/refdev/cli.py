@@ -24,11 +24,16 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="host directory to share")
     p.add_argument("--tag", default="refdev", help="file system tag (config space)")
     p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
-                   metavar="N")
+                   metavar="N", help="request queues offered (config space "
+                   "num_request_queues; default 1)")
     # a u32 in the config space
     p.add_argument("--notify-buf-size", type=int_range(LOCK_NOTIFY_LEN, 0xFFFFFFFF), default=64,
-                   metavar="N")
-    p.add_argument("--max-waiting-locks", type=int, default=64, metavar="N")
+                   metavar="N", help="notify_buf_size in the config space: the smallest "
+                   "notification queue buffer the driver must post (bytes; default 64)")
+    p.add_argument("--max-waiting-locks", type=int_range(0, 1 << 20), default=64, metavar="N",
+                   help="blocking lock requests parked at once, device-wide; more are refused "
+                   "with ENOLCK "
+                   "(default 64)")
     p.add_argument(
         "--notify-lock-code",
         type=notify_code,
