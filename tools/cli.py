@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
-    """-v after the sub-command (and after a sub-sub-command) too."""
+    """-v after the sub-command (and after a sub-sub-command) too; and each command
+    parser remembers itself, so that its own usage goes with an error about it."""
     for p in sub.choices.values():
+        p.set_defaults(command_parser=p)  # a sub-sub-command's own default wins
         if not any("-v" in a.option_strings for a in p._actions):
             _verbose_option(p, None)
         for action in p._actions:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     # a command may hand its arguments to a parser of its own (refdev does)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "pass_through", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="vfsdrv: %(levelname)s: %(name)s: %(message)s")

@@ -245,6 +245,8 @@ def unbind(bdf: str, sysfs: Sysfs | None = None) -> str | None:
 
 
 def run_bind(args: argparse.Namespace) -> int:
+    if bool(args.bdf) == bool(args.tag):  # a usage error (status 2), as unbind's missing BDF
+        args.command_parser.error("give the function's address or --tag TAG (one of them)")
     bdf, before = bind(args.bdf, args.tag)
     if before == VFIO_PCI:
         print(f"{bdf} is already bound to vfio-pci")

@@ -38,6 +38,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -75,6 +76,13 @@ IOTLB_MISS, IOTLB_UPDATE, IOTLB_INVALIDATE, IOTLB_ACCESS_FAIL = 1, 2, 3, 4
 IOTLB_ACCESS_RW = 3
 #: backend -> frontend request on the backend channel carrying a vhost_iotlb_msg
 BACKEND_IOTLB_MSG = 1
+
+
+def _exists_not_socket(path: str) -> bool:
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class VhostUserTransport(Transport):
@@ -164,6 +172,9 @@ class VhostUserTransport(Transport):
                 time.sleep(0.02)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
+                if _exists_not_socket(path):  # a file, a directory: no use waiting
+                    raise TransportError(f"{path} is not a socket (a vhost-user backend "
+                                         "listens on a unix socket)") from exc
                 if time.monotonic() >= deadline:
                     raise TransportError(
                         f"cannot connect to vhost-user socket {path}: {exc.strerror}; is the "

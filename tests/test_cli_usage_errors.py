@@ -1,0 +1,48 @@
+"""Usage errors of the command line: named by the command they belong to (its own
+usage line), status 2 like every argparse error, and a path that is not a socket
+is said to be one at once instead of waiting out --timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VFSDRV = [sys.executable, "-m", "vfsdrv.tools.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFSDRV, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args,usage", [
+    (("mount", "--bogus", "/mnt"), "usage: vfsdrv mount "),
+    (("udev", "install", "--bogus"), "usage: vfsdrv udev install "),
+    (("status", "--bogus"), "usage: vfsdrv status "),
+])
+def test_an_unknown_option_shows_its_command_usage(args: tuple[str, ...], usage: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(usage) and "unrecognized arguments: --bogus" in r.stderr, r.stderr
+
+
+def test_bind_without_a_function_is_a_usage_error_like_unbind() -> None:
+    for cmd in ("bind", "unbind"):
+        r = run(cmd)
+        assert r.returncode == 2 and f"usage: vfsdrv {cmd}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_check_of_a_path_that_is_not_a_socket_fails_at_once(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "x"
+    if what == "file":
+        path.write_text("not a socket")
+    else:
+        path.mkdir()
+    t0 = time.monotonic()
+    r = run("check", "--vhost-user", str(path), "--timeout", "20")
+    assert r.returncode == 1 and f"{path} is not a socket" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 10, "it waited for --timeout"
