@@ -46,3 +46,8 @@ def test_check_of_a_path_that_is_not_a_socket_fails_at_once(tmp_path: Path, what
     r = run("check", "--vhost-user", str(path), "--timeout", "20")
     assert r.returncode == 1 and f"{path} is not a socket" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 10, "it waited for --timeout"
+
+
+def test_mount_with_a_device_and_a_tag_is_refused(tmp_path: Path) -> None:
+    r = run("mount", "--device", "0000:00:04.0", "--tag", "x", str(tmp_path))
+    assert r.returncode == 1 and "not both" in r.stderr, r.stderr

@@ -202,6 +202,9 @@ def run_mount(args: argparse.Namespace) -> int:
         raise MountError("give one of --vhost-user, --device (or --tag alone)")
     if not chosen and not args.tag:
         raise MountError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
+    if args.device and args.tag:
+        raise MountError("give --device BDF or --tag TAG, not both (--tag with --vhost-user "
+                         "names a backend that has no config space)")
     req = MountRequest(
         mountpoint=args.mountpoint, vhost_user=args.vhost_user, device=args.device,
         tag=args.tag, request_queues=args.request_queues, threads=args.threads,
