@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from mounting import mount_points
@@ -142,3 +149,93 @@ def test_check_junit_path_is_checked_before_the_device(tmp_path) -> None:
                             "--junit", str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "not a file in an existing directory" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def _processes_mentioning(text: str) -> dict[tuple[int, str], str]:
+    """The live processes whose command line mentions `text`: (pid, start time) ->
+    command line (the start time tells a pid used again from the same process)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if text in cmdline and fields[0] != "Z":
+            found[(int(entry), fields[19])] = cmdline
+    return found
+
+
+def _alive(pid: int, start: str) -> bool:
+    """Whether process `pid` started at `start` (not another one with its pid) runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
+@pytest.mark.parametrize(("sig", "group", "delays"), [
+    (signal.SIGTERM, False, (0.3, 0.45, 0.6, 0.75, 1.0, 1.5)),
+    (signal.SIGINT, False, (0.3, 0.45, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0, 1.5)),
+    (signal.SIGTERM, True, (0.3, 0.45, 0.6, 0.75, 1.0)),
+    (signal.SIGHUP, False, (0.45, 0.75)),
+], ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-group", "SIGHUP"])
+def test_a_signal_at_any_moment_of_the_demo_leaves_nothing(sig: int, group: bool,
+                                                           delays: tuple[float, ...]) -> None:
+    """SIGTERM (kill, timeout(1), systemd), SIGINT (kill -INT) or SIGHUP (a closed
+    terminal) to the demo alone or to its process group, `delay` s after it started
+    (the typed client, the mount, the programs using it, the unmount: all within about
+    1 s): it unwinds as for Ctrl-C and exits 128+signal (or 0: it had finished), with
+    nothing left mounted, no process it started still running and no temporary
+    directory, without a traceback."""
+    failures = []
+    for delay in delays:
+        # not under tmp_path: its long name would make the sockets' too long
+        tmp = Path(tempfile.mkdtemp(prefix="demo-signal-"))
+        seen: dict[tuple[int, str], str] = {}
+        proc = subprocess.Popen([*VFSDRV, "demo"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmp)})
+        try:
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and proc.poll() is None:
+                seen.update(_processes_mentioning(f"{tmp}/"))  # what it started, by pid
+                time.sleep(0.002)
+            if proc.poll() is None:
+                (os.killpg if group else os.kill)(proc.pid, sig)
+            _out, err = proc.communicate(timeout=120)
+            rc = proc.returncode
+            # what it started must be gone once it has exited (a moment for a process
+            # of a stopped group to finish dying)
+            left: dict[tuple[int, str], str] = {}
+            stop = time.monotonic() + 3
+            while time.monotonic() < stop:
+                left = {**{k: v for k, v in seen.items() if _alive(*k)},
+                        **_processes_mentioning(f"{tmp}/")}
+                if not left:
+                    break
+                time.sleep(0.05)
+            mounts = [m for m in mount_points() if m.startswith(f"{tmp}/")]
+            dirs = [p.name for p in tmp.glob("vfsdrv-demo-*")]
+            if rc not in (0, 128 + sig, -sig) or "Traceback" in err or left or mounts or dirs:
+                failures.append(f"at {delay} s: rc {rc}, still mounted {mounts}, still running "
+                                f"{sorted(left.values())}, directories {dirs}, "
+                                f"stderr {err.strip()[-300:]!r}")
+        finally:  # leave the machine clean for the next run, pass or fail
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            for (pid, _start) in _processes_mentioning(f"{tmp}/"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for m in mount_points():
+                if m.startswith(f"{tmp}/"):
+                    subprocess.run(["umount", "-l", m], check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert failures == [], "\n".join(failures)

@@ -480,7 +480,12 @@ def run_show(args: argparse.Namespace) -> int:
 
     config = conf_path(args.config)
     entries = load_config(config)
-    for d in devices.list_devices():
+    found = devices.list_devices()
+    where = f"{config}" if os.path.exists(config) else f"{config} (missing: nothing opted in)"
+    print(f"config: {where}; {len(entries)} section(s)")
+    if not found:
+        print("no virtio-fs PCI functions on this machine")
+    for d in found:
         e = match(entries, d.bdf, d.tag)
         if e is None:
             what = "not configured: stays with the kernel"
