@@ -156,6 +156,9 @@ def test_real_device_passes_every_check(checked_device: str, sock_dir: Path, exp
         assert c["notify.queue"]["result"] == "skip" and c["notify.load"]["result"] == "skip"
         assert "VIRTIO_FS_F_NOTIFICATION" not in doc["negotiated"]
         assert "not negotiated" in cov["not_observable"]["D84"]
+        # it grants no lock flag: an answer to SETLK is not called a claimed one
+        flock = c["fuse.opcodes[SETLK(flock)]"]
+        assert flock["result"] == "pass" and "claimed" not in flock["observed"], flock
     if checked_device == "virtiofsd-rs":  # config space (--tag), no notification queue
         assert c["queues.layout"]["deviation"] == INDEX1_DEVIATION
         assert c["config.tag"]["result"] == "pass" and f"{DEVICE_TAG!r}" in c["config.tag"][
