@@ -312,6 +312,7 @@ def strace_syscalls(server: int | None, out: Path,
     return None if total is None else total / max(ops, 1)
 
 
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 NULL_FILE = 1 << 30  # the null device's file "null": READs report data never written
 
 
@@ -394,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=cpu_list, metavar="LIST",
                     help="pin the whole run (servers, devices, fio) to these CPUs, "
                     "e.g. 0 or 0-1")
+    ap.add_argument("--halt-poll-ns", type=int, metavar="NS",
+                    help="for the run, let idle CPUs of this VM poll NS ns before they halt "
+                    f"(cpuidle-haltpoll's guest_halt_poll_ns, {HALT_POLL}; restored after): "
+                    "shows what cross-CPU wake-ups cost (README, Reading the figures on a "
+                    "VM); 200000 is the kernel's default")
     ap.add_argument("--vfsdrv-opt", action="append", default=[], type=key_value,
                     metavar="KEY=VALUE",
                     help="a vfsdrv mount option (-o KEY=VALUE) for both vfsdrv mounts, e.g. "
@@ -414,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     null_rows: list[tuple[str, Result, float | None]] = []
     results: dict[tuple[str, str], list[Result]] = {}
     syscalls: dict[str, float | None] = {}
+    halt_poll_was = None
+    if args.halt_poll_ns is not None:
+        try:
+            halt_poll_was = HALT_POLL.read_text().strip()
+            HALT_POLL.write_text(str(args.halt_poll_ns))
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            ap.error(f"--halt-poll-ns needs the cpuidle-haltpoll driver of a KVM guest "
+                     f"({HALT_POLL}): {exc.strerror}")
     t_start = time.monotonic()
     try:
         start_targets(work, targets, args.vfsdrv_opt, args.device, tuple(args.device_arg))
@@ -470,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - tear everything down regardless
                     print(f"teardown of {t.name}: {exc}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
+        if halt_poll_was is not None:
+            HALT_POLL.write_text(halt_poll_was)
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"fs_bench: vfsdrv mount (relay -> vhost-user -> {args.device}) vs libfuse "
@@ -478,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} round(s), {time.monotonic() - t_start:.0f} s; load average {load}; "
           f"{os.cpu_count()} CPUs"
           f"{'; pinned to CPUs ' + ','.join(map(str, sorted(args.cpus))) if args.cpus else ''}"
+          f"{'' if halt_poll_was is None else f'; guest_halt_poll_ns {args.halt_poll_ns}'}"
           f"; device args: {' '.join(args.device_arg) or 'none'}; vfsdrv mount options: "
           f"{','.join(args.vfsdrv_opt) if args.vfsdrv_opt else 'none'}")
     print(f"{'workload':<30} {'unit':<6} {'vfsdrv':>10} {'pt_ll':>10} {'plain':>10} "

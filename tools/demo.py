@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                    help="the device: Debian 12's C virtiofsd (default), Debian 13's Rust "
-                   "virtiofsd (fetched by: python3 -m vfsdrv.tools.virtiofsd_rs) or the "
-                   "reference device")
+                   "virtiofsd (fetched by: .venv/bin/python -m vfsdrv.tools.virtiofsd_rs) or "
+                   "the reference device")
     p.set_defaults(func=run)
 
 

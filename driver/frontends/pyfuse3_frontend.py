@@ -868,10 +868,11 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     """FUSE_INIT the device, mount `mountpoint` with pyfuse3, call `ready()` once the
     file system answers, serve until unmounted or SIGTERM/SIGINT (main thread
     only), unmount, and send FUSE_DESTROY. `ready` runs on the event loop: it must
-    not touch the mount itself. If the device goes away the mount is removed and
-    the device's error (DeviceGoneError) is raised. The caller still owns (and
-    closes) `fs`. `source` is what the mount table shows (default: the tag); the
-    options are the relay's (libfuse_options)."""
+    not touch the mount itself. If the device goes away the mount stays, as a dead
+    FUSE daemon's, and answers ENOTCONN until unmounted; the device's error
+    (DeviceGoneError) is raised. The caller still owns (and closes) `fs`. `source`
+    is what the mount table shows (default: the tag); the options are the relay's
+    (libfuse_options)."""
     tag = fs.config.tag if fs.config is not None else "virtiofs"
     opts = libfuse_options(options, source or tag)  # refuse bad options before INIT
     client = FuseClient(fs)

@@ -216,8 +216,9 @@ NOT_OBSERVABLE: dict[int, str] = {
        "mode: tests/test_virtio_device.py)",
     11: "VIRTIO_F_ACCESS_PLATFORM is not offered over vhost-user; how addresses are "
         "translated (IOMMU or physical) is seen by the IOMMU, not by the device",
-    12: "VIRTIO_F_RING_PACKED is not offered by this device (and vfsdrv has no packed rings "
-        "yet): a SHOULD that cannot come up",
+    12: "VIRTIO_F_RING_PACKED is not offered in auditing mode, which offers split rings only "
+        "(vfsdrv does drive packed rings: vfsdrv check --ring packed): a SHOULD that cannot "
+        "come up",
     13: "VIRTIO_F_ORDER_PLATFORM is not offered over vhost-user; barriers leave no trace a "
         "device can see",
     14: "VIRTIO_F_NOTIF_CONFIG_DATA is PCI-only and not offered",
