@@ -1,6 +1,6 @@
 /* vfsdrv's native core: the declarations shared by C and Python.
  *
- * This file is read twice: by the C compiler (core.c, pump.c include it) and by
+ * This file is read twice: by the C compiler (every .c file here includes it) and by
  * cffi's cdef (driver/_native_build.py), so every struct is declared exactly once.
  * It must stay in the subset of C that cffi parses: no #include, no #if, only
  * integer #defines. tests/test_native_layout.py pins the layouts.

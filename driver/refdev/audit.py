@@ -214,8 +214,10 @@ NOT_OBSERVABLE: dict[int, str] = {
     8: "the device offers every feature the driver needs; the choice between a legacy mode "
        "and FAILED for a device without VERSION_1 is the driver's own (it has no legacy "
        "mode: tests/test_virtio_device.py)",
-    11: "VIRTIO_F_ACCESS_PLATFORM is not offered over vhost-user; how addresses are "
-        "translated (IOMMU or physical) is seen by the IOMMU, not by the device",
+    11: "VIRTIO_F_ACCESS_PLATFORM is not offered in auditing mode (the auditor reads rings "
+        "by guest-physical address; refdev --access-platform offers it outside that mode); "
+        "how addresses are translated (IOMMU or physical) is seen by the IOMMU, not by the "
+        "device",
     12: "VIRTIO_F_RING_PACKED is not offered in auditing mode, which offers split rings only "
         "(vfsdrv does drive packed rings: vfsdrv check --ring packed): a SHOULD that cannot "
         "come up",
