@@ -4,6 +4,7 @@ is said to be one at once instead of waiting out --timeout."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -51,3 +52,14 @@ def test_check_of_a_path_that_is_not_a_socket_fails_at_once(tmp_path: Path, what
 def test_mount_with_a_device_and_a_tag_is_refused(tmp_path: Path) -> None:
     r = run("mount", "--device", "0000:00:04.0", "--tag", "x", str(tmp_path))
     assert r.returncode == 1 and "not both" in r.stderr, r.stderr
+
+
+def test_udev_add_reports_a_failure_once(tmp_path: Path) -> None:
+    conf = tmp_path / "vfsdrv.conf"
+    conf.write_text("[tag:x]\nmount = /mnt/x\n")  # an unknown key: the config is refused
+    r = subprocess.run([*VFSDRV, "udev", "add", "0000:99:00.0", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "VFSDRV_STATE_DIR": str(tmp_path)})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("unknown key") == 1, r.stderr
+    assert "unknown key" in (tmp_path / "udev.log").read_text()

@@ -502,8 +502,8 @@ def run_add(args: argparse.Namespace) -> int:
     try:
         _log(handle_add(args.bdf, conf_path(args.config), mount=not args.no_mount))
     except VfsdrvError as exc:
-        _log(f"{args.bdf}: failed: {exc}")
-        raise
+        _log(f"{args.bdf}: failed: {exc}")  # on stderr too: once is enough
+        return 1
     return 0
 
 
