@@ -176,9 +176,12 @@ class VhostUserTransport(Transport):
                     raise TransportError(f"{path} is not a socket (a vhost-user backend "
                                          "listens on a unix socket)") from exc
                 if time.monotonic() >= deadline:
+                    busy = (" and free (virtiofsd serves one driver at a time and does not "
+                            "listen meanwhile)" if isinstance(exc, ConnectionRefusedError)
+                            else "")
                     raise TransportError(
                         f"cannot connect to vhost-user socket {path}: {exc.strerror}; is the "
-                        "backend (virtiofsd, vfsdrv refdev) running and listening there?"
+                        f"backend (virtiofsd, vfsdrv refdev) running and listening there{busy}?"
                     ) from exc
                 time.sleep(0.02)
             except OSError as exc:
