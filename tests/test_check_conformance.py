@@ -489,6 +489,35 @@ def test_hostile_config_from_a_real_backend(sock_dir: Path, export: Path, capsys
     assert c["fuse.init"]["result"] == "skip" and "not reached" in c["fuse.init"]["observed"]
 
 
+@pytest.mark.parametrize("what", ["num_request_queues", "queue count"])
+def test_huge_counts_from_a_backend_end_the_check(sock_dir: Path, export: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  what: str) -> None:
+    """num_request_queues 2^32 - 1 in the config space, or 2^64 - 1 queues from
+    GET_QUEUE_NUM: the check ends within seconds with a verdict (it used to probe
+    every one of them, growing by hundreds of MB a second)."""
+    from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+    if what == "num_request_queues":
+        bad = b"big".ljust(36, b"\0") + struct.pack("<II", 0xFFFFFFFF, 64)
+        monkeypatch.setattr(DeviceConfig, "config_space", lambda self: bad)
+    else:
+        monkeypatch.setattr(VhostUserTransport, "num_queues", lambda self: 2**64 - 1)
+    sock = sock_dir / "ref.sock"
+    start = time.monotonic()
+    with RefDevice(str(sock), str(export)):
+        rc = cli.main(["check", "--vhost-user", str(sock), "--json"])
+    assert time.monotonic() - start < 30
+    doc = json.loads(capsys.readouterr().out)
+    assert_schema(doc)
+    c = by_id(doc)
+    if what == "num_request_queues":
+        assert rc == 1 and c["config.num_request_queues"]["result"] == "fail"
+        assert c["queues.layout"]["result"] == "skip"
+    else:
+        assert "queues.sizes" in c
+
+
 def test_zero_request_queues_fails(sock_dir: Path, export: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DeviceConfig, "config_space",

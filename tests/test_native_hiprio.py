@@ -331,6 +331,39 @@ def test_full_sender_keeps_requests_in_the_backlog(handed_over, monkeypatch) -> 
         time.sleep(0.01)
 
 
+def test_a_stalled_hiprio_queue_bounds_the_backlog_and_the_retries(
+        handed_over, monkeypatch, caplog) -> None:
+    """A device that never gives hiprio buffers back: the backlog stops at its cap
+    (what does not fit is dropped, with one warning) and the retries back off to
+    HIPRIO_RETRY_MAX instead of running every millisecond; one try that sends
+    something brings them back to 1 ms."""
+    fs = handed_over.fs
+    monkeypatch.setattr(type(fs), "HIPRIO_BACKLOG_MAX", 50)
+    refuse = [True]
+    real_send = HiprioSender.send
+
+    def send(self, data: bytes) -> None:
+        if refuse[0]:
+            raise HiprioFull()
+        real_send(self, data)
+
+    monkeypatch.setattr(HiprioSender, "send", send)
+    with caplog.at_level("WARNING"):
+        for i in range(80):
+            fs.send_hiprio(forget(fs.next_unique(), 10_000 + i, 1))
+    assert fs.hiprio_backlog == 50 and fs.stats["hiprio_dropped"] == 30
+    assert sum("dropping FORGET/INTERRUPT" in r.message for r in caplog.records) == 1
+    retries = []
+    for _ in range(12):
+        fs.process()
+        retries.append(fs.hiprio_retry)
+    assert retries[0] == 2 * fs.HIPRIO_RETRY_MIN and retries[-1] == fs.HIPRIO_RETRY_MAX
+    assert retries == sorted(retries)
+    refuse[0] = False
+    fs.process()
+    assert fs.hiprio_retry == fs.HIPRIO_RETRY_MIN
+
+
 def test_a_bad_used_entry_on_hiprio_fails_the_device(handed_over) -> None:
     """The device's used entry for a FORGET names a buffer it was never given: the
     sender breaks, and VirtioFs reports the device as failed with the reason."""

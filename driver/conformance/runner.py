@@ -232,6 +232,7 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
             else:
                 report.add("config.num_request_queues", FAIL,
                            f"{nrq} (more than {MAX_REQUEST_QUEUES}: taken as broken)")
+                nrq = 0  # broken: nothing below may size anything by it
     if notif_offered and raw is not None:
         nbs = struct.unpack_from("<I", raw, TAG_SIZE + 4)[0]
         if MIN_NOTIFY_BUF_SIZE <= nbs <= MAX_NOTIFY_BUF_SIZE:
@@ -244,7 +245,9 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
 
     # queue layout and sizes ------------------------------------------------------------------
     use_notify = notif_offered and opt.notification
-    num = t.num_queues()
+    # the device's count, bounded by what any virtio-fs device can have: only those
+    # queues are probed (a count of 2^64 - 1 must not make a probe loop of it)
+    num = min(t.num_queues(), 2 + MAX_REQUEST_QUEUES)
     first_req = 2 if use_notify else 1
     sizes = {i: t.queue_max_size(i) for i in range(max(num, first_req + max(nrq, 1)))}
     spec_layout = False

@@ -396,9 +396,11 @@ class Relay:
         if self.stop_at is not None:
             return 0.1
         if self.fs.poll:
-            return 0.0 if self.fs.lock_waiters or self.fs.hiprio_backlog else 0.005
+            if self.fs.lock_waiters:
+                return 0.0
+            return min(0.005, self.fs.hiprio_retry) if self.fs.hiprio_backlog else 0.005
         if self.fs.hiprio_backlog:
-            return 0.001
+            return self.fs.hiprio_retry
         return self.fs.max_wait  # a queue without an interrupt is looked at this often
 
     def _check_progress(self) -> None:

@@ -139,6 +139,8 @@ class VirtioFs:
         self.hiprio_sender: HiprioSender | None = None
         #: hiprio requests the sender had no room for, oldest first (retried by process())
         self._hiprio_backlog: collections.deque[bytes] = collections.deque()
+        self._hiprio_dropped = 0
+        self._hiprio_retry = self.HIPRIO_RETRY_MIN
 
     # -- bring-up -----------------------------------------------------------------
     def start(self) -> VirtioFs:
@@ -198,6 +200,11 @@ class VirtioFs:
         return qs + [q.vq for q in self.request_queues]
 
     SLOT_SIZE_SMALL = SlotPool.SMALL_SIZE
+    #: hiprio requests waiting for room at most (a page each at most: 16 MiB)
+    HIPRIO_BACKLOG_MAX = 4096
+    #: how often a backlog is retried: from 1 ms, doubling after tries that sent nothing
+    HIPRIO_RETRY_MIN = 0.001
+    HIPRIO_RETRY_MAX = 0.25
 
     @property
     def slot_size_large(self) -> int:
@@ -346,8 +353,8 @@ class VirtioFs:
     def _send_hiprio(self, data: bytes) -> None:
         sender = self.hiprio_sender
         if sender is None:
-            self._hiprio_backlog.extend(split_hiprio(data, self.SLOT_SIZE_SMALL) or
-                                        self._unsendable(data))
+            self._queue_hiprio(split_hiprio(data, self.SLOT_SIZE_SMALL) or
+                               self._unsendable(data))
             self._drain_hiprio()
             return
         if not self._hiprio_backlog:
@@ -361,14 +368,37 @@ class VirtioFs:
                 self._unsendable(data)
                 return
         # behind what already waits, in pieces the sender takes one at a time
-        self._hiprio_backlog.extend(split_hiprio(data, sender.limit))
+        self._queue_hiprio(split_hiprio(data, sender.limit))
         self._drain_hiprio()
+
+    def _queue_hiprio(self, pieces: list[bytes]) -> None:
+        """Into the backlog, up to HIPRIO_BACKLOG_MAX: a device that stops taking back
+        its hiprio buffers must not grow it without end. What does not fit is
+        dropped: a FORGET only leaves the device a reference it holds anyway, an
+        INTERRUPT of a parked lock is answered by the relay after its grace."""
+        room = self.HIPRIO_BACKLOG_MAX - len(self._hiprio_backlog)
+        self._hiprio_backlog.extend(pieces[:max(room, 0)])
+        dropped = len(pieces) - max(room, 0)
+        if dropped > 0:
+            if not self._hiprio_dropped:
+                log.warning("hiprio queue: the device has not taken back its buffers and "
+                            "%d requests wait; dropping FORGET/INTERRUPT requests beyond "
+                            "that (logged once)", self.HIPRIO_BACKLOG_MAX)
+            self._hiprio_dropped += dropped
+            self.stats["hiprio_dropped"] += dropped
 
     def _unsendable(self, data: bytes) -> list[bytes]:
         _len, opcode, unique = IN_HEADER_START.unpack_from(data, 0)
         log.warning("hiprio request %d (opcode %d) of %d bytes dropped", unique, opcode,
                     len(data))
         return []
+
+    @property
+    def hiprio_retry(self) -> float:
+        """Seconds until the backlog is worth another try: 1 ms after a try that sent
+        something, doubling up to HIPRIO_RETRY_MAX after tries that sent nothing (a
+        device that stalls its hiprio queue must not keep the control thread busy)."""
+        return self._hiprio_retry
 
     @property
     def hiprio_backlog(self) -> int:
@@ -520,7 +550,11 @@ class VirtioFs:
             if self.hiprio_sender is not None:
                 self._check_hiprio_sender()
             if self._hiprio_backlog:
+                waiting = len(self._hiprio_backlog)
                 self._drain_hiprio()
+                self._hiprio_retry = self.HIPRIO_RETRY_MIN \
+                    if len(self._hiprio_backlog) < waiting else \
+                    min(2 * self._hiprio_retry, self.HIPRIO_RETRY_MAX)
             if self.notify_vq is not None and self.notify_vq.has_used():
                 handled += self._process_notifications()
             for qs in self._harvest:
