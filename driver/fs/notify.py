@@ -35,6 +35,8 @@ LOCK_NOTIFY = struct.Struct("<Qii")
 COUNTED_NOTIFY_CODES = frozenset(range(1, 10))
 #: given-up lock waits remembered, so that a late FUSE_NOTIFY_LOCK for one is no error
 ABANDONED_KEPT = 1024
+#: malformed notifications logged one by one before only a count is
+BAD_NOTIFICATIONS_LOGGED = 20
 
 #: (code, whole message including the header) -> None
 OnNotify = Callable[[int, memoryview], None]
@@ -52,7 +54,9 @@ class LockWaits:
     def __init__(self, stats: collections.Counter) -> None:
         self.stats = stats
         self._waiters: dict[int, _Waiter] = {}
-        self._early: dict[int, int] = {}  # unique -> error: notification before the reply
+        #: unique -> error: a notification before its "wait" reply, newest last, bounded
+        #: (a device that notifies a SETLKW it then answers finally leaves one behind)
+        self._early: collections.OrderedDict[int, int] = collections.OrderedDict()
         #: waiters answered without the device (abandon()), newest last, bounded
         self._abandoned: collections.OrderedDict[int, None] = collections.OrderedDict()
 
@@ -92,6 +96,8 @@ class LockWaits:
             waiter = self._waiters.pop(unique, None)
             if waiter is None:
                 self._early[unique] = error
+                while len(self._early) > ABANDONED_KEPT:
+                    self._early.popitem(last=False)
                 return
         if waiter is None:
             raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
@@ -168,7 +174,13 @@ class NotificationQueue:
                     self.handle(buf, length)
                 except ProtocolError as exc:
                     self.stats["bad_notification"] += 1
-                    log.warning("ignoring a malformed notification: %s", exc)
+                    # a device may send them by the thousand: the first few, then a count
+                    bad = self.stats["bad_notification"]
+                    if bad <= BAD_NOTIFICATIONS_LOGGED or bad % 10_000 == 0:
+                        log.warning("ignoring a malformed notification: %s%s", exc,
+                                    "" if bad < BAD_NOTIFICATIONS_LOGGED else
+                                    f" ({bad} so far; the next are counted, logged "
+                                    "every 10000th)")
                 self._post(buf)  # replenish at once
             if poll or not vq.enable_interrupts():
                 return n
