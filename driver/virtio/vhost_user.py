@@ -52,6 +52,8 @@ from .memory import Arena, DmaPool
 from .packed_layout import INITIAL_BASE as INITIAL_PACKED_BASE
 from .transport import QueueAddresses, Transport
 
+#: IOTLB reports from the backend kept for inspection (VhostUserTransport.iotlb_events)
+IOTLB_EVENTS_KEPT = 1024
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 64 << 20
@@ -127,7 +129,8 @@ class VhostUserTransport(Transport):
         self._iova_base = 0
         #: our end of the backend channel (SET_BACKEND_REQ_FD), for IOTLB events
         self._backend_channel: socket.socket | None = None
-        #: (type, iova, perm) of every IOTLB message the backend sent
+        #: (type, iova, perm) of the IOTLB messages the backend sent, the newest
+        #: IOTLB_EVENTS_KEPT (a device may send them without end)
         self.iotlb_events: list[tuple[int, int, int]] = []
         self._closed = False
         self.sock = self._connect(
@@ -535,6 +538,7 @@ class VhostUserTransport(Transport):
             if request == BACKEND_IOTLB_MSG and len(payload) >= IOTLB_MSG.size:
                 iova, _size, _uaddr, perm, kind = IOTLB_MSG.unpack_from(payload)
                 self.iotlb_events.append((kind, iova, perm))
+                del self.iotlb_events[:-IOTLB_EVENTS_KEPT]
                 what = {IOTLB_MISS: "an IOTLB miss", IOTLB_ACCESS_FAIL: "an access failure"}
                 log.error("%s: the device reported %s at IOVA %#x (perm %d): outside the "
                           "driver's memory", self.name, what.get(kind, f"IOTLB event {kind}"),
