@@ -53,6 +53,10 @@
 #define RING_WATCHDOG_MS 1000  /* requests in flight, no interrupt: look anyway */
 #define POLL_CLOCK_EVERY 16    /* spins between two looks at the clock */
 #define IDLE_LOOK_NS 2000      /* idle poll window: one read of /dev/fuse per 2 us */
+/* The poll window is for latency at low depth: with more in flight, completions come
+ * in batches anyway, and a spin only takes the CPU a device on the same CPUs needs
+ * (measured on 2 vCPUs: 16 in flight fell from 158k to 38k requests/s, a kick each) */
+#define POLL_MAX_IN_FLIGHT 4
 #define BACKOFF_MAX 6          /* after misses in a row, skip up to 2^5 - 1 looks */
 
 /* A look that may find nothing -- a spin on the used ring, a read of /dev/fuse that
@@ -869,6 +873,8 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
             p->poll_peek = 0;  /* nothing in flight: this read is the look */
             if (p->cfg.poll_ns) {
                 int r = poll_fuse(p);
+                if (r > 0)  /* and those queued behind it: one kick for all */
+                    r = read_batch(p) < 0 ? -1 : 1;
                 if (r < 0) {
                     rc = VFSDRV_PUMP_FUSE_ERROR;
                     break;
@@ -906,7 +912,7 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
         if (!can_read && p->fuse_polled)
             STAT(p, stalls);
         set_fuse_polling(p, can_read);
-        if (p->cfg.poll_ns && vq->in_flight) {
+        if (p->cfg.poll_ns && vq->in_flight && vq->in_flight <= POLL_MAX_IN_FLIGHT) {
             if (p->poll_peek) {
                 /* completions keep coming: take what /dev/fuse and the control plane
                  * have (epoll_wait without sleeping) before spinning again, or a
