@@ -140,7 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "noallow_other, nodefault_permissions, ...); relay: max_background=N, "
                    "congestion_threshold=N, max_readahead=N (bytes; default: the largest READ,"
                    " 1 MiB over virtiofsd, set on the mount's bdi after FUSE_INIT), and "
-                   "poll_us=N (0-1000, default 0: off): with requests in flight each pump "
+                   "poll_us=N (0-1000, default 0: off): with 1-4 requests in flight each pump "
                    "spins on its ring up to N microseconds before it sleeps, and with none it "
                    "reads /dev/fuse without blocking that long before it sleeps there, which "
                    "saves a fast device's completion (and a program's next request) a sleep "
