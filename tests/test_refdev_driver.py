@@ -304,6 +304,18 @@ def test_interrupt_cancels_a_waiting_lock_with_eintr(two, device: RefDevice) -> 
     a.setlk(na, fa, 3, whole(F_WRLCK))
 
 
+def test_setlkw_that_times_out_is_withdrawn(two, device: RefDevice) -> None:
+    """setlkw(timeout=...) that runs out withdraws its request: the device does not
+    grant the lock later to nobody (it used to, and then held it for good)."""
+    (a, na, fa), (b, nb, fb) = two
+    a.setlk(na, fa, 1, whole(F_WRLCK))
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        b.setlkw(nb, fb, 1, whole(F_WRLCK), timeout=0.5)
+    assert device.locks.waiting() == 0 and b.fs.lock_waiters == 0
+    a.setlk(na, fa, 1, whole(F_UNLCK))
+    a.setlk(na, fa, 3, whole(F_WRLCK))  # free: nothing went to b's withdrawn request
+
+
 def test_disconnect_releases_locks_and_wakes_the_other_frontend(two, device: RefDevice) -> None:
     (a, na, fa), (b, nb, fb) = two
     a.setlk(na, fa, 1, whole(F_WRLCK))

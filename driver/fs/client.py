@@ -48,6 +48,9 @@ _VALID_TYPES = frozenset({
 })
 
 
+#: after a SETLKW's timeout, how long the device has to answer its FUSE_INTERRUPT
+SETLKW_WITHDRAW_WAIT = 5.0
+
 class InvalidReplyError(ProtocolError, OSError):
     """The device answered with something no file system can hold (errno EIO)."""
 
@@ -168,7 +171,7 @@ def _name(name: bytes | str) -> bytes:
 
 class FuseClient:
     """Typed FUSE operations. `uid`/`gid`/`pid` go in every request header (the
-    device creates files as that user)."""
+    device creates files as that user). Not thread-safe, as its VirtioFs."""
 
     def __init__(self, fs: VirtioFs, *, uid: int | None = None, gid: int | None = None) -> None:
         self.fs = fs
@@ -678,7 +681,25 @@ class FuseClient:
 
     def setlkw(self, nodeid: int, fh: int, owner: int, lock: Lock, *, flock: bool = False,
                timeout: float | None = None) -> None:
-        self.setlkw_async(nodeid, fh, owner, lock, flock=flock).result(timeout)
+        """Wait for the lock. A wait that runs out of `timeout` or is stopped (Ctrl-C)
+        is withdrawn with FUSE_INTERRUPT, so the device does not grant it later to
+        nobody; TimeoutError then, unless the grant crossed the withdrawal (the lock
+        is held and setlkw returns)."""
+        pending = self.setlkw_async(nodeid, fh, owner, lock, flock=flock)
+        try:
+            pending.result(timeout)
+        except KeyboardInterrupt:
+            self.interrupt(pending.unique)
+            raise
+        except TimeoutError:
+            self.interrupt(pending.unique)
+            try:
+                pending.result(SETLKW_WITHDRAW_WAIT)
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
+                raise TimeoutError(f"the lock was not granted within {timeout:g} s "
+                                   "(request withdrawn)") from None
 
     def interrupt(self, unique: int) -> None:
         """FUSE_INTERRUPT of a request in flight (e.g. a waiting SETLKW)."""

@@ -74,7 +74,13 @@ class _QueueState:
 
 
 class VirtioFs:
-    """A virtio-fs device brought up over a transport."""
+    """A virtio-fs device brought up over a transport.
+
+    Not thread-safe: one thread uses it at a time (the relay gives its request
+    queues to native pumps, one thread each, and keeps the rest on one control
+    thread). A call that times out raises TimeoutError; one stopped by Ctrl-C while
+    its request was being handed to the device leaves the object broken (later
+    calls raise DeviceError), never silently stuck. close() when done."""
 
     def __init__(
         self,
@@ -145,6 +151,9 @@ class VirtioFs:
     # -- bring-up -----------------------------------------------------------------
     def start(self) -> VirtioFs:
         """Negotiate, read config, set up queues, post notification buffers, DRIVER_OK."""
+        if self.hiprio is not None or self._broken is not None:
+            raise DeviceError(f"{self.transport.name}: start() once per VirtioFs "
+                              "(closed, or already started)")
         dev = self.dev
         want = VIRTIO_FS_F_NOTIFICATION if self.want_notification else 0
         dev.negotiate(want)
@@ -738,24 +747,39 @@ class VirtioFs:
         uid: int = 0, gid: int = 0, pid: int = 0, unique: int | None = None,
         publish: bool = True,
     ) -> Pending:
+        self._check_usable()  # closed or broken: say so, before touching a slot
         body_len = sum(len(p) for p in parts)
         in_len = IN_HEADER_SIZE + body_len
-        slot = self.acquire(self.needs_large(opcode, in_len))
+        req_off = request_offset(opcode)
+        large = self.needs_large(opcode, in_len)
+        if req_off + in_len > (self.slot_size_large if large else self.SLOT_SIZE_SMALL):
+            raise ValueError(f"a {in_len}-byte request does not fit a request buffer")
+        slot = self.acquire(large)
         if unique is None:
             unique = self.next_unique()
-        view = slot.view
-        req_off = request_offset(opcode)
-        IN_HEADER.pack_into(view, req_off, in_len, opcode, unique, nodeid, uid, gid, pid, 0, 0)
-        pos = req_off + IN_HEADER_SIZE
-        for p in parts:
-            view[pos : pos + len(p)] = p
-            pos += len(p)
         pending = Pending(self, unique, opcode)
         try:
+            view = slot.view
+            try:
+                IN_HEADER.pack_into(view, req_off, in_len, opcode, unique, nodeid, uid, gid,
+                                    pid, 0, 0)
+            except struct.error as exc:
+                raise ValueError(f"a fuse_in_header field is out of range: {exc}") from None
+            pos = req_off + IN_HEADER_SIZE
+            for p in parts:
+                view[pos : pos + len(p)] = p
+                pos += len(p)
             self.submit(slot, in_len, pending._done, req_off, publish)
-        except BaseException:
-            self._in_flight.pop(unique, None)
-            self.release(slot)
+        except BaseException as exc:
+            if self._in_flight.get(unique) is not slot:
+                self.release(slot)  # never reached the ring: the slot is free again
+            elif not isinstance(exc, VfsdrvError):
+                # stopped (Ctrl-C) between adding the chain and the kick: the device
+                # may own the slot, and may never be told of the chain
+                self._break(DeviceError(
+                    f"{self.transport.name}: interrupted while sending a request "
+                    f"({type(exc).__name__}); the queue's state is unknown: close and "
+                    "start again"))
             raise
         if slot.reply_cap is None:
             pending.completion = 0  # no reply on hiprio: done once queued

@@ -48,7 +48,7 @@ from .._native import ffi
 from ..errors import DeviceGoneError, DeviceTimeoutError, TransportError
 from . import vhost_user_proto as vu
 from .constants import Feature
-from .memory import Arena, DmaPool
+from .memory import Arena, DmaError, DmaPool
 from .packed_layout import INITIAL_BASE as INITIAL_PACKED_BASE
 from .transport import QueueAddresses, Transport
 
@@ -593,7 +593,18 @@ class VhostUserTransport(Transport):
             os.close(self._memfd)
         if hasattr(self, "_arena"):
             self._arena.close()
-        # the mapping stays referenced by the arena's cffi buffer; it is freed with it
+            # its address rule refers back to this object: without the cycle, the
+            # mapping (and the fd mmap keeps) goes as soon as the last view of it does
+            self._arena.translate = _closed_translate
+        if hasattr(self, "_mm"):
+            try:
+                self._mm.close()  # at once when nothing of it is still exported
+            except BufferError:
+                pass  # views of it live on (slots the caller keeps): freed with them
+
+
+def _closed_translate(offset: int) -> tuple[int, int]:
+    raise DmaError("DMA memory used after its device was closed")
 
 
 def _request_name(request: int) -> str:
