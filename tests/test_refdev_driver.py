@@ -316,6 +316,23 @@ def test_setlkw_that_times_out_is_withdrawn(two, device: RefDevice) -> None:
     a.setlk(na, fa, 3, whole(F_WRLCK))  # free: nothing went to b's withdrawn request
 
 
+def test_a_lock_granted_after_its_file_was_flushed_ends_with_the_file(two,
+                                                                       device: RefDevice) -> None:
+    """A thread closes the fd another thread waits on in F_SETLKW: the kernel sends
+    FLUSH while the wait is parked and, after the grant, nothing (its own lock list
+    is empty). RELEASE of that open file must end the lock, as on a local file
+    system, or it stays held for good."""
+    (a, na, fa), (b, nb, fb) = two
+    a.setlk(na, fa, 1, whole(F_WRLCK))
+    pending = b.setlkw_async(nb, fb, 5, whole(F_WRLCK))
+    pump([b], lambda: b.fs.lock_waiters == 1)
+    b.flush(nb, fb, lock_owner=5)  # the other thread's close()
+    a.setlk(na, fa, 1, whole(F_UNLCK))
+    pending.result(WAIT_TIMEOUT)  # granted (the kernel then answers EBADF itself)
+    b.release(nb, fb)  # the last reference to the open file goes
+    a.setlk(na, fa, 3, whole(F_WRLCK))  # free again
+
+
 def test_disconnect_releases_locks_and_wakes_the_other_frontend(two, device: RefDevice) -> None:
     (a, na, fa), (b, nb, fb) = two
     a.setlk(na, fa, 1, whole(F_WRLCK))

@@ -184,6 +184,20 @@ def test_session_release_drops_locks_and_waiters_and_wakes_others() -> None:
     assert ranges(t, OTHER_FILE, flock=True) == []
 
 
+def test_a_device_shutting_down_grants_no_waiter() -> None:
+    """The device stops its sessions one by one: the first one's locks going must
+    not grant the second one's waiters (it would be told it holds a lock that is gone
+    a moment later)."""
+    t = LockTable()
+    t.set(FILE, lk(A, 0, 9))
+    theirs = Recorder()
+    t.set_wait(FILE, lk(B, 0, 9), False, 6, theirs)
+    t.shut_down()
+    t.release_session(1)
+    t.release_session(2)
+    assert theirs.results == [] and t.waiting() == 0
+
+
 def test_deadlock_between_two_frontends_is_detected() -> None:
     t = LockTable()
     t.set(FILE, lk(A, 0, 0))

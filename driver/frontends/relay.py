@@ -475,8 +475,9 @@ class Relay:
         if self.dead:
             return
         log.warning("%s is busy: writing back its dirty pages, then detaching it; "
-                    "programs using it get ENOTCONN %.0f s after that (signal again to "
-                    "abort at once)", self.mountpoint, STOP_GRACE)
+                    "%.0f s after that programs using it get errors (ECONNABORTED for "
+                    "requests in flight, then ENOTCONN; signal again to abort at once)",
+                    self.mountpoint, STOP_GRACE)
         try:
             syncfs(self.mountpoint)
         except OSError as exc:

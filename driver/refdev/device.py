@@ -199,6 +199,10 @@ class RefDevice:
         os.close(self._stop_fd)
         with self._mutex:
             sessions = list(self.sessions)
+        log.info("stopping: %d session(s); waiting locks fail", len(sessions))
+        # before any session goes: its locks going must not grant another session's
+        # waiters a lock that then exists nowhere
+        self.locks.shut_down()
         for session in sessions:
             session.stop()
         try:

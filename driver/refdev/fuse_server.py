@@ -745,9 +745,18 @@ class FuseServer:
                 raise OSError(-err, "lock failed")
             return b""
         notify, unique = self.notify_lock, hdr.unique
-        result = self.locks.set_wait(
-            handle.node.key, want, flock, unique, lambda error: notify(unique, error)
-        )
+        owners, owner, fh = handle.node.posix_owners, want.owner[1], \
+            abi.unpack("fuse_lk_in", body).fh
+
+        def done(error: int) -> None:
+            if error == 0 and not flock:
+                # granted: a FLUSH while it waited (another thread closed the fd) may
+                # have dropped the record of the open file it came through; RELEASE
+                # of that file must still end this lock
+                owners.setdefault(owner, set()).add(fh)
+            notify(unique, error)
+
+        result = self.locks.set_wait(handle.node.key, want, flock, unique, done)
         if result == LockResult.WAITING:
             return WAIT
         if result < 0:

@@ -181,6 +181,13 @@ class LockTable:
         with self._mutex:
             return self._open.get(key, 0)
 
+    def shut_down(self) -> None:
+        """The device is stopping: every waiter is dropped (without a callback: its
+        session goes too, and its driver fails it), so that no session that stops
+        before another grants that one's waiters a lock it would hold nowhere."""
+        with self._mutex:
+            self._waiters.clear()
+
     def release_session(self, session: int) -> None:
         """A frontend went away (or re-initialised): its locks go, its waiters are
         dropped without a callback, and other frontends' waiters are woken."""
