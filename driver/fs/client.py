@@ -698,7 +698,7 @@ class FuseClient:
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-                raise TimeoutError(f"the lock was not granted within {timeout:g} s "
+                raise TimeoutError(f"the lock was not granted within {timeout} s "
                                    "(request withdrawn)") from None
 
     def interrupt(self, unique: int) -> None:
