@@ -867,30 +867,22 @@ int vfsdrv_pump_run(struct vfsdrv_pump *p)
             break;
         }
         if (vq->in_flight == 0 && p->pend_count == 0 && ensure_landing(p)) {
-            /* idle: sleep in read() itself. The seq_cst store/load pair with
-             * interrupt_read() so that a give or stop either is seen here or
-             * sends the signal that ends the read. */
+            /* idle: (after the poll window, if any) sleep in read() itself. The
+             * seq_cst store/load pair with interrupt_read() so that a give or stop
+             * either is seen here or sends the signal that ends the read. */
             p->poll_peek = 0;  /* nothing in flight: this read is the look */
-            if (p->cfg.poll_ns) {
-                int r = poll_fuse(p);
-                if (r > 0)  /* and those queued behind it: one kick for all */
-                    r = read_batch(p) < 0 ? -1 : 1;
-                if (r < 0) {
-                    rc = VFSDRV_PUMP_FUSE_ERROR;
-                    break;
-                }
-                if (r > 0 || p->conn_gone)
+            int r = p->cfg.poll_ns ? poll_fuse(p) : 0;
+            if (r == 0 && !p->conn_gone) {
+                __atomic_store_n(&p->in_block, 1, __ATOMIC_SEQ_CST);
+                if (__atomic_load_n(&p->gives, __ATOMIC_SEQ_CST) ||
+                    __atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) {
+                    __atomic_store_n(&p->in_block, 0, __ATOMIC_SEQ_CST);
                     continue;
-            }
-            __atomic_store_n(&p->in_block, 1, __ATOMIC_SEQ_CST);
-            if (__atomic_load_n(&p->gives, __ATOMIC_SEQ_CST) ||
-                __atomic_load_n(&p->stop, __ATOMIC_SEQ_CST)) {
+                }
+                r = read_one(p, p->cfg.fuse_fd);
                 __atomic_store_n(&p->in_block, 0, __ATOMIC_SEQ_CST);
-                continue;
             }
-            int r = read_one(p, p->cfg.fuse_fd);
-            __atomic_store_n(&p->in_block, 0, __ATOMIC_SEQ_CST);
-            if (r > 0)
+            if (r > 0)  /* and those queued behind it: one kick for all */
                 r = read_more(p);
             if (r < 0) {
                 rc = VFSDRV_PUMP_FUSE_ERROR;
