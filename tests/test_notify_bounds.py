@@ -9,17 +9,17 @@ import logging
 
 import pytest
 from vfsdrv.fs import notify
-from vfsdrv.fs.notify import ABANDONED_KEPT, LockWaits, NotificationQueue
+from vfsdrv.fs.notify import UNIQUES_KEPT, LockWaits, NotificationQueue
 
 
 def test_early_notifications_that_never_find_a_waiter_are_bounded() -> None:
     waits = LockWaits(collections.Counter())
-    for unique in range(2, 2 + 2 * ABANDONED_KEPT * 2, 2):
+    for unique in range(2, 2 + 2 * UNIQUES_KEPT * 2, 2):
         waits.notified(unique, 0, still_coming=lambda _u: True)
-    assert len(waits._early) == ABANDONED_KEPT
+    assert len(waits._early) == UNIQUES_KEPT
     # the newest are kept: one of them still reaches its waiter
     got = []
-    waits.park(2 + 2 * (2 * ABANDONED_KEPT * 2 // 2 - 1), 33, got.append)
+    waits.park(2 + 2 * (2 * UNIQUES_KEPT * 2 // 2 - 1), 33, got.append)
     assert len(got) == 1
 
 

@@ -145,7 +145,6 @@ class VirtioFs:
         self.hiprio_sender: HiprioSender | None = None
         #: hiprio requests the sender had no room for, oldest first (retried by process())
         self._hiprio_backlog: collections.deque[bytes] = collections.deque()
-        self._hiprio_dropped = 0
         self._hiprio_retry = self.HIPRIO_RETRY_MIN
 
     # -- bring-up -----------------------------------------------------------------
@@ -389,11 +388,10 @@ class VirtioFs:
         self._hiprio_backlog.extend(pieces[:max(room, 0)])
         dropped = len(pieces) - max(room, 0)
         if dropped > 0:
-            if not self._hiprio_dropped:
+            if not self.stats["hiprio_dropped"]:
                 log.warning("hiprio queue: the device has not taken back its buffers and "
                             "%d requests wait; dropping FORGET/INTERRUPT requests beyond "
                             "that (logged once)", self.HIPRIO_BACKLOG_MAX)
-            self._hiprio_dropped += dropped
             self.stats["hiprio_dropped"] += dropped
 
     def _unsendable(self, data: bytes) -> list[bytes]:

@@ -33,8 +33,9 @@ LOCK_NOTIFY = struct.Struct("<Qii")
 #: notify codes counted one by one in the statistics (others share one counter,
 #: so a device cannot grow the table without bound)
 COUNTED_NOTIFY_CODES = frozenset(range(1, 10))
-#: given-up lock waits remembered, so that a late FUSE_NOTIFY_LOCK for one is no error
-ABANDONED_KEPT = 1024
+#: SETLKW uniques remembered at most in each of LockWaits' bounded tables (early
+#: notifications, given-up waits): a device can make either grow
+UNIQUES_KEPT = 1024
 #: malformed notifications logged one by one before only a count is
 BAD_NOTIFICATIONS_LOGGED = 20
 
@@ -47,6 +48,13 @@ class _Waiter:
     opcode: int
     on_done: OnDone | None
 
+
+
+def _remember(table: collections.OrderedDict, unique: int, value: object) -> None:
+    """Into a bounded table, newest last: the oldest goes past UNIQUES_KEPT."""
+    table[unique] = value
+    while len(table) > UNIQUES_KEPT:
+        table.popitem(last=False)
 
 class LockWaits:
     """SETLKW requests the device answered "wait", by unique."""
@@ -95,9 +103,7 @@ class LockWaits:
             # events first); if not, its "wait" reply is still on the way
             waiter = self._waiters.pop(unique, None)
             if waiter is None:
-                self._early[unique] = error
-                while len(self._early) > ABANDONED_KEPT:
-                    self._early.popitem(last=False)
+                _remember(self._early, unique, error)
                 return
         if waiter is None:
             raise ProtocolError(f"FUSE_NOTIFY_LOCK for unique {unique}, which is not waiting")
@@ -111,9 +117,7 @@ class LockWaits:
         if waiter is None:
             return False
         self.stats["lock_waits_abandoned"] += 1
-        self._abandoned[unique] = None
-        while len(self._abandoned) > ABANDONED_KEPT:
-            self._abandoned.popitem(last=False)
+        _remember(self._abandoned, unique, None)
         if waiter.on_done is not None:
             waiter.on_done(synthetic(unique, waiter.opcode, error))
         return True
