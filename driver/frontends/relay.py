@@ -370,11 +370,11 @@ class Relay:
 
     def _timeout(self) -> float | None:
         timeout = self._io_timeout()
+        deadlines = [min(self._interrupted.values())] if self._interrupted else []
         if self.request_timeout and self.pumps:
-            left = max(0.0, self._next_progress - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
-        if self._interrupted:
-            left = max(0.0, min(self._interrupted.values()) - time.monotonic())
+            deadlines.append(self._next_progress)
+        if deadlines:
+            left = max(0.0, min(deadlines) - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
         return timeout
 
