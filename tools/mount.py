@@ -36,7 +36,7 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -56,6 +56,7 @@ from ..frontends.fuse_dev import (
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from ..fs.config import MAX_REQUEST_QUEUES, encode_config
 from ..fs.device import VirtioFs
+from ..virtio.device import RING_LAYOUTS
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iommu", choices=IOMMU_MODES, default="auto",
                    help="how a PCI function's DMA is set up through VFIO (default: iommufd "
                    "when the kernel has it, else the group's type1 or no-IOMMU container)")
-    p.add_argument("--ring", choices=("split", "packed"), default=None,
+    p.add_argument("--ring", choices=RING_LAYOUTS, default=None,
                    help="virtqueue layout (default: packed when the device offers "
                    "VIRTIO_F_RING_PACKED, else split)")
     p.add_argument("mountpoint")
@@ -761,6 +762,11 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         except (argparse.ArgumentTypeError, ValueError) as exc:
             raise HelperUsageError(f"-o {key}={value}: {exc}") from None
 
+    def one_of(key: str, value: str, choices: Iterable[str]) -> str:
+        if value not in choices:
+            raise HelperUsageError(f"-o {key}={value}: give one of {', '.join(choices)}")
+        return value
+
     for group in opts:
         for opt in group.split(","):
             key, _, value = opt.partition("=")
@@ -771,10 +777,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
             elif key == "threads":
                 req.threads = value_of(key, value, int_range(1, MAX_REQUEST_QUEUES))
             elif key == "frontend":
-                if value not in FRONTENDS:
-                    raise HelperUsageError(f"-o frontend={value}: give one of "
-                                           f"{', '.join(sorted(FRONTENDS))}")
-                req.frontend = value
+                req.frontend = one_of(key, value, sorted(FRONTENDS))
             elif key == "debug":
                 req.debug = True
             elif key == "poll":
@@ -782,15 +785,12 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
             elif key == "timeout":
                 req.timeout = value_of(key, value, seconds)
             elif key == "iommu":
-                if value not in IOMMU_MODES:
-                    raise HelperUsageError(f"-o iommu={value}: give one of "
-                                           f"{', '.join(IOMMU_MODES)}")
-                req.iommu = value
+                req.iommu = one_of(key, value, IOMMU_MODES)
             elif key == "force_4k_noiommu":
                 req.force_4k_noiommu = True
             elif key == "ring":
-                if value not in ("split", "packed"):
-                    raise HelperUsageError(f"-o ring={value}: give split or packed")
+                if value not in RING_LAYOUTS:
+                    raise HelperUsageError(f"-o ring={value}: give {' or '.join(RING_LAYOUTS)}")
                 req.ring = value
             elif key == "log":
                 req.log_file = value
