@@ -709,7 +709,7 @@ class FuseServer:
             if flock:
                 handle.flock_owners.add(arg.owner)
             else:
-                handle.node.posix_owners.setdefault(arg.owner, set()).add(arg.fh)
+                _record_posix_owner(handle, arg.owner)
         return handle, lock, flock
 
     def getlk(self, hdr: Any, body: bytes) -> Any:
@@ -745,15 +745,13 @@ class FuseServer:
                 raise OSError(-err, "lock failed")
             return b""
         notify, unique = self.notify_lock, hdr.unique
-        owners, owner, fh = handle.node.posix_owners, want.owner[1], \
-            abi.unpack("fuse_lk_in", body).fh
 
         def done(error: int) -> None:
             if error == 0 and not flock:
                 # granted: a FLUSH while it waited (another thread closed the fd) may
                 # have dropped the record of the open file it came through; RELEASE
                 # of that file must still end this lock
-                owners.setdefault(owner, set()).add(fh)
+                _record_posix_owner(handle, want.owner[1])
             notify(unique, error)
 
         result = self.locks.set_wait(handle.node.key, want, flock, unique, done)
@@ -786,3 +784,9 @@ def _opname(opcode: int) -> str:
         return Opcode(opcode).name
     except ValueError:
         return f"opcode {opcode}"
+
+
+def _record_posix_owner(handle: Handle, owner: int) -> None:
+    """`owner` locked through this open file: its POSIX locks end with the file's
+    RELEASE unless a FLUSH by that owner ends them first (see FuseServer.release)."""
+    handle.node.posix_owners.setdefault(owner, set()).add(handle.fh)
