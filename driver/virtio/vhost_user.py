@@ -52,8 +52,6 @@ from .memory import Arena, DmaError, DmaPool
 from .packed_layout import INITIAL_BASE as INITIAL_PACKED_BASE
 from .transport import QueueAddresses, Transport
 
-#: IOTLB reports from the backend kept for inspection (VhostUserTransport.iotlb_events)
-IOTLB_EVENTS_KEPT = 1024
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 64 << 20
@@ -78,6 +76,8 @@ IOTLB_MISS, IOTLB_UPDATE, IOTLB_INVALIDATE, IOTLB_ACCESS_FAIL = 1, 2, 3, 4
 IOTLB_ACCESS_RW = 3
 #: backend -> frontend request on the backend channel carrying a vhost_iotlb_msg
 BACKEND_IOTLB_MSG = 1
+#: IOTLB reports from the backend kept for inspection (VhostUserTransport.iotlb_events)
+IOTLB_EVENTS_KEPT = 1024
 
 
 def _exists_not_socket(path: str) -> bool:
