@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..frontends.fuse_dev import mount_table, umount
+from ..frontends.fuse_dev import is_mount_point, mount_table, umount
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.config import encode_config
 from ..fs.device import VirtioFs
@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         pass  # the teardown knows the signal: the exit status says it
     finally:  # Ctrl-C, SIGTERM, SIGHUP and failures too: nothing left mounted or
         # running, no temporary directory left behind
-        teardown.finishing = True  # from here on a signal is noted, not raised
-        teardown.finish()
+        teardown.finish()  # from its start a signal is noted, not raised
     if teardown.signum is not None:
         print(f"demo: stopped by {signal.Signals(teardown.signum).name}", file=sys.stderr)
         return 128 + teardown.signum
@@ -222,7 +221,7 @@ def _signals_blocked() -> Iterator[None]:
 
 
 def _is_mounted(path: Path) -> bool:
-    return any(m == str(path) for m, _type, _source in mount_table())
+    return is_mount_point(str(path), resolved=True)  # the mount table only: no stat
 
 
 def _mounted_under(work: Path) -> list[str]:
