@@ -231,6 +231,14 @@ class Sysfs:
             pass
         return self.driver(bdf)
 
+    def forget(self, bdf: str) -> None:
+        """Drop the record of `bdf`'s original driver (the function is gone)."""
+        self._original.pop(bdf, None)
+        try:
+            self._state_file(bdf).unlink()
+        except OSError:
+            pass
+
     def _record_original(self, bdf: str, driver: str | None) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)

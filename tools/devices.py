@@ -15,7 +15,9 @@ config space (read-only, through sysfs; works whoever drives the function).
 `bind` refuses a function the kernel has mounted; `unbind` refuses one a process
 still holds open through VFIO (a running `vfsdrv mount`), naming the process.
 The driver a function had before `bind` is remembered (in /run/vfsdrv) and
-restored by `unbind`, also from another process.
+restored by `unbind`, also from another process. A function that a `vfsdrv mount`
+bound and whose server was killed (SIGKILL: it gave nothing back) is noted in
+`list` with that mount point (vfsdrv.tools.claims).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import VfsdrvError
 from ..pci.errors import DeviceBusyError
 from ..pci.sysfs import VFIO_PCI, Sysfs, normalize_bdf, require_root
 from ..virtio import pci as vpci
+from . import claims
 from . import pci_functions as pf
 
 SYS_FS_VIRTIOFS = Path("/sys/fs/virtiofs")
@@ -62,6 +65,9 @@ class DeviceInfo:
     group_members: list[GroupMember] = field(default_factory=list)  # the others
     mounts: list[Mount] = field(default_factory=list)
     error: str | None = None
+    # on vfio-pci still, bound by a `vfsdrv mount` whose server is gone: its pid and
+    # mount point (`vfsdrv umount` there, or `vfsdrv unbind`, gives it back)
+    left_bound_by: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,8 +129,10 @@ def describe(bdf: str, sysfs: Sysfs, *, ktags: dict[str, str] | None = None,
             tag, source = (read_tag or pf.function_tag)(bdf, sysfs), "device"
         except (VfsdrvError, OSError) as exc:
             error = str(exc)
+    left = claims.orphaned(sysfs, bdf)
     return DeviceInfo(bdf, tag, source, driver, vdev, vdrv, group, members,
-                      mounts_of(tag, mountinfo) if tag else [], error)
+                      mounts_of(tag, mountinfo) if tag else [], error,
+                      {"pid": left.pid, "mountpoint": left.mountpoint} if left else None)
 
 
 def list_devices(sysfs: Sysfs | None = None, **kw) -> list[DeviceInfo]:
@@ -198,6 +206,11 @@ def format_table(devs: list[DeviceInfo]) -> str:
         mounted = ", ".join(f"{m.mountpoint} ({m.type})" for m in d.mounts) or "not mounted"
         lines += [d.bdf, f"  tag:         {tag}", f"  driver:      {drv}",
                   f"  IOMMU group: {group}", f"  mounted:     {mounted}"]
+        if d.left_bound_by:
+            left = d.left_bound_by
+            lines.append(f"  note:        left on vfio-pci by a vfsdrv mount whose server "
+                         f"(pid {left['pid']}) is gone: `vfsdrv umount {left['mountpoint']}` "
+                         f"or `vfsdrv unbind {d.bdf}` gives it back")
     return "\n".join(lines)
 
 
@@ -225,6 +238,8 @@ def bind(bdf: str | None, tag: str | None, sysfs: Sysfs | None = None) -> tuple[
         pf.check_kernel_not_using(bdf, sysfs)
     before = sysfs.driver(bdf)
     sysfs.bind_vfio(bdf)
+    if claims.orphaned(sysfs, bdf) is not None:
+        claims.drop(sysfs, bdf)  # bound on purpose now: no umount gives it back
     return bdf, before
 
 
@@ -241,7 +256,9 @@ def unbind(bdf: str, sysfs: Sysfs | None = None) -> str | None:
         raise DeviceBusyError(
             f"{bdf} is in use through VFIO by {', '.join(users)}: unmount it first "
             "(`vfsdrv umount MOUNTPOINT`) or stop that process")
-    return sysfs.unbind_vfio(bdf)
+    now = sysfs.unbind_vfio(bdf)
+    claims.drop(sysfs, bdf)
+    return now
 
 
 def run_bind(args: argparse.Namespace) -> int:

@@ -229,6 +229,11 @@ def run_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         hint = " (files are open there; -l detaches it anyway)" if exc.errno == 16 else ""
         raise MountError(f"cannot unmount {args.mountpoint}: {exc.strerror}{hint}") from None
+    # a server killed with SIGKILL left its PCI function on vfio-pci: give it back
+    from . import claims
+
+    for line in claims.give_back_orphans(mp):
+        print(f"vfsdrv: {line}", file=sys.stderr)
     return 0
 
 
@@ -397,6 +402,7 @@ def _pci_transport(req: MountRequest):
     to vfio-pci goes back to its driver when the command ends (or fails)."""
     try:
         from ..pci.sysfs import Sysfs, normalize_bdf
+        from . import claims
         from . import pci_functions as pf
     except ImportError as exc:
         raise MountError(f"the VFIO/PCI transport is not available: {exc}") from exc
@@ -404,6 +410,12 @@ def _pci_transport(req: MountRequest):
     bdf = normalize_bdf(req.device) if req.device is not None else pf.find_by_tag(req.tag)
     if sysfs.driver(bdf) != "vfio-pci":
         req.bound_here = bdf
+    elif (left := claims.orphaned(sysfs, bdf)) is not None:
+        log.info("%s was left on vfio-pci by a vfsdrv mount that is gone (pid %d, %s): "
+                 "this one takes the binding over", bdf, left.pid, left.mountpoint)
+        req.bound_here = bdf
+    if req.bound_here is not None:
+        claims.record(sysfs, bdf, req.mountpoint)
     try:
         return pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
                              allow_unpinned_4k=req.force_4k_noiommu)
@@ -417,15 +429,20 @@ def _give_back(req: MountRequest) -> None:
         return
     from ..pci.errors import BadAddressError
     from ..pci.sysfs import Sysfs
+    from . import claims
 
     bdf, req.bound_here = req.bound_here, None
+    sysfs = Sysfs()
     try:
-        if Sysfs().driver(bdf) == "vfio-pci":
-            Sysfs().unbind_vfio(bdf)
+        if sysfs.driver(bdf) == "vfio-pci":
+            sysfs.unbind_vfio(bdf)
     except BadAddressError:
         log.info("%s is gone (removed): nothing to give back", bdf)
+        sysfs.forget(bdf)
     except VfsdrvError as exc:
         log.error("could not give %s back to its driver: %s", bdf, exc)
+        return  # the claim stays: `vfsdrv list` names the binding nobody serves
+    claims.drop(sysfs, bdf)
 
 
 def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:

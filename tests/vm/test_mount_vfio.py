@@ -16,7 +16,9 @@ One guest boot per mode, everything in one guest script (this file, run as
      fsync, statfs and fcntl/flock locks;
   3. `vfsdrv umount /mnt/x`: the serving process ends, the function goes back to
      virtio-pci, and the kernel's `mount -t virtiofs myfs` works again and sees what
-     the vfsdrv mount wrote.
+     the vfsdrv mount wrote;
+  4. (no-IOMMU) two servers killed with SIGKILL: the binding they leave is named by
+     `vfsdrv list`, taken over by the next mount, and given back by `vfsdrv umount`.
 
 The serving process's open files show which VFIO interface it uses (container and
 group, or /dev/iommu and the device cdev). In iommufd mode the same kernel then
@@ -262,6 +264,17 @@ def test_mount_vfio_noiommu(guest, tmp_path: Path) -> None:
     res, src, share = _run(guest, tmp_path, "noiommu")
     _check_guest(res, "noiommu")
     _check_host(res, src, share)
+    # two servers killed with SIGKILL, one after the other (Guest.killed)
+    k = res["killed"]
+    for name, mnt in (("first", "/mnt/z"), ("second", "/mnt/w")):
+        rc, err, killed, driver, left = k[name]
+        assert rc == 0 and killed == 1, (name, k)
+        assert driver == "vfio-pci" and [x["mountpoint"] for x in left if x] == [mnt], k
+    rc, err, driver = k["umount_first"]  # the binding is the second server's now
+    assert rc == 0 and err == "" and driver == "vfio-pci", k
+    rc, err, driver, left = k["umount_second"]
+    assert rc == 0 and "given back to virtio-pci" in err and driver == "virtio-pci", k
+    assert left == [None], k
 
 
 def test_mount_vfio_iommufd(guest, vm_kernel_backports, tmp_path: Path) -> None:
@@ -715,6 +728,41 @@ class Guest:
         finally:
             self.sh("umount", KMNT)
 
+    def killed(self) -> None:
+        """Servers killed with SIGKILL give nothing back: `vfsdrv list` names the
+        binding, the next mount of the function takes it over, and `vfsdrv umount` of
+        the last dead server's mount point gives the function back."""
+        import signal
+        import subprocess
+        import time
+
+        k = self.res["killed"] = {}
+
+        def run(*cmd: str) -> list:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            return [p.returncode, p.stderr]
+
+        def left() -> list:
+            out = subprocess.run(["vfsdrv", "list", "--json"], capture_output=True,
+                                 text=True, timeout=60).stdout
+            return [d["left_bound_by"] for d in json.loads(out)]
+
+        def mount_and_kill(mnt: str) -> list:
+            os.makedirs(mnt, exist_ok=True)
+            rc = run("vfsdrv", "mount", "--tag", "myfs", mnt)
+            procs = self._server_procs(mnt)
+            for d, _ in procs:
+                os.kill(int(d.name), signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self._server_procs(mnt):
+                time.sleep(0.2)
+            return rc + [len(procs), self.driver(), left()]
+
+        k["first"] = mount_and_kill("/mnt/z")
+        k["second"] = mount_and_kill("/mnt/w")  # takes the first one's binding over
+        k["umount_first"] = run("vfsdrv", "umount", "/mnt/z") + [self.driver()]
+        k["umount_second"] = run("vfsdrv", "umount", "/mnt/w") + [self.driver(), left()]
+
     def main(self) -> int:
         self.step("mount", self.mount)
         if "mount" not in self.res["errors"]:
@@ -728,6 +776,8 @@ class Guest:
             self.sh("umount", "-l", MNT, check=False)  # leave nothing mounted
         else:
             self.step("kernel_mount", self.kernel_mount)
+            if self.mode == "noiommu":
+                self.step("killed", self.killed)
         print("RESULT " + json.dumps(self.res), flush=True)
         return 0
 
