@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import os
 import re
+import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,6 +299,10 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}", mountpoint)
 
+
+#: the signals that end a FUSE server, as libfuse's fuse_set_signal_handlers has them:
+#: SIGHUP too (a closed terminal, a lost ssh session, for a server in the foreground)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: when a server is told to stop (SIGTERM) while its mount is in use, how long writing
 #: back the mount's dirty pages (syncfs) may take before the server gives up on it: a

@@ -55,7 +55,6 @@ import errno
 import functools
 import logging
 import os
-import signal
 import stat
 import struct
 import threading
@@ -72,7 +71,14 @@ from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
-from .fuse_dev import FLUSH_LIMIT, MS_NODEV, MS_NOSUID, MountOptions, syncfs
+from .fuse_dev import (
+    FLUSH_LIMIT,
+    MS_NODEV,
+    MS_NOSUID,
+    STOP_SIGNALS,
+    MountOptions,
+    syncfs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -866,7 +872,7 @@ def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
 def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = False,
           ready: Callable[[], None] | None = None, source: str | None = None) -> None:
     """FUSE_INIT the device, mount `mountpoint` with pyfuse3, call `ready()` once the
-    file system answers, serve until unmounted or SIGTERM/SIGINT (main thread
+    file system answers, serve until unmounted or SIGTERM/SIGINT/SIGHUP (main thread
     only), unmount, and send FUSE_DESTROY. `ready` runs on the event loop: it must
     not touch the mount itself. If the device goes away the mount stays, as a dead
     FUSE daemon's, and answers ENOTCONN until unmounted; the device's error
@@ -943,10 +949,10 @@ async def _pump_then_stop(dev: TrioDevice) -> None:
 
 
 async def _signals(mountpoint: str) -> None:
-    """SIGTERM/SIGINT: write back the mount's dirty pages while the device still
+    """SIGTERM/SIGINT/SIGHUP: write back the mount's dirty pages while the device still
     serves (libfuse's unmount then drops what is left in a busy mount), for at most
     FLUSH_LIMIT seconds or until a second signal, then end the session."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("signal %d: writing back and unmounting %s", signum, mountpoint)
             break

@@ -85,6 +85,7 @@ from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
 from .fuse_dev import (
     FLUSH_LIMIT,
+    STOP_SIGNALS,
     MountOptions,
     check_mountpoint,
     is_mount_point,
@@ -297,7 +298,7 @@ class Relay:
         if threading.current_thread() is not threading.main_thread():
             return None
         old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             old[sig] = signal.signal(sig, self._on_signal)
         return old
 

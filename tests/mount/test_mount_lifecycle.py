@@ -1,5 +1,5 @@
 """`vfsdrv mount` / `vfsdrv umount` as a user runs them: daemonizing, every way of
-unmounting (vfsdrv umount, umount, fusermount3 -u, SIGTERM, SIGINT), the mount(8)
+unmounting (vfsdrv umount, umount, fusermount3 -u, SIGTERM, SIGINT, SIGHUP), the mount(8)
 helper, and failures, each of which must leave nothing mounted. Every test that
 serves a mount runs on each real device (`device_name`: the C and the Rust virtiofsd)."""
 
@@ -91,7 +91,7 @@ def test_plain_umount_and_fusermount(tmp_path: Path, frontend: str,
 
 
 @each_frontend
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_unmounts_cleanly(tmp_path: Path, frontend: str, device_name: str, sig: int) -> None:
     with serving(tmp_path, frontend, backend=device_name) as m:
         assert (m.mnt / "anything").exists() is False
