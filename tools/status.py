@@ -7,7 +7,9 @@ whatever figures the server's figure function returns (device, transport,
 negotiated features, queues with requests served and in flight, errors,
 notifications, lock waiters, uptime). A socket whose server is gone is removed.
 A vfsdrv mount in the mount table whose server is gone (killed) is listed too, as
-unserved: it answers ENOTCONN until it is unmounted.
+unserved: it answers ENOTCONN until it is unmounted. A server that does not answer
+(stopped, stuck) is listed with an error and its mount (from PID.json beside its
+socket), not as unserved; one unmounted lazily but still serving is "detached".
 
     vfsdrv status            one block per mount, then a line per unserved mount
     vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...],
@@ -17,6 +19,7 @@ unserved: it answers ENOTCONN until it is unmounted.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: how long a client waits for one server's answer
 CLIENT_TIMEOUT = 5.0
+#: what PID.json beside a server's socket says of its mount
+IDENTITY = ("mountpoint", "source", "pid", "frontend")
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 
 
@@ -72,6 +77,7 @@ class StatusServer:
             os.umask(old)
         sock.listen(8)
         self.sock = sock
+        self._write_identity()
         self._thread = threading.Thread(target=self._serve, name="vfsdrv-status", daemon=True)
         self._thread.start()
         return self
@@ -95,6 +101,21 @@ class StatusServer:
                 except OSError:
                     pass
 
+    def _write_identity(self) -> None:
+        """PID.json beside the socket: which mount this is, for a client whose question
+        the server does not answer (stopped, stuck), so that it is not taken for a
+        mount nobody serves."""
+        try:
+            first = self.snapshot()
+            ident = {k: first[k] for k in IDENTITY if k in first}
+            old = os.umask(0o177)
+            try:
+                _identity_path(self.path).write_text(json.dumps(ident) + "\n")
+            finally:
+                os.umask(old)
+        except Exception as exc:  # noqa: BLE001 - status is an aid: serving goes on
+            log.debug("no status identity file: %s", exc)
+
     def snapshot(self) -> dict[str, Any]:
         # the serving thread may add a counter while this one copies: retry
         for _ in range(5):
@@ -111,8 +132,9 @@ class StatusServer:
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
             self.sock = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, _identity_path(self.path)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         if self._thread is not None:
             self._thread.join(2)
 
@@ -136,17 +158,32 @@ def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any] | None:
     except (ConnectionRefusedError, FileNotFoundError):
         pid = path.stem
         if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for gone in (path, _identity_path(path)):
+                with contextlib.suppress(OSError):
+                    gone.unlink()
         return None
     except TimeoutError:
-        return {"error": f"no answer within {timeout:g} s", "pid": _pid_of(path)}
+        return {**_identity(path), "pid": _pid_of(path),
+                "error": f"no answer within {timeout:g} s: the server is there but does not "
+                         "answer (stopped, or stuck); its mount waits, it does not fail"}
     finally:
         s.close()
     try:
         return json.loads(data)
     except ValueError:
         return {"error": "unreadable answer", "pid": _pid_of(path)}
+
+
+def _identity_path(sock: Path) -> Path:
+    return sock.with_suffix(".json")
+
+
+def _identity(sock: Path) -> dict[str, Any]:
+    try:
+        ident = json.loads(_identity_path(sock).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: ident[k] for k in IDENTITY if isinstance(ident, dict) and k in ident}
 
 
 def _pid_of(path: Path) -> int | None:
@@ -167,18 +204,36 @@ def collect() -> list[dict[str, Any]]:
         paths = sorted(d.glob("*.sock"))
     except OSError:
         return []
-    out = [m for m in (query(p) for p in paths) if m is not None]
+    if not paths:
+        return []
+    # side by side: a stuck server costs its CLIENT_TIMEOUT once, not once per server
+    with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
+        answers = list(pool.map(query, paths))
+    out = [m for m in answers if m is not None]
+    try:
+        mounted = {mp for mp, _fstype, _source in _mount_table()}
+    except OSError:
+        mounted = None
+    for m in out:
+        if mounted is not None and "mountpoint" in m and m["mountpoint"] not in mounted:
+            m["detached"] = True  # unmounted lazily: served on for what still uses it
     return sorted(out, key=lambda m: str(m.get("mountpoint", "")))
+
+
+def _mount_table() -> list[tuple[str, str, str]]:
+    from ..frontends.fuse_dev import mount_table
+
+    return mount_table()
 
 
 def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """vfsdrv mounts in the mount table that no running server answers for (its
     server died or was killed): they answer ENOTCONN until they are unmounted."""
-    from ..frontends.fuse_dev import FS_SUBTYPE, mount_table
+    from ..frontends.fuse_dev import FS_SUBTYPE
 
     served = {str(m.get("mountpoint")) for m in live}
     try:
-        table = mount_table()
+        table = _mount_table()
     except OSError:
         return []
     return [{"mountpoint": mp, "source": source} for mp, fstype, source in table
@@ -187,6 +242,8 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_mount(m: dict[str, Any]) -> str:
     lines = [f"{m.get('mountpoint', '?')}: {m.get('source', '?')} (pid {m.get('pid', '?')})"]
+    if m.get("detached"):
+        lines[0] += " detached: unmounted lazily, served until its last user is done"
     if "error" in m:
         lines.append(f"  error: {m['error']}")
     for key in ("device", "transport", "frontend"):
@@ -210,7 +267,8 @@ def format_mount(m: dict[str, Any]) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="running vfsdrv mounts: device, queues, counters",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help='one JSON object {"mounts": [...]}')
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object {"mounts": [...], "unserved": [...]}')
     p.set_defaults(func=run)
 
 

@@ -161,6 +161,36 @@ def test_status_lists_a_mount_whose_server_was_killed(tmp_path: Path) -> None:
         assert str(m.mnt) not in vfsdrv("status").stdout
 
 
+def test_status_of_a_stopped_server_and_of_a_detached_mount(tmp_path: Path) -> None:
+    """A server that does not answer (SIGSTOP) is still its mount's server: status
+    names the mount with the error, never as unserved (its mount waits, it does not
+    answer ENOTCONN). After `umount -l` with a program inside, the server still
+    serves: status says the mount is detached."""
+    with serving(tmp_path, "relay") as m:
+        assert m.proc is not None
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            st = status_json(dict(os.environ))
+            took = time.monotonic() - t0
+        finally:
+            os.kill(m.proc.pid, signal.SIGCONT)
+        assert str(m.mnt) not in [x["mountpoint"] for x in st["unserved"]], st
+        mine = [x for x in st["mounts"] if x.get("pid") == m.proc.pid]
+        assert len(mine) == 1 and mine[0]["mountpoint"] == str(m.mnt), st
+        assert "does not answer" in mine[0]["error"] and took < 20, (took, mine)
+        holder = subprocess.Popen(["sleep", "60"], cwd=m.mnt)
+        try:
+            assert vfsdrv("umount", "-l", m.mnt).returncode == 0
+            mine = [x for x in status_json(dict(os.environ))["mounts"]
+                    if x.get("pid") == m.proc.pid]
+            assert mine and mine[0].get("detached") is True, mine
+            assert "detached" in vfsdrv("status").stdout
+        finally:
+            holder.kill()
+            holder.wait()
+
+
 # -- readiness (systemd Type=notify) ---------------------------------------------------------
 def test_ready_is_notified_once_the_mount_is_usable(tmp_path: Path) -> None:
     notify = tmp_path / "notify"
