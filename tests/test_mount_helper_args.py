@@ -5,6 +5,7 @@ option with status 1, a failed mount is status 32 (mount(8)'s convention), and -
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -50,6 +51,36 @@ def test_fake_mounts_nothing(tmp_path: Path) -> None:
     assert mount_helper_main(["-f", str(tmp_path / "s.sock"), str(tmp_path),
                               "-o", "timeout=0"]) == 1  # the line is still checked
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.parametrize("opt", ["bogus=1", "poll_us=5000", "request_timeout=0.5",
+                                 "max_background=70000", "blksize=4096"])
+def test_fake_checks_the_options_as_the_mount_does(tmp_path: Path, opt: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A line the real mount refuses for its options is status 1 with -f and without."""
+    for flags in (["-f"], []):
+        assert mount_helper_main([*flags, str(tmp_path / "s.sock"), str(tmp_path),
+                                  "-o", opt]) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith("mount.vfsdrv: ") and err.count("\n") == 1, err
+
+
+def test_mount8_helper_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mount(8)'s helper interface: -t TYPE and -N NAMESPACE take values, -s drops
+    unknown options, and a spec without its device is a bad line."""
+    sock, mnt = str(tmp_path / "s.sock"), str(tmp_path)
+    assert mount_helper_main([sock, mnt, "-f", "-t", "vfsdrv.x", "-o", "ro"]) == 0
+    assert mount_helper_main([sock, mnt, "-f", "-N", str(os.getpid())]) == 0  # our own
+    assert mount_helper_main([sock, mnt, "-f", "-N", "/nonexistent/ns"]) == 1
+    assert "-N /nonexistent/ns" in capsys.readouterr().err
+    assert mount_helper_main([sock, mnt, "-f", "-s", "-o", "bogus=1,ro"]) == 0
+    assert "ignoring the unknown option bogus=1" in capsys.readouterr().err
+    assert parse_helper_args([sock, mnt, "-s", "-o", "bogus=1,ro"]).options == ["ro"]
+    for spec in ("vhost-user:", "pci:"):
+        assert mount_helper_main([spec, mnt, "-f"]) == 1
+        assert "names no device" in capsys.readouterr().err
+    assert mount_helper_main([sock, mnt, "-f", "-x"]) == 1
+    assert mount_helper_main([sock, mnt, "-f", "-N"]) == 1
 
 
 def test_a_failed_mount_is_status_32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

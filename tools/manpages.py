@@ -87,6 +87,10 @@ def man_pages() -> dict[str, str]:
               ".SH SYNOPSIS",
               "\\fBmount \\-t vfsdrv\\fR \\fISPEC\\fR \\fIDIR\\fR [\\fB\\-o\\fR "
               "\\fIOPTIONS\\fR]",
+              ".br",
+              "\\fBmount.vfsdrv\\fR \\fISPEC\\fR \\fIDIR\\fR [\\fB\\-sfnv\\fR] "
+              "[\\fB\\-N\\fR \\fINAMESPACE\\fR] [\\fB\\-o\\fR \\fIOPTIONS\\fR] "
+              "[\\fB\\-t\\fR \\fITYPE\\fR]",
               ".SH DESCRIPTION", ".nf", _roff(mount_doc or ""), ".fi",
               ".SH EXAMPLE", "/etc/fstab:", ".PP",
               "vhost\\-user:/run/x.sock /mnt/x vfsdrv _netdev,nofail 0 0",
@@ -136,8 +140,10 @@ complete -o filenames -F _vfsdrv vfsdrv
 _mount_vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
-        COMPREPLY=($(compgen -W "tag= request_queues= frontend= debug poll timeout= poll_us= \\
-ro rw nosuid noexec nodev _netdev nofail noauto" -- "$cur"))
+        COMPREPLY=($(compgen -W "tag= request_queues= threads= frontend= debug poll timeout= \\
+ring= iommu= log= fsname= force_4k_noiommu poll_us= request_timeout= max_background= \\
+congestion_threshold= max_readahead= ro rw nosuid noexec nodev _netdev nofail noauto" \\
+-- "$cur"))
     else
         COMPREPLY=($(compgen -f -- "$cur"))
     fi

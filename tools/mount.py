@@ -8,12 +8,14 @@
         threads=, frontend=, timeout=, ring=, iommu=, log=, fsname=, poll,
         force_4k_noiommu, debug (as vfsdrv mount's options of those names); the relay's
         options as with vfsdrv mount -o, e.g. poll_us=N; -f checks the line and mounts
-        nothing; exit status 1 for a bad line, 32 for a failed mount, as mount(8))
+        nothing; -s drops unknown options with a warning; -N NAMESPACE mounts in that
+        mount namespace (a pid or a path); exit status 1 for a bad line, 32 for a
+        failed mount, as mount(8))
 
 `mount` returns once the file system is usable: it forks, the child brings the
 device up, mounts and serves; the parent waits for the child's word on a pipe and
 exits 0, or prints the child's error and exits 1. With -f it serves in the
-foreground; -d logs every request (and implies -f). SIGTERM/SIGINT unmount cleanly
+foreground; -d logs every request (and implies -f). SIGTERM/SIGINT/SIGHUP unmount cleanly
 (a busy mount: its dirty pages written back first, up to 30 s, a second signal stops
 that wait; then detached and served 3 s more); so do `vfsdrv umount`, `umount` and
 `fusermount3 -u`. A failure at any step leaves
@@ -272,28 +274,34 @@ def find_mount(path: str) -> tuple[str, str]:
 
 
 # -- checks, device, serving -------------------------------------------------------------
-def precheck(req: MountRequest) -> None:
-    """Everything that can be told before forking, with a clear message."""
-    require_root()
+def check_request(req: MountRequest) -> None:
+    """The request's own checks (options and how they combine), nothing looked up on
+    the machine: a failure here is a bad command line."""
     _take_fsname(req)
     for group in req.options:
         for opt in group.split(","):
             if opt.partition("=")[0] == "blksize":
                 raise MountError("blksize= is for block-device FUSE mounts (fuseblk) only; the "
                                  "kernel refuses it on a vfsdrv mount: leave it out")
-    if not os.path.exists(DEV_FUSE):
-        raise MountError(f"{DEV_FUSE} is missing: load the fuse module (`modprobe fuse`)")
     MountOptions.parse(req.options).check()
-    req.mountpoint = check_mountpoint(req.mountpoint)
     if req.frontend not in FRONTENDS:
         raise MountError(f"unknown frontend {req.frontend!r}")
-    get_frontend(req.frontend)  # importable?
     if req.threads is not None and req.frontend != "relay":
         raise MountError("--threads sets the relay's native pumps; the pyfuse3 frontend "
                          "serves on one thread: use the relay frontend, or leave it out")
     if req.vhost_user is not None and req.iommu != "auto":
         raise MountError("--iommu is for a PCI function (--tag, --device) through VFIO; "
                          "a vhost-user backend has no IOMMU to choose: leave it out")
+
+
+def precheck(req: MountRequest) -> None:
+    """Everything that can be told before forking, with a clear message."""
+    require_root()
+    check_request(req)
+    if not os.path.exists(DEV_FUSE):
+        raise MountError(f"{DEV_FUSE} is missing: load the fuse module (`modprobe fuse`)")
+    req.mountpoint = check_mountpoint(req.mountpoint)
+    get_frontend(req.frontend)  # importable?
     if req.vhost_user is not None:
         try:
             st = os.stat(req.vhost_user)
@@ -750,24 +758,47 @@ HELPER_IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "use
                             "group", "_netdev", "nofail", "loop", "comment"})
 
 
+HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "
+                "[-t TYPE]")
+
+
 def parse_helper_args(argv: list[str]) -> MountRequest:
-    """mount.vfsdrv SPEC DIR [-sfnv] [-o OPTIONS]"""
+    """mount(8)'s external helper interface: SPEC DIR [-sfnv] [-N NAMESPACE]
+    [-o OPTIONS] [-t TYPE.SUBTYPE]. -f (fake): the line checked, no mount; -s (sloppy):
+    unknown options are dropped with a warning; -N: mount in that mount namespace
+    (a pid or a /proc/PID/ns/mnt path); -t, -n, -v: nothing to do."""
     positional: list[str] = []
     opts: list[str] = []
-    fake = False
+    fake = sloppy = False
     it = iter(argv)
     for a in it:
-        if a == "-o":
-            opts.append(next(it, ""))
+        if a in ("-o", "-N", "-t"):
+            value = next(it, None)
+            if value is None:
+                raise HelperUsageError(f"{a} needs a value; {HELPER_USAGE}")
+            if a == "-o":
+                opts.append(value)
+            elif a == "-N":
+                _enter_mount_namespace(value)
         elif a.startswith("-o"):
             opts.append(a[2:])
-        elif a.startswith("-") and len(a) > 1:
-            # -f (fake): everything but the mount; -s (sloppy), -n (no mtab), -v: nothing
-            fake = fake or (not a.startswith("--") and "f" in a[1:])
+        elif a.startswith("-N"):
+            _enter_mount_namespace(a[2:])
+        elif a.startswith("-t"):
+            continue
+        elif a.startswith("-") and len(a) > 1 and not a.startswith("--"):
+            unknown = set(a[1:]) - set("sfnv")
+            if unknown:
+                raise HelperUsageError(f"unknown flag -{''.join(sorted(unknown))}; "
+                                       f"{HELPER_USAGE}")
+            fake = fake or "f" in a
+            sloppy = sloppy or "s" in a
+        elif a.startswith("--"):
+            raise HelperUsageError(f"unknown option {a}; {HELPER_USAGE}")
         else:
             positional.append(a)
     if len(positional) != 2:
-        raise HelperUsageError("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-o OPTIONS]")
+        raise HelperUsageError(HELPER_USAGE)
     spec, mountpoint = positional
     req = MountRequest(mountpoint=mountpoint)
     req.fake = fake
@@ -817,9 +848,18 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 continue  # fstab/systemd options: nothing for the file system
             elif opt:
                 rest.append(opt)
+    if sloppy and rest:
+        unknown = set(MountOptions.parse([",".join(rest)]).unknown)
+        for opt in (o for o in rest if o in unknown):
+            print(f"mount.vfsdrv: -s: ignoring the unknown option {opt}", file=sys.stderr)
+        rest = [o for o in rest if o not in unknown]
     req.options = [",".join(rest)] if rest else []
     # recorded as given: mount(8) compares it with the fstab line (`mount -a` twice)
     req.source = req.source or spec
+    for prefix in ("vhost-user:", "pci:"):
+        if spec == prefix:
+            raise HelperUsageError(f"{spec!r} names no device: {prefix}"
+                                   f"{'SOCKET' if prefix[0] == 'v' else 'BDF'}")
     if spec.startswith("vhost-user:"):
         req.vhost_user = spec[len("vhost-user:"):]
     elif spec.startswith("pci:"):
@@ -837,14 +877,42 @@ class HelperUsageError(MountError):
     """A bad mount.vfsdrv command line: mount(8)'s status 1, not 32 (mount failure)."""
 
 
+CLONE_NEWNS = 0x00020000
+
+
+def _enter_mount_namespace(ns: str) -> None:
+    """-N NAMESPACE: setns(2) into that mount namespace, as mount(8)'s own -N does."""
+    import ctypes
+
+    path = f"/proc/{ns}/ns/mnt" if ns.isdigit() else ns
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HelperUsageError(f"-N {ns}: {path}: {exc.strerror}") from None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise HelperUsageError(f"-N {ns}: setns: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+
 def mount_helper_main(argv: list[str] | None = None) -> int:
     """mount(8)'s exit statuses: 1 for a bad command line, 32 for a failed mount."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
     try:
         req = parse_helper_args(argv)
+        try:
+            check_request(req)
+        except HelperUsageError:
+            raise
+        except MountError as exc:  # the line itself is wrong: status 1
+            raise HelperUsageError(str(exc)) from None
         if req.fake:
-            return 0  # -f: everything but the mount itself
+            return 0  # -f: the line is checked, nothing is mounted (or looked up)
         return mount(req)
     except HelperUsageError as exc:
         print(f"mount.vfsdrv: {exc}", file=sys.stderr)
