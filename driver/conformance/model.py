@@ -135,6 +135,9 @@ class Report:
     ring_layout: str = "split"
     #: which set-ups this run had (checklist.CONDITIONS keys -> bool)
     context: dict[str, bool] = field(default_factory=dict)
+    #: why the run could not do what it was asked (e.g. --ring packed, not offered):
+    #: the report is then not a pass, whatever the checks that ran say
+    incomplete: str | None = None
 
     def add(self, check_id: str, result: str, observed: str, *,
             deviation: str | None = None, instance: str | None = None) -> Check:
@@ -155,7 +158,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not any(c.result == FAIL for c in self.checks)
+        return self.incomplete is None and not any(c.result == FAIL for c in self.checks)
 
     def coverage(self) -> dict[str, Any]:
         """Checklist coverage: items observed by a check that ran (pass or fail), items not
@@ -185,7 +188,7 @@ class Report:
         return {"device": self.device, "transport": self.transport, "ok": self.ok,
                 "summary": self.counts(), "negotiated": self.negotiated,
                 "ring_layout": self.ring_layout, "coverage": self.coverage(),
-                "checks": [c.to_dict() for c in self.checks]}
+                "incomplete": self.incomplete, "checks": [c.to_dict() for c in self.checks]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -219,6 +222,8 @@ class Report:
         n = self.counts()
         lines += ["", f"{n[PASS]} passed ({n['deviation']} with a known deviation, marked *), "
                   f"{n[FAIL]} failed, {n[SKIP]} skipped", self.coverage_line()]
+        if self.incomplete:
+            lines.append(f"NOT COMPLETE: {self.incomplete}")
         return "\n".join(lines)
 
     def junit(self) -> str:
@@ -227,8 +232,9 @@ class Report:
 
         n = self.counts()
         suite = ET.Element("testsuite", name=f"vfsdrv check {self.device}",
-                           tests=str(len(self.checks)), failures=str(n[FAIL]),
-                           skipped=str(n[SKIP]), errors="0")
+                           tests=str(len(self.checks) + bool(self.incomplete)),
+                           failures=str(n[FAIL]), skipped=str(n[SKIP]),
+                           errors=str(int(bool(self.incomplete))))
         props = ET.SubElement(suite, "properties")
         for name, value in (("transport", self.transport),
                             ("negotiated", ",".join(self.negotiated)),
@@ -246,4 +252,7 @@ class Report:
             if c.deviation:
                 out += f"\nknown deviation: {c.deviation}"
             ET.SubElement(case, "system-out").text = out
+        if self.incomplete:
+            case = ET.SubElement(suite, "testcase", classname="vfsdrv.check.run", name="run")
+            ET.SubElement(case, "error", message=self.incomplete)
         return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

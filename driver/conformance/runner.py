@@ -293,7 +293,8 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
             "fuse.init", "queues.request", "queues.inflight", "hiprio.forget", "hiprio.storm",
             "fuse.opcodes", "fuse.errors", "notify.queue", "notify.lock", "notify.load",
             "reset.live"]
-    # --ring packed against a device without packed rings: the user's choice, not a fault
+    # --ring packed against a device without packed rings: the user's choice, not the
+    # device's fault, but nothing live is checked: the run is incomplete (exit status 1)
     no_packed = opt.ring == "packed" and not offered & Feature.RING_PACKED
     if (not (offered & Feature.VERSION_1) or nrq < 1 or spec_layout or not reset_ok
             or no_packed):
@@ -305,6 +306,10 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
                else "no usable num_request_queues"))
         for cid in live:
             report.add(cid, SKIP, why)
+        if no_packed and offered & Feature.VERSION_1 and reset_ok:
+            report.incomplete = ("--ring packed, but the device does not offer "
+                                 "VIRTIO_F_RING_PACKED: no live check ran (leave --ring out, "
+                                 "or give --ring split)")
         if reset_ok:
             _final_reset(t, report, opt, reset_note)
         return report
