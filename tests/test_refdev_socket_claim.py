@@ -89,3 +89,22 @@ def test_a_stale_socket_of_a_killed_device_is_replaced(sock_dir: Path, tmp_path:
     assert sock.exists() and not _connectable(sock)
     with RefDevice(str(sock), str(tmp_path)):
         assert _connectable(sock)
+
+
+def test_a_ctrl_c_in_start_before_the_thread_runs_stops_cleanly(
+        sock_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between the listener and its thread (audit's cleanup then stops the
+    device): stop() gives the socket and its claim back, with no error of its own."""
+    import threading
+
+    def interrupted(self: threading.Thread) -> None:
+        raise KeyboardInterrupt
+
+    sock = sock_dir / "c.sock"
+    dev = RefDevice(str(sock), str(tmp_path))
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dev.start()
+    monkeypatch.undo()
+    dev.stop()
+    assert not sock.exists() and not Path(f"{sock}.lock").exists()

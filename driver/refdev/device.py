@@ -194,7 +194,8 @@ class RefDevice:
         if self._thread is None:
             return
         os.eventfd_write(self._stop_fd, 1)
-        self._thread.join(5)
+        if self._thread.ident is not None:  # a Ctrl-C in start() may come before its start
+            self._thread.join(5)
         self._thread = None
         os.close(self._stop_fd)
         with self._mutex:
