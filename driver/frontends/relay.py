@@ -463,7 +463,10 @@ class Relay:
         try:
             umount_busy_lazy(self.mountpoint, before_detach=self._flush_before_detach)
         except OSError as exc:
-            log.error("unmounting %s: %s", self.mountpoint, exc)
+            if is_mount_point(self.mountpoint, resolved=True):  # never stat our own mount
+                log.error("unmounting %s: %s", self.mountpoint, exc)
+            else:  # the abort (a second signal, the flush's limit) took it away first
+                log.info("%s is already unmounted", self.mountpoint)
         finally:
             deadline = time.monotonic() + STOP_GRACE
             if self.stop_at is not None and deadline < self.stop_at:
