@@ -684,6 +684,9 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
     # until the frontend installs its own handlers, SIGTERM (from the parent on Ctrl-C
     # or timeout) unwinds like Ctrl-C: the transport closes, a PCI function goes back
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if log_fd is not None:
+        os.dup2(log_fd, 2)  # --log FILE: every message, from the bring-up on (the parent
+        # still prints a failure, from the pipe)
     readied = False
 
     def ready() -> None:
@@ -699,6 +702,7 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
         else:
             _log_info()
         _parent_death_signal(0)  # the parent exits once it reads OK: we stay
+        os.chdir("/")  # a daemon pins no file system (every path in use is absolute)
         os.write(w, b"OK\n")
         os.close(w)
         readied = True

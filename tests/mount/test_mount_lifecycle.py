@@ -6,6 +6,7 @@ serves a mount runs on each real device (`device_name`: the C and the Rust virti
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -72,6 +73,27 @@ def test_mount_daemonizes_then_vfsdrv_umount(tmp_path: Path, frontend: str,
         assert r.returncode == 0, r.stderr
         assert not is_mounted(mnt)
         wait_exit(proc)  # the daemon ended the session and closed the device
+
+
+def test_background_server_logs_everything_to_its_log_and_leaves_the_cwd(
+        tmp_path: Path) -> None:
+    """--log FILE takes every message of a background server, the bring-up's too
+    (not only what comes after the mount is ready); the server pins no directory."""
+    log = tmp_path / "server.log"
+    with backend(tmp_path) as (mnt, sock, proc):
+        r = subprocess.run([*VFSDRV, "-v", "mount", "--vhost-user", "vfsd.sock", "--log",
+                            "server.log", "mnt"], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)  # relative paths: resolved before the chdir
+        assert r.returncode == 0, r.stderr
+        assert "bringing up" not in r.stderr, r.stderr
+        text = log.read_text()
+        assert "bringing up" in text and "mounted vhost-user:" in text, text
+        pid = next(x["pid"] for x in json.loads(vfsdrv("status", "--json").stdout)["mounts"]
+                   if x.get("mountpoint") == str(mnt))
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert (mnt / "hello").read_text() == "hello\n"
+        assert vfsdrv("umount", mnt).returncode == 0
+        wait_exit(proc)
 
 
 @each_frontend
