@@ -525,13 +525,14 @@ def mount_figures(req: MountRequest, fs: VirtioFs, runner: object,
     dev_stats = dict(getattr(fs, "stats", {}) or {})
     queues = []
     if fs.hiprio is not None:
-        queues.append({"name": "hiprio", "size": fs.hiprio.vq.size,
+        queues.append({"name": "hiprio", "index": fs.hiprio.vq.index, "size": fs.hiprio.vq.size,
                        "in_flight": fs.hiprio.vq.in_flight})
     if fs.notify_vq is not None:
-        queues.append({"name": "notification", "size": fs.notify_vq.size,
-                       "buffers_posted": fs.notify_vq.in_flight})
-    for i, q in enumerate(fs.request_queues):
-        queues.append({"name": f"request{i}", "size": q.vq.size, "in_flight": q.vq.in_flight,
+        queues.append({"name": "notification", "index": fs.notify_vq.index,
+                       "size": fs.notify_vq.size, "buffers_posted": fs.notify_vq.in_flight})
+    for q in fs.request_queues:  # named by virtqueue index, as the relay names them
+        queues.append({"name": f"request{q.vq.index}", "index": q.vq.index,
+                       "size": q.vq.size, "in_flight": q.vq.in_flight,
                        "waiting": len(q.pending)})
     features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
                                                30: "VHOST_USER_PROTOCOL_FEATURES"})
@@ -540,8 +541,10 @@ def mount_figures(req: MountRequest, fs: VirtioFs, runner: object,
         "transport": getattr(fs.transport, "name", type(fs.transport).__name__),
         "features": [f for f in features.split(", ") if f != "none"],
         "queues": queues,
-        "served": stats.get("requests", 0),
-        "in_flight": getattr(runner, "inflight", 0),
+        # a frontend without counters of its own (pyfuse3): the device's
+        "served": stats.get("requests", dev_stats.get("replies", 0)),
+        "in_flight": getattr(runner, "inflight",
+                             sum(q.vq.in_flight for q in fs.request_queues)),
         "errors": sum(v for k, v in dev_stats.items() if k.startswith("bad_")),
         "notifications": stats.get("notifications", 0),
         "lock_waiters": fs.lock_waiters,

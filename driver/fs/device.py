@@ -600,6 +600,7 @@ class VirtioFs:
             return
         on_done = slot.on_done
         comp = self._check_reply(slot, length)
+        self.stats["replies"] += 1
         if comp.error == FUSE_LOCK_WAIT:
             self.park_lock(slot.unique, slot.opcode, on_done)
             self.release(slot)

@@ -127,6 +127,21 @@ def test_status_shows_live_figures_and_the_exit_logs_them(tmp_path: Path,
     assert figures["mountpoint"] == str(m.mnt) and figures["served"] >= second["served"]
 
 
+def test_status_counts_what_a_pyfuse3_mount_served(tmp_path: Path) -> None:
+    """The pyfuse3 frontend has no counters of its own: status shows the device's
+    (replies taken), and names the request queue by its index, as for the relay."""
+    with serving(tmp_path, "pyfuse3") as m:
+        assert m.proc is not None
+        for i in range(20):
+            (m.mnt / f"f{i}").write_text("x" * i)
+            assert (m.mnt / f"f{i}").read_text() == "x" * i
+        st = [x for x in status_json(dict(os.environ))["mounts"] if x.get("pid") == m.proc.pid]
+        assert len(st) == 1 and st[0]["frontend"] == "pyfuse3", st
+        assert st[0]["served"] >= 40, st[0]
+        assert [q["name"] for q in st[0]["queues"] if q["name"].startswith("request")] == \
+            ["request1"], st[0]["queues"]
+
+
 def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
     env = {**os.environ, "VFSDRV_STATE_DIR": str(tmp_path)}
     (tmp_path / "mounts").mkdir()
