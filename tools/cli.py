@@ -73,6 +73,13 @@ def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the commands' modules are still loading
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # a command may hand its arguments to a parser of its own (refdev does)
     args, extra = parser.parse_known_args(argv)
@@ -90,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"vfsdrv: error: {exc} (most commands need root)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

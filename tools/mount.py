@@ -303,6 +303,7 @@ def precheck(req: MountRequest) -> None:
     req.mountpoint = check_mountpoint(req.mountpoint)
     get_frontend(req.frontend)  # importable?
     if req.vhost_user is not None:
+        req.vhost_user = os.path.abspath(req.vhost_user)  # the server leaves the cwd
         try:
             st = os.stat(req.vhost_user)
         except FileNotFoundError:
@@ -926,6 +927,9 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         return 1
     except (VfsdrvError, OSError, ValueError) as exc:
         print(f"mount.vfsdrv: {exc}", file=sys.stderr)
+        return 32
+    except KeyboardInterrupt:  # nothing is left mounted or running (mount() saw to it)
+        print("mount.vfsdrv: interrupted", file=sys.stderr)
         return 32
 
 

@@ -205,16 +205,26 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]
     return out
 
 
-def mount_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:
-    """"major:minor" of the mount on `mountpoint` (the newest, if mounts are stacked),
-    from mountinfo: never a stat, which a FUSE server must not do on its own mount."""
+def mount_entry(mountpoint: str, path: str = "/proc/self/mountinfo"
+                ) -> tuple[str, str, str] | None:
+    """(mount id, "major:minor", fs type) of the mount on `mountpoint` (the newest, if
+    mounts are stacked), from mountinfo: never a stat, which a FUSE server must not do
+    on its own mount. A server compares it with what it recorded at mount time before
+    it unmounts: the path may hold somebody else's mount by then."""
     found = None
     with open(path) as f:
         for line in f:
-            fields = line.partition(" - ")[0].split()
+            left, _, right = line.partition(" - ")
+            fields = left.split()
             if len(fields) >= 5 and _unescape(fields[4]) == mountpoint:
-                found = fields[2]
+                found = (fields[0], fields[2], (right.split() or ["?"])[0])
     return found
+
+
+def mount_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:
+    """"major:minor" of the mount on `mountpoint` (the newest, if mounts are stacked)."""
+    entry = mount_entry(mountpoint, path)
+    return entry[1] if entry else None
 
 
 def set_readahead(mountpoint: str, nbytes: int) -> int:

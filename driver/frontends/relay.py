@@ -89,6 +89,7 @@ from .fuse_dev import (
     MountOptions,
     check_mountpoint,
     is_mount_point,
+    mount_entry,
     mount_fuse,
     open_fuse_device,
     require_root,
@@ -183,6 +184,9 @@ class Relay:
         self.mounted = False
         self.initialized = False
         self.conn_gone = False
+        #: mountinfo's (id, device, type) of our mount, taken right after mount(2)
+        self._mount_entry: tuple[str, str, str] | None = None
+        self._detached = False  # our unmount worker detached it: never unmount again
         self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
         self.request_timeout = self.options.request_timeout  # seconds; 0: off
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
@@ -224,6 +228,7 @@ class Relay:
             tag = self.fs.config.tag if self.fs.config is not None else "vfsdrv"
             mount_fuse(self.fuse_fd, mp, self.source or tag, self.options)
             self.mounted = True
+            self._mount_entry = mount_entry(mp)
             log.info("mounted %r on %s", tag, mp)
             self.fs.on_notify = self._on_notify
             self._loop()
@@ -254,7 +259,7 @@ class Relay:
         self.conn_gone = True
         if self.mounted and not self.dead:
             try:
-                if is_mount_point(self.mountpoint, resolved=True):
+                if self._still_mounted():
                     umount_busy_lazy(self.mountpoint)
             except OSError as exc:
                 log.error("could not unmount %s: %s", self.mountpoint, exc)
@@ -458,12 +463,25 @@ class Relay:
             self._aborting = True
             self.stop_at = time.monotonic()
 
+    def _still_mounted(self) -> bool:
+        """Whether the mount on our mount point is still ours: the same entry as at
+        mount time (id, device, type), and not detached by us since. Once ours is gone
+        (unmounted, lazily detached) the path may hold somebody else's mount, which a
+        server ending must never take away."""
+        if self._detached:
+            return False
+        if self._mount_entry is None:  # not seen in mountinfo at mount time: the path
+            return is_mount_point(self.mountpoint, resolved=True)
+        return mount_entry(self.mountpoint) == self._mount_entry
+
     def _unmount_worker(self) -> None:
         # not in the loop's thread: the kernel may need the loop while unmounting
         try:
-            umount_busy_lazy(self.mountpoint, before_detach=self._flush_before_detach)
+            if self._still_mounted():
+                umount_busy_lazy(self.mountpoint, before_detach=self._flush_before_detach)
+            self._detached = True
         except OSError as exc:
-            if is_mount_point(self.mountpoint, resolved=True):  # never stat our own mount
+            if self._still_mounted():
                 log.error("unmounting %s: %s", self.mountpoint, exc)
             else:  # the abort (a second signal, the flush's limit) took it away first
                 log.info("%s is already unmounted", self.mountpoint)

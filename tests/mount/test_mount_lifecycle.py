@@ -196,6 +196,42 @@ def test_second_signal_stops_a_write_back_that_hangs(tmp_path: Path) -> None:
                 pass
 
 
+@each_frontend
+@pytest.mark.parametrize("how", ["umount -l", "SIGTERM"])
+def test_a_server_never_unmounts_what_was_mounted_after_it(tmp_path: Path, frontend: str,
+                                                           how: str) -> None:
+    """The mount is detached while a program uses it (umount -l, or SIGTERM on a busy
+    mount), then a tmpfs is mounted at the same path: when the server ends, the tmpfs
+    and what was written to it stay (the server unmounts only its own mount)."""
+    with serving(tmp_path, frontend) as m:
+        assert m.proc is not None
+        holder = subprocess.Popen(["sleep", "60"], cwd=m.mnt)  # keeps the mount busy
+        tmpfs = False
+        try:
+            if how == "SIGTERM":
+                m.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while is_mounted(m.mnt) and time.monotonic() < deadline:
+                    time.sleep(0.02)  # detached once its dirty pages are written back
+            else:
+                subprocess.run(["umount", "-l", str(m.mnt)], check=True, timeout=30)
+            assert not is_mounted(m.mnt)
+            subprocess.run(["mount", "-t", "tmpfs", "later", str(m.mnt)], check=True,
+                           timeout=30)
+            tmpfs = True
+            (m.mnt / "data").write_text("important")
+            holder.kill()
+            holder.wait()
+            m.proc.wait(20)  # the detached mount's last user is gone: the server ends
+            assert is_mounted(m.mnt), "the server unmounted the tmpfs mounted after it"
+            assert (m.mnt / "data").read_text() == "important"
+        finally:
+            holder.kill()
+            holder.wait()
+            if tmpfs:
+                subprocess.run(["umount", "-l", str(m.mnt)], timeout=30)
+
+
 def assert_disconnected(mnt: Path) -> None:
     """A dead server's mount: still mounted, every access ENOTCONN, nothing written
     lands in the directory underneath; `vfsdrv umount` removes it."""
