@@ -266,11 +266,17 @@ def check_mountpoint(path: str) -> str:
     except FileNotFoundError:
         raise MountError(f"mount point {path} does not exist") from None
     except OSError as exc:
-        raise MountError(f"mount point {path}: {exc.strerror}") from None
+        hint = (" (a FUSE mount whose server is gone is there: unmount it first, e.g. "
+                f"`vfsdrv umount {path}`)" if exc.errno == errno.ENOTCONN else "")
+        raise MountError(f"mount point {path}: {exc.strerror}{hint}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {path} is not a directory")
-    if is_mount_point(real):
-        raise MountError(f"mount point {path} is busy: something is already mounted there")
+    types = [t for mp, t, _s in mount_table() if mp == real]
+    if types:
+        hint = (f" (a {types[-1]} mount: if its server is gone, `vfsdrv umount {path}` "
+                "removes it)" if types[-1].startswith("fuse") else "")
+        raise MountError(f"mount point {path} is busy: something is already mounted "
+                         f"there{hint}")
     return real
 
 

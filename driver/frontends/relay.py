@@ -187,6 +187,7 @@ class Relay:
         #: mountinfo's (id, device, type) of our mount, taken right after mount(2)
         self._mount_entry: tuple[str, str, str] | None = None
         self._detached = False  # our unmount worker detached it: never unmount again
+        self._worker_done = False
         self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
         self.request_timeout = self.options.request_timeout  # seconds; 0: off
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
@@ -365,6 +366,10 @@ class Relay:
                     self._expire_interrupts()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
                     log.warning("%s still busy: aborting the connection", self.mountpoint)
+                    if not self._aborting and not self._worker_done:
+                        # FLUSH_LIMIT passed with the write-back still waiting on the
+                        # device: a FUSE_DESTROY would only wait out its timeout too
+                        self.unresponsive = True
                     break
         except FrontendError as exc:
             log.error("%s", exc)
@@ -486,6 +491,7 @@ class Relay:
             else:  # the abort (a second signal, the flush's limit) took it away first
                 log.info("%s is already unmounted", self.mountpoint)
         finally:
+            self._worker_done = True
             deadline = time.monotonic() + STOP_GRACE
             if self.stop_at is not None and deadline < self.stop_at:
                 self.stop_at = deadline
