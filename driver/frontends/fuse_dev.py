@@ -320,6 +320,12 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
 #: SIGHUP too (a closed terminal, a lost ssh session, for a server in the foreground)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
+#: after SIGTERM/SIGINT/SIGHUP, how long a lazily detached (busy) mount is served
+#: before the connection is aborted
+STOP_GRACE = 3.0
+#: how long a server ending waits for the device's answer to its FUSE_DESTROY
+DESTROY_TIMEOUT = 5.0
+
 #: when a server is told to stop (SIGTERM) while its mount is in use, how long writing
 #: back the mount's dirty pages (syncfs) may take before the server gives up on it: a
 #: device that stops answering cannot hold the stop up for longer

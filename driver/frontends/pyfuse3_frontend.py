@@ -72,12 +72,15 @@ from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
 from .fuse_dev import (
+    DESTROY_TIMEOUT,
     FLUSH_LIMIT,
     MS_NODEV,
     MS_NOSUID,
+    STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
     syncfs,
+    umount,
 )
 
 log = logging.getLogger(__name__)
@@ -193,6 +196,7 @@ class TrioDevice:
         self._progress = trio.Event()  # set (and replaced) after every process()
         self._work = trio.Event()  # polling pump: something was submitted
         self.failure: BaseException | None = None
+        self.abandoned = False  # the server is stopping: nothing waits for the device
 
     async def call(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
                    ctx: Any = None) -> bytes:
@@ -206,6 +210,8 @@ class TrioDevice:
                 await event.wait()
             finally:
                 self._waiting.pop(pending, None)
+            if self.abandoned and not pending.done:
+                raise OSError(errno.ECONNABORTED, "the server stopped waiting for the device")
         return pending.result(0)
 
     async def submit(self, opcode: int, nodeid: int, *parts: bytes | memoryview,
@@ -222,6 +228,8 @@ class TrioDevice:
         while True:
             if self.fs.broken is not None:
                 raise OSError(errno.ENOTCONN, f"device unusable: {self.fs.broken}")
+            if self.abandoned:
+                raise OSError(errno.ECONNABORTED, "the server is stopping")
             slot = self.fs.try_acquire(large)
             if slot is not None:
                 self.fs.release(slot)
@@ -237,6 +245,15 @@ class TrioDevice:
         for pending, event in list(self._waiting.items()):
             if pending.done:
                 event.set()
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def abandon(self) -> None:
+        """The server ends: every request still waiting for the device (a stalled one)
+        fails with ECONNABORTED, so that pyfuse3's workers can finish."""
+        self.abandoned = True
+        for event in self._waiting.values():
+            event.set()
         self._progress.set()
         self._progress = trio.Event()
 
@@ -306,11 +323,11 @@ def _fuse_errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except VfsdrvError as exc:  # the device broke or went away
+        except VfsdrvError as exc:  # the device broke or went away (some are OSErrors too)
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.ENOTCONN) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -352,6 +369,7 @@ class DeviceOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.dev = TrioDevice(fs)
+        self.detached = False  # unmounted (or lazily detached) by the stop sequence
         self.inodes = InodeMap()
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -906,10 +924,11 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         try:
             # a failed device ends the server as a dead FUSE daemon: the mount stays
             # and answers ENOTCONN until unmounted (nothing lands underneath it)
-            pyfuse3.close(unmount=ops.dev.failure is None)
+            pyfuse3.close(unmount=ops.dev.failure is None and not ops.detached)
         finally:
             try:
-                if fs.broken is None:
+                if fs.broken is None and not ops.dev.abandoned:
+                    client.timeout = DESTROY_TIMEOUT
                     client.destroy()
             except (OSError, VfsdrvError, TimeoutError) as exc:
                 log.warning("FUSE_DESTROY failed: %s", exc)
@@ -923,7 +942,7 @@ async def _main(ops: DeviceOperations, ready: Callable[[], None] | None,
         nursery.start_soon(ops.notification_worker)
         nursery.start_soon(_pump_then_stop, ops.dev)
         if threading.current_thread() is threading.main_thread():
-            nursery.start_soon(_signals, mountpoint)
+            nursery.start_soon(_signals, ops, mountpoint)
         await trio.sleep(0)
         main_done = trio.Event()
 
@@ -948,28 +967,68 @@ async def _pump_then_stop(dev: TrioDevice) -> None:
     pyfuse3.terminate()
 
 
-async def _signals(mountpoint: str) -> None:
-    """SIGTERM/SIGINT/SIGHUP: write back the mount's dirty pages while the device still
-    serves (libfuse's unmount then drops what is left in a busy mount), for at most
-    FLUSH_LIMIT seconds or until a second signal, then end the session."""
+async def _signals(ops: DeviceOperations, mountpoint: str) -> None:
+    """SIGTERM/SIGINT/SIGHUP, as the relay: write back the mount's dirty pages while the
+    device still serves (for at most FLUSH_LIMIT seconds), unmount it, or detach it
+    when busy and serve STOP_GRACE seconds more; then requests still waiting for the
+    device fail and the session ends. A second signal skips what is left."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("signal %d: writing back and unmounting %s", signum, mountpoint)
             break
-        with trio.move_on_after(FLUSH_LIMIT):
-            async with trio.open_nursery() as nursery:
-                async def again() -> None:
-                    async for _ in signals:
-                        log.warning("%s: asked again to stop: unmounting at once", mountpoint)
+        hurry = trio.Event()
+        async with trio.open_nursery() as outer:
+            async def again() -> None:
+                async for _ in signals:
+                    log.warning("%s: asked again to stop: unmounting at once", mountpoint)
+                    hurry.set()
+
+            outer.start_soon(again)
+            with trio.move_on_after(FLUSH_LIMIT) as flushing:
+                async with trio.open_nursery() as nursery:
+                    async def flush() -> None:
+                        try:
+                            await trio.to_thread.run_sync(syncfs, mountpoint,
+                                                          abandon_on_cancel=True)
+                        except OSError as exc:
+                            log.warning("writing back %s: %s", mountpoint, exc)
                         nursery.cancel_scope.cancel()
 
-                async def flush() -> None:
-                    try:
-                        await trio.to_thread.run_sync(syncfs, mountpoint, abandon_on_cancel=True)
-                    except OSError as exc:
-                        log.warning("writing back %s: %s", mountpoint, exc)
-                    nursery.cancel_scope.cancel()
+                    async def hurried() -> None:
+                        await hurry.wait()
+                        nursery.cancel_scope.cancel()
 
-                nursery.start_soon(again)
-                nursery.start_soon(flush)
+                    nursery.start_soon(flush)
+                    nursery.start_soon(hurried)
+            if flushing.cancelled_caught:
+                log.warning("%s: the device did not write back within %.0f s: stopping",
+                            mountpoint, FLUSH_LIMIT)
+            elif not hurry.is_set():
+                busy = await trio.to_thread.run_sync(_detach, ops, mountpoint,
+                                                     abandon_on_cancel=True)
+                if busy:
+                    with trio.move_on_after(STOP_GRACE):
+                        await hurry.wait()
+            outer.cancel_scope.cancel()
+        ops.dev.abandon()
         pyfuse3.terminate()
+
+
+def _detach(ops: DeviceOperations, mountpoint: str) -> bool:
+    """Unmount, or detach lazily when busy (True): programs using it get STOP_GRACE
+    seconds more. Either way the server never unmounts that path again (it may hold
+    somebody else's mount by then)."""
+    try:
+        umount(mountpoint)
+        ops.detached = True
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            log.warning("unmounting %s: %s", mountpoint, exc)
+            return False
+    log.warning("%s is busy: detached; %.0f s from now programs using it get errors "
+                "(ECONNABORTED, then ENOTCONN; signal again to stop at once)",
+                mountpoint, STOP_GRACE)
+    umount(mountpoint, lazy=True)
+    ops.detached = True
+    return True

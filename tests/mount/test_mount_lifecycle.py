@@ -232,6 +232,92 @@ def test_a_server_never_unmounts_what_was_mounted_after_it(tmp_path: Path, front
                 subprocess.run(["umount", "-l", str(m.mnt)], timeout=30)
 
 
+def _device_pids(tmp_path: Path) -> list[int]:
+    """The virtiofsd processes serving tmp_path/vfsd.sock (it forks a worker); not
+    the mount server, whose command line names the socket too."""
+    out = subprocess.run(["pgrep", "-f", f"socket-path={tmp_path / 'vfsd.sock'}"],
+                         capture_output=True, text=True).stdout.split()
+    assert out, "no virtiofsd found"
+    return [int(x) for x in out]
+
+
+@each_frontend
+def test_stop_with_a_stalled_device_frees_every_program(tmp_path: Path,
+                                                        frontend: str) -> None:
+    """The device stops answering, a program waits on the mount, the server is told
+    twice to stop: it ends within seconds and the program gets an error (it is not
+    left in uninterruptible sleep for good)."""
+    with serving(tmp_path, frontend) as m:
+        assert m.proc is not None
+        pids = _device_pids(tmp_path)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            waiter = subprocess.Popen(["stat", str(m.mnt / "no-such-file")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            assert waiter.poll() is None, "the stat did not wait for the stopped device"
+            m.proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            start = time.monotonic()
+            m.proc.send_signal(signal.SIGTERM)
+            try:
+                m.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(m.log_text()) from None
+            assert waiter.wait(20) != 0
+            assert time.monotonic() - start < 15, m.log_text()
+            assert "Traceback" not in m.log_text(), m.log_text()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+
+@each_frontend
+def test_a_request_in_flight_when_the_device_dies_is_not_eio(tmp_path: Path,
+                                                             frontend: str) -> None:
+    """docs/frontends.rst: every request in flight fails with ENOTCONN (or
+    ECONNABORTED) when the device dies, never EIO, which reads as a disk error."""
+    with serving(tmp_path, frontend) as m:
+        pids = _device_pids(tmp_path)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys\ntry:\n    os.stat(sys.argv[1])\n"
+             "except OSError as e:\n    print(e.errno)", str(m.mnt / "no-such-file")],
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = waiter.communicate(timeout=30)
+        assert int(out) in (errno.ENOTCONN, errno.ECONNABORTED), out
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_sigterm_on_a_busy_mount_serves_it_a_grace_period(tmp_path: Path,
+                                                          frontend: str) -> None:
+    """README: a busy mount is detached and served STOP_GRACE (3 s) more before its
+    connection is aborted: a program writing to it keeps working meanwhile."""
+    with serving(tmp_path, frontend) as m:
+        assert m.proc is not None
+        writer = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nf = open(sys.argv[1], 'a')\n"
+             "while True:\n    f.write('x\\n'); f.flush(); print(time.monotonic(), "
+             "flush=True); time.sleep(0.05)", str(m.mnt / "log")],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            time.sleep(1)
+            signalled = time.monotonic()
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(20) == 0, m.log_text()
+            out, _ = writer.communicate(timeout=20)
+        finally:
+            writer.kill()
+        last = max(float(x) for x in out.split())
+        assert last - signalled > 2.0, (last - signalled, m.log_text())
+        assert "busy" in m.log_text(), m.log_text()
+
+
 def assert_disconnected(mnt: Path) -> None:
     """A dead server's mount: still mounted, every access ENOTCONN, nothing written
     lands in the directory underneath; `vfsdrv umount` removes it."""
