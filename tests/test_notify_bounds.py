@@ -1,6 +1,7 @@
 """What a device can make the notification path keep or log is bounded: early
-FUSE_NOTIFY_LOCKs for SETLKWs that never park, and warnings for malformed
-notifications (the first few one by one, then a count)."""
+FUSE_NOTIFY_LOCKs for SETLKWs that never park, warnings for malformed
+notifications (the first few one by one, then a count), and the relay's backlog of
+notifications waiting for the kernel."""
 
 from __future__ import annotations
 
@@ -47,3 +48,28 @@ def test_a_flood_of_malformed_notifications_logs_a_count(caplog: pytest.LogCaptu
     assert q.stats["bad_notification"] == 25_000
     assert len(lines) == notify.BAD_NOTIFICATIONS_LOGGED + 2  # and at 10000, 20000
     assert "(20000 so far" in lines[-1]
+
+
+def test_the_relays_notification_backlog_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A device that floods notifications faster than the kernel takes them (or while
+    the kernel holds one write back) cannot grow the relay's memory: past
+    NOTIFY_BACKLOG waiting, each is dropped, counted, and said once."""
+    import queue
+    import types
+
+    from vfsdrv.frontends import relay
+
+    r = relay.Relay.__new__(relay.Relay)
+    r.stats = collections.Counter()
+    r.debug = False
+    r._dropped_codes = set()
+    r._notify_q = queue.SimpleQueue()
+    r._notify_thread = types.SimpleNamespace()  # a writer that takes nothing
+    inval_inode = bytes(16 + 24)  # out header + fuse_notify_inval_inode_out
+    with caplog.at_level(logging.WARNING, logger=relay.__name__):
+        for _ in range(relay.NOTIFY_BACKLOG + 500):
+            r._on_notify(2, memoryview(inval_inode))
+    assert r._notify_q.qsize() == relay.NOTIFY_BACKLOG
+    assert r.stats["notify_backlog_dropped"] == 500
+    assert r.stats["notifications"] == relay.NOTIFY_BACKLOG  # forwarded
+    assert len([m for m in caplog.messages if "dropped" in m]) == 1

@@ -84,7 +84,9 @@ from ..fs.device import Completion, VirtioFs
 from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
 from .fuse_dev import (
+    DESTROY_TIMEOUT,
     FLUSH_LIMIT,
+    STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
     check_mountpoint,
@@ -133,9 +135,8 @@ KERNEL_NOTIFY_CODES = frozenset({1, 2, 3, 4, 5, 6, 8, 9})
 #: unique of the relay's own FUSE_DESTROY: far from the kernel's counter (even, no
 #: interrupt bit, no FUSE_UNIQUE_RESEND bit)
 OWN_UNIQUE = 1 << 62
-#: after SIGTERM/SIGINT, how long a lazily detached (busy) mount is served before
-#: the connection is aborted
-STOP_GRACE = 3.0
+#: notifications from the device waiting for the kernel, at most (more are dropped)
+NOTIFY_BACKLOG = 4096
 #: small slots the control thread keeps for hiprio and its own requests
 CONTROL_SLOTS = 8
 #: -o request_timeout: how often the control thread looks at the pumps' progress
@@ -291,7 +292,7 @@ class Relay:
                 or self.unresponsive or self.dead):
             return  # a dead FUSE server says nothing more to its device
         try:
-            fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(5.0)
+            fs.call_async(Opcode.DESTROY, 0, unique=OWN_UNIQUE).result(DESTROY_TIMEOUT)
             self.destroyed = True
             log.info("FUSE_DESTROY sent to the device")
             if self.debug:
@@ -751,13 +752,25 @@ class Relay:
             return
         data = bytearray(message)
         OUT_HEADER.pack_into(data, 0, len(data), code, 0)
-        self.stats["notifications"] += 1
         if self.debug:
             reqlog.debug("notification code %d (%d bytes) forwarded", code, len(data))
         if self._notify_thread is None:
             self._notify_thread = threading.Thread(target=self._notify_writer,
                                                    name="vfsdrv-notify", daemon=True)
             self._notify_thread.start()
+        if self._notify_q.qsize() >= NOTIFY_BACKLOG:
+            # a device faster than the kernel takes them (a flood), or a write the
+            # kernel holds (an invalidation waiting for a page a held READ locks):
+            # memory stays bounded; what is dropped is counted and said
+            self.stats["notify_backlog_dropped"] += 1
+            dropped = self.stats["notify_backlog_dropped"]
+            if dropped == 1 or dropped % 10_000 == 0:
+                log.warning("%d device notification(s) dropped: %d wait for the kernel "
+                            "already (a flood, or the kernel is holding one back; "
+                            "-o request_timeout=N ends a device that holds requests)",
+                            dropped, NOTIFY_BACKLOG)
+            return
+        self.stats["notifications"] += 1
         self._notify_q.put(bytes(data))
 
     def _notify_writer(self) -> None:
