@@ -255,6 +255,23 @@ def test_ring_packed_asked_of_a_device_without_packed_rings(sock_dir: Path,
         assert "does not offer VIRTIO_F_RING_PACKED" in c[cid]["observed"], c[cid]
 
 
+def test_a_device_that_runs_packed_rings_only_is_checked_not_aborted(sock_dir: Path,
+                                                                    export: Path) -> None:
+    """refdev --ring packed refuses every driver without packed rings (its SET_FEATURES
+    answer, with REPLY_ACK, is a refusal): check's split-ring probes record that under
+    features.subset and the live checks run on packed rings, instead of the whole run
+    ending in an error with no report."""
+    sock = sock_dir / "ref.sock"
+    with RefDevice(str(sock), str(export), ring="packed"):
+        report = check_vhost_user(str(sock), CheckOptions())
+    c = by_id(report)
+    assert c["features.subset"]["result"] == "fail", c["features.subset"]
+    assert "split-ring subset refused" in c["features.subset"]["observed"]
+    assert report.ring_layout == "packed"
+    for cid in ("features.features_ok", "bringup", "fuse.init"):
+        assert c[cid]["result"] == "pass", c[cid]
+
+
 # -- broken devices: the reference device with one defect, caught under the right id ---------
 
 

@@ -17,7 +17,13 @@ import select
 import struct
 import time
 
-from ..errors import FeatureNegotiationError, TransportError, VfsdrvError
+from ..errors import (
+    DeviceGoneError,
+    DeviceTimeoutError,
+    FeatureNegotiationError,
+    TransportError,
+    VfsdrvError,
+)
 from ..fs import abi
 from ..fs.abi import Opcode
 from ..virtio import ring_layout as rl
@@ -74,9 +80,15 @@ def ring_session(t: Transport, report: Report, timeout: float, *, event_idx: boo
     ring = Feature.EVENT_IDX | Feature.INDIRECT_DESC if event_idx else 0
     try:
         dev.negotiate(0, ring_features=ring, reset_timeout=timeout)
-    except FeatureNegotiationError as exc:
+    except (FeatureNegotiationError, TransportError) as exc:
+        if isinstance(exc, DeviceGoneError | DeviceTimeoutError):
+            raise  # not a refusal: the runner reports a device that went away
+        # FEATURES_OK cleared, or (vhost-user REPLY_ACK) SET_FEATURES refused at once:
+        # e.g. a device that runs packed rings only, and this subset is split
         if not event_idx:
-            report.add("features.subset", FAIL, f"FEATURES_OK cleared: {exc}")
+            report.add("features.subset", FAIL, f"FEATURES_OK cleared: {exc}"
+                       if isinstance(exc, FeatureNegotiationError)
+                       else f"the split-ring subset refused: {exc}")
         for cid in ("ring.framing", "ring.used_notify", "ring.used_flags", "ring.spurious_kick"):
             report.add(cid, SKIP, "not reached: FEATURES_OK cleared", instance=inst)
         if event_idx:
