@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import struct
 import tempfile
@@ -763,3 +764,11 @@ def test_a_check_stopped_by_a_signal_removes_its_scratch_directory(
             assert rc in (0, 1, 130, -signal.SIGTERM), err
             assert "Traceback" not in err and "could not remove" not in err, err
             assert list(export.glob(".vfsdrv-check-*")) == [], (delay, err)
+
+
+def test_tag_for_a_device_with_its_own_config_space_is_said_to_be_ignored(
+        sock_dir: Path, export: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock = sock_dir / "ref.sock"
+    with RefDevice(str(sock), str(export)), caplog.at_level(logging.WARNING):
+        check_vhost_user(str(sock), CheckOptions(read_only=True), tag="x")
+    assert any("--tag/--request-queues ignored" in m for m in caplog.messages)

@@ -24,6 +24,7 @@ backend without config space (virtiofsd); those config checks are then skipped.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -34,6 +35,7 @@ from ..errors import VfsdrvError
 from ..fs.config import MAX_REQUEST_QUEUES
 
 DEFAULT_TAG = "vfsdrv"
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +114,10 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
     )
     try:
         opts.config_supplied = not transport.has_config_space
+        if transport.has_config_space and (tag is not None or request_queues != 1):
+            # as vfsdrv mount says it: the device's own config space is what is checked
+            log.warning("--tag/--request-queues ignored: the device has a config space "
+                        "of its own (its tag and num_request_queues are checked)")
         report = Report(device=socket_path, transport="vhost-user")
         return run_checks(transport, report, opts)
     finally:
