@@ -74,9 +74,9 @@ class Sysfs:
     ) -> None:
         self.root = Path(root)
         self.noiommu_param = Path(noiommu_param)
-        self.state_dir = Path(
+        self.state_dir = Path(os.path.abspath(
             state_dir or os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv")
-        )
+        ))  # absolute: a background server leaves its working directory for /
         self._original: dict[str, str | None] = {}
 
     # -- identity --------------------------------------------------------------------------

@@ -52,8 +52,8 @@ def test_a_killed_servers_binding_is_named_and_given_back_by_its_umount(
     dead_claim(s, "/mnt/x")
     info = describe(s, tmp_path)
     assert info.left_bound_by == {"pid": os.getpid(), "mountpoint": "/mnt/x"}
-    assert "`vfsdrv umount /mnt/x` or `vfsdrv unbind 0000:00:03.0`" in \
-        devices.format_table([info])
+    table = devices.format_table([info])
+    assert "`vfsdrv unbind 0000:00:03.0`" in table and "`vfsdrv umount /mnt/x`" in table
     assert json.loads(json.dumps(info.to_dict()))["left_bound_by"]["mountpoint"] == "/mnt/x"
     calls = fake_unbind(s, monkeypatch)
     # another mount point's umount leaves it alone
@@ -101,3 +101,65 @@ def test_a_claim_on_a_function_given_back_meanwhile_is_no_orphan(tmp_path: Path)
     s = fake_sysfs(tmp_path, driver="virtio-pci")
     dead_claim(s, "/mnt/x")
     assert claims.orphaned(s, BDF) is None
+
+
+def test_a_failed_takeover_leaves_a_function_someone_holds_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead server's claim, but QEMU (say) holds the function through VFIO now: the
+    mount does not take the binding over, so its failed open gives nothing back from
+    under that process, and the claim stays as it was."""
+    from vfsdrv.pci import sysfs as sysfs_mod
+    from vfsdrv.pci.errors import DeviceBusyError
+    from vfsdrv.tools import mount, pci_functions
+
+    s = fake_sysfs(tmp_path, driver="vfio-pci")
+    dead_claim(s, "/mnt/old")
+    monkeypatch.setattr(sysfs_mod, "Sysfs", lambda *a, **k: s)
+    unbinds: list[str] = []
+    monkeypatch.setattr(s, "unbind_vfio", lambda bdf, restore=True: unbinds.append(bdf))
+    monkeypatch.setattr(devices, "vfio_users", lambda sysfs, bdf: ["4242 (qemu-system-x86)"])
+
+    def busy(*_a: object, **_k: object) -> None:
+        raise DeviceBusyError("/dev/vfio/3 is busy")
+
+    monkeypatch.setattr(pci_functions, "open_fs_function", busy)
+    with pytest.raises(DeviceBusyError):
+        mount._pci_transport(mount.MountRequest(mountpoint="/mnt/new", device=BDF))
+    assert unbinds == []
+    claim = claims.read(s, BDF)
+    assert claim is not None and claim.mountpoint == "/mnt/old"
+
+
+def test_umount_of_a_dead_mount_already_removed_still_gives_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The dead mount was removed with plain umount (or never made): `vfsdrv umount`
+    of its mount point still gives the function back; with no claim there it is the
+    usual "not mounted" error."""
+    import argparse
+
+    from vfsdrv.frontends.fuse_dev import MountError
+    from vfsdrv.pci import sysfs as sysfs_mod
+    from vfsdrv.tools import mount
+
+    s = fake_sysfs(tmp_path, driver="vfio-pci")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    dead_claim(s, str(gone))
+    monkeypatch.setattr(sysfs_mod, "Sysfs", lambda *a, **k: s)
+    monkeypatch.setattr(claims, "Sysfs", lambda *a, **k: s)
+    calls = fake_unbind(s, monkeypatch)
+    args = argparse.Namespace(mountpoint=str(gone), lazy=False)
+    assert mount.run_umount(args) == 0 and calls == [BDF]
+    assert "given back to virtio-pci" in capsys.readouterr().err
+    with pytest.raises(MountError, match="not mounted"):
+        mount.run_umount(args)
+
+
+def test_a_relative_state_dir_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background server chdirs to /: its records must not move with it."""
+    from vfsdrv.tools import status
+
+    monkeypatch.setenv("VFSDRV_STATE_DIR", "relstate")
+    assert Sysfs().state_dir == Path.cwd() / "relstate"
+    assert status.run_dir() == Path.cwd() / "relstate"

@@ -209,8 +209,9 @@ def format_table(devs: list[DeviceInfo]) -> str:
         if d.left_bound_by:
             left = d.left_bound_by
             lines.append(f"  note:        left on vfio-pci by a vfsdrv mount whose server "
-                         f"(pid {left['pid']}) is gone: `vfsdrv umount {left['mountpoint']}` "
-                         f"or `vfsdrv unbind {d.bdf}` gives it back")
+                         f"(pid {left['pid']}) is gone: `vfsdrv unbind {d.bdf}` gives it "
+                         f"back, and so does `vfsdrv umount {left['mountpoint']}` (which also "
+                         "removes that dead mount, if it is still there)")
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ from ..frontends.fuse_dev import (
     MountError,
     MountOptions,
     check_mountpoint,
+    mount_entry,
+    mount_present,
     mount_table,
     require_root,
     umount,
@@ -105,6 +107,7 @@ class MountRequest:
     force_4k_noiommu: bool = False
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
     fake: bool = False  # mount.vfsdrv -f: check the command line, mount nothing
+    namespace: str | None = None  # mount.vfsdrv -N: the mount namespace to mount in
 
     def spec(self) -> str:
         """The mount's source: what mount(8) finds in fstab for this mount."""
@@ -223,7 +226,15 @@ def run_mount(args: argparse.Namespace) -> int:
 
 def run_umount(args: argparse.Namespace) -> int:
     require_root("unmounting")
-    mp, fstype = find_mount(args.mountpoint)
+    try:
+        mp, fstype = find_mount(args.mountpoint)
+    except MountError:
+        # no mount there (it was removed with plain umount, or never made): a PCI
+        # function its killed server left bound is still given back
+        given = _give_back_orphans(args.mountpoint)
+        if not given:
+            raise
+        return 0
     if fstype != f"fuse.{FS_SUBTYPE}":
         raise MountError(f"{args.mountpoint} is a {fstype} mount, not a vfsdrv one")
     try:
@@ -232,11 +243,19 @@ def run_umount(args: argparse.Namespace) -> int:
         hint = " (files are open there; -l detaches it anyway)" if exc.errno == 16 else ""
         raise MountError(f"cannot unmount {args.mountpoint}: {exc.strerror}{hint}") from None
     # a server killed with SIGKILL left its PCI function on vfio-pci: give it back
-    from . import claims
-
-    for line in claims.give_back_orphans(mp):
-        print(f"vfsdrv: {line}", file=sys.stderr)
+    _give_back_orphans(mp)
     return 0
+
+
+def _give_back_orphans(mountpoint: str) -> list[str]:
+    try:
+        from . import claims
+    except ImportError:  # no PCI support: nothing was bound
+        return []
+    lines = claims.give_back_orphans(os.path.realpath(mountpoint))
+    for line in lines:
+        print(f"vfsdrv: {line}", file=sys.stderr)
+    return lines
 
 
 def find_mount(path: str) -> tuple[str, str]:
@@ -419,7 +438,8 @@ def _pci_transport(req: MountRequest):
     bdf = normalize_bdf(req.device) if req.device is not None else pf.find_by_tag(req.tag)
     if sysfs.driver(bdf) != "vfio-pci":
         req.bound_here = bdf
-    elif (left := claims.orphaned(sysfs, bdf)) is not None:
+    elif (left := claims.orphaned(sysfs, bdf)) is not None and not _vfio_users(sysfs, bdf):
+        # (held through VFIO by someone, it is theirs now: the open below says busy)
         log.info("%s was left on vfio-pci by a vfsdrv mount that is gone (pid %d, %s): "
                  "this one takes the binding over", bdf, left.pid, left.mountpoint)
         req.bound_here = bdf
@@ -431,6 +451,12 @@ def _pci_transport(req: MountRequest):
     except BaseException:
         _give_back(req)
         raise
+
+
+def _vfio_users(sysfs, bdf: str) -> list[str]:
+    from .devices import vfio_users
+
+    return vfio_users(sysfs, bdf)
 
 
 def _give_back(req: MountRequest) -> None:
@@ -464,10 +490,12 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
     started = time.monotonic()
     server: StatusServer | None = None
     runner: object = None
-    figures = lambda: mount_figures(req, fs, runner, started)  # noqa: E731
+    mounted: list[tuple[str, str, str] | None] = [None]  # our mountinfo entry, once ready
+    figures = lambda: mount_figures(req, fs, runner, started, mounted[0])  # noqa: E731
 
     def on_ready() -> None:
         nonlocal server
+        mounted[0] = mount_entry(req.mountpoint)
         try:
             server = StatusServer(figures).start()
         except OSError as exc:
@@ -508,12 +536,19 @@ def _log_info() -> None:
         log.setLevel(logging.INFO)
 
 
-def mount_figures(req: MountRequest, fs: VirtioFs, runner: object,
-                  started: float) -> dict[str, object]:
+def mount_figures(req: MountRequest, fs: VirtioFs, runner: object, started: float,
+                  mounted: tuple[str, str, str] | None = None) -> dict[str, object]:
     """What `vfsdrv status` shows for this mount. The relay's own status() when it has
-    one; otherwise what can be read from the device and the relay's counters."""
+    one; otherwise what can be read from the device and the relay's counters.
+    `mounted`: the mount's mountinfo entry at ready time; "detached" says it is no
+    longer in this server's mount table (unmounted lazily, still served)."""
     out: dict[str, object] = {"mountpoint": req.mountpoint, "source": req.spec(),
                               "pid": os.getpid(), "frontend": req.frontend}
+    if mounted is not None:
+        try:
+            out["detached"] = not mount_present(mounted)
+        except OSError:
+            pass
     status = getattr(runner, "status", None)
     if callable(status):
         figures = status()
@@ -778,6 +813,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     positional: list[str] = []
     opts: list[str] = []
     fake = sloppy = False
+    namespace: str | None = None
     it = iter(argv)
     for a in it:
         if a in ("-o", "-N", "-t"):
@@ -787,11 +823,11 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
             if a == "-o":
                 opts.append(value)
             elif a == "-N":
-                _enter_mount_namespace(value)
+                namespace = value
         elif a.startswith("-o"):
             opts.append(a[2:])
         elif a.startswith("-N"):
-            _enter_mount_namespace(a[2:])
+            namespace = a[2:]
         elif a.startswith("-t"):
             continue
         elif a.startswith("-") and len(a) > 1 and not a.startswith("--"):
@@ -810,6 +846,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     spec, mountpoint = positional
     req = MountRequest(mountpoint=mountpoint)
     req.fake = fake
+    req.namespace = namespace
     rest: list[str] = []
 
     def value_of(key: str, value: str, parse: Callable[[str], T]) -> T:
@@ -888,15 +925,19 @@ class HelperUsageError(MountError):
 CLONE_NEWNS = 0x00020000
 
 
-def _enter_mount_namespace(ns: str) -> None:
-    """-N NAMESPACE: setns(2) into that mount namespace, as mount(8)'s own -N does."""
-    import ctypes
-
+def _enter_mount_namespace(ns: str, *, check_only: bool = False) -> None:
+    """-N NAMESPACE: setns(2) into that mount namespace, as mount(8)'s own -N does
+    (a pid, or a path such as /proc/PID/ns/mnt). `check_only`: open it, no more."""
     path = f"/proc/{ns}/ns/mnt" if ns.isdigit() else ns
+    if not os.path.isabs(path):
+        raise HelperUsageError(f"-N {ns}: give a pid or an absolute path")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise HelperUsageError(f"-N {ns}: {path}: {exc.strerror}") from None
+    if check_only:
+        os.close(fd)
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, CLONE_NEWNS) != 0:
@@ -919,6 +960,8 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
             raise
         except MountError as exc:  # the line itself is wrong: status 1
             raise HelperUsageError(str(exc)) from None
+        if req.namespace is not None:  # once the whole line is known good
+            _enter_mount_namespace(req.namespace, check_only=req.fake)
         if req.fake:
             return 0  # -f: the line is checked, nothing is mounted (or looked up)
         return mount(req)

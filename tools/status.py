@@ -9,7 +9,8 @@ notifications, lock waiters, uptime). A socket whose server is gone is removed.
 A vfsdrv mount in the mount table whose server is gone (killed) is listed too, as
 unserved: it answers ENOTCONN until it is unmounted. A server that does not answer
 (stopped, stuck) is listed with an error and its mount (from PID.json beside its
-socket), not as unserved; one unmounted lazily but still serving is "detached".
+socket), not as unserved; one unmounted lazily but still serving says it is
+"detached".
 
     vfsdrv status            one block per mount, then a line per unserved mount
     vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...],
@@ -44,7 +45,8 @@ _UCRED = struct.Struct("iII")  # pid, uid, gid
 
 def run_dir() -> Path:
     """/run/vfsdrv, or $VFSDRV_STATE_DIR (tests, non-standard layouts)."""
-    return Path(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv"))
+    # absolute: a background server leaves its working directory for /
+    return Path(os.path.abspath(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv")))
 
 
 def sockets_dir() -> Path:
@@ -209,14 +211,9 @@ def collect() -> list[dict[str, Any]]:
     # side by side: a stuck server costs its CLIENT_TIMEOUT once, not once per server
     with concurrent.futures.ThreadPoolExecutor(min(len(paths), 16)) as pool:
         answers = list(pool.map(query, paths))
+    # "detached" (unmounted lazily, served on for what still uses it) is the server's
+    # own word: it knows its mount, also in a mount namespace of its own
     out = [m for m in answers if m is not None]
-    try:
-        mounted = {mp for mp, _fstype, _source in _mount_table()}
-    except OSError:
-        mounted = None
-    for m in out:
-        if mounted is not None and "mountpoint" in m and m["mountpoint"] not in mounted:
-            m["detached"] = True  # unmounted lazily: served on for what still uses it
     return sorted(out, key=lambda m: str(m.get("mountpoint", "")))
 
 

@@ -205,6 +205,19 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]
     return out
 
 
+def _mountinfo(path: str) -> list[tuple[tuple[str, str, str], str]]:
+    """((mount id, "major:minor", fs type), mount point) of every line, in order."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5:
+                out.append(((fields[0], fields[2], (right.split() or ["?"])[0]),
+                            _unescape(fields[4])))
+    return out
+
+
 def mount_entry(mountpoint: str, path: str = "/proc/self/mountinfo"
                 ) -> tuple[str, str, str] | None:
     """(mount id, "major:minor", fs type) of the mount on `mountpoint` (the newest, if
@@ -212,13 +225,16 @@ def mount_entry(mountpoint: str, path: str = "/proc/self/mountinfo"
     on its own mount. A server compares it with what it recorded at mount time before
     it unmounts: the path may hold somebody else's mount by then."""
     found = None
-    with open(path) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and _unescape(fields[4]) == mountpoint:
-                found = (fields[0], fields[2], (right.split() or ["?"])[0])
+    for entry, mp in _mountinfo(path):
+        if mp == mountpoint:
+            found = entry
     return found
+
+
+def mount_present(entry: tuple[str, str, str], path: str = "/proc/self/mountinfo") -> bool:
+    """Whether the mount `mount_entry` once returned is still in this mount namespace,
+    on top of its mount point or covered by a later mount."""
+    return any(e == entry for e, _mp in _mountinfo(path))
 
 
 def mount_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:

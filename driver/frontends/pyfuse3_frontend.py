@@ -79,6 +79,8 @@ from .fuse_dev import (
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
+    is_mount_point,
+    mount_entry,
     syncfs,
     umount,
 )
@@ -370,12 +372,24 @@ class DeviceOperations(pyfuse3.Operations):
         self.fs = fs
         self.dev = TrioDevice(fs)
         self.detached = False  # unmounted (or lazily detached) by the stop sequence
+        #: mountinfo's (id, device, type) of the mount, taken right after pyfuse3.init
+        self.mount_entry: tuple[str, str, str] | None = None
         self.inodes = InodeMap()
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._notify_send: trio.MemorySendChannel | None = None
 
+    def still_mounted(self, mountpoint: str) -> bool:
+        """Whether the mount on `mountpoint` is still this server's (as the relay's
+        _still_mounted): never unmount somebody else's mount made at the path since."""
+        if self.detached:
+            return False
+        if self.mount_entry is None:
+            return is_mount_point(mountpoint, resolved=True)
+        return mount_entry(mountpoint) == self.mount_entry
+
     # -- device notifications ------------------------------------------------------------
+
     def on_notify(self, code: int, message: memoryview) -> None:
         """`VirtioFs.on_notify`: runs inside `process()`, so it only queues the
         kernel call; `notification_worker` makes it from a thread (the kernel may
@@ -916,6 +930,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as exc:  # libfuse printed why (mount point, options) on stderr
         raise FrontendError(f"pyfuse3 could not mount {mountpoint}: {exc}") from exc
+    ops.mount_entry = mount_entry(mountpoint)
     previous_on_notify, fs.on_notify = fs.on_notify, ops.on_notify
     try:
         trio.run(_main, ops, ready, mountpoint)
@@ -924,7 +939,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
         try:
             # a failed device ends the server as a dead FUSE daemon: the mount stays
             # and answers ENOTCONN until unmounted (nothing lands underneath it)
-            pyfuse3.close(unmount=ops.dev.failure is None and not ops.detached)
+            pyfuse3.close(unmount=ops.dev.failure is None and ops.still_mounted(mountpoint))
         finally:
             try:
                 if fs.broken is None and not ops.dev.abandoned:
@@ -1018,6 +1033,9 @@ def _detach(ops: DeviceOperations, mountpoint: str) -> bool:
     """Unmount, or detach lazily when busy (True): programs using it get STOP_GRACE
     seconds more. Either way the server never unmounts that path again (it may hold
     somebody else's mount by then)."""
+    if not ops.still_mounted(mountpoint):
+        ops.detached = True  # gone already (or covered): nothing of ours to unmount there
+        return False
     try:
         umount(mountpoint)
         ops.detached = True

@@ -93,6 +93,7 @@ from .fuse_dev import (
     is_mount_point,
     mount_entry,
     mount_fuse,
+    mount_present,
     open_fuse_device,
     require_root,
     set_readahead,
@@ -263,6 +264,10 @@ class Relay:
             try:
                 if self._still_mounted():
                     umount_busy_lazy(self.mountpoint)
+                elif (not self._detached and self._mount_entry is not None
+                      and mount_present(self._mount_entry)):
+                    log.warning("%s: another mount covers this one, which stays (answering "
+                                "ENOTCONN) until both are unmounted", self.mountpoint)
             except OSError as exc:
                 log.error("could not unmount %s: %s", self.mountpoint, exc)
         elif self.dead:

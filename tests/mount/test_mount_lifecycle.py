@@ -197,12 +197,13 @@ def test_second_signal_stops_a_write_back_that_hangs(tmp_path: Path) -> None:
 
 
 @each_frontend
-@pytest.mark.parametrize("how", ["umount -l", "SIGTERM"])
+@pytest.mark.parametrize("how", ["umount -l", "SIGTERM", "umount -l, then SIGTERM"])
 def test_a_server_never_unmounts_what_was_mounted_after_it(tmp_path: Path, frontend: str,
                                                            how: str) -> None:
     """The mount is detached while a program uses it (umount -l, or SIGTERM on a busy
-    mount), then a tmpfs is mounted at the same path: when the server ends, the tmpfs
-    and what was written to it stay (the server unmounts only its own mount)."""
+    mount), then a tmpfs is mounted at the same path: when the server ends (its last
+    user gone, or told to stop), the tmpfs and what was written to it stay (the server
+    unmounts only its own mount)."""
     with serving(tmp_path, frontend) as m:
         assert m.proc is not None
         holder = subprocess.Popen(["sleep", "60"], cwd=m.mnt)  # keeps the mount busy
@@ -220,6 +221,9 @@ def test_a_server_never_unmounts_what_was_mounted_after_it(tmp_path: Path, front
                            timeout=30)
             tmpfs = True
             (m.mnt / "data").write_text("important")
+            if how.endswith("then SIGTERM"):
+                m.proc.send_signal(signal.SIGTERM)
+                m.proc.wait(45)
             holder.kill()
             holder.wait()
             m.proc.wait(20)  # the detached mount's last user is gone: the server ends
