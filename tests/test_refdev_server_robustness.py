@@ -193,3 +193,53 @@ def test_session_end_closes_its_files_in_the_lock_table(tmp_path: Path) -> None:
     assert table.open_files(key) == 1
     server.close()
     assert table.open_files(key) == 0
+
+
+def _as(uid: int, gid: int, opcode: int, nodeid: int, body: bytes) -> bytes:
+    """A request from uid/gid (the header's requester)."""
+    head = abi.pack("fuse_in_header", len=abi.IN_HEADER_SIZE + len(body), opcode=opcode,
+                    unique=200, nodeid=nodeid, uid=uid, gid=gid)
+    return head + body
+
+
+def test_create_of_a_name_that_exists_keeps_its_owner_and_mode(server: FuseServer,
+                                                              tmp_path: Path) -> None:
+    """CREATE without O_EXCL of a file another frontend made since the guest's LOOKUP
+    opens it as open(O_CREAT) would: its owner and mode stay (they used to become the
+    opener's, and the mode the one asked for)."""
+    victim = tmp_path / "f"
+    os.chown(victim, 0, 0)
+    victim.chmod(0o600)
+    body = abi.pack("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100666) + b"f\0"
+    got = reply(server.handle(_as(1000, 1000, Opcode.CREATE, 1, body), ROOM))
+    assert got[1] == 0, got
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o600)
+    assert victim.read_bytes() == b"abcdefgh" * 1024  # opened, not replaced
+    excl = abi.pack("fuse_create_in", flags=os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                    mode=0o100666) + b"f\0"
+    assert reply(server.handle(_as(1000, 1000, Opcode.CREATE, 1, excl), ROOM))[1] == \
+        -errno.EEXIST
+    new = abi.pack("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100640) + b"g\0"
+    assert reply(server.handle(_as(1000, 1001, Opcode.CREATE, 1, new), ROOM))[1] == 0
+    st = (tmp_path / "g").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1001, 0o640)
+
+
+def test_a_set_group_id_directory_gives_its_group_and_keeps_the_bit(server: FuseServer,
+                                                                    tmp_path: Path) -> None:
+    """In a set-group-ID directory a new entry takes the directory's group and a new
+    directory keeps S_ISGID, as on a local file system (virtiofsd does the same)."""
+    d = tmp_path / "d"
+    os.chown(d, 0, 100)
+    d.chmod(0o2777)
+    dnode = _lookup(server, b"d")
+    mk = abi.pack("fuse_mkdir_in", mode=0o40755) + b"sub\0"
+    assert reply(server.handle(_as(1000, 1000, Opcode.MKDIR, dnode, mk), ROOM))[1] == 0
+    st = (d / "sub").stat()
+    assert (st.st_uid, st.st_gid) == (1000, 100)
+    assert st.st_mode & 0o7777 == 0o2755
+    cr = abi.pack("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644) + b"f\0"
+    assert reply(server.handle(_as(1000, 1000, Opcode.CREATE, dnode, cr), ROOM))[1] == 0
+    st = (d / "f").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 100, 0o644)

@@ -360,14 +360,22 @@ class FuseServer:
 
     def _created(self, hdr: Any, parent: Node, name: bytes, mode: int | None) -> Any:
         """Give a new file the requester's ids and the exact mode (our umask is not
-        the guest's), then answer as LOOKUP does."""
+        the guest's), then answer as LOOKUP does. In a set-group-ID directory the new
+        entry keeps the directory's group, and a new directory keeps S_ISGID (POSIX;
+        Linux's inode_init_owner): the host kernel set both, the guest's mode has
+        no S_ISGID to give."""
         node, st = self._inodes.lookup(parent, name)
+        setgid_dir = bool(os.stat(parent.fd).st_mode & stat.S_ISGID)
         try:
-            host_calls.fchown_empty(node.fd, hdr.uid, hdr.gid)
+            host_calls.fchown_empty(node.fd, hdr.uid, U32_MAX if setgid_dir else hdr.gid)
         except OSError as exc:
             log.debug("session %d: cannot chown new %r: %s", self.session, name, exc)
-        if mode is not None and stat.S_IMODE(st.st_mode) != mode & 0o7777:
-            os.chmod(node.proc_path, mode & 0o7777)
+        if mode is not None:
+            want = mode & 0o7777
+            if setgid_dir and stat.S_ISDIR(st.st_mode):
+                want |= stat.S_ISGID
+            if stat.S_IMODE(os.stat(node.fd).st_mode) != want:
+                os.chmod(node.proc_path, want)
         return _entry(node, os.stat(node.fd))
 
     def unlink(self, hdr: Any, body: bytes) -> bytes:
@@ -544,9 +552,27 @@ class FuseServer:
         flags = (arg.flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~(
             os.O_NOCTTY | os.O_DIRECT
         )
-        fd = os.open(name, flags, arg.mode & 0o7777, dir_fd=parent.fd)
+        # O_EXCL first: a file that exists (another mount made it since the guest's
+        # LOOKUP) is opened as it is, keeping its owner and mode, as open(O_CREAT) does
+        for _ in range(8):
+            try:
+                fd = os.open(name, flags | os.O_EXCL, arg.mode & 0o7777, dir_fd=parent.fd)
+                made = True
+                break
+            except FileExistsError:
+                if arg.flags & os.O_EXCL:
+                    raise
+            try:
+                fd = os.open(name, flags & ~os.O_CREAT, dir_fd=parent.fd)
+                made = False
+                break
+            except FileNotFoundError:
+                continue  # removed again in between: create it after all
+        else:
+            raise OSError(errno.EAGAIN, f"{name!r} keeps appearing and disappearing")
         try:
-            entry = self._created(hdr, parent, name, arg.mode)
+            entry = (self._created(hdr, parent, name, arg.mode) if made
+                     else _entry(*self._inodes.lookup(parent, name)))
         except OSError:
             os.close(fd)
             raise
