@@ -63,7 +63,7 @@ def test_ctrl_c_between_adding_and_kicking_breaks_the_device_loudly(client,
         client.getattr(ROOT_ID)
 
 
-def test_close_then_del_frees_the_guest_memory(virtiofsd_socket) -> None:
+def test_close_frees_the_guest_memory(virtiofsd_socket) -> None:
     """The device in another process: every memfd here is the driver's."""
     def memfds() -> int:
         return sum("vfsdrv-guest-memory" in os.readlink(f"/proc/self/fd/{fd}")
@@ -74,10 +74,72 @@ def test_close_then_del_frees_the_guest_memory(virtiofsd_socket) -> None:
     fs = connect_virtiofsd(virtiofsd_socket)
     fs.init()
     assert memfds() > before  # the memfd (and the dup mmap keeps)
-    fs.close()
-    gc.disable()  # freed by reference counting, not by a later collection
+    gc.disable()  # freed by close() itself, not by a later collection
     try:
-        del fs
+        fs.close()
         assert memfds() == before
+        assert not any("vfsdrv-guest-memory" in line for line in open("/proc/self/maps"))
+        del fs
     finally:
         gc.enable()
+
+
+def test_a_nul_in_an_xattr_name_or_symlink_target_is_refused(client) -> None:
+    """The request carries them NUL-terminated: a NUL inside would name another
+    attribute (and store the rest as its value), or cut the target short."""
+    from vfsdrv.fs.client import ROOT_ID as root
+
+    free = client.fs.free_slots
+    for call in (lambda: client.setxattr(root, "user.a\0evil", b"v"),
+                 lambda: client.getxattr(root, b"user.a\0x"),
+                 lambda: client.getxattr_size(root, "user.a\0x"),
+                 lambda: client.removexattr(root, "user.a\0x"),
+                 lambda: client.setxattr(root, "", b"v"),
+                 lambda: client.symlink(root, "l", "target\0junk")):
+        with pytest.raises(ValueError, match="NUL"):
+            call()
+    assert client.fs.free_slots == free
+
+
+def test_a_failed_start_leaves_nothing_open(tmp_path, monkeypatch) -> None:
+    """start() that fails half-way (here: reading the config) closes what it opened
+    (memory, eventfds, the connection): nothing is left for the caller to close."""
+    from vfsdrv.errors import ConfigError
+    from vfsdrv.fs.device import VirtioFs
+    from vfsdrv.refdev import RefDevice
+    from vfsdrv.virtio.device import VirtioDevice
+    from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    def broken_config(self, offset: int, length: int) -> bytes:
+        raise ConfigError("config space unreadable (test)")
+
+    sock = str(tmp_path / "r.sock")
+    with RefDevice(sock, str(tmp_path)):  # serves one connection after another
+        monkeypatch.setattr(VirtioDevice, "read_config", broken_config)
+        before = fds()
+        for _ in range(3):
+            fs = VirtioFs(VhostUserTransport(sock))
+            with pytest.raises(ConfigError):
+                fs.start()
+            with pytest.raises(DeviceError):
+                fs.start()  # closed now
+        assert fds() <= before
+
+
+def test_misuse_before_start_and_bad_settings_are_clear_errors(virtiofsd_socket) -> None:
+    from vfsdrv.fs.device import VirtioFs
+    from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+    for kw in ({"notify_buffers": 0}, {"queue_size": 1}, {"max_io": 0}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            VirtioFs(object(), **kw)  # type: ignore[arg-type]
+    fs = VirtioFs(VhostUserTransport(str(virtiofsd_socket)))
+    try:
+        for call in (lambda: fs.process(), lambda: fs.wait(0), lambda: fs.call(3, ROOT_ID)):
+            with pytest.raises(DeviceError, match="not started"):
+                call()
+    finally:
+        fs.close()

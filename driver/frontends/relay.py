@@ -221,6 +221,8 @@ class Relay:
         require_root()
         if not self.fs.started:
             raise FrontendError("the device must be started before serving it")
+        if self.fs.broken is not None:  # closed or failed: say so before mounting
+            raise FrontendError(f"the device cannot be served: {self.fs.broken}")
         self.options.check()
         mp = check_mountpoint(self.mountpoint)
         self.mountpoint = mp

@@ -169,6 +169,15 @@ def _name(name: bytes | str) -> bytes:
     return raw + b"\0"
 
 
+def _cstring(what: str, text: bytes | str) -> bytes:
+    """An xattr name or a symlink target as the request carries it: NUL-terminated, so
+    a NUL inside would cut it short (another name, a value in the wrong attribute)."""
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    if not raw or b"\0" in raw:
+        raise ValueError(f"bad {what} {text!r}: empty, or holds a NUL byte")
+    return raw + b"\0"
+
+
 class FuseClient:
     """Typed FUSE operations. `uid`/`gid`/`pid` go in every request header (the
     device creates files as that user). Not thread-safe, as its VirtioFs."""
@@ -455,8 +464,8 @@ class FuseClient:
         return self._call(Opcode.READLINK, nodeid)
 
     def symlink(self, parent: int, name: bytes | str, target: bytes | str) -> Entry:
-        t = target.encode() if isinstance(target, str) else target
-        return self._entry(Opcode.SYMLINK, parent, _name(name), t + b"\0", fmt=stat.S_IFLNK)
+        return self._entry(Opcode.SYMLINK, parent, _name(name), _cstring("symlink target", target),
+                           fmt=stat.S_IFLNK)
 
     def mknod(self, parent: int, name: bytes | str, mode: int, rdev: int = 0,
               umask: int = 0) -> Entry:
@@ -574,18 +583,15 @@ class FuseClient:
         body = abi.pack("fuse_setxattr_in", size=len(value), flags=flags)
         if not self.fs.init_flags & abi.InitFlag.SETXATTR_EXT:
             body = body[: abi.COMPAT_SETXATTR_IN_SIZE]
-        n = name.encode() if isinstance(name, str) else name
-        self._call(Opcode.SETXATTR, nodeid, body, n + b"\0", value)
+        self._call(Opcode.SETXATTR, nodeid, body, _cstring("xattr name", name), value)
 
     def getxattr(self, nodeid: int, name: bytes | str, size: int = 65536) -> bytes:
-        n = name.encode() if isinstance(name, str) else name
         return self._call(Opcode.GETXATTR, nodeid, abi.pack("fuse_getxattr_in", size=size),
-                          n + b"\0")
+                          _cstring("xattr name", name))
 
     def getxattr_size(self, nodeid: int, name: bytes | str) -> int:
-        n = name.encode() if isinstance(name, str) else name
         reply = self._call(Opcode.GETXATTR, nodeid, abi.pack("fuse_getxattr_in", size=0),
-                           n + b"\0")
+                           _cstring("xattr name", name))
         return abi.unpack("fuse_getxattr_out", reply).size
 
     def listxattr(self, nodeid: int, size: int = 65536) -> list[bytes]:
@@ -598,8 +604,7 @@ class FuseClient:
         return [n for n in reply.split(b"\0") if n]
 
     def removexattr(self, nodeid: int, name: bytes | str) -> None:
-        n = name.encode() if isinstance(name, str) else name
-        self._call(Opcode.REMOVEXATTR, nodeid, n + b"\0")
+        self._call(Opcode.REMOVEXATTR, nodeid, _cstring("xattr name", name))
 
     # -- directories ------------------------------------------------------------------------
     def opendir(self, nodeid: int, flags: int = os.O_RDONLY) -> Opened:

@@ -97,6 +97,14 @@ class VirtioFs:
         poll: bool = False,
         on_notify: OnNotify | None = None,
     ) -> None:
+        for name, value, least in (("queue_size", queue_size, 2),
+                                   ("notify_buffers", notify_buffers, 1),
+                                   ("max_io", max_io, 4096)):
+            if not isinstance(value, int) or value < least:
+                # (a request takes two descriptors; blocking locks need a buffer to
+                # come back through; a READ needs a page)
+                raise ValueError(f"{name} must be a whole number of at least {least}, "
+                                 f"not {value!r}")
         self.transport = transport
         self.dev = VirtioDevice(transport)
         self.queue_size = queue_size
@@ -155,6 +163,16 @@ class VirtioFs:
                               "(closed, or already started)")
         dev = self.dev
         want = VIRTIO_FS_F_NOTIFICATION if self.want_notification else 0
+        try:
+            self._start(dev, want)
+        except BaseException:
+            # no half-started object holding memory, eventfds and the transport: a
+            # failed start() leaves nothing to close (and the object closed)
+            self.close()
+            raise
+        return self
+
+    def _start(self, dev: VirtioDevice, want: int) -> None:
         dev.negotiate(want)
         self.notification = dev.has(VIRTIO_FS_F_NOTIFICATION)
         try:
@@ -199,7 +217,6 @@ class VirtioFs:
             self.config.tag, len(self.request_queues),
             f"on (notify_buf_size {self.config.notify_buf_size})" if self.notification else "off",
         )
-        return self
 
     def _all_queues(self) -> list[Virtqueue]:
         qs = [self.hiprio.vq] if self.hiprio else []
@@ -788,6 +805,8 @@ class VirtioFs:
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise self._broken
+        if not self.started:
+            raise DeviceError(f"{self.transport.name}: not started: call start() first")
 
     def _break(self, exc: VfsdrvError) -> None:
         """The device is unusable: fail every request waiting on it."""

@@ -154,7 +154,11 @@ def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
     assert not stale.exists()
     r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, env=env,
                        timeout=30)
-    assert r.returncode == 0 and "no vfsdrv mounts are running" in r.stdout
+    assert r.returncode == 0, r.stderr
+    # unserved mounts come from the machine's mount table, which this test does not own
+    # (another program's vfsdrv mount may be there): the message only without any
+    if not status_json(env)["unserved"]:
+        assert "no vfsdrv mounts are running" in r.stdout, r.stdout
 
 
 def test_status_lists_a_mount_whose_server_was_killed(tmp_path: Path) -> None:
