@@ -143,3 +143,32 @@ def test_misuse_before_start_and_bad_settings_are_clear_errors(virtiofsd_socket)
                 call()
     finally:
         fs.close()
+
+
+def test_waiting_for_a_free_buffer_keeps_to_the_calls_timeout(virtiofsd_socket) -> None:
+    """Every buffer held by a device that stopped answering: a call with timeout=1
+    raises TimeoutError after about 1 s (it used to wait 30 s, then blame the device
+    with a DeviceError)."""
+    import signal
+    import subprocess
+    import time
+
+    fs = connect_virtiofsd(virtiofsd_socket)
+    fs.init()
+    pids = [int(x) for x in subprocess.run(
+        ["pgrep", "-f", f"{virtiofsd_socket}"], capture_output=True, text=True).stdout.split()
+        if int(x) != os.getpid()]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        while fs.free_slots[0]:
+            fs.call_async(3, ROOT_ID, b"\0" * 16)  # GETATTR, never answered
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="no request buffer became free within 1"):
+            fs.call(3, ROOT_ID, b"\0" * 16, timeout=1)
+        assert time.monotonic() - start < 5
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        fs.close()

@@ -34,6 +34,7 @@ from ..errors import (
     DeviceError,
     DeviceGoneError,
     DeviceNeedsResetError,
+    DeviceTimeoutError,
     DmaError,
     ProtocolError,
     RingError,
@@ -317,16 +318,19 @@ class VirtioFs:
     def try_acquire(self, large: bool = False) -> Slot | None:
         return self.slots.try_acquire(large)
 
-    def acquire(self, large: bool = False, timeout: float = 30.0) -> Slot:
-        """A free slot, waiting for completions while none is free."""
-        deadline = time.monotonic() + timeout
+    def acquire(self, large: bool = False, timeout: float | None = 30.0) -> Slot:
+        """A free slot, waiting for completions while none is free: DeviceTimeoutError
+        (a TimeoutError) when none is free after `timeout` s (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             slot = self.try_acquire(large)
             if slot is not None:
                 return slot
-            self.wait(max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                raise DeviceError("no request buffer became free: the device stopped answering")
+            self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeviceTimeoutError(
+                    f"{self.transport.name}: no request buffer became free within {timeout} s "
+                    f"(all {'large' if large else 'small'} ones wait for the device's replies)")
 
     # -- lending to native pumps ------------------------------------------------------
     def hand_over_request_queues(self) -> list[Virtqueue]:
@@ -755,14 +759,19 @@ class VirtioFs:
         uid: int = 0, gid: int = 0, pid: int = 0,
     ) -> bytes:
         """Send one request and wait for its reply payload; OSError on a FUSE error."""
-        pending = self.call_async(opcode, nodeid, *parts, uid=uid, gid=gid, pid=pid)
-        return pending.result(timeout)
+        start = time.monotonic()
+        pending = self.call_async(opcode, nodeid, *parts, uid=uid, gid=gid, pid=pid,
+                                  timeout=timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return pending.result(left)
 
     def call_async(
         self, opcode: int, nodeid: int, *parts: bytes | memoryview,
         uid: int = 0, gid: int = 0, pid: int = 0, unique: int | None = None,
-        publish: bool = True,
+        publish: bool = True, timeout: float | None = 30.0,
     ) -> Pending:
+        """Send one request; its Pending. `timeout`: how long to wait for a free request
+        buffer (DeviceTimeoutError then)."""
         self._check_usable()  # closed or broken: say so, before touching a slot
         body_len = sum(len(p) for p in parts)
         in_len = IN_HEADER_SIZE + body_len
@@ -770,7 +779,7 @@ class VirtioFs:
         large = self.needs_large(opcode, in_len)
         if req_off + in_len > (self.slot_size_large if large else self.SLOT_SIZE_SMALL):
             raise ValueError(f"a {in_len}-byte request does not fit a request buffer")
-        slot = self.acquire(large)
+        slot = self.acquire(large, timeout)
         if unique is None:
             unique = self.next_unique()
         pending = Pending(self, unique, opcode)
