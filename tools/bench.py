@@ -503,7 +503,7 @@ def _run(args: argparse.Namespace, secs: float, depths: list[int], queue_counts:
                   f"({os.cpu_count()} CPUs)")
     m, f = mine[(1, top)], floor[top]
     print(f"typed client vs raw floor, GETATTR at {top} in flight, 1 request queue: "
-          f"{m.rate / f.rate:.2f}x the floor's ops/s (issue 9 asks >= 0.50x at 16)")
+          f"{m.rate / f.rate:.2f}x the floor's ops/s (the target: >= 0.50x at 16)")
     print(f"READ 1 MiB: vfsdrv cpu {vread.cpu_us:.1f} us (user {vread.user_us:.1f}) per request, "
           f"floor cpu {fread.cpu_us:.1f} us; device {vread.dev_us:.1f} / {fread.dev_us:.1f} us")
     print("cpu us: this process (the client and the driver, every thread) per request; "

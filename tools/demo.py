@@ -356,7 +356,10 @@ class _Teardown:
             time.sleep(0.01)
 
     def _remove(self) -> None:
-        if self.work is None or self.keep:
+        if self.work is None:
+            return
+        if self.keep:
+            print(f"kept {self.work} (--keep)", file=sys.stderr)
             return
         if mounted := _mounted_under(self.work):  # never removed through a mount
             raise RuntimeError(f"{self.work} kept: {', '.join(mounted)} still mounted")

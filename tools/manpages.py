@@ -115,12 +115,31 @@ def completions() -> dict[str, str]:
             walk(f"{prefix} {name}".strip(), child)
 
     walk("", parser)
+    # an option's own values (argparse choices), wherever it appears
+    values: dict[str, set[str]] = {}
+
+    def gather(p: argparse.ArgumentParser) -> None:
+        for a in p._actions:
+            if a.option_strings and a.choices and not isinstance(a, argparse._SubParsersAction):
+                for o in a.option_strings:
+                    values.setdefault(o, set()).update(map(str, a.choices))
+        for child in _subparsers(p).values():
+            gather(child)
+
+    gather(parser)
+    value_cases = "\n".join(
+        f"        {shlex.quote(o)}) COMPREPLY=($(compgen -W "
+        f"{shlex.quote(' '.join(sorted(v)))} -- \"$cur\")); return 0;;"
+        for o, v in sorted(values.items()))
     subs = {name: set(_subparsers(child)) for name, child in _subparsers(parser).items()}
     names = " ".join(sorted(subs))
     nested = " ".join(sorted({n for s in subs.values() for n in s}))
     script = f"""# bash completion for vfsdrv ({GENERATED})
 _vfsdrv() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}} path="" w words
+    local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w words
+    case "$prev" in
+{value_cases}
+    esac
     for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
         case " {names} " in *" $w "*) [ -z "$path" ] && path=$w && continue;; esac
         case " {nested} " in *" $w "*) [ -n "$path" ] && [ "${{path#* }}" = "$path" ] \\
