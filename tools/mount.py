@@ -497,7 +497,9 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
         nonlocal server
         mounted[0] = mount_entry(req.mountpoint)
         try:
-            server = StatusServer(figures).start()
+            server = StatusServer(figures, identity={
+                "mountpoint": req.mountpoint, "source": req.spec(), "pid": os.getpid(),
+                "frontend": req.frontend}).start()
         except OSError as exc:
             log.warning("no status socket (vfsdrv status will not list this mount): %s", exc)
         sd_notify(f"READY=1\nSTATUS=serving {req.spec()} on {req.mountpoint}")

@@ -58,8 +58,10 @@ class StatusServer:
     `figures()` as JSON, from a daemon thread (the serving loop is never involved
     beyond the figure function reading its counters)."""
 
-    def __init__(self, figures: Callable[[], dict[str, Any]], path: Path | None = None) -> None:
+    def __init__(self, figures: Callable[[], dict[str, Any]], path: Path | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         self.figures = figures
+        self.identity = identity  # IDENTITY's keys: else taken from a first snapshot
         self.path = path or sockets_dir() / f"{os.getpid()}.sock"
         self.sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -108,7 +110,7 @@ class StatusServer:
         the server does not answer (stopped, stuck), so that it is not taken for a
         mount nobody serves."""
         try:
-            first = self.snapshot()
+            first = self.identity if self.identity is not None else self.snapshot()
             ident = {k: first[k] for k in IDENTITY if k in first}
             old = os.umask(0o177)
             try:

@@ -83,6 +83,20 @@ def status_json(env: dict[str, str]) -> dict:
     return json.loads(r.stdout)
 
 
+def status_socket_of(pid: int) -> Path:
+    """The status socket of server `pid`, once there: `mount -f` is in the mount table
+    a moment before its socket opens (at ready, after FUSE_INIT); `vfsdrv mount`
+    returns only after both."""
+    from vfsdrv.tools.status import sockets_dir
+
+    sock = sockets_dir() / f"{pid}.sock"
+    deadline = time.monotonic() + 15
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sock.exists(), f"no status socket {sock}"
+    return sock
+
+
 def test_status_shows_live_figures_and_the_exit_logs_them(tmp_path: Path,
                                                           monkeypatch) -> None:
     state = tmp_path / "run"
@@ -91,6 +105,7 @@ def test_status_shows_live_figures_and_the_exit_logs_them(tmp_path: Path,
     log = tmp_path / "server.log"
     with serving(tmp_path, "relay", mount_args=("--log", str(log))) as m:
         assert m.proc is not None
+        status_socket_of(m.proc.pid)
         (m.export / "f").write_bytes(b"x" * 10000)
         first = [x for x in status_json(env)["mounts"] if x["mountpoint"] == str(m.mnt)]
         assert len(first) == 1, first
@@ -132,6 +147,7 @@ def test_status_counts_what_a_pyfuse3_mount_served(tmp_path: Path) -> None:
     (replies taken), and names the request queue by its index, as for the relay."""
     with serving(tmp_path, "pyfuse3") as m:
         assert m.proc is not None
+        status_socket_of(m.proc.pid)
         for i in range(20):
             (m.mnt / f"f{i}").write_text("x" * i)
             assert (m.mnt / f"f{i}").read_text() == "x" * i
@@ -187,6 +203,7 @@ def test_status_of_a_stopped_server_and_of_a_detached_mount(tmp_path: Path) -> N
     serves: status says the mount is detached."""
     with serving(tmp_path, "relay") as m:
         assert m.proc is not None
+        status_socket_of(m.proc.pid)
         os.kill(m.proc.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
