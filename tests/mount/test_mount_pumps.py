@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,17 @@ from mount_helpers import VFSDRV, in_threads, serving
 
 
 def status_of(mnt: Path) -> dict:
-    out = subprocess.run([*VFSDRV, "status", "--json"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    (mine,) = [m for m in json.loads(out)["mounts"] if m["mountpoint"] == str(mnt)]
-    return mine
+    """The server's own figures (a foreground server's status socket opens a moment
+    after its mount appears: asked again until it answers)."""
+    deadline = time.monotonic() + 15
+    while True:
+        out = subprocess.run([*VFSDRV, "status", "--json"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        mine = [m for m in json.loads(out)["mounts"] if m.get("mountpoint") == str(mnt)]
+        if mine or time.monotonic() > deadline:
+            (one,) = mine
+            return one
+        time.sleep(0.05)
 
 
 def busy(mnt: Path, workers: int = 8, files: int = 40) -> None:
