@@ -572,8 +572,7 @@ def mount_figures(req: MountRequest, fs: VirtioFs, runner: object, started: floa
         queues.append({"name": f"request{q.vq.index}", "index": q.vq.index,
                        "size": q.vq.size, "in_flight": q.vq.in_flight,
                        "waiting": len(q.pending)})
-    features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
-                                               30: "VHOST_USER_PROTOCOL_FEATURES"})
+    features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION"})
     out.update({
         "device": fs.config.tag if fs.config is not None else None,
         "transport": getattr(fs.transport, "name", type(fs.transport).__name__),

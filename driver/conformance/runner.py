@@ -44,8 +44,7 @@ from .model import FAIL, PASS, SKIP, Report
 
 log = logging.getLogger(__name__)
 
-FS_FEATURE_NAMES = {0: "VIRTIO_FS_F_NOTIFICATION", 24: "NOTIFY_ON_EMPTY", 26: "VHOST_F_LOG_ALL",
-                    27: "ANY_LAYOUT", 30: "VHOST_USER_F_PROTOCOL_FEATURES"}
+FS_FEATURE_NAMES = {0: "VIRTIO_FS_F_NOTIFICATION"}  # the transport's bits: feature_names
 INDEX1_DEVIATION = (
     "request queues start at index 1 without VIRTIO_FS_F_NOTIFICATION; the spec numbers them "
     "from 2 (queue 1 is the notification queue). QEMU's vhost-user-fs, virtiofsd, crosvm and "

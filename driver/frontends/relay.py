@@ -826,8 +826,7 @@ class Relay:
                            "to_control": st["to_control"], "queue_full": st["queue_full"],
                            "polls": st["polls"], "idle_polls": st["idle_polls"],
                            "poll_misses": st["poll_misses"]})
-        features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION",
-                                                   30: "VHOST_USER_PROTOCOL_FEATURES"})
+        features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION"})
         dev_stats = dict(fs.stats)
         return {
             "device": fs.config.tag if fs.config is not None else None,

@@ -33,6 +33,11 @@ class Feature(enum.IntFlag):
 #: bits 0-23 belong to the device type, 24-40 (and 43) to the transport/rings
 DEVICE_FEATURE_MASK = (1 << 24) - 1
 
+#: transport bits outside `Feature` that devices still offer (legacy, and vhost's own),
+#: by their spec names, so that every listing calls them the same
+TRANSPORT_BIT_NAMES = {24: "NOTIFY_ON_EMPTY", 26: "VHOST_F_LOG_ALL", 27: "ANY_LAYOUT",
+                       30: "VHOST_USER_F_PROTOCOL_FEATURES"}
+
 VIRTIO_ID_FS = 26
 
 
@@ -42,6 +47,8 @@ def feature_names(bits: int, device_names: dict[int, str] | None = None) -> str:
         if bits >> b & 1:
             if device_names and b in device_names:
                 names.append(device_names[b])
+            elif b in TRANSPORT_BIT_NAMES:
+                names.append(TRANSPORT_BIT_NAMES[b])
             else:
                 try:
                     names.append(Feature(1 << b).name or f"bit{b}")
