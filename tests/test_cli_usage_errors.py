@@ -63,3 +63,14 @@ def test_udev_add_reports_a_failure_once(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("unknown key") == 1, r.stderr
     assert "unknown key" in (tmp_path / "udev.log").read_text()
+
+
+def test_check_without_a_device_is_a_usage_error_and_json_always_answers(tmp_path) -> None:
+    import json
+
+    r = run("check")
+    assert r.returncode == 2 and "which device?" in r.stderr, r.stderr
+    r = run("check", "--json", "--vhost-user", str(tmp_path / "none.sock"))
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)  # a program reading stdout gets an answer it can parse
+    assert doc["ok"] is False and "cannot connect" in doc["error"], doc

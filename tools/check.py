@@ -24,6 +24,7 @@ backend without config space (virtiofsd); those config checks are then skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print one JSON object: {device, transport, ok, summary, negotiated, "
                    "ring_layout, coverage: {covered, not_observable, not_reached, "
                    "checklist_size}, checks: [{id, statement, result, observed, refs, "
-                   "deviation?}]}")
+                   "deviation?}]}; when the check cannot run at all: {device, ok: false, error}")
     p.add_argument("--junit", metavar="FILE",
                    help="also write the results as JUnit XML to FILE (for a CI system)")
     p.set_defaults(func=run_check)
@@ -75,20 +76,32 @@ class CheckUsageError(VfsdrvError):
 
 
 def run_check(args: argparse.Namespace) -> int:
+    usage = getattr(args, "command_parser", None)
     if args.vhost_user and args.device:
+        if usage is not None:  # a usage error: status 2, as argparse's own
+            usage.error("give one of --vhost-user SOCKET, --device BDF or --tag TAG")
         raise CheckUsageError("give one of --vhost-user SOCKET, --device BDF or --tag TAG")
     if not (args.vhost_user or args.device or args.tag):
+        if usage is not None:
+            usage.error("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
         raise CheckUsageError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
     if args.junit and (os.path.isdir(args.junit)
                        or not os.path.isdir(os.path.dirname(os.path.abspath(args.junit)))):
         raise CheckUsageError(f"--junit {args.junit}: not a file in an existing directory")
     opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification,
                         read_only=args.read_only, ring=args.ring)
-    if args.vhost_user:
-        report = check_vhost_user(args.vhost_user, opts, tag=args.tag,
-                                  request_queues=args.request_queues)
-    else:
-        report = check_pci(args.device, args.tag, opts)
+    try:
+        if args.vhost_user:
+            report = check_vhost_user(args.vhost_user, opts, tag=args.tag,
+                                      request_queues=args.request_queues)
+        else:
+            report = check_pci(args.device, args.tag, opts)
+    except VfsdrvError as exc:
+        if args.json:  # a program reading stdout gets an answer it can parse
+            print(json.dumps({"device": args.vhost_user or args.device or args.tag,
+                              "ok": False, "error": str(exc)}, indent=2))
+            sys.stdout.flush()
+        raise
     print(report.to_json() if args.json else report.table())
     sys.stdout.flush()
     if args.junit:  # after the report: a path that cannot be written loses nothing
