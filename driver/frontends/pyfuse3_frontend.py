@@ -948,6 +948,8 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
             except (OSError, VfsdrvError, TimeoutError) as exc:
                 log.warning("FUSE_DESTROY failed: %s", exc)
     if ops.dev.failure is not None:
+        log.error("%s stays mounted and answers ENOTCONN until it is unmounted "
+                  "(vfsdrv umount %s)", mountpoint, mountpoint)
         raise ops.dev.failure  # left mounted and disconnected, as a dead daemon's
 
 

@@ -365,6 +365,9 @@ def test_device_gone_leaves_a_disconnected_mount(tmp_path: Path, frontend: str,
                 pass
             assert proc.wait(15) != 0
             assert "gone" in m.log_text() or "closed" in m.log_text()
+            # both frontends say what is left and how to remove it
+            assert f"stays mounted and answers ENOTCONN until it is unmounted (vfsdrv umount " \
+                f"{m.mnt})" in m.log_text(), m.log_text()
             assert_disconnected(m.mnt)
         finally:
             stop_server(m)
