@@ -606,6 +606,10 @@ class Relay:
     def _release_pumps(self) -> None:
         for pump in self.pumps:
             pump.close()
+        if any(p.alive for p in self.pumps):
+            log.error("a request pump did not stop: the device's memory stays mapped "
+                      "until this process ends")
+            self.fs.transport.keep_memory_mapped = True
         if self.pumps and all(not p.alive for p in self.pumps):
             self.fs.take_back_request_queues()
             for slots in self._lent:

@@ -165,10 +165,6 @@ class Arena:
             except BufferError:
                 pass  # exported (cffi from_buffer): that export keeps the memory mapped
         self._used.clear()
-        try:
-            self.view.release()  # the memory's own view: without it the mapping can close
-        except BufferError:
-            pass  # still exported: the memory is unmapped when the last export goes
 
     @property
     def bytes_free(self) -> int:

@@ -33,6 +33,10 @@ class Transport(ABC):
     #: get_status() is a register read (cheap enough to poll when the bus has no
     #: configuration-change interrupt), not a message to a backend
     status_is_register: bool = False
+    #: set by a frontend whose native thread may still use the memory (a pump that
+    #: did not stop): close() then leaves the DMA memory mapped, never pulled away
+    #: under a running thread
+    keep_memory_mapped: bool = False
 
     # -- status and reset -------------------------------------------------------
     @abstractmethod

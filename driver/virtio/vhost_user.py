@@ -596,7 +596,12 @@ class VhostUserTransport(Transport):
             # its address rule refers back to this object: without the cycle, the
             # mapping (and the fd mmap keeps) goes as soon as the last view of it does
             self._arena.translate = _closed_translate
-        if hasattr(self, "_mm"):
+            if not self.keep_memory_mapped:
+                try:
+                    self._arena.view.release()  # our own view of the mapping
+                except BufferError:
+                    pass  # exported: the mapping goes with the last export
+        if hasattr(self, "_mm") and not self.keep_memory_mapped:
             try:
                 self._mm.close()  # at once when nothing of it is still exported
             except BufferError:

@@ -54,6 +54,18 @@ class QueueFull(Exception):  # noqa: N818 - a condition, not an error: callers w
     """No room for this chain right now; retry after completions."""
 
 
+class _ClosedQueue:
+    """Stands for the native queue of a closed Virtqueue: every use raises."""
+
+    def __init__(self, index: int) -> None:
+        self._index = index
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocols (copy, pickle, cffi) look for these
+            raise AttributeError(name)
+        raise RingError(f"queue {self._index} is closed")
+
+
 class Virtqueue:
     """One split virtqueue. `add()` chains, `publish()` makes them visible and says
     whether to kick, `get_used()` returns [(token, written_len)]."""
@@ -156,6 +168,9 @@ class Virtqueue:
             return
         self._closed = True
         lib.vfsdrv_vq_destroy(self._c)
+        # the struct is freed and the ring's memory may be unmapped next: any later
+        # use is an error, never a read of freed memory
+        self._c = _ClosedQueue(self.index)
         self._free_parts()
 
     # -- the ring's state, as the core keeps it ---------------------------------
