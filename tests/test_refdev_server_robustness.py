@@ -243,3 +243,22 @@ def test_a_set_group_id_directory_gives_its_group_and_keeps_the_bit(server: Fuse
     assert reply(server.handle(_as(1000, 1000, Opcode.CREATE, dnode, cr), ROOM))[1] == 0
     st = (d / "f").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 100, 0o644)
+
+
+def test_no_set_group_id_file_of_a_group_the_creator_is_not_in(server: FuseServer,
+                                                               tmp_path: Path) -> None:
+    """In a set-group-ID directory of another group, a new executable asked set-group-ID
+    by a non-root creator loses the bit (Linux's mode_strip_sgid; CVE-2022-0358 in
+    virtiofsd): the creator must not get a program that runs as the directory's group.
+    Root, or the directory's own group, keeps it."""
+    d = tmp_path / "d"
+    os.chown(d, 0, 1)
+    d.chmod(0o2777)
+    dnode = _lookup(server, b"d")
+    for name, uid, gid, kept in ((b"nobody", 65534, 65534, False), (b"member", 65534, 1, True),
+                                 (b"root", 0, 0, True)):
+        cr = abi.pack("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o102755)
+        assert reply(server.handle(_as(uid, gid, Opcode.CREATE, dnode, cr + name + b"\0"),
+                                   ROOM))[1] == 0
+        st = (d / name.decode()).stat()
+        assert st.st_gid == 1 and bool(st.st_mode & 0o2000) == kept, (name, oct(st.st_mode))

@@ -365,7 +365,8 @@ class FuseServer:
         Linux's inode_init_owner): the host kernel set both, the guest's mode has
         no S_ISGID to give."""
         node, st = self._inodes.lookup(parent, name)
-        setgid_dir = bool(os.stat(parent.fd).st_mode & stat.S_ISGID)
+        pst = os.stat(parent.fd)
+        setgid_dir = bool(pst.st_mode & stat.S_ISGID)
         try:
             host_calls.fchown_empty(node.fd, hdr.uid, U32_MAX if setgid_dir else hdr.gid)
         except OSError as exc:
@@ -374,6 +375,11 @@ class FuseServer:
             want = mode & 0o7777
             if setgid_dir and stat.S_ISDIR(st.st_mode):
                 want |= stat.S_ISGID
+            elif (setgid_dir and want & stat.S_ISGID and want & stat.S_IXGRP
+                  and hdr.uid != 0 and hdr.gid != pst.st_gid):
+                # Linux's mode_strip_sgid: no set-group-ID file of a group the creator
+                # is not in (its supplementary groups are not known here: only its gid)
+                want &= ~stat.S_ISGID
             if stat.S_IMODE(os.stat(node.fd).st_mode) != want:
                 os.chmod(node.proc_path, want)
         return _entry(node, os.stat(node.fd))
