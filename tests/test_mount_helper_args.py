@@ -100,6 +100,7 @@ def test_vfsdrv_mount_counts_are_usage_errors(tmp_path: Path, args: list[str]) -
 @pytest.mark.parametrize("args,why", [
     (["--frontend", "pyfuse3", "--threads", "2"], "--threads sets the relay's native pumps"),
     (["--iommu", "type1"], "--iommu is for a PCI function"),
+    (["--force-4k-noiommu"], "--force-4k-noiommu is for a PCI function"),
 ])
 def test_options_that_would_be_ignored_are_refused(tmp_path: Path, args: list[str],
                                                    why: str) -> None:

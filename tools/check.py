@@ -2,6 +2,7 @@
 
     vfsdrv check (--tag TAG | --device BDF | --vhost-user SOCKET) [--json] [--junit FILE]
                  [--request-queues N] [--timeout S] [--no-notification] [--read-only]
+                 [--ring split|packed]
 
 Each check is tied to the items it observes in the device-normative checklist
 (D1..D89: every device MUST/SHOULD of virtio 1.3 chapter 2, §4.1, §5.11 and the
@@ -64,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: {device, transport, ok, summary, negotiated, "
                    "ring_layout, coverage: {covered, not_observable, not_reached, "
-                   "checklist_size}, checks: [{id, statement, result, observed, refs, "
-                   "deviation?}]}; when the check cannot run at all: {device, ok: false, error}")
+                   "checklist_size}, incomplete, checks: [{id, statement, result, observed, "
+                   "refs, deviation?}]}; when the check cannot run at all: "
+                   "{device, ok: false, error}")
     p.add_argument("--junit", metavar="FILE",
                    help="also write the results as JUnit XML to FILE (for a CI system)")
     p.set_defaults(func=run_check)

@@ -311,6 +311,9 @@ def check_request(req: MountRequest) -> None:
     if req.vhost_user is not None and req.iommu != "auto":
         raise MountError("--iommu is for a PCI function (--tag, --device) through VFIO; "
                          "a vhost-user backend has no IOMMU to choose: leave it out")
+    if req.vhost_user is not None and req.force_4k_noiommu:
+        raise MountError("--force-4k-noiommu is for a PCI function in no-IOMMU mode; a "
+                         "vhost-user backend shares memory, it does not DMA: leave it out")
 
 
 def precheck(req: MountRequest) -> None:

@@ -206,6 +206,12 @@ def collect() -> list[dict[str, Any]]:
     d = sockets_dir()
     try:
         paths = sorted(d.glob("*.sock"))
+        # an identity file whose server died before it removed it, socket already gone
+        for ident in d.glob("*.json"):
+            pid = _pid_of(ident)
+            if not ident.with_suffix(".sock").exists() and pid is not None and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    ident.unlink()
     except OSError:
         return []
     if not paths:

@@ -211,7 +211,7 @@ def vfsdrv_command() -> str:
 
 def _log(message: str, state_dir: Path | None = None) -> None:
     print(f"vfsdrv udev: {message}", file=sys.stderr)
-    d = state_dir or Path(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv"))
+    d = state_dir or Path(os.path.abspath(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv")))
     try:
         d.mkdir(parents=True, exist_ok=True)
         with open(d / LOG_FILE, "a") as f:
@@ -354,7 +354,7 @@ def start_mount(entry: Entry, config: Path) -> str:
         if p.returncode != 0:
             raise VfsdrvError(f"systemctl start {unit} failed: {p.stderr.strip()}")
         return f"started {unit}"
-    state = Path(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv"))
+    state = Path(os.path.abspath(os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv")))
     state.mkdir(parents=True, exist_ok=True)
     out = open(state / f"mount-{systemd_escape(entry.key)}.log", "ab")  # noqa: SIM115
     try:

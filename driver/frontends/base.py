@@ -1,8 +1,9 @@
-"""What every frontend offers: `serve(fs, mountpoint, options=..., debug=..., ready=...)`.
+"""What every frontend offers: `serve(fs, mountpoint, options=..., debug=..., ready=...,
+source=...)`.
 
 A frontend mounts the file system served by a started `VirtioFs`, calls `ready()`
 once the mount is usable, runs until it is unmounted (umount, fusermount3 -u) or
-receives SIGTERM/SIGINT, unmounts, sends FUSE_DESTROY to the device and returns.
+receives SIGTERM/SIGINT/SIGHUP, unmounts, sends FUSE_DESTROY to the device and returns.
 The caller owns the device and closes it afterwards. On any failure the frontend
 leaves nothing mounted and raises.
 """

@@ -69,7 +69,7 @@ PUMP_OPTIONS: dict[str, tuple[int, str]] = {
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: options that mount(8) passes along and that mean nothing here
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
-                             "_netdev", "nofail"})
+                             "nousers", "_netdev", "nofail"})
 
 
 class MountError(VfsdrvError):

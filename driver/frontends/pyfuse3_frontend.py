@@ -885,8 +885,9 @@ def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
         | ({"request_timeout"} if mo.request_timeout else set())
     if unsupported:
         raise FrontendError(
-            f"mount option(s) {', '.join(sorted(unsupported))}: libfuse cannot set them; "
-            "use the relay frontend"
+            f"mount option(s) {', '.join(sorted(unsupported))}: not for this frontend "
+            "(libfuse cannot set them, or they belong to the relay's pumps); use the relay "
+            "frontend"
         )
     # relatime is the kernel's default: libfuse has no option for it
     opts = {n for n in names if n != "relatime"}

@@ -165,9 +165,11 @@ def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(stale))
     s.close()
+    (tmp_path / "mounts" / "999999999.json").write_text("{}")
+    (tmp_path / "mounts" / "999999998.json").write_text("{}")  # its socket went first
     st = status_json(env)
     assert st["mounts"] == [] and isinstance(st["unserved"], list)
-    assert not stale.exists()
+    assert not stale.exists() and list((tmp_path / "mounts").iterdir()) == []
     r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, env=env,
                        timeout=30)
     assert r.returncode == 0, r.stderr
