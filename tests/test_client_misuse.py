@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from pathlib import Path
 
 import pytest
 from backends import connect_virtiofsd
@@ -170,6 +171,17 @@ def test_waiting_for_a_free_buffer_keeps_to_the_calls_timeout(virtiofsd_socket) 
     assert pids
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
+
+    def stopped(pid: int) -> bool:  # every thread of it (a stop reaches them one by one)
+        try:
+            return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT"
+                       for t in Path(f"/proc/{pid}/task").iterdir())
+        except OSError:  # a thread (or the process) went meanwhile: look again
+            return False
+
+    deadline = time.monotonic() + 10
+    while not all(stopped(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         while fs.free_slots[0]:
             fs.call_async(3, ROOT_ID, b"\0" * 16)  # GETATTR, never answered

@@ -120,7 +120,9 @@ def test_check_pci_functions(guest, tmp_path: Path, mode: str,
     assert v["good.KMOUNT"] == "kernel again"
 
     # refused while the kernel has it mounted; nothing moved
-    assert v["busy.RC"] == "1" and v["busy.JSON"] == ""
+    # refused; --json still answers, with the error
+    assert v["busy.RC"] == "1" and '"ok": false' in v["busy.JSON"], v["busy.JSON"]
+    assert "in use by the kernel" in v["busy.JSON"]
     assert "in use by the kernel" in v["busy.ERR"] and "umount /mnt/k" in v["busy.ERR"]
     assert v["busy.DRIVER"] == "virtio-pci"
 
