@@ -237,6 +237,15 @@ def mount_present(entry: tuple[str, str, str], path: str = "/proc/self/mountinfo
     return any(e == entry for e, _mp in _mountinfo(path))
 
 
+def is_our_mount(mountpoint: str, entry: tuple[str, str, str] | None) -> bool:
+    """Whether the mount on `mountpoint` is still the one `mount_entry` returned at mount
+    time (none recorded: whether anything is mounted there). A server ending unmounts
+    only its own: the path may hold somebody else's mount made since."""
+    if entry is None:
+        return is_mount_point(mountpoint, resolved=True)
+    return mount_entry(mountpoint) == entry
+
+
 def mount_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:
     """"major:minor" of the mount on `mountpoint` (the newest, if mounts are stacked)."""
     entry = mount_entry(mountpoint, path)

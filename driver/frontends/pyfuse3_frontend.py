@@ -79,7 +79,7 @@ from .fuse_dev import (
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
-    is_mount_point,
+    is_our_mount,
     mount_entry,
     syncfs,
     umount,
@@ -382,11 +382,7 @@ class DeviceOperations(pyfuse3.Operations):
     def still_mounted(self, mountpoint: str) -> bool:
         """Whether the mount on `mountpoint` is still this server's (as the relay's
         _still_mounted): never unmount somebody else's mount made at the path since."""
-        if self.detached:
-            return False
-        if self.mount_entry is None:
-            return is_mount_point(mountpoint, resolved=True)
-        return mount_entry(mountpoint) == self.mount_entry
+        return not self.detached and is_our_mount(mountpoint, self.mount_entry)
 
     # -- device notifications ------------------------------------------------------------
 

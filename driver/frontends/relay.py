@@ -90,7 +90,7 @@ from .fuse_dev import (
     STOP_SIGNALS,
     MountOptions,
     check_mountpoint,
-    is_mount_point,
+    is_our_mount,
     mount_entry,
     mount_fuse,
     mount_present,
@@ -481,11 +481,7 @@ class Relay:
         mount time (id, device, type), and not detached by us since. Once ours is gone
         (unmounted, lazily detached) the path may hold somebody else's mount, which a
         server ending must never take away."""
-        if self._detached:
-            return False
-        if self._mount_entry is None:  # not seen in mountinfo at mount time: the path
-            return is_mount_point(self.mountpoint, resolved=True)
-        return mount_entry(self.mountpoint) == self._mount_entry
+        return not self._detached and is_our_mount(self.mountpoint, self._mount_entry)
 
     def _unmount_worker(self) -> None:
         # not in the loop's thread: the kernel may need the loop while unmounting
@@ -610,7 +606,7 @@ class Relay:
             log.error("a request pump did not stop: the device's memory stays mapped "
                       "until this process ends")
             self.fs.transport.keep_memory_mapped = True
-        if self.pumps and all(not p.alive for p in self.pumps):
+        elif self.pumps:
             self.fs.take_back_request_queues()
             for slots in self._lent:
                 self.fs.return_slots(slots)
