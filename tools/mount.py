@@ -500,9 +500,7 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
         nonlocal server
         mounted[0] = mount_entry(req.mountpoint)
         try:
-            server = StatusServer(figures, identity={
-                "mountpoint": req.mountpoint, "source": req.spec(), "pid": os.getpid(),
-                "frontend": req.frontend}).start()
+            server = StatusServer(figures, identity=mount_identity(req)).start()
         except OSError as exc:
             log.warning("no status socket (vfsdrv status will not list this mount): %s", exc)
         sd_notify(f"READY=1\nSTATUS=serving {req.spec()} on {req.mountpoint}")
@@ -541,14 +539,20 @@ def _log_info() -> None:
         log.setLevel(logging.INFO)
 
 
+def mount_identity(req: MountRequest) -> dict[str, object]:
+    """Which mount this server serves: the head of its status figures, and what its
+    status identity file says when it does not answer."""
+    return {"mountpoint": req.mountpoint, "source": req.spec(), "pid": os.getpid(),
+            "frontend": req.frontend}
+
+
 def mount_figures(req: MountRequest, fs: VirtioFs, runner: object, started: float,
                   mounted: tuple[str, str, str] | None = None) -> dict[str, object]:
     """What `vfsdrv status` shows for this mount. The relay's own status() when it has
     one; otherwise what can be read from the device and the relay's counters.
     `mounted`: the mount's mountinfo entry at ready time; "detached" says it is no
     longer in this server's mount table (unmounted lazily, still served)."""
-    out: dict[str, object] = {"mountpoint": req.mountpoint, "source": req.spec(),
-                              "pid": os.getpid(), "frontend": req.frontend}
+    out: dict[str, object] = mount_identity(req)
     if mounted is not None:
         try:
             out["detached"] = not mount_present(mounted)
@@ -949,7 +953,6 @@ def _enter_mount_namespace(ns: str, *, check_only: bool = False) -> None:
             raise HelperUsageError(f"-N {ns}: setns: {os.strerror(err)}")
     finally:
         os.close(fd)
-
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:
