@@ -51,6 +51,7 @@ _VALID_TYPES = frozenset({
 #: after a SETLKW's timeout, how long the device has to answer its FUSE_INTERRUPT
 SETLKW_WITHDRAW_WAIT = 5.0
 
+
 class InvalidReplyError(ProtocolError, OSError):
     """The device answered with something no file system can hold (errno EIO)."""
 

@@ -49,12 +49,12 @@ class _Waiter:
     on_done: OnDone | None
 
 
-
 def _remember(table: collections.OrderedDict, unique: int, value: object) -> None:
     """Into a bounded table, newest last: the oldest goes past UNIQUES_KEPT."""
     table[unique] = value
     while len(table) > UNIQUES_KEPT:
         table.popitem(last=False)
+
 
 class LockWaits:
     """SETLKW requests the device answered "wait", by unique."""
