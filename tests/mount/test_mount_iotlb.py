@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mount_helpers import VFSDRV, Mounted, serving
+from mount_helpers import Mounted, serving
 from mounting import is_mounted
+from test_mount_pumps import status_of
 
 
 @pytest.fixture(scope="module", params=["relay", "pyfuse3"])
@@ -33,24 +33,8 @@ def iova_mnt(request, tmp_path_factory) -> Iterator[Mounted]:
     assert "broken" not in log, log[-3000:]
 
 
-def status_of(m: Mounted) -> dict:
-    """The server's own figures (a foreground server's status socket opens a moment
-    after its mount appears: asked again until it answers)."""
-    deadline = time.monotonic() + 15
-    while True:
-        r = subprocess.run([*VFSDRV, "status", "--json"], capture_output=True, text=True,
-                           timeout=30)
-        assert r.returncode == 0, r.stderr
-        mine = [s for s in json.loads(r.stdout)["mounts"]
-                if os.path.realpath(s.get("mountpoint", "")) == os.path.realpath(m.mnt)]
-        if mine or time.monotonic() > deadline:
-            (one,) = mine
-            return one
-        time.sleep(0.05)
-
-
 def test_access_platform_negotiated(iova_mnt: Mounted) -> None:
-    st = status_of(iova_mnt)
+    st = status_of(iova_mnt.mnt)
     assert "ACCESS_PLATFORM" in st["features"], st["features"]
 
 

@@ -21,7 +21,8 @@ def status_of(mnt: Path) -> dict:
     while True:
         out = subprocess.run([*VFSDRV, "status", "--json"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
-        mine = [m for m in json.loads(out)["mounts"] if m.get("mountpoint") == str(mnt)]
+        mine = [m for m in json.loads(out)["mounts"]
+                if os.path.realpath(m.get("mountpoint", "")) == os.path.realpath(mnt)]
         if mine or time.monotonic() > deadline:
             (one,) = mine
             return one
