@@ -9,6 +9,7 @@ It holds what Python cannot do or cannot do fast enough, each rule once:
     request and its reply sit in a slot, validation of a device's reply;
   * the request pump (pump.c): one thread per request queue moving requests
     between /dev/fuse and the ring without the GIL;
+  * batched replies (uring.c): a round's replies to /dev/fuse in one io_uring_enter;
   * the hiprio sender (hiprio.c): FORGETs from the pumps and the control thread
     onto the hiprio queue, with the one rule for splitting a BATCH_FORGET;
   * the typed client's batched path (client.c): a batch of requests added and
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "native"
 HEADER = NATIVE / "vfsdrv_core.h"
 SOURCES = [NATIVE / "core.c", NATIVE / "pump.c", NATIVE / "packed.c", NATIVE / "hiprio.c",
-           NATIVE / "client.c"]
+           NATIVE / "client.c", NATIVE / "uring.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())

@@ -160,7 +160,7 @@ _mount_vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
         COMPREPLY=($(compgen -W "tag= request_queues= threads= frontend= debug poll timeout= \\
-ring= iommu= log= fsname= force_4k_noiommu poll_us= request_timeout= max_background= \\
+ring= iommu= log= fsname= force_4k_noiommu poll_us= io_uring= request_timeout= max_background= \\
 congestion_threshold= max_readahead= ro rw nosuid noexec nodev _netdev nofail noauto" \\
 -- "$cur"))
     else

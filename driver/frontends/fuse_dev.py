@@ -64,7 +64,11 @@ OPTION_RANGES = {"max_background": (1, 0xFFFF), "congestion_threshold": (1, 0xFF
 PUMP_OPTIONS: dict[str, tuple[int, str]] = {
     "poll_us": (1000, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "
                 "before sleeping; 0: never"),
+    "io_uring": (1, "1, the default: each pump writes a round's replies to /dev/fuse in one "
+                 "io_uring_enter where the kernel allows io_uring; 0: a writev each"),
 }
+#: what a pump setting is when the user does not choose it
+PUMP_DEFAULTS = {"poll_us": 0, "io_uring": 1}
 #: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: options that mount(8) passes along and that mean nothing here
@@ -153,7 +157,7 @@ class MountOptions:
                 f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
                 "default_permissions, nodefault_permissions, max_read=N, blksize=N, "
                 "max_background=N, congestion_threshold=N, max_readahead=N, poll_us=N, "
-                "request_timeout=SECONDS)"
+                "io_uring=0|1, request_timeout=SECONDS)"
             )
 
     def flag_names(self) -> list[str]:

@@ -19,6 +19,11 @@ none it reads /dev/fuse without blocking that long before it sleeps in read(),
 which saves a fast device's completions, and a program's next request, a sleep and
 wake-up each but burns CPU while it spins (the stats' polls, idle_polls and
 poll_misses count what the windows found).
+
+`io_uring` (on unless vfsdrv mount -o io_uring=0) lets the pump write the replies
+a round harvested in one io_uring_enter instead of a writev each (driver/native/
+uring.c); where the kernel refuses io_uring (io_uring_disabled, a seccomp filter)
+it writes them one by one, as with io_uring=0.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class Pump:
     def __init__(
         self, fs: VirtioFs, vq: Virtqueue, session_fd: int, slots: list[Slot], *,
         event_fd: int, on_exit, poll: bool, trace: bool = False,
-        hiprio: HiprioSender | None = None, poll_us: int = 0,
+        hiprio: HiprioSender | None = None, poll_us: int = 0, io_uring: bool = True,
     ) -> None:
         self.fs = fs
         self.vq = vq
@@ -126,12 +131,16 @@ class Pump:
             cfg.small_size = VirtioFs.SLOT_SIZE_SMALL
             cfg.trace = int(trace)
             cfg.poll_ns = poll_us * 1000  # bounded by the option's parser (PUMP_OPTIONS)
+            cfg.io_uring = int(io_uring)
             self._kick = NativeKick(fs.transport, vq.index)
             self._kick.fill(cfg)
             err = ffi.new("char[]", 200)
             self._p = lib.vfsdrv_pump_new(cfg, vq.native, self._cslots, len(slots), err, 200)
             if self._p == ffi.NULL:
                 raise OSError(f"native pump: {ffi.string(err).decode()}")
+            #: the replies of a round go out in one io_uring_enter (asked for, and the
+            #: kernel allowed it)
+            self.io_uring = bool(lib.vfsdrv_pump_io_uring(self._p))
             if hiprio is not None:
                 lib.vfsdrv_pump_set_hiprio(self._p, hiprio.native)
         except BaseException:

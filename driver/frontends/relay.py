@@ -86,6 +86,7 @@ from .base import FrontendError
 from .fuse_dev import (
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
+    PUMP_DEFAULTS,
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
@@ -569,18 +570,22 @@ class Relay:
         # the pumps send FORGETs themselves; the control thread's hiprio traffic goes
         # through the same sender (None: hiprio stays with the control plane)
         hiprio = fs.hand_over_hiprio()
+        settings = PUMP_DEFAULTS | self.options.pump
         for vq in queues[:count]:
             slots = fs.lend_slots(per_small, per_large)
             self._lent.append(slots)
             pump = Pump(fs, vq, self.fuse_fd, slots, event_fd=self._event_fd,
                         on_exit=self._on_pump_exit, poll=fs.poll, trace=self.debug,
-                        hiprio=hiprio, poll_us=self.options.pump.get("poll_us", 0))
+                        hiprio=hiprio, poll_us=settings["poll_us"],
+                        io_uring=bool(settings["io_uring"]))
             self.pumps.append(pump)
         for pump in self.pumps:
             pump.start()
         log.info("%d pump(s) on request queue(s) %s, %d small and %d large slots each, "
-                 "poll window %d us", count, ", ".join(str(p.vq.index) for p in self.pumps),
-                 per_small, per_large, self.options.pump.get("poll_us", 0))
+                 "poll window %d us, replies batched through io_uring: %s", count,
+                 ", ".join(str(p.vq.index) for p in self.pumps), per_small, per_large,
+                 settings["poll_us"], "yes" if all(p.io_uring for p in self.pumps) else
+                 "no" if not settings["io_uring"] else "no (the kernel refused io_uring)")
 
     def _take_events(self) -> None:
         for pump in self.pumps:
@@ -825,7 +830,9 @@ class Relay:
                            "syscalls": st["syscalls"], "lock_waits": st["lock_waits"],
                            "to_control": st["to_control"], "queue_full": st["queue_full"],
                            "polls": st["polls"], "idle_polls": st["idle_polls"],
-                           "poll_misses": st["poll_misses"]})
+                           "poll_misses": st["poll_misses"], "io_uring": pump.io_uring,
+                           "reply_batches": st["reply_batches"],
+                           "batched_replies": st["batched_replies"]})
         features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION"})
         dev_stats = dict(fs.stats)
         return {

@@ -180,6 +180,9 @@ struct vfsdrv_pump_config {
     uint32_t poll_ns;        /* spin this long before sleeping: on the used ring when
                               * busy, on /dev/fuse when idle (vfsdrv mount -o
                               * poll_us=N); 0: never spin */
+    uint32_t io_uring;       /* 1: a round's replies go out in one io_uring_enter when
+                              * the kernel has io_uring (vfsdrv mount -o io_uring=0:
+                              * a writev each) */
 };
 
 #define VFSDRV_EV_REQUEST 1
@@ -220,6 +223,8 @@ struct vfsdrv_pump_stats {
     uint64_t poll_misses;    /* spins, either kind, that ran out of time (then a sleep) */
     uint64_t idle_polls;     /* idle spins (poll_ns) that found a request */
     uint64_t done_seq;       /* the highest slot seq answered so far (not a count) */
+    uint64_t reply_batches;  /* io_uring_enter rounds that wrote replies */
+    uint64_t batched_replies;  /* replies written by them */
 };
 
 #define VFSDRV_PUMP_STOPPED 0
@@ -241,6 +246,7 @@ int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
 uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p);
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
+int vfsdrv_pump_io_uring(struct vfsdrv_pump *p);  /* 1: replies batched (read before run) */
 void vfsdrv_pump_free(struct vfsdrv_pump *p);
 
 /* ---- the hiprio sender: FORGET, BATCH_FORGET, INTERRUPT on queue 0 (hiprio.c) ----

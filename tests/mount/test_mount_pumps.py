@@ -5,13 +5,16 @@ DMA memory, so a device that honours O_DIRECT takes O_DIRECT writes."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from mount_helpers import VFSDRV, in_threads, serving
+from mount_helpers import VFSDRV, Mounted, in_threads, serving, stop_server
+from mounting import wait_mounted
+from vfsdrv.tools.nulldev import NullDevice
 
 
 def status_of(mnt: Path) -> dict:
@@ -53,6 +56,61 @@ def test_one_pump_per_request_queue(tmp_path: Path, threads: int | None, pumps: 
         served = [q["served"] for q in st["queues"] if q["name"].startswith("request")]
     assert st["pumps"] == pumps and len(served) == pumps
     assert all(n > 0 for n in served), served  # the kernel's requests spread over all
+
+
+def kernel_allows_io_uring() -> bool:
+    """Root may use io_uring unless kernel.io_uring_disabled is 2 (no sysctl: allowed)."""
+    try:
+        return Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "2"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("io_uring", [None, "0"], ids=["default", "io_uring=0"])
+def test_replies_of_a_round_go_out_together(tmp_path: Path, io_uring: str | None) -> None:
+    """16 threads keep 16 O_DIRECT reads in flight over the null device, which answers
+    a batch of requests with one publish: each round's replies reach /dev/fuse in one
+    io_uring_enter (a writev each with -o io_uring=0), and every byte is the
+    device's (its file "pattern": byte o is o % 251)."""
+    mnt, log = tmp_path / "mnt", tmp_path / "serve.log"
+    mnt.mkdir()
+    args = ("-o", f"io_uring={io_uring}") if io_uring else ()
+    with NullDevice(tmp_path / "null.sock") as dev:
+        with open(log, "wb") as lf:
+            proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user",
+                                     str(dev.socket_path), *args, str(mnt)],
+                                    stdout=lf, stderr=subprocess.STDOUT)
+        m = Mounted("relay", tmp_path, mnt, proc, log, "nulldev")
+        try:
+            wait_mounted(mnt, proc, log)
+            pattern = bytes(range(251)) * 20
+            buf = [mmap.mmap(-1, 4096) for _ in range(16)]  # page-aligned for O_DIRECT
+
+            def reads(k: int) -> None:
+                fd = os.open(mnt / "pattern", os.O_RDONLY | os.O_DIRECT)
+                try:
+                    for i in range(300):
+                        off = ((k * 7919 + i * 104729) % 16384) * 4096
+                        got = os.preadv(fd, [memoryview(buf[k])], off)
+                        assert got == 4096
+                        assert buf[k][:] == pattern[off % 251:off % 251 + 4096], (k, off)
+                finally:
+                    os.close(fd)
+
+            in_threads(reads, 16, 120)
+            queues = [q for q in status_of(mnt)["queues"] if q["name"].startswith("request")]
+        finally:
+            stop_server(m)
+    served = sum(q["served"] for q in queues)
+    batches = sum(q["reply_batches"] for q in queues)
+    batched = sum(q["batched_replies"] for q in queues)
+    assert served >= 16 * 300, queues
+    if io_uring == "0" or not kernel_allows_io_uring():
+        # asked not to, or (kernel.io_uring_disabled = 2) refused: a writev each
+        assert not any(q["io_uring"] for q in queues) and batches == batched == 0, queues
+    else:
+        assert all(q["io_uring"] for q in queues), queues
+        assert batches > 0 and batched >= 2 * batches, queues
 
 
 def test_o_direct_write_through_a_device_that_honours_it(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the native core's C tests with one compiler:
 #   tests/native/build.sh CC OUTDIR [EXTRA_CFLAGS...]
-# OUTDIR gets core.o, packed.o, pump.o, hiprio.o, client.o (each driver source alone,
+# OUTDIR gets core.o, packed.o, pump.o, hiprio.o, client.o, uring.o (each driver source alone,
 # compiled as cffi compiles it for vfsdrv._native: -O2 -fPIC, the flags of
 # driver/_native_build.py), test_core (the unit tests: test_core.c, whose runner
 # also runs test_hiprio_client.c's), budget (the instruction budget's ring workload,
@@ -25,10 +25,10 @@ case "$("$cc" -dumpmachine)" in
     "$(cc -dumpmachine 2>/dev/null || true)") ;;
     *) link=(-static) ;;  # cross: run under qemu-user without a target sysroot
 esac
-for src in core packed pump hiprio client; do
+for src in core packed pump hiprio client uring; do
     "$cc" "${flags[@]}" -fPIC -c -o "$out/$src.o" "$native/$src.c"
 done
-sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c" "$native/client.c")
+sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c" "$native/client.c" "$native/uring.c")
 "$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "$here/test_hiprio_client.c" \
     "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
