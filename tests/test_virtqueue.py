@@ -98,6 +98,20 @@ def test_close_returns_all_memory_including_indirect_tables() -> None:
     assert arena.bytes_free == before
 
 
+@pytest.mark.parametrize("use", [
+    lambda vq: vq.add([(0x1000, 8)], [], "t"), lambda vq: vq.publish(),
+    lambda vq: vq.has_used(), lambda vq: vq.get_used(), lambda vq: vq.disable_interrupts(),
+    lambda vq: vq.enable_interrupts(), lambda vq: vq.native, lambda vq: vq.in_flight,
+], ids=["add", "publish", "has_used", "get_used", "disarm", "arm", "native", "in_flight"])
+def test_a_closed_queue_says_so(use) -> None:
+    """Every use of a closed queue is a RingError naming it (cffi once raised a
+    TypeError about an internal stand-in); none reads the freed ring."""
+    vq = Virtqueue(3, 8, identity_arena(1 << 20))
+    vq.close()
+    with pytest.raises(RingError, match="queue 3 is closed"):
+        use(vq)
+
+
 # -- adding and publishing ---------------------------------------------------------------
 def test_chain_is_invisible_until_published() -> None:
     rig = Rig(8)

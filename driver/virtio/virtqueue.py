@@ -154,6 +154,14 @@ class Virtqueue:
     def _error(self) -> str:
         return ffi.string(self._c.error).decode(errors="replace")
 
+    def _live(self):
+        """The native queue, or RingError once closed (cffi would raise a TypeError
+        naming the stand-in)."""
+        c = self._c
+        if type(c) is _ClosedQueue:
+            raise RingError(f"queue {self.index} is closed")
+        return c
+
     @property
     def addresses(self) -> QueueAddresses:
         return QueueAddresses(self.desc.addr, self.avail.addr, self.used.addr)
@@ -161,7 +169,7 @@ class Virtqueue:
     @property
     def native(self):
         """The `struct vfsdrv_vq *` (for the native pump, which then owns the queue)."""
-        return self._c
+        return self._live()
 
     def close(self) -> None:
         if self._closed:
@@ -214,7 +222,7 @@ class Virtqueue:
         for addr, length in writable:
             segs[i].addr, segs[i].len, segs[i].flags = addr, length, lib.VFSDRV_SEG_WRITE
             i += 1
-        head = lib.vfsdrv_vq_add(self._c, segs, n)
+        head = lib.vfsdrv_vq_add(self._live(), segs, n)
         if head < 0:
             if head == -errno.ENOSPC:
                 raise QueueFull(self._error())
@@ -224,7 +232,7 @@ class Virtqueue:
 
     def publish(self) -> bool:
         """Make every added chain visible to the device; True if it wants a kick."""
-        return bool(lib.vfsdrv_vq_publish(self._c))
+        return bool(lib.vfsdrv_vq_publish(self._live()))
 
     # -- harvesting -----------------------------------------------------------------
     def used_idx(self) -> int:
@@ -250,11 +258,11 @@ class Virtqueue:
         return pos | wrap << pl.WRAP_SHIFT
 
     def has_used(self) -> bool:
-        return lib.vfsdrv_vq_used_pending(self._c) != 0
+        return lib.vfsdrv_vq_used_pending(self._live()) != 0
 
     def get_used(self) -> list[tuple[Any, int]]:
         """Every newly used chain as (token, bytes written by the device)."""
-        n = lib.vfsdrv_vq_harvest(self._c, self._used, self.size)
+        n = lib.vfsdrv_vq_harvest(self._live(), self._used, self.size)
         if n < 0:
             raise RingError(self._error())
         out = []
@@ -275,9 +283,9 @@ class Virtqueue:
     # -- used-buffer notification suppression -----------------------------------------
     def disable_interrupts(self) -> None:
         """Ask the device not to interrupt (best effort: the device may still)."""
-        lib.vfsdrv_vq_disarm(self._c)
+        lib.vfsdrv_vq_disarm(self._live())
 
     def enable_interrupts(self) -> bool:
         """Re-arm interrupts. Returns True if used buffers arrived meanwhile (the
         caller must harvest them: no interrupt will come for those)."""
-        return bool(lib.vfsdrv_vq_arm(self._c))
+        return bool(lib.vfsdrv_vq_arm(self._live()))
