@@ -162,3 +162,32 @@ def test_pump_instructions_per_request_within_budget(
     assert per_request <= budget, (
         f"pump, {layout} ring, {threads} stat threads: {per_request:.1f} instructions per "
         f"request exceed the budget of {budget}")
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_the_pump_batches_replies_through_io_uring(workload: Path, layout: str) -> None:
+    """The same whole pump on a real /dev/fuse with replies batched (uring.c), as the
+    relay runs it by default: 4 threads keep requests in flight, every request gets
+    its valid reply, and rounds with several replies write them in one io_uring_enter
+    (a writev each when the kernel refuses io_uring: kernel.io_uring_disabled=2)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting the FUSE file system the pump serves needs root and /dev/fuse")
+    require_tools({"unshare": "util-linux"})
+    proc = subprocess.run(
+        [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private",
+         str(workload.parent / "pump_bench"), "8000", "4", layout],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PUMP_BENCH_IO_URING": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stats = {k: int(v) for k, v in re.findall(r"(\w+) (\d+)", proc.stdout.split(":", 2)[-1])}
+    assert stats["requests"] == stats["replies"] == 8000 and stats["bad_replies"] == 0, proc.stdout
+    try:
+        allowed = Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "2"
+    except FileNotFoundError:
+        allowed = True
+    if not allowed:
+        assert stats["io_uring"] == stats["reply_batches"] == 0, proc.stdout
+        return
+    assert stats["io_uring"] == 1, proc.stdout
+    assert stats["reply_batches"] > 0, proc.stdout
+    assert stats["batched_replies"] >= 2 * stats["reply_batches"], proc.stdout
