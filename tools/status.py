@@ -259,9 +259,10 @@ def format_mount(m: dict[str, Any]) -> str:
     for q in m.get("queues", []):
         figures = ", ".join(f"{k} {v}" for k, v in q.items() if k != "name")
         lines.append(f"  queue {q.get('name', '?')}: {figures}")
+    labels = {"notifications": "notifications forwarded to the kernel"}
     for key in ("served", "in_flight", "errors", "notifications", "lock_waiters"):
         if key in m:
-            lines.append(f"  {key.replace('_', ' ')}: {m[key]}")
+            lines.append(f"  {labels.get(key, key.replace('_', ' '))}: {m[key]}")
     if "request_timeout" in m:
         lines.append(f"  request timeout: {m['request_timeout']:g} s")
     if "uptime" in m:

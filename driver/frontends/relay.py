@@ -918,6 +918,13 @@ class Relay:
             self.fs.init_flags, fields["minor"], reply_flags, fields["max_write"],
             fields["max_pages"],
         )
+        local = [name for flag, name in ((InitFlag.POSIX_LOCKS, "fcntl"),
+                                         (InitFlag.FLOCK_LOCKS, "flock"))
+                 if kflags & flag and not granted & flag]
+        if local:
+            log.info("the device does not take %s locks: the kernel keeps them, local to "
+                     "this mount (other mounts of the device do not see them)",
+                     " and ".join(local))
         if self.debug:
             reqlog.debug("unique %d INIT -> 7.%d flags %#x (kernel offered %#x, device %#x)",
                          unique, fields["minor"], reply_flags, kflags, self.fs.init_flags)

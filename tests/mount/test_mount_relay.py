@@ -446,3 +446,16 @@ def test_session_options_reach_the_kernel(tmp_path: Path) -> None:
             assert got == expect
         else:
             assert got[0] > 12 and got[1] == got[0] * 3 // 4  # sized to the slots
+
+
+@pytest.mark.parametrize("backend,local", [("virtiofsd", True), ("refdev", False)])
+def test_the_log_says_when_locks_stay_local(tmp_path: Path, backend: str, local: bool) -> None:
+    """virtiofsd's default grants neither FUSE_POSIX_LOCKS nor FUSE_FLOCK_LOCKS: the
+    kernel then keeps locks to the mount, unseen by other mounts of the device, and
+    the server's log says so (-v: an ordinary mount warns about nothing); the
+    reference device takes both, and nothing is said."""
+    with serving(tmp_path, "relay", backend=backend, mount_args=("-v",)) as m:
+        (m.mnt / "f").write_text("x")
+        text = m.log_text()
+    said = "the device does not take fcntl and flock locks" in text
+    assert said == local, text[-3000:]
