@@ -138,9 +138,6 @@ class Pump:
             self._p = lib.vfsdrv_pump_new(cfg, vq.native, self._cslots, len(slots), err, 200)
             if self._p == ffi.NULL:
                 raise OSError(f"native pump: {ffi.string(err).decode()}")
-            #: the replies of a round go out in one io_uring_enter (asked for, and the
-            #: kernel allowed it)
-            self.io_uring = bool(lib.vfsdrv_pump_io_uring(self._p))
             if hiprio is not None:
                 lib.vfsdrv_pump_set_hiprio(self._p, hiprio.native)
         except BaseException:
@@ -220,7 +217,15 @@ class Pump:
             return dict(self._final_stats or {})
         s = ffi.new("struct vfsdrv_pump_stats *")
         lib.vfsdrv_pump_get_stats(self._p, s)
-        return {name: int(getattr(s, name)) for name, _ in ffi.typeof(s[0]).fields}
+        out = {name: int(getattr(s, name)) for name, _ in ffi.typeof(s[0]).fields}
+        out["io_uring"] = int(lib.vfsdrv_pump_io_uring(self._p))
+        return out
+
+    @property
+    def io_uring(self) -> bool:
+        """Whether this pump writes a round's replies in one io_uring_enter now (asked
+        for, and the kernel has not refused it)."""
+        return bool(self.stats().get("io_uring", 0))
 
     # -- teardown -----------------------------------------------------------------------
     def close_fuse(self) -> None:

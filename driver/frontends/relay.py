@@ -672,6 +672,8 @@ class Relay:
                 self._pending_debug[unique] = (opcode, arg, time.monotonic())
         elif kind == lib.VFSDRV_EV_TRACE_REPLY:
             self._log_reply(unique, opcode, -int(arg), length)
+        elif kind == lib.VFSDRV_EV_NO_IO_URING:
+            log.warning("request queue %d: %s", pump.vq.index, why)
 
     def _control_request(self, pump: Pump, slot: int, unique: int, opcode: int,
                          fd: int) -> None:
@@ -830,7 +832,7 @@ class Relay:
                            "syscalls": st["syscalls"], "lock_waits": st["lock_waits"],
                            "to_control": st["to_control"], "queue_full": st["queue_full"],
                            "polls": st["polls"], "idle_polls": st["idle_polls"],
-                           "poll_misses": st["poll_misses"], "io_uring": pump.io_uring,
+                           "poll_misses": st["poll_misses"], "io_uring": bool(st["io_uring"]),
                            "reply_batches": st["reply_batches"],
                            "batched_replies": st["batched_replies"]})
         features = feature_names(fs.dev.features, {0: "VIRTIO_FS_F_NOTIFICATION"})

@@ -122,6 +122,7 @@ struct vfsdrv_pump {
     struct backoff idle;         /* the idle poll window on /dev/fuse */
     int poll_peek;               /* the last spin found a completion: look at /dev/fuse first */
     struct vfsdrv_uring *uring;  /* a round's replies in one syscall; NULL: a writev each */
+    int uring_on;                /* atomic: uring != NULL, for the control thread */
     struct reply_out *outs;      /* per slot: its reply while it waits for the send */
     uint32_t *out_q, nout;       /* slots whose reply waits for this round's send */
     /* shared with the control thread */
@@ -230,6 +231,7 @@ struct vfsdrv_pump *vfsdrv_pump_new(const struct vfsdrv_pump_config *cfg, struct
     }
     if (cfg->io_uring)  /* NULL when the kernel gives none: a writev per reply */
         p->uring = vfsdrv_uring_new(nslots < URING_ENTRIES ? nslots : URING_ENTRIES);
+    p->uring_on = p->uring != NULL;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = wake_handler;  /* no SA_RESTART: a blocked read() returns EINTR */
@@ -396,7 +398,10 @@ void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out)
 
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p) { return p->error; }
 
-int vfsdrv_pump_io_uring(struct vfsdrv_pump *p) { return p->uring != NULL; }
+int vfsdrv_pump_io_uring(struct vfsdrv_pump *p)
+{
+    return __atomic_load_n(&p->uring_on, __ATOMIC_RELAXED);
+}
 
 void vfsdrv_pump_set_hiprio(struct vfsdrv_pump *p, struct vfsdrv_hiprio *h) { p->hiprio = h; }
 
@@ -608,12 +613,18 @@ static void send_replies(struct vfsdrv_pump *p)
     }
     int calls = vfsdrv_uring_submit(p->uring, uring_done, p);
     __atomic_fetch_add(&p->stats.syscalls, (uint64_t)calls, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&p->stats.batched_replies, batch, __ATOMIC_RELAXED);
-    STAT(p, reply_batches);
-    if (vfsdrv_uring_failed(p->uring)) {  /* a writev each from now on */
-        vfsdrv_uring_free(p->uring);
-        p->uring = NULL;
+    if (!vfsdrv_uring_failed(p->uring)) {
+        __atomic_fetch_add(&p->stats.batched_replies, batch, __ATOMIC_RELAXED);
+        STAT(p, reply_batches);
+        return;
     }
+    /* refused for good (uring_done wrote what it did not take): a writev each from
+     * now on, and the control plane says so once */
+    vfsdrv_uring_free(p->uring);
+    p->uring = NULL;
+    __atomic_store_n(&p->uring_on, 0, __ATOMIC_RELAXED);
+    push_event(p, VFSDRV_EV_NO_IO_URING, 0, 0, 0, p->cfg.fuse_nb_fd, 0,
+               "the kernel refused io_uring_enter: replies are written one by one");
 }
 
 static void complete(struct vfsdrv_pump *p, uint32_t i, uint32_t len)

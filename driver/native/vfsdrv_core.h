@@ -191,6 +191,7 @@ struct vfsdrv_pump_config {
 #define VFSDRV_EV_BAD_REQUEST 4
 #define VFSDRV_EV_TRACE_REQUEST 5
 #define VFSDRV_EV_TRACE_REPLY 6
+#define VFSDRV_EV_NO_IO_URING 7   /* the kernel refused a submission: a writev each from now */
 
 struct vfsdrv_event {
     uint32_t kind;           /* VFSDRV_EV_* */
@@ -246,7 +247,7 @@ int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
 uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p);
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
-int vfsdrv_pump_io_uring(struct vfsdrv_pump *p);  /* 1: replies batched (read before run) */
+int vfsdrv_pump_io_uring(struct vfsdrv_pump *p);  /* 1: replies are batched (now) */
 void vfsdrv_pump_free(struct vfsdrv_pump *p);
 
 /* ---- the hiprio sender: FORGET, BATCH_FORGET, INTERRUPT on queue 0 (hiprio.c) ----

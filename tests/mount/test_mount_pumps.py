@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,19 +68,31 @@ def kernel_allows_io_uring() -> bool:
         return True
 
 
-@pytest.mark.parametrize("io_uring", [None, "0"], ids=["default", "io_uring=0"])
-def test_replies_of_a_round_go_out_together(tmp_path: Path, io_uring: str | None) -> None:
-    """16 threads keep 16 O_DIRECT reads in flight over the null device, which answers
-    a batch of requests with one publish: each round's replies reach /dev/fuse in one
-    io_uring_enter (a writev each with -o io_uring=0), and every byte is the
-    device's (its file "pattern": byte o is o % 251)."""
+#: run a command with the given syscalls refused (EPERM) by a seccomp filter, as a
+#: container's profile or a hardened service may refuse io_uring
+DENY = """import ctypes, os, sys
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+ctx = ctypes.c_void_p(lib.seccomp_init(ctypes.c_uint32(0x7fff0000)))  # allow the rest
+for nr in sys.argv[1].split(","):
+    # SCMP_ACT_ERRNO(EPERM)
+    assert lib.seccomp_rule_add(ctx, ctypes.c_uint32(0x00050001), int(nr), 0) == 0
+assert lib.seccomp_load(ctx) == 0
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def reads_over_the_null_device(tmp_path: Path, *mount_args: str,
+                               prefix: tuple[str, ...] = ()) -> tuple[list[dict], str]:
+    """16 threads keep 16 O_DIRECT reads in flight through a mount of the null device,
+    which answers a batch of requests with one publish, and check every byte (its
+    file "pattern": byte o is o % 251). The request queues' status and the log."""
     mnt, log = tmp_path / "mnt", tmp_path / "serve.log"
     mnt.mkdir()
-    args = ("-o", f"io_uring={io_uring}") if io_uring else ()
     with NullDevice(tmp_path / "null.sock") as dev:
         with open(log, "wb") as lf:
-            proc = subprocess.Popen([*VFSDRV, "mount", "-f", "--vhost-user",
-                                     str(dev.socket_path), *args, str(mnt)],
+            proc = subprocess.Popen([*prefix, *VFSDRV, "mount", "-f", "--vhost-user",
+                                     str(dev.socket_path), *mount_args, str(mnt)],
                                     stdout=lf, stderr=subprocess.STDOUT)
         m = Mounted("relay", tmp_path, mnt, proc, log, "nulldev")
         try:
@@ -101,16 +115,42 @@ def test_replies_of_a_round_go_out_together(tmp_path: Path, io_uring: str | None
             queues = [q for q in status_of(mnt)["queues"] if q["name"].startswith("request")]
         finally:
             stop_server(m)
-    served = sum(q["served"] for q in queues)
+    assert sum(q["served"] for q in queues) >= 16 * 300, queues
+    return queues, log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("io_uring", [None, "0"], ids=["default", "io_uring=0"])
+def test_replies_of_a_round_go_out_together(tmp_path: Path, io_uring: str | None) -> None:
+    """Each round's replies reach /dev/fuse in one io_uring_enter (a writev each with
+    -o io_uring=0)."""
+    args = ("-o", f"io_uring={io_uring}") if io_uring else ()
+    queues, _ = reads_over_the_null_device(tmp_path, *args)
     batches = sum(q["reply_batches"] for q in queues)
     batched = sum(q["batched_replies"] for q in queues)
-    assert served >= 16 * 300, queues
     if io_uring == "0" or not kernel_allows_io_uring():
         # asked not to, or (kernel.io_uring_disabled = 2) refused: a writev each
         assert not any(q["io_uring"] for q in queues) and batches == batched == 0, queues
     else:
         assert all(q["io_uring"] for q in queues), queues
         assert batches > 0 and batched >= 2 * batches, queues
+
+
+@pytest.mark.parametrize("refused", ["425", "426"], ids=["io_uring_setup", "io_uring_enter"])
+def test_replies_when_the_kernel_refuses_io_uring(tmp_path: Path, refused: str) -> None:
+    """A seccomp filter refuses io_uring_setup (no ring at all) or io_uring_enter (the
+    ring is made, its first submission refused, mid-run): every reply still goes
+    out, by writev; status says io_uring is off and counts no batch; a refusal
+    mid-run is logged once per request queue."""
+    if platform.machine() not in ("x86_64", "aarch64"):  # 425, 426 everywhere since 5.1
+        pytest.skip(f"syscall numbers not checked on {platform.machine()}")
+    deny = tmp_path / "deny.py"
+    deny.write_text(DENY)
+    queues, log = reads_over_the_null_device(
+        tmp_path, prefix=(sys.executable, str(deny), refused))
+    assert not any(q["io_uring"] for q in queues), queues
+    assert sum(q["reply_batches"] for q in queues) == 0, queues
+    warned = log.count("the kernel refused io_uring_enter: replies are written one by one")
+    assert warned == (len(queues) if refused == "426" else 0), log[-3000:]
 
 
 def test_o_direct_write_through_a_device_that_honours_it(tmp_path: Path) -> None:
