@@ -227,6 +227,8 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    from .status import forget_dead
+
     require_root("unmounting")
     try:
         mp, fstype = find_mount(args.mountpoint)
@@ -236,6 +238,7 @@ def run_umount(args: argparse.Namespace) -> int:
         given = _give_back_orphans(args.mountpoint)
         if not given:
             raise
+        forget_dead()
         return 0
     if fstype != f"fuse.{FS_SUBTYPE}":
         raise MountError(f"{args.mountpoint} is a {fstype} mount, not a vfsdrv one")
@@ -244,8 +247,10 @@ def run_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         hint = " (files are open there; -l detaches it anyway)" if exc.errno == 16 else ""
         raise MountError(f"cannot unmount {args.mountpoint}: {exc.strerror}{hint}") from None
-    # a server killed with SIGKILL left its PCI function on vfio-pci: give it back
+    # a server killed with SIGKILL left its PCI function on vfio-pci (give it back)
+    # and its status socket (remove it)
     _give_back_orphans(mp)
+    forget_dead()
     return 0
 
 

@@ -202,16 +202,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def forget_dead() -> None:
+    """Remove the status socket and identity file of every server that is gone
+    (killed: it could not remove them itself)."""
+    with contextlib.suppress(OSError):
+        for path in [*sockets_dir().glob("*.sock"), *sockets_dir().glob("*.json")]:
+            pid = _pid_of(path)
+            if pid is not None and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 def collect() -> list[dict[str, Any]]:
     d = sockets_dir()
+    forget_dead()
     try:
         paths = sorted(d.glob("*.sock"))
-        # an identity file whose server died before it removed it, socket already gone
-        for ident in d.glob("*.json"):
-            pid = _pid_of(ident)
-            if not ident.with_suffix(".sock").exists() and pid is not None and not _alive(pid):
-                with contextlib.suppress(OSError):
-                    ident.unlink()
     except OSError:
         return []
     if not paths:

@@ -198,6 +198,27 @@ def test_status_lists_a_mount_whose_server_was_killed(tmp_path: Path) -> None:
         assert str(m.mnt) not in vfsdrv("status").stdout
 
 
+def test_umount_of_a_killed_servers_mount_leaves_nothing_in_the_state_dir(
+        tmp_path: Path) -> None:
+    """The status socket and identity file a SIGKILL'd server could not remove go
+    with `vfsdrv umount` of its mount (not only at the next `vfsdrv status`)."""
+    from vfsdrv.tools.status import sockets_dir
+
+    with serving(tmp_path, "relay") as m:
+        assert m.proc is not None
+        pid = m.proc.pid
+        mine = [sockets_dir() / f"{pid}.sock", sockets_dir() / f"{pid}.json"]
+        deadline = time.monotonic() + 15
+        while not all(p.exists() for p in mine):  # written a moment after the mount
+            assert time.monotonic() < deadline, list(sockets_dir().iterdir())
+            time.sleep(0.05)
+        m.proc.kill()
+        m.proc.wait(15)
+        assert all(p.exists() for p in mine)
+        assert vfsdrv("umount", m.mnt).returncode == 0
+        assert not any(p.exists() for p in mine), list(sockets_dir().iterdir())
+
+
 def test_status_of_a_stopped_server_and_of_a_detached_mount(tmp_path: Path) -> None:
     """A server that does not answer (SIGSTOP) is still its mount's server: status
     names the mount with the error, never as unserved (its mount waits, it does not
