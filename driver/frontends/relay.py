@@ -374,11 +374,16 @@ class Relay:
                 if self._interrupted:
                     self._expire_interrupts()
                 if self.stop_at is not None and time.monotonic() > self.stop_at:
-                    log.warning("%s still busy: aborting the connection", self.mountpoint)
                     if not self._aborting and not self._worker_done:
                         # FLUSH_LIMIT passed with the write-back still waiting on the
                         # device: a FUSE_DESTROY would only wait out its timeout too
                         self.unresponsive = True
+                        log.warning("%s: the device has not taken the dirty pages in "
+                                    "%.0f s: aborting the connection (what was not "
+                                    "written back is lost)", self.mountpoint, FLUSH_LIMIT)
+                    else:
+                        log.warning("%s still busy: aborting the connection",
+                                    self.mountpoint)
                     break
         except FrontendError as exc:
             log.error("%s", exc)
@@ -514,7 +519,11 @@ class Relay:
         try:
             syncfs(self.mountpoint)
         except OSError as exc:
-            log.warning("writing back %s: %s", self.mountpoint, exc)
+            if exc.errno in (errno.ECONNABORTED, errno.ENOTCONN):  # the abort came first
+                log.info("writing back %s ended with the connection: %s", self.mountpoint,
+                         exc)
+            else:
+                log.warning("writing back %s: %s", self.mountpoint, exc)
 
     # -- before the pumps: FUSE_INIT on the session descriptor ------------------------
     def _read_init(self) -> None:
@@ -561,6 +570,11 @@ class Relay:
         count = min(len(queues), self.threads or len(queues), large)
         if count == 0:
             raise FrontendError("no request queue or no large slot for the pumps")
+        if large < min(len(queues), self.threads or len(queues)):
+            # the user's choice of slots idles queues the device offers: say so
+            log.warning("%d large slot(s) for %d request queue(s): %d pump(s) run, one "
+                        "large slot each at least (--large-slots)", large,
+                        min(len(queues), self.threads or len(queues)), count)
         self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         assert self._sel is not None
         self._sel.register(self._event_fd, selectors.EVENT_READ, "events")

@@ -60,6 +60,16 @@ def test_one_pump_per_request_queue(tmp_path: Path, threads: int | None, pumps: 
     assert all(n > 0 for n in served), served  # the kernel's requests spread over all
 
 
+def test_fewer_large_slots_than_queues_is_said(tmp_path: Path) -> None:
+    """A pump needs a large slot: --large-slots 1 on a device with 3 request queues
+    runs one pump, and the log says why the other queues idle."""
+    with serving(tmp_path, "relay", backend="refdev", vfsd_args=("--request-queues", "3"),
+                 mount_args=("--large-slots", "1")) as m:
+        busy(m.mnt, workers=2, files=5)
+        assert status_of(m.mnt)["pumps"] == 1
+        assert "1 large slot(s) for 3 request queue(s): 1 pump(s) run" in m.log_text()
+
+
 def kernel_allows_io_uring() -> bool:
     """Root may use io_uring unless kernel.io_uring_disabled is 2 (no sysctl: allowed)."""
     try:
