@@ -3,6 +3,7 @@ sure nothing stays mounted whatever happens."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import time
@@ -41,3 +42,15 @@ def wait_mounted(mnt: Path, proc: subprocess.Popen | None, log: Path, timeout: f
             raise RuntimeError(f"{mnt} not mounted within {timeout} s:\n"
                                f"{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.01)
+
+
+def kernel_allows_io_uring() -> bool:
+    """Whether this process may make an io_uring (kernel.io_uring_disabled, a seccomp
+    profile, a kernel without it): asked by making one, as the pump does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+    fd = libc.syscall(425, 4, params)  # io_uring_setup: 425 on x86-64 and aarch64
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True

@@ -32,6 +32,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from mounting import kernel_allows_io_uring
 from test_native_aarch64 import require_tools
 
 NATIVE_TESTS = Path(__file__).resolve().parent / "native"
@@ -169,7 +170,7 @@ def test_the_pump_batches_replies_through_io_uring(workload: Path, layout: str) 
     """The same whole pump on a real /dev/fuse with replies batched (uring.c), as the
     relay runs it by default: 4 threads keep requests in flight, every request gets
     its valid reply, and rounds with several replies write them in one io_uring_enter
-    (a writev each when the kernel refuses io_uring: kernel.io_uring_disabled=2)."""
+    (a writev each where the kernel refuses io_uring)."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("mounting the FUSE file system the pump serves needs root and /dev/fuse")
     require_tools({"unshare": "util-linux"})
@@ -181,11 +182,7 @@ def test_the_pump_batches_replies_through_io_uring(workload: Path, layout: str) 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stats = {k: int(v) for k, v in re.findall(r"(\w+) (\d+)", proc.stdout.split(":", 2)[-1])}
     assert stats["requests"] == stats["replies"] == 8000 and stats["bad_replies"] == 0, proc.stdout
-    try:
-        allowed = Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "2"
-    except FileNotFoundError:
-        allowed = True
-    if not allowed:
+    if not kernel_allows_io_uring():
         assert stats["io_uring"] == stats["reply_batches"] == 0, proc.stdout
         return
     assert stats["io_uring"] == 1, proc.stdout

@@ -578,8 +578,16 @@ static void uring_done(void *arg, uint64_t user_data, int32_t res)
 {
     struct vfsdrv_pump *p = arg;
     uint32_t i = (uint32_t)user_data;
-    if (res == VFSDRV_URING_NOT_SENT)
+    if (res == VFSDRV_URING_NOT_SENT) {
         res = write_reply(p, i);
+    } else if (res < 0 && res != -ENOENT && res != -ENODEV && res != -ECONNABORTED) {
+        /* io_uring's own refusal must not cost a reply: a writev decides. Where it
+         * was /dev/fuse's (EINVAL: the kernel refused the payload and failed the
+         * request), the writev finds the request gone (ENOENT): keep the first. */
+        int32_t again = write_reply(p, i);
+        if (!(res == -EINVAL && again == -ENOENT))
+            res = again;
+    }
     reply_written(p, i, res);
 }
 
@@ -609,7 +617,9 @@ static void send_replies(struct vfsdrv_pump *p)
         return;
     for (uint32_t k = 0; k < batch; k++) {
         uint32_t i = p->out_q[k];
-        vfsdrv_uring_writev(p->uring, p->cfg.fuse_nb_fd, p->outs[i].iov, p->outs[i].niov, i);
+        if (vfsdrv_uring_writev(p->uring, p->cfg.fuse_nb_fd, p->outs[i].iov, p->outs[i].niov,
+                                i) < 0)  /* cannot happen: batch <= room; never drop one */
+            reply_written(p, i, write_reply(p, i));
     }
     int calls = vfsdrv_uring_submit(p->uring, uring_done, p);
     __atomic_fetch_add(&p->stats.syscalls, (uint64_t)calls, __ATOMIC_RELAXED);

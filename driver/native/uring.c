@@ -23,10 +23,11 @@
 
 #include "uring.h"
 
-#ifndef __NR_io_uring_setup  /* the same numbers on every architecture since 5.1 */
+#ifndef __NR_io_uring_setup  /* x86-64 and aarch64 (and most others) since 5.1 */
 #define __NR_io_uring_setup 425
 #define __NR_io_uring_enter 426
 #endif
+#define AGAIN_LIMIT 100        /* EAGAIN/EBUSY retries, 100 us apart, before giving up */
 
 struct vfsdrv_uring {
     int fd;
@@ -61,6 +62,13 @@ struct vfsdrv_uring *vfsdrv_uring_new(uint32_t entries)
     memset(&p, 0, sizeof p);
     u->fd = uring_setup(entries, &p);
     if (u->fd < 0) {
+        free(u);
+        return NULL;
+    }
+    if (!(p.features & IORING_FEAT_RW_CUR_POS)) {
+        /* before 5.6 an offset of -1 is not "the file's position": every write would
+         * fail; a writev each is as good */
+        close(u->fd);
         free(u);
         return NULL;
     }
@@ -172,7 +180,7 @@ static uint32_t reap(struct vfsdrv_uring *u,
 int vfsdrv_uring_submit(struct vfsdrv_uring *u,
                         void (*done)(void *arg, uint64_t user_data, int32_t res), void *arg)
 {
-    uint32_t n = u->queued, submitted = 0, completed = 0;
+    uint32_t n = u->queued, submitted = 0, completed = 0, again = 0;
     int calls = 0;
     if (!n)
         return 0;
@@ -183,17 +191,19 @@ int vfsdrv_uring_submit(struct vfsdrv_uring *u,
     while (submitted < n) {
         calls++;
         int rc = uring_enter(u->fd, n - submitted, n - completed, IORING_ENTER_GETEVENTS);
+        int err = rc < 0 ? errno : 0;  /* done() below may change errno */
         if (rc > 0)
             submitted += (uint32_t)rc;
         completed += reap(u, done, arg);
-        if (rc >= 0 || errno == EINTR)
+        if (rc > 0 || err == EINTR)
             continue;
-        if (errno == EAGAIN || errno == EBUSY) {  /* short of memory for now */
-            struct timespec ts = {0, 100000};
+        if ((err == EAGAIN || err == EBUSY) && ++again <= AGAIN_LIMIT) {
+            struct timespec ts = {0, 100000};  /* short of memory for now */
             nanosleep(&ts, NULL);
             continue;
         }
-        /* refused for good: take back what the kernel has not consumed */
+        /* refused for good (or nothing taken, with no reason given): take back what
+         * the kernel has not consumed */
         u->failed = 1;
         uint32_t head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
         uint32_t tail = *u->sq_tail;
@@ -207,8 +217,9 @@ int vfsdrv_uring_submit(struct vfsdrv_uring *u,
          * their memory is in use until they do, so wait for them */
         calls++;
         int rc = uring_enter(u->fd, 0, n - completed, IORING_ENTER_GETEVENTS);
+        int err = rc < 0 ? errno : 0;
         completed += reap(u, done, arg);
-        if (rc < 0 && errno != EINTR) {
+        if (rc < 0 && err != EINTR) {
             struct timespec ts = {0, 100000};
             nanosleep(&ts, NULL);
         }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mount_helpers import VFSDRV, Mounted, in_threads, serving, stop_server
-from mounting import wait_mounted
+from mounting import kernel_allows_io_uring, wait_mounted
 from vfsdrv.tools.nulldev import NullDevice
 
 
@@ -68,14 +68,6 @@ def test_fewer_large_slots_than_queues_is_said(tmp_path: Path) -> None:
         busy(m.mnt, workers=2, files=5)
         assert status_of(m.mnt)["pumps"] == 1
         assert "1 large slot(s) for 3 request queue(s): 1 pump(s) run" in m.log_text()
-
-
-def kernel_allows_io_uring() -> bool:
-    """Root may use io_uring unless kernel.io_uring_disabled is 2 (no sysctl: allowed)."""
-    try:
-        return Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "2"
-    except FileNotFoundError:
-        return True
 
 
 #: run a command with the given syscalls refused (EPERM) by a seccomp filter, as a
@@ -138,7 +130,7 @@ def test_replies_of_a_round_go_out_together(tmp_path: Path, io_uring: str | None
     batches = sum(q["reply_batches"] for q in queues)
     batched = sum(q["batched_replies"] for q in queues)
     if io_uring == "0" or not kernel_allows_io_uring():
-        # asked not to, or (kernel.io_uring_disabled = 2) refused: a writev each
+        # asked not to, or refused (io_uring_disabled, seccomp): a writev each
         assert not any(q["io_uring"] for q in queues) and batches == batched == 0, queues
     else:
         assert all(q["io_uring"] for q in queues), queues
