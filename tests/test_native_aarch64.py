@@ -1,9 +1,10 @@
 """The native core (driver/native) off the Python path: its C unit tests
 (tests/native/test_core.c: the split and packed rings against an in-memory device,
 bad used entries, 16-bit index wraparound, indirect tables, the FUSE reply rules,
-barriers across threads; and tests/native/test_hiprio_client.c, linked into the
-same program: the hiprio sender, hiprio.c, and the typed client's batched path,
-client.c, on both ring layouts) and the request pump's whole loop (tests/native/
+barriers across threads; and tests/native/test_hiprio_client.c and test_uring.c,
+linked into the same program: the hiprio sender, hiprio.c, the typed client's
+batched path, client.c, on both ring layouts, and the batched replies' io_uring,
+uring.c, under injected faults) and the request pump's whole loop (tests/native/
 pump_bench.c --socket: a socket pair in place of /dev/fuse, which qemu-user cannot
 clone) built and run natively and, with Debian's cross gcc, on aarch64 under
 qemu-user; and the aarch64 objects checked for the outer-shareable barriers that
@@ -23,6 +24,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mounting import kernel_allows_io_uring
 
 NATIVE_TESTS = Path(__file__).resolve().parent / "native"
 DRIVER_NATIVE = Path(__file__).resolve().parents[1] / "driver" / "native"
@@ -111,6 +113,9 @@ def test_unit_tests_pass_natively(tmp_path: Path) -> None:
     proc = subprocess.run([str(tmp_path / "test_core")], capture_output=True, text=True,
                           timeout=120)
     assert_all_passed(proc, f"natively ({platform.machine()})")
+    # uring.c's faults ran on a real ring wherever this process may make one
+    assert ("uring: no io_uring here" in proc.stdout) == (not kernel_allows_io_uring()), \
+        proc.stdout
     for layout in ("split", "packed"):
         pump = subprocess.run([str(tmp_path / "pump_bench"), "--socket", "2000", layout],
                               capture_output=True, text=True, timeout=120)

@@ -48,7 +48,9 @@ static int uring_setup(uint32_t entries, struct io_uring_params *p)
     return (int)syscall(__NR_io_uring_setup, entries, p);
 }
 
-static int uring_enter(int fd, uint32_t to_submit, uint32_t min_complete, uint32_t flags)
+/* Weak: the C unit tests (tests/native/test_uring.c) put faults in front of it. */
+__attribute__((weak)) int vfsdrv_uring_enter(int fd, uint32_t to_submit, uint32_t min_complete,
+                                             uint32_t flags)
 {
     return (int)syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, NULL, 0);
 }
@@ -190,7 +192,7 @@ int vfsdrv_uring_submit(struct vfsdrv_uring *u,
     u->queued = 0;
     while (submitted < n) {
         calls++;
-        int rc = uring_enter(u->fd, n - submitted, n - completed, IORING_ENTER_GETEVENTS);
+        int rc = vfsdrv_uring_enter(u->fd, n - submitted, n - completed, IORING_ENTER_GETEVENTS);
         int err = rc < 0 ? errno : 0;  /* done() below may change errno */
         if (rc > 0)
             submitted += (uint32_t)rc;
@@ -216,7 +218,7 @@ int vfsdrv_uring_submit(struct vfsdrv_uring *u,
         /* consumed writes that have not completed inline (an io-wq worker has them):
          * their memory is in use until they do, so wait for them */
         calls++;
-        int rc = uring_enter(u->fd, 0, n - completed, IORING_ENTER_GETEVENTS);
+        int rc = vfsdrv_uring_enter(u->fd, 0, n - completed, IORING_ENTER_GETEVENTS);
         int err = rc < 0 ? errno : 0;
         completed += reap(u, done, arg);
         if (rc < 0 && err != EINTR) {

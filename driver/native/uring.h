@@ -32,5 +32,7 @@ int vfsdrv_uring_submit(struct vfsdrv_uring *u,
 /* 1 once the kernel refused a submission for a reason that will not pass (the
  * caller then stops using this ring) */
 int vfsdrv_uring_failed(const struct vfsdrv_uring *u);
+/* io_uring_enter(2) itself (a weak symbol: the C unit tests wrap it with faults) */
+int vfsdrv_uring_enter(int fd, uint32_t to_submit, uint32_t min_complete, uint32_t flags);
 
 #endif

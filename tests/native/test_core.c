@@ -820,6 +820,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     {"client_batch", test_client_batch},
     {"client_bad_replies", test_client_bad_replies},
     {"client_add_refusals", test_client_add_refusals},
+    {"uring_faults", test_uring_faults},
 };
 
 int main(int argc, char **argv)

@@ -88,5 +88,7 @@ void test_hiprio_threaded(void);
 void test_client_batch(void);
 void test_client_bad_replies(void);
 void test_client_add_refusals(void);
+/* test_uring.c */
+void test_uring_faults(void);
 
 #endif
