@@ -32,7 +32,7 @@ def test_install_then_uninstall(tmp_path: Path) -> None:
     r = vfsdrv("install", "--root", root, "--no-reload")
     assert r.returncode == 0, r.stderr
     helper = root / "sbin" / "mount.vfsdrv"
-    for rel in ("sbin/mount.vfsdrv", "etc/udev/rules.d/70-vfsdrv.rules",
+    for rel in ("sbin/mount.vfsdrv", "sbin/mount.fuse.vfsdrv", "etc/udev/rules.d/70-vfsdrv.rules",
                 "etc/systemd/system/vfsdrv@.service", "usr/local/share/man/man8/vfsdrv.8",
                 "usr/local/share/man/man8/mount.vfsdrv.8",
                 "usr/share/bash-completion/completions/vfsdrv"):

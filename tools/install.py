@@ -6,6 +6,9 @@
 install writes, under --root (default /):
   sbin/mount.vfsdrv                  so that `mount -t vfsdrv` and fstab lines work
                                      (mount(8) looks for helpers in /sbin)
+  sbin/mount.fuse.vfsdrv             the same helper for the type the mount table
+                                     shows (fuse.vfsdrv): `mount -o remount,ro`, a
+                                     line copied from /proc/mounts
   usr/local/sbin/vfsdrv              when `vfsdrv` is not already on the system PATH
   etc/udev/rules.d/70-vfsdrv.rules   } as `vfsdrv udev install`
   etc/systemd/system/vfsdrv@.service }
@@ -35,6 +38,9 @@ from . import udev
 
 MARKER = "# installed by `vfsdrv install`; removed by `vfsdrv uninstall`"
 HELPER = "sbin/mount.vfsdrv"
+#: mount(8) runs mount.TYPE for the type in the mount table, fuse.vfsdrv, before it
+#: falls back to mount.fuse (which would run `vfsdrv SOURCE DIR -o ...`)
+FUSE_HELPER = "sbin/mount.fuse.vfsdrv"
 COMMAND = "usr/local/sbin/vfsdrv"
 MAN_DIR = "usr/local/share/man/man8"
 COMPLETION_DIR = "usr/share/bash-completion/completions"
@@ -78,7 +84,8 @@ def targets(root: str = "/") -> list[udev.Target]:
     from . import manpages
 
     base = Path(root)
-    out = [udev.Target(base / HELPER, wrapper(entry_point("mount.vfsdrv")), 0o755, _ours)]
+    helper = wrapper(entry_point("mount.vfsdrv"))
+    out = [udev.Target(base / name, helper, 0o755, _ours) for name in (HELPER, FUSE_HELPER)]
     vfsdrv = entry_point("vfsdrv")
     if str(Path(vfsdrv).parent) not in SYSTEM_BIN:
         out.append(udev.Target(base / COMMAND, wrapper(vfsdrv), 0o755, _ours))
@@ -107,7 +114,7 @@ def uninstall(root: str = "/", reload: bool = True,
 
     base = Path(root)
     removed = []
-    mine = [(base / HELPER, _ours), (base / COMMAND, _ours)]
+    mine = [(base / HELPER, _ours), (base / FUSE_HELPER, _ours), (base / COMMAND, _ours)]
     mine += [(base / MAN_DIR / name, _generated) for name in manpages.man_pages()]
     mine += [(base / COMPLETION_DIR / name, _generated) for name in manpages.completions()]
     for path, ours in mine:
@@ -136,7 +143,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
+def _check_root(root: str) -> str:
+    """--root as given, but "//" or "/." is / (and needs what / needs); "" would be
+    the working directory: refused."""
+    if not root:
+        raise VfsdrvError("--root needs a directory (/ for the system itself)")
+    return "/" if os.path.realpath(root) == "/" else root
+
+
 def run_install(args: argparse.Namespace) -> int:
+    args.root = _check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("installing into / needs root")
     for path in install(args.root, reload=not args.no_reload):
@@ -147,6 +163,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
+    args.root = _check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("uninstalling from / needs root")
     kept: list[Path] = []

@@ -47,6 +47,7 @@ from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
     DEV_FUSE,
+    FLAG_OPTIONS,
     FS_SUBTYPE,
     MountError,
     MountOptions,
@@ -54,6 +55,7 @@ from ..frontends.fuse_dev import (
     mount_entry,
     mount_present,
     mount_table,
+    remount,
     require_root,
     umount,
 )
@@ -108,6 +110,9 @@ class MountRequest:
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
     fake: bool = False  # mount.vfsdrv -f: check the command line, mount nothing
     namespace: str | None = None  # mount.vfsdrv -N: the mount namespace to mount in
+    remount: bool = False  # mount -o remount: new mount flags for a mount that is there
+    remount_flags: int = 0
+    nofail: bool = False  # fstab's nofail: a device that is not there is no error
 
     def spec(self) -> str:
         """The mount's source: what mount(8) finds in fstab for this mount."""
@@ -321,6 +326,8 @@ def check_request(req: MountRequest) -> None:
     if req.vhost_user is not None and req.force_4k_noiommu:
         raise MountError("--force-4k-noiommu is for a PCI function in no-IOMMU mode; a "
                          "vhost-user backend shares memory, it does not DMA: leave it out")
+    if req.device is not None and not BDF_RE.match(req.device):
+        raise MountError(f"{req.device!r} is not a PCI address (like 0000:00:04.0)")
 
 
 def precheck(req: MountRequest) -> None:
@@ -336,7 +343,7 @@ def precheck(req: MountRequest) -> None:
         try:
             st = os.stat(req.vhost_user)
         except FileNotFoundError:
-            raise MountError(
+            raise DeviceNotFoundError(
                 f"vhost-user socket {req.vhost_user} does not exist (is the backend running?)"
             ) from None
         if not stat.S_ISSOCK(st.st_mode):
@@ -347,8 +354,6 @@ def precheck(req: MountRequest) -> None:
         raise MountError("--threads must be at least 1")
     if req.small_slots < 1 or req.large_slots < 1:
         raise MountError("--small-slots and --large-slots must be at least 1")
-    if req.device is not None and not BDF_RE.match(req.device):
-        raise MountError(f"{req.device!r} is not a PCI address (like 0000:00:04.0)")
 
 
 def _take_fsname(req: MountRequest) -> None:
@@ -862,6 +867,16 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     req = MountRequest(mountpoint=mountpoint)
     req.fake = fake
     req.namespace = namespace
+    keys = {o.partition("=")[0] for group in opts for o in group.split(",")}
+    req.nofail = "nofail" in keys
+    if "remount" in keys:
+        # mount(8) passes the mount's present options with the new ones (FUSE's
+        # user_id=, rootmode=, ... among them): only the mount flags can change
+        req.remount = True
+        req.remount_flags = MountOptions.parse(
+            [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]).flags
+        req.source = spec
+        return req
     rest: list[str] = []
 
     def value_of(key: str, value: str, parse: Callable[[str], T]) -> T:
@@ -933,6 +948,10 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     return req
 
 
+class DeviceNotFoundError(MountError):
+    """The device the mount names is not there (no such socket): fstab's nofail."""
+
+
 class HelperUsageError(MountError):
     """A bad mount.vfsdrv command line: mount(8)'s status 1, not 32 (mount failure)."""
 
@@ -962,12 +981,40 @@ def _enter_mount_namespace(ns: str, *, check_only: bool = False) -> None:
         os.close(fd)
 
 
+def _not_there(exc: BaseException) -> bool:
+    """The named device does not exist: no socket, no PCI function with that tag or
+    address (what fstab's nofail forgives)."""
+    if isinstance(exc, DeviceNotFoundError):
+        return True
+    try:
+        from ..pci.errors import BadAddressError
+    except ImportError:
+        return False
+    return isinstance(exc, BadAddressError)
+
+
+def _remount(req: MountRequest) -> int:
+    """mount -o remount,...: the kernel changes the flags of the mount that is there
+    (its server goes on serving)."""
+    if req.namespace is not None:
+        _enter_mount_namespace(req.namespace, check_only=req.fake)
+    mp, fstype = find_mount(req.mountpoint)
+    if fstype != f"fuse.{FS_SUBTYPE}":
+        raise HelperUsageError(f"{req.mountpoint} is a {fstype} mount, not a vfsdrv one")
+    if not req.fake:
+        remount(mp, req.remount_flags)
+    return 0
+
+
 def mount_helper_main(argv: list[str] | None = None) -> int:
     """mount(8)'s exit statuses: 1 for a bad command line, 32 for a failed mount."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
+    req: MountRequest | None = None
     try:
         req = parse_helper_args(argv)
+        if req.remount:
+            return _remount(req)
         try:
             check_request(req)
         except HelperUsageError:
@@ -984,6 +1031,10 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         return 1
     except (VfsdrvError, OSError, ValueError) as exc:
         print(f"mount.vfsdrv: {exc}", file=sys.stderr)
+        if req is not None and req.nofail and _not_there(exc):
+            # as libmount's own nofail: a device that is not there is not an error
+            print("mount.vfsdrv: nofail: not mounted, no error", file=sys.stderr)
+            return 0
         return 32
     except KeyboardInterrupt:  # nothing is left mounted or running (mount() saw to it)
         print("mount.vfsdrv: interrupted", file=sys.stderr)

@@ -29,6 +29,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
 MS_DIRSYNC = 128
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
@@ -335,6 +336,14 @@ def mount_fuse(fuse_fd: int, mountpoint: str, source: str, options: MountOptions
         elif err == errno.EBUSY:
             hint = " (something is already mounted there)"
         raise MountError(f"mount of {mountpoint} failed: {os.strerror(err)}{hint}")
+
+
+def remount(mountpoint: str, flags: int) -> None:
+    """mount(2) with MS_REMOUNT: the mount flags (ro/rw, nosuid, noatime, ...) of a
+    mount that is there; FUSE takes no other option on a remount."""
+    if _lib().mount(b"", mountpoint.encode(), None, MS_REMOUNT | flags, None) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"remount of {mountpoint} failed: {os.strerror(err)}")
 
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from backends import virtiofsd
+from backends import refdev, virtiofsd
 from mount_helpers import VFSDRV, serving
 from mounting import force_unmount, is_mounted
 
@@ -461,6 +461,54 @@ def test_mount_a_twice_from_fstab(tmp_path: Path) -> None:
             assert r.stdout.startswith(f"vhost-user:{sock} {mnt} fuse.vfsdrv "), r.stdout
             assert r.stdout.rstrip().endswith("hello")
             assert proc.wait(15) == 0
+        finally:
+            force_unmount(mnt)
+
+
+def test_remount_and_nofail_through_mount8(tmp_path: Path) -> None:
+    """After `vfsdrv install` (in a private mount namespace, as above): the mount table
+    says fuse.vfsdrv, so `mount -o remount,rw|ro` and a `-t fuse.vfsdrv` line reach
+    mount.fuse.vfsdrv, which changes the mount's flags while its server serves on;
+    an fstab line with nofail whose socket is not there is no error for `mount -a`."""
+    root = tmp_path / "root"
+    r = vfsdrv("install", "--root", root, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    export, mnt, sock = tmp_path / "export", tmp_path / "mnt", tmp_path / "vfsd.sock"
+    export.mkdir()
+    mnt.mkdir()
+    (tmp_path / "mnt2").mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"vhost-user:{tmp_path}/missing.sock {tmp_path}/mnt2 vfsdrv "
+                     "nofail 0 0\n")
+    with refdev(export, sock):  # (it serves one mount after another)
+        script = f"""
+            set -e
+            mount --make-rprivate /
+            mount --bind {root / 'sbin'} /usr/sbin
+            mount -t vfsdrv {sock} {mnt} -o ro
+            ! touch {mnt}/a 2>/dev/null
+            mount -o remount,rw {mnt}
+            echo written > {mnt}/a
+            mount -o remount,ro {mnt}
+            ! touch {mnt}/b 2>/dev/null
+            grep " {mnt} " /proc/self/mounts
+            cat {mnt}/a
+            umount {mnt}
+            mount -t fuse.vfsdrv {sock} {mnt}
+            cat {mnt}/a
+            umount {mnt}
+            mount -a -T {fstab}
+            echo "nofail: $?"
+        """
+        try:
+            r = subprocess.run(["unshare", "--mount", "bash", "-c", script],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+            lines = r.stdout.splitlines()
+            assert lines[0].startswith(f"{sock} {mnt} fuse.vfsdrv ro,"), r.stdout
+            assert lines[1:] == ["written", "written", "nofail: 0"], r.stdout + r.stderr
+            assert (export / "a").read_text() == "written\n" and not (export / "b").exists()
+            assert "missing.sock does not exist" in r.stderr, r.stderr
         finally:
             force_unmount(mnt)
 
