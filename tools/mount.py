@@ -637,6 +637,7 @@ def mount(req: MountRequest) -> int:
             os.dup2(fd, 2)
             os.close(fd)
             _log_info()
+            _stamp_lines()
         serve(req)
         return 0
     return _daemonize(req)
@@ -746,6 +747,7 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
     if log_fd is not None:
         os.dup2(log_fd, 2)  # --log FILE: every message, from the bring-up on (the parent
         # still prints a failure, from the pipe)
+        _stamp_lines()
     readied = False
 
     def ready() -> None:
@@ -786,6 +788,17 @@ def _parent_death_signal(sig: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(1, ctypes.c_ulong(sig), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _stamp_lines() -> None:
+    """--log FILE: each line with its time and the server's pid, as in mount.log, so
+    that runs appended to one file can be told apart."""
+    fmt = logging.Formatter(f"%(asctime)s vfsdrv[{os.getpid()}]: %(levelname)s: %(name)s: "
+                            "%(message)s")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and \
+                not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(fmt)
 
 
 def _log_to_syslog() -> None:

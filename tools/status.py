@@ -263,7 +263,7 @@ def format_mount(m: dict[str, Any]) -> str:
     if m.get("features"):
         lines.append(f"  features: {', '.join(m['features'])}")
     for q in m.get("queues", []):
-        figures = ", ".join(f"{k} {v}" for k, v in q.items() if k != "name")
+        figures = ", ".join(f"{k} {_word(v)}" for k, v in q.items() if k != "name")
         lines.append(f"  queue {q.get('name', '?')}: {figures}")
     labels = {"notifications": "notifications forwarded to the kernel"}
     for key in ("served", "in_flight", "errors", "notifications", "lock_waiters"):
@@ -274,6 +274,13 @@ def format_mount(m: dict[str, Any]) -> str:
     if "uptime" in m:
         lines.append(f"  uptime: {m['uptime']:.0f} s")
     return "\n".join(lines)
+
+
+def _word(value: object) -> str:
+    """A figure as a person reads it (yes/no, not Python's True/False)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
