@@ -91,6 +91,17 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     assert complete("udev", "ins") == ["install"]
     assert "--json" in complete("status", "--")
     assert "--source" in complete("refdev", "--s")
+    (tmp_path / "mnt").mkdir()
+    # a command's own arguments and an option's free value are files (mount points,
+    # sockets, logs), an option's choices are that command's own
+    assert complete("umount", "mn") == ["mnt"]
+    assert complete("mount", "--log", "mn") == ["mnt"]
+    backends = complete("demo", "--backend", "''")
+    assert "virtiofsd" in backends and "null" not in backends  # null: bench's only
+    # a value that happens to be a command's name is a value
+    assert complete("mount", "--tag", "install", "--fr") == ["--frontend"]
+    # -o: comma separated mount options, the last one completed
+    assert complete("mount", "-o", "ro,nosu") == ["ro,nosuid"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

@@ -98,8 +98,15 @@ def man_pages() -> dict[str, str]:
     return {"vfsdrv.8": "\n".join(head) + "\n", "mount.vfsdrv.8": "\n".join(helper) + "\n"}
 
 
-def _words(p: argparse.ArgumentParser) -> list[str]:
-    return sorted({o for a in p._actions for o in a.option_strings} | set(_subparsers(p)))
+#: what `-o` takes (vfsdrv mount -o, mount.vfsdrv -o): mount(8)'s and fstab's own
+#: words, the flags, and vfsdrv's options
+MOUNT_OPTION_WORDS = (
+    "defaults ro rw nosuid suid nodev dev noexec exec sync async noatime atime "
+    "relatime strictatime lazytime nodiratime allow_other noallow_other "
+    "default_permissions nodefault_permissions _netdev nofail noauto auto user nouser "
+    "remount x-systemd. tag= request_queues= threads= frontend= debug poll timeout= ring= "
+    "iommu= log= fsname= force_4k_noiommu max_read= poll_us= io_uring= request_timeout= "
+    "max_background= congestion_threshold= max_readahead=")
 
 
 def completions() -> dict[str, str]:
@@ -108,49 +115,68 @@ def completions() -> dict[str, str]:
 
     parser = build_parser()
     cases = []
+    value_cases = []  # "PATH:OPTION") what that option of that command takes
+    takes_value: set[str] = set()
 
     def walk(prefix: str, p: argparse.ArgumentParser) -> None:
-        cases.append(f"        {shlex.quote(prefix)}) words={shlex.quote(' '.join(_words(p)))};;")
-        for name, child in _subparsers(p).items():
+        subs = _subparsers(p)
+        options = sorted({o for a in p._actions for o in a.option_strings})
+        cases.append(f"        {shlex.quote(prefix)}) options={shlex.quote(' '.join(options))}; "
+                     f"commands={shlex.quote(' '.join(sorted(subs)))};;")
+        for a in p._actions:
+            if not a.option_strings or a.nargs == 0 or \
+                    isinstance(a, argparse._SubParsersAction):
+                continue
+            for o in a.option_strings:
+                takes_value.add(o)
+                if o == "-o":
+                    reply = "_vfsdrv_options"
+                elif a.choices:
+                    words = shlex.quote(" ".join(sorted(map(str, a.choices))))
+                    reply = f'COMPREPLY=($(compgen -W {words} -- "$cur"))'
+                else:  # a path, a number, a name: files are the likeliest
+                    reply = 'COMPREPLY=($(compgen -f -- "$cur"))'
+                value_cases.append(f"        {shlex.quote(prefix + ':' + o)}) {reply}; return 0;;")
+        for name, child in subs.items():
             walk(f"{prefix} {name}".strip(), child)
 
     walk("", parser)
-    # an option's own values (argparse choices), wherever it appears
-    values: dict[str, set[str]] = {}
-
-    def gather(p: argparse.ArgumentParser) -> None:
-        for a in p._actions:
-            if a.option_strings and a.choices and not isinstance(a, argparse._SubParsersAction):
-                for o in a.option_strings:
-                    values.setdefault(o, set()).update(map(str, a.choices))
-        for child in _subparsers(p).values():
-            gather(child)
-
-    gather(parser)
-    value_cases = "\n".join(
-        f"        {shlex.quote(o)}) COMPREPLY=($(compgen -W "
-        f"{shlex.quote(' '.join(sorted(v)))} -- \"$cur\")); return 0;;"
-        for o, v in sorted(values.items()))
-    subs = {name: set(_subparsers(child)) for name, child in _subparsers(parser).items()}
-    names = " ".join(sorted(subs))
-    nested = " ".join(sorted({n for s in subs.values() for n in s}))
+    value_taking = " ".join(sorted(takes_value))
     script = f"""# bash completion for vfsdrv ({GENERATED})
+_vfsdrv_options() {{
+    # comma separated: complete the last one
+    local last=${{cur##*,}} head=""
+    [ "$last" != "$cur" ] && head=${{cur%,*}},
+    COMPREPLY=($(compgen -P "$head" -W {shlex.quote(MOUNT_OPTION_WORDS)} -- "$last"))
+    compopt -o nospace 2>/dev/null
+}}
 _vfsdrv() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w words
-    case "$prev" in
-{value_cases}
-    esac
+    local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w
+    local options commands skip=0
+    # the command path: words that name a subcommand, not an option's value
     for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
-        case " {names} " in *" $w "*) [ -z "$path" ] && path=$w && continue;; esac
-        case " {nested} " in *" $w "*) [ -n "$path" ] && [ "${{path#* }}" = "$path" ] \\
-            && path="$path $w";; esac
+        if [ $skip = 1 ]; then skip=0; continue; fi
+        case " {value_taking} " in *" $w "*) skip=1; continue;; esac
+        case "$w" in -*) continue;; esac
+        case "$path" in
+{chr(10).join(cases)}
+        esac
+        case " $commands " in *" $w "*) path="${{path:+$path }}$w";; esac
     done
+    case "$path:$prev" in
+{chr(10).join(value_cases)}
+    esac
     case "$path" in
 {chr(10).join(cases)}
-        *) words="";;
+        *) options=""; commands="";;
     esac
-    COMPREPLY=($(compgen -W "$words" -- "$cur"))
-    [ ${{#COMPREPLY[@]}} -eq 0 ] && COMPREPLY=($(compgen -f -- "$cur"))
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$options" -- "$cur"))
+    elif [ -n "$commands" ]; then
+        COMPREPLY=($(compgen -W "$commands" -- "$cur"))
+    else  # the command's own arguments: mount points, sockets, files
+        COMPREPLY=($(compgen -f -- "$cur"))
+    fi
     return 0
 }}
 complete -o filenames -F _vfsdrv vfsdrv
@@ -159,14 +185,14 @@ complete -o filenames -F _vfsdrv vfsdrv
 _mount_vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
-        COMPREPLY=($(compgen -W "tag= request_queues= threads= frontend= debug poll timeout= \\
-ring= iommu= log= fsname= force_4k_noiommu poll_us= io_uring= request_timeout= max_background= \\
-congestion_threshold= max_readahead= ro rw nosuid noexec nodev _netdev nofail noauto" \\
--- "$cur"))
+        local last=${{cur##*,}} head=""
+        [ "$last" != "$cur" ] && head=${{cur%,*}},
+        COMPREPLY=($(compgen -P "$head" -W {shlex.quote(MOUNT_OPTION_WORDS)} -- "$last"))
+        compopt -o nospace 2>/dev/null
     else
         COMPREPLY=($(compgen -f -- "$cur"))
     fi
 }}
-complete -o filenames -F _mount_vfsdrv mount.vfsdrv
+complete -o filenames -F _mount_vfsdrv mount.vfsdrv mount.fuse.vfsdrv
 """
     return {"vfsdrv": script, "mount.vfsdrv": helper}
