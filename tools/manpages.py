@@ -68,7 +68,7 @@ def _command_section(title: str, p: argparse.ArgumentParser, helptext: str) -> l
 def man_pages() -> dict[str, str]:
     """file name -> roff text: vfsdrv.8 and mount.vfsdrv.8."""
     from .cli import build_parser, version
-    from .mount import __doc__ as mount_doc
+    from .mount import HELPER_DOC
 
     parser = build_parser()
     head = [f'.\\" {GENERATED}',
@@ -79,7 +79,13 @@ def man_pages() -> dict[str, str]:
             ".SH OPTIONS", *_options(parser), ".SH COMMANDS"]
     for name, child in _subparsers(parser).items():
         head += _command_section(name, child, _help_of(parser, name))
-    head += [".SH FILES", "/etc/vfsdrv.conf, /etc/fstab, /run/vfsdrv",
+    head += [".SH FILES", "/etc/vfsdrv.conf, /etc/fstab; /run/vfsdrv: the claims of bound "
+             "PCI functions, mounts/PID.sock (each server's status socket), mount.log "
+             "(a background server's messages when there is no syslog)",
+             ".SH ENVIRONMENT", "VFSDRV_CONF: another /etc/vfsdrv.conf; VFSDRV_STATE_DIR: "
+             "another /run/vfsdrv",
+             ".SH EXIT STATUS", "0 success, 1 failure (what failed is on stderr; a command's "
+             "own help says where it differs, as check does), 2 a bad command line",
              ".SH SEE ALSO", "\\fBmount.vfsdrv\\fR(8), \\fBmount\\fR(8), \\fBfstab\\fR(5)"]
     helper = [f'.\\" {GENERATED}',
               f'.TH MOUNT.VFSDRV 8 "" "vfsdrv {version()}" "System Administration"',
@@ -91,7 +97,7 @@ def man_pages() -> dict[str, str]:
               "\\fBmount.vfsdrv\\fR \\fISPEC\\fR \\fIDIR\\fR [\\fB\\-sfnv\\fR] "
               "[\\fB\\-N\\fR \\fINAMESPACE\\fR] [\\fB\\-o\\fR \\fIOPTIONS\\fR] "
               "[\\fB\\-t\\fR \\fITYPE\\fR]",
-              ".SH DESCRIPTION", ".nf", _roff(mount_doc or ""), ".fi",
+              ".SH DESCRIPTION", ".nf", _roff(HELPER_DOC.split("\n", 2)[2]), ".fi",
               ".SH EXAMPLE", "/etc/fstab:", ".PP",
               "vhost\\-user:/run/x.sock /mnt/x vfsdrv _netdev,nofail 0 0",
               ".SH SEE ALSO", "\\fBvfsdrv\\fR(8), \\fBmount\\fR(8), \\fBfstab\\fR(5)"]

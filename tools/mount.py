@@ -836,6 +836,37 @@ HELPER_IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "use
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "
                 "[-t TYPE]")
+HELPER_DOC = f"""{HELPER_USAGE}
+
+The helper mount(8) runs for `mount -t vfsdrv`, for fstab lines of type vfsdrv, and
+(installed as mount.fuse.vfsdrv too) for the type the mount table shows, fuse.vfsdrv:
+`mount -o remount,...` and lines copied from /proc/mounts.
+
+SPEC: a vhost-user socket path, vhost-user:PATH, pci:BDF, a PCI address, or a tag
+(the PCI function whose virtio-fs tag it is). It is recorded as the mount's source.
+
+-o OPTIONS, comma separated:
+  mount flags: ro, rw, nosuid, nodev, noexec, sync, noatime, relatime, ... ;
+  remount: change the flags of the mount that is there (its server serves on;
+    FUSE takes no other option on a remount);
+  fstab and systemd words, accepted and left to them: defaults, auto, noauto, user,
+    nouser, users, owner, group, _netdev, comment=, x-*; nofail: a device that is
+    not there (no such socket, no PCI function with that tag or address) is
+    reported and the mount succeeds (status 0), as for a missing block device;
+  vfsdrv's own, as `vfsdrv mount`'s options of those names: tag=, request_queues=,
+    threads=, frontend=, timeout=, ring=, iommu=, log=FILE, fsname=, poll,
+    force_4k_noiommu, debug;
+  the FUSE and relay options of `vfsdrv mount -o`: allow_other, default_permissions,
+    max_read=, max_background=, congestion_threshold=, max_readahead=, poll_us=,
+    io_uring=, request_timeout=.
+-f  check the line, mount nothing;  -s  drop unknown options with a warning;
+-N NAMESPACE  mount in that mount namespace (a pid or a path);  -n, -v, -t: nothing
+to do (mount(8) passes them).
+
+The server runs in the background once the file system is usable; its messages go
+to log=FILE, else to syslog (the journal), else to /run/vfsdrv/mount.log.
+Exit status: 0 mounted (or -f: the line is good), 1 a bad command line, 32 a failed
+mount, as mount(8) expects."""
 
 
 def parse_helper_args(argv: list[str]) -> MountRequest:
@@ -1024,6 +1055,14 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
     req: MountRequest | None = None
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELPER_DOC)
+        return 0
+    if "--version" in argv:
+        from .cli import version
+
+        print(f"mount.vfsdrv {version()}")
+        return 0
     try:
         req = parse_helper_args(argv)
         if req.remount:
