@@ -167,8 +167,11 @@ def run_uninstall(args: argparse.Namespace) -> int:
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("uninstalling from / needs root")
     kept: list[Path] = []
-    for path in uninstall(args.root, reload=not args.no_reload, kept=kept):
+    removed = uninstall(args.root, reload=not args.no_reload, kept=kept)
+    for path in removed:
         print(f"removed {path}")
+    if not removed and not kept:
+        print(f"nothing of vfsdrv's is installed under {args.root}")
     for path in kept:
         print(f"vfsdrv: kept {path}: not written by `vfsdrv install`, or changed since "
               "(remove it yourself if it is not needed)", file=sys.stderr)
