@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import VfsdrvError
+from ..errors import DeviceNeedsResetError, RingError, TransportError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import InitFlag, Opcode
 from ..fs.client import OFFSET_MAX, ROOT_ID, FuseClient, Lock
@@ -49,9 +49,14 @@ STORM_WINDOW = 12  # of them in flight at most
 LOCK_WAITERS = 12  # more than the 8 notification buffers check posts
 
 
+#: what ends the session, not one request: a broken ring, the device gone or asking
+#: for a reset (the check that meets it fails; runner.py skips the rest)
+SESSION_BROKEN = (RingError, TransportError, DeviceNeedsResetError)
+
+
 def _errname(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
+        return errno.errorcode.get(exc.errno, f"errno {exc.errno} (not a Linux errno)")
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -98,6 +103,12 @@ class Scratch:
                 c.rmdir(nodeid, e.name)
 
 
+#: opcodes the check sends on what it just made (its scratch directory, a file in it):
+#: a file system answers them, an errno is a failure (D86: READ and WRITE)
+MUST_SUCCEED = frozenset({"LOOKUP", "GETATTR", "WRITE", "READ", "OPENDIR", "READDIR",
+                          "STATFS"})
+
+
 def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
               granted: int) -> tuple[bool, Any]:
     """Run one opcode; record fuse.opcodes[name]. Returns (answered without error, result)."""
@@ -107,6 +118,8 @@ def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
     bad = fs.stats.get("bad_reply", 0)
     try:
         result = fn()
+    except SESSION_BROKEN:
+        raise
     except TimeoutError as exc:
         report.add("fuse.opcodes", FAIL, f"no reply: {exc}", instance=name)
         return False, None
@@ -122,6 +135,9 @@ def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
             else:
                 report.add("fuse.opcodes", PASS, "ENOSYS (optional, not implemented)",
                            instance=name)
+        elif name in MUST_SUCCEED:
+            report.add("fuse.opcodes", FAIL, f"answered {_errname(exc)}, on what the check "
+                       "had just made: a file system serves it", instance=name)
         else:
             report.add("fuse.opcodes", PASS, f"answered {_errname(exc)}", instance=name)
         return False, None
@@ -130,6 +146,17 @@ def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
                                                    if claim and claimed else ""),
                instance=name)
     return True, result
+
+
+def _quietly(fn: Callable[[], Any]) -> Any:
+    """A request that only prepares or tidies up (its own opcode is checked elsewhere):
+    its result, or None when the device refused it."""
+    try:
+        return fn()
+    except SESSION_BROKEN:
+        raise
+    except (OSError, VfsdrvError, TimeoutError):
+        return None
 
 
 def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
@@ -179,7 +206,7 @@ def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
         e2, h2 = copy
         run("COPY_FILE_RANGE", lambda: c.copy_file_range(e.nodeid, h.fh, 0, e2.nodeid, h2.fh,
                                                          0, 4096))
-        c.release(e2.nodeid, h2.fh)
+        _quietly(lambda: c.release(e2.nodeid, h2.fh))
     whole = Lock(0, OFFSET_MAX, fcntl.F_WRLCK, os.getpid())
     run("GETLK", lambda: c.getlk(e.nodeid, h.fh, 1, whole))
     run("SETLK", lambda: c.setlk(e.nodeid, h.fh, 1, Lock(0, 9, fcntl.F_RDLCK, os.getpid())))
@@ -199,8 +226,9 @@ def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
     run("REMOVEXATTR", lambda: c.removexattr(e.nodeid, "user.vfsdrv-check"))
     if run("SYMLINK", lambda: c.symlink(s, "link", "file")) is not None:
         scratch.names.append("link")
-        link = c.lookup(s, "link")
-        run("READLINK", lambda: c.readlink(link.nodeid))
+        link = _quietly(lambda: c.lookup(s, "link"))
+        if link is not None:
+            run("READLINK", lambda: c.readlink(link.nodeid))
     if created is not None and run("MKNOD", lambda: c.mknod(s, "fifo", stat.S_IFIFO | 0o644)):
         scratch.names.append("fifo")
     if run("LINK", lambda: c.link(e.nodeid, s, "hard")) is not None:
@@ -223,14 +251,18 @@ def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
     try:
         c.mkdir(s, "gone", 0o755)
         run("RMDIR", lambda: c.rmdir(s, "gone"))
-    except OSError as exc:
+    except (OSError, VfsdrvError, TimeoutError) as exc:
         report.add("fuse.opcodes", SKIP, f"MKDIR of a second directory: {_errname(exc)}",
                    instance="RMDIR")
-    try:
-        c.mknod(s, "unlinkme", stat.S_IFREG | 0o644)
-    except OSError:
-        ent, opn = c.create(s, "unlinkme", 0o644)
-        c.release(ent.nodeid, opn.fh)
+    made_it = _quietly(lambda: c.mknod(s, "unlinkme", stat.S_IFREG | 0o644))
+    if made_it is None:
+        made = _quietly(lambda: c.create(s, "unlinkme", 0o644))
+        if made is not None:
+            _quietly(lambda: c.release(made[0].nodeid, made[1].fh))
+        else:
+            report.add("fuse.opcodes", SKIP, "neither MKNOD nor CREATE made a file to "
+                       "unlink", instance="UNLINK")
+            return
     if not ok("UNLINK", lambda: c.unlink(s, "unlinkme")):
         scratch.names.append("unlinkme")
 
@@ -238,7 +270,7 @@ def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
 def error_checks(fs: _ProbeFs, report: Report, scratch: Scratch | None) -> None:
     """The errno of each error path, and an error reply with no payload (the driver
     turns a payload on an error into EIO and counts it as a bad reply)."""
-    c = FuseClient(fs)
+    c = fs.client()
     parent = scratch.nodeid if scratch else ROOT_ID
     cases: list[tuple[str, Callable[[], Any] | None, str]] = [
         ("ENOENT", lambda: c.lookup(parent, "no-such-entry-vfsdrv"), "LOOKUP of a missing name"),
@@ -319,7 +351,7 @@ def inflight_checks(fs: _ProbeFs, report: Report, timeout: float) -> None:
 def storm_check(fs: _ProbeFs, report: Report, timeout: float, scratch: Scratch | None) -> None:
     """LOOKUP one entry STORM times, then, with GETATTRs in flight on every request queue,
     FORGET it STORM - 8 times and BATCH_FORGET the rest (8 entries of nlookup 1)."""
-    c = FuseClient(fs)
+    c = fs.client()
     assert fs.hiprio is not None
     body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
     try:
@@ -392,7 +424,7 @@ def notify_load_check(fs: _ProbeFs, report: Report, timeout: float,
     if scratch is None:
         report.add("notify.load", SKIP, "--read-only: needs a file in a scratch directory")
         return
-    c = FuseClient(fs)
+    c = fs.client()
     pid = os.getpid()
     whole = (0, OFFSET_MAX)
     try:

@@ -70,6 +70,19 @@ class _ProbeFs(VirtioFs):
 
     target: _QueueState | None = None
     regular_files: list[bytes] = []  # noqa: RUF012 - set per instance by the FORGET check
+    #: how long each FUSE request may take (check --timeout), for every client
+    request_timeout: float = 60.0
+
+    def acquire(self, large: bool = False, timeout: float | None = 30.0):
+        # a device that keeps every request buffer costs --timeout, not 30 s, per wait
+        limit = self.request_timeout
+        return super().acquire(large, limit if timeout is None else min(timeout, limit))
+
+    def client(self) -> FuseClient:
+        """A FuseClient whose requests wait --timeout, not the library's 60 s."""
+        c = FuseClient(self)
+        c.timeout = self.request_timeout
+        return c
 
     def _pick_request_queue(self) -> _QueueState:
         if self.target is not None:
@@ -428,6 +441,7 @@ def _new_fs(t: Transport, opt: CheckOptions, use_notify: bool) -> _ProbeFs:
     fs = _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=32,
                   large_slots=2, max_io=64 << 10, notify_buffers=8)
     fs.dev.ring = opt.ring
+    fs.request_timeout = opt.timeout
     return fs
 
 
@@ -553,7 +567,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
     with interrupt.deferred():  # Ctrl-C from here on: between requests, then clean up
         scratch = None
         if not opt.read_only:
-            scratch = fuse_checks.Scratch(FuseClient(fs))
+            scratch = fuse_checks.Scratch(fs.client())
             try:
                 scratch.create()
             except (VfsdrvError, OSError, TimeoutError) as exc:
@@ -561,19 +575,33 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                            instance="MKDIR")
                 scratch = None
         try:
-            if scratch is not None:
-                fuse_checks.opcode_checks(fs, report, scratch)
-            else:
+            if scratch is None:
                 report.add("fuse.opcodes", SKIP, "--read-only (or no scratch directory): the "
                            "opcodes that write were not sent")
-            for step in (lambda: fuse_checks.error_checks(fs, report, scratch),
-                         lambda: fuse_checks.storm_check(fs, report, opt.timeout, scratch),
-                         lambda: _notify_check(fs, report, use_notify),
-                         lambda: _lock_check(fs, report, opt, use_notify),
-                         lambda: fuse_checks.notify_load_check(fs, report, opt.timeout,
-                                                               scratch)):
+            steps = [("fuse.opcodes", lambda: fuse_checks.opcode_checks(fs, report, scratch)
+                      if scratch is not None else None),
+                     ("fuse.errors", lambda: fuse_checks.error_checks(fs, report, scratch)),
+                     ("hiprio.storm",
+                      lambda: fuse_checks.storm_check(fs, report, opt.timeout, scratch)),
+                     ("notify.queue", lambda: _notify_check(fs, report, use_notify)),
+                     ("notify.lock", lambda: _lock_check(fs, report, opt, use_notify)),
+                     ("notify.load", lambda: fuse_checks.notify_load_check(
+                         fs, report, opt.timeout, scratch))]
+            broken: str | None = None
+            for cid, step in steps:
                 interrupt.checkpoint()
-                step()
+                if broken is not None:
+                    report.add(cid, SKIP, f"not reached: the session broke during {broken}")
+                    continue
+                try:
+                    step()
+                except (VfsdrvError, OSError, TimeoutError) as exc:
+                    # what a check did not expect: that check fails, the report stays; a
+                    # broken ring or a device gone ends the session's other checks
+                    report.add(cid, FAIL, f"{type(exc).__name__}: {exc}",
+                               instance="(the check stopped here)")
+                    if isinstance(exc, fuse_checks.SESSION_BROKEN):
+                        broken = cid
         finally:
             if scratch is not None:
                 scratch.remove()
@@ -584,9 +612,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
 def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
     """LOOKUP an entry of the root (found by READDIR) and FORGET it on hiprio; with an empty
     root, FORGET the root with nlookup 0 (a no-op for the device's lookup counts)."""
-    from ..fs.client import FuseClient
-
-    client = FuseClient(fs)
+    client = fs.client()
     nodeid, nlookup, what = 1, 0, "root, nlookup 0 (empty export)"
     try:
         entries = [e for e in client.readdir_all(1) if e.name not in (b".", b"..")]
@@ -651,7 +677,7 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
     import fcntl
     import os
 
-    from ..fs.client import OFFSET_MAX, FuseClient, Lock
+    from ..fs.client import OFFSET_MAX, Lock
 
     if not use_notify:
         report.add("notify.lock", SKIP, "VIRTIO_FS_F_NOTIFICATION not negotiated")
@@ -662,7 +688,7 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
     if not fs.regular_files:
         report.add("notify.lock", SKIP, "no regular file in the export's root to lock")
         return
-    client = FuseClient(fs)
+    client = fs.client()
     name = fs.regular_files[0]
     owner_a, owner_b, pid = 0x7F5C_0000_0001, 0x7F5C_0000_0002, os.getpid()
     whole = (0, OFFSET_MAX)
