@@ -861,3 +861,19 @@ def test_tag_for_a_device_with_its_own_config_space_is_said_to_be_ignored(
     with RefDevice(str(sock), str(export)), caplog.at_level(logging.WARNING):
         check_vhost_user(str(sock), CheckOptions(read_only=True), tag="x")
     assert any("--tag/--request-queues ignored" in m for m in caplog.messages)
+
+
+def test_a_backend_with_no_queues_is_refused(sock_dir: Path, export: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET_QUEUE_NUM answered 0 (QEMU refuses such a backend): an error naming it, not
+    a run that treats 0 as "no limit" and passes."""
+    from vfsdrv.errors import TransportError
+    from vfsdrv.virtio import vhost_user_proto as vu
+    from vfsdrv.virtio.vhost_user import VhostUserTransport
+
+    orig = VhostUserTransport._get_u64
+    monkeypatch.setattr(VhostUserTransport, "_get_u64", lambda self, req: 0
+                        if req == vu.Request.GET_QUEUE_NUM else orig(self, req))
+    with serve("refdev", export, sock_dir / "ref.sock"), \
+            pytest.raises(TransportError, match="GET_QUEUE_NUM answered 0 queues"):
+        check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))

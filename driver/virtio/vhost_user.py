@@ -205,7 +205,12 @@ class VhostUserTransport(Transport):
             self._send(vu.Request.SET_PROTOCOL_FEATURES, vu.U64.pack(self.protocol_features))
             self.reply_ack = bool(self.protocol_features & vu.ProtocolFeature.REPLY_ACK)
             if self.protocol_features & vu.ProtocolFeature.MQ:
-                self.backend_queue_num = self._get_u64(vu.Request.GET_QUEUE_NUM)
+                n = self._get_u64(vu.Request.GET_QUEUE_NUM)
+                if not 1 <= n <= 0x10000:  # a queue index is 16 bits
+                    raise TransportError(
+                        f"{self.name}: the backend's GET_QUEUE_NUM answered {n} queues "
+                        "(1 to 65536 can be)")
+                self.backend_queue_num = n
             if self.protocol_features & vu.ProtocolFeature.BACKEND_REQ:
                 ours, theirs = socket.socketpair(
                     socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
