@@ -877,3 +877,21 @@ def test_a_backend_with_no_queues_is_refused(sock_dir: Path, export: Path,
     with serve("refdev", export, sock_dir / "ref.sock"), \
             pytest.raises(TransportError, match="GET_QUEUE_NUM answered 0 queues"):
         check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+
+
+def test_notifications_with_codes_fuse_does_not_define_fail(sock_dir: Path,
+                                                           export: Path) -> None:
+    """A device that floods the notification queue with header-only messages under
+    codes FUSE does not define (the kernel refuses them): notify.queue fails, also
+    for those that come after it was judged (they once passed as "received")."""
+    from fakes.hostile_device import HostileDevice, Mutator
+
+    mutator = Mutator(seed=1, rate=0.0, notify_rate=0.3, notify_kinds=["notify_flood"],
+                      flood=20)
+    sock = sock_dir / "hostile.sock"
+    with HostileDevice(str(sock), str(export), mutator, ring="split"):
+        report = check_vhost_user(str(sock), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    fails = [v for k, v in c.items() if k.startswith("notify.queue") and v["result"] == "fail"]
+    assert fails, c.get("notify.queue")
+    assert all("notify code FUSE does not define" in v["observed"] for v in fails), fails

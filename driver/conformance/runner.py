@@ -588,6 +588,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                      ("notify.load", lambda: fuse_checks.notify_load_check(
                          fs, report, opt.timeout, scratch))]
             broken: str | None = None
+            notified = (0, 0)
             for cid, step in steps:
                 interrupt.checkpoint()
                 if broken is not None:
@@ -595,6 +596,8 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                     continue
                 try:
                     step()
+                    if cid == "notify.queue":
+                        notified = _bad_notifications(fs)
                 except (VfsdrvError, OSError, TimeoutError) as exc:
                     # what a check did not expect: that check fails, the report stays; a
                     # broken ring or a device gone ends the session's other checks
@@ -602,6 +605,8 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                                instance="(the check stopped here)")
                     if isinstance(exc, fuse_checks.SESSION_BROKEN):
                         broken = cid
+            if use_notify and broken is None:
+                _late_notifications(fs, report, notified)
         finally:
             if scratch is not None:
                 scratch.remove()
@@ -658,15 +663,35 @@ def _notify_check(fs: _ProbeFs, report: Report, use_notify: bool) -> None:
     except VfsdrvError as exc:
         report.add("notify.queue", FAIL, f"{exc}")
         return
-    bad = fs.stats.get("bad_notification", 0)
+    bad, undefined = _bad_notifications(fs)
     got = sum(v for k, v in fs.stats.items() if k.startswith("notify_")) + fs.stats.get(
         "lock_notifications", 0)
     desc = (f"queue {NOTIFY_QUEUE} size {vq.size}, {min(fs.notify_buffers, vq.size)} buffers of "
             f"{fs.config.notify_buf_size} bytes posted, {got} notification(s) received")
-    if bad:
-        report.add("notify.queue", FAIL, f"{desc}, {bad} malformed")
+    if bad or undefined:
+        report.add("notify.queue", FAIL, f"{desc}: {_notify_faults(bad, undefined)}")
     else:
         report.add("notify.queue", PASS, desc)
+
+
+def _bad_notifications(fs: _ProbeFs) -> tuple[int, int]:
+    """(malformed, with a code FUSE does not define) notifications so far."""
+    return fs.stats.get("bad_notification", 0), fs.stats.get("notify_other", 0)
+
+
+def _notify_faults(bad: int, undefined: int) -> str:
+    return ", ".join(x for x in (f"{bad} malformed" if bad else "",
+                                 f"{undefined} with a notify code FUSE does not define (the "
+                                 "kernel refuses them)" if undefined else "") if x)
+
+
+def _late_notifications(fs: _ProbeFs, report: Report, before: tuple[int, int]) -> None:
+    """Notifications that went wrong after notify.queue was judged (during the lock and
+    load checks): that check fails too, with what came."""
+    bad, undefined = _bad_notifications(fs)
+    if (bad, undefined) != before:
+        report.add("notify.queue", FAIL, _notify_faults(bad - before[0], undefined - before[1])
+                   + " later in the session", instance="later")
 
 
 def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
