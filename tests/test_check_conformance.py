@@ -895,3 +895,19 @@ def test_notifications_with_codes_fuse_does_not_define_fail(sock_dir: Path,
     fails = [v for k, v in c.items() if k.startswith("notify.queue") and v["result"] == "fail"]
     assert fails, c.get("notify.queue")
     assert all("notify code FUSE does not define" in v["observed"] for v in fails), fails
+
+
+def test_more_request_queues_than_the_backend_has_is_a_usage_error(sock_dir: Path,
+                                                                    export: Path) -> None:
+    """Debian's virtiofsd has no config space: --request-queues is the user's, and more
+    than the backend's queues is a bad command line (status 2), not a device failing
+    queues.layout."""
+    import subprocess
+    import sys
+
+    with serve("virtiofsd", export, sock_dir / "v.sock") as args:
+        r = subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "check", *args,
+                            "--request-queues", "2"], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--request-queues 2: the backend has 2 queue(s)" in r.stderr, r.stderr

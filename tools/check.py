@@ -98,6 +98,10 @@ def run_check(args: argparse.Namespace) -> int:
                                       request_queues=args.request_queues)
         else:
             report = check_pci(args.device, args.tag, opts)
+    except CheckUsageError as exc:
+        if usage is not None:  # found once the device answered: still status 2
+            usage.error(str(exc))
+        raise
     except VfsdrvError as exc:
         if args.json:  # a program reading stdout gets an answer it can parse
             print(json.dumps({"device": args.vhost_user or args.device or args.tag,
@@ -133,6 +137,13 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
             # as vfsdrv mount says it: the device's own config space is what is checked
             log.warning("--tag/--request-queues ignored: the device has a config space "
                         "of its own (its tag and num_request_queues are checked)")
+        offered = transport.backend_queue_num
+        if not transport.has_config_space and offered is not None \
+                and 1 + request_queues > offered:
+            # the count is ours, not the device's: a bad command line, not a failed check
+            raise CheckUsageError(
+                f"--request-queues {request_queues}: the backend has {offered} queue(s), "
+                f"so at most {max(offered - 1, 0)} request queue(s) besides hiprio")
         report = Report(device=socket_path, transport="vhost-user")
         return run_checks(transport, report, opts)
     finally:
