@@ -179,7 +179,9 @@ class Report:
             elif item.when and not self.context.get(item.when, False):
                 not_observable[item.id] = CONDITIONS[item.when]
             else:
-                why = next((skipped[cid] for cid in item.checks if cid in skipped), "not run")
+                why = next((skipped[cid] for cid in item.checks if cid in skipped),
+                           f"not run: {self.incomplete}" if self.incomplete else
+                           "not run: an earlier step failed")
                 not_reached[item.id] = why
         return {"covered": covered, "not_observable": not_observable,
                 "not_reached": not_reached, "checklist_size": CHECKLIST_SIZE}
