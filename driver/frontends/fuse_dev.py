@@ -303,9 +303,10 @@ def check_mountpoint(path: str) -> str:
         raise MountError(f"mount point {path} is not a directory")
     types = [t for mp, t, _s in mount_table() if mp == real]
     if types:
-        # (a FUSE mount whose server is gone failed the stat above, with its hint)
-        raise MountError(f"mount point {path} is busy: a {types[-1]} mount is already "
-                         "there (unmount it first)")
+        hint = (f" (a {types[-1]} mount: if its server is gone, `vfsdrv umount {path}` "
+                "removes it)" if types[-1].startswith("fuse") else "")
+        raise MountError(f"mount point {path} is busy: something is already mounted "
+                         f"there{hint}")
     return real
 
 
