@@ -911,3 +911,25 @@ def test_more_request_queues_than_the_backend_has_is_a_usage_error(sock_dir: Pat
                            timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "--request-queues 2: the backend has 2 queue(s)" in r.stderr, r.stderr
+
+
+def test_a_ring_broken_inside_a_check_that_catches_it_skips_the_rest(
+        sock_dir: Path, export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring breaks inside hiprio.storm, which reports the device's errors itself:
+    the session is broken all the same (VirtioFs marked it), so the later checks say
+    they were not reached instead of failing one by one on the same defect."""
+    from vfsdrv.conformance import fuse_checks
+
+    def room(fs, deadline):
+        exc = RingError("used id repeated")
+        fs._break(exc)  # as the device layer breaks it
+        raise exc
+
+    monkeypatch.setattr(fuse_checks, "_hiprio_room", room)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    assert c["hiprio.storm"]["result"] == "fail", c["hiprio.storm"]
+    for cid in ("notify.queue", "notify.lock", "notify.load"):
+        assert c[cid]["result"] == "skip", c[cid]
+        assert "the session broke during hiprio.storm" in c[cid]["observed"]

@@ -84,7 +84,7 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
         out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                              timeout=30, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        return out.stdout.split()
+        return out.stdout.splitlines()
 
     assert complete("st") == ["status"]
     assert "--timeout" in complete("mount", "--t")
@@ -95,6 +95,8 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     # a command's own arguments and an option's free value are files (mount points,
     # sockets, logs), an option's choices are that command's own
     assert complete("umount", "mn") == ["mnt"]
+    (tmp_path / "my dir").mkdir()
+    assert complete("umount", "my") == ["my dir"]  # one name, spaces and all
     assert complete("mount", "--log", "mn") == ["mnt"]
     backends = complete("demo", "--backend", "''")
     assert "virtiofsd" in backends and "null" not in backends  # null: bench's only
@@ -102,6 +104,7 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     assert complete("mount", "--tag", "install", "--fr") == ["--frontend"]
     # -o: comma separated mount options, the last one completed
     assert complete("mount", "-o", "ro,nosu") == ["ro,nosuid"]
+    assert not any(complete("mount", "-o", "ta"))  # tag= is mount.vfsdrv's only
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

@@ -102,7 +102,9 @@ def test_close_returns_all_memory_including_indirect_tables() -> None:
     lambda vq: vq.add([(0x1000, 8)], [], "t"), lambda vq: vq.publish(),
     lambda vq: vq.has_used(), lambda vq: vq.get_used(), lambda vq: vq.disable_interrupts(),
     lambda vq: vq.enable_interrupts(), lambda vq: vq.native, lambda vq: vq.in_flight,
-], ids=["add", "publish", "has_used", "get_used", "disarm", "arm", "native", "in_flight"])
+    lambda vq: vq.used_idx(),
+], ids=["add", "publish", "has_used", "get_used", "disarm", "arm", "native", "in_flight",
+        "used_idx"])
 def test_a_closed_queue_says_so(use) -> None:
     """Every use of a closed queue is a RingError naming it (cffi once raised a
     TypeError about an internal stand-in); none reads the freed ring."""

@@ -138,8 +138,8 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
             log.warning("--tag/--request-queues ignored: the device has a config space "
                         "of its own (its tag and num_request_queues are checked)")
         offered = transport.backend_queue_num
-        if not transport.has_config_space and offered is not None \
-                and 1 + request_queues > offered:
+        if not transport.has_config_space and offered is not None and offered >= 2 \
+                and 1 + request_queues > offered:  # (fewer than 2: the device's fault)
             # the count is ours, not the device's: a bad command line, not a failed check
             raise CheckUsageError(
                 f"--request-queues {request_queues}: the backend has {offered} queue(s), "

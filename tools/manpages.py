@@ -104,15 +104,17 @@ def man_pages() -> dict[str, str]:
     return {"vfsdrv.8": "\n".join(head) + "\n", "mount.vfsdrv.8": "\n".join(helper) + "\n"}
 
 
-#: what `-o` takes (vfsdrv mount -o, mount.vfsdrv -o): mount(8)'s and fstab's own
-#: words, the flags, and vfsdrv's options
+#: what `vfsdrv mount -o` takes: the flags, FUSE's and the relay's options
 MOUNT_OPTION_WORDS = (
-    "defaults ro rw nosuid suid nodev dev noexec exec sync async noatime atime "
-    "relatime strictatime lazytime nodiratime allow_other noallow_other "
-    "default_permissions nodefault_permissions _netdev nofail noauto auto user nouser "
-    "remount x-systemd. tag= request_queues= threads= frontend= debug poll timeout= ring= "
-    "iommu= log= fsname= force_4k_noiommu max_read= poll_us= io_uring= request_timeout= "
+    "ro rw nosuid suid nodev dev noexec exec sync async noatime atime relatime "
+    "strictatime lazytime nodiratime allow_other noallow_other default_permissions "
+    "nodefault_permissions fsname= max_read= poll_us= io_uring= request_timeout= "
     "max_background= congestion_threshold= max_readahead=")
+#: and what mount.vfsdrv -o takes besides: fstab's words and vfsdrv mount's options
+HELPER_OPTION_WORDS = MOUNT_OPTION_WORDS + (
+    " defaults _netdev nofail noauto auto user nouser remount x-systemd. tag= "
+    "request_queues= threads= frontend= debug poll timeout= ring= iommu= log= "
+    "force_4k_noiommu")
 
 
 def completions() -> dict[str, str]:
@@ -141,7 +143,7 @@ def completions() -> dict[str, str]:
                     words = shlex.quote(" ".join(sorted(map(str, a.choices))))
                     reply = f'COMPREPLY=($(compgen -W {words} -- "$cur"))'
                 else:  # a path, a number, a name: files are the likeliest
-                    reply = 'COMPREPLY=($(compgen -f -- "$cur"))'
+                    reply = 'IFS=$lines COMPREPLY=($(compgen -f -- "$cur"))'
                 value_cases.append(f"        {shlex.quote(prefix + ':' + o)}) {reply}; return 0;;")
         for name, child in subs.items():
             walk(f"{prefix} {name}".strip(), child)
@@ -158,7 +160,8 @@ _vfsdrv_options() {{
 }}
 _vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w
-    local options commands skip=0
+    local options commands skip=0 IFS=$' \t\n'
+    local lines=$'\n'  # compgen's results one per line: names with spaces stay whole
     # the command path: words that name a subcommand, not an option's value
     for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
         if [ $skip = 1 ]; then skip=0; continue; fi
@@ -181,7 +184,7 @@ _vfsdrv() {{
     elif [ -n "$commands" ]; then
         COMPREPLY=($(compgen -W "$commands" -- "$cur"))
     else  # the command's own arguments: mount points, sockets, files
-        COMPREPLY=($(compgen -f -- "$cur"))
+        IFS=$lines COMPREPLY=($(compgen -f -- "$cur"))
     fi
     return 0
 }}
@@ -193,9 +196,10 @@ _mount_vfsdrv() {{
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
         local last=${{cur##*,}} head=""
         [ "$last" != "$cur" ] && head=${{cur%,*}},
-        COMPREPLY=($(compgen -P "$head" -W {shlex.quote(MOUNT_OPTION_WORDS)} -- "$last"))
+        COMPREPLY=($(compgen -P "$head" -W {shlex.quote(HELPER_OPTION_WORDS)} -- "$last"))
         compopt -o nospace 2>/dev/null
     else
+        local IFS=$'\n'
         COMPREPLY=($(compgen -f -- "$cur"))
     fi
 }}

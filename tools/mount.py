@@ -354,6 +354,30 @@ def precheck(req: MountRequest) -> None:
         raise MountError("--threads must be at least 1")
     if req.small_slots < 1 or req.large_slots < 1:
         raise MountError("--small-slots and --large-slots must be at least 1")
+    if req.vhost_user is None:
+        _pci_function_there(req)
+
+
+def _pci_function_there(req: MountRequest) -> None:
+    """A PCI function named by address or tag exists (looked up before forking, so that
+    fstab's nofail can tell "not there" from a failure; the server looks again)."""
+    try:
+        from ..pci.errors import BadAddressError
+        from ..pci.sysfs import normalize_bdf
+        from . import pci_functions as pf
+    except ImportError:
+        return  # no PCI support here: the server says so
+    try:
+        if req.device is not None:
+            bdf = normalize_bdf(req.device)
+            if not os.path.exists(f"/sys/bus/pci/devices/{bdf}"):
+                raise DeviceNotFoundError(f"no PCI function {bdf} (`lspci -D` lists them)")
+        elif req.tag is not None:
+            pf.find_by_tag(req.tag)
+    except BadAddressError as exc:
+        if req.device is not None:  # a malformed address: a bad line, not "not there"
+            raise MountError(str(exc)) from None
+        raise DeviceNotFoundError(str(exc)) from None
 
 
 def _take_fsname(req: MountRequest) -> None:
@@ -1027,14 +1051,8 @@ def _enter_mount_namespace(ns: str, *, check_only: bool = False) -> None:
 
 def _not_there(exc: BaseException) -> bool:
     """The named device does not exist: no socket, no PCI function with that tag or
-    address (what fstab's nofail forgives)."""
-    if isinstance(exc, DeviceNotFoundError):
-        return True
-    try:
-        from ..pci.errors import BadAddressError
-    except ImportError:
-        return False
-    return isinstance(exc, BadAddressError)
+    address (what fstab's nofail forgives; precheck tells it apart)."""
+    return isinstance(exc, DeviceNotFoundError)
 
 
 def _remount(req: MountRequest) -> int:

@@ -204,13 +204,34 @@ def _alive(pid: int) -> bool:
 
 def forget_dead() -> None:
     """Remove the status socket and identity file of every server that is gone
-    (killed: it could not remove them itself)."""
+    (killed: it could not remove them itself): its pid is not running here and
+    nothing listens on its socket (a server in another pid namespace that shares
+    this directory still answers)."""
     with contextlib.suppress(OSError):
-        for path in [*sockets_dir().glob("*.sock"), *sockets_dir().glob("*.json")]:
-            pid = _pid_of(path)
-            if pid is not None and not _alive(pid):
+        for sock in sockets_dir().glob("*.sock"):
+            pid = _pid_of(sock)
+            if pid is not None and not _alive(pid) and not _listening(sock):
+                for path in (sock, _identity_path(sock)):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        for ident in sockets_dir().glob("*.json"):  # its socket already gone
+            pid = _pid_of(ident)
+            if pid is not None and not ident.with_suffix(".sock").exists() \
+                    and not _alive(pid):
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    ident.unlink()
+
+
+def _listening(sock: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(CLIENT_TIMEOUT)
+    try:
+        s.connect(str(sock))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
 
 
 def collect() -> list[dict[str, Any]]:

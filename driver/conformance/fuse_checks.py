@@ -251,6 +251,8 @@ def opcode_checks(fs: _ProbeFs, report: Report, scratch: Scratch) -> None:
     try:
         c.mkdir(s, "gone", 0o755)
         run("RMDIR", lambda: c.rmdir(s, "gone"))
+    except SESSION_BROKEN:
+        raise
     except (OSError, VfsdrvError, TimeoutError) as exc:
         report.add("fuse.opcodes", SKIP, f"MKDIR of a second directory: {_errname(exc)}",
                    instance="RMDIR")

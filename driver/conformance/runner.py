@@ -587,7 +587,10 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                      ("notify.lock", lambda: _lock_check(fs, report, opt, use_notify)),
                      ("notify.load", lambda: fuse_checks.notify_load_check(
                          fs, report, opt.timeout, scratch))]
-            broken: str | None = None
+            # a check that catches the device's errors itself still leaves the session
+            # broken (VirtioFs._broken): the later checks are then not reached
+            broken: str | None = "the scratch directory's creation" \
+                if fs._broken is not None else None
             notified = (0, 0)
             for cid, step in steps:
                 interrupt.checkpoint()
@@ -596,8 +599,6 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                     continue
                 try:
                     step()
-                    if cid == "notify.queue":
-                        notified = _bad_notifications(fs)
                 except (VfsdrvError, OSError, TimeoutError) as exc:
                     # what a check did not expect: that check fails, the report stays; a
                     # broken ring or a device gone ends the session's other checks
@@ -605,6 +606,10 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                                instance="(the check stopped here)")
                     if isinstance(exc, fuse_checks.SESSION_BROKEN):
                         broken = cid
+                if broken is None and fs._broken is not None:
+                    broken = cid
+                if cid == "notify.queue" and notified == (0, 0):
+                    notified = _bad_notifications(fs)
             if use_notify and broken is None:
                 _late_notifications(fs, report, notified)
         finally:

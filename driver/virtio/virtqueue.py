@@ -239,6 +239,7 @@ class Virtqueue:
         """split: used->idx as the device wrote it; packed: the position (wrap counter
         in bit 15) after the used entries the device has written so far, not yet
         harvested (it moves when the device completes, as used->idx does)."""
+        self._live()  # closed: the ring's memory may be gone
         if not self.packed:
             return lib.vfsdrv_load_acquire_u16(self.used.address_of() + rl.USED_IDX)
         c = self._c
