@@ -933,3 +933,20 @@ def test_a_ring_broken_inside_a_check_that_catches_it_skips_the_rest(
     for cid in ("notify.queue", "notify.lock", "notify.load"):
         assert c[cid]["result"] == "skip", c[cid]
         assert "the session broke during hiprio.storm" in c[cid]["observed"]
+
+
+def test_a_read_only_export_is_not_a_failure(sock_dir: Path, export: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device answers EROFS for the scratch directory (its export is read-only,
+    and the user did not say --read-only): the checks that write skip, as with
+    --read-only, and the device passes; it used to fail fuse.opcodes[MKDIR]."""
+    def mkdir(self, hdr, body):
+        raise OSError(errno.EROFS, "read-only file system")
+
+    monkeypatch.setattr(FuseServer, "mkdir", mkdir)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    assert c["fuse.opcodes[MKDIR]"]["result"] == "skip", c["fuse.opcodes[MKDIR]"]
+    assert "read-only" in c["fuse.opcodes[MKDIR]"]["observed"]
+    assert report.ok, report.table()

@@ -14,6 +14,7 @@ the scratch directory `.vfsdrv-check-PID` is written (and removed); with
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import time
@@ -571,8 +572,15 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
             try:
                 scratch.create()
             except (VfsdrvError, OSError, TimeoutError) as exc:
-                report.add("fuse.opcodes", FAIL, f"cannot create the scratch directory: {exc}",
-                           instance="MKDIR")
+                if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+                    # a read-only export is not the device's fault: the checks that
+                    # write skip, as with --read-only
+                    report.add("fuse.opcodes", SKIP, "the export is read-only (EROFS for "
+                               "the scratch directory; --read-only says so up front)",
+                               instance="MKDIR")
+                else:
+                    report.add("fuse.opcodes", FAIL,
+                               f"cannot create the scratch directory: {exc}", instance="MKDIR")
                 scratch = None
         try:
             if scratch is None:
