@@ -143,7 +143,7 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
             # the count is ours, not the device's: a bad command line, not a failed check
             raise CheckUsageError(
                 f"--request-queues {request_queues}: the backend has {offered} queue(s), "
-                f"so at most {max(offered - 1, 0)} request queue(s) besides hiprio")
+                f"so at most {offered - 1} request queue(s) besides hiprio")
         report = Report(device=socket_path, transport="vhost-user")
         return run_checks(transport, report, opts)
     finally:

@@ -1017,7 +1017,9 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
 
 
 class DeviceNotFoundError(MountError):
-    """The device the mount names is not there (no such socket): fstab's nofail."""
+    """The device the mount names is not there (no such socket, no PCI function with
+    that tag or address; precheck tells it from a failure): what fstab's nofail
+    forgives."""
 
 
 class HelperUsageError(MountError):
@@ -1047,12 +1049,6 @@ def _enter_mount_namespace(ns: str, *, check_only: bool = False) -> None:
             raise HelperUsageError(f"-N {ns}: setns: {os.strerror(err)}")
     finally:
         os.close(fd)
-
-
-def _not_there(exc: BaseException) -> bool:
-    """The named device does not exist: no socket, no PCI function with that tag or
-    address (what fstab's nofail forgives; precheck tells it apart)."""
-    return isinstance(exc, DeviceNotFoundError)
 
 
 def _remount(req: MountRequest) -> int:
@@ -1101,7 +1097,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         return 1
     except (VfsdrvError, OSError, ValueError) as exc:
         print(f"mount.vfsdrv: {exc}", file=sys.stderr)
-        if req is not None and req.nofail and _not_there(exc):
+        if req is not None and req.nofail and isinstance(exc, DeviceNotFoundError):
             # as libmount's own nofail: a device that is not there is not an error
             print("mount.vfsdrv: nofail: not mounted, no error", file=sys.stderr)
             return 0

@@ -160,11 +160,9 @@ def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any] | None:
         while chunk := s.recv(65536):
             data += chunk
     except (ConnectionRefusedError, FileNotFoundError):
-        pid = path.stem
-        if pid.isdigit() and not _alive(int(pid)):
-            for gone in (path, _identity_path(path)):
-                with contextlib.suppress(OSError):
-                    gone.unlink()
+        pid = _pid_of(path)
+        if pid is not None and not _alive(pid):
+            _forget(path)
         return None
     except TimeoutError:
         return {**_identity(path), "pid": _pid_of(path),
@@ -211,15 +209,20 @@ def forget_dead() -> None:
         for sock in sockets_dir().glob("*.sock"):
             pid = _pid_of(sock)
             if pid is not None and not _alive(pid) and not _listening(sock):
-                for path in (sock, _identity_path(sock)):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                _forget(sock)
         for ident in sockets_dir().glob("*.json"):  # its socket already gone
             pid = _pid_of(ident)
             if pid is not None and not ident.with_suffix(".sock").exists() \
                     and not _alive(pid):
                 with contextlib.suppress(OSError):
                     ident.unlink()
+
+
+def _forget(sock: Path) -> None:
+    """A gone server's status socket and identity file."""
+    for path in (sock, _identity_path(sock)):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _listening(sock: Path) -> bool:

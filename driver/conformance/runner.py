@@ -616,7 +616,7 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                         broken = cid
                 if broken is None and fs._broken is not None:
                     broken = cid
-                if cid == "notify.queue" and notified == (0, 0):
+                if cid == "notify.queue":  # what later notifications are judged against
                     notified = _bad_notifications(fs)
             if use_notify and broken is None:
                 _late_notifications(fs, report, notified)

@@ -567,14 +567,14 @@ class Relay:
         fs = self.fs
         queues = fs.hand_over_request_queues()
         small, large = fs.free_slots
-        count = min(len(queues), self.threads or len(queues), large)
+        wanted = min(len(queues), self.threads or len(queues))
+        count = min(wanted, large)
         if count == 0:
             raise FrontendError("no request queue or no large slot for the pumps")
-        if large < min(len(queues), self.threads or len(queues)):
+        if count < wanted:
             # the user's choice of slots idles queues the device offers: say so
             log.warning("%d large slot(s) for %d request queue(s): %d pump(s) run, one "
-                        "large slot each at least (--large-slots)", large,
-                        min(len(queues), self.threads or len(queues)), count)
+                        "large slot each at least (--large-slots)", large, wanted, count)
         self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         assert self._sel is not None
         self._sel.register(self._event_fd, selectors.EVENT_READ, "events")
