@@ -44,6 +44,26 @@ def test_options_are_taken() -> None:
     assert not req.fake
 
 
+def test_the_completed_words_are_the_parsed_ones() -> None:
+    """Shell completion offers exactly what the parsers take: every word of it is known
+    (with a value where it ends in =), and the helper consumes its own words itself."""
+    from vfsdrv.frontends.fuse_dev import MountOptions, option_words
+    from vfsdrv.tools.manpages import helper_option_words, mount_option_words
+
+    values = {"request_timeout=": "2", "io_uring=": "1", "frontend=": "relay",
+              "ring=": "split", "iommu=": "type1", "log=": "/tmp/x.log", "tag=": "t"}
+    for word in option_words():
+        opt = word + values.get(word, "1") if word.endswith("=") else word
+        mo = MountOptions.parse([opt])
+        assert not mo.unknown and not mo.invalid, (opt, mo)
+    assert set(option_words()) < set(mount_option_words()) < set(helper_option_words())
+    own = [w for w in helper_option_words() if w not in mount_option_words()]
+    for word in own:
+        opt = word + values.get(word, "1") if word.endswith("=") else word
+        req = parse_helper_args(["/run/x.sock", "/m", "-o", opt])
+        assert req.options == [] or word == "remount", (opt, req.options)
+
+
 def test_fake_mounts_nothing(tmp_path: Path) -> None:
     """-f (also in a group, -fv): the socket does not exist, so a real mount would fail."""
     for flags in (["-f"], ["-fv"], ["-s", "-f"]):

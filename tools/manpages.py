@@ -104,17 +104,30 @@ def man_pages() -> dict[str, str]:
     return {"vfsdrv.8": "\n".join(head) + "\n", "mount.vfsdrv.8": "\n".join(helper) + "\n"}
 
 
-#: what `vfsdrv mount -o` takes: the flags, FUSE's and the relay's options
-MOUNT_OPTION_WORDS = (
-    "ro rw nosuid suid nodev dev noexec exec sync async noatime atime relatime "
-    "strictatime lazytime nodiratime allow_other noallow_other default_permissions "
-    "nodefault_permissions fsname= max_read= poll_us= io_uring= request_timeout= "
-    "max_background= congestion_threshold= max_readahead=")
-#: and what mount.vfsdrv -o takes besides: fstab's words and vfsdrv mount's options
-HELPER_OPTION_WORDS = MOUNT_OPTION_WORDS + (
-    " defaults _netdev nofail noauto auto user nouser remount x-systemd. tag= "
-    "request_queues= threads= frontend= debug poll timeout= ring= iommu= log= "
-    "force_4k_noiommu")
+def mount_option_words() -> list[str]:
+    """What `vfsdrv mount -o` takes: FUSE's, the relay's and the mount table's name."""
+    from ..frontends.fuse_dev import option_words
+
+    return [*option_words(), "fsname="]
+
+
+def helper_option_words() -> list[str]:
+    """What mount.vfsdrv -o takes besides: fstab's words and vfsdrv mount's options."""
+    from ..frontends.fuse_dev import IGNORED_OPTIONS
+    from .mount import HELPER_OWN_OPTIONS
+
+    words = [*mount_option_words(), *sorted(IGNORED_OPTIONS), "remount", "x-systemd.",
+             *HELPER_OWN_OPTIONS]
+    return list(dict.fromkeys(words))  # fsname= is both
+
+
+def _comma_list(words: list[str], indent: str) -> str:
+    """bash lines completing the last of comma-separated words in $cur."""
+    return "\n".join(indent + line for line in (
+        'local last=${cur##*,} head=""',
+        '[ "$last" != "$cur" ] && head=${cur%,*},',
+        f'COMPREPLY=($(compgen -P "$head" -W {shlex.quote(" ".join(words))} -- "$last"))',
+        "compopt -o nospace 2>/dev/null"))
 
 
 def completions() -> dict[str, str]:
@@ -153,10 +166,7 @@ def completions() -> dict[str, str]:
     script = f"""# bash completion for vfsdrv ({GENERATED})
 _vfsdrv_options() {{
     # comma separated: complete the last one
-    local last=${{cur##*,}} head=""
-    [ "$last" != "$cur" ] && head=${{cur%,*}},
-    COMPREPLY=($(compgen -P "$head" -W {shlex.quote(MOUNT_OPTION_WORDS)} -- "$last"))
-    compopt -o nospace 2>/dev/null
+{_comma_list(mount_option_words(), "    ")}
 }}
 _vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w
@@ -194,10 +204,7 @@ complete -o filenames -F _vfsdrv vfsdrv
 _mount_vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
-        local last=${{cur##*,}} head=""
-        [ "$last" != "$cur" ] && head=${{cur%,*}},
-        COMPREPLY=($(compgen -P "$head" -W {shlex.quote(HELPER_OPTION_WORDS)} -- "$last"))
-        compopt -o nospace 2>/dev/null
+{_comma_list(helper_option_words(), "        ")}
     else
         local IFS=$'\n'
         COMPREPLY=($(compgen -f -- "$cur"))

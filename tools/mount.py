@@ -52,6 +52,7 @@ from ..frontends.fuse_dev import (
     MountError,
     MountOptions,
     check_mountpoint,
+    is_ignored,
     mount_entry,
     mount_present,
     mount_table,
@@ -851,11 +852,10 @@ def _log_to_syslog() -> None:
 
 
 # -- mount(8) helper -----------------------------------------------------------------------
-VFSDRV_OPTIONS = ("tag", "request_queues", "frontend", "debug", "poll", "timeout", "log",
-                  "fsname")
-#: options mount(8), fstab and systemd pass that concern them, not the file system
-HELPER_IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
-                            "group", "_netdev", "nofail", "loop", "comment"})
+#: the helper's own options (those of `vfsdrv mount`), as typed: completion lists them
+HELPER_OWN_OPTIONS = ("tag=", "request_queues=", "threads=", "frontend=", "timeout=",
+                      "ring=", "iommu=", "log=", "fsname=", "poll", "debug",
+                      "force_4k_noiommu")
 
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "
@@ -987,7 +987,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.log_file = value
             elif key == "fsname":
                 req.source = value
-            elif key in HELPER_IGNORED or key.startswith(("x-", "X-")):
+            elif is_ignored(key):
                 continue  # fstab/systemd options: nothing for the file system
             elif opt:
                 rest.append(opt)

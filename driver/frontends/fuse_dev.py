@@ -61,20 +61,34 @@ SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_read
 #: numeric options whose FUSE field is narrower than 32 bits or where 0 means "the
 #: kernel's default": name -> (smallest, largest); the others take 0 to 2^32 - 1
 OPTION_RANGES = {"max_background": (1, 0xFFFF), "congestion_threshold": (1, 0xFFFF)}
-#: the relay's pump settings: name -> (largest value, what it is)
-PUMP_OPTIONS: dict[str, tuple[int, str]] = {
-    "poll_us": (1000, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "
+#: the relay's pump settings: name -> (largest value, default, what it is)
+PUMP_OPTIONS: dict[str, tuple[int, int, str]] = {
+    "poll_us": (1000, 0, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "
                 "before sleeping; 0: never"),
-    "io_uring": (1, "1, the default: each pump writes a round's replies to /dev/fuse in one "
-                 "io_uring_enter where the kernel allows io_uring; 0: a writev each"),
+    "io_uring": (1, 1, "1, the default: each pump writes a round's replies to /dev/fuse in "
+                 "one io_uring_enter where the kernel allows io_uring; 0: a writev each"),
 }
-#: what a pump setting is when the user does not choose it
-PUMP_DEFAULTS = {"poll_us": 0, "io_uring": 1}
 #: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
-#: options that mount(8) passes along and that mean nothing here
+#: options that mount(8), fstab and systemd pass and that mean nothing to the file
+#: system (x-* and X-* too, see is_ignored)
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users",
-                             "nousers", "_netdev", "nofail"})
+                             "nousers", "owner", "group", "_netdev", "nofail", "loop",
+                             "comment"})
+
+
+def is_ignored(key: str) -> bool:
+    """An option (by its key) that is mount(8)'s, fstab's or systemd's, not ours."""
+    return key in IGNORED_OPTIONS or key.startswith(("x-", "X-"))
+
+
+def option_words() -> list[str]:
+    """Every option `vfsdrv mount -o` takes, as typed ("ro", "max_read="): the error
+    for an unknown one and the shell completion list them from here."""
+    return [*FLAG_OPTIONS, "allow_other", "noallow_other", "default_permissions",
+            "nodefault_permissions", *(f"{k}=" for k in sorted(NUMERIC_FUSE_OPTIONS)),
+            *(f"{k}=" for k in sorted(SESSION_OPTIONS)), *(f"{k}=" for k in PUMP_OPTIONS),
+            "request_timeout="]
 
 
 class MountError(VfsdrvError):
@@ -107,7 +121,7 @@ class MountOptions:
         for group in options:
             for opt in group.split(","):
                 opt = opt.strip()
-                if not opt or opt in IGNORED_OPTIONS:
+                if not opt or is_ignored(opt.partition("=")[0]):
                     continue
                 key, _, value = opt.partition("=")
                 if opt in FLAG_OPTIONS:
@@ -132,7 +146,7 @@ class MountOptions:
                     else:
                         mo.fuse.append(f"{key}={int(value)}")
                 elif key in PUMP_OPTIONS:
-                    top, what = PUMP_OPTIONS[key]
+                    top, _default, what = PUMP_OPTIONS[key]
                     if value.isascii() and value.isdigit() and int(value) <= top:
                         mo.pump[key] = int(value)
                     else:
@@ -153,13 +167,12 @@ class MountOptions:
         if self.invalid:
             raise MountError(f"bad mount option value: {'; '.join(self.invalid)}")
         if self.unknown:
-            raise MountError(
-                f"unknown mount option(s): {', '.join(self.unknown)} (known: "
-                f"{', '.join(sorted(FLAG_OPTIONS))}, allow_other, noallow_other, "
-                "default_permissions, nodefault_permissions, max_read=N, blksize=N, "
-                "max_background=N, congestion_threshold=N, max_readahead=N, poll_us=N, "
-                "io_uring=0|1, request_timeout=SECONDS)"
-            )
+            raise MountError(f"unknown mount option(s): {', '.join(self.unknown)} (known: "
+                             f"{', '.join(option_words())})")
+
+    def pump_settings(self) -> dict[str, int]:
+        """Every pump setting: the user's choice, else its default (PUMP_OPTIONS)."""
+        return {k: self.pump.get(k, default) for k, (_top, default, _w) in PUMP_OPTIONS.items()}
 
     def flag_names(self) -> list[str]:
         """The options that set this mount's flags, one per flag set (e.g. "ro")."""

@@ -86,7 +86,6 @@ from .base import FrontendError
 from .fuse_dev import (
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
-    PUMP_DEFAULTS,
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
@@ -584,7 +583,7 @@ class Relay:
         # the pumps send FORGETs themselves; the control thread's hiprio traffic goes
         # through the same sender (None: hiprio stays with the control plane)
         hiprio = fs.hand_over_hiprio()
-        settings = PUMP_DEFAULTS | self.options.pump
+        settings = self.options.pump_settings()
         for vq in queues[:count]:
             slots = fs.lend_slots(per_small, per_large)
             self._lent.append(slots)
