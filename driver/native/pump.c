@@ -596,22 +596,20 @@ static void uring_done(void *arg, uint64_t user_data, int32_t res)
  * round costs / its requests, against 2 + that with a writev each). */
 static void send_replies(struct vfsdrv_pump *p)
 {
-    uint32_t n = p->nout, batch = 0;
+    uint32_t n = p->nout, ring_fd = 0, batch = 0;
     p->nout = 0;
+    /* only replies to requests read on the O_NONBLOCK clone go through the ring: io_uring
+     * would hand a write to the blocking descriptor (the idle read's) to a worker
+     * thread on a kernel where /dev/fuse cannot say "would block" (only O_NONBLOCK
+     * files are tried inline) */
+    for (uint32_t k = 0; p->uring && k < n; k++)
+        ring_fd += p->slots[p->out_q[k]].fd == p->cfg.fuse_nb_fd;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t i = p->out_q[k];
-        if (p->uring && n > 1 && p->slots[i].fd == p->cfg.fuse_nb_fd)
+        if (ring_fd > 1 && p->slots[i].fd == p->cfg.fuse_nb_fd)
             p->out_q[batch++] = i;
-        else
-            /* alone, or read by the idle blocking read(): io_uring would hand a
-             * write to that descriptor to a worker thread on a kernel where
-             * /dev/fuse cannot say "would block" (only O_NONBLOCK files are tried
-             * inline) */
+        else  /* alone, or for the blocking descriptor: a writev */
             reply_written(p, i, write_reply(p, i));
-    }
-    if (batch == 1) {
-        reply_written(p, p->out_q[0], write_reply(p, p->out_q[0]));
-        return;
     }
     if (!batch)
         return;
