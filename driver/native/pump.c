@@ -358,11 +358,12 @@ int vfsdrv_pump_running(struct vfsdrv_pump *p)
 
 int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique)
 {
-    /* read-only scan from the control thread: a stale answer only delays an
-     * INTERRUPT decision that the kernel repeats */
+    /* read-only scan from the control thread. A SETLKW waiting for ring room counts:
+     * the kernel sends its INTERRUPT once, and the wait reply is still to come. */
     for (uint32_t i = 0; i < p->nslots; i++) {
         struct vfsdrv_slot *s = &p->slots[i];
-        if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == VFSDRV_SLOT_RING &&
+        uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+        if ((state == VFSDRV_SLOT_RING || state == VFSDRV_SLOT_PENDING) &&
             s->opcode == 33 /* SETLKW */ && s->unique == unique)
             return 1;
     }
@@ -774,6 +775,8 @@ static void dispatch(struct vfsdrv_pump *p, ssize_t n, int fd)
         free_slot(p, si);
         return;
     }
+    /* release: the fields above first, for vfsdrv_pump_has_setlkw */
+    __atomic_store_n(&s->state, VFSDRV_SLOT_PENDING, __ATOMIC_RELEASE);
     submit(p, si);
 }
 

@@ -142,6 +142,7 @@ int vfsdrv_valid_errno(int32_t error);
 #define VFSDRV_SLOT_FREE 0
 #define VFSDRV_SLOT_RING 1
 #define VFSDRV_SLOT_CONTROL 2
+#define VFSDRV_SLOT_PENDING 3  /* read by the pump, waiting for room on the ring */
 #define VFSDRV_SLOT_DISCARD 1
 
 struct vfsdrv_slot {

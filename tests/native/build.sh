@@ -30,7 +30,7 @@ for src in core packed pump hiprio client uring; do
 done
 sources=("$native/core.c" "$native/packed.c" "$native/pump.c" "$native/hiprio.c" "$native/client.c" "$native/uring.c")
 "$cc" "${flags[@]}" -g -o "$out/test_core" "$here/test_core.c" "$here/test_hiprio_client.c" \
-    "$here/test_uring.c" \
+    "$here/test_uring.c" "$here/test_pump.c" \
     "${sources[@]}" "${link[@]}" -lpthread
 "$cc" "${flags[@]}" -g -o "$out/budget" "$here/budget.c" "${sources[@]}" "${link[@]}" -lpthread
 # the whole pump over a real /dev/fuse mount (root; tests/test_native_budget.py)

@@ -821,6 +821,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     {"client_bad_replies", test_client_bad_replies},
     {"client_add_refusals", test_client_add_refusals},
     {"uring_faults", test_uring_faults},
+    {"pump_pending_setlkw_is_seen", test_pump_pending_setlkw_is_seen},
 };
 
 int main(int argc, char **argv)

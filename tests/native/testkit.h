@@ -1,8 +1,9 @@
 /* The C unit tests' shared harness: the checks (CHECK, EQ: count a failure, say
  * where, go on), the FUSE opcodes they use, and the set-up most tests start from.
  * Used by test_core.c (the ring core, the FUSE rules; the runner and its table)
- * and test_hiprio_client.c (the hiprio sender, the client's batched path), which
- * are linked into one program, test_core. Header-only; the device side is
+ * and test_hiprio_client.c (the hiprio sender, the client's batched path), test_uring.c
+ * and test_pump.c (the whole pump on socket pairs), which are linked into one
+ * program, test_core. Header-only; the device side is
  * ringdev.h.
  */
 #ifndef TESTKIT_H
@@ -90,5 +91,7 @@ void test_client_bad_replies(void);
 void test_client_add_refusals(void);
 /* test_uring.c */
 void test_uring_faults(void);
+/* test_pump.c */
+void test_pump_pending_setlkw_is_seen(void);
 
 #endif
