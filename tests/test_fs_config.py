@@ -233,3 +233,61 @@ def test_xattr_replies(op: Opcode) -> None:
 @pytest.mark.parametrize("op", [*UNKNOWN, 9999, 0])
 def test_unknown_opcodes_get_a_page(op: int) -> None:
     assert sizing.reply_capacity(op, b"", MAX_IO) == 4096
+
+
+# -- I/O size on scattered pages -----------------------------------------------------------
+def _started(arena, ring: int):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fakes.transport import FakeTransport
+    from vfsdrv.fs.device import VirtioFs
+
+    t = FakeTransport(config=config.encode_config("t", 1), queue_max={0: ring, 1: ring},
+                      arena=arena)
+    return VirtioFs(t, queue_size=256, notification=False, small_slots=2,
+                    large_slots=2).start()
+
+
+def _scattered_arena(pages: int):
+    """After 64 contiguous pages (the rings' parts want one range each), every 4 KiB
+    page its own device range, in reverse order (no-IOMMU pinned pages)."""
+    import mmap
+
+    from vfsdrv.virtio.memory import Arena
+
+    def translate(off: int) -> tuple[int, int]:
+        page, inner = divmod(off, 4096)
+        if page < 64:
+            return off, 64 * 4096 - off
+        return (pages - page) * 0x10000 + inner, 4096 - inner
+
+    return Arena(memoryview(mmap.mmap(-1, pages * 4096)), translate)
+
+
+@pytest.mark.parametrize("ring", [256, 64])
+def test_scattered_pages_limit_io_to_what_a_chain_fits(ring: int) -> None:
+    """With a descriptor per page, a 1 MiB READ would be a chain longer than the ring
+    (neither indirect nor direct: every such request would fail EIO): max_io shrinks
+    so that the biggest request's chain fits, and a contiguous arena keeps 1 MiB."""
+    fs = _started(_scattered_arena(4096), ring)
+    try:
+        assert fs.max_io == sizing.scattered_io_limit(ring) < 1 << 20
+        slot = fs.slots.large[0]
+        for opcode, in_len in ((Opcode.READ, 80), (Opcode.WRITE, 80 + fs.max_io)):
+            req = sizing.request_offset(opcode)
+            rep = sizing.reply_offset(req, in_len)
+            cap = fs.max_io if opcode == Opcode.READ else 8
+            chain = (len(slot.buf.segments(req, in_len))
+                     + len(slot.buf.segments(rep, 16 + cap)))
+            assert chain <= ring, (opcode, chain)
+    finally:
+        fs.close()
+    from fakes.transport import identity_arena
+
+    fs = _started(identity_arena(16 << 20), ring)
+    try:
+        assert fs.max_io == 1 << 20
+    finally:
+        fs.close()

@@ -33,3 +33,16 @@ def request_offset(opcode: int) -> int:
 def reply_offset(request_off: int, in_len: int) -> int:
     """Where the reply's out header goes: 16 bytes before a page boundary."""
     return lib.vfsdrv_reply_offset(request_off, in_len)
+
+
+#: descriptors a request's chain has besides one per data page when a slot's pages
+#: are scattered for the device: the request's headers, the reply's header and a
+#: page each may straddle (as Linux virtio_fs's FUSE_HEADER_OVERHEAD)
+CHAIN_OVERHEAD = 4
+
+
+def scattered_io_limit(ring_size: int, page: int = 4096) -> int:
+    """The largest I/O whose chain fits a ring of `ring_size` entries when each page
+    of a slot is its own descriptor (VFIO no-IOMMU on 4 KiB pages): a longer chain
+    can neither go indirect nor on the ring, and its request would fail."""
+    return max(1, ring_size - CHAIN_OVERHEAD) * page
