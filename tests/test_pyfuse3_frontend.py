@@ -827,3 +827,42 @@ def test_mounting_on_a_missing_directory_fails_cleanly(tmp_path: Path,
         assert os.read(r, 1) == b"F"
         os.close(r)
     assert proc.exitcode == 0
+
+
+# -- times before 1970 ---------------------------------------------------------------------------
+#: 1960-01-01T00:00:00.25 UTC and 1969-12-31T23:59:59.5 UTC, in ns
+OLD_ATIME_NS = -315619200 * 10**9 + 250_000_000
+OLD_MTIME_NS = -500_000_000
+#: 2300-01-01T00:00:00.75 UTC
+FUTURE_NS = 10413792000 * 10**9 + 750_000_000
+
+
+@pytest.mark.parametrize("backend_name", ["virtiofsd", "virtiofsd-rs", "refdev"])
+def test_times_before_1970(tmp_path: Path, export_dir: Path, backend_name: str) -> None:
+    """FUSE's time seconds are u64 on the wire, signed for the kernel: a file dated
+    before 1970 is listed and stat'ed, and such times are set, through the mount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (export_dir / "old").write_text("x")
+    os.utime(export_dir / "old", ns=(OLD_ATIME_NS, OLD_MTIME_NS))
+    (export_dir / "future").write_text("z")  # past 2262: more ns than an int64 holds
+    os.utime(export_dir / "future", ns=(FUTURE_NS, FUTURE_NS))
+    with served(export_dir, mnt, tmp_path / "dev.sock", backend_name=backend_name):
+        assert sorted(os.listdir(mnt)) == ["future", "old"]
+        assert os.stat(mnt / "future").st_mtime_ns == FUTURE_NS
+        listing = subprocess.run(["ls", "-l", "--time-style=+%Y-%m-%d", str(mnt)],
+                                 capture_output=True, text=True, timeout=30,
+                                 env={**os.environ, "TZ": "UTC"})
+        assert listing.returncode == 0 and " 1969-12-31 old" in listing.stdout, listing.stderr
+        st = os.stat(mnt / "old")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (OLD_ATIME_NS, OLD_MTIME_NS)
+
+        (mnt / "new").write_text("y")
+        os.utime(mnt / "new", ns=(OLD_ATIME_NS, OLD_MTIME_NS))
+        host = os.stat(export_dir / "new")
+        assert (host.st_atime_ns, host.st_mtime_ns) == (OLD_ATIME_NS, OLD_MTIME_NS)
+        st = os.stat(mnt / "new")
+        assert (st.st_atime_ns, st.st_mtime_ns) == (OLD_ATIME_NS, OLD_MTIME_NS)
+        run("touch", "-d", "1960-01-01 00:00:00 UTC", str(mnt / "g"))
+        assert os.stat(export_dir / "g").st_mtime == -315619200
+        assert os.stat(mnt / "g").st_mtime == -315619200

@@ -167,3 +167,50 @@ def test_random_requests_always_get_a_well_formed_answer(
         assert error == 0 or length == 16
     # every failure was an expected one: none went through the catch-all for bugs
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_times_before_1970_and_negative_lseek_offsets_are_signed(server: FuseServer) -> None:
+    """fuse_attr's and fuse_setattr_in's seconds and fuse_lseek_in's offset are u64
+    on the wire, signed (two's complement) for the kernel."""
+    init(server)
+    nodeid, fh = _open(server, 4)
+    setattr = abi.pack("fuse_setattr_in", valid=abi.FATTR_ATIME | abi.FATTR_MTIME,
+                       atime=(-315619200) & (2**64 - 1), atimensec=250_000_000,
+                       mtime=(-1) & (2**64 - 1), mtimensec=500_000_000)
+    _, error, _, payload = reply(server.handle(request(Opcode.SETATTR, 8, nodeid, setattr),
+                                               ROOM))
+    assert error == 0
+    st = os.stat(server.source + "/f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (-315619200 * 10**9 + 250_000_000, -500_000_000)
+    for data in (payload, reply(server.handle(request(Opcode.GETATTR, 10, nodeid, bytes(16)),
+                                              ROOM))[3]):
+        attr = abi.unpack("fuse_attr_out", data).attr
+        signed = struct.unpack("<qq", struct.pack("<QQ", attr.atime, attr.mtime))
+        assert signed == (-315619200, -1)
+        assert (attr.atimensec, attr.mtimensec) == (250_000_000, 500_000_000)
+    lseek = abi.pack("fuse_lseek_in", fh=fh, offset=(-1) & (2**64 - 1), whence=os.SEEK_DATA)
+    assert reply(server.handle(request(Opcode.LSEEK, 12, nodeid, lseek), ROOM))[1] == -errno.ENXIO
+    lseek = abi.pack("fuse_lseek_in", fh=fh, offset=1, whence=os.SEEK_DATA)
+    _, error, _, payload = reply(server.handle(request(Opcode.LSEEK, 14, nodeid, lseek), ROOM))
+    assert error == 0 and abi.unpack("fuse_lseek_out", payload).offset == 1
+
+
+def test_write_appends_only_while_the_file_has_o_append(server: FuseServer) -> None:
+    """The host file is opened without O_APPEND; each WRITE's flags (the guest
+    file's current ones, F_SETFL included) say whether it appends."""
+    init(server)
+    entry = abi.unpack("fuse_entry_out", reply(server.handle(
+        request(Opcode.LOOKUP, 4, body=b"f\0"), ROOM))[3])
+    opened = abi.pack("fuse_open_in", flags=os.O_WRONLY | os.O_APPEND)
+    fh = abi.unpack("fuse_open_out", reply(server.handle(
+        request(Opcode.OPEN, 6, entry.nodeid, opened), ROOM))[3]).fh
+
+    def write(unique: int, offset: int, flags: int, data: bytes) -> None:
+        body = abi.pack("fuse_write_in", fh=fh, offset=offset, size=len(data), flags=flags)
+        _, error, _, payload = reply(server.handle(
+            request(Opcode.WRITE, unique, entry.nodeid, body + data), ROOM))
+        assert error == 0 and abi.unpack("fuse_write_out", payload).size == len(data)
+
+    write(8, 0, os.O_WRONLY, b"Z")  # O_APPEND cleared by F_SETFL: in place
+    write(10, 0, os.O_WRONLY | os.O_APPEND, b"XY")  # the offset does not matter
+    assert (Path(server.source) / "f").read_bytes() == b"ZbcXY"

@@ -175,3 +175,110 @@ def test_names_over_255_bytes_are_enametoolong(mounted: tuple[Path, Path]) -> No
             call()
         assert info.value.errno == errno.ENAMETOOLONG
     os.mkdir(mnt / long[1:])  # 255 bytes is a name
+
+
+#: 1960-01-01T00:00:00.25 UTC and 1969-12-31T23:59:59.5 UTC, in ns: before the epoch
+OLD_ATIME_NS = -315619200 * 10**9 + 250_000_000
+OLD_MTIME_NS = -500_000_000
+
+
+def test_times_before_1970_read_and_set(mounted: tuple[Path, Path]) -> None:
+    """FUSE's time seconds are u64 on the wire but signed for the kernel: a file
+    dated before 1970 is listed and stat'ed with its own times, and such times
+    can be set through the mount (touch -d 1960-01-01)."""
+    source, mnt = mounted
+    (source / "old").write_text("x")
+    os.utime(source / "old", ns=(OLD_ATIME_NS, OLD_MTIME_NS))
+    assert sorted(os.listdir(mnt)) == ["old"]
+    st = os.stat(mnt / "old")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (OLD_ATIME_NS, OLD_MTIME_NS)
+    ls = subprocess.run(["ls", "-l", "--time-style=+%Y-%m-%d", str(mnt)],
+                        capture_output=True, text=True, timeout=30,
+                        env={**os.environ, "TZ": "UTC"})
+    assert ls.returncode == 0 and " 1969-12-31 old" in ls.stdout, ls.stderr
+
+    (mnt / "new").write_text("y")
+    os.utime(mnt / "new", ns=(OLD_ATIME_NS, OLD_MTIME_NS))
+    host = os.stat(source / "new")
+    assert (host.st_atime_ns, host.st_mtime_ns) == (OLD_ATIME_NS, OLD_MTIME_NS)
+    touch = subprocess.run(["touch", "-d", "1960-01-01 00:00:00 UTC", str(mnt / "g")],
+                           capture_output=True, text=True, timeout=30)
+    assert touch.returncode == 0, touch.stderr
+    assert os.stat(source / "g").st_mtime == -315619200
+    assert os.stat(mnt / "g").st_mtime == -315619200
+
+
+def test_lseek_data_and_hole_at_negative_offsets_as_the_host(mounted: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """The kernel hands SEEK_DATA/SEEK_HOLE's offset on as it is (an loff_t): the
+    device must ask the host with the same signed offset and give its answer."""
+    _, mnt = mounted
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    def results(path: Path) -> list[object]:
+        path.write_bytes(b"data" * 1000)
+        fd = os.open(path, os.O_RDONLY)
+        out: list[object] = []
+        try:
+            for offset in (-1, -4096, -(1 << 63), 0, 10, 4000, 1 << 40):
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try:
+                        out.append(os.lseek(fd, offset, whence))
+                    except OSError as exc:
+                        out.append(errno.errorcode[exc.errno])
+        finally:
+            os.close(fd)
+        return out
+
+    expected = results(plain / "f")
+    assert expected[:2] == ["ENXIO", "ENXIO"]  # ext4 (and tmpfs) answer ENXIO before 0
+    assert results(mnt / "f") == expected
+
+
+def test_append_follows_the_current_file_flags(mounted: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """O_APPEND cleared (and set again) with fcntl(F_SETFL) takes effect at once, as
+    on a local file system; so does pwritev2(RWF_APPEND) on a file without it."""
+    source, mnt = mounted
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    def run(path: Path) -> bytes:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"abcdef")
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b"Z")
+            assert os.pwrite(fd, b"W", 1) == 1
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
+            os.write(fd, b"XY")
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+            assert os.pwritev(fd, [b"Q"], 0, os.RWF_APPEND) == 1
+            assert os.pwrite(fd, b"V", 2) == 1
+        finally:
+            os.close(fd)
+        return path.read_bytes()
+
+    expected = run(plain / "f")
+    assert expected == b"ZWVdefXYQ"
+    assert run(mnt / "f") == expected
+    assert (source / "f").read_bytes() == expected
+
+
+def test_mmap_writes_through_an_o_append_file_stay_in_place(mounted: tuple[Path, Path]) -> None:
+    """The kernel writes a shared mapping's dirty pages back through any writable
+    open file of the inode, here an O_APPEND one: the pages must land where they
+    belong, not at the end of the file."""
+    source, mnt = mounted
+    p = mnt / "mapped"
+    p.write_bytes(b"." * 8192)
+    fd = os.open(p, os.O_RDWR | os.O_APPEND)
+    try:
+        with mmap.mmap(fd, 8192) as m:
+            m[4096:4101] = b"hello"
+            m.flush()
+    finally:
+        os.close(fd)
+    assert (source / "mapped").read_bytes() == b"." * 4096 + b"hello" + b"." * 4091

@@ -62,6 +62,7 @@ COPY_CHUNK = 1 << 30
 NAME_MAX = 255
 MAX_EARLY_INTERRUPTS = 64
 U32_MAX = 0xFFFFFFFF
+U64_MASK = (1 << 64) - 1
 
 Reply = bytes | None
 NotifyLock = Callable[[int, int], None]
@@ -96,14 +97,26 @@ def _component(name: bytes) -> bytes:
     return name
 
 
+def _signed64(value: int) -> int:
+    """A u64 wire field the kernel reads as a signed 64-bit number (time seconds,
+    lseek offsets: two's complement)."""
+    return value - (1 << 64) if value & (1 << 63) else value
+
+
+def _wire_time(ns: int) -> int:
+    """The seconds of a time in ns as fuse_attr's u64 field: a time before 1970 is
+    negative, which the kernel reads back as a signed number."""
+    return (ns // 10**9) & U64_MASK
+
+
 def _attr(st: os.stat_result) -> dict[str, Any]:
     return dict(
         ino=st.st_ino,
         size=st.st_size,
         blocks=st.st_blocks,
-        atime=st.st_atime_ns // 10**9,
-        mtime=st.st_mtime_ns // 10**9,
-        ctime=st.st_ctime_ns // 10**9,
+        atime=_wire_time(st.st_atime_ns),
+        mtime=_wire_time(st.st_mtime_ns),
+        ctime=_wire_time(st.st_ctime_ns),
         atimensec=st.st_atime_ns % 10**9,
         mtimensec=st.st_mtime_ns % 10**9,
         ctimensec=st.st_ctime_ns % 10**9,
@@ -538,11 +551,16 @@ class FuseServer:
     # offset, size and our buffers need not meet the host file system's alignment (every
     # such read and write would fail with EINVAL). Host-side caching keeps the data
     # coherent for every other opener; durability is what fsync (or O_SYNC) asks for.
+    # O_APPEND is dropped too: fcntl(F_SETFL) can clear or set it on the guest's file
+    # without telling the device, and the kernel writes a mapping's dirty pages back
+    # through any writable file of the inode. Each WRITE carries the guest file's
+    # current flags instead (fuse_write_in.flags): see write().
     def _open_node(self, node: Node, flags: int) -> int:
         if stat.S_ISLNK(os.stat(node.fd).st_mode):
             raise OSError(errno.ELOOP, "open of a symlink node")
         # O_NOFOLLOW would refuse the /proc magic link; the node is known not to be a link
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
+                   | os.O_APPEND)
         return os.open(node.proc_path, flags | os.O_CLOEXEC)
 
     def open(self, hdr: Any, body: bytes) -> Any:
@@ -556,7 +574,7 @@ class FuseServer:
         name = _component(_name(body, abi.sizeof("fuse_create_in"))[0])
         parent = self._node(hdr.nodeid)
         flags = (arg.flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~(
-            os.O_NOCTTY | os.O_DIRECT
+            os.O_NOCTTY | os.O_DIRECT | os.O_APPEND
         )
         # O_EXCL first: a file that exists (another mount made it since the guest's
         # LOOKUP) is opened as it is, keeping its owner and mode, as open(O_CREAT) does
@@ -596,7 +614,12 @@ class FuseServer:
         if arg.size > len(data) or arg.size > MAX_WRITE:
             raise OSError(errno.EINVAL, f"WRITE of {arg.size} bytes carries {len(data)}")
         fd = self._inodes.handle(arg.fh).fd
-        written = os.pwrite(fd, data[: arg.size], arg.offset)
+        if arg.flags & os.O_APPEND:
+            # the guest file has O_APPEND now: at the host file's end, atomically (the
+            # kernel's offset is its idea of the size, which another mount may change)
+            written = os.pwritev(fd, [data[: arg.size]], 0, os.RWF_APPEND)
+        else:
+            written = os.pwrite(fd, data[: arg.size], arg.offset)
         return abi.new("fuse_write_out", size=written)
 
     def flush(self, hdr: Any, body: bytes) -> bytes:
@@ -644,7 +667,8 @@ class FuseServer:
 
     def lseek(self, hdr: Any, body: bytes) -> Any:
         arg = abi.unpack("fuse_lseek_in", body)
-        offset = os.lseek(self._inodes.handle(arg.fh).fd, arg.offset, arg.whence)
+        # the kernel's loff_t as it came: the host answers a negative SEEK_DATA/HOLE
+        offset = os.lseek(self._inodes.handle(arg.fh).fd, _signed64(arg.offset), arg.whence)
         return abi.new("fuse_lseek_out", offset=offset)
 
     def copy_file_range(self, hdr: Any, body: bytes) -> Any:
@@ -808,7 +832,7 @@ def _time(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[
         return (0, host_calls.UTIME_OMIT)
     if valid & now_bit:
         return (0, host_calls.UTIME_NOW)
-    return (sec, nsec)
+    return (_signed64(sec), nsec)
 
 
 def _opname(opcode: int) -> str:
