@@ -97,6 +97,8 @@ class Pump:
         self.on_exit = on_exit
         self.exit: PumpExit | None = None
         self._final_stats: dict[str, int] | None = None  # kept when the native state goes
+        #: after close(): the slots whose requests the device had not answered
+        self.device_held: list[Slot] = []
         self._fds: list[int] = []
         self._kick: NativeKick | None = None
         self._hiprio = hiprio  # keeps the sender alive while the pump may use it
@@ -248,11 +250,15 @@ class Pump:
 
     def close(self) -> None:
         """Stop, release the native state, close the descriptors. The slots go back
-        to the device by the caller (VirtioFs.return_slots)."""
+        to the device by the caller (VirtioFs.return_slots), but for device_held."""
         self.stop()
         if self._thread.is_alive() or self._p == ffi.NULL:
             return  # never free what a running thread uses
         self._final_stats = self.stats()
+        # the device still holds these (their chains are on the ring): its late
+        # replies would land in whatever used the memory next
+        self.device_held = [slot for i, slot in enumerate(self.slots)
+                            if self._cslots[i].state == lib.VFSDRV_SLOT_RING]
         lib.vfsdrv_pump_free(self._p)
         self._p = ffi.NULL
         self._close_fds()

@@ -626,8 +626,14 @@ class Relay:
             self.fs.transport.keep_memory_mapped = True
         elif self.pumps:
             self.fs.take_back_request_queues()
+            # a slot the device still holds is not reused (by DESTROY, say) until
+            # the device is reset: a late reply would write into it
+            held = {id(slot) for p in self.pumps for slot in p.device_held}
+            if held:
+                log.info("%d request(s) the device had not answered: their buffers are "
+                         "not reused", len(held))
             for slots in self._lent:
-                self.fs.return_slots(slots)
+                self.fs.return_slots([slot for slot in slots if id(slot) not in held])
             self._lent.clear()
         if self._event_fd >= 0:
             os.close(self._event_fd)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -216,6 +217,35 @@ def test_a_request_left_behind_fails_the_mount(tmp_path: Path, control: DeviceCo
         _wait_for(rf"the device is unresponsive: request queue \d+: a request has waited "
                   rf"[\d.]+ s while the device answered later ones \(-o request_timeout="
                   rf"{TIMEOUT}\)", log, 10)
+
+
+def test_a_request_the_device_still_holds_at_shutdown_keeps_its_buffer(
+        tmp_path: Path, control: DeviceControl) -> None:
+    """The server stops (SIGTERM) while the device holds a LOOKUP: the program gets
+    an error, DESTROY still goes to the device, and the held request's buffer is not
+    reused for it (a late reply would land there)."""
+    with inprocess_refdev_mount(tmp_path, "--ring", "split", verbose=True) as (mnt, log, _):
+        (tmp_path / "export" / "g").write_text("its LOOKUP is held")
+        control.drop = lambda req: struct.unpack_from("<I", req, 4)[0] == 1 and \
+            req[40:].rstrip(b"\0") == b"g"
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(mnt / "g")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 15
+            while not control.held:
+                assert time.monotonic() < deadline, "the LOOKUP never reached the device"
+                time.sleep(0.02)
+            os.kill(status_of(mnt)["pid"], signal.SIGTERM)
+            out, _ = reader.communicate(timeout=30)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait(5)
+        assert out.split()[0] in ("ECONNABORTED", "ENOTCONN"), out
+        text = _wait_for(r"1 request\(s\) the device had not answered: their buffers are "
+                         r"not reused", log, 15)
+        _wait_for("FUSE_DESTROY sent to the device", log, 15)
+        assert "Traceback" not in text
 
 
 def test_a_slow_device_that_keeps_answering_does_not_trip_it(

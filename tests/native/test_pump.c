@@ -50,6 +50,18 @@ static int two_read_one_waiting(const struct vfsdrv_pump_stats *s)
     return s->requests == 2 && s->queue_full == 1;
 }
 
+/* Whether has_setlkw(unique) comes to say `want` within 5 s (the pump frees a
+ * slot just after writing its reply). */
+static int setlkw_seen(struct vfsdrv_pump *p, uint64_t unique, int want)
+{
+    for (int i = 0; i < 5000; i++) {
+        if (vfsdrv_pump_has_setlkw(p, unique) == want)
+            return want;
+        usleep(1000);
+    }
+    return !want;
+}
+
 /* The device answers the chain on its ring with an error reply to `unique`. */
 static void device_answers(struct rd_dev *d, int irq, uint64_t unique)
 {
@@ -120,16 +132,26 @@ void test_pump_pending_setlkw_is_seen(void)
     EQ(vfsdrv_pump_has_setlkw(p, 104), 0);
     device_answers(&d, irq, 100);
     EQ(reply_unique(blk[1]), 100);
-    EQ(vfsdrv_pump_has_setlkw(p, 100), 0);
+    EQ(setlkw_seen(p, 100, 0), 0);
     EQ(vfsdrv_pump_has_setlkw(p, 102), 1);  /* now on the ring */
     device_answers(&d, irq, 102);
     EQ(reply_unique(nb[1]), 102);
-    EQ(vfsdrv_pump_has_setlkw(p, 102), 0);
+    EQ(setlkw_seen(p, 102, 0), 0);
+    send_setlkw(blk[1], 104);  /* read idle again; on the ring when the pump stops */
+    EQ(setlkw_seen(p, 104, 1), 1);
     while (vfsdrv_pump_running(p)) {
         vfsdrv_pump_stop(p);
         usleep(1000);
     }
     pthread_join(t, NULL);
+    /* the relay keeps exactly the slots still on the ring out of reuse */
+    int on_ring = 0;
+    for (int i = 0; i < 4; i++)
+        if (slots[i].state == VFSDRV_SLOT_RING) {
+            on_ring++;
+            EQ(slots[i].unique, 104);
+        }
+    EQ(on_ring, 1);
     vfsdrv_pump_free(p);
     for (int i = 0; i < 4; i++)
         free(slots[i].host);
