@@ -24,6 +24,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def nonempty_path(text: str) -> str:
+    """A path that is not empty (an empty one would mean the current directory to
+    realpath() and friends: a mount over it, a socket named after nothing)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a file or directory name")
+    return text
+
+
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: a whole number from lo to hi."""
     def parse(text: str) -> int:

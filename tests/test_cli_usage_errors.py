@@ -74,3 +74,30 @@ def test_check_without_a_device_is_a_usage_error_and_json_always_answers(tmp_pat
     assert r.returncode == 1
     doc = json.loads(r.stdout)  # a program reading stdout gets an answer it can parse
     assert doc["ok"] is False and "cannot connect" in doc["error"], doc
+
+
+@pytest.mark.parametrize("args", [
+    ("mount", "--vhost-user", "/nonexistent.sock", ""),
+    ("umount", ""),
+    ("mount", "--vhost-user", "", "/mnt"),
+    ("check", "--vhost-user", ""),
+])
+def test_an_empty_path_is_a_usage_error(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """"" is not the current directory: no mount over it, no unmount of it."""
+    r = subprocess.run([*VFSDRV, *args], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "an empty path" in r.stderr, r.stderr
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+def test_the_helper_refuses_an_empty_mount_point(tmp_path: Path, capsys) -> None:
+    from vfsdrv.tools.mount import mount_helper_main
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert mount_helper_main([str(tmp_path / "x.sock"), ""]) == 32
+    finally:
+        os.chdir(cwd)
+    assert "the mount point is an empty path" in capsys.readouterr().err
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..cliargs import int_range, notify_code, seconds
+from ..cliargs import int_range, nonempty_path, notify_code, seconds
 from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("device (one of)")
-    src.add_argument("--vhost-user", metavar="SOCKET",
+    src.add_argument("--vhost-user", metavar="SOCKET", type=nonempty_path,
                      help="a vhost-user-fs backend's socket (virtiofsd, vfsdrv refdev)")
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function, through VFIO")
     src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "apart by length)")
     p.add_argument("--no-notification", action="store_true",
                    help="do not negotiate VIRTIO_FS_F_NOTIFICATION (no blocking locks)")
-    p.add_argument("--log", metavar="FILE",
+    p.add_argument("--log", metavar="FILE", type=nonempty_path,
                    help="append the server's messages to FILE (also with -f and -d; without "
                    "it a background server logs to syslog/the journal)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
@@ -198,7 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ring", choices=RING_LAYOUTS, default=None,
                    help="virtqueue layout (default: packed when the device offers "
                    "VIRTIO_F_RING_PACKED, else split)")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", type=nonempty_path)
     p.set_defaults(func=run_mount)
 
     u = sub.add_parser("umount", help="unmount a vfsdrv mount",
@@ -206,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "ends the device session and exits).")
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if busy; the file system goes when no longer used")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", type=nonempty_path)
     u.set_defaults(func=run_umount)
 
 
@@ -276,6 +276,8 @@ def find_mount(path: str) -> tuple[str, str]:
     its name. The mount point itself is never looked at: with a stuck device a stat
     of it would wait forever. Only the directories above it may be resolved (for a
     path through a symlink), and only when the name as given is not in the table."""
+    if not path:  # abspath("") is the current directory
+        raise MountError("the mount point is an empty path")
     table = mount_table()
 
     def lookup(candidate: str) -> str | None:

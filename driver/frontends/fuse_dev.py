@@ -303,6 +303,8 @@ def is_mount_point(path: str, *, resolved: bool = False) -> bool:
 
 def check_mountpoint(path: str) -> str:
     """The absolute mount point, or MountError saying why it cannot be used."""
+    if not path:  # realpath("") is the current directory
+        raise MountError("the mount point is an empty path")
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
