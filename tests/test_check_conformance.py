@@ -737,6 +737,23 @@ def test_pci_capability_checks_on_emulated_functions() -> None:
     assert "BAR" in c["pci.capabilities"]["observed"]
 
 
+def test_a_pci_function_that_is_not_virtio_fs_is_reported_as_pci() -> None:
+    """Another device (virtio-net's 1af4:1041): its identity items count as checked
+    (and failed), and nothing not reached is explained by vhost-user or --read-only."""
+    from test_pci_transport import make_function
+
+    report = Report("0000:00:03.0", "virtio-pci (VFIO)")
+    fn, _, _ = make_function(device=0x1041)
+    assert not check_pci_function(report, fn, CheckOptions())
+    assert not report.ok
+    cov = report.coverage()
+    assert {"D43", "D44", "D45", "D46"} <= set(cov["covered"]), cov["covered"]
+    reasons = " ".join([*cov["not_observable"].values(), *cov["not_reached"].values()])
+    assert "vhost-user transport" not in reasons and "--read-only" not in reasons, reasons
+    # features were never read: what they would decide is not reached, not "not offered"
+    assert "not offered" not in reasons and "not negotiated" not in reasons, reasons
+
+
 def test_pci_device_whose_reset_never_completes() -> None:
     """An emulated virtio-pci function (the transport's register protocol) whose status
     never reads back 0 after a reset: the reset check fails, the session is not attempted."""

@@ -161,7 +161,7 @@ def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
     bdf = normalize_bdf(bdf) if bdf else pf.find_by_tag(tag or "", sysfs)
     report = Report(device=bdf, transport="virtio-pci (VFIO)")
     with SysfsFunction(bdf, sysfs) as sfn:
-        usable = check_pci_function(report, sfn)
+        usable = check_pci_function(report, sfn, opts)
     if not usable:
         return report
     before = sysfs.driver(bdf)

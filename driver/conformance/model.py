@@ -176,7 +176,8 @@ class Report:
                 covered.append(item.id)
             elif item.reason:
                 not_observable[item.id] = item.reason
-            elif item.when and not self.context.get(item.when, False):
+            elif item.when and item.when in self.context and not self.context[item.when]:
+                # known not to hold (a condition never established is not reached)
                 not_observable[item.id] = CONDITIONS[item.when]
             else:
                 why = next((skipped[cid] for cid in item.checks if cid in skipped),

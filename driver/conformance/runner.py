@@ -99,10 +99,14 @@ def _fmt_ms(seconds: float) -> str:
 # -- PCI: identity and capabilities ------------------------------------------------------------
 
 
-def check_pci_function(report: Report, fn: PciFunction) -> bool:
+def check_pci_function(report: Report, fn: PciFunction,
+                       options: CheckOptions | None = None) -> bool:
     """Identity, capability layout, device cfg size. Returns False if the function is not
     usable as a virtio-fs device (the other checks are then pointless)."""
     from ..virtio import pci as vpci
+
+    # a PCI function, whether or not it turns out usable (the coverage's reasons)
+    set_context(report, options or CheckOptions(), pci=True, device_status=True)
 
     vendor, dev = struct.unpack("<HH", fn.config_read(0, 4))
     ident = f"{vendor:04x}:{dev:04x}"
@@ -163,6 +167,12 @@ def _is_vhost_user(t: Transport) -> bool:
     return isinstance(t, VhostUserTransport)
 
 
+def set_context(report: Report, opt: CheckOptions, *, pci: bool, device_status: bool) -> None:
+    """What the set-up makes observable, for the coverage's reasons (CONDITIONS)."""
+    report.context.update(pci=pci, device_status=device_status,
+                          config_space=not opt.config_supplied, writable=not opt.read_only)
+
+
 def run_checks(transport: Transport, report: Report, options: CheckOptions | None = None) -> Report:
     """Every transport-independent check, then the live session. Closes nothing: the
     caller owns the transport (but the device is reset at the end)."""
@@ -172,8 +182,7 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
 
     has_status = not vhost or bool(getattr(t, "has_status", False))
     pci = hasattr(t, "common") and hasattr(t, "caps")
-    report.context.update(pci=pci, device_status=has_status,
-                          config_space=not opt.config_supplied, writable=not opt.read_only)
+    set_context(report, opt, pci=pci, device_status=has_status)
 
     # reset ---------------------------------------------------------------------------------
     reset_note = ""
