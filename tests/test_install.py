@@ -333,3 +333,14 @@ def test_udev_config_takes_a_timeout(tmp_path: Path) -> None:
         conf.write_text(f"[tag:a]\ntimeout = {bad}\n")
         with pytest.raises(udev.UdevConfigError, match="give seconds"):
             udev.load_config(conf)
+
+
+@pytest.mark.parametrize("cmd", [("install",), ("udev", "install")])
+def test_a_root_that_is_a_file_is_a_one_line_error(tmp_path: Path, cmd: tuple[str, ...]) -> None:
+    root = tmp_path / "file"
+    root.write_text("not a directory\n")
+    r = vfsdrv(*cmd, "--root", root, "--no-reload")
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.startswith(f"vfsdrv: error: cannot write {root}/") and \
+        "Not a directory" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert root.read_text() == "not a directory\n"

@@ -97,6 +97,11 @@ def _main(argv: list[str] | None) -> int:
     except PermissionError as exc:
         print(f"vfsdrv: error: {exc} (most commands need root)", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # one line, as for the errors above; -v shows where it came from
+        logging.getLogger("vfsdrv").info("the failure", exc_info=True)
+        print(f"vfsdrv: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

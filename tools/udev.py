@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import hashlib
 import os
 import re
@@ -278,11 +279,16 @@ def check(targets: list[Target], by: str) -> None:
 
 
 def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.vfsdrv-new")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)  # never a half-written file for a concurrent reader
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        os.replace(tmp, path)  # never a half-written file for a concurrent reader
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise VfsdrvError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
