@@ -9,8 +9,8 @@ FUSE_NOTIFY_LOCK, a FUSE_INTERRUPT of a waiting lock, FORGET and BATCH_FORGET,
 FUSE_DESTROY, reset), then through two probes (a device offering a feature bit
 the spec leaves undefined; one refusing FEATURES_OK), and prints, for every
 driver-normative statement the device can observe, whether it held, was
-violated or was not exercised, and how many statements of the checklist (the
-docs/driver-checklist.rst, items 1-67) were covered.
+violated or was not exercised, and how many statements of the checklist
+(docs/driver-checklist.rst, items 1-67) were covered.
 
 Exit status: 0 when no MUST statement was violated (SHOULD violations are
 warnings), 1 otherwise or when the workload itself failed.

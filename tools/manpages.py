@@ -45,23 +45,57 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     for a in parser._actions:
         if a.help == argparse.SUPPRESS or isinstance(a, argparse._SubParsersAction):
             continue
+        # what --help shows: the metavar, else the choices ({relay,pyfuse3}), else DEST
+        choices = "{" + ",".join(map(str, a.choices)) + "}" if a.choices else None
         if a.option_strings:
-            metavar = "" if a.nargs == 0 else " " + (a.metavar or a.dest.upper())
+            metavar = "" if a.nargs == 0 else " " + (a.metavar or choices or a.dest.upper())
             # "\\-": a minus sign, so that the option can be searched and pasted
             head = ", ".join(f"\\fB{_dash(o)}\\fR{metavar}" for o in a.option_strings)
         else:
-            head = f"\\fI{a.metavar or a.dest}\\fR"
+            head = f"\\fI{a.metavar or choices or a.dest}\\fR"
         text = (a.help or "").replace("%(default)s", str(a.default)).replace("%%", "%")
         lines += [".TP", head, _roff(text)]
     return lines
 
 
-def _command_section(title: str, p: argparse.ArgumentParser, helptext: str) -> list[str]:
-    usage = p.format_usage().removeprefix("usage: ").strip()
-    lines = [f".SS {title}", _roff(helptext), ".PP", f"\\fB{_roff(usage)}\\fR"]
+def _usage(p: argparse.ArgumentParser) -> list[str]:
+    """The usage, filled by roff (argparse's own wrapping would come out ragged), left
+    adjusted with a hanging indent; an option and its value ([--ring {split,packed}])
+    are not split, nor hyphenated (\\%)."""
+    words = p.format_usage().removeprefix("usage: ").split()
+    out, depth = "", 0
+    for i, word in enumerate(words):
+        if i:
+            out += "\\ " if depth > 0 else " "
+        depth += word.count("[") + word.count("(") - word.count("]") - word.count(")")
+        out += "\\%" + _dash(word)
+    return [".PP", ".ad l", ".in +4n", ".ti -4n", f"\\fB{out}\\fR", ".in", ".ad b"]
+
+
+def _text(p: argparse.ArgumentParser, text: str) -> list[str]:
+    """A description or epilog: as written when the parser keeps it so (a module
+    docstring with its own layout), else filled."""
+    if issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter):
+        return [".PP", ".nf", _roff(text.strip("\n")), ".fi"]
+    return [".PP", _roff(" ".join(text.split()))]
+
+
+def _command_section(title: str, p: argparse.ArgumentParser, helptext: str,
+                     seen: dict[str, str]) -> list[str]:
+    """`seen`: description or epilog -> the command it was shown under (commands of
+    one module share its docstring: shown once, then pointed to)."""
+    lines = [f".SS {title}", _roff(helptext), *_usage(p)]
+    for text in (p.description, p.epilog):
+        if not text or " ".join(text.split()) == " ".join(helptext.split()):
+            continue
+        if text in seen:
+            lines += [".PP", f"See \\fBvfsdrv {seen[text]}\\fR above."]
+        else:
+            seen[text] = title
+            lines += _text(p, text)
     lines += _options(p)
     for name, child in _subparsers(p).items():
-        lines += _command_section(f"{title} {name}", child, _help_of(p, name))
+        lines += _command_section(f"{title} {name}", child, _help_of(p, name), seen)
     return lines
 
 
@@ -77,10 +111,13 @@ def man_pages() -> dict[str, str]:
             ".SH SYNOPSIS", "\\fBvfsdrv\\fR [\\fB\\-v\\fR] \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
             ".SH DESCRIPTION", _roff(parser.description or ""),
             ".SH OPTIONS", *_options(parser), ".SH COMMANDS"]
+    seen: dict[str, str] = {}
     for name, child in _subparsers(parser).items():
-        head += _command_section(name, child, _help_of(parser, name))
+        head += _command_section(name, child, _help_of(parser, name), seen)
     head += [".SH FILES", "/etc/vfsdrv.conf, /etc/fstab; /run/vfsdrv: the claims of bound "
-             "PCI functions, mounts/PID.sock (each server's status socket), mount.log "
+             "PCI functions, mounts/PID.sock (each server's status socket) and mounts/PID.json "
+             "(its mount point, source, pid and frontend, for status when the server does not "
+             "answer), mount.log "
              "(a background server's messages when there is no syslog)",
              ".SH ENVIRONMENT", "VFSDRV_CONF: another /etc/vfsdrv.conf; VFSDRV_STATE_DIR: "
              "another /run/vfsdrv",

@@ -457,7 +457,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             a.add_argument("--no-mount", action="store_true", help="bind only")
         if name == "mount":
             a.add_argument("-f", "--foreground", action="store_true",
-                           help="serve in the foreground (systemd Type=simple)")
+                           help="serve in the foreground, as the unit (Type=notify) runs "
+                                "it: systemd hears READY=1 once the mount is usable")
             a.add_argument("instance", metavar="INSTANCE", help="a tag or a PCI address")
         a.set_defaults(func={"show": run_show, "add": run_add, "mount": run_mount}[name])
 
