@@ -79,7 +79,7 @@ from collections.abc import Callable
 from .._native import lib
 from ..errors import DeviceGoneError, VfsdrvError
 from ..fs import abi
-from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, InitFlag, Opcode
+from ..fs.abi import IN_HEADER_SIZE, OUT_HEADER_SIZE, InitFlag, Opcode, opcode_name
 from ..fs.device import Completion, VirtioFs
 from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
@@ -385,8 +385,7 @@ class Relay:
                                     self.mountpoint)
                     break
         except FrontendError as exc:
-            log.error("%s", exc)
-            self.error = exc
+            self.error = exc  # raised by run(): its caller reports it (once)
         except DeviceGoneError as exc:
             self._device_failed(f"the device went away: {exc}")
         except VfsdrvError as exc:
@@ -675,18 +674,18 @@ class Relay:
         elif kind == lib.VFSDRV_EV_BAD_REPLY:
             self.fs.stats["bad_reply"] += 1
             log.warning("device sent a bad reply to %s (unique %d): %s; answered EIO",
-                        _opname(opcode), unique, why)
+                        opcode_name(opcode), unique, why)
             if opcode == Opcode.SETLKW and self.fs.notification:
                 # the kernel was told it failed; a device that parked the lock must
                 # not grant it later to nobody (the lock would stay held)
                 self._to_hiprio(interrupt_request(unique))
         elif kind == lib.VFSDRV_EV_BAD_REQUEST:
-            log.warning("request %d (%s) not forwarded: %s", unique, _opname(opcode), why)
+            log.warning("request %d (%s) not forwarded: %s", unique, opcode_name(opcode), why)
         elif kind == lib.VFSDRV_EV_TRACE_REQUEST:
             if opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
                 # no reply will come (the pump may have sent it to hiprio already)
                 reqlog.debug("unique %d %s nodeid %d (hiprio, no reply)", unique,
-                             _opname(opcode), arg)
+                             opcode_name(opcode), arg)
             else:
                 self._pending_debug[unique] = (opcode, arg, time.monotonic())
         elif kind == lib.VFSDRV_EV_TRACE_REPLY:
@@ -727,13 +726,13 @@ class Relay:
             self._reply_error(fd, unique, -errno.EPROTO if opcode == Opcode.INIT else -errno.EIO)
         pump.give(slot)
         if self.debug and opcode != Opcode.INTERRUPT:
-            reqlog.debug("unique %d %s (control plane)", unique, _opname(opcode))
+            reqlog.debug("unique %d %s (control plane)", unique, opcode_name(opcode))
 
     def _to_hiprio(self, data: bytes) -> None:
         _len, opcode, unique, nodeid = IN_HEADER.unpack_from(data, 0)
         if self.debug and opcode not in (Opcode.FORGET, Opcode.BATCH_FORGET):
             self._pending_debug.pop(unique, None)  # forgets were logged when traced
-            reqlog.debug("unique %d %s nodeid %d (no reply)", unique, _opname(opcode), nodeid)
+            reqlog.debug("unique %d %s nodeid %d (no reply)", unique, opcode_name(opcode), nodeid)
         self.fs.send_hiprio(data)  # a full ring keeps it in the device's backlog
 
     # -- replies and notifications to the kernel -----------------------------------------
@@ -748,7 +747,7 @@ class Relay:
         _op, nodeid, t0 = info if info else (opcode, 0, time.monotonic())
         result = "ok" if err == 0 else f"{err} ({errno.errorcode.get(-err, '?')})"
         reqlog.debug("unique %d %s nodeid %d -> %s, %d bytes, %.2f ms", unique,
-                     _opname(opcode), nodeid, result, length, (time.monotonic() - t0) * 1e3)
+                     opcode_name(opcode), nodeid, result, length, (time.monotonic() - t0) * 1e3)
 
     def _write(self, fd: int, data: bytes | memoryview, unique: int) -> None:
         if self.conn_gone:
@@ -1009,8 +1008,3 @@ def interrupt_request(target: int) -> bytes:
     return head + bytes(IN_HEADER_SIZE - IN_HEADER.size) + body
 
 
-def _opname(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode}"

@@ -884,8 +884,8 @@ class Pending:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
-                    f"{self.fs.transport.name}: no reply to FUSE opcode {self.opcode} "
-                    f"(unique {self.unique}) within {timeout} s"
+                    f"{self.fs.transport.name}: no reply to {abi.opcode_name(self.opcode)} "
+                    f"(unique {self.unique}) within {timeout:.3g} s"
                 )
             try:
                 self.fs.wait(remaining if remaining is None else min(remaining, 0.5))
@@ -896,5 +896,5 @@ class Pending:
         if err == -errno.ENOTCONN and self.fs.broken is not None:
             raise self.fs.broken  # the device failed: say why, not just ENOTCONN
         if err < 0:
-            raise OSError(-err, f"{os.strerror(-err)} (FUSE opcode {Opcode(self.opcode).name})")
+            raise OSError(-err, f"{os.strerror(-err)} ({abi.opcode_name(self.opcode)})")
         return self.data

@@ -687,20 +687,15 @@ class SessionAudit:
             a.held("67b")
         hiprio_op = opcode in abi.HIPRIO_OPCODES
         if role == "hiprio":
-            a.check("61", hiprio_op, f"{w}: opcode {_opname(opcode)} on the hiprio queue")
+            a.check("61", hiprio_op, f"{w}: opcode {abi.opcode_name(opcode)} on the hiprio queue")
             if hiprio_op:
-                a.held("60", f"{_opname(opcode)} on hiprio")
+                a.held("60", f"{abi.opcode_name(opcode)} on hiprio")
         else:
-            a.check("60", not hiprio_op, f"{w}: {_opname(opcode)} on a {role} queue")
+            a.check("60", not hiprio_op, f"{w}: {abi.opcode_name(opcode)} on a {role} queue")
             if not hiprio_op:
                 a.held("61")
 
 
-def _opname(opcode: int) -> str:
-    try:
-        return abi.Opcode(opcode).name
-    except ValueError:
-        return str(opcode)
 
 
 def _driver_ok_queued(sock: socket.socket, reply_ack: bool) -> bool | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from ..fs import abi
-from ..fs.abi import InitFlag, Opcode
+from ..fs.abi import InitFlag, Opcode, opcode_name
 from . import host_calls
 from .inode_table import DirEntry, Handle, InodeTable, Node
 from .lock_table import F_UNLCK, Lock, LockResult, LockTable
@@ -230,7 +230,7 @@ class FuseServer:
             log.debug(
                 "session %d: %s unique %d node %d",
                 self.session,
-                _opname(hdr.opcode),
+                opcode_name(hdr.opcode),
                 hdr.unique,
                 hdr.nodeid,
             )
@@ -835,11 +835,6 @@ def _time(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[
     return (_signed64(sec), nsec)
 
 
-def _opname(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode}"
 
 
 def _record_posix_owner(handle: Handle, owner: int) -> None:
