@@ -147,3 +147,18 @@ def test_nofail_forgives_a_pci_function_that_is_not_there(tmp_path: Path, spec: 
     assert mount_helper_main([spec, str(tmp_path), "-o", "nofail"]) == 0
     err = capsys.readouterr().err
     assert "nofail: not mounted, no error" in err and "no " in err
+
+
+def test_mount_log_is_moved_aside_when_it_has_grown(tmp_path: Path) -> None:
+    """A starting background server moves a mount.log past the limit to mount.log.1
+    (the one before is replaced) and starts a new one; a smaller one is appended to."""
+    from vfsdrv.tools.mount import MOUNT_LOG_LIMIT, _rotated
+
+    log = tmp_path / "mount.log"
+    log.write_text("small\n")
+    assert _rotated(log) == log and log.read_text() == "small\n"
+    (tmp_path / "mount.log.1").write_text("oldest\n")
+    log.write_bytes(b"x" * (MOUNT_LOG_LIMIT + 1))
+    assert _rotated(log) == log and not log.exists()
+    assert (tmp_path / "mount.log.1").stat().st_size == MOUNT_LOG_LIMIT + 1
+    assert _rotated(tmp_path / "none.log") == tmp_path / "none.log"  # nothing yet: fine

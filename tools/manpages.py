@@ -118,7 +118,8 @@ def man_pages() -> dict[str, str]:
              "PCI functions, mounts/PID.sock (each server's status socket) and mounts/PID.json "
              "(its mount point, source, pid and frontend, for status when the server does not "
              "answer), mount.log "
-             "(a background server's messages when there is no syslog)",
+             "(a background server's messages when there is no syslog; moved to mount.log.1 "
+             "by a server starting when it has passed 1 MiB)",
              ".SH ENVIRONMENT", "VFSDRV_CONF: another /etc/vfsdrv.conf; VFSDRV_STATE_DIR: "
              "another /run/vfsdrv",
              ".SH EXIT STATUS", "0 success, 1 failure (what failed is on stderr; a command's "

@@ -40,6 +40,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from ..cliargs import int_range, nonempty_path, notify_code, seconds
@@ -828,6 +829,23 @@ def _stamp_lines() -> None:
             handler.setFormatter(fmt)
 
 
+#: mount.log's size past which a starting server moves it to mount.log.1 (one kept)
+MOUNT_LOG_LIMIT = 1 << 20
+
+
+def _rotated(path: Path) -> Path:
+    """`path`, moved to PATH.1 first when it has grown past MOUNT_LOG_LIMIT: each
+    server rotates it only as it starts, so that servers appending to it at once
+    never rotate it under one another (the rename is atomic; a server writing on
+    keeps its descriptor to the old file)."""
+    try:
+        if path.stat().st_size > MOUNT_LOG_LIMIT:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass  # no log yet, or not ours to move: append to what is there
+    return path
+
+
 def _log_to_syslog() -> None:
     """A background server's messages to syslog (the journal reads /dev/log); with
     no syslog daemon to /run/vfsdrv/mount.log, so that a dying server leaves a trace."""
@@ -845,7 +863,7 @@ def _log_to_syslog() -> None:
 
         try:
             run_dir().mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(run_dir() / "mount.log")
+            handler = logging.FileHandler(_rotated(run_dir() / "mount.log"))
             fmt = logging.Formatter(f"%(asctime)s {fmt._fmt}")
         except OSError:
             return
