@@ -51,7 +51,7 @@ def test_check_of_a_path_that_is_not_a_socket_fails_at_once(tmp_path: Path, what
 
 def test_mount_with_a_device_and_a_tag_is_refused(tmp_path: Path) -> None:
     r = run("mount", "--device", "0000:00:04.0", "--tag", "x", str(tmp_path))
-    assert r.returncode == 1 and "not both" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr
 
 
 def test_udev_add_reports_a_failure_once(tmp_path: Path) -> None:

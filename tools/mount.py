@@ -162,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "writes the replies it harvested together in one io_uring_enter where the "
                    "kernel allows io_uring (0: a writev each); "
                    "request_timeout=SECONDS (decimal digits such as 30 or 2.5, from 1 to "
-                   "4294967295; default 0: off): a request "
+                   "4294967295, or 0: off; default 120): a request "
                    "queue with requests in flight and nothing completed for that long, or one "
                    "request left unanswered that long while later ones are answered, means "
                    "the device is dead: waiting programs get an error, the mount stays and "
@@ -212,14 +212,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_mount(args: argparse.Namespace) -> int:
+    usage = args.command_parser.error  # a bad command line: status 2, with the usage
     chosen = [n for n in ("vhost_user", "device") if getattr(args, n)]
     if len(chosen) > 1:
-        raise MountError("give one of --vhost-user, --device (or --tag alone)")
+        usage("give one of --vhost-user, --device (or --tag alone)")
     if not chosen and not args.tag:
-        raise MountError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
+        usage("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
     if args.device and args.tag:
-        raise MountError("give --device BDF or --tag TAG, not both (--tag with --vhost-user "
-                         "names a backend that has no config space)")
+        usage("give --device BDF or --tag TAG, not both (--tag with --vhost-user names a "
+              "backend that has no config space)")
     req = MountRequest(
         mountpoint=args.mountpoint, vhost_user=args.vhost_user, device=args.device,
         tag=args.tag, request_queues=args.request_queues, threads=args.threads,
@@ -230,6 +231,10 @@ def run_mount(args: argparse.Namespace) -> int:
         log_file=args.log, timeout=args.timeout, iommu=args.iommu, ring=args.ring,
         force_4k_noiommu=args.force_4k_noiommu,
     )
+    try:
+        check_request(req)
+    except MountError as exc:
+        usage(str(exc))
     return mount(req)
 
 

@@ -69,6 +69,9 @@ PUMP_OPTIONS: dict[str, tuple[int, int, str]] = {
                  "one io_uring_enter where the kernel allows io_uring; 0: a writev each"),
 }
 #: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
+#: when not chosen: a stalled device ends its mount after 2 minutes instead of
+#: leaving programs waiting forever (the kernel's hung-task warning comes at 120 s)
+DEFAULT_REQUEST_TIMEOUT = 120.0
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: options that mount(8), fstab and systemd pass and that mean nothing to the file
 #: system (x-* and X-* too, see is_ignored)
@@ -110,8 +113,8 @@ class MountOptions:
     #: the relay's pump settings chosen by the user (PUMP_OPTIONS)
     pump: dict[str, int] = field(default_factory=dict)
     #: seconds without a completion, requests in flight, before the relay declares the
-    #: device dead (-o request_timeout=; 0: never)
-    request_timeout: float = 0.0
+    #: device dead (-o request_timeout=; 0: never; None: not chosen, the default)
+    request_timeout: float | None = None
     unknown: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)  # known options, bad values
 

@@ -52,13 +52,13 @@ afterwards lands in the directory underneath.
 
 A device can also stop answering and stay connected (the virtiofsd behind QEMU's
 vhost-user-fs-pci dies: the PCI function lives on). With -o request_timeout=N
-(off by default, like the kernel's own virtio-fs) the control thread reads the
-pumps' figures once a second: a request queue with requests in flight whose
-completions (replies, bad replies, "wait" answers to a SETLKW) have not moved
-for N seconds fails the device as above. Parked lock waits are off the ring and
-the hiprio and notification queues are not looked at, so neither a long
-blocking lock nor a quiet hiprio sender can trip it; the pumps' hot path is not
-touched.
+(120 s unless chosen; 0: off, as the kernel's own virtio-fs) the control thread
+reads the pumps' figures once a second: a request queue with requests in flight
+(SETLKWs aside) whose completions (replies, bad replies, "wait" answers to a
+SETLKW) have not moved for N seconds fails the device as above. Parked lock
+waits are off the ring and the hiprio and notification queues are not looked at,
+so neither a long blocking lock nor a quiet hiprio sender can trip it; the
+pumps' hot path is not touched.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ from ..fs.device import Completion, VirtioFs
 from ..fs.notify import LOCK_NOTIFY
 from .base import FrontendError
 from .fuse_dev import (
+    DEFAULT_REQUEST_TIMEOUT,
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
     STOP_GRACE,
@@ -191,7 +192,8 @@ class Relay:
         self._detached = False  # our unmount worker detached it: never unmount again
         self._worker_done = False
         self.dead = False  # the device failed: abort, keep the mount (ENOTCONN)
-        self.request_timeout = self.options.request_timeout  # seconds; 0: off
+        chosen = self.options.request_timeout  # seconds; 0: off
+        self.request_timeout = DEFAULT_REQUEST_TIMEOUT if chosen is None else chosen
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
         self._progress = ProgressClock()
         self._left_behind = LeftBehindClock()
@@ -441,8 +443,13 @@ class Relay:
                 continue
             st = pump.stats()
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
+            oldest = pump.oldest()
+            if oldest is None:
+                # only SETLKWs on the ring: a device without the notification queue
+                # may hold one until the lock is free, which is no stall
+                in_flight = 0
             stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
-            behind = self._left_behind.left_behind_for(pump.vq.index, pump.oldest(),
+            behind = self._left_behind.left_behind_for(pump.vq.index, oldest,
                                                        st["done_seq"], now)
             why = None
             if stalled >= self.request_timeout:

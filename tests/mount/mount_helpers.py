@@ -147,10 +147,10 @@ def inprocess_refdev_mount(base: Path, *mount_args: str,
         dev.stop()
 
 
-def refused_mount(base: Path, *mount_args: str) -> subprocess.CompletedProcess:
+def refused_mount(base: Path, *mount_args: str, status: int = 1) -> subprocess.CompletedProcess:
     """`vfsdrv mount <mount_args>` over Debian's virtiofsd on base/export, expected to
-    be refused: it exits 1 and leaves nothing mounted under base. Its output comes
-    back for the caller to check the message."""
+    be refused: it exits `status` (2: a bad command line) and leaves nothing mounted
+    under base. Its output comes back for the caller to check the message."""
     export, mnt, sock = base / "export", base / "mnt", base / "vfsd.sock"
     export.mkdir()
     mnt.mkdir()
@@ -158,7 +158,7 @@ def refused_mount(base: Path, *mount_args: str) -> subprocess.CompletedProcess:
         try:
             r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(sock), *mount_args,
                                 str(mnt)], capture_output=True, text=True, timeout=30)
-            assert r.returncode == 1, r.stdout + r.stderr
+            assert r.returncode == status, r.stdout + r.stderr
             assert [p for p in mount_points() if p.startswith(f"{base}/")] == []
             return r
         finally:

@@ -67,7 +67,7 @@ def test_data_through_a_polling_mount_and_the_counts(tmp_path: Path, poll_us: st
 
 @pytest.mark.parametrize("value", ["-1", "abc", "1001", "", "1e3"])
 def test_bad_poll_us_is_refused_and_nothing_is_mounted(tmp_path: Path, value: str) -> None:
-    r = refused_mount(tmp_path, "-o", f"ro,poll_us={value}")
+    r = refused_mount(tmp_path, "-o", f"ro,poll_us={value}", status=2)
     assert f"'poll_us={value}': poll_us is a whole number from 0 to 1000" in r.stderr
 
 

@@ -235,7 +235,9 @@ def test_a_request_the_device_still_holds_at_shutdown_keeps_its_buffer(
             while not control.held:
                 assert time.monotonic() < deadline, "the LOOKUP never reached the device"
                 time.sleep(0.02)
-            os.kill(status_of(mnt)["pid"], signal.SIGTERM)
+            st = status_of(mnt)
+            assert st["request_timeout"] == 120  # the default: nothing waits forever
+            os.kill(st["pid"], signal.SIGTERM)
             out, _ = reader.communicate(timeout=30)
         finally:
             if reader.poll() is None:
@@ -246,6 +248,35 @@ def test_a_request_the_device_still_holds_at_shutdown_keeps_its_buffer(
                          r"not reused", log, 15)
         _wait_for("FUSE_DESTROY sent to the device", log, 15)
         assert "Traceback" not in text
+
+
+def test_a_setlkw_the_device_holds_on_its_ring_does_not_trip_it(
+        tmp_path: Path, control: DeviceControl) -> None:
+    """A device without blocking-lock notifications may hold a SETLKW on the request
+    queue until the lock is free: with nothing else in flight that is no stall, and
+    a later request still works."""
+    # split: with IN_ORDER (packed) answering a later request answers the held one too
+    with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}",
+                                "--ring", "split") as (mnt, log, _):
+        control.drop = lambda req: struct.unpack_from("<I", req, 4)[0] == 33  # SETLKW
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(mnt / "f")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+            deadline = time.monotonic() + 15
+            while not control.held:
+                assert time.monotonic() < deadline, "the SETLKW never reached the device"
+                time.sleep(0.02)
+            time.sleep(TIMEOUT + 2.5)  # two and more of the relay's samples
+            assert "unresponsive" not in log.read_text()
+            assert (mnt / "f").read_text() == "x"  # still served
+            assert waiter.poll() is None  # still waiting for its lock
+            os.kill(status_of(mnt)["pid"], signal.SIGTERM)  # ends the wait (aborted)
+            waiter.wait(30)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait(5)
 
 
 def test_a_slow_device_that_keeps_answering_does_not_trip_it(
@@ -359,7 +390,7 @@ def test_a_lock_wait_whose_interrupt_the_device_leaves_unanswered_ends(tmp_path:
                                    "4294967296", "99999999999999999999"])
 def test_bad_request_timeout_is_refused_and_nothing_is_mounted(tmp_path: Path,
                                                                value: str) -> None:
-    r = refused_mount(tmp_path, "-o", f"ro,request_timeout={value}")
+    r = refused_mount(tmp_path, "-o", f"ro,request_timeout={value}", status=2)
     assert (f"'request_timeout={value}': request_timeout is seconds in decimal digits "
             "(30, 2.5): 0 (off) or from 1 to 4294967295") in r.stderr
 
@@ -367,12 +398,12 @@ def test_bad_request_timeout_is_refused_and_nothing_is_mounted(tmp_path: Path,
 def test_request_timeout_values() -> None:
     from vfsdrv.frontends.fuse_dev import MountOptions
 
-    assert MountOptions.parse([]).request_timeout == 0
+    assert MountOptions.parse([]).request_timeout is None  # not chosen: the default
     assert MountOptions.parse(["ro,request_timeout=0"]).request_timeout == 0
     assert MountOptions.parse(["request_timeout=1"]).request_timeout == 1
     assert MountOptions.parse(["request_timeout=2.5"]).request_timeout == 2.5
     mo = MountOptions.parse(["request_timeout=0.99"])
-    assert mo.invalid and mo.request_timeout == 0
+    assert mo.invalid and mo.request_timeout is None
 
 
 def test_request_timeout_needs_the_relay(tmp_path: Path) -> None:
