@@ -101,3 +101,11 @@ def test_the_helper_refuses_an_empty_mount_point(tmp_path: Path, capsys) -> None
         os.chdir(cwd)
     assert "the mount point is an empty path" in capsys.readouterr().err
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.parametrize("opt,flag", [("request_queues=4", "--request-queues"),
+                                      ("threads=2", "--threads"), ("ring=packed", "--ring"),
+                                      ("debug", "--debug")])
+def test_an_fstab_spelling_points_to_the_flag(tmp_path: Path, opt: str, flag: str) -> None:
+    r = run("mount", "--vhost-user", str(tmp_path / "s.sock"), "-o", f"ro,{opt}", str(tmp_path))
+    assert r.returncode == 2 and f"vfsdrv mount takes {flag}" in r.stderr, r.stderr

@@ -320,7 +320,13 @@ def check_request(req: MountRequest) -> None:
     _take_fsname(req)
     for group in req.options:
         for opt in group.split(","):
-            if opt.partition("=")[0] == "blksize":
+            key = opt.partition("=")[0]
+            flag = f"{key}=" if f"{key}=" in HELPER_OWN_OPTIONS else key
+            if flag in HELPER_OWN_OPTIONS and key != "fsname":
+                # mount.vfsdrv's spelling of a vfsdrv mount option (fstab has no --)
+                raise MountError(f"-o {opt}: that is how fstab and mount.vfsdrv spell it; "
+                                 f"vfsdrv mount takes --{key.replace('_', '-')}")
+            if key == "blksize":
                 raise MountError("blksize= is for block-device FUSE mounts (fuseblk) only; the "
                                  "kernel refuses it on a vfsdrv mount: leave it out")
     MountOptions.parse(req.options).check()

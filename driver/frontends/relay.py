@@ -576,6 +576,9 @@ class Relay:
         count = min(wanted, large)
         if count == 0:
             raise FrontendError("no request queue or no large slot for the pumps")
+        if wanted < len(queues):
+            log.info("--threads %d: %d of the device's %d request queue(s) in use, one pump "
+                     "each", self.threads, wanted, len(queues))
         if count < wanted:
             # the user's choice of slots idles queues the device offers: say so
             log.warning("%d large slot(s) for %d request queue(s): %d pump(s) run, one "
