@@ -519,7 +519,8 @@ class Relay:
             return
         log.warning("%s is busy: writing back its dirty pages, then detaching it; "
                     "%.0f s after that programs using it get errors (ECONNABORTED for "
-                    "requests in flight, then ENOTCONN; signal again to abort at once)",
+                    "requests in flight, then ENOTCONN; signal again to abort at once); "
+                    "paths opened after the detach name the directory underneath",
                     self.mountpoint, STOP_GRACE)
         try:
             syncfs(self.mountpoint)
