@@ -244,3 +244,11 @@ def test_a_signal_at_any_moment_of_the_demo_leaves_nothing(sig: int, group: bool
                     subprocess.run(["umount", "-l", m], check=False)
             shutil.rmtree(tmp, ignore_errors=True)
     assert failures == [], "\n".join(failures)
+
+
+def test_status_lines_keep_a_newline_in_a_path_on_one_line() -> None:
+    """A mount point or source with a newline (legal) does not split status's lines."""
+    from vfsdrv.tools.status import format_mount
+
+    text = format_mount({"mountpoint": "/m\nx", "source": "vhost-user:/s\tk", "pid": 7})
+    assert text.splitlines()[0] == "/m\\012x: vhost-user:/s\\011k (pid 7)"

@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import socket
 import struct
 import threading
@@ -275,8 +276,15 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if fstype == f"fuse.{FS_SUBTYPE}" and mp not in served]
 
 
+def _shown(value: object) -> str:
+    """A path or source on one line: control characters (a newline in a mount point)
+    as octal escapes, as the mount table writes them."""
+    return "".join(c if c.isprintable() else f"\\{ord(c):03o}" for c in str(value))
+
+
 def format_mount(m: dict[str, Any]) -> str:
-    lines = [f"{m.get('mountpoint', '?')}: {m.get('source', '?')} (pid {m.get('pid', '?')})"]
+    lines = [f"{_shown(m.get('mountpoint', '?'))}: {_shown(m.get('source', '?'))} "
+             f"(pid {m.get('pid', '?')})"]
     if m.get("detached"):
         lines[0] += " detached: unmounted lazily, served until its last user is done"
     if "error" in m:
@@ -330,6 +338,6 @@ def run(args: argparse.Namespace) -> int:
     if mounts:
         print("\n".join(format_mount(m) for m in mounts))
     for m in orphans:
-        print(f"{m['mountpoint']}: {m['source']} (no server: it answers ENOTCONN until "
-              f"unmounted; vfsdrv umount {m['mountpoint']})")
+        print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no server: it answers "
+              f"ENOTCONN until unmounted; vfsdrv umount {shlex.quote(m['mountpoint'])})")
     return 0
