@@ -50,6 +50,8 @@ from ..frontends.fuse_dev import (
     DEV_FUSE,
     FLAG_OPTIONS,
     FS_SUBTYPE,
+    PUMP_OPTIONS,
+    SESSION_OPTIONS,
     MountError,
     MountOptions,
     check_mountpoint,
@@ -576,7 +578,9 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
             sd_notify("STOPPING=1")
             server.stop()
             try:
-                log.info("at exit: %s", json.dumps(figures(), default=str))
+                final = figures()
+                final.pop("detached", None)  # the mount is gone by now, whichever way
+                log.info("at exit: %s", json.dumps(final, default=str))
             except Exception as exc:  # noqa: BLE001 - must not mask the real outcome
                 log.warning("no figures at exit: %s", exc)
         fs.close()
@@ -974,6 +978,15 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         req.remount = True
         req.remount_flags = MountOptions.parse(
             [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]).flags
+        # the server's own settings cannot change under it: say so rather than drop
+        # them quietly (FUSE's options from the mount table, passed along, are left be)
+        own = {w.rstrip("=") for w in HELPER_OWN_OPTIONS} | set(PUMP_OPTIONS) | \
+            set(SESSION_OPTIONS) | {"request_timeout"}
+        dropped = [o for group in opts for o in group.split(",")
+                   if o.partition("=")[0] in own]
+        if dropped:
+            print(f"mount.vfsdrv: remount changes only the mount flags; ignoring "
+                  f"{', '.join(dropped)}", file=sys.stderr)
         req.source = spec
         return req
     rest: list[str] = []
