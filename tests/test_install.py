@@ -212,8 +212,11 @@ def test_version_and_verbose_after_the_command() -> None:
     from importlib.metadata import version
 
     assert r.stdout.split()[1] == version("vfsdrv")
-    r = vfsdrv("udev", "show", "-v", "--config", "/nonexistent")
+    r = vfsdrv("udev", "show", "-v")
     assert r.returncode == 0, r.stderr
+    # a config file named but not there is a typo, not "nothing opted in"
+    r = vfsdrv("udev", "show", "-v", "--config", "/nonexistent")
+    assert r.returncode == 1 and "--config /nonexistent: no such file" in r.stderr, r.stderr
     r = vfsdrv("status", "-vv", "--json")
     assert r.returncode == 0, r.stderr
 

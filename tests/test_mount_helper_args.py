@@ -176,3 +176,17 @@ def test_a_remount_says_which_settings_it_cannot_change(
                    "request_queues=3\n"), err
     parse_helper_args(["vhost-user:/s", "/m", "-o", "remount,rw,user_id=0,group_id=0"])
     assert capsys.readouterr().err == ""
+
+
+def test_a_socket_named_without_a_slash_is_a_path_not_a_tag(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "ref.sock"))
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            req = parse_helper_args(["ref.sock", "/m"])
+            other = parse_helper_args(["myfs", "/m"])
+        finally:
+            os.chdir(cwd)
+    assert (req.vhost_user, req.tag) == ("ref.sock", None)
+    assert (other.vhost_user, other.tag) == (None, "myfs")

@@ -1051,13 +1051,20 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         req.vhost_user = spec[len("vhost-user:"):]
     elif spec.startswith("pci:"):
         req.device = spec[len("pci:"):]
-    elif "/" in spec:
+    elif "/" in spec or _is_socket(spec):  # a socket named without a /: a path too
         req.vhost_user = spec
     elif BDF_RE.match(spec):
         req.device = spec
     else:
         req.tag = spec
     return req
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class DeviceNotFoundError(MountError):

@@ -486,6 +486,8 @@ def run_show(args: argparse.Namespace) -> int:
     from . import devices
 
     config = conf_path(args.config)
+    if args.config is not None and not os.path.exists(config):
+        raise VfsdrvError(f"--config {args.config}: no such file")  # a typo, likely
     entries = load_config(config)
     found = devices.list_devices()
     where = f"{config}" if os.path.exists(config) else f"{config} (missing: nothing opted in)"
