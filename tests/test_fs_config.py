@@ -291,3 +291,20 @@ def test_scattered_pages_limit_io_to_what_a_chain_fits(ring: int) -> None:
         assert fs.max_io == 1 << 20
     finally:
         fs.close()
+
+
+def test_request_queues_with_requests_in_flight_are_not_handed_to_pumps() -> None:
+    """A pump knows nothing of chains already on its ring: their completions would
+    name slots it never had."""
+    from fakes.transport import identity_arena
+    from vfsdrv.errors import DeviceError
+    from vfsdrv.fs.abi import Opcode
+
+    fs = _started(identity_arena(16 << 20), 64)
+    try:
+        fs.call_async(Opcode.GETATTR, 1, bytes(16))  # the fake device never answers
+        with pytest.raises(DeviceError, match="still have requests in flight"):
+            fs.hand_over_request_queues()
+        assert not fs.pumped
+    finally:
+        fs.close()

@@ -344,7 +344,12 @@ class VirtioFs:
     # -- lending to native pumps ------------------------------------------------------
     def hand_over_request_queues(self) -> list[Virtqueue]:
         """The request queues, for native pumps that own them from now on: this
-        object then harvests only hiprio and the notification queue."""
+        object then harvests only hiprio and the notification queue. The queues must
+        be idle: a pump knows nothing of chains put on them before."""
+        busy = [qs.vq.index for qs in self.request_queues if qs.vq.in_flight or qs.pending]
+        if busy:
+            raise DeviceError(f"{self.transport.name}: request queue(s) {busy} still have "
+                              "requests in flight: they cannot be handed to pumps")
         self.pumped = True
         self._harvest = self._hiprio_here()
         return [qs.vq for qs in self.request_queues]
