@@ -569,7 +569,14 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
             # line as mounted
             runner = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
                            ready=on_ready, source=req.spec(), threads=req.threads)
-            runner.run()
+            try:
+                runner.run()
+            except VfsdrvError as exc:
+                if runner.dead and mounted[0] is not None:  # the mount stays: say why
+                    from .status import record_ending
+
+                    record_ending(req.mountpoint, req.spec(), str(exc))
+                raise
         else:
             get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
                                        debug=req.debug, ready=on_ready, source=req.spec())

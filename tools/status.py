@@ -6,8 +6,10 @@ client connects and reads one JSON object: mountpoint, source, pid, frontend and
 whatever figures the server's figure function returns (device, transport,
 negotiated features, queues with requests served and in flight, errors,
 notifications, lock waiters, uptime). A socket whose server is gone is removed.
-A vfsdrv mount in the mount table whose server is gone (killed) is listed too, as
-unserved: it answers ENOTCONN until it is unmounted. A server that does not answer
+A vfsdrv mount in the mount table whose server is gone (killed, or ended by a
+failed device) is listed too, as unserved: it answers ENOTCONN until it is
+unmounted; a server that ended because its device failed left why in
+mounts/ended-HASH.json (its mount point's), shown with it. A server that does not answer
 (stopped, stuck) is listed with an error and its mount (from PID.json beside its
 socket), not as unserved; one unmounted lazily but still serving says it is
 "detached".
@@ -23,6 +25,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -262,9 +265,39 @@ def _mount_table() -> list[tuple[str, str, str]]:
     return mount_table()
 
 
+def _ending_path(mountpoint: str) -> Path:
+    digest = hashlib.sha256(mountpoint.encode(errors="surrogateescape")).hexdigest()[:16]
+    return sockets_dir() / f"ended-{digest}.json"
+
+
+def record_ending(mountpoint: str, source: str, why: str) -> None:
+    """A server leaving its mount behind (the device failed: the mount answers
+    ENOTCONN) says why, for `vfsdrv status` to show with the unserved mount."""
+    try:
+        sockets_dir().mkdir(parents=True, exist_ok=True)
+        _ending_path(mountpoint).write_text(json.dumps(
+            {"mountpoint": mountpoint, "source": source, "why": why,
+             "ended": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    except OSError as exc:
+        log.debug("no record of why %s ended: %s", mountpoint, exc)
+
+
+def _ending(mountpoint: str, source: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(_ending_path(mountpoint).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("mountpoint") != mountpoint \
+            or rec.get("source") != source:
+        return None
+    return rec
+
+
 def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """vfsdrv mounts in the mount table that no running server answers for (its
-    server died or was killed): they answer ENOTCONN until they are unmounted."""
+    server died or was killed): they answer ENOTCONN until they are unmounted. Each
+    says why its server ended when that server could say it ("why", "ended");
+    records of mounts no longer there are removed."""
     from ..frontends.fuse_dev import FS_SUBTYPE
 
     served = {str(m.get("mountpoint")) for m in live}
@@ -272,8 +305,21 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table = _mount_table()
     except OSError:
         return []
-    return [{"mountpoint": mp, "source": source} for mp, fstype, source in table
-            if fstype == f"fuse.{FS_SUBTYPE}" and mp not in served]
+    out = []
+    for mp, fstype, source in table:
+        if fstype != f"fuse.{FS_SUBTYPE}" or mp in served:
+            continue
+        entry: dict[str, Any] = {"mountpoint": mp, "source": source}
+        rec = _ending(mp, source)
+        if rec is not None:
+            entry.update(why=rec.get("why"), ended=rec.get("ended"))
+        out.append(entry)
+    listed = {_ending_path(m["mountpoint"]).name for m in out}
+    with contextlib.suppress(OSError):
+        for path in sockets_dir().glob("ended-*.json"):
+            if path.name not in listed:
+                path.unlink(missing_ok=True)
+    return out
 
 
 def _shown(value: object) -> str:
@@ -338,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
     if mounts:
         print("\n".join(format_mount(m) for m in mounts))
     for m in orphans:
-        print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no server: it answers "
-              f"ENOTCONN until unmounted; vfsdrv umount {shlex.quote(m['mountpoint'])})")
+        why = f" ({_shown(m['why'])}, {m.get('ended')})" if m.get("why") else ""
+        print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no server{why}: it "
+              f"answers ENOTCONN until unmounted; vfsdrv umount "
+              f"{shlex.quote(m['mountpoint'])})")
     return 0

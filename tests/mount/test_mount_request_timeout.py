@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import signal
@@ -166,6 +167,20 @@ def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
         _wait_for(r"stays mounted and answers ENOTCONN", log, 10)
         assert "FUSE_DESTROY sent" not in text  # nothing more is asked of a dead device
         assert str(mnt) in mount_points()
+        # status lists it as unserved, with why its server ended
+        deadline = time.monotonic() + 15
+        while True:
+            st = json.loads(subprocess.run([*VFSDRV, "status", "--json"], capture_output=True,
+                                           text=True, timeout=30, check=True).stdout)
+            mine = [m for m in st["unserved"] if m["mountpoint"] == str(mnt)]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # the server is still on its way out
+        assert mine and "the device is unresponsive" in mine[0].get("why", ""), st
+        text_status = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True,
+                                     timeout=30, check=True).stdout
+        assert f"{mnt}: " in text_status and "(no server (the device is unresponsive" \
+            in text_status, text_status
         with pytest.raises(OSError) as later:
             os.stat(mnt / "f")
         assert later.value.errno == errno.ENOTCONN
@@ -173,6 +188,12 @@ def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
                            timeout=30)
         assert r.returncode == 0, r.stdout + r.stderr
         assert not is_mounted(mnt)
+        from vfsdrv.tools.status import _ending_path
+
+        record = _ending_path(str(mnt))
+        assert record.exists()
+        subprocess.run([*VFSDRV, "status"], capture_output=True, timeout=30, check=True)
+        assert not record.exists()  # its mount is gone: so is the record
 
 
 def test_a_request_left_behind_fails_the_mount(tmp_path: Path, control: DeviceControl) -> None:
