@@ -227,7 +227,9 @@ class Pump:
     def io_uring(self) -> bool:
         """Whether this pump writes a round's replies in one io_uring_enter now (asked
         for, and the kernel has not refused it)."""
-        return bool(self.stats().get("io_uring", 0))
+        if self._p == ffi.NULL:
+            return bool((self._final_stats or {}).get("io_uring", 0))
+        return bool(lib.vfsdrv_pump_io_uring(self._p))
 
     # -- teardown -----------------------------------------------------------------------
     def close_fuse(self) -> None:
