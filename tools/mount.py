@@ -114,8 +114,8 @@ class MountRequest:
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
     fake: bool = False  # mount.vfsdrv -f: check the command line, mount nothing
     namespace: str | None = None  # mount.vfsdrv -N: the mount namespace to mount in
-    remount: bool = False  # mount -o remount: new mount flags for a mount that is there
-    remount_flags: int = 0
+    #: mount -o remount: the new mount flags for the mount that is there (None: a mount)
+    remount: int | None = None
     nofail: bool = False  # fstab's nofail: a device that is not there is no error
 
     def spec(self) -> str:
@@ -982,8 +982,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     if "remount" in keys:
         # mount(8) passes the mount's present options with the new ones (FUSE's
         # user_id=, rootmode=, ... among them): only the mount flags can change
-        req.remount = True
-        req.remount_flags = MountOptions.parse(
+        req.remount = MountOptions.parse(
             [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]).flags
         # the server's own settings cannot change under it: say so rather than drop
         # them quietly (FUSE's options from the mount table, passed along, are left be)
@@ -1118,7 +1117,7 @@ def _remount(req: MountRequest) -> int:
     if fstype != f"fuse.{FS_SUBTYPE}":
         raise HelperUsageError(f"{req.mountpoint} is a {fstype} mount, not a vfsdrv one")
     if not req.fake:
-        remount(mp, req.remount_flags)
+        remount(mp, req.remount)
     return 0
 
 
@@ -1137,7 +1136,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         return 0
     try:
         req = parse_helper_args(argv)
-        if req.remount:
+        if req.remount is not None:
             return _remount(req)
         try:
             check_request(req)
