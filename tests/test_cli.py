@@ -152,7 +152,7 @@ def test_check_junit_path_is_checked_before_the_device(tmp_path) -> None:
     for path in (tmp_path / "missing" / "j.xml", tmp_path):
         r = subprocess.run([*VFSDRV, "check", "--vhost-user", str(tmp_path / "none.sock"),
                             "--junit", str(path)], capture_output=True, text=True, timeout=60)
-        assert r.returncode != 0 and "not a file in an existing directory" in r.stderr, r.stderr
+        assert r.returncode == 2 and "not a file in an existing directory" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
 

@@ -79,14 +79,19 @@ class CheckUsageError(VfsdrvError):
 
 
 def run_check(args: argparse.Namespace) -> int:
-    usage = getattr(args, "command_parser", None)
+    try:
+        return _run_check(args)
+    except CheckUsageError as exc:
+        usage = getattr(args, "command_parser", None)
+        if usage is not None:  # a bad command line (also one found once the device
+            usage.error(str(exc))  # answered): status 2, as argparse's own
+        raise
+
+
+def _run_check(args: argparse.Namespace) -> int:
     if args.vhost_user and args.device:
-        if usage is not None:  # a usage error: status 2, as argparse's own
-            usage.error("give one of --vhost-user SOCKET, --device BDF or --tag TAG")
         raise CheckUsageError("give one of --vhost-user SOCKET, --device BDF or --tag TAG")
     if not (args.vhost_user or args.device or args.tag):
-        if usage is not None:
-            usage.error("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
         raise CheckUsageError("which device? give --vhost-user SOCKET, --device BDF or --tag TAG")
     if args.junit and (os.path.isdir(args.junit)
                        or not os.path.isdir(os.path.dirname(os.path.abspath(args.junit)))):
@@ -99,10 +104,6 @@ def run_check(args: argparse.Namespace) -> int:
                                       request_queues=args.request_queues)
         else:
             report = check_pci(args.device, args.tag, opts)
-    except CheckUsageError as exc:
-        if usage is not None:  # found once the device answered: still status 2
-            usage.error(str(exc))
-        raise
     except VfsdrvError as exc:
         if args.json:  # a program reading stdout gets an answer it can parse
             print(json.dumps({"device": args.vhost_user or args.device or args.tag,
