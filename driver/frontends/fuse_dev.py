@@ -252,6 +252,26 @@ def mount_entry(mountpoint: str, path: str = "/proc/self/mountinfo"
     return found
 
 
+#: the FUSE control file system: a directory per connection, named by its device minor
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_connection(entry: tuple[str, str, str] | None) -> bool:
+    """Abort the FUSE connection of a mount (its mount_entry) at once, through the
+    FUSE control file system: from then on every request fails ENOTCONN, where
+    closing /dev/fuse descriptor by descriptor leaves a window in which new requests
+    queue (and later end ECONNABORTED). False when fusectl is not mounted."""
+    if entry is None:
+        return False
+    minor = entry[1].partition(":")[2]
+    try:
+        with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
+            f.write("1")
+    except OSError:
+        return False
+    return True
+
+
 def mount_present(entry: tuple[str, str, str], path: str = "/proc/self/mountinfo") -> bool:
     """Whether the mount `mount_entry` once returned is still in this mount namespace,
     on top of its mount point or covered by a later mount."""

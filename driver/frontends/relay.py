@@ -90,6 +90,7 @@ from .fuse_dev import (
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
+    abort_connection,
     check_mountpoint,
     is_our_mount,
     mount_entry,
@@ -254,6 +255,10 @@ class Relay:
         Aborting first means unmounting can never wait for a request that only the
         (now stopped) pumps would answer."""
         self.fs.on_notify = None
+        if self.dead:
+            # a dead server's mount answers ENOTCONN from now on, not after the last
+            # of its descriptors is closed
+            abort_connection(self._mount_entry)
         self._stop_pumps()
         if self._notify_thread is not None:
             self._notify_q.put(None)
