@@ -961,6 +961,13 @@ class Relay:
             log.info("the device does not take %s locks: the kernel keeps them, local to "
                      "this mount (other mounts of the device do not see them)",
                      " and ".join(local))
+        taken = (InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS) & kflags & granted
+        if taken and not self.fs.notification:
+            # nothing can tell a waiter its lock is free later: the device must hold
+            # the request (virtiofsd answers a lock that must wait EOPNOTSUPP)
+            log.info("the device takes locks but has no notification queue: a lock "
+                     "that must wait works only if the device holds its request until "
+                     "then")
         if self.debug:
             reqlog.debug("unique %d INIT -> 7.%d flags %#x (kernel offered %#x, device %#x)",
                          unique, fields["minor"], reply_flags, kflags, self.fs.init_flags)
