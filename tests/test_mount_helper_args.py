@@ -190,3 +190,15 @@ def test_a_socket_named_without_a_slash_is_a_path_not_a_tag(tmp_path: Path) -> N
             os.chdir(cwd)
     assert (req.vhost_user, req.tag) == ("ref.sock", None)
     assert (other.vhost_user, other.tag) == (None, "myfs")
+
+
+@pytest.mark.parametrize("opt", ["max_read=65536", "poll_us=10", "strictatime"])
+def test_an_option_pyfuse3_refuses_is_refused_before_the_device(
+        tmp_path: Path, opt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked with the line (-f too), never after connecting: a virtiofsd serves one
+    connection, and a refusal after it would cost the user the device."""
+    for flags in (["-f"], []):
+        assert mount_helper_main([*flags, str(tmp_path / "none.sock"), str(tmp_path),
+                                  "-o", f"frontend=pyfuse3,{opt}"]) == 1, flags
+        err = capsys.readouterr().err
+        assert "not for the pyfuse3 frontend" in err, err

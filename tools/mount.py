@@ -56,6 +56,7 @@ from ..frontends.fuse_dev import (
     MountOptions,
     check_mountpoint,
     is_ignored,
+    libfuse_refused,
     mount_entry,
     mount_present,
     mount_table,
@@ -331,9 +332,12 @@ def check_request(req: MountRequest) -> None:
             if key == "blksize":
                 raise MountError("blksize= is for block-device FUSE mounts (fuseblk) only; the "
                                  "kernel refuses it on a vfsdrv mount: leave it out")
-    MountOptions.parse(req.options).check()
+    options = MountOptions.parse(req.options)
+    options.check()
     if req.frontend not in FRONTENDS:
         raise MountError(f"unknown frontend {req.frontend!r}")
+    if req.frontend == "pyfuse3" and (why := libfuse_refused(options)):
+        raise MountError(why)  # before the device is connected (virtiofsd serves once)
     if req.threads is not None and req.frontend != "relay":
         raise MountError("--threads sets the relay's native pumps; the pyfuse3 frontend "
                          "serves on one thread: use the relay frontend, or leave it out")

@@ -94,6 +94,25 @@ def option_words() -> list[str]:
             "request_timeout="]
 
 
+#: options libfuse (3.14) cannot take from the pyfuse3 frontend: no option for these
+#: flags; max_read would have to be repeated in pyfuse3's init() (libfuse refuses the
+#: session else)
+NO_LIBFUSE_OPTION = frozenset({"strictatime", "lazytime", "nodiratime", "max_read"})
+
+
+def libfuse_refused(mo: MountOptions) -> str | None:
+    """Why the pyfuse3 frontend cannot take these options, or None: checked before
+    anything is connected, and again by the frontend."""
+    refused = NO_LIBFUSE_OPTION.intersection(
+        mo.flag_names() + [o.partition("=")[0] for o in mo.fuse]) | set(mo.session) \
+        | set(mo.pump) | ({"request_timeout"} if mo.request_timeout else set())
+    if not refused:
+        return None
+    return (f"mount option(s) {', '.join(sorted(refused))}: not for the pyfuse3 frontend "
+            "(libfuse cannot set them, or they belong to the relay's pumps); use the relay "
+            "frontend")
+
+
 class MountError(VfsdrvError):
     """The mount could not be made (mount point, /dev/fuse, options, mount(2))."""
 

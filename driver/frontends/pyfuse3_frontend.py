@@ -80,6 +80,7 @@ from .fuse_dev import (
     STOP_SIGNALS,
     MountOptions,
     is_our_mount,
+    libfuse_refused,
     mount_entry,
     syncfs,
     umount,
@@ -869,11 +870,6 @@ def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
 
 
 # -- serve ------------------------------------------------------------------------------
-#: options libfuse (3.14) cannot take from us: no option for these flags; max_read
-#: would have to be repeated in pyfuse3's init() (libfuse refuses the session else)
-_NO_LIBFUSE_OPTION = {"strictatime", "lazytime", "nodiratime", "max_read"}
-
-
 def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
     """The user's -o options as libfuse mount options, read by the relay's own parser
     (MountOptions) so that both frontends accept the same options and give the same
@@ -893,15 +889,9 @@ def libfuse_options(options: Sequence[str], fsname: str) -> set[str]:
     mo = MountOptions.parse(groups)
     mo.check()
     names = mo.flag_names()
-    unsupported = _NO_LIBFUSE_OPTION.intersection(
-        names + [o.partition("=")[0] for o in mo.fuse]) | set(mo.session) | set(mo.pump) \
-        | ({"request_timeout"} if mo.request_timeout else set())
-    if unsupported:
-        raise FrontendError(
-            f"mount option(s) {', '.join(sorted(unsupported))}: not for this frontend "
-            "(libfuse cannot set them, or they belong to the relay's pumps); use the relay "
-            "frontend"
-        )
+    refused = libfuse_refused(mo)
+    if refused:
+        raise FrontendError(refused)
     # relatime is the kernel's default: libfuse has no option for it
     opts = {n for n in names if n != "relatime"}
     opts.add("nosuid" if mo.flags & MS_NOSUID else "suid")

@@ -73,7 +73,7 @@ def test_bad_poll_us_is_refused_and_nothing_is_mounted(tmp_path: Path, value: st
 
 def test_poll_us_needs_the_relay(tmp_path: Path) -> None:
     """pyfuse3 has no pump: the option is refused, not silently ignored."""
-    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "poll_us=10")
+    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "poll_us=10", status=2)
     assert "poll_us" in r.stderr and "use the relay frontend" in r.stderr
 
 

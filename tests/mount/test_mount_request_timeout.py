@@ -429,5 +429,5 @@ def test_request_timeout_values() -> None:
 
 def test_request_timeout_needs_the_relay(tmp_path: Path) -> None:
     """pyfuse3 has no pumps to watch: the option is refused, not silently ignored."""
-    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "request_timeout=5")
+    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "request_timeout=5", status=2)
     assert "request_timeout" in r.stderr and "use the relay frontend" in r.stderr
