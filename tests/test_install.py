@@ -112,11 +112,9 @@ def test_the_installed_unit_verifies(tmp_path: Path) -> None:
     r = vfsdrv("install", "--root", tmp_path, "--no-reload")
     assert r.returncode == 0, r.stderr
     units = tmp_path / "etc/systemd/system"
-    # verify looks the unit's Documentation= pages up: the ones installed under the root
     v = subprocess.run(["systemd-analyze", "verify",
                         str(units / "vfsdrv@shared.service")],
-                       capture_output=True, text=True, timeout=60, cwd=units,
-                       env={**os.environ, "MANPATH": f"{tmp_path}/usr/local/share/man:"})
+                       capture_output=True, text=True, timeout=60, cwd=units)
     assert v.returncode == 0, v.stderr
     assert "vfsdrv@" not in v.stderr, v.stderr  # no complaint about our unit
 
