@@ -48,7 +48,13 @@ from .abi import FUSE_LOCK_WAIT, IN_HEADER_SIZE, OUT_HEADER_SIZE, Opcode
 from .config import VIRTIO_FS_F_NOTIFICATION, FsConfig, parse_config
 from .hiprio import HiprioFull, HiprioSender, split_hiprio
 from .notify import LockWaits, NotificationQueue, OnNotify
-from .sizing import reply_capacity, reply_offset, request_offset, scattered_io_limit
+from .sizing import (
+    CHAIN_OVERHEAD,
+    reply_capacity,
+    reply_offset,
+    request_offset,
+    scattered_io_limit,
+)
 from .slots import Completion, OnDone, Slot, SlotPool, synthetic
 
 __all__ = ["Completion", "OnDone", "OnNotify", "Pending", "Slot", "VirtioFs"]
@@ -189,9 +195,12 @@ class VirtioFs:
             for i in range(n):
                 self.request_queues.append(_QueueState(dev.setup_queue(first + i, self.queue_size)))
             self.slots.allocate(self.transport.dma_pool(), self._small_count, self._large_count)
-            if not all(slot.buf.contiguous for slot in self.slots.large):
-                # a descriptor per page: the longest I/O's chain must fit the ring
-                ring = min(qs.vq.size for qs in self.request_queues)
+            ring = min(qs.vq.size for qs in self.request_queues)
+            pieces = max((len(s.buf.segments(0, s.buf.size)) for s in self.slots.large),
+                         default=1)
+            if pieces + CHAIN_OVERHEAD > ring:
+                # memory scattered for the device (no-IOMMU on 4 KiB pages: a
+                # descriptor per page): the longest I/O's chain must fit the ring
                 limit = scattered_io_limit(ring)
                 if limit < self.max_io:
                     log.info("%s: DMA memory on scattered 4 KiB pages: I/O limited to %d "
