@@ -207,7 +207,7 @@ class Pump:
 
     def oldest(self) -> int | None:
         """The seq (the pump's request count when it was read) of the oldest request
-        on the ring, SETLKW aside; None when there is none. Compare with
+        on the ring, SETLKW, FSYNC and FSYNCDIR aside; None when there is none. Compare with
         stats()["done_seq"], the highest seq answered."""
         if self._p == ffi.NULL:
             return None

@@ -54,7 +54,7 @@ A device can also stop answering and stay connected (the virtiofsd behind QEMU's
 vhost-user-fs-pci dies: the PCI function lives on). With -o request_timeout=N
 (120 s unless chosen; 0: off, as the kernel's own virtio-fs) the control thread
 reads the pumps' figures once a second: a request queue with requests in flight
-(SETLKWs aside) whose completions (replies, bad replies, "wait" answers to a
+(SETLKW, FSYNC and FSYNCDIR aside) whose completions (replies, bad replies, "wait" answers to a
 SETLKW) have not moved for N seconds fails the device as above. Parked lock
 waits are off the ring and the hiprio and notification queues are not looked at,
 so neither a long blocking lock nor a quiet hiprio sender can trip it; the
@@ -450,8 +450,8 @@ class Relay:
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
             oldest = pump.oldest()
             if oldest is None:
-                # only SETLKWs on the ring: a device without the notification queue
-                # may hold one until the lock is free, which is no stall
+                # only requests a sound device may hold long on the ring (a SETLKW
+                # until the lock is free, an FSYNC the disk is slow to write back)
                 in_flight = 0
             stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
             behind = self._left_behind.left_behind_for(pump.vq.index, oldest,

@@ -271,33 +271,45 @@ def test_a_request_the_device_still_holds_at_shutdown_keeps_its_buffer(
         assert "Traceback" not in text
 
 
-def test_a_setlkw_the_device_holds_on_its_ring_does_not_trip_it(
-        tmp_path: Path, control: DeviceControl) -> None:
+FSYNCER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+os.write(fd, b"y")
+print("asking", flush=True)
+os.fsync(fd)
+print("synced", flush=True)
+"""
+
+
+@pytest.mark.parametrize("opcode,program", [(33, WAITER), (20, FSYNCER)],
+                         ids=["SETLKW", "FSYNC"])
+def test_a_request_a_sound_device_may_hold_does_not_trip_it(
+        tmp_path: Path, control: DeviceControl, opcode: int, program: str) -> None:
     """A device without blocking-lock notifications may hold a SETLKW on the request
-    queue until the lock is free: with nothing else in flight that is no stall, and
-    a later request still works."""
+    queue until the lock is free, and an FSYNC takes what the disk takes: with
+    nothing else in flight that is no stall, and a later request still works."""
     # split: with IN_ORDER (packed) answering a later request answers the held one too
     with inprocess_refdev_mount(tmp_path, "-o", f"request_timeout={TIMEOUT}",
                                 "--ring", "split") as (mnt, log, _):
-        control.drop = lambda req: struct.unpack_from("<I", req, 4)[0] == 33  # SETLKW
-        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(mnt / "f")],
-                                  stdout=subprocess.PIPE, text=True)
+        control.drop = lambda req: struct.unpack_from("<I", req, 4)[0] == opcode
+        held = subprocess.Popen([sys.executable, "-c", program, str(mnt / "f")],
+                                stdout=subprocess.PIPE, text=True)
         try:
-            assert waiter.stdout is not None and waiter.stdout.readline() == "asking\n"
+            assert held.stdout is not None and held.stdout.readline() == "asking\n"
             deadline = time.monotonic() + 15
             while not control.held:
-                assert time.monotonic() < deadline, "the SETLKW never reached the device"
+                assert time.monotonic() < deadline, "the request never reached the device"
                 time.sleep(0.02)
             time.sleep(TIMEOUT + 2.5)  # two and more of the relay's samples
             assert "unresponsive" not in log.read_text()
-            assert (mnt / "f").read_text() == "x"  # still served
-            assert waiter.poll() is None  # still waiting for its lock
+            assert (mnt / "g").exists() is False  # a LOOKUP still answered
+            assert held.poll() is None  # still waiting for the device
             os.kill(status_of(mnt)["pid"], signal.SIGTERM)  # ends the wait (aborted)
-            waiter.wait(30)
+            held.wait(60)
         finally:
-            if waiter.poll() is None:
-                waiter.kill()
-                waiter.wait(5)
+            if held.poll() is None:
+                held.kill()
+                held.wait(5)
 
 
 def test_a_slow_device_that_keeps_answering_does_not_trip_it(
