@@ -169,8 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "queue with requests in flight and nothing completed for that long, or one "
                    "request left unanswered that long while later ones are answered, means "
                    "the device is dead: waiting programs get an error, the mount stays and "
-                   "answers ENOTCONN until it is unmounted (a lock a SETLKW waits for does not"
-                   " count)")
+                   "answers ENOTCONN until it is unmounted (a SETLKW waiting for its lock, "
+                   "an FSYNC or FSYNCDIR do not count)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("-d", "--debug", action="store_true",
                    help="log every request (opcode, unique, nodeid, result); implies -f")
