@@ -195,9 +195,10 @@ def test_times_before_1970_and_negative_lseek_offsets_are_signed(server: FuseSer
     assert error == 0 and abi.unpack("fuse_lseek_out", payload).offset == 1
 
 
-def test_write_appends_only_while_the_file_has_o_append(server: FuseServer) -> None:
-    """The host file is opened without O_APPEND; each WRITE's flags (the guest
-    file's current ones, F_SETFL included) say whether it appends."""
+def test_a_write_goes_where_the_kernel_says(server: FuseServer) -> None:
+    """The host file is opened without O_APPEND, and each WRITE lands at its offset,
+    O_APPEND in its flags or not: the kernel works an append's offset out, and the
+    chunks of one direct write may be served in any order by several queues."""
     init(server)
     entry = abi.unpack("fuse_entry_out", reply(server.handle(
         request(Opcode.LOOKUP, 4, body=b"f\0"), ROOM))[3])
@@ -212,5 +213,6 @@ def test_write_appends_only_while_the_file_has_o_append(server: FuseServer) -> N
         assert error == 0 and abi.unpack("fuse_write_out", payload).size == len(data)
 
     write(8, 0, os.O_WRONLY, b"Z")  # O_APPEND cleared by F_SETFL: in place
-    write(10, 0, os.O_WRONLY | os.O_APPEND, b"XY")  # the offset does not matter
-    assert (Path(server.source) / "f").read_bytes() == b"ZbcXY"
+    write(12, 5, os.O_WRONLY | os.O_APPEND, b"Q")  # a later chunk, served first
+    write(10, 3, os.O_WRONLY | os.O_APPEND, b"XY")  # the kernel's append offset
+    assert (Path(server.source) / "f").read_bytes() == b"ZbcXYQ"

@@ -553,8 +553,8 @@ class FuseServer:
     # coherent for every other opener; durability is what fsync (or O_SYNC) asks for.
     # O_APPEND is dropped too: fcntl(F_SETFL) can clear or set it on the guest's file
     # without telling the device, and the kernel writes a mapping's dirty pages back
-    # through any writable file of the inode. Each WRITE carries the guest file's
-    # current flags instead (fuse_write_in.flags): see write().
+    # through any writable file of the inode. Each WRITE lands at the offset the
+    # kernel gives (an append's too): see write().
     def _open_node(self, node: Node, flags: int) -> int:
         if stat.S_ISLNK(os.stat(node.fd).st_mode):
             raise OSError(errno.ELOOP, "open of a symlink node")
@@ -614,12 +614,12 @@ class FuseServer:
         if arg.size > len(data) or arg.size > MAX_WRITE:
             raise OSError(errno.EINVAL, f"WRITE of {arg.size} bytes carries {len(data)}")
         fd = self._inodes.handle(arg.fh).fd
-        if arg.flags & os.O_APPEND:
-            # the guest file has O_APPEND now: at the host file's end, atomically (the
-            # kernel's offset is its idea of the size, which another mount may change)
-            written = os.pwritev(fd, [data[: arg.size]], 0, os.RWF_APPEND)
-        else:
-            written = os.pwrite(fd, data[: arg.size], arg.offset)
+        # where the kernel says, O_APPEND or not: it works an append's offset out from
+        # the file's size, a direct write's chunks come with consecutive offsets that
+        # several request queues serve in any order, and F_SETFL may have cleared the
+        # guest file's O_APPEND (the host file is opened without it). Appends from two
+        # mounts at once are not atomic, as for two guests.
+        written = os.pwrite(fd, data[: arg.size], arg.offset)
         return abi.new("fuse_write_out", size=written)
 
     def flush(self, hdr: Any, body: bytes) -> bytes:
