@@ -252,3 +252,24 @@ def test_status_lines_keep_a_newline_in_a_path_on_one_line() -> None:
 
     text = format_mount({"mountpoint": "/m\nx", "source": "vhost-user:/s\tk", "pid": 7})
     assert text.splitlines()[0] == "/m\\012x: vhost-user:/s\\011k (pid 7)"
+
+
+def test_why_a_mount_ended_is_kept_only_while_its_mount_is_there(tmp_path, monkeypatch) -> None:
+    """A record of why a server ended stays while a mount is on its mount point (also
+    one still served: its server may be on its way out), goes with the mount, and a
+    newline in the mount point stays on the unserved line."""
+    from vfsdrv.tools import status
+
+    monkeypatch.setenv("VFSDRV_STATE_DIR", str(tmp_path))
+    table = [("/m\nx", "fuse.vfsdrv", "vhost-user:/s"), ("/served", "fuse.vfsdrv", "v:/t")]
+    monkeypatch.setattr(status, "_mount_table", lambda: table)
+    status.record_ending("/m\nx", "vhost-user:/s", "the device went away")
+    status.record_ending("/served", "v:/t", "the device is unresponsive")
+    status.record_ending("/gone", "v:/u", "the device went away")
+    (orphan,) = status.unserved([{"mountpoint": "/served"}])
+    assert orphan["why"] == "the device went away"
+    assert status._ending_path("/served").exists()  # served still: kept
+    assert not status._ending_path("/gone").exists()  # no mount there: dropped
+    assert oct((tmp_path / "mounts").stat().st_mode & 0o777) == "0o700"
+    status.forget_ending("/m\nx")
+    assert "why" not in status.unserved([])[0]

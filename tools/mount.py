@@ -242,7 +242,7 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from .status import forget_dead
+    from .status import forget_dead, forget_ending
 
     require_root("unmounting")
     try:
@@ -266,6 +266,8 @@ def run_umount(args: argparse.Namespace) -> int:
     # and its status socket (remove it)
     _give_back_orphans(mp)
     forget_dead()
+    if mp not in {m for m, _t, _s in mount_table()}:  # (a mount below keeps its record)
+        forget_ending(mp)
     return 0
 
 
@@ -556,6 +558,9 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
     def on_ready() -> None:
         nonlocal server
         mounted[0] = mount_entry(req.mountpoint)
+        from .status import forget_ending
+
+        forget_ending(req.mountpoint)  # why an earlier mount here ended: not this one's
         try:
             server = StatusServer(figures, identity=mount_identity(req)).start()
         except OSError as exc:

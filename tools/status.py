@@ -274,12 +274,18 @@ def record_ending(mountpoint: str, source: str, why: str) -> None:
     """A server leaving its mount behind (the device failed: the mount answers
     ENOTCONN) says why, for `vfsdrv status` to show with the unserved mount."""
     try:
-        sockets_dir().mkdir(parents=True, exist_ok=True)
+        sockets_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         _ending_path(mountpoint).write_text(json.dumps(
             {"mountpoint": mountpoint, "source": source, "why": why,
              "ended": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     except OSError as exc:
         log.debug("no record of why %s ended: %s", mountpoint, exc)
+
+
+def forget_ending(mountpoint: str) -> None:
+    """A new mount on `mountpoint`, or its unmount: an old record no longer says why."""
+    with contextlib.suppress(OSError):
+        _ending_path(mountpoint).unlink(missing_ok=True)
 
 
 def _ending(mountpoint: str, source: str) -> dict[str, Any] | None:
@@ -306,6 +312,7 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     except OSError:
         return []
     out = []
+    present = {mp for mp, _fstype, _source in table}
     for mp, fstype, source in table:
         if fstype != f"fuse.{FS_SUBTYPE}" or mp in served:
             continue
@@ -314,10 +321,12 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if rec is not None:
             entry.update(why=rec.get("why"), ended=rec.get("ended"))
         out.append(entry)
-    listed = {_ending_path(m["mountpoint"]).name for m in out}
+    # a record whose mount point holds no mount any more is old news (one whose mount
+    # is still served may be its server's last words, written on its way out)
+    keep = {_ending_path(mp).name for mp in present}
     with contextlib.suppress(OSError):
         for path in sockets_dir().glob("ended-*.json"):
-            if path.name not in listed:
+            if path.name not in keep:
                 path.unlink(missing_ok=True)
     return out
 
@@ -387,5 +396,5 @@ def run(args: argparse.Namespace) -> int:
         why = f" ({_shown(m['why'])}, {m.get('ended')})" if m.get("why") else ""
         print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no server{why}: it "
               f"answers ENOTCONN until unmounted; vfsdrv umount "
-              f"{shlex.quote(m['mountpoint'])})")
+              f"{_shown(shlex.quote(m['mountpoint']))})")
     return 0

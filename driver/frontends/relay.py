@@ -255,9 +255,10 @@ class Relay:
         Aborting first means unmounting can never wait for a request that only the
         (now stopped) pumps would answer."""
         self.fs.on_notify = None
-        if self.dead:
+        if self.dead and self._mount_entry is not None and mount_present(self._mount_entry):
             # a dead server's mount answers ENOTCONN from now on, not after the last
-            # of its descriptors is closed
+            # of its descriptors is closed (and only while the mount is there: its
+            # connection number is then surely still ours)
             abort_connection(self._mount_entry)
         self._stop_pumps()
         if self._notify_thread is not None:
