@@ -164,20 +164,6 @@ def test_mount_log_is_moved_aside_when_it_has_grown(tmp_path: Path) -> None:
     assert _rotated(tmp_path / "none.log") == tmp_path / "none.log"  # nothing yet: fine
 
 
-def test_a_remount_says_which_settings_it_cannot_change(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """mount(8) passes the mount table's FUSE options with a remount (left be); the
-    server's own settings the user added are named as ignored, not dropped quietly."""
-    req = parse_helper_args(["vhost-user:/s", "/m", "-o",
-                             "remount,ro,user_id=0,allow_other,poll_us=7,request_queues=3"])
-    assert req.remount is not None
-    err = capsys.readouterr().err
-    assert err == ("mount.vfsdrv: remount changes only the mount flags; ignoring poll_us=7, "
-                   "request_queues=3\n"), err
-    parse_helper_args(["vhost-user:/s", "/m", "-o", "remount,rw,user_id=0,group_id=0"])
-    assert capsys.readouterr().err == ""
-
-
 def test_a_socket_named_without_a_slash_is_a_path_not_a_tag(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(tmp_path / "ref.sock"))

@@ -50,8 +50,6 @@ from ..frontends.fuse_dev import (
     DEV_FUSE,
     FLAG_OPTIONS,
     FS_SUBTYPE,
-    PUMP_OPTIONS,
-    SESSION_OPTIONS,
     MountError,
     MountOptions,
     check_mountpoint,
@@ -983,6 +981,8 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     if len(positional) != 2:
         raise HelperUsageError(HELPER_USAGE)
     spec, mountpoint = positional
+    if not mountpoint:  # "" would be the current directory
+        raise HelperUsageError(f"the mount point is an empty path; {HELPER_USAGE}")
     req = MountRequest(mountpoint=mountpoint)
     req.fake = fake
     req.namespace = namespace
@@ -993,15 +993,6 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         # user_id=, rootmode=, ... among them): only the mount flags can change
         req.remount = MountOptions.parse(
             [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]).flags
-        # the server's own settings cannot change under it: say so rather than drop
-        # them quietly (FUSE's options from the mount table, passed along, are left be)
-        own = {w.rstrip("=") for w in HELPER_OWN_OPTIONS} | set(PUMP_OPTIONS) | \
-            set(SESSION_OPTIONS) | {"request_timeout"}
-        dropped = [o for group in opts for o in group.split(",")
-                   if o.partition("=")[0] in own]
-        if dropped:
-            print(f"mount.vfsdrv: remount changes only the mount flags; ignoring "
-                  f"{', '.join(dropped)}", file=sys.stderr)
         req.source = spec
         return req
     rest: list[str] = []
