@@ -203,14 +203,13 @@ class Opcode(enum.IntEnum):
     COPY_FILE_RANGE_64 = 53
 
 
-
-
 def opcode_name(opcode: int) -> str:
     """OPCODE's name (READ), or "opcode N" for one this table does not know."""
     try:
         return Opcode(opcode).name
     except ValueError:
         return f"opcode {opcode}"
+
 
 #: requests that go on the hiprio queue and get no reply (virtio 1.2 5.11.6.2)
 HIPRIO_OPCODES = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})

@@ -696,8 +696,6 @@ class SessionAudit:
                 a.held("61")
 
 
-
-
 def _driver_ok_queued(sock: socket.socket, reply_ack: bool) -> bool | None:
     """Is a SET_STATUS with DRIVER_OK waiting in the socket that a kick read now may
     have followed? Not one asking for an ack with REPLY_ACK negotiated: its sender

@@ -835,8 +835,6 @@ def _time(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[
     return (_signed64(sec), nsec)
 
 
-
-
 def _record_posix_owner(handle: Handle, owner: int) -> None:
     """`owner` locked through this open file: its POSIX locks end with the file's
     RELEASE unless a FLUSH by that owner ends them first (see FuseServer.release)."""
