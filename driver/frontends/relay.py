@@ -1030,5 +1030,3 @@ def interrupt_request(target: int) -> bytes:
     body = INTERRUPT_IN.pack(target)
     head = IN_HEADER.pack(IN_HEADER_SIZE + len(body), Opcode.INTERRUPT, target | INT_REQ_BIT, 0)
     return head + bytes(IN_HEADER_SIZE - IN_HEADER.size) + body
-
-
