@@ -188,3 +188,21 @@ def test_an_option_pyfuse3_refuses_is_refused_before_the_device(
                                   "-o", f"frontend=pyfuse3,{opt}"]) == 1, flags
         err = capsys.readouterr().err
         assert "not for the pyfuse3 frontend" in err, err
+
+
+def test_a_remount_by_hand_keeps_the_flags_it_does_not_name(monkeypatch) -> None:
+    """`mount.vfsdrv SPEC DIR -o remount,ro` run by hand (mount(8) would pass every
+    present option): ro is applied over the mount's present flags, nosuid stays."""
+    from vfsdrv.frontends import fuse_dev
+    from vfsdrv.tools import mount as m
+
+    got = []
+    monkeypatch.setattr(m, "find_mount", lambda path: (path, "fuse.vfsdrv"))
+    monkeypatch.setattr(m, "mount_flags_of", lambda mp: ["rw", "nosuid", "nodev", "relatime"])
+    monkeypatch.setattr(m, "remount", lambda mp, flags: got.append((mp, flags)))
+    assert m.mount_helper_main(["vhost-user:/s", "/mnt/x", "-o", "remount,ro"]) == 0
+    want = fuse_dev.MS_RDONLY | fuse_dev.MS_NOSUID | fuse_dev.MS_NODEV | fuse_dev.MS_RELATIME
+    assert got == [("/mnt/x", want)]
+    got.clear()
+    assert m.mount_helper_main(["vhost-user:/s", "/mnt/x", "-o", "remount,rw,suid"]) == 0
+    assert got == [("/mnt/x", fuse_dev.MS_NODEV | fuse_dev.MS_RELATIME)]

@@ -56,6 +56,7 @@ from ..frontends.fuse_dev import (
     is_ignored,
     libfuse_refused,
     mount_entry,
+    mount_flags_of,
     mount_present,
     mount_table,
     remount,
@@ -113,8 +114,9 @@ class MountRequest:
     ring: str | None = None  # virtqueue layout forced: split|packed (None: packed if offered)
     fake: bool = False  # mount.vfsdrv -f: check the command line, mount nothing
     namespace: str | None = None  # mount.vfsdrv -N: the mount namespace to mount in
-    #: mount -o remount: the new mount flags for the mount that is there (None: a mount)
-    remount: int | None = None
+    #: mount -o remount: the flag options given (ro, nosuid, ...) for the mount that is
+    #: there, applied over its present ones (None: a mount, not a remount)
+    remount: list[str] | None = None
     nofail: bool = False  # fstab's nofail: a device that is not there is no error
 
     def spec(self) -> str:
@@ -991,8 +993,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     if "remount" in keys:
         # mount(8) passes the mount's present options with the new ones (FUSE's
         # user_id=, rootmode=, ... among them): only the mount flags can change
-        req.remount = MountOptions.parse(
-            [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]).flags
+        req.remount = [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]
         req.source = spec
         return req
     rest: list[str] = []
@@ -1116,8 +1117,12 @@ def _remount(req: MountRequest) -> int:
     mp, fstype = find_mount(req.mountpoint)
     if fstype != f"fuse.{FS_SUBTYPE}":
         raise HelperUsageError(f"{req.mountpoint} is a {fstype} mount, not a vfsdrv one")
+    # over the mount's present flags, as mount(8) does it (the helper may be run by
+    # hand with only the flags that change): an unnamed nosuid is kept, not cleared
+    assert req.remount is not None
+    flags = MountOptions.parse([",".join(mount_flags_of(mp) + req.remount)]).flags
     if not req.fake:
-        remount(mp, req.remount)
+        remount(mp, flags)
     return 0
 
 

@@ -258,6 +258,18 @@ def _mountinfo(path: str) -> list[tuple[tuple[str, str, str], str]]:
     return out
 
 
+def mount_flags_of(mountpoint: str, path: str = "/proc/self/mountinfo") -> list[str]:
+    """The per-mount options (ro, nosuid, relatime, ...) of the newest mount on
+    `mountpoint`, from mountinfo (no stat), or [] when nothing is mounted there."""
+    found: list[str] = []
+    with open(path) as f:
+        for line in f:
+            fields = line.partition(" - ")[0].split()
+            if len(fields) >= 6 and _unescape(fields[4]) == mountpoint:
+                found = fields[5].split(",")
+    return found
+
+
 def mount_entry(mountpoint: str, path: str = "/proc/self/mountinfo"
                 ) -> tuple[str, str, str] | None:
     """(mount id, "major:minor", fs type) of the mount on `mountpoint` (the newest, if
