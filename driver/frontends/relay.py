@@ -351,7 +351,11 @@ class Relay:
         if reqlog.hasHandlers() and logging.getLogger().level <= logging.DEBUG:
             return None
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("relay: %(message)s"))
+        # stamped as the process's other lines are (vfsdrv mount --log stamps them)
+        stamped = any(getattr(h.formatter, "_fmt", "").startswith("%(asctime)s")
+                      for h in logging.getLogger().handlers)
+        handler.setFormatter(logging.Formatter(
+            f"{'%(asctime)s ' if stamped else ''}relay: %(message)s"))
         reqlog.addHandler(handler)
         reqlog.propagate = False
         return handler

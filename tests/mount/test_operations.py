@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -539,3 +540,7 @@ def test_log_file_with_debug_in_the_foreground(tmp_path: Path) -> None:
     text = log.read_text()
     assert "LOOKUP" in text and "at exit: {" in text, text
     assert "LOOKUP" not in m.log_text()  # the terminal (the server's stderr) has none
+    # the request lines are stamped as the others are: runs in one file told apart
+    lookups = [line for line in text.splitlines() if "LOOKUP" in line]
+    assert lookups and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ relay: ", line)
+                           for line in lookups), lookups
