@@ -210,7 +210,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "ends the device session and exits).")
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if busy; the file system goes when no longer used")
-    u.add_argument("mountpoint", type=nonempty_path)
+    u.add_argument("mountpoint", type=nonempty_path,
+                   help="the mount point (or the mount's source, as the mount table shows it)")
     u.set_defaults(func=run_umount)
 
 
@@ -248,13 +249,21 @@ def run_umount(args: argparse.Namespace) -> int:
     try:
         mp, fstype = find_mount(args.mountpoint)
     except MountError:
-        # no mount there (it was removed with plain umount, or never made): a PCI
-        # function its killed server left bound is still given back
-        given = _give_back_orphans(args.mountpoint)
-        if not given:
-            raise
-        forget_dead()
-        return 0
+        by_source = [m for m, t, source in mount_table()
+                     if t == f"fuse.{FS_SUBTYPE}" and source == args.mountpoint]
+        if len(by_source) == 1:  # the source, as umount(8) takes it (vhost-user:PATH)
+            mp, fstype = by_source[0], f"fuse.{FS_SUBTYPE}"
+        elif by_source:
+            raise MountError(f"{len(by_source)} vfsdrv mounts have the source "
+                             f"{args.mountpoint}: name the mount point") from None
+        else:
+            # no mount there (it was removed with plain umount, or never made): a PCI
+            # function its killed server left bound is still given back
+            given = _give_back_orphans(args.mountpoint)
+            if not given:
+                raise
+            forget_dead()
+            return 0
     if fstype != f"fuse.{FS_SUBTYPE}":
         raise MountError(f"{args.mountpoint} is a {fstype} mount, not a vfsdrv one")
     try:

@@ -58,6 +58,17 @@ def test_umount_of_a_symlink_to_the_mount_point(tmp_path: Path) -> None:
         assert m.proc is not None and m.proc.wait(15) == 0
 
 
+def test_umount_by_the_source_the_mount_table_shows(tmp_path: Path) -> None:
+    """As umount(8): the source (vhost-user:PATH) names the mount when one has it."""
+    with serving(tmp_path, "relay") as m:
+        r = vfsdrv("umount", f"vhost-user:{tmp_path / 'vfsd.sock'}")
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m.mnt)
+        assert m.proc is not None and m.proc.wait(15) == 0
+    r = vfsdrv("umount", f"vhost-user:{tmp_path / 'vfsd.sock'}")
+    assert r.returncode == 1 and "not mounted" in r.stderr, r.stderr
+
+
 def test_umount_of_a_symlink_named_as_the_mount_point(tmp_path: Path) -> None:
     """The link is the last component (umount(8) follows it too); relative target."""
     with serving(tmp_path, "relay") as m:
