@@ -122,19 +122,6 @@ class VfioPciDevice(PciFunction):
         self.bdf = normalize_bdf(bdf)
         self.name = f"vfio:{self.bdf}"
         self.sysfs.device_dir(self.bdf)
-        drv = self.sysfs.driver(self.bdf)
-        self._bound_here = False
-        if drv != VFIO_PCI:
-            if not bind:
-                raise PciError(
-                    f"{self.bdf} is bound to {drv or 'no driver'}, not vfio-pci: bind it first "
-                    f"(open it with bind=True, or: echo vfio-pci > "
-                    f"/sys/bus/pci/devices/{self.bdf}/driver_override; echo {self.bdf} > "
-                    f"/sys/bus/pci/devices/{self.bdf}/driver/unbind; echo {self.bdf} > "
-                    "/sys/bus/pci/drivers_probe)"
-                )
-            self.sysfs.bind_vfio(self.bdf)
-            self._bound_here = True
         self.fd = -1
         #: DMA page size policy: None = huge pages when enough are free, True/False = force
         self.hugepages: bool | None = None
@@ -145,17 +132,33 @@ class VfioPciDevice(PciFunction):
         self._bar_maps: dict[tuple[int, int], tuple[Any, int, int]] = {}
         self._msix_fds: list[int] = []
         self._req_fd: int | None = None
-        try:
-            self._open(backend)
-            self._setup()
-        except BaseException:
-            self.close()
-            if self._bound_here:  # give the function back rather than leave it half-taken
-                try:
-                    self.sysfs.unbind_vfio(self.bdf)
-                except PciError:
-                    pass
-            raise
+        self._bound_here = False
+        # another process taking the function at the same time waits until this one
+        # holds it (or gave it back): it then finds vfio-pci bound and the group busy
+        with self.sysfs.owning(self.bdf):
+            drv = self.sysfs.driver(self.bdf)
+            if drv != VFIO_PCI:
+                if not bind:
+                    raise PciError(
+                        f"{self.bdf} is bound to {drv or 'no driver'}, not vfio-pci: bind it "
+                        f"first (open it with bind=True, or: echo vfio-pci > "
+                        f"/sys/bus/pci/devices/{self.bdf}/driver_override; echo {self.bdf} > "
+                        f"/sys/bus/pci/devices/{self.bdf}/driver/unbind; echo {self.bdf} > "
+                        "/sys/bus/pci/drivers_probe)"
+                    )
+                self.sysfs.bind_vfio(self.bdf)
+                self._bound_here = True
+            try:
+                self._open(backend)
+                self._setup()
+            except BaseException:
+                self.close()
+                if self._bound_here:  # give it back rather than leave it half-taken
+                    try:
+                        self.sysfs.unbind_vfio(self.bdf)
+                    except PciError:
+                        pass
+                raise
 
     # -- bring-up ---------------------------------------------------------------------------
     def _open(self, backend: str) -> None:

@@ -9,10 +9,14 @@ restored by `unbind_vfio`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,11 @@ class PciIdentity:
     subsystem_device: int
 
 
+#: the lock files this process holds (Sysfs.owning), with their nesting depth
+_owning: dict[str, int] = {}
+_OWNING_MUTEX = threading.Lock()
+
+
 class Sysfs:
     """sysfs access rooted at `root` (tests point it at a fake tree)."""
 
@@ -78,6 +87,41 @@ class Sysfs:
             state_dir or os.environ.get("VFSDRV_STATE_DIR", "/run/vfsdrv")
         ))  # absolute: a background server leaves its working directory for /
         self._original: dict[str, str | None] = {}
+
+    @contextlib.contextmanager
+    def owning(self, bdf: str) -> Iterator[None]:
+        """Exclusive, across processes, for taking a function (look at its driver,
+        bind it, open it) or giving it back: two takers at once must not both bind
+        it, and the one that loses must not unbind it under the winner. A lock file
+        in the state directory (without one, not writable, nothing is serialized);
+        nested in one process, the outer hold serves."""
+        path = str(self.state_dir / f"{normalize_bdf(bdf)}.lock")
+        with _OWNING_MUTEX:
+            nested = path in _owning
+            if nested:
+                _owning[path] += 1
+        if nested:
+            try:
+                yield
+            finally:
+                with _OWNING_MUTEX:
+                    _owning[path] -= 1
+            return
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a bind and an open: brief
+            with _OWNING_MUTEX:
+                _owning[path] = 1
+            yield
+        finally:
+            with _OWNING_MUTEX:
+                _owning.pop(path, None)
+            os.close(fd)  # releases the lock
 
     # -- identity --------------------------------------------------------------------------
     def device_dir(self, bdf: str) -> Path:
@@ -198,6 +242,14 @@ class Sysfs:
                 "`dmesg | tail` shows why (e.g. no IOMMU group and no-IOMMU mode off)"
             )
         return current
+
+    def overridden_to_vfio(self, bdf: str) -> bool:
+        """Whether `bdf` is set to bind to vfio-pci only (driver_override), bound or
+        not: a raw unbind from vfio-pci leaves it so, with no driver."""
+        try:
+            return (self.device_dir(bdf) / "driver_override").read_text().strip() == VFIO_PCI
+        except OSError:
+            return False
 
     def unbind_vfio(self, bdf: str, restore: bool = True) -> str | None:
         """Take `bdf` off vfio-pci and give it back to its original driver (by default the

@@ -52,6 +52,19 @@ def test_describe_from_kernel_tag_with_group_and_mounts(tmp_path: Path) -> None:
     assert d.to_dict()["group_members"] == [{"bdf": "0000:00:04.0", "driver": "e1000e"}]
 
 
+def test_a_mount_made_with_device_is_the_functions_too(tmp_path: Path) -> None:
+    """vfsdrv mount --device 00:03.0 records the source as typed (pci:00:03.0): list
+    names that mount for 0000:00:03.0, and not a mount of another address."""
+    s = fake_sysfs(tmp_path, driver="vfio-pci")
+    mi = mountinfo(tmp_path, "/mnt/a rw - fuse.vfsdrv pci:00:03.0 rw,user_id=0",
+                   "/mnt/b rw - fuse.vfsdrv pci:0000:00:03.0 rw,user_id=0",
+                   "/mnt/c rw - fuse.vfsdrv pci:0000:00:05.0 rw,user_id=0",
+                   "/mnt/d rw - fuse.vfsdrv pci:bogus rw,user_id=0")
+    d = devices.describe(BDF, s, ktags={}, mountinfo=mi, read_tag=lambda bdf, sysfs: "t")
+    assert d.mounts == [devices.Mount("/mnt/a", "fuse.vfsdrv"),
+                        devices.Mount("/mnt/b", "fuse.vfsdrv")]
+
+
 def test_describe_reads_the_device_when_the_kernel_has_no_tag(tmp_path: Path) -> None:
     s = fake_sysfs(tmp_path, group=None, driver=None)
     mi = mountinfo(tmp_path)

@@ -214,3 +214,29 @@ def test_backend_override_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("VFSDRV_VFIO_BACKEND", "bogus")
     with pytest.raises(PciError, match="VFSDRV_VFIO_BACKEND"):
         devmod.VfioPciDevice("0000:00:03.0")
+
+
+def test_owning_a_function_is_exclusive_across_processes(tmp_path: Path) -> None:
+    """Two commands taking one function at once (bind, open; or give it back): the
+    second waits until the first is done; nested in one process, no deadlock."""
+    import subprocess
+    import sys
+    import time
+
+    from vfsdrv.pci.sysfs import Sysfs
+
+    sysfs = Sysfs(root=tmp_path / "sys", state_dir=tmp_path / "state")
+    other = ("import sys; from vfsdrv.pci.sysfs import Sysfs; "
+             "s = Sysfs(root=sys.argv[1], state_dir=sys.argv[2])\n"
+             "with s.owning('0000:00:03.0'): print('got it', flush=True)")
+    with sysfs.owning("0000:00:03.0"):
+        with sysfs.owning("00:03.0"):  # the same function, nested: served by the outer
+            pass
+        child = subprocess.Popen([sys.executable, "-c", other, str(tmp_path / "sys"),
+                                  str(tmp_path / "state")], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert child.poll() is None, "the other process did not wait"
+        with sysfs.owning("0000:00:04.0"):  # another function is not held up
+            pass
+    out, _ = child.communicate(timeout=30)
+    assert child.returncode == 0 and out == "got it\n"

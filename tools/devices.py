@@ -100,16 +100,29 @@ def virtio_child(sysfs: Sysfs, bdf: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def mounts_of(tag: str, mountinfo: str = MOUNTINFO) -> list[Mount]:
-    """Kernel virtiofs mounts and vfsdrv FUSE mounts whose source is `tag`."""
+def mounts_of(tag: str | None, mountinfo: str = MOUNTINFO, *,
+              bdf: str | None = None) -> list[Mount]:
+    """Kernel virtiofs mounts and vfsdrv FUSE mounts of a function: whose source is
+    its `tag`, or (vfsdrv mount --device) pci:ADDRESS naming `bdf` however spelled."""
     from ..frontends.fuse_dev import mount_table
 
     try:
         table = mount_table(mountinfo)
     except OSError:
         return []
+
+    def names_it(source: str, fstype: str) -> bool:
+        if tag is not None and source == tag:
+            return True
+        if bdf is None or fstype != FUSE_TYPE or not source.startswith("pci:"):
+            return False
+        try:
+            return normalize_bdf(source[len("pci:"):]) == bdf
+        except VfsdrvError:
+            return False
+
     return [Mount(mp, fstype) for mp, fstype, source in table
-            if source == tag and fstype in ("virtiofs", FUSE_TYPE)]
+            if fstype in ("virtiofs", FUSE_TYPE) and names_it(source, fstype)]
 
 
 def describe(bdf: str, sysfs: Sysfs, *, ktags: dict[str, str] | None = None,
@@ -131,7 +144,7 @@ def describe(bdf: str, sysfs: Sysfs, *, ktags: dict[str, str] | None = None,
             error = str(exc)
     left = claims.orphaned(sysfs, bdf)
     return DeviceInfo(bdf, tag, source, driver, vdev, vdrv, group, members,
-                      mounts_of(tag, mountinfo) if tag else [], error,
+                      mounts_of(tag, mountinfo, bdf=bdf), error,
                       {"pid": left.pid, "mountpoint": left.mountpoint} if left else None)
 
 
@@ -235,13 +248,14 @@ def bind(bdf: str | None, tag: str | None, sysfs: Sysfs | None = None) -> tuple[
     if (ident.vendor, ident.device) != (vpci.VIRTIO_PCI_VENDOR, vpci.VIRTIO_FS_PCI_DEVICE):
         raise VfsdrvError(f"{bdf} is {ident.vendor:04x}:{ident.device:04x}, not a virtio-fs "
                           "function (1af4:105a); `vfsdrv list` shows them")
-    if sysfs.driver(bdf) not in (None, VFIO_PCI):
-        pf.check_kernel_not_using(bdf, sysfs)
-    before = sysfs.driver(bdf)
-    sysfs.bind_vfio(bdf)
-    if claims.orphaned(sysfs, bdf) is not None:
-        claims.drop(sysfs, bdf)  # bound on purpose now: no umount gives it back
-    return bdf, before
+    with sysfs.owning(bdf):  # not while another command takes or gives it back
+        if sysfs.driver(bdf) not in (None, VFIO_PCI):
+            pf.check_kernel_not_using(bdf, sysfs)
+        before = sysfs.driver(bdf)
+        sysfs.bind_vfio(bdf)
+        if claims.orphaned(sysfs, bdf) is not None:
+            claims.drop(sysfs, bdf)  # bound on purpose now: no umount gives it back
+        return bdf, before
 
 
 def unbind(bdf: str, sysfs: Sysfs | None = None) -> str | None:
@@ -249,17 +263,20 @@ def unbind(bdf: str, sysfs: Sysfs | None = None) -> str | None:
     require_root()
     sysfs = sysfs or Sysfs()
     bdf = normalize_bdf(bdf)
-    if sysfs.driver(bdf) != VFIO_PCI:
-        raise VfsdrvError(f"{bdf} is not bound to vfio-pci (driver: "
-                          f"{sysfs.driver(bdf) or 'none'}); nothing to give back")
-    users = vfio_users(sysfs, bdf)
-    if users:
-        raise DeviceBusyError(
-            f"{bdf} is in use through VFIO by {', '.join(users)}: unmount it first "
-            "(`vfsdrv umount MOUNTPOINT`) or stop that process")
-    now = sysfs.unbind_vfio(bdf)
-    claims.drop(sysfs, bdf)
-    return now
+    with sysfs.owning(bdf):  # not while another command takes it
+        driver = sysfs.driver(bdf)
+        # no driver but held for vfio-pci (a raw unbind from vfio-pci): given back too
+        if driver != VFIO_PCI and not (driver is None and sysfs.overridden_to_vfio(bdf)):
+            raise VfsdrvError(f"{bdf} is not bound to vfio-pci (driver: "
+                              f"{driver or 'none'}); nothing to give back")
+        users = vfio_users(sysfs, bdf) if driver == VFIO_PCI else []
+        if users:
+            raise DeviceBusyError(
+                f"{bdf} is in use through VFIO by {', '.join(users)}: unmount it first "
+                "(`vfsdrv umount MOUNTPOINT`) or stop that process")
+        now = sysfs.unbind_vfio(bdf)
+        claims.drop(sysfs, bdf)
+        return now
 
 
 def run_bind(args: argparse.Namespace) -> int:

@@ -507,21 +507,25 @@ def _pci_transport(req: MountRequest):
         raise MountError(f"the VFIO/PCI transport is not available: {exc}") from exc
     sysfs = Sysfs()
     bdf = normalize_bdf(req.device) if req.device is not None else pf.find_by_tag(req.tag)
-    if sysfs.driver(bdf) != "vfio-pci":
-        req.bound_here = bdf
-    elif (left := claims.orphaned(sysfs, bdf)) is not None and not _vfio_users(sysfs, bdf):
-        # (held through VFIO by someone, it is theirs now: the open below says busy)
-        log.info("%s was left on vfio-pci by a vfsdrv mount that is gone (pid %d, %s): "
-                 "this one takes the binding over", bdf, left.pid, left.mountpoint)
-        req.bound_here = bdf
-    if req.bound_here is not None:
-        claims.record(sysfs, bdf, req.mountpoint)
-    try:
-        return pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
-                             allow_unpinned_4k=req.force_4k_noiommu)
-    except BaseException:
-        _give_back(req)
-        raise
+    # one taker at a time (another vfsdrv, a udev autobind): the loser finds the
+    # function bound and busy, and gives back nothing it did not bind
+    with sysfs.owning(bdf):
+        if sysfs.driver(bdf) != "vfio-pci":
+            req.bound_here = bdf
+        elif (left := claims.orphaned(sysfs, bdf)) is not None and \
+                not _vfio_users(sysfs, bdf):
+            # (held through VFIO by someone, it is theirs now: the open below says busy)
+            log.info("%s was left on vfio-pci by a vfsdrv mount that is gone (pid %d, %s): "
+                     "this one takes the binding over", bdf, left.pid, left.mountpoint)
+            req.bound_here = bdf
+        if req.bound_here is not None:
+            claims.record(sysfs, bdf, req.mountpoint)
+        try:
+            return pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
+                                       allow_unpinned_4k=req.force_4k_noiommu)
+        except BaseException:
+            _give_back(req)
+            raise
 
 
 def _vfio_users(sysfs, bdf: str) -> list[str]:
@@ -539,16 +543,17 @@ def _give_back(req: MountRequest) -> None:
 
     bdf, req.bound_here = req.bound_here, None
     sysfs = Sysfs()
-    try:
-        if sysfs.driver(bdf) == "vfio-pci":
-            sysfs.unbind_vfio(bdf)
-    except BadAddressError:
-        log.info("%s is gone (removed): nothing to give back", bdf)
-        sysfs.forget(bdf)
-    except VfsdrvError as exc:
-        log.error("could not give %s back to its driver: %s", bdf, exc)
-        return  # the claim stays: `vfsdrv list` names the binding nobody serves
-    claims.drop(sysfs, bdf)
+    with sysfs.owning(bdf):
+        try:
+            if sysfs.driver(bdf) == "vfio-pci":
+                sysfs.unbind_vfio(bdf)
+        except BadAddressError:
+            log.info("%s is gone (removed): nothing to give back", bdf)
+            sysfs.forget(bdf)
+        except VfsdrvError as exc:
+            log.error("could not give %s back to its driver: %s", bdf, exc)
+            return  # the claim stays: `vfsdrv list` names the binding nobody serves
+        claims.drop(sysfs, bdf)
 
 
 def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
