@@ -364,6 +364,57 @@ def test_a_ring_broken_mid_run_keeps_the_report(sock_dir: Path, export: Path,
     assert json.loads(report.to_json())["ok"] is False
 
 
+def test_a_ring_broken_during_the_forget_keeps_the_report(sock_dir: Path, export: Path,
+                                                          monkeypatch) -> None:
+    """A ring error while check waits for hiprio's FORGET (a device that uses a chain
+    twice): hiprio.forget fails with it, the later checks are not reached, and the
+    report is kept (it was lost to a bare error object)."""
+    from vfsdrv.conformance import runner
+
+    calls = {"n": 0}
+    real_wait = runner._ProbeFs.wait
+
+    def wait(self, timeout):
+        if not self.hiprio.vq.idle:  # the FORGET is out: the device breaks the ring
+            calls["n"] += 1
+            raise RingError("queue 2: used index 3 is 2 ahead of 1, but only 1 chains "
+                            "are in flight")
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(runner._ProbeFs, "wait", wait)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    assert calls["n"] >= 1
+    stopped = c["hiprio.forget[(the check stopped here)]"]
+    assert stopped["result"] == "fail" and "RingError: queue 2" in stopped["observed"]
+    for cid in ("fuse.opcodes", "fuse.errors", "hiprio.storm", "notify.load"):
+        assert c[cid]["result"] == "skip", c[cid]
+        assert "the session broke during hiprio.forget" in c[cid]["observed"]
+    assert not report.ok and json.loads(report.to_json())["ok"] is False
+
+
+def test_a_max_write_under_a_page_fails_init_and_the_run_goes_on(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """FUSE_INIT granting max_write 100: fuse.init fails, and a check that would write
+    more fails with why instead of the run ending in a traceback."""
+    real_init = FuseServer.init
+
+    def init(self, hdr, body):
+        out = real_init(self, hdr, body)
+        out.max_write = 100
+        return out
+
+    monkeypatch.setattr(FuseServer, "init", init)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    assert c["fuse.init"]["result"] == "fail" and "max_write 100 < 4096" in \
+        c["fuse.init"]["observed"]
+    assert "notify.load" in c or "notify.load[(the check stopped here)]" in c
+    assert not report.ok and json.loads(report.to_json())["ok"] is False
+
+
 def test_a_device_that_stops_answering_costs_timeout_per_request(sock_dir: Path,
                                                                  export: Path,
                                                                  monkeypatch) -> None:

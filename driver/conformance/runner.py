@@ -18,6 +18,7 @@ import errno
 import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import FeatureNegotiationError, VfsdrvError
@@ -571,9 +572,20 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
         finally:
             fs.target = None
 
-    # hiprio takes FORGET ------------------------------------------------------------------
-    _forget_check(fs, report, opt)
-    fuse_checks.inflight_checks(fs, report, opt.timeout)
+    # hiprio takes FORGET, then the checks that need no scratch directory ------------------
+    broken: str | None = None
+    for cid, step in (("hiprio.forget", lambda: _forget_check(fs, report, opt)),
+                      ("queues.inflight",
+                       lambda: fuse_checks.inflight_checks(fs, report, opt.timeout))):
+        broken = _run_step(fs, report, cid, step)
+        if broken is not None:
+            break
+    if broken is not None:
+        done = {c.id.split("[")[0] for c in report.checks}
+        for cid in _SESSION_CHECKS:
+            if cid not in done:
+                report.add(cid, SKIP, f"not reached: the session broke during {broken}")
+        return True
     with interrupt.deferred():  # Ctrl-C from here on: between requests, then clean up
         scratch = None
         if not opt.read_only:
@@ -606,25 +618,14 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                          fs, report, opt.timeout, scratch))]
             # a check that catches the device's errors itself still leaves the session
             # broken (VirtioFs._broken): the later checks are then not reached
-            broken: str | None = "the scratch directory's creation" \
-                if fs._broken is not None else None
+            broken = "the scratch directory's creation" if fs._broken is not None else None
             notified = (0, 0)
             for cid, step in steps:
                 interrupt.checkpoint()
                 if broken is not None:
                     report.add(cid, SKIP, f"not reached: the session broke during {broken}")
                     continue
-                try:
-                    step()
-                except (VfsdrvError, OSError, TimeoutError) as exc:
-                    # what a check did not expect: that check fails, the report stays; a
-                    # broken ring or a device gone ends the session's other checks
-                    report.add(cid, FAIL, f"{type(exc).__name__}: {exc}",
-                               instance="(the check stopped here)")
-                    if isinstance(exc, fuse_checks.SESSION_BROKEN):
-                        broken = cid
-                if broken is None and fs._broken is not None:
-                    broken = cid
+                broken = _run_step(fs, report, cid, step)
                 if cid == "notify.queue":  # what later notifications are judged against
                     notified = _bad_notifications(fs)
             if use_notify and broken is None:
@@ -634,6 +635,23 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                 scratch.remove()
         interrupt.checkpoint()
     return True
+
+
+def _run_step(fs: _ProbeFs, report: Report, cid: str, step: Callable[[], object]
+              ) -> str | None:
+    """One check of the live session; `cid` when the session broke in it, else None.
+    What a check did not expect fails that check and the report stays (a ValueError:
+    the driver refused a request the device's own answers made impossible, such as
+    a write beyond a max_write under 4096); a broken ring or a device gone ends the
+    session's other checks."""
+    try:
+        step()
+    except (VfsdrvError, OSError, TimeoutError, ValueError) as exc:
+        report.add(cid, FAIL, f"{type(exc).__name__}: {exc}",
+                   instance="(the check stopped here)")
+        if isinstance(exc, fuse_checks.SESSION_BROKEN):
+            return cid
+    return cid if fs._broken is not None else None
 
 
 def _forget_check(fs: _ProbeFs, report: Report, opt: CheckOptions) -> None:
