@@ -394,6 +394,28 @@ def test_a_ring_broken_during_the_forget_keeps_the_report(sock_dir: Path, export
     assert not report.ok and json.loads(report.to_json())["ok"] is False
 
 
+def test_a_used_len_beyond_what_was_written_fails_the_framing(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """D28: a device that reports the whole writable part as used, having written only
+    the reply, fails ring.framing (the bytes past out.len still hold the check's
+    pattern); the same device reporting what it wrote passes."""
+    real_push = DeviceQueue.push
+
+    def push(self, chain, written):
+        return real_push(self, chain, chain.writable_len)
+
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        good = by_id(check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0)))
+    framing = [v for k, v in good.items() if k.startswith("ring.framing")]
+    assert framing and all(v["result"] == "pass" for v in framing), framing
+    monkeypatch.setattr(DeviceQueue, "push", push)
+    with serve("refdev-split", export, sock_dir / "ref2.sock"):
+        bad = by_id(check_vhost_user(str(sock_dir / "ref2.sock"), CheckOptions(timeout=1.0)))
+    framing = [v for k, v in bad.items() if k.startswith("ring.framing")]
+    assert framing and all(v["result"] == "fail" for v in framing), framing
+    assert all("were never written" in v["observed"] for v in framing), framing
+
+
 def test_a_max_write_under_a_page_fails_init_and_the_run_goes_on(
         sock_dir: Path, export: Path, monkeypatch) -> None:
     """FUSE_INIT granting max_write 100: fuse.init fails, and a check that would write

@@ -194,6 +194,10 @@ def _ring_session(t: Transport, dev: VirtioDevice, report: Report, timeout: floa
         problems.append(f"reply unique {unique} (sent 2)")
     if not 16 <= out_len <= length:
         problems.append(f"out.len {out_len} not covered by used len {length}")
+    elif length > out_len and reply[out_len:length] == b"\xa5" * (length - out_len):
+        # D28: used len counts bytes written; these still hold what the driver put there
+        problems.append(f"used len {length} but bytes {out_len}..{length} of the reply were "
+                        "never written (the device MUST write at least len bytes)")
     if error == 0 and out_len >= 24 and struct.unpack_from("<I", reply, 16)[0] != 7:
         problems.append(f"FUSE major {struct.unpack_from('<I', reply, 16)[0]}")
     if error != 0:
