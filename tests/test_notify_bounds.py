@@ -73,3 +73,24 @@ def test_the_relays_notification_backlog_is_bounded(caplog: pytest.LogCaptureFix
     assert r.stats["notify_backlog_dropped"] == 500
     assert r.stats["notifications"] == relay.NOTIFY_BACKLOG  # forwarded
     assert len([m for m in caplog.messages if "dropped" in m]) == 1
+
+
+@pytest.mark.parametrize("payload", [8, 24, 48])
+def test_a_lock_notification_of_the_wrong_length_is_malformed(payload: int) -> None:
+    """The lock code with a payload that is neither FUSE_NOTIFY_LOCK's 16 bytes nor
+    (code 7) RESEND's none: refused as malformed, never passed to the kernel or a
+    waiter."""
+    import mmap
+    import struct
+    from types import SimpleNamespace
+
+    q = NotificationQueue.__new__(NotificationQueue)
+    q.lock_code = 7
+    q.stats = collections.Counter()
+    passed_on = []
+    q.dispatch = lambda: lambda code, data: passed_on.append(code)
+    view = memoryview(mmap.mmap(-1, 4096))
+    struct.pack_into("<IiQ", view, 0, 16 + payload, 7, 0)
+    with pytest.raises(notify.ProtocolError, match=f"with {payload} bytes of payload"):
+        q.handle(SimpleNamespace(view=view), 16 + payload)
+    assert passed_on == [] and not q.stats

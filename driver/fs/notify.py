@@ -207,6 +207,10 @@ class NotificationQueue:
             self.stats["notify_resend"] += 1
             log.warning("device asked for FUSE_NOTIFY_RESEND, which this driver does not do")
             return
+        if code == self.lock_code:
+            # neither a lock answer nor (code 7) a RESEND: malformed, not passed on
+            raise ProtocolError(f"FUSE_NOTIFY_LOCK (code {code}) with {payload_len} bytes "
+                                f"of payload, not {LOCK_NOTIFY.size}")
         self.stats[f"notify_{code}" if code in COUNTED_NOTIFY_CODES else "notify_other"] += 1
         on_notify = self.dispatch()
         if on_notify is not None:
