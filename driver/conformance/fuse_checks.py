@@ -305,7 +305,8 @@ def error_checks(fs: _ProbeFs, report: Report, scratch: Scratch | None) -> None:
                   ("EBADF", ebadf, "READ with a file handle never handed out")]
     else:
         for name in ("EEXIST", "ENOTEMPTY", "EBADF"):
-            cases.append((name, None, "--read-only: needs a scratch directory"))
+            cases.append((name, None, "needs the scratch directory (--read-only, or it "
+                                      "could not be created)"))
     for name, fn, what in cases:
         if fn is None:
             report.add("fuse.errors", SKIP, what, instance=name)

@@ -605,8 +605,9 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                 scratch = None
         try:
             if scratch is None:
-                report.add("fuse.opcodes", SKIP, "--read-only (or no scratch directory): the "
-                           "opcodes that write were not sent")
+                why = "--read-only" if opt.read_only else "no scratch directory (see MKDIR)"
+                report.add("fuse.opcodes", SKIP, f"{why}: the opcodes that write were not "
+                           "sent")
             steps = [("fuse.opcodes", lambda: fuse_checks.opcode_checks(fs, report, scratch)
                       if scratch is not None else None),
                      ("fuse.errors", lambda: fuse_checks.error_checks(fs, report, scratch)),
