@@ -416,6 +416,25 @@ def test_a_used_len_beyond_what_was_written_fails_the_framing(
     assert all("were never written" in v["observed"] for v in framing), framing
 
 
+def test_a_scratch_directory_made_by_a_failed_mkdir_is_removed(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """A device that makes the scratch directory but answers the MKDIR with an error:
+    the check fails MKDIR and still removes the directory by its name."""
+    real_mkdir = FuseServer.mkdir
+
+    def mkdir(self, hdr, body):
+        real_mkdir(self, hdr, body)
+        raise OSError(errno.EIO, "made it, said otherwise")
+
+    monkeypatch.setattr(FuseServer, "mkdir", mkdir)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    c = by_id(report)
+    assert c["fuse.opcodes[MKDIR]"]["result"] == "fail", c["fuse.opcodes[MKDIR]"]
+    assert "no scratch directory" in c["fuse.opcodes"]["observed"], c["fuse.opcodes"]
+    assert [p.name for p in export.iterdir() if p.name.startswith(".vfsdrv-check")] == []
+
+
 def test_a_max_write_under_a_page_fails_init_and_the_run_goes_on(
         sock_dir: Path, export: Path, monkeypatch) -> None:
     """FUSE_INIT granting max_write 100: fuse.init fails, and a check that would write

@@ -81,6 +81,14 @@ class Scratch:
             return self.nodeid
         raise FileExistsError(errno.EEXIST, f"{self.name}: exists (an earlier check?)")
 
+    def discard(self) -> None:
+        """After a failed create(): the MKDIR may still have made the directory (a
+        malformed reply to it, a timeout), so remove it by name if it is there, empty."""
+        try:
+            self.client.rmdir(ROOT_ID, self.name)
+        except (VfsdrvError, OSError, TimeoutError) as exc:
+            log.debug("no scratch directory %r to remove: %s", self.name, exc)
+
     def remove(self) -> None:
         try:
             self._empty(self.nodeid, depth=2)

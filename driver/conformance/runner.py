@@ -602,6 +602,8 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                 else:
                     report.add("fuse.opcodes", FAIL,
                                f"cannot create the scratch directory: {exc}", instance="MKDIR")
+                    if fs._broken is None and not isinstance(exc, FileExistsError):
+                        scratch.discard()
                 scratch = None
         try:
             if scratch is None:
