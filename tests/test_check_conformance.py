@@ -505,6 +505,8 @@ def test_broken_error_reply_with_payload(sock_dir: Path, export: Path, monkeypat
     c = _check_broken(sock_dir, export)
     assert c["fuse.errors[ENOENT]"]["result"] == "fail"
     assert "malformed error reply" in c["fuse.errors[ENOENT]"]["observed"]
+    # and why it is malformed, in the report itself (not only on stderr)
+    assert "error" in c["fuse.errors[ENOENT]"]["observed"].split("malformed error reply: ")[1]
     assert {k for k in _failed(c) if not k.startswith(("fuse.errors", "fuse.opcodes"))} == set()
 
 

@@ -133,7 +133,8 @@ def _classify(fs: _ProbeFs, name: str, fn: Callable[[], Any], report: Report,
         return False, None
     except (OSError, VfsdrvError) as exc:
         if fs.stats.get("bad_reply", 0) > bad:
-            report.add("fuse.opcodes", FAIL, "malformed reply (the driver turned it into EIO)",
+            report.add("fuse.opcodes", FAIL, f"malformed reply: "
+                       f"{fs.last_bad_reply} (the driver answered EIO)",
                        instance=name)
         elif isinstance(exc, OSError) and exc.errno == errno.ENOSYS:
             if claimed:
@@ -325,7 +326,8 @@ def error_checks(fs: _ProbeFs, report: Report, scratch: Scratch | None) -> None:
             fn()
         except OSError as exc:
             if fs.stats.get("bad_reply", 0) > bad:
-                report.add("fuse.errors", FAIL, f"{what}: malformed error reply", instance=name)
+                report.add("fuse.errors", FAIL,
+                           f"{what}: malformed error reply: {fs.last_bad_reply}", instance=name)
             elif exc.errno == want:
                 report.add("fuse.errors", PASS, f"{what}: {name}", instance=name)
             else:

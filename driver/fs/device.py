@@ -135,6 +135,7 @@ class VirtioFs:
         self._next_unique = 2
         self._broken: VfsdrvError | None = None
         self.init_out = None
+        self.last_bad_reply = ""  # what was wrong with the latest bad reply (it got EIO)
         self.stats: collections.Counter[str] = collections.Counter()
         self.locks = LockWaits(self.stats)
         self.notifications: NotificationQueue | None = None
@@ -667,8 +668,9 @@ class VirtioFs:
         )
         if rc != 0:
             self.stats["bad_reply"] += 1
-            log.warning("device sent a bad reply (opcode %d): %s", slot.opcode,
-                        ffi.string(self._why).decode(errors="replace"))
+            self.last_bad_reply = ffi.string(self._why).decode(errors="replace")
+            log.warning("device sent a bad reply (%s): %s", abi.opcode_name(slot.opcode),
+                        self.last_bad_reply)
             return synthetic(slot.unique, slot.opcode, -errno.EIO)
         # error and length come from the copy; the payload is read where it lies
         return Completion(hdr.unique, slot.opcode, hdr.error, slot.view[off : off + hdr.len])
