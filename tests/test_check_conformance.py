@@ -554,6 +554,27 @@ def test_broken_write_flag_on_indirect_descriptor(sock_dir: Path, export: Path,
     assert "not used within" in c["ring.framing[EVENT_IDX]"]["observed"]
 
 
+def test_a_wrong_fuse_major_is_not_charged_to_the_subset_or_indirect(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """FUSE_INIT answered with major 8: fuse.init and the framing of the raw ring
+    sessions fail; D5 (the subset works) and D19 (the indirect table followed) do not,
+    since the reply landed where the driver put it."""
+    real_init = FuseServer.init
+
+    def init(self, hdr, body):
+        out = real_init(self, hdr, body)
+        out.major = 8
+        return out
+
+    monkeypatch.setattr(FuseServer, "init", init)
+    c = _check_broken(sock_dir, export)
+    assert c["fuse.init"]["result"] == "fail"
+    assert c["ring.framing[VERSION_1 only]"]["result"] == "fail"
+    assert "FUSE major 8" in c["ring.framing[VERSION_1 only]"]["observed"]
+    assert c["features.subset"]["result"] == "pass", c["features.subset"]
+    assert c["ring.indirect"]["result"] == "pass", c["ring.indirect"]
+
+
 def test_broken_avail_flags_honoured_with_event_idx(sock_dir: Path, export: Path,
                                                     monkeypatch) -> None:
     """With EVENT_IDX the device takes avail->flags' low bit as "no interrupt" (D24)."""
