@@ -288,6 +288,19 @@ def _check_broken(sock_dir: Path, export: Path, **kw) -> dict[str, dict]:
     return by_id(report)
 
 
+def _init_answers(monkeypatch, **fields: int) -> None:
+    """The reference device's FUSE_INIT reply with these fuse_init_out fields changed."""
+    real_init = FuseServer.init
+
+    def init(self, hdr, body):
+        out = real_init(self, hdr, body)
+        for name, value in fields.items():
+            setattr(out, name, value)
+        return out
+
+    monkeypatch.setattr(FuseServer, "init", init)
+
+
 def _failed(c: dict[str, dict]) -> set[str]:
     return {k for k, v in c.items() if v["result"] == "fail"}
 
@@ -437,14 +450,7 @@ def test_a_max_write_under_a_page_fails_init_and_the_run_goes_on(
         sock_dir: Path, export: Path, monkeypatch) -> None:
     """FUSE_INIT granting max_write 100: fuse.init fails, and a check that would write
     more fails with why instead of the run ending in a traceback."""
-    real_init = FuseServer.init
-
-    def init(self, hdr, body):
-        out = real_init(self, hdr, body)
-        out.max_write = 100
-        return out
-
-    monkeypatch.setattr(FuseServer, "init", init)
+    _init_answers(monkeypatch, max_write=100)
     c = _check_broken(sock_dir, export)
     assert c["fuse.init"]["result"] == "fail" and "max_write 100 < 4096" in \
         c["fuse.init"]["observed"]
@@ -559,14 +565,7 @@ def test_a_wrong_fuse_major_is_not_charged_to_the_subset_or_indirect(
     """FUSE_INIT answered with major 8: fuse.init and the framing of the raw ring
     sessions fail; D5 (the subset works) and D19 (the indirect table followed) do not,
     since the reply landed where the driver put it."""
-    real_init = FuseServer.init
-
-    def init(self, hdr, body):
-        out = real_init(self, hdr, body)
-        out.major = 8
-        return out
-
-    monkeypatch.setattr(FuseServer, "init", init)
+    _init_answers(monkeypatch, major=8)
     c = _check_broken(sock_dir, export)
     assert c["fuse.init"]["result"] == "fail"
     assert c["ring.framing[VERSION_1 only]"]["result"] == "fail"
