@@ -112,8 +112,6 @@ FOPEN_NONSEEKABLE = 1 << 2
 
 _DIRENT = struct.Struct("<QQII")
 _NS = 1_000_000_000
-_S64_SIGN = 1 << 63
-_U64_MASK = (1 << 64) - 1
 
 
 # -- inode numbers ----------------------------------------------------------------------
@@ -354,24 +352,9 @@ def _fill_attr(out: pyfuse3.EntryAttributes, a: Any, local: int) -> None:
     out.st_size = a.size
     out.st_blksize = a.blksize or 4096
     out.st_blocks = a.blocks
-    out.st_atime_ns = _time_ns(a.atime, a.atimensec)
-    out.st_mtime_ns = _time_ns(a.mtime, a.mtimensec)
-    out.st_ctime_ns = _time_ns(a.ctime, a.ctimensec)
-
-
-def _time_ns(sec: int, nsec: int) -> int:
-    """A FUSE time as ns: the seconds are u64 on the wire but the kernel reads them
-    as signed 64-bit (two's complement), so a time before 1970 comes negative."""
-    if sec & _S64_SIGN:
-        sec -= 1 << 64
-    return sec * _NS + nsec
-
-
-def _wire_time(ns: int) -> tuple[int, int]:
-    """A time in ns as FUSE's (u64 seconds, nsec): negative seconds in two's
-    complement, nsec always 0..999999999 (as in a timespec)."""
-    sec, nsec = divmod(ns, _NS)
-    return sec & _U64_MASK, nsec
+    out.st_atime_ns = abi.time_ns(a.atime, a.atimensec)
+    out.st_mtime_ns = abi.time_ns(a.mtime, a.mtimensec)
+    out.st_ctime_ns = abi.time_ns(a.ctime, a.ctimensec)
 
 
 def _valid(sec: int, nsec: int) -> float:
@@ -578,13 +561,13 @@ class DeviceOperations(pyfuse3.Operations):
             f["size"] = attr.st_size
         if fields.update_atime:
             valid |= abi.FATTR_ATIME
-            f["atime"], f["atimensec"] = _wire_time(attr.st_atime_ns)
+            f["atime"], f["atimensec"] = abi.wire_time(attr.st_atime_ns)
         if fields.update_mtime:
             valid |= abi.FATTR_MTIME
-            f["mtime"], f["mtimensec"] = _wire_time(attr.st_mtime_ns)
+            f["mtime"], f["mtimensec"] = abi.wire_time(attr.st_mtime_ns)
         if getattr(fields, "update_ctime", False):  # not in every pyfuse3 release
             valid |= abi.FATTR_CTIME
-            f["ctime"], f["ctimensec"] = _wire_time(attr.st_ctime_ns)
+            f["ctime"], f["ctimensec"] = abi.wire_time(attr.st_ctime_ns)
         if fh is not None:
             valid |= abi.FATTR_FH
             f["fh"] = self._handle(fh).fh

@@ -211,6 +211,24 @@ def opcode_name(opcode: int) -> str:
         return f"opcode {opcode}"
 
 
+def signed64(value: int) -> int:
+    """A u64 wire field the kernel reads as a signed 64-bit number (time seconds,
+    loff_t offsets): two's complement, so a time before 1970 comes negative."""
+    return value - (1 << 64) if value & (1 << 63) else value
+
+
+def wire_time(ns: int) -> tuple[int, int]:
+    """A time in ns as FUSE's (u64 seconds, nsec): negative seconds in two's
+    complement, nsec always 0..999999999 (as in a timespec)."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return sec & ((1 << 64) - 1), nsec
+
+
+def time_ns(sec: int, nsec: int) -> int:
+    """A FUSE time (u64 seconds on the wire, read as signed) in ns."""
+    return signed64(sec) * 1_000_000_000 + nsec
+
+
 #: requests that go on the hiprio queue and get no reply (virtio 1.2 5.11.6.2)
 HIPRIO_OPCODES = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from ..fs import abi
-from ..fs.abi import InitFlag, Opcode, opcode_name
+from ..fs.abi import InitFlag, Opcode, opcode_name, signed64, wire_time
 from . import host_calls
 from .inode_table import DirEntry, Handle, InodeTable, Node
 from .lock_table import F_UNLCK, Lock, LockResult, LockTable
@@ -62,7 +62,6 @@ COPY_CHUNK = 1 << 30
 NAME_MAX = 255
 MAX_EARLY_INTERRUPTS = 64
 U32_MAX = 0xFFFFFFFF
-U64_MASK = (1 << 64) - 1
 
 Reply = bytes | None
 NotifyLock = Callable[[int, int], None]
@@ -97,29 +96,20 @@ def _component(name: bytes) -> bytes:
     return name
 
 
-def _signed64(value: int) -> int:
-    """A u64 wire field the kernel reads as a signed 64-bit number (time seconds,
-    lseek offsets: two's complement)."""
-    return value - (1 << 64) if value & (1 << 63) else value
-
-
-def _wire_time(ns: int) -> int:
-    """The seconds of a time in ns as fuse_attr's u64 field: a time before 1970 is
-    negative, which the kernel reads back as a signed number."""
-    return (ns // 10**9) & U64_MASK
-
-
 def _attr(st: os.stat_result) -> dict[str, Any]:
+    atime, atimensec = wire_time(st.st_atime_ns)
+    mtime, mtimensec = wire_time(st.st_mtime_ns)
+    ctime, ctimensec = wire_time(st.st_ctime_ns)
     return dict(
         ino=st.st_ino,
         size=st.st_size,
         blocks=st.st_blocks,
-        atime=_wire_time(st.st_atime_ns),
-        mtime=_wire_time(st.st_mtime_ns),
-        ctime=_wire_time(st.st_ctime_ns),
-        atimensec=st.st_atime_ns % 10**9,
-        mtimensec=st.st_mtime_ns % 10**9,
-        ctimensec=st.st_ctime_ns % 10**9,
+        atime=atime,
+        mtime=mtime,
+        ctime=ctime,
+        atimensec=atimensec,
+        mtimensec=mtimensec,
+        ctimensec=ctimensec,
         mode=st.st_mode,
         nlink=st.st_nlink,
         uid=st.st_uid,
@@ -668,7 +658,7 @@ class FuseServer:
     def lseek(self, hdr: Any, body: bytes) -> Any:
         arg = abi.unpack("fuse_lseek_in", body)
         # the kernel's loff_t as it came: the host answers a negative SEEK_DATA/HOLE
-        offset = os.lseek(self._inodes.handle(arg.fh).fd, _signed64(arg.offset), arg.whence)
+        offset = os.lseek(self._inodes.handle(arg.fh).fd, signed64(arg.offset), arg.whence)
         return abi.new("fuse_lseek_out", offset=offset)
 
     def copy_file_range(self, hdr: Any, body: bytes) -> Any:
@@ -832,7 +822,7 @@ def _time(valid: int, set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[
         return (0, host_calls.UTIME_OMIT)
     if valid & now_bit:
         return (0, host_calls.UTIME_NOW)
-    return (_signed64(sec), nsec)
+    return (signed64(sec), nsec)
 
 
 def _record_posix_owner(handle: Handle, owner: int) -> None:
