@@ -165,19 +165,21 @@ def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
         usable = check_pci_function(report, sfn, opts)
     if not usable:
         return report
+    def give_back() -> None:
+        # to the driver it had (virtio-pci), also after a failure
+        with sysfs.owning(bdf):
+            if before != "vfio-pci" and sysfs.driver(bdf) == "vfio-pci":
+                sysfs.unbind_vfio(bdf)
+
     with sysfs.owning(bdf):  # one taker at a time (see vfsdrv mount)
         before = sysfs.driver(bdf)
         try:
             transport = pf.open_fs_function(bdf)
         except BaseException:
-            if before != "vfio-pci" and sysfs.driver(bdf) == "vfio-pci":
-                sysfs.unbind_vfio(bdf)
+            give_back()
             raise
     try:
         return run_checks(transport, report, opts)
     finally:
         transport.close()
-        # give the function back to the driver it had (virtio-pci), also after a failure
-        with sysfs.owning(bdf):
-            if before != "vfio-pci" and sysfs.driver(bdf) == "vfio-pci":
-                sysfs.unbind_vfio(bdf)
+        give_back()

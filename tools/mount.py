@@ -335,8 +335,7 @@ def check_request(req: MountRequest) -> None:
     for group in req.options:
         for opt in group.split(","):
             key = opt.partition("=")[0]
-            flag = f"{key}=" if f"{key}=" in HELPER_OWN_OPTIONS else key
-            if flag in HELPER_OWN_OPTIONS and key != "fsname":
+            if key in HELPER_OWN_KEYS:
                 # mount.vfsdrv's spelling of a vfsdrv mount option (fstab has no --)
                 raise MountError(f"-o {opt}: that is how fstab and mount.vfsdrv spell it; "
                                  f"vfsdrv mount takes --{key.replace('_', '-')}")
@@ -921,6 +920,9 @@ def _log_to_syslog() -> None:
 HELPER_OWN_OPTIONS = ("tag=", "request_queues=", "threads=", "frontend=", "timeout=",
                       "ring=", "iommu=", "log=", "fsname=", "poll", "debug",
                       "force_4k_noiommu")
+#: those of them that `vfsdrv mount -o` does not take (it has flags for them; fsname=
+#: is an -o option of both)
+HELPER_OWN_KEYS = frozenset(w.rstrip("=") for w in HELPER_OWN_OPTIONS) - {"fsname"}
 
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "

@@ -57,6 +57,13 @@ def sockets_dir() -> Path:
     return run_dir() / "mounts"
 
 
+def _made(d: Path) -> Path:
+    """The servers' directory, made root's alone (0700) if it was not already."""
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    return d
+
+
 class StatusServer:
     """The control socket of one mount server: answers every connection with
     `figures()` as JSON, from a daemon thread (the serving loop is never involved
@@ -72,9 +79,7 @@ class StatusServer:
         self._stopping = False
 
     def start(self) -> StatusServer:
-        d = self.path.parent
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(d, 0o700)
+        _made(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a previous server of this pid is gone
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -274,7 +279,7 @@ def record_ending(mountpoint: str, source: str, why: str) -> None:
     """A server leaving its mount behind (the device failed: the mount answers
     ENOTCONN) says why, for `vfsdrv status` to show with the unserved mount."""
     try:
-        sockets_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        _made(sockets_dir())
         _ending_path(mountpoint).write_text(json.dumps(
             {"mountpoint": mountpoint, "source": source, "why": why,
              "ended": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")

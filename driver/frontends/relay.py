@@ -661,9 +661,10 @@ class Relay:
 
     def _pending_setlkw(self, unique: int) -> bool:
         """Whether a SETLKW's "wait" reply is still to come, for a FUSE_NOTIFY_LOCK
-        that found no waiter. Either its slot is still on a ring, or the pump has
-        already queued the LOCK_WAIT event (it queues it before freeing the slot):
-        so look at the slots first, then take in the events (which may park it)."""
+        that found no waiter. Either its slot is still the pump's (on a ring, or read
+        and waiting for room there), or the pump has already queued the LOCK_WAIT
+        event (it queues it before freeing the slot): so look at the slots first,
+        then take in the events (which may park it)."""
         if any(p.has_setlkw(unique) for p in self.pumps):
             return True
         self._take_events()
