@@ -97,19 +97,10 @@ def _component(name: bytes) -> bytes:
 
 
 def _attr(st: os.stat_result) -> dict[str, Any]:
-    atime, atimensec = wire_time(st.st_atime_ns)
-    mtime, mtimensec = wire_time(st.st_mtime_ns)
-    ctime, ctimensec = wire_time(st.st_ctime_ns)
-    return dict(
+    out: dict[str, Any] = dict(
         ino=st.st_ino,
         size=st.st_size,
         blocks=st.st_blocks,
-        atime=atime,
-        mtime=mtime,
-        ctime=ctime,
-        atimensec=atimensec,
-        mtimensec=mtimensec,
-        ctimensec=ctimensec,
         mode=st.st_mode,
         nlink=st.st_nlink,
         uid=st.st_uid,
@@ -117,6 +108,9 @@ def _attr(st: os.stat_result) -> dict[str, Any]:
         rdev=st.st_rdev & U32_MAX,
         blksize=st.st_blksize,
     )
+    for name in ("atime", "mtime", "ctime"):
+        out[name], out[f"{name}nsec"] = wire_time(getattr(st, f"st_{name}_ns"))
+    return out
 
 
 def _entry(node: Node, st: os.stat_result) -> Any:
