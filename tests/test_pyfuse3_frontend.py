@@ -80,8 +80,8 @@ def _serve_child(sock: str, mnt: str, ready_fd: int, poll: bool, options: list[s
     ops: list[frontend.DeviceOperations] = []
     real_init = frontend.DeviceOperations.__init__
 
-    def init(self, fs: VirtioFs) -> None:
-        real_init(self, fs)
+    def init(self, fs: VirtioFs, *args: object) -> None:
+        real_init(self, fs, *args)
         ops.append(self)
 
     frontend.DeviceOperations.__init__ = init  # type: ignore[method-assign]

@@ -68,7 +68,7 @@ PUMP_OPTIONS: dict[str, tuple[int, int, str]] = {
     "io_uring": (1, 1, "1, the default: each pump writes a round's replies to /dev/fuse in "
                  "one io_uring_enter where the kernel allows io_uring; 0: a writev each"),
 }
-#: -o request_timeout=SECONDS: the relay's unresponsive-device timeout (0: off)
+#: -o request_timeout=SECONDS: the unresponsive-device timeout, both frontends (0: off)
 #: when not chosen: a stalled device ends its mount after 2 minutes instead of
 #: leaving programs waiting forever (the kernel's hung-task warning comes at 120 s)
 DEFAULT_REQUEST_TIMEOUT = 120.0
@@ -105,7 +105,7 @@ def libfuse_refused(mo: MountOptions) -> str | None:
     anything is connected, and again by the frontend."""
     refused = NO_LIBFUSE_OPTION.intersection(
         mo.flag_names() + [o.partition("=")[0] for o in mo.fuse]) | set(mo.session) \
-        | set(mo.pump) | ({"request_timeout"} if mo.request_timeout else set())
+        | set(mo.pump)
     if not refused:
         return None
     return (f"mount option(s) {', '.join(sorted(refused))}: not for the pyfuse3 frontend "

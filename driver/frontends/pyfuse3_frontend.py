@@ -65,13 +65,15 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from ..errors import VfsdrvError
+from .._native import lib
+from ..errors import DeviceTimeoutError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
 from ..fs.client import ROOT_ID, FuseClient
 from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
 from .fuse_dev import (
+    DEFAULT_REQUEST_TIMEOUT,
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
     MS_NODEV,
@@ -85,8 +87,13 @@ from .fuse_dev import (
     syncfs,
     umount,
 )
+from .progress import LeftBehindClock, ProgressClock
 
 log = logging.getLogger(__name__)
+
+#: requests in flight: how often the rings are looked at without an interrupt (a
+#: device that broke a ring without signalling is caught), and request_timeout judged
+WATCHDOG_EVERY = 1.0
 
 #: FUSE_INIT flags asked of the device: the driver's defaults without the lock
 #: capabilities (pyfuse3 never forwards a lock request) and without
@@ -189,8 +196,12 @@ class _Handle:
 class TrioDevice:
     """`VirtioFs.call_async` made awaitable; many requests in flight at once."""
 
-    def __init__(self, fs: VirtioFs) -> None:
+    def __init__(self, fs: VirtioFs, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         self.fs = fs
+        self.request_timeout = request_timeout  # seconds; 0: off
+        self._stall = ProgressClock()
+        self._left_behind = LeftBehindClock()
+        self._done_seq = 0  # the highest unique answered
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.pid = os.getpid()
@@ -247,6 +258,7 @@ class TrioDevice:
     def _after_process(self) -> None:
         for pending, event in list(self._waiting.items()):
             if pending.done:
+                self._done_seq = max(self._done_seq, pending.unique)
                 event.set()
         self._progress.set()
         self._progress = trio.Event()
@@ -275,6 +287,8 @@ class TrioDevice:
             elif self.fs.max_wait is not None:  # a queue without an interrupt
                 nursery.start_soon(self._guard, self._pump_interval, self.fs.max_wait,
                                    nursery.cancel_scope)
+            nursery.start_soon(self._guard, self._watchdog, WATCHDOG_EVERY,
+                               nursery.cancel_scope)
 
     async def _guard(self, pump: Callable[[Any], Awaitable[None]], arg: Any,
                      scope: trio.CancelScope) -> None:
@@ -301,6 +315,40 @@ class TrioDevice:
             await trio.sleep(interval)
             self.fs.process()
             self._after_process()
+
+    async def _watchdog(self, every: float) -> None:
+        """While requests are in flight: look at the rings every `every` seconds even
+        without an interrupt (a ring the device broke without signalling is found, as
+        the relay's pumps do), and fail the device when nothing completes for
+        request_timeout seconds, or when one request is left that long while later
+        ones are answered (the relay's rule, progress.py). SETLKW, FSYNC and FSYNCDIR
+        may take long on a sound device: they do not count."""
+        while True:
+            await trio.sleep(every)
+            if not self._waiting:
+                continue
+            self.fs.process()
+            self._after_process()
+            if not self.request_timeout:
+                continue
+            counted = [p.unique for p in self._waiting
+                       if not p.done and not lib.vfsdrv_may_take_long(p.opcode)]
+            now = trio.current_time()
+            done = self.fs.stats["replies"]
+            stalled = self._stall.stalled_for(0, done, len(counted), now)
+            behind = self._left_behind.left_behind_for(0, min(counted, default=None),
+                                                       self._done_seq, now)
+            why = None
+            if stalled >= self.request_timeout:
+                why = (f"{len(counted)} request(s) in flight and nothing completed for "
+                       f"{stalled:.1f} s")
+            elif behind >= self.request_timeout:
+                why = f"a request has waited {behind:.1f} s while the device answered later ones"
+            if why:
+                exc = DeviceTimeoutError(f"the device is unresponsive: {why} "
+                                         f"(-o request_timeout={self.request_timeout:g})")
+                self.fs.give_up(exc)
+                raise exc
 
     async def _pump_poll(self, _arg: None) -> None:
         while True:
@@ -368,10 +416,10 @@ class DeviceOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: VirtioFs) -> None:
+    def __init__(self, fs: VirtioFs, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         super().__init__()
         self.fs = fs
-        self.dev = TrioDevice(fs)
+        self.dev = TrioDevice(fs, request_timeout)
         self.detached = False  # unmounted (or lazily detached) by the stop sequence
         #: mountinfo's (id, device, type) of the mount, taken right after pyfuse3.init
         self.mount_entry: tuple[str, str, str] | None = None
@@ -900,6 +948,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     (libfuse_options)."""
     tag = fs.config.tag if fs.config is not None else "virtiofs"
     opts = libfuse_options(options, source or tag)  # refuse bad options before INIT
+    chosen = MountOptions.parse(list(options)).request_timeout
     client = FuseClient(fs)
     if getattr(fs, "init_out", None) is None:
         try:
@@ -908,7 +957,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
             raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc
     if not fs.init_flags & abi.InitFlag.DO_READDIRPLUS:
         log.warning("the device did not grant READDIRPLUS; directory listings may fail")
-    ops = DeviceOperations(fs)
+    ops = DeviceOperations(fs, DEFAULT_REQUEST_TIMEOUT if chosen is None else chosen)
     # ACL checks in the kernel exactly when the device stores ACLs
     ops.enable_acl = bool(fs.init_flags & abi.InitFlag.POSIX_ACL)
     if debug:
@@ -967,7 +1016,7 @@ async def _main(ops: DeviceOperations, ready: Callable[[], None] | None,
 async def _pump_then_stop(dev: TrioDevice) -> None:
     await dev.pump()
     # only reached when the device broke: nothing more can be served
-    log.error("stopping the pyfuse3 frontend: the device is gone")
+    log.error("stopping the pyfuse3 frontend: the device failed")
     pyfuse3.terminate()
 
 

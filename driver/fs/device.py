@@ -858,6 +858,11 @@ class VirtioFs:
                 slot.on_done(synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))
         self.locks.fail_all(-errno.ENOTCONN)
 
+    def give_up(self, exc: VfsdrvError) -> None:
+        """A frontend judged the device dead (-o request_timeout): every request
+        waiting on it fails with ENOTCONN, as after a broken ring."""
+        self._break(exc)
+
     @property
     def broken(self) -> VfsdrvError | None:
         return self._broken

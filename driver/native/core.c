@@ -413,6 +413,16 @@ uint32_t vfsdrv_reply_offset(uint32_t request_off, uint32_t in_len)
     return (uint32_t)(((end + VFSDRV_PAGE - 1) & ~(uint64_t)(VFSDRV_PAGE - 1)) - VFSDRV_OUT_HEADER);
 }
 
+/* Requests a sound device may take any time over: a SETLKW (a device without the
+ * notification queue holds it until the lock is free), an FSYNC or FSYNCDIR (the
+ * host's disk writes back what it holds). -o request_timeout does not count them,
+ * in the pumps and in the pyfuse3 frontend alike. */
+int vfsdrv_may_take_long(uint32_t opcode)
+{
+    return opcode == 33 /* SETLKW */ || opcode == 20 /* FSYNC */ ||
+           opcode == 30 /* FSYNCDIR */;
+}
+
 /* The kernel's /dev/fuse takes error 0 or -1..-511 (fuse_dev_do_write refuses
  * error <= -512 and > 0 with EINVAL and leaves the request pending forever). */
 int vfsdrv_valid_errno(int32_t error)

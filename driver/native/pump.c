@@ -370,15 +370,6 @@ int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique)
     return 0;
 }
 
-/* Requests a sound device may take any time over: a SETLKW (a device without the
- * notification queue holds it until the lock is free), an FSYNC or FSYNCDIR (the
- * host's disk writes back what it holds). -o request_timeout does not count them. */
-static int may_take_long(uint32_t opcode)
-{
-    return opcode == 33 /* SETLKW */ || opcode == 20 /* FSYNC */ ||
-           opcode == 30 /* FSYNCDIR */;
-}
-
 /* The seq of the oldest request on the ring, those that may take long aside, or
  * UINT64_MAX. A read-only scan from the control thread, as above: a slot reused
  * meanwhile only makes the answer younger. */
@@ -388,7 +379,7 @@ uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p)
     for (uint32_t i = 0; i < p->nslots; i++) {
         struct vfsdrv_slot *s = &p->slots[i];
         if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != VFSDRV_SLOT_RING ||
-            may_take_long(__atomic_load_n(&s->opcode, __ATOMIC_RELAXED)))
+            vfsdrv_may_take_long(__atomic_load_n(&s->opcode, __ATOMIC_RELAXED)))
             continue;
         uint64_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
         if (seq < oldest)

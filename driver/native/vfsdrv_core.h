@@ -137,6 +137,7 @@ int vfsdrv_check_reply(const uint8_t *reply, uint32_t used_len, uint64_t unique,
                        uint32_t opcode, uint32_t cap, int may_wait,
                        struct vfsdrv_out_header *copy, char *why, uint32_t why_len);
 int vfsdrv_valid_errno(int32_t error);
+int vfsdrv_may_take_long(uint32_t opcode);
 
 /* ---- the request pump: /dev/fuse <-> one request queue, one thread ---- */
 #define VFSDRV_SLOT_FREE 0

@@ -436,7 +436,51 @@ def test_request_timeout_values() -> None:
     assert mo.invalid and mo.request_timeout is None
 
 
-def test_request_timeout_needs_the_relay(tmp_path: Path) -> None:
-    """pyfuse3 has no pumps to watch: the option is refused, not silently ignored."""
-    r = refused_mount(tmp_path, "--frontend", "pyfuse3", "-o", "request_timeout=5", status=2)
-    assert "request_timeout" in r.stderr and "use the relay frontend" in r.stderr
+def test_pyfuse3_fails_a_device_that_stops_answering(tmp_path: Path,
+                                                     control: DeviceControl) -> None:
+    """The pyfuse3 frontend keeps the same deadline: the reader gets an error after
+    about request_timeout seconds, the mount stays and answers ENOTCONN."""
+    with inprocess_refdev_mount(tmp_path, "--frontend", "pyfuse3", "-o",
+                                f"request_timeout={TIMEOUT}") as (mnt, log, _):
+        (tmp_path / "export" / "g").write_text("never looked up")
+        control.stall.set()
+        r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        name, elapsed = r.stdout.split()
+        assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
+        assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+        _wait_for(rf"the device is unresponsive: [1-9]\d* request\(s\) in flight and "
+                  rf"nothing completed for [\d.]+ s \(-o request_timeout={TIMEOUT}\)", log, 10)
+        _wait_for(r"stays mounted and answers ENOTCONN", log, 10)
+        assert str(mnt) in mount_points()
+        with pytest.raises(OSError) as later:
+            os.stat(mnt / "f")
+        assert later.value.errno == errno.ENOTCONN
+
+
+def test_pyfuse3_finds_replies_sent_without_their_interrupt(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The device answers on the request queues but never signals: the pyfuse3
+    frontend looks at the rings once a second while requests are in flight (as the
+    relay's pumps do), so the program gets its data, slowly, instead of hanging."""
+    from vfsdrv.refdev.device_queue import DeviceQueue
+
+    muted = threading.Event()
+    real_signal = DeviceQueue.signal
+
+    def signal(self) -> None:
+        if not (muted.is_set() and self.index >= 2):  # 0 hiprio, 1 notifications
+            real_signal(self)
+
+    monkeypatch.setattr(DeviceQueue, "signal", signal)
+    with inprocess_refdev_mount(tmp_path, "--frontend", "pyfuse3", "-o",
+                                "request_timeout=0") as (mnt, log, _):
+        (tmp_path / "export" / "g").write_text("quiet")
+        muted.set()
+        r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
+                           capture_output=True, text=True, timeout=60)
+        muted.clear()
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("ok "), r.stdout
+        assert (mnt / "g").read_text() == "quiet"
