@@ -69,7 +69,14 @@ from .._native import lib
 from ..errors import DeviceTimeoutError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
-from ..fs.client import ROOT_ID, FuseClient
+from ..fs.client import (
+    ROOT_ID,
+    FuseClient,
+    InvalidReplyError,
+    check_attr,
+    check_dirent_name,
+    check_new_entry,
+)
 from ..fs.device import Pending, VirtioFs
 from .base import FrontendError
 from .fuse_dev import (
@@ -325,10 +332,9 @@ class TrioDevice:
         may take long on a sound device: they do not count."""
         while True:
             await trio.sleep(every)
-            if not self._waiting:
-                continue
-            self.fs.process()
-            self._after_process()
+            if self._waiting:
+                self.fs.process()
+                self._after_process()
             if not self.request_timeout:
                 continue
             counted = [p.unique for p in self._waiting
@@ -374,6 +380,9 @@ def _fuse_errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except InvalidReplyError as exc:  # one reply the kernel would refuse: this request
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except VfsdrvError as exc:  # the device broke or went away (some are OSErrors too)
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.ENOTCONN) from None
@@ -424,6 +433,7 @@ class DeviceOperations(pyfuse3.Operations):
         #: mountinfo's (id, device, type) of the mount, taken right after pyfuse3.init
         self.mount_entry: tuple[str, str, str] | None = None
         self.inodes = InodeMap()
+        self._dropped_codes: set[int] = set()  # notification codes not forwarded, logged
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._notify_send: trio.MemorySendChannel | None = None
@@ -502,7 +512,10 @@ class DeviceOperations(pyfuse3.Operations):
                 return None
             return functools.partial(pyfuse3.notify_store, local, out.offset,
                                      payload[start:start + out.size])
-        log.info("device notification %d has no pyfuse3 equivalent: not forwarded", code)
+        if len(self._dropped_codes) < 16 and code not in self._dropped_codes:
+            self._dropped_codes.add(code)  # a device's flood of them is logged once a code
+            log.info("device notification %d has no pyfuse3 equivalent: not forwarded "
+                     "(logged once)", code)
         return None
 
     async def notification_worker(self) -> None:
@@ -532,14 +545,20 @@ class DeviceOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    def _entry(self, e: Any) -> pyfuse3.EntryAttributes:
-        """A device fuse_entry_out as pyfuse3 entry; counts one kernel reference."""
+    def _entry(self, e: Any, opcode: int = Opcode.LOOKUP) -> pyfuse3.EntryAttributes:
+        """A device fuse_entry_out as pyfuse3 entry; counts one kernel reference. The
+        reply is judged first by the typed client's rules (InvalidReplyError: EIO)."""
         out = pyfuse3.EntryAttributes()
         out.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
         out.attr_timeout = _valid(e.attr_valid, e.attr_valid_nsec)
-        if e.nodeid == 0:  # negative entry: cached by the kernel for entry_timeout
+        what = abi.opcode_name(opcode)
+        if opcode != Opcode.LOOKUP:
+            check_new_entry(e, what)
+        elif e.nodeid == 0:  # negative entry: cached by the kernel for entry_timeout
             out.st_ino = 0
             return out
+        else:
+            check_attr(e.attr, what)
         out.generation = e.generation
         local = self.inodes.add(e.nodeid, e.attr.ino)
         _fill_attr(out, e.attr, local)
@@ -548,10 +567,11 @@ class DeviceOperations(pyfuse3.Operations):
     async def _entry_call(self, opcode: int, nodeid: int, *parts: bytes,
                           ctx: Any = None) -> pyfuse3.EntryAttributes:
         reply = await self.dev.call(opcode, nodeid, *parts, ctx=ctx)
-        return self._entry(abi.unpack("fuse_entry_out", reply))
+        return self._entry(abi.unpack("fuse_entry_out", reply), opcode)
 
-    def _attr_out(self, reply: bytes, local: int) -> pyfuse3.EntryAttributes:
+    def _attr_out(self, reply: bytes, local: int, opcode: int) -> pyfuse3.EntryAttributes:
         out = abi.unpack("fuse_attr_out", reply)
+        check_attr(out.attr, abi.opcode_name(opcode))
         attr = pyfuse3.EntryAttributes()
         attr.attr_timeout = _valid(out.attr_valid, out.attr_valid_nsec)
         _fill_attr(attr, out.attr, local)
@@ -587,7 +607,7 @@ class DeviceOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
         reply = await self.dev.call(Opcode.GETATTR, self.inodes.nodeid(inode), body, ctx=ctx)
-        return self._attr_out(reply, inode)
+        return self._attr_out(reply, inode, Opcode.GETATTR)
 
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -621,7 +641,7 @@ class DeviceOperations(pyfuse3.Operations):
             f["fh"] = self._handle(fh).fh
         body = abi.pack("fuse_setattr_in", valid=valid, **f)
         reply = await self.dev.call(Opcode.SETATTR, self.inodes.nodeid(inode), body, ctx=ctx)
-        return self._attr_out(reply, inode)
+        return self._attr_out(reply, inode, Opcode.SETATTR)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -731,7 +751,7 @@ class DeviceOperations(pyfuse3.Operations):
                                     _entry_name(name), ctx=ctx)
         e = abi.unpack("fuse_entry_out", reply)
         out = abi.unpack("fuse_open_out", reply, abi.sizeof("fuse_entry_out"))
-        entry = self._entry(e)
+        entry = self._entry(e, Opcode.CREATE)
         return self._file_info(entry.st_ino, e.nodeid, out), entry
 
     @_fuse_errors
@@ -846,6 +866,7 @@ class DeviceOperations(pyfuse3.Operations):
                             Opcode.LOOKUP, h.nodeid, _entry_name(name)))
                     except OSError:
                         continue  # gone meanwhile
+                check_attr(e.attr, "READDIRPLUS")
                 attr = pyfuse3.EntryAttributes()
                 attr.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
                 attr.attr_timeout = _valid(e.attr_valid, e.attr_valid_nsec)
@@ -893,9 +914,11 @@ def _parse_direntplus(data: bytes) -> list[tuple[bytes, int, int, Any]]:
         e = abi.unpack("fuse_entry_out", data, pos)
         ino, off, namelen, _typ = _DIRENT.unpack_from(data, pos + esize)
         start = pos + esize + _DIRENT.size
-        if namelen == 0 or namelen > 1024 or start + namelen > len(data):
+        if start + namelen > len(data):
             raise OSError(errno.EIO, f"READDIRPLUS name length {namelen} at {pos} is invalid")
-        out.append((bytes(data[start:start + namelen]), ino, off, e))
+        name = bytes(data[start:start + namelen])
+        check_dirent_name(name, pos)
+        out.append((name, ino, off, e))
         pos += abi.direntplus_size(namelen)
     return out
 
