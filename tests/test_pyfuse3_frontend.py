@@ -585,6 +585,7 @@ def test_notification_mapping() -> None:
 
     ops = DeviceOperations.__new__(DeviceOperations)
     ops.inodes = InodeMap()
+    ops._dropped_codes = set()
     local = ops.inodes.add(77, 4242)
     act = ops.notification(2, struct.pack("<Qqq", 77, -1, 0))
     assert isinstance(act, functools.partial)
