@@ -1095,3 +1095,61 @@ def test_a_device_that_never_notifies_under_event_idx_costs_no_timeout_per_reque
     took = time.monotonic() - start
     assert _failed(c) == {"ring.used_notify[EVENT_IDX]"}
     assert took < 30, took
+
+
+def test_a_device_that_stops_answering_ends_the_session_not_each_check(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """The device stops answering at its first WRITE (its queue thread hangs, as a
+    SIGSTOPped device's would): that check fails, one GETATTR of the root tells the
+    device stopped, and the checks after it are not reached, instead of each waiting
+    --timeout (the run took about 20 x --timeout before)."""
+    import threading
+
+    release = threading.Event()
+
+    def write(self, hdr, body):
+        release.wait(120)
+        raise OSError(errno.EIO, "released")
+
+    monkeypatch.setattr(FuseServer, "write", write)
+    start = time.monotonic()
+    try:
+        with serve("refdev-split", export, sock_dir / "ref.sock"):
+            report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+            took = time.monotonic() - start
+            release.set()
+    finally:
+        release.set()
+    c = by_id(report)
+    stopped = c["fuse.opcodes[(the check stopped here)]"]
+    assert stopped["result"] == "fail"
+    assert "the device stopped answering: no reply to WRITE" in stopped["observed"], stopped
+    for cid in ("fuse.errors", "hiprio.storm", "notify.load", "reset.live"):
+        assert c[cid]["result"] == "skip" and "not reached" in c[cid]["observed"], c[cid]
+    assert took < 12, (took, report.table())
+
+
+def test_a_device_gone_during_the_ring_probes_keeps_the_report(
+        sock_dir: Path, export: Path, monkeypatch) -> None:
+    """The device goes away during the EVENT_IDX ring probe: what was checked before
+    stays in the report, the probe fails, the live checks are not reached."""
+    from vfsdrv.conformance import probes
+    from vfsdrv.errors import DeviceGoneError
+
+    real = probes.ring_session
+
+    def ring_session(t, report, timeout, *, event_idx, device_status):
+        if event_idx:
+            raise DeviceGoneError("vhost-user: backend closed the connection")
+        real(t, report, timeout, event_idx=event_idx, device_status=device_status)
+
+    monkeypatch.setattr(probes, "ring_session", ring_session)
+    with serve("refdev-split", export, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+    assert not report.ok
+    c = by_id(report)
+    assert c["features.version_1"]["result"] == "pass"
+    assert c["ring.framing[VERSION_1 only]"]["result"] == "pass"
+    assert "backend closed" in c["ring.framing[(the check stopped here)]"]["observed"]
+    for cid in ("bringup", "fuse.init", "notify.lock", "reset.live"):
+        assert c[cid]["result"] == "skip" and "not reached" in c[cid]["observed"], c[cid]

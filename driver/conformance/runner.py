@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import FeatureNegotiationError, VfsdrvError
+from ..errors import DeviceTimeoutError, FeatureNegotiationError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
 from ..fs.client import FuseClient
@@ -35,7 +35,7 @@ from ..fs.config import (
     VIRTIO_FS_F_NOTIFICATION,
     decode_tag,
 )
-from ..fs.device import HIPRIO_QUEUE, NOTIFY_QUEUE, VirtioFs, _QueueState
+from ..fs.device import HIPRIO_QUEUE, NOTIFY_QUEUE, Pending, VirtioFs, _QueueState
 from ..pci.function import PciFunction
 from ..virtio.constants import DEVICE_FEATURE_MASK, Feature, Status, feature_names
 from ..virtio.device import VirtioDevice
@@ -79,10 +79,38 @@ class _ProbeFs(VirtioFs):
     #: how long each FUSE request may take (check --timeout), for every client
     request_timeout: float = 60.0
 
+    _probing = False  # on_no_reply's GETATTR is on its way
+
     def acquire(self, large: bool = False, timeout: float | None = 30.0):
         # a device that keeps every request buffer costs --timeout, not 30 s, per wait
         limit = self.request_timeout
-        return super().acquire(large, limit if timeout is None else min(timeout, limit))
+        try:
+            return super().acquire(large, limit if timeout is None else min(timeout, limit))
+        except DeviceTimeoutError as exc:
+            # every buffer held for --timeout: the device stopped answering, and the
+            # checks after this one are not reached (not each charged --timeout more)
+            self.give_up(DeviceTimeoutError(f"the device stopped answering: {exc}"))
+            raise
+
+    def on_no_reply(self, pending: Pending) -> None:
+        """A request went unanswered for --timeout: one GETATTR of the root tells a
+        device that stopped answering (the session ends: the later checks are not
+        reached, instead of each waiting --timeout) from one that kept that request."""
+        if self._probing or self._broken is not None:
+            return
+        self._probing = True
+        try:
+            self.call(Opcode.GETATTR, 1, abi.pack("fuse_getattr_in", getattr_flags=0, fh=0),
+                      timeout=self.request_timeout)
+        except TimeoutError:
+            self.give_up(DeviceTimeoutError(
+                f"the device stopped answering: no reply to {abi.opcode_name(pending.opcode)} "
+                f"(unique {pending.unique}), nor to a GETATTR of the root after it, within "
+                f"{self.request_timeout:g} s each"))
+        except (VfsdrvError, OSError):
+            pass  # an answer, even an error: the device is alive
+        finally:
+            self._probing = False
 
     def client(self) -> FuseClient:
         """A FuseClient whose requests wait --timeout, not the library's 60 s."""
@@ -347,10 +375,23 @@ def run_checks(transport: Transport, report: Report, options: CheckOptions | Non
             _final_reset(t, report, opt, reset_note)
         return report
     # rings through the virtio core alone, then FEATURES_OK with a bit never offered
-    probes.ring_session(t, report, opt.timeout, event_idx=False, device_status=has_status)
-    if offered & Feature.EVENT_IDX:
-        probes.ring_session(t, report, opt.timeout, event_idx=True, device_status=has_status)
-    probes.feature_refusal(t, report, opt.timeout, has_status)
+    cid = "ring.framing"
+    try:
+        probes.ring_session(t, report, opt.timeout, event_idx=False, device_status=has_status)
+        if offered & Feature.EVENT_IDX:
+            probes.ring_session(t, report, opt.timeout, event_idx=True,
+                                device_status=has_status)
+        cid = "features.refusal"
+        probes.feature_refusal(t, report, opt.timeout, has_status)
+    except (VfsdrvError, OSError, TimeoutError) as exc:
+        # the device went away or stopped answering: what was checked stays reported
+        report.add(cid, FAIL, f"{type(exc).__name__}: {exc}",
+                   instance="(the check stopped here)")
+        done = {c.id.split("[")[0] for c in report.checks}
+        for other in live:
+            if other not in done:
+                report.add(other, SKIP, f"not reached: the device failed during {cid}")
+        return report
     _live_session(t, report, opt, use_notify, nrq, reset_note)
     return report
 
@@ -472,6 +513,9 @@ def _reset_live(t: Transport, fs: _ProbeFs, report: Report, opt: CheckOptions,
     used rings nor interrupt; then the same features again and a new session. Returns the
     session whose queues the caller releases (the old one's are released here)."""
     body = abi.pack("fuse_getattr_in", getattr_flags=0, fh=0)
+    if isinstance(fs.broken, DeviceTimeoutError):  # on_no_reply ended the session
+        report.add("reset.live", SKIP, f"not reached: {fs.broken}")
+        return fs
     try:
         for qs in fs.request_queues:
             fs.target = qs

@@ -858,6 +858,10 @@ class VirtioFs:
                 slot.on_done(synthetic(slot.unique, slot.opcode, -errno.ENOTCONN))
         self.locks.fail_all(-errno.ENOTCONN)
 
+    def on_no_reply(self, pending: Pending) -> None:
+        """A caller's wait for `pending` ran out (Pending.result raises TimeoutError
+        next). Nothing here; a subclass may judge the device (vfsdrv check does)."""
+
     def give_up(self, exc: VfsdrvError) -> None:
         """A frontend judged the device dead (-o request_timeout): every request
         waiting on it fails with ENOTCONN, as after a broken ring."""
@@ -904,6 +908,7 @@ class Pending:
         while self.completion is None:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                self.fs.on_no_reply(self)
                 raise TimeoutError(
                     f"{self.fs.transport.name}: no reply to {abi.opcode_name(self.opcode)} "
                     f"(unique {self.unique}) within {timeout:.3g} s"
