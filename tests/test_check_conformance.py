@@ -1153,3 +1153,28 @@ def test_a_device_gone_during_the_ring_probes_keeps_the_report(
     assert "backend closed" in c["ring.framing[(the check stopped here)]"]["observed"]
     for cid in ("bringup", "fuse.init", "notify.lock", "reset.live"):
         assert c[cid]["result"] == "skip" and "not reached" in c[cid]["observed"], c[cid]
+
+
+def test_an_empty_export_still_gets_its_lock_checked(sock_dir: Path) -> None:
+    """No regular file in the root: notify.lock locks one made in the scratch directory."""
+    empty = sock_dir / "empty"
+    empty.mkdir()
+    with serve("refdev", empty, sock_dir / "ref.sock"):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=2.0))
+    c = by_id(report)
+    assert c["notify.lock"]["result"] == "pass", c["notify.lock"]
+    assert "FUSE_NOTIFY_LOCK" in c["notify.lock"]["observed"]
+    assert report.ok
+    assert list(empty.iterdir()) == []  # the scratch directory and its file are gone
+
+
+def test_a_device_out_of_lock_resources_is_not_failed(sock_dir: Path, export: Path) -> None:
+    """A device that parks at most 4 blocking locks refuses the rest with ENOLCK (the
+    proposal allows it): notify.load says so and is not failed."""
+    with serve("refdev", export, sock_dir / "ref.sock", max_waiting_locks=4):
+        report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=2.0))
+    c = by_id(report)
+    assert c["notify.load"]["result"] == "skip", c["notify.load"]
+    assert "4 parked" in c["notify.load"]["observed"]
+    assert "8 refused with ENOLCK" in c["notify.load"]["observed"]
+    assert report.ok, report.table()

@@ -670,9 +670,9 @@ def _session_checks(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify:
                      ("hiprio.storm",
                       lambda: fuse_checks.storm_check(fs, report, opt.timeout, scratch)),
                      ("notify.queue", lambda: _notify_check(fs, report, use_notify)),
-                     ("notify.lock", lambda: _lock_check(fs, report, opt, use_notify)),
+                     ("notify.lock", lambda: _lock_check(fs, report, opt, use_notify, scratch)),
                      ("notify.load", lambda: fuse_checks.notify_load_check(
-                         fs, report, opt.timeout, scratch))]
+                         fs, report, opt.timeout, scratch, opt.read_only))]
             # a check that catches the device's errors itself still leaves the session
             # broken (VirtioFs._broken): the later checks are then not reached
             broken = "the scratch directory's creation" if fs._broken is not None else None
@@ -791,11 +791,13 @@ def _late_notifications(fs: _ProbeFs, report: Report, before: tuple[int, int]) -
                    + " later in the session", instance="later")
 
 
-def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool) -> None:
-    """Contended locks on a regular file of the root, nothing written: owner A holds a write
-    lock (the file opened read-write), owner B asks SETLKW for a read lock (the device
-    answers "wait"), A unlocks, B's grant must come as FUSE_NOTIFY_LOCK. If the file cannot
-    be opened for writing, an uncontended SETLKW read lock only."""
+def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool,
+                scratch: fuse_checks.Scratch | None) -> None:
+    """Contended locks on a regular file of the root (or, with none there, one made in the
+    scratch directory), nothing written: owner A holds a write lock (the file opened
+    read-write), owner B asks SETLKW for a read lock (the device answers "wait"), A
+    unlocks, B's grant must come as FUSE_NOTIFY_LOCK. If the file cannot be opened for
+    writing, an uncontended SETLKW read lock only."""
     import fcntl
     import os
 
@@ -807,16 +809,29 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
     if not fs.init_flags & abi.InitFlag.POSIX_LOCKS:
         report.add("notify.lock", SKIP, "the device did not grant FUSE_POSIX_LOCKS in FUSE_INIT")
         return
-    if not fs.regular_files:
-        report.add("notify.lock", SKIP, "no regular file in the export's root to lock")
-        return
     client = fs.client()
-    name = fs.regular_files[0]
+    parent = 1
+    if fs.regular_files:
+        name = fs.regular_files[0]
+    elif scratch is not None:
+        name, parent = b"lockme", scratch.nodeid
+        try:
+            _e, h = client.create(parent, name.decode(), 0o644)
+            scratch.names.append(name.decode())
+            client.release(_e.nodeid, h.fh)
+        except (VfsdrvError, OSError, TimeoutError) as exc:
+            report.add("notify.lock", SKIP, f"cannot create a file to lock in the scratch "
+                       f"directory: {exc}")
+            return
+    else:
+        report.add("notify.lock", SKIP, "no regular file in the export's root to lock "
+                   "(and no scratch directory to make one in)")
+        return
     owner_a, owner_b, pid = 0x7F5C_0000_0001, 0x7F5C_0000_0002, os.getpid()
     whole = (0, OFFSET_MAX)
     handles: list[int] = []
     try:
-        entry = client.lookup(1, name)
+        entry = client.lookup(parent, name)
     except (VfsdrvError, OSError, TimeoutError) as exc:
         report.add("notify.lock", SKIP, f"cannot look up {name!r}: {exc}")
         return
