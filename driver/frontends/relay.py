@@ -201,6 +201,8 @@ class Relay:
         self._dropped_codes: set[int] = set()  # notification codes warned about
         #: SETLKWs whose INTERRUPT went to the device -> when to answer EINTR instead
         self._interrupted: dict[int, float] = {}
+        #: pump events taken, not yet handled (_take_events)
+        self._events: collections.deque[tuple[Pump, tuple]] = collections.deque()
         self._next_progress = 0.0
         self.destroyed = False
         self.stop_at: float | None = None
@@ -621,9 +623,17 @@ class Relay:
                  "no" if not settings["io_uring"] else "no (the kernel refused io_uring)")
 
     def _take_events(self) -> None:
+        """Handle what the pumps queued, in order. The events wait in one deque that
+        a nested call (an INTERRUPT's _pending_setlkw) goes on emptying: the SETLKW's
+        "wait" reply may be queued right behind its INTERRUPT, and must be parked
+        before the INTERRUPT is judged (a list taken by the outer call would hide it,
+        and the kernel sends its one INTERRUPT only once)."""
+        events = self._events
         for pump in self.pumps:
-            for event in pump.events():
-                self._on_pump_event(pump, *event)
+            events.extend((pump, event) for event in pump.events())
+        while events:
+            pump, event = events.popleft()
+            self._on_pump_event(pump, *event)
 
     def _on_pump_exit(self, pump: Pump) -> None:
         # in the pump's thread: hand over to the control loop
