@@ -47,7 +47,8 @@ _TEXTS: dict[str, str] = {
     "device (bits 1-23), legacy-only (24, 27), foreign to the transport (SR_IOV without PCI), "
     "or dependent on a bit it does not offer (1.0+ ring bits without VERSION_1).",
     "features.features_ok": "After the driver writes a subset of the offered features and sets "
-    "FEATURES_OK, FEATURES_OK reads back set (cleared: the device is unusable).",
+    "FEATURES_OK, FEATURES_OK reads back set (a device that does not take the driver's valid "
+    "subset clears it: a deviation from D5's SHOULD, and no live check runs).",
     "features.subset": "The device accepts the smallest valid subset (VIRTIO_F_VERSION_1 only: "
     "no EVENT_IDX, no INDIRECT_DESC, no notification queue) and serves requests with it.",
     "features.refusal": "Feature bits the device did not offer, written with FEATURES_OK: the "

@@ -87,8 +87,7 @@ def ring_session(t: Transport, report: Report, timeout: float, *, event_idx: boo
         # e.g. a device that runs packed rings only, and this subset is split
         # refusing is what D6 (MUST) asks of a device that does not take a subset;
         # not taking this one is D5, a SHOULD: a pass that names the deviation
-        refused = (f"FEATURES_OK cleared: {exc}" if isinstance(exc, FeatureNegotiationError)
-                   else f"the split-ring subset refused: {exc}")
+        refused = f"the split-ring subset refused: {exc}"
         if not event_idx:
             report.add("features.subset", PASS, refused,
                        deviation="D5 (SHOULD): the device does not take the smallest valid "
@@ -306,7 +305,10 @@ def feature_refusal(t: Transport, report: Report, timeout: float, has_status: bo
         bit = bogus.bit_length() - 1
         try:
             t.set_driver_features((offered & Feature.VERSION_1) | bogus)
-        except TransportError as exc:  # vhost-user REPLY_ACK: the backend said no at once
+        except (FeatureNegotiationError, TransportError) as exc:
+            if isinstance(exc, DeviceGoneError | DeviceTimeoutError):
+                raise  # not a refusal
+            # vhost-user REPLY_ACK: the backend said no at once
             report.add("features.refusal", PASS, f"bit {bit} (not offered) written: the "
                        f"feature set was refused ({exc})")
             return

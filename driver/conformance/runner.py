@@ -443,8 +443,17 @@ def _live_session(t: Transport, report: Report, opt: CheckOptions, use_notify: b
     try:
         fs.start()
     except FeatureNegotiationError as exc:
-        report.add("features.features_ok", FAIL, f"cleared: {exc}")
-        skip_rest("FEATURES_OK was cleared", rest)
+        # refusing FEATURES_OK is what a device MUST do with features it does not take
+        # (D6); not taking a valid subset is D5, a SHOULD: a deviation, and with no
+        # session nothing live is checked, so the run is incomplete (exit status 1)
+        ring = f" (--ring {opt.ring})" if opt.ring else ""
+        report.add("features.features_ok", PASS, f"refused the driver's features{ring}: {exc}",
+                   deviation="D5 (SHOULD): the device does not take this valid subset of "
+                   "what it offers")
+        report.incomplete = (f"the device did not accept the driver's features{ring}: no "
+                             "live check ran" + (" (leave --ring out, or give the other "
+                                                 "layout)" if opt.ring else ""))
+        skip_rest("the device did not accept the driver's features", rest)
         _final_reset(t, report, opt, reset_note)
         return
     except (VfsdrvError, OSError) as exc:

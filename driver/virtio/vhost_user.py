@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .._native import ffi
-from ..errors import DeviceGoneError, DeviceTimeoutError, TransportError
+from ..errors import DeviceGoneError, DeviceTimeoutError, FeatureNegotiationError, TransportError
 from . import vhost_user_proto as vu
 from .constants import Feature
 from .memory import Arena, DmaError, DmaPool
@@ -300,7 +300,11 @@ class VhostUserTransport(Transport):
                 raise TransportError(f"{self.name}: malformed ack to request {request}")
             status = vu.U64.unpack(data)[0]
             if status != 0:
-                raise TransportError(
+                # a refused SET_FEATURES is the device not taking the features, as a
+                # cleared FEATURES_OK is on PCI: the same error for both transports
+                cls = FeatureNegotiationError if request == vu.Request.SET_FEATURES \
+                    else TransportError
+                raise cls(
                     f"{self.name}: backend refused {vu.Request(request).name} (status {status})"
                 )
 
