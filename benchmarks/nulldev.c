@@ -581,6 +581,8 @@ static int serve_fuse(const struct fuse_in_header *h, const uint8_t *args, size_
 			return n ? -ENOTDIR : -ENOENT;
 		if (alen == 0 || args[alen - 1] != 0)
 			return -EINVAL; /* the name must be NUL-terminated */
+		if (strlen((const char *)args) > 255)
+			return -ENAMETOOLONG; /* as a file system's NAME_MAX says */
 		for (size_t i = 1; i < NNODES; i++)
 			if (strcmp((const char *)args, NODES[i].name) == 0) {
 				fill_entry((struct fuse_entry_out *)r->buf, &NODES[i]);

@@ -307,3 +307,16 @@ def test_event_idx_kicks_and_interrupts_as_the_indexes_say(sock_path: Path) -> N
             assert _settled(dev, lambda c: c.requests == 3).interrupts == 2
         finally:
             raw.close()
+
+
+def test_vfsdrv_check_passes_the_null_device(sock_path: Path) -> None:
+    """The fixture is a conformant device as far as `vfsdrv check` sees it (a name
+    over NAME_MAX is ENAMETOOLONG, as any file system's)."""
+    from vfsdrv.conformance import CheckOptions
+    from vfsdrv.tools.check import check_vhost_user
+
+    with NullDevice(sock_path):
+        report = check_vhost_user(str(sock_path), CheckOptions(timeout=2.0))
+    assert report.ok, report.table()
+    checks = {c.id: c for c in report.checks}
+    assert checks["fuse.errors[ENAMETOOLONG]"].result == "pass"
