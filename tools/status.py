@@ -304,11 +304,40 @@ def _ending(mountpoint: str, source: str) -> dict[str, Any] | None:
     return rec
 
 
-def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: how long `status` waits for a mount without a status socket to answer statfs
+ANSWER_TIMEOUT = 1.0
+
+
+def _answers(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> bool | None:
+    """Whether the mount's FUSE server answers: True (statfs answered: a server of its
+    own, whatever its state directory), False (ENOTCONN/ECONNABORTED: no server, or
+    the mount point is not there), None (no answer within `timeout`: a server that
+    hangs). statfs is never answered from the kernel's caches. The look runs in a
+    daemon thread, so a hung server cannot hold `status` up."""
+    result: list[bool] = []
+
+    def look() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result.append(True)
+        except OSError as exc:
+            result.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT,
+                                            errno.ENOTDIR))
+
+    t = threading.Thread(target=look, name="vfsdrv-status-look", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else None
+
+
+def unserved(live: list[dict[str, Any]],
+             unlisted: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """vfsdrv mounts in the mount table that no running server answers for (its
     server died or was killed): they answer ENOTCONN until they are unmounted. Each
-    says why its server ended when that server could say it ("why", "ended");
-    records of mounts no longer there are removed."""
+    says why its server ended when that server could say it ("why", "ended"); one
+    whose server hangs says so ("answers": false). A mount served by a server this
+    status cannot reach (another VFSDRV_STATE_DIR, a status socket it could not
+    make) goes to `unlisted` instead. Records of mounts no longer there are removed."""
     from ..frontends.fuse_dev import FS_SUBTYPE
 
     served = {str(m.get("mountpoint")) for m in live}
@@ -322,6 +351,13 @@ def unserved(live: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if fstype != f"fuse.{FS_SUBTYPE}" or mp in served:
             continue
         entry: dict[str, Any] = {"mountpoint": mp, "source": source}
+        answers = _answers(mp)
+        if answers:
+            if unlisted is not None:
+                unlisted.append(entry)
+            continue
+        if answers is None:
+            entry["answers"] = False
         rec = _ending(mp, source)
         if rec is not None:
             entry.update(why=rec.get("why"), ended=rec.get("ended"))
@@ -389,17 +425,28 @@ def run(args: argparse.Namespace) -> int:
 
         raise VfsdrvError("status needs root (the control sockets are root's)")
     mounts = collect()
-    orphans = unserved(mounts)
+    unlisted: list[dict[str, Any]] = []
+    orphans = unserved(mounts, unlisted)
     if args.json:
-        print(json.dumps({"mounts": mounts, "unserved": orphans}, indent=2))
+        print(json.dumps({"mounts": mounts, "unserved": orphans, "unlisted": unlisted},
+                         indent=2))
         return 0
-    if not mounts and not orphans:
+    if not mounts and not orphans and not unlisted:
         print("no vfsdrv mounts are running")
     if mounts:
         print("\n".join(format_mount(m) for m in mounts))
+    for m in unlisted:
+        print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (served, by a server whose "
+              f"status socket is not in {_shown(str(sockets_dir()))}: started with another "
+              "VFSDRV_STATE_DIR, or it could not make its socket; no figures)")
     for m in orphans:
+        umount = f"vfsdrv umount {_shown(shlex.quote(m['mountpoint']))}"
+        if m.get("answers") is False:
+            print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no status socket, and "
+                  f"its server does not answer within {ANSWER_TIMEOUT:g} s; {umount} "
+                  "removes it)")
+            continue
         why = f" ({_shown(m['why'])}, {m.get('ended')})" if m.get("why") else ""
         print(f"{_shown(m['mountpoint'])}: {_shown(m['source'])} (no server{why}: it "
-              f"answers ENOTCONN until unmounted; vfsdrv umount "
-              f"{_shown(shlex.quote(m['mountpoint']))})")
+              f"answers ENOTCONN until unmounted; {umount})")
     return 0

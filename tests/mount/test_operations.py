@@ -187,7 +187,8 @@ def test_status_without_mounts_and_stale_sockets(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     # unserved mounts come from the machine's mount table, which this test does not own
     # (another program's vfsdrv mount may be there): the message only without any
-    if not status_json(env)["unserved"]:
+    again = status_json(env)
+    if not again["unserved"] and not again["unlisted"]:
         assert "no vfsdrv mounts are running" in r.stdout, r.stdout
 
 
@@ -208,6 +209,26 @@ def test_status_lists_a_mount_whose_server_was_killed(tmp_path: Path) -> None:
         assert vfsdrv("umount", m.mnt).returncode == 0
         assert not is_mounted(m.mnt)
         assert str(m.mnt) not in vfsdrv("status").stdout
+
+
+def test_status_tells_a_mount_served_elsewhere_from_one_without_a_server(
+        tmp_path: Path, monkeypatch) -> None:
+    """A server started with another VFSDRV_STATE_DIR serves its mount, but this status
+    cannot reach its socket: the mount is listed as served without figures, not as a
+    mount that answers ENOTCONN (which would tell the admin to unmount it)."""
+    monkeypatch.setenv("VFSDRV_STATE_DIR", str(tmp_path / "theirs"))  # the server's
+    with serving(tmp_path, "relay") as m:
+        assert m.proc is not None
+        status_socket_of(m.proc.pid)
+        ours = {**os.environ, "VFSDRV_STATE_DIR": str(tmp_path / "ours")}
+        st = status_json(ours)
+        assert str(m.mnt) in [x["mountpoint"] for x in st["unlisted"]], st
+        assert str(m.mnt) not in [x["mountpoint"] for x in st["unserved"]], st
+        r = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True, env=ours,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stdout.splitlines() if x.startswith(f"{m.mnt}: "))
+        assert "(served, by a server whose status socket is not in" in line, line
 
 
 def test_umount_of_a_killed_servers_mount_leaves_nothing_in_the_state_dir(
