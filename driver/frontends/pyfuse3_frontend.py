@@ -332,7 +332,7 @@ class TrioDevice:
         may take long on a sound device: they do not count."""
         while True:
             await trio.sleep(every)
-            if self._waiting:
+            if self._waiting or self._slot_waiters:
                 self.fs.process()
                 self._after_process()
             if not self.request_timeout:
@@ -341,7 +341,9 @@ class TrioDevice:
                        if not p.done and not lib.vfsdrv_may_take_long(p.opcode)]
             now = trio.current_time()
             done = self.fs.stats["replies"]
-            stalled = self._stall.stalled_for(0, done, len(counted), now)
+            # requests waiting for a buffer count too: a device that keeps every
+            # buffer (hiprio's FORGETs among them) stalls them as surely
+            stalled = self._stall.stalled_for(0, done, len(counted) + self._slot_waiters, now)
             behind = self._left_behind.left_behind_for(0, min(counted, default=None),
                                                        self._done_seq, now)
             why = None
@@ -866,7 +868,14 @@ class DeviceOperations(pyfuse3.Operations):
                             Opcode.LOOKUP, h.nodeid, _entry_name(name)))
                     except OSError:
                         continue  # gone meanwhile
-                check_attr(e.attr, "READDIRPLUS")
+                try:
+                    check_attr(e.attr, "READDIRPLUS")
+                except InvalidReplyError as exc:
+                    # as the kernel's fuse_direntplus_link: this entry is refused (and
+                    # forgotten on the device), the listing goes on
+                    log.warning("readdir: %r left out: %s", name, exc)
+                    await self._unsent([(name, dirent_ino, next_off, e)])
+                    continue
                 attr = pyfuse3.EntryAttributes()
                 attr.entry_timeout = _valid(e.entry_valid, e.entry_valid_nsec)
                 attr.attr_timeout = _valid(e.attr_valid, e.attr_valid_nsec)
