@@ -328,6 +328,8 @@ def error_checks(fs: _ProbeFs, report: Report, scratch: Scratch | None) -> None:
         if fn is None:
             report.add("fuse.errors", SKIP, what, instance=name)
             continue
+        if fs.broken is not None:
+            raise fs.broken  # the device stopped or broke: the rest is not reached
         want = getattr(errno, name)
         bad = fs.stats.get("bad_reply", 0)
         try:
@@ -459,15 +461,22 @@ def notify_load_check(fs: _ProbeFs, report: Report, timeout: float,
         # a device out of lock resources refuses waiters with ENOLCK (the proposal
         # allows it); any other answer before the release grants a conflicting lock
         refused: list[Pending] = []
-        deadline = time.monotonic() + timeout
-        while fs.lock_waiters + len(refused) < LOCK_WAITERS and time.monotonic() < deadline:
+
+        def sort_finished() -> None:
             for p in waiting:
                 if p.done and p not in refused:
+                    if fs.broken is not None:
+                        raise fs.broken
                     if p.completion != -errno.ENOLCK:
                         raise OSError(errno.EPROTO, "a conflicting SETLKW completed (error "
                                       f"{p.completion}) while the write lock was held")
                     refused.append(p)
+
+        deadline = time.monotonic() + timeout
+        while fs.lock_waiters + len(refused) < LOCK_WAITERS and time.monotonic() < deadline:
+            sort_finished()
             fs.wait(0.02)
+        sort_finished()  # those answered in the last wait
         parked = fs.lock_waiters
         start = time.monotonic()
         c.setlk(e.nodeid, h.fh, 1, Lock(*whole, fcntl.F_UNLCK, pid))
