@@ -577,7 +577,8 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
         try:
             server = StatusServer(figures, identity=mount_identity(req)).start()
         except OSError as exc:
-            log.warning("no status socket (vfsdrv status lists this mount without its figures): %s", exc)
+            log.warning("no status socket (vfsdrv status lists this mount without its "
+                        "figures): %s", exc)
         sd_notify(f"READY=1\nSTATUS=serving {req.spec()} on {req.mountpoint}")
         if ready is not None:
             ready()  # a background server logs to its log from here on
