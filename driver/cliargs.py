@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 
 #: the longest timeout or duration taken: 11 days is forever here, and four times it
 #: still fits the clocks select() and friends take (a 32-bit second count does not)
 MAX_SECONDS = 1_000_000
+
+
+#: exit status of a command whose reader went away (128 + SIGPIPE, as a shell shows it)
+BROKEN_PIPE_STATUS = 141
+
+
+def broken_pipe_exit() -> int:
+    """The reader of our output went away (`vfsdrv status | head`): no traceback.
+    Standard output then goes nowhere, so that the flush at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
 
 
 def seconds(text: str) -> float:

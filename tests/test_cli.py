@@ -273,3 +273,21 @@ def test_why_a_mount_ended_is_kept_only_while_its_mount_is_there(tmp_path, monke
     assert oct((tmp_path / "mounts").stat().st_mode & 0o777) == "0o700"
     status.forget_ending("/m\nx")
     assert "why" not in status.unserved([])[0]
+
+
+@pytest.mark.parametrize("command", [[*VFSDRV, "--help"], [*VFSDRV, "mount", "--help"],
+                                     [*VFSDRV, "status"],
+                                     [sys.executable, "-c", "import sys; from vfsdrv.tools."
+                                      "mount import mount_helper_main as m; sys.exit(m())",
+                                      "--help"]])
+def test_output_to_a_reader_that_went_away_ends_quietly(command: list[str]) -> None:
+    """`vfsdrv status | head -1` and the like: no traceback, no "error", status 141 as a
+    C tool killed by SIGPIPE shows in a shell."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        p = subprocess.run(command, stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr
+    assert "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from ..cliargs import broken_pipe_exit
 from ..errors import VfsdrvError
 
 #: modules of vfsdrv.tools that provide commands, in --help order
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # also while the commands' modules are still loading
         return 130
+    except BrokenPipeError:
+        return broken_pipe_exit()
 
 
 def _main(argv: list[str] | None) -> int:
@@ -91,6 +94,8 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=level, format="vfsdrv: %(levelname)s: %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        raise  # main() ends quietly: not an error of the command
     except VfsdrvError as exc:
         print(f"vfsdrv: error: {exc}", file=sys.stderr)
         return 1

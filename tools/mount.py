@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..cliargs import int_range, nonempty_path, notify_code, seconds
+from ..cliargs import broken_pipe_exit, int_range, nonempty_path, notify_code, seconds
 from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
@@ -1145,7 +1145,13 @@ def _remount(req: MountRequest) -> int:
 
 def mount_helper_main(argv: list[str] | None = None) -> int:
     """mount(8)'s exit statuses: 1 for a bad command line, 32 for a failed mount."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _mount_helper(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        return broken_pipe_exit()
+
+
+def _mount_helper(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="mount.vfsdrv: %(message)s")
     req: MountRequest | None = None
     if any(a in ("-h", "--help") for a in argv):

@@ -60,7 +60,9 @@ NUMERIC_FUSE_OPTIONS = frozenset({"max_read", "blksize"})
 SESSION_OPTIONS = frozenset({"max_background", "congestion_threshold", "max_readahead"})
 #: numeric options whose FUSE field is narrower than 32 bits or where 0 means "the
 #: kernel's default": name -> (smallest, largest); the others take 0 to 2^32 - 1
-OPTION_RANGES = {"max_background": (1, 0xFFFF), "congestion_threshold": (1, 0xFFFF)}
+OPTION_RANGES = {"max_background": (1, 0xFFFF), "congestion_threshold": (1, 0xFFFF),
+                 # the kernel raises a smaller max_read to 4096 without a word
+                 "max_read": (4096, 0xFFFFFFFF)}
 #: the relay's pump settings: name -> (largest value, default, what it is)
 PUMP_OPTIONS: dict[str, tuple[int, int, str]] = {
     "poll_us": (1000, 0, "microseconds each pump spins (on its ring, or idle on /dev/fuse) "

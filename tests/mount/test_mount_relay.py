@@ -388,7 +388,8 @@ def test_readahead_is_sized_to_whole_requests() -> None:
 
 @pytest.mark.parametrize("opt,limits", [
     ("max_readahead=4294967296", "0 to 4294967295"), ("max_readahead=abc", "0 to 4294967295"),
-    ("max_background=\u00b2", "1 to 65535"), ("max_read=-1", "0 to 4294967295"),
+    ("max_background=\u00b2", "1 to 65535"), ("max_read=-1", "4096 to 4294967295"),
+    ("max_read=0", "4096 to 4294967295"), ("max_read=4095", "4096 to 4294967295"),
     ("blksize=", "0 to 4294967295"), ("congestion_threshold=1e3", "1 to 65535"),
     # FUSE_INIT's 16-bit fields, where 0 would leave the kernel's default
     ("max_background=65536", "1 to 65535"), ("max_background=0", "1 to 65535"),
