@@ -39,6 +39,19 @@ def seconds(text: str) -> float:
     return value
 
 
+def fs_tag(text: str) -> str:
+    """A virtio-fs tag: 1 to 36 bytes of UTF-8 without NUL (what config space holds)."""
+    from .errors import ConfigError
+    from .fs.config import encode_tag
+
+    try:
+        encode_tag(text)
+    except (ConfigError, UnicodeEncodeError):
+        raise argparse.ArgumentTypeError(
+            f"tag {text!r} must be 1-36 bytes of UTF-8 without NUL") from None
+    return text
+
+
 def nonempty_path(text: str) -> str:
     """A path that is not empty (an empty one would mean the current directory to
     realpath() and friends: a mount over it, a socket named after nothing)."""

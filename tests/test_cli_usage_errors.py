@@ -109,3 +109,24 @@ def test_the_helper_refuses_an_empty_mount_point(tmp_path: Path, capsys) -> None
 def test_an_fstab_spelling_points_to_the_flag(tmp_path: Path, opt: str, flag: str) -> None:
     r = run("mount", "--vhost-user", str(tmp_path / "s.sock"), "-o", f"ro,{opt}", str(tmp_path))
     assert r.returncode == 2 and f"vfsdrv mount takes {flag}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("tag", ["", "t" * 37, "é" * 19])
+@pytest.mark.parametrize("command", [("mount", "--vhost-user", "/nonexistent.sock"),
+                                     ("check", "--vhost-user", "/nonexistent.sock"),
+                                     ("refdev", "--socket", "/nonexistent.sock", "--source",
+                                      "/")])
+def test_a_tag_config_space_cannot_hold_is_a_usage_error(tmp_path: Path, tag: str,
+                                                         command: tuple[str, ...]) -> None:
+    """An empty tag (it used to become "vfsdrv" silently) or one over 36 bytes of UTF-8."""
+    args = [*command, "--tag", tag] + ([str(tmp_path)] if command[0] == "mount" else [])
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert "must be 1-36 bytes of UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_helper_refuses_an_empty_tag(tmp_path: Path, capsys) -> None:
+    from vfsdrv.tools.mount import mount_helper_main
+
+    assert mount_helper_main([str(tmp_path / "x.sock"), str(tmp_path), "-o", "tag="]) == 1
+    assert "must be 1-36 bytes of UTF-8" in capsys.readouterr().err

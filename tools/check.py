@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 
-from ..cliargs import int_range, nonempty_path, seconds
+from ..cliargs import fs_tag, int_range, nonempty_path, seconds
 from ..conformance import CheckOptions, Report, run_checks
 from ..conformance.runner import check_pci_function
 from ..errors import VfsdrvError
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--vhost-user", metavar="SOCKET", type=nonempty_path,
                      help="a vhost-user-fs backend's socket")
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function (VFIO)")
-    src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
+    src.add_argument("--tag", type=fs_tag, help="the virtio-fs PCI function with this tag; with "
                      "--vhost-user: the tag to assume when the backend has no config space")
     p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
                    metavar="N",

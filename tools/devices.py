@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cliargs import fs_tag
 from ..errors import VfsdrvError
 from ..pci.errors import DeviceBusyError
 from ..pci.sysfs import VFIO_PCI, Sysfs, normalize_bdf, require_root
@@ -192,7 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bind", help="hand a virtio-fs function to vfio-pci (for vfsdrv)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("bdf", nargs="?", metavar="BDF", help="PCI address, e.g. 0000:00:03.0")
-    b.add_argument("--tag", help="the virtio-fs function with this tag")
+    b.add_argument("--tag", type=fs_tag, help="the virtio-fs function with this tag")
     b.set_defaults(func=run_bind)
 
     u = sub.add_parser("unbind", help="give a function back to its kernel driver",

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ..cliargs import broken_pipe_exit, int_range, nonempty_path, notify_code, seconds
+from ..cliargs import broken_pipe_exit, fs_tag, int_range, nonempty_path, notify_code, seconds
 from ..errors import VfsdrvError
 from ..frontends.base import DEFAULT_FRONTEND, FRONTENDS, get_frontend
 from ..frontends.fuse_dev import (
@@ -139,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--vhost-user", metavar="SOCKET", type=nonempty_path,
                      help="a vhost-user-fs backend's socket (virtiofsd, vfsdrv refdev)")
     src.add_argument("--device", metavar="BDF", help="a virtio-fs PCI function, through VFIO")
-    src.add_argument("--tag", help="the virtio-fs PCI function with this tag; with "
+    src.add_argument("--tag", type=fs_tag, help="the virtio-fs PCI function with this tag; with "
                      "--vhost-user: the tag to use when the backend has no config space")
     p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=None,
                    metavar="N",
@@ -1030,7 +1030,7 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
         for opt in group.split(","):
             key, _, value = opt.partition("=")
             if key == "tag":
-                req.tag = value
+                req.tag = value_of(key, value, fs_tag)
             elif key == "request_queues":
                 req.request_queues = value_of(key, value, int_range(1, MAX_REQUEST_QUEUES))
             elif key == "threads":

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ..cliargs import int_range, notify_code
+from ..cliargs import fs_tag, int_range, notify_code
 from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from .device import RefDevice, SocketError
 from .vhost_session import LOCK_NOTIFY_LEN, MAX_REQUEST_QUEUES
@@ -22,7 +22,7 @@ def build_parser(prog: str = "vfsdrv refdev") -> argparse.ArgumentParser:
     )
     p.add_argument("--socket", required=True, help="vhost-user unix socket to listen on")
     p.add_argument("--source", required=True, help="host directory to share")
-    p.add_argument("--tag", default="refdev", help="file system tag (config space)")
+    p.add_argument("--tag", type=fs_tag, default="refdev", help="file system tag (config space)")
     p.add_argument("--request-queues", type=int_range(1, MAX_REQUEST_QUEUES), default=1,
                    metavar="N", help="request queues offered (config space "
                    "num_request_queues; default 1)")
