@@ -51,7 +51,8 @@ def test_the_completed_words_are_the_parsed_ones() -> None:
     from vfsdrv.tools.manpages import helper_option_words, mount_option_words
 
     values = {"request_timeout=": "2", "io_uring=": "1", "frontend=": "relay",
-              "ring=": "split", "iommu=": "type1", "log=": "/tmp/x.log", "tag=": "t"}
+              "ring=": "split", "iommu=": "type1", "log=": "/tmp/x.log", "tag=": "t",
+              "max_read=": "65536"}
     for word in option_words():
         opt = word + values.get(word, "1") if word.endswith("=") else word
         mo = MountOptions.parse([opt])
