@@ -170,7 +170,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "request left unanswered that long while later ones are answered, means "
                    "the device is dead: waiting programs get an error, the mount stays and "
                    "answers ENOTCONN until it is unmounted (a SETLKW waiting for its lock, "
-                   "an FSYNC or FSYNCDIR do not count)")
+                   "an FSYNC or FSYNCDIR do not count, nor do requests while an FSYNC is in "
+                   "flight on their queue)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("-d", "--debug", action="store_true",
                    help="log every request (opcode, unique, nodeid, result); implies -f")

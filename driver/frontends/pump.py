@@ -214,6 +214,11 @@ class Pump:
         seq = int(lib.vfsdrv_pump_oldest(self._p))
         return None if seq == 2**64 - 1 else seq
 
+    def holding(self) -> int:
+        """Requests on the ring during which a device serving in order may answer
+        nothing else (an FSYNC, an FSYNCDIR: vfsdrv_may_hold_queue)."""
+        return 0 if self._p == ffi.NULL else int(lib.vfsdrv_pump_holding(self._p))
+
     def stats(self) -> dict[str, int]:
         if self._p == ffi.NULL:
             return dict(self._final_stats or {})

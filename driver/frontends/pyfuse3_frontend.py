@@ -66,7 +66,7 @@ import pyfuse3
 import trio
 
 from .._native import lib
-from ..errors import DeviceTimeoutError, VfsdrvError
+from ..errors import DeviceTimeoutError, ProtocolError, VfsdrvError
 from ..fs import abi
 from ..fs.abi import Opcode
 from ..fs.client import (
@@ -342,8 +342,12 @@ class TrioDevice:
             now = trio.current_time()
             done = self.fs.stats["replies"]
             # requests waiting for a buffer count too: a device that keeps every
-            # buffer (hiprio's FORGETs among them) stalls them as surely
-            stalled = self._stall.stalled_for(0, done, len(counted) + self._slot_waiters, now)
+            # buffer (hiprio's FORGETs among them) stalls them as surely; none count
+            # while an FSYNC is in flight (a device serving in order finishes it first)
+            holding = any(not p.done and lib.vfsdrv_may_hold_queue(p.opcode)
+                          for p in self._waiting)
+            waiting = 0 if holding else len(counted) + self._slot_waiters
+            stalled = self._stall.stalled_for(0, done, waiting, now)
             behind = self._left_behind.left_behind_for(0, min(counted, default=None),
                                                        self._done_seq, now)
             why = None
@@ -382,7 +386,7 @@ def _fuse_errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except InvalidReplyError as exc:  # one reply the kernel would refuse: this request
+        except ProtocolError as exc:  # one reply the kernel would refuse: this request
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except VfsdrvError as exc:  # the device broke or went away (some are OSErrors too)

@@ -456,9 +456,10 @@ class Relay:
             st = pump.stats()
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
             oldest = pump.oldest()
-            if oldest is None:
+            if oldest is None or pump.holding():
                 # only requests a sound device may hold long on the ring (a SETLKW
-                # until the lock is free, an FSYNC the disk is slow to write back)
+                # until the lock is free, an FSYNC the disk is slow to write back), or
+                # an FSYNC that a device serving in order finishes before the rest
                 in_flight = 0
             stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
             behind = self._left_behind.left_behind_for(pump.vq.index, oldest,

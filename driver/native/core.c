@@ -413,14 +413,23 @@ uint32_t vfsdrv_reply_offset(uint32_t request_off, uint32_t in_len)
     return (uint32_t)(((end + VFSDRV_PAGE - 1) & ~(uint64_t)(VFSDRV_PAGE - 1)) - VFSDRV_OUT_HEADER);
 }
 
-/* Requests a sound device may take any time over: a SETLKW (a device without the
- * notification queue holds it until the lock is free), an FSYNC or FSYNCDIR (the
- * host's disk writes back what it holds). -o request_timeout does not count them,
- * in the pumps and in the pyfuse3 frontend alike. */
+/* Requests during which a sound device that serves its queue in order may answer
+ * nothing else for long: an FSYNC or FSYNCDIR (the host's disk writes back what it
+ * holds). While one is in flight, -o request_timeout's "nothing completed" rule is
+ * quiet for that queue. */
+int vfsdrv_may_hold_queue(uint32_t opcode)
+{
+    return opcode == 20 /* FSYNC */ || opcode == 30 /* FSYNCDIR */;
+}
+
+/* Requests a sound device may take any time over: those above, and a SETLKW (a
+ * device without the notification queue holds it until the lock is free; it
+ * serves the rest meanwhile, or the holder's unlock could not reach it).
+ * -o request_timeout does not count them, in the pumps and in the pyfuse3
+ * frontend alike. */
 int vfsdrv_may_take_long(uint32_t opcode)
 {
-    return opcode == 33 /* SETLKW */ || opcode == 20 /* FSYNC */ ||
-           opcode == 30 /* FSYNCDIR */;
+    return opcode == 33 /* SETLKW */ || vfsdrv_may_hold_queue(opcode);
 }
 
 /* The kernel's /dev/fuse takes error 0 or -1..-511 (fuse_dev_do_write refuses

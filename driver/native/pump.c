@@ -388,6 +388,20 @@ uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p)
     return oldest;
 }
 
+/* How many requests on the ring may hold the queue (vfsdrv_may_hold_queue): a
+ * read-only scan from the control thread, as above. */
+uint32_t vfsdrv_pump_holding(struct vfsdrv_pump *p)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < p->nslots; i++) {
+        struct vfsdrv_slot *s = &p->slots[i];
+        if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == VFSDRV_SLOT_RING &&
+            vfsdrv_may_hold_queue(__atomic_load_n(&s->opcode, __ATOMIC_RELAXED)))
+            n++;
+    }
+    return n;
+}
+
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out)
 {
     uint64_t *src = (uint64_t *)&p->stats, *dst = (uint64_t *)out;

@@ -138,6 +138,7 @@ int vfsdrv_check_reply(const uint8_t *reply, uint32_t used_len, uint64_t unique,
                        struct vfsdrv_out_header *copy, char *why, uint32_t why_len);
 int vfsdrv_valid_errno(int32_t error);
 int vfsdrv_may_take_long(uint32_t opcode);
+int vfsdrv_may_hold_queue(uint32_t opcode);
 
 /* ---- the request pump: /dev/fuse <-> one request queue, one thread ---- */
 #define VFSDRV_SLOT_FREE 0
@@ -247,6 +248,7 @@ uint32_t vfsdrv_pump_events(struct vfsdrv_pump *p, struct vfsdrv_event *out, uin
 void vfsdrv_pump_give(struct vfsdrv_pump *p, uint32_t slot, uint32_t forward);
 int vfsdrv_pump_has_setlkw(struct vfsdrv_pump *p, uint64_t unique);
 uint64_t vfsdrv_pump_oldest(struct vfsdrv_pump *p);
+uint32_t vfsdrv_pump_holding(struct vfsdrv_pump *p);
 void vfsdrv_pump_get_stats(struct vfsdrv_pump *p, struct vfsdrv_pump_stats *out);
 const char *vfsdrv_pump_error(struct vfsdrv_pump *p);
 int vfsdrv_pump_io_uring(struct vfsdrv_pump *p);  /* 1: replies are batched (now) */

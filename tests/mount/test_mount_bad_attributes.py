@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from mount_helpers import inprocess_refdev_mount
 HUGE = 2**63 + 5  # a u64 size the kernel cannot hold in loff_t
 SIZE_OF_HUGE = 12345  # the host file whose size the device misreports
 SIZE_OF_TYPELESS = 23456  # the host file whose mode the device strips of its type
+SIZE_OF_EMPTY = 34567  # the host file whose GETATTR the device answers with no payload
 
 
 @pytest.fixture
@@ -36,6 +38,13 @@ def lying_device(monkeypatch) -> None:
         return out
 
     monkeypatch.setattr(fuse_server, "_attr", attr)
+    real_getattr = fuse_server.FuseServer.getattr
+
+    def getattr_(self, hdr, body):
+        out = real_getattr(self, hdr, body)
+        return b"" if out.attr.size == SIZE_OF_EMPTY else out
+
+    monkeypatch.setattr(fuse_server.FuseServer, "getattr", getattr_)
 
 
 @pytest.mark.parametrize("frontend", ["relay", "pyfuse3"])
@@ -45,6 +54,12 @@ def test_invalid_attributes_fail_that_request_only(tmp_path: Path, lying_device:
         export = tmp_path / "export"
         (export / "huge").write_bytes(b"h" * SIZE_OF_HUGE)
         (export / "typeless").write_bytes(b"t" * SIZE_OF_TYPELESS)
+        (export / "empty").write_bytes(b"e" * SIZE_OF_EMPTY)
+        with open(mnt / "empty", "rb") as f:  # LOOKUP is fine; fstat asks GETATTR
+            time.sleep(1.1)  # past the attribute timeout the LOOKUP gave
+            with pytest.raises(OSError) as exc:
+                os.fstat(f.fileno())
+            assert exc.value.errno == errno.EIO, exc.value
         for name in ("huge", "typeless"):
             with pytest.raises(OSError) as exc:
                 os.stat(mnt / name)

@@ -93,6 +93,7 @@ class DeviceControl:
         self.drop: Callable[[bytes], bool] | None = None
         self.stall = threading.Event()
         self.delay = 0.0
+        self.fsync_takes = 0.0  # an FSYNC holds the queue (a device serving in order)
         self.held: list[object] = []
         self.served_late = 0
 
@@ -115,6 +116,8 @@ def control(monkeypatch) -> Iterator[DeviceControl]:
             ctl.held.append(chain)
             return
         delay = ctl.delay
+        if ctl.fsync_takes and struct.unpack_from("<I", bytes(chain.read_all()), 4)[0] == 20:
+            time.sleep(ctl.fsync_takes)  # in the queue's thread: nothing else is served
         if delay:
             time.sleep(delay)
         real_serve(self, q, chain, hiprio)
@@ -307,6 +310,35 @@ def test_a_request_a_sound_device_may_hold_does_not_trip_it(
             if held.poll() is None:
                 held.kill()
                 held.wait(5)
+
+
+@pytest.mark.parametrize("frontend", ["relay", "pyfuse3"])
+def test_requests_queued_behind_a_long_fsync_do_not_trip_it(
+        tmp_path: Path, control: DeviceControl, frontend: str) -> None:
+    """A device that serves its queue in order spends longer than the timeout on an
+    FSYNC, and a LOOKUP waits behind it: nothing completes meanwhile, yet the device
+    is sound, and both requests are answered."""
+    with inprocess_refdev_mount(tmp_path, "--frontend", frontend, "-o",
+                                f"request_timeout={TIMEOUT}") as (mnt, log, _):
+        (tmp_path / "export" / "behind").write_text("behind")
+        control.fsync_takes = TIMEOUT + 2.5
+        syncer = subprocess.Popen([sys.executable, "-c", FSYNCER, str(mnt / "f")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert syncer.stdout is not None and syncer.stdout.readline() == "asking\n"
+            time.sleep(0.5)  # the FSYNC is with the device
+            r = subprocess.run(["stat", "-c", "%s", str(mnt / "behind")], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0 and r.stdout.strip() == "6", r.stderr
+            assert syncer.stdout.readline() == "synced\n"
+            assert syncer.wait(30) == 0
+        finally:
+            control.fsync_takes = 0.0
+            if syncer.poll() is None:
+                syncer.kill()
+                syncer.wait(5)
+        assert "unresponsive" not in log.read_text()
+        assert (mnt / "f").read_text() == "y"  # FSYNCER wrote it over the "x"
 
 
 def test_a_slow_device_that_keeps_answering_does_not_trip_it(
