@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vfsdrv.tools.mount import mount_helper_main, parse_helper_args
+from vfsdrv.tools.mount import HelperUsageError, mount_helper_main, parse_helper_args
 
 
 @pytest.mark.parametrize("opt,why", [
@@ -207,3 +207,18 @@ def test_a_remount_by_hand_keeps_the_flags_it_does_not_name(monkeypatch) -> None
     got.clear()
     assert m.mount_helper_main(["vhost-user:/s", "/mnt/x", "-o", "remount,rw,suid"]) == 0
     assert got == [("/mnt/x", fuse_dev.MS_NODEV | fuse_dev.MS_RELATIME)]
+
+
+def test_a_remount_takes_what_mount_passes_back_and_refuses_the_unknown() -> None:
+    """mount(8) passes the mount's present options, FUSE's own and the fstab line's,
+    on a remount: all taken (only the flags change); an unknown word is refused as on
+    a mount, unless -s."""
+    line = ("remount,ro,user_id=0,group_id=0,rootmode=40000,default_permissions,"
+            "allow_other,max_read=131072,tag=t,frontend=relay,request_timeout=5,noatime,"
+            "x-systemd.automount,_netdev,nofail")
+    req = parse_helper_args(["/run/x.sock", "/m", "-o", line])
+    assert req.remount == ["ro", "noatime"]
+    with pytest.raises(HelperUsageError, match="unknown option.* bogus"):
+        parse_helper_args(["/run/x.sock", "/m", "-o", "remount,rw,bogus"])
+    assert parse_helper_args(["-s", "/run/x.sock", "/m", "-o", "remount,rw,bogus"]).remount \
+        == ["rw"]

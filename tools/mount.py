@@ -59,6 +59,7 @@ from ..frontends.fuse_dev import (
     mount_flags_of,
     mount_present,
     mount_table,
+    option_words,
     remount,
     require_root,
     umount,
@@ -925,6 +926,10 @@ HELPER_OWN_OPTIONS = ("tag=", "request_queues=", "threads=", "frontend=", "timeo
 #: those of them that `vfsdrv mount -o` does not take (it has flags for them; fsname=
 #: is an -o option of both)
 HELPER_OWN_KEYS = frozenset(w.rstrip("=") for w in HELPER_OWN_OPTIONS) - {"fsname"}
+#: what mount(8) passes back on a remount besides those: the kernel's FUSE options
+#: from /proc/mounts, and remount itself
+REMOUNT_PASSED = frozenset({"remount", "user_id", "group_id", "rootmode", "fd", "blksize",
+                            "subtype", "fsname", "max_read", "nofail"})
 
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "
@@ -1010,7 +1015,13 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
     req.nofail = "nofail" in keys
     if "remount" in keys:
         # mount(8) passes the mount's present options with the new ones (FUSE's
-        # user_id=, rootmode=, ... among them): only the mount flags can change
+        # user_id=, rootmode=, ... among them, and the fstab line's): only the mount
+        # flags can change, the rest is passed over; a word nobody knows is refused
+        known = set(FLAG_OPTIONS) | {w.rstrip("=") for w in option_words()} | \
+            HELPER_OWN_KEYS | REMOUNT_PASSED
+        unknown = sorted(k for k in keys if k and k not in known and not is_ignored(k))
+        if unknown and not sloppy:
+            raise HelperUsageError(f"-o remount: unknown option(s) {', '.join(unknown)}")
         req.remount = [o for group in opts for o in group.split(",") if o in FLAG_OPTIONS]
         req.source = spec
         return req

@@ -993,6 +993,9 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
             raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc
     if not fs.init_flags & abi.InitFlag.DO_READDIRPLUS:
         log.warning("the device did not grant READDIRPLUS; directory listings may fail")
+    log.info("pyfuse3 frontend: POSIX and flock locks stay with this machine's kernel "
+             "(pyfuse3 has no lock handlers): they do not exclude other mounts of the "
+             "device; the relay frontend passes them on")
     ops = DeviceOperations(fs, DEFAULT_REQUEST_TIMEOUT if chosen is None else chosen)
     # ACL checks in the kernel exactly when the device stores ACLs
     ops.enable_acl = bool(fs.init_flags & abi.InitFlag.POSIX_ACL)
