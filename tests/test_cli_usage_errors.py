@@ -130,3 +130,13 @@ def test_the_helper_refuses_an_empty_tag(tmp_path: Path, capsys) -> None:
 
     assert mount_helper_main([str(tmp_path / "x.sock"), str(tmp_path), "-o", "tag="]) == 1
     assert "must be 1-36 bytes of UTF-8" in capsys.readouterr().err
+
+
+def test_an_fstab_only_option_is_named_as_ignored(tmp_path: Path) -> None:
+    """-o nofail means something to mount(8) and mount.vfsdrv, nothing to vfsdrv mount:
+    said, not silently dropped (the mount still fails: the socket is not there)."""
+    r = run("mount", "--vhost-user", str(tmp_path / "none.sock"), "-o", "nofail,ro",
+            str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert "-o nofail is for fstab and mount(8) (mount.vfsdrv); vfsdrv mount ignores it" \
+        in r.stderr

@@ -241,6 +241,10 @@ def run_mount(args: argparse.Namespace) -> int:
         check_request(req)
     except MountError as exc:
         usage(str(exc))
+    for opt in (o for group in req.options for o in group.split(",")):
+        if opt and is_ignored(opt.partition("=")[0]):  # mount.vfsdrv drops these itself
+            log.warning("-o %s is for fstab and mount(8) (mount.vfsdrv); vfsdrv mount "
+                        "ignores it", opt)
     return mount(req)
 
 
