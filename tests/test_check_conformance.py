@@ -457,20 +457,20 @@ def test_a_max_write_under_a_page_fails_init_and_the_run_goes_on(
     assert "notify.load" in c or "notify.load[(the check stopped here)]" in c
 
 
-def test_a_device_that_stops_answering_costs_timeout_per_request(sock_dir: Path,
-                                                                 export: Path,
-                                                                 monkeypatch) -> None:
-    """STATFS never answered (the device's thread for it hangs): each request the
-    check waits for costs --timeout, not the library's 60 s, and the run ends."""
+def _check_with_a_hang(sock_dir: Path, export: Path, monkeypatch, method: str
+                       ) -> tuple[Report, float]:
+    """`vfsdrv check --timeout 1` of the reference device whose FuseServer.`method`
+    never answers (its queue thread hangs in it until the check is over): the report
+    and how long the run took."""
     import threading
 
     release = threading.Event()
 
-    def statfs(self, hdr, body):
+    def hang(self, hdr, body):
         release.wait(120)
         raise OSError(errno.EIO, "released")
 
-    monkeypatch.setattr(FuseServer, "statfs", statfs)
+    monkeypatch.setattr(FuseServer, method, hang)
     start = time.monotonic()
     try:
         with serve("refdev-split", export, sock_dir / "ref.sock"):
@@ -479,6 +479,15 @@ def test_a_device_that_stops_answering_costs_timeout_per_request(sock_dir: Path,
             release.set()
     finally:
         release.set()
+    return report, took
+
+
+def test_a_device_that_stops_answering_costs_timeout_per_request(sock_dir: Path,
+                                                                 export: Path,
+                                                                 monkeypatch) -> None:
+    """STATFS never answered (the device's thread for it hangs): each request the
+    check waits for costs --timeout, not the library's 60 s, and the run ends."""
+    report, took = _check_with_a_hang(sock_dir, export, monkeypatch, "statfs")
     c = by_id(report)
     assert c["fuse.opcodes[STATFS]"]["result"] == "fail"
     assert "within 1 s" in c["fuse.opcodes[STATFS]"]["observed"], c["fuse.opcodes[STATFS]"]
@@ -1109,23 +1118,7 @@ def test_a_device_that_stops_answering_ends_the_session_not_each_check(
     SIGSTOPped device's would): that check fails, one GETATTR of the root tells the
     device stopped, and the checks after it are not reached, instead of each waiting
     --timeout (the run took about 20 x --timeout before)."""
-    import threading
-
-    release = threading.Event()
-
-    def write(self, hdr, body):
-        release.wait(120)
-        raise OSError(errno.EIO, "released")
-
-    monkeypatch.setattr(FuseServer, "write", write)
-    start = time.monotonic()
-    try:
-        with serve("refdev-split", export, sock_dir / "ref.sock"):
-            report = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
-            took = time.monotonic() - start
-            release.set()
-    finally:
-        release.set()
+    report, took = _check_with_a_hang(sock_dir, export, monkeypatch, "write")
     c = by_id(report)
     stopped = c["fuse.opcodes[(the check stopped here)]"]
     assert stopped["result"] == "fail"

@@ -139,6 +139,23 @@ def _wait_for(pattern: str, log: Path, timeout: float) -> str:
     return text
 
 
+def _read_from_a_stalled_device(tmp_path: Path, mnt: Path, control: DeviceControl) -> None:
+    """The device answers nothing from now on: a program reading a file it never
+    looked up gets an error after about request_timeout seconds."""
+    (tmp_path / "export" / "g").write_text("never looked up")
+    control.stall.set()
+    r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    name, elapsed = r.stdout.split()
+    # The kernel ends the requests still with the server with ECONNABORTED when the
+    # server closes /dev/fuse (fuse_abort_conn); ENOTCONN if it was not sent yet
+    assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
+    # sampled once a second: between N and N + 2 s after the request went out (the
+    # upper bound leaves room for a loaded machine)
+    assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+
+
 def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
                                                        control: DeviceControl) -> None:
     """The device keeps its connection but answers nothing: a program reading a file
@@ -150,18 +167,7 @@ def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
         text_status = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True,
                                      timeout=30, check=True).stdout
         assert f"request timeout: {TIMEOUT} s" in text_status
-        (tmp_path / "export" / "g").write_text("never looked up")
-        control.stall.set()
-        r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        name, elapsed = r.stdout.split()
-        # The kernel ends the requests still with the server with ECONNABORTED when
-        # the relay closes /dev/fuse (fuse_abort_conn); ENOTCONN if it was not sent yet
-        assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
-        # sampled once a second: between N and N + 2 s after the request went out
-        # (the upper bound leaves room for a loaded machine)
-        assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+        _read_from_a_stalled_device(tmp_path, mnt, control)
         assert control.held, "the device was never asked"
         text = _wait_for(
             rf"the device is unresponsive: request queue \d+ has [1-9]\d* request\(s\) in "
@@ -474,14 +480,7 @@ def test_pyfuse3_fails_a_device_that_stops_answering(tmp_path: Path,
     about request_timeout seconds, the mount stays and answers ENOTCONN."""
     with inprocess_refdev_mount(tmp_path, "--frontend", "pyfuse3", "-o",
                                 f"request_timeout={TIMEOUT}") as (mnt, log, _):
-        (tmp_path / "export" / "g").write_text("never looked up")
-        control.stall.set()
-        r = subprocess.run([sys.executable, "-c", READER, str(mnt / "g")],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        name, elapsed = r.stdout.split()
-        assert name in ("ECONNABORTED", "ENOTCONN"), r.stdout
-        assert TIMEOUT - 0.5 <= float(elapsed) < TIMEOUT + 4, r.stdout
+        _read_from_a_stalled_device(tmp_path, mnt, control)
         _wait_for(rf"the device is unresponsive: [1-9]\d* request\(s\) in flight and "
                   rf"nothing completed for [\d.]+ s \(-o request_timeout={TIMEOUT}\)", log, 10)
         _wait_for(r"stays mounted and answers ENOTCONN", log, 10)
