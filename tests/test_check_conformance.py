@@ -1193,3 +1193,18 @@ def test_ring_split_asked_of_a_device_that_runs_packed_rings_only(sock_dir: Path
     assert "--ring split" in c["features.features_ok"]["observed"]
     assert not report.ok and "--ring" in report.incomplete
     assert c["bringup"]["result"] == "skip"
+
+
+def test_a_device_with_another_lock_notify_code(sock_dir: Path, export: Path) -> None:
+    """refdev --notify-lock-code 9: checked with the same code it passes; with the
+    default the failure says what came instead and how to say which code."""
+    with serve("refdev", export, sock_dir / "ref.sock", notify_lock_code=9):
+        wrong = check_vhost_user(str(sock_dir / "ref.sock"), CheckOptions(timeout=1.0))
+        right = check_vhost_user(str(sock_dir / "ref.sock"),
+                                 CheckOptions(timeout=2.0, notify_lock_code=9))
+    assert right.ok, right.table()
+    c = by_id(wrong)
+    assert c["notify.lock"]["result"] == "fail"
+    assert "no FUSE_NOTIFY_LOCK with code 7 came; notifications meanwhile: 1 code 9" in \
+        c["notify.lock"]["observed"], c["notify.lock"]
+    assert "--notify-lock-code" in c["notify.lock"]["observed"]

@@ -94,3 +94,27 @@ def test_a_lock_notification_of_the_wrong_length_is_malformed(payload: int) -> N
     with pytest.raises(notify.ProtocolError, match=f"with {payload} bytes of payload"):
         q.handle(SimpleNamespace(view=view), 16 + payload)
     assert passed_on == [] and not q.stats
+
+
+def test_notification_payloads_are_judged_as_the_kernel_judges_them() -> None:
+    """fs/fuse/dev.c refuses these with EINVAL: the driver counts them as malformed
+    (notify.queue fails a device that sends them) and never forwards them."""
+    import struct
+
+    from vfsdrv.fs.abi import NotifyCode, notify_problem
+
+    assert notify_problem(NotifyCode.POLL, bytes(8)) is None
+    assert "POLL of 16 bytes, not 8" in notify_problem(NotifyCode.POLL, bytes(16))
+    assert notify_problem(NotifyCode.INVAL_INODE, bytes(24)) is None
+    assert notify_problem(NotifyCode.INVAL_INODE, bytes(16)) is not None
+    entry = struct.pack("<QII", 1, 3, 0)
+    assert notify_problem(NotifyCode.INVAL_ENTRY, entry + b"abc\0") is None
+    assert "expected 20" in notify_problem(NotifyCode.INVAL_ENTRY, entry + b"abc")
+    assert notify_problem(NotifyCode.DELETE, struct.pack("<QQII", 1, 2, 1, 0) + b"x\0") is None
+    assert notify_problem(NotifyCode.DELETE, bytes(8)) is not None
+    store = struct.pack("<QQII", 5, 0, 3, 0)
+    assert notify_problem(NotifyCode.STORE, store + b"abc") is None
+    assert "STORE of 3 bytes carries 2" in notify_problem(NotifyCode.STORE, store + b"ab")
+    assert notify_problem(NotifyCode.RETRIEVE, bytes(32)) is None
+    assert notify_problem(NotifyCode.RETRIEVE, bytes(40)) is not None
+    assert notify_problem(7, bytes(16)) is None  # RESEND or LOCK: the caller's

@@ -30,10 +30,11 @@ import logging
 import os
 import sys
 
-from ..cliargs import fs_tag, int_range, nonempty_path, seconds
+from ..cliargs import fs_tag, int_range, nonempty_path, notify_code, seconds
 from ..conformance import CheckOptions, Report, run_checks
 from ..conformance.runner import check_pci_function
 from ..errors import VfsdrvError
+from ..fs.abi import DEFAULT_NOTIFY_LOCK_CODE
 from ..fs.config import MAX_REQUEST_QUEUES
 
 DEFAULT_TAG = "vfsdrv"
@@ -63,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "directory are skipped)")
     p.add_argument("--ring", choices=("split", "packed"), default=None,
                    help="virtqueue layout (default: packed when offered, else split)")
+    p.add_argument("--notify-lock-code", type=notify_code, default=DEFAULT_NOTIFY_LOCK_CODE,
+                   metavar="N", help="notify code the device sends FUSE_NOTIFY_LOCK with "
+                   "(default %(default)s, the virtio-fs proposal), as vfsdrv mount's")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: {device, transport, ok, summary, negotiated, "
                    "ring_layout, coverage: {covered, not_observable, not_reached, "
@@ -97,7 +101,8 @@ def _run_check(args: argparse.Namespace) -> int:
                        or not os.path.isdir(os.path.dirname(os.path.abspath(args.junit)))):
         raise CheckUsageError(f"--junit {args.junit}: not a file in an existing directory")
     opts = CheckOptions(timeout=args.timeout, notification=not args.no_notification,
-                        read_only=args.read_only, ring=args.ring)
+                        read_only=args.read_only, ring=args.ring,
+                        notify_lock_code=args.notify_lock_code)
     try:
         if args.vhost_user:
             report = check_vhost_user(args.vhost_user, opts, tag=args.tag,

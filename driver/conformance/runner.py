@@ -65,6 +65,8 @@ class CheckOptions:
     read_only: bool = False
     #: virtqueue layout forced: "split" or "packed" (None: packed when offered)
     ring: str | None = None
+    #: notify code of FUSE_NOTIFY_LOCK the device uses
+    notify_lock_code: int = abi.DEFAULT_NOTIFY_LOCK_CODE
 
 
 #: the longest a checker's session sleeps without looking at the used rings
@@ -510,7 +512,8 @@ def _new_fs(t: Transport, opt: CheckOptions, use_notify: bool) -> _ProbeFs:
     # slots for IN_FLIGHT requests per queue plus a FORGET storm; few notification
     # buffers, so that notify.load needs them replenished
     fs = _ProbeFs(t, queue_size=opt.queue_size, notification=use_notify, small_slots=32,
-                  large_slots=2, max_io=64 << 10, notify_buffers=8)
+                  large_slots=2, max_io=64 << 10, notify_buffers=8,
+                  notify_lock_code=opt.notify_lock_code)
     fs.dev.ring = opt.ring
     fs.request_timeout = opt.timeout
     return fs
@@ -800,6 +803,20 @@ def _late_notifications(fs: _ProbeFs, report: Report, before: tuple[int, int]) -
                    + " later in the session", instance="later")
 
 
+def _notification_stats(fs: _ProbeFs) -> dict[str, int]:
+    return {k: v for k, v in fs.stats.items()
+            if k.startswith("notify_") or k == "bad_notification"}
+
+
+def _notification_counts(fs: _ProbeFs, before: dict[str, int]) -> str:
+    """What came on the notification queue since `before`, by kind ("none")."""
+    now = _notification_stats(fs)
+    seen = {k: now[k] - before.get(k, 0) for k in now if now[k] > before.get(k, 0)}
+    names = {"bad_notification": "malformed", "notify_other": "code over 9"}
+    return ", ".join(f"{n} {names.get(k, 'code ' + k.removeprefix('notify_'))}"
+                     for k, n in sorted(seen.items())) or "none"
+
+
 def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: bool,
                 scratch: fuse_checks.Scratch | None) -> None:
     """Contended locks on a regular file of the root (or, with none there, one made in the
@@ -844,6 +861,7 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
     except (VfsdrvError, OSError, TimeoutError) as exc:
         report.add("notify.lock", SKIP, f"cannot look up {name!r}: {exc}")
         return
+    waits, notes_before = fs.stats["lock_waits"], _notification_stats(fs)
     try:
         fh_b = client.open(entry.nodeid, os.O_RDONLY).fh
         handles.append(fh_b)
@@ -886,8 +904,13 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
                        "without a FUSE_NOTIFY_LOCK")
         client.setlk(entry.nodeid, fh_b, owner_b, Lock(*whole, fcntl.F_UNLCK, pid))
     except (VfsdrvError, OSError, TimeoutError) as exc:
-        report.add("notify.lock", FAIL, f"SETLKW F_RDLCK on {name!r}: {type(exc).__name__}: "
-                   f"{exc}")
+        why = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError) and fs.stats["lock_waits"] > waits:
+            why += (f" (it answered \"wait\", but no FUSE_NOTIFY_LOCK with code "
+                    f"{fs.notify_lock_code} came; notifications meanwhile: "
+                    f"{_notification_counts(fs, notes_before)}; --notify-lock-code N if "
+                    "the device uses another code)")
+        report.add("notify.lock", FAIL, f"SETLKW F_RDLCK on {name!r}: {why}")
     finally:
         for fh in handles:
             try:

@@ -381,6 +381,37 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+def notify_problem(code: int, payload: bytes | memoryview) -> str | None:
+    """What is wrong with a notification's payload by the kernel's own checks
+    (fuse_notify_* in fs/fuse/dev.c refuse it with EINVAL), or None. Codes 1-6 are
+    judged; 7 (RESEND or the LOCK proposal) and later ones are the caller's."""
+    n = len(payload)
+    fixed = {NotifyCode.POLL: "fuse_notify_poll_wakeup_out",
+             NotifyCode.INVAL_INODE: "fuse_notify_inval_inode_out",
+             NotifyCode.RETRIEVE: "fuse_notify_retrieve_out"}
+    named = {NotifyCode.INVAL_ENTRY: "fuse_notify_inval_entry_out",
+             NotifyCode.DELETE: "fuse_notify_delete_out"}
+    if code in fixed:
+        want = sizeof(fixed[code])
+        return None if n == want else f"{NotifyCode(code).name} of {n} bytes, not {want}"
+    if code in named:
+        head = sizeof(named[code])
+        if n < head:
+            return f"{NotifyCode(code).name} of {n} bytes, under its {head}-byte header"
+        namelen = unpack(named[code], payload).namelen
+        if n != head + namelen + 1:
+            return (f"{NotifyCode(code).name} of {n} bytes for a {namelen}-byte name "
+                    f"(expected {head + namelen + 1}, NUL included)")
+        return None
+    if code == NotifyCode.STORE:
+        head = sizeof("fuse_notify_store_out")
+        if n < head:
+            return f"STORE of {n} bytes, under its {head}-byte header"
+        size = unpack("fuse_notify_store_out", payload).size
+        return None if n - head == size else f"STORE of {size} bytes carries {n - head}"
+    return None
+
+
 def dirent_size(namelen: int) -> int:
     """FUSE_DIRENT_SIZE: header plus name, padded to 8 bytes."""
     return (sizeof("fuse_dirent") + namelen + 7) & ~7

@@ -211,6 +211,9 @@ class NotificationQueue:
             # neither a lock answer nor (code 7) a RESEND: malformed, not passed on
             raise ProtocolError(f"FUSE_NOTIFY_LOCK (code {code}) with {payload_len} bytes "
                                 f"of payload, not {LOCK_NOTIFY.size}")
+        problem = abi.notify_problem(code, buf.view[OUT_HEADER_SIZE:out_len])
+        if problem is not None:
+            raise ProtocolError(f"notification code {code}: {problem}")
         self.stats[f"notify_{code}" if code in COUNTED_NOTIFY_CODES else "notify_other"] += 1
         on_notify = self.dispatch()
         if on_notify is not None:
