@@ -470,17 +470,18 @@ class DeviceOperations(pyfuse3.Operations):
     def notification(self, code: int, payload: bytes) -> Callable[[], None] | None:
         """The pyfuse3 call that carries a device notification to the kernel, or
         None (unknown inode: the kernel caches nothing of it; a code pyfuse3
-        cannot carry: logged)."""
+        cannot carry: logged). ValueError for a payload the kernel would refuse (the
+        notification queue has refused those already: abi.notify_problem)."""
+        problem = abi.notify_problem(code, payload)
+        if problem is not None:
+            raise ValueError(problem)
 
-        def need(struct_name: str, extra: int = 0) -> Any:
-            size = abi.sizeof(struct_name)
-            if len(payload) < size + extra:
-                raise ValueError(f"{len(payload)} bytes, {struct_name} needs {size + extra}")
+        def need(struct_name: str) -> Any:
             return abi.unpack(struct_name, payload)
 
         def name_at(offset: int, namelen: int) -> bytes:
-            if namelen == 0 or len(payload) < offset + namelen:
-                raise ValueError(f"name of {namelen} bytes does not fit")
+            if namelen == 0:
+                raise ValueError("an empty name")
             return payload[offset:offset + namelen]
 
         if code == abi.NotifyCode.INVAL_INODE:
@@ -511,8 +512,6 @@ class DeviceOperations(pyfuse3.Operations):
         if code == abi.NotifyCode.STORE:
             out = need("fuse_notify_store_out")
             start = abi.sizeof("fuse_notify_store_out")
-            if len(payload) < start + out.size:
-                raise ValueError(f"STORE of {out.size} bytes carries {len(payload) - start}")
             local = self.inodes.local_of(out.nodeid)
             if local is None:
                 return None
