@@ -291,3 +291,23 @@ def test_output_to_a_reader_that_went_away_ends_quietly(command: list[str]) -> N
         os.close(w)
     assert p.returncode == 141, p.stderr
     assert "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+
+
+def test_a_mount_that_fails_in_the_background_says_why_in_its_log(tmp_path) -> None:
+    """--log FILE holds a failed bring-up's reason too, not only the terminal."""
+    import socket
+
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen(1)  # accepts, never answers
+    mnt, log = tmp_path / "mnt", tmp_path / "mount.log"
+    mnt.mkdir()
+    try:
+        r = subprocess.run([*VFSDRV, "mount", "--vhost-user", str(tmp_path / "silent.sock"),
+                            "--timeout", "1", "--log", str(log), str(mnt)],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        silent.close()
+    assert r.returncode == 1 and "no reply to GET_FEATURES within 1 s" in r.stderr, r.stderr
+    assert "failed: " in log.read_text() and "no reply to GET_FEATURES" in log.read_text()
+    assert str(mnt) not in mount_points()

@@ -851,6 +851,9 @@ def _child(req: MountRequest, w: int, log_fd: int | None) -> int:
         serve(req, ready)
     except BaseException as exc:
         if not readied:
+            if log_fd is not None:  # the parent prints it; the log keeps it too
+                log.error("mounting %s on %s failed: %s", req.spec(), req.mountpoint,
+                          "stopped by a signal" if isinstance(exc, KeyboardInterrupt) else exc)
             raise  # the parent reports it
         log.error("serving %s on %s failed: %s", req.spec(), req.mountpoint, exc,
                   exc_info=not isinstance(exc, VfsdrvError | OSError | KeyboardInterrupt))
