@@ -311,3 +311,14 @@ def test_a_mount_that_fails_in_the_background_says_why_in_its_log(tmp_path) -> N
     assert r.returncode == 1 and "no reply to GET_FEATURES within 1 s" in r.stderr, r.stderr
     assert "failed: " in log.read_text() and "no reply to GET_FEATURES" in log.read_text()
     assert str(mnt) not in mount_points()
+
+
+def test_status_tells_a_stopping_server_from_a_lazy_unmount() -> None:
+    from vfsdrv.tools.status import format_mount
+
+    lazy = format_mount({"mountpoint": "/m", "source": "s", "pid": 1, "detached": True})
+    assert "detached: unmounted lazily, served until its last user is done" in lazy
+    stopping = format_mount({"mountpoint": "/m", "source": "s", "pid": 1, "detached": True,
+                             "stopping_in": 2.5})
+    assert "stopping (asked by a signal): detached, served at most 2.5 s more" in stopping
+    assert "last user" not in stopping

@@ -381,7 +381,10 @@ def _shown(value: object) -> str:
 def format_mount(m: dict[str, Any]) -> str:
     lines = [f"{_shown(m.get('mountpoint', '?'))}: {_shown(m.get('source', '?'))} "
              f"(pid {m.get('pid', '?')})"]
-    if m.get("detached"):
+    if m.get("stopping_in") is not None:
+        lines[0] += (f" stopping (asked by a signal): {'detached, ' if m.get('detached') else ''}"
+                     f"served at most {m['stopping_in']:g} s more")
+    elif m.get("detached"):
         lines[0] += " detached: unmounted lazily, served until its last user is done"
     if "error" in m:
         lines.append(f"  error: {m['error']}")

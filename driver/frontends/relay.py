@@ -902,6 +902,9 @@ class Relay:
             "lock_waiters": fs.lock_waiters,
             "uptime": round(time.monotonic() - self.started_at, 3),
             **({"request_timeout": self.request_timeout} if self.request_timeout else {}),
+            # asked to stop (a signal): serving on for at most this many seconds
+            **({"stopping_in": round(max(0.0, self.stop_at - time.monotonic()), 1)}
+               if self.stop_at is not None else {}),
             "counters": {**dev_stats, **{f"relay_{k}": v for k, v in self.stats.items()},
                          # forgets: those the pumps sent and those that came through here
                          "relay_forgets": self.stats["forgets"] + native_forgets},
