@@ -54,6 +54,11 @@ bind = no
     ("[tag:a]\nbind = no\nmountpoint = /m\n", ["needs bind = yes"]),
     ("[tag:a]\nmount = /m\n", ["unknown key(s) mount", "known: bind, mountpoint"]),
     ("[tag:a]\n[tag:a]\n", ["already exists"]),
+    # checked when the file is read, not at boot inside the unit
+    ("[tag:a]\nfrontend = fuse\n", ["frontend = 'fuse'", "pyfuse3, relay"]),
+    ("[tag:a]\noptions = ro,bogus\n", ["[tag:a]: options:", "unknown mount option(s): bogus"]),
+    (f"[tag:{'t' * 37}]\n", ["must be 1-36 bytes"]),
+    ("[pci:00:04.0]\n[pci:0000:00:04.0]\n", ["the same function as [pci:00:04.0]"]),
 ])
 def test_config_errors_name_the_file_and_the_fix(tmp_path: Path, text: str,
                                                  words: list[str]) -> None:

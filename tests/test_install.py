@@ -174,7 +174,7 @@ def test_uninstall_keeps_an_edited_unit(tmp_path: Path) -> None:
     r = vfsdrv("install", "--root", tmp_path, "--no-reload")
     assert r.returncode == 0, r.stderr
     unit = tmp_path / "etc/systemd/system/vfsdrv@.service"
-    unit.write_text(unit.read_text().replace("TimeoutStopSec=30", "TimeoutStopSec=90"))
+    unit.write_text(unit.read_text().replace("TimeoutStopSec=45", "TimeoutStopSec=90"))
     edited = unit.read_text()
     r = vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
     assert r.returncode == 0, r.stderr

@@ -222,3 +222,21 @@ def test_a_remount_takes_what_mount_passes_back_and_refuses_the_unknown() -> Non
         parse_helper_args(["/run/x.sock", "/m", "-o", "remount,rw,bogus"])
     assert parse_helper_args(["-s", "/run/x.sock", "/m", "-o", "remount,rw,bogus"]).remount \
         == ["rw"]
+
+
+def test_a_line_copied_from_the_mount_table_mounts() -> None:
+    """/proc/mounts shows FUSE's own user_id=, group_id= (and fstab copies may carry
+    rootmode=): the server sets those itself, so a copied line mounts without them."""
+    req = parse_helper_args(["/run/x.sock", "/m", "-t", "fuse.vfsdrv", "-o",
+                             "rw,nosuid,nodev,relatime,user_id=0,group_id=0,rootmode=40000,"
+                             "default_permissions,allow_other"])
+    assert req.remount is None
+    assert req.options == ["rw,nosuid,nodev,relatime,default_permissions,allow_other"]
+
+
+def test_udev_install_refuses_an_empty_root(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "vfsdrv.tools.cli", "udev", "install", "--root",
+                        "", "--no-reload"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "--root needs a directory" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

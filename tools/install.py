@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
-def _check_root(root: str) -> str:
+def check_root(root: str) -> str:
     """--root as given, but "//" or "/." is / (and needs what / needs); "" would be
     the working directory: refused."""
     if not root:
@@ -152,7 +152,7 @@ def _check_root(root: str) -> str:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    args.root = _check_root(args.root)
+    args.root = check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("installing into / needs root")
     for path in install(args.root, reload=not args.no_reload):
@@ -163,7 +163,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    args.root = _check_root(args.root)
+    args.root = check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("uninstalling from / needs root")
     kept: list[Path] = []

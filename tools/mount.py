@@ -933,10 +933,12 @@ HELPER_OWN_OPTIONS = ("tag=", "request_queues=", "threads=", "frontend=", "timeo
 #: those of them that `vfsdrv mount -o` does not take (it has flags for them; fsname=
 #: is an -o option of both)
 HELPER_OWN_KEYS = frozenset(w.rstrip("=") for w in HELPER_OWN_OPTIONS) - {"fsname"}
-#: what mount(8) passes back on a remount besides those: the kernel's FUSE options
-#: from /proc/mounts, and remount itself
-REMOUNT_PASSED = frozenset({"remount", "user_id", "group_id", "rootmode", "fd", "blksize",
-                            "subtype", "fsname", "max_read", "nofail"})
+#: FUSE's words in the mount table (/proc/mounts) that its server sets itself: a line
+#: copied from there mounts with them left out
+FUSE_OWN = frozenset({"user_id", "group_id", "rootmode", "fd", "subtype"})
+#: what mount(8) passes back on a remount besides those: the mount table's options,
+#: and remount itself
+REMOUNT_PASSED = FUSE_OWN | {"remount", "blksize", "fsname", "max_read", "nofail"}
 
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "
@@ -1076,6 +1078,8 @@ def parse_helper_args(argv: list[str]) -> MountRequest:
                 req.source = value
             elif is_ignored(key):
                 continue  # fstab/systemd options: nothing for the file system
+            elif key in FUSE_OWN:
+                continue  # the mount table's own words, from a copied line: the server sets them
             elif opt:
                 rest.append(opt)
     if sloppy and rest:

@@ -91,7 +91,12 @@ def load_config(path: str | Path) -> list[Entry]:
         parser.read_string(text, source=str(path))
     except configparser.Error as exc:
         raise UdevConfigError(f"{path}: {exc}") from exc
+    from ..cliargs import fs_tag
+    from ..frontends.base import FRONTENDS
+    from ..frontends.fuse_dev import MountError, MountOptions
+
     out: list[Entry] = []
+    seen: dict[tuple[str, str], str] = {}
     for name in parser.sections():
         kind, sep, key = name.partition(":")
         where = f"{path}: [{name}]"
@@ -103,6 +108,14 @@ def load_config(path: str | Path) -> list[Entry]:
                 key = normalize_bdf(key)
             except BadAddressError as exc:
                 raise UdevConfigError(f"{where}: {exc}") from exc
+        else:
+            try:
+                fs_tag(key)
+            except argparse.ArgumentTypeError as exc:
+                raise UdevConfigError(f"{where}: {exc}") from None
+        if (kind, key) in seen:
+            raise UdevConfigError(f"{where}: the same function as [{seen[kind, key]}]")
+        seen[kind, key] = name
         sec = parser[name]
         unknown = set(sec) - {"bind", "mountpoint", "options", "frontend", "timeout"}
         if unknown:
@@ -119,6 +132,14 @@ def load_config(path: str | Path) -> list[Entry]:
             raise UdevConfigError(f"{where}: a mountpoint needs bind = yes (vfsdrv mounts "
                                   "through vfio-pci)")
         opts = [o.strip() for o in (sec.get("options") or "").split(",") if o.strip()]
+        try:  # the mount's own check, now rather than at boot in the unit
+            MountOptions.parse([",".join(opts)]).check()
+        except MountError as exc:
+            raise UdevConfigError(f"{where}: options: {exc}") from None
+        frontend = sec.get("frontend") or None
+        if frontend is not None and frontend not in FRONTENDS:
+            raise UdevConfigError(f"{where}: frontend = {frontend!r}: give one of "
+                                  f"{', '.join(sorted(FRONTENDS))}")
         timeout = None
         if sec.get("timeout"):
             try:
@@ -128,7 +149,7 @@ def load_config(path: str | Path) -> list[Entry]:
             if not timeout > 0:
                 raise UdevConfigError(f"{where}: timeout = {sec['timeout']!r}: give seconds, "
                                       "more than 0")
-        out.append(Entry(kind, key, bind, mp, opts, sec.get("frontend") or None, timeout))
+        out.append(Entry(kind, key, bind, mp, opts, frontend, timeout))
     return out
 
 
@@ -403,7 +424,7 @@ def handle_add(bdf: str, config: Path, sysfs: Sysfs | None = None, *,
 
 def mount_entry(instance: str, config: Path, foreground: bool) -> int:
     """Mount the function of a config section (the unit's ExecStart)."""
-    from .mount import MountRequest
+    from .mount import MountRequest, check_request
     from .mount import mount as do_mount
 
     entries = load_config(config)
@@ -418,7 +439,6 @@ def mount_entry(instance: str, config: Path, foreground: bool) -> int:
         raise UdevConfigError(f"{config} has no [tag:{instance}] or [pci:{instance}] section")
     if not entry.mountpoint:
         raise UdevConfigError(f"{config}: [{entry.section}] has no mountpoint")
-    os.makedirs(entry.mountpoint, exist_ok=True)
     req = MountRequest(
         mountpoint=entry.mountpoint,
         device=entry.key if entry.kind == "pci" else None,
@@ -429,6 +449,8 @@ def mount_entry(instance: str, config: Path, foreground: bool) -> int:
     )
     if entry.frontend:
         req.frontend = entry.frontend
+    check_request(req)  # a bad line is said before anything is made
+    os.makedirs(entry.mountpoint, exist_ok=True)
     return do_mount(req)
 
 
@@ -464,6 +486,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    from .install import check_root
+
+    args.root = check_root(args.root)
     for path in install(args.root, reload=not args.no_reload):
         print(f"wrote {path}")
     conf = Path(args.root) / DEFAULT_CONF.lstrip("/")
@@ -473,6 +498,9 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
+    from .install import check_root
+
+    args.root = check_root(args.root)
     kept: list[Path] = []
     for path in uninstall(args.root, reload=not args.no_reload, kept=kept):
         print(f"removed {path}")
