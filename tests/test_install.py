@@ -104,6 +104,10 @@ def test_man_pages_and_completion_follow_the_command_line(tmp_path: Path) -> Non
     assert complete("mount", "--tag", "install", "--fr") == ["--frontend"]
     # -o: comma separated mount options, the last one completed
     assert complete("mount", "-o", "ro,nosu") == ["ro,nosuid"]
+    # "=" splits bash's words: the -o value is completed whole all the same
+    assert complete("mount", "-o", "max_read", "=", "4096,nosu") == ["4096,nosuid"]
+    assert complete("mount", "-o", "max_read", "=", "4096,request_timeout", "=", "5,io_u") \
+        == ["5,io_uring="]
     assert not any(complete("mount", "-o", "ta"))  # tag= is mount.vfsdrv's only
 
 

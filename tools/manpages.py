@@ -160,12 +160,29 @@ def helper_option_words() -> list[str]:
 
 
 def _comma_list(words: list[str], indent: str) -> str:
-    """bash lines completing the last of comma-separated words in $cur."""
+    """bash lines completing the last of comma-separated words in $cur (the -o value
+    whole, see _JOIN); each answer less what is in the words before bash's own."""
     return "\n".join(indent + line for line in (
-        'local last=${cur##*,} head=""',
+        'local last=${cur##*,} head="" word=${COMP_WORDS[COMP_CWORD]} r',
         '[ "$last" != "$cur" ] && head=${cur%,*},',
         f'COMPREPLY=($(compgen -P "$head" -W {shlex.quote(" ".join(words))} -- "$last"))',
+        'for r in "${!COMPREPLY[@]}"; do',
+        '    COMPREPLY[r]=${COMPREPLY[r]:${#cur}-${#word}}',
+        'done',
         "compopt -o nospace 2>/dev/null"))
+
+
+#: bash: "=" breaks words (COMP_WORDBREAKS), so `-o max_read=4096,nos` comes as
+#: -o, max_read, =, 4096,nos: sets cur and prev to the -o value whole and "-o"
+_JOIN = """_vfsdrv_join_o() {
+    local i=$COMP_CWORD joined=${COMP_WORDS[COMP_CWORD]}
+    while [ "$i" -gt 1 ] && { [ "${COMP_WORDS[i-1]}" = "=" ] || [ "${COMP_WORDS[i]}" = "=" ]; }; do
+        i=$((i - 1)); joined=${COMP_WORDS[i]}$joined
+    done
+    if [ "$i" -lt "$COMP_CWORD" ] && [ "${COMP_WORDS[i-1]}" = "-o" ]; then
+        cur=$joined; prev=-o
+    fi
+}"""
 
 
 def completions() -> dict[str, str]:
@@ -202,6 +219,7 @@ def completions() -> dict[str, str]:
     walk("", parser)
     value_taking = " ".join(sorted(takes_value))
     script = f"""# bash completion for vfsdrv ({GENERATED})
+{_JOIN}
 _vfsdrv_options() {{
     # comma separated: complete the last one
 {_comma_list(mount_option_words(), "    ")}
@@ -210,6 +228,7 @@ _vfsdrv() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}} path="" w
     local options commands skip=0 IFS=$' \t\n'
     local lines=$'\n'  # compgen's results one per line: names with spaces stay whole
+    _vfsdrv_join_o
     # the command path: words that name a subcommand, not an option's value
     for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
         if [ $skip = 1 ]; then skip=0; continue; fi
@@ -239,9 +258,11 @@ _vfsdrv() {{
 complete -o filenames -F _vfsdrv vfsdrv
 """
     helper = f"""# bash completion for mount.vfsdrv ({GENERATED})
+{_JOIN}
 _mount_vfsdrv() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}}
-    if [ "${{COMP_WORDS[COMP_CWORD-1]}}" = "-o" ]; then
+    local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
+    _vfsdrv_join_o
+    if [ "$prev" = "-o" ]; then
 {_comma_list(helper_option_words(), "        ")}
     else
         local IFS=$'\n'
