@@ -351,3 +351,17 @@ def test_a_root_that_is_a_file_is_a_one_line_error(tmp_path: Path, cmd: tuple[st
     assert r.stderr.startswith(f"vfsdrv: error: cannot write {root}/") and \
         "Not a directory" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert root.read_text() == "not a directory\n"
+
+
+def test_an_install_that_fails_part_way_says_what_it_wrote(tmp_path: Path) -> None:
+    (tmp_path / "usr/local/share").mkdir(parents=True)
+    (tmp_path / "usr/local/share/man").write_text("a file where a directory goes")
+    r = vfsdrv("install", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 1, r.stderr
+    assert "Not a directory; written before it: " in r.stderr
+    assert f"{tmp_path}/sbin/mount.vfsdrv" in r.stderr
+    assert f"vfsdrv uninstall --root {tmp_path} removes them" in r.stderr
+    r = vfsdrv("uninstall", "--root", tmp_path, "--no-reload")
+    assert r.returncode == 0, r.stderr
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert left == [tmp_path / "usr/local/share/man"], left

@@ -100,7 +100,7 @@ def targets(root: str = "/") -> list[udev.Target]:
 def install(root: str = "/", reload: bool = True) -> list[Path]:
     todo = targets(root)
     udev.check(todo, "`vfsdrv install`")  # all of them first: nothing half-installed
-    written = [udev.write_file(t.path, t.text, t.mode) for t in todo]
+    written = udev.write_all(todo, f"vfsdrv uninstall --root {root}")
     if reload and root == "/":
         udev._reload()
     return written
@@ -157,6 +157,10 @@ def run_install(args: argparse.Namespace) -> int:
         raise VfsdrvError("installing into / needs root")
     for path in install(args.root, reload=not args.no_reload):
         print(f"wrote {path}")
+    conf = Path(args.root) / udev.DEFAULT_CONF.lstrip("/")
+    if not conf.exists():
+        print(f"nothing is opted in to auto-binding until {conf} names functions "
+              f"(see {conf.with_name(conf.name + '.example')})")
     if shutil.which("mount") is None:
         print("note: mount(8) is not installed (util-linux's mount package)")
     return 0

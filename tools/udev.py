@@ -313,6 +313,22 @@ def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
     return path
 
 
+def write_all(todo: list[Target], undo: str) -> list[Path]:
+    """Write every target in order; a failure part-way names what was written already
+    and `undo`, the command that removes it."""
+    written: list[Path] = []
+    for t in todo:
+        try:
+            written.append(write_file(t.path, t.text, t.mode))
+        except VfsdrvError as exc:
+            if written:
+                raise VfsdrvError(f"{exc}; written before it: "
+                                  f"{', '.join(str(p) for p in written)} ({undo} removes "
+                                  "them)") from None
+            raise
+    return written
+
+
 def targets(root: str = "/", command: str | None = None) -> list[Target]:
     """The rule, the unit template and the example config, as install writes them."""
     cmd = command or vfsdrv_command()
@@ -328,7 +344,7 @@ def targets(root: str = "/", command: str | None = None) -> list[Target]:
 def install(root: str = "/", reload: bool = True, command: str | None = None) -> list[Path]:
     todo = targets(root, command)
     check(todo, "`vfsdrv udev install`")
-    written = [write_file(t.path, t.text, t.mode) for t in todo]
+    written = write_all(todo, f"vfsdrv udev uninstall --root {root}")
     if reload and root == "/":
         _reload()
     return written
