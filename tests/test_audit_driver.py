@@ -172,7 +172,7 @@ def test_vfsdrv_audit_command(capsys) -> None:
     assert {"16", "20", "27", "63", "61"} <= ids
     assert main(["audit"]) == 0
     text = capsys.readouterr().out
-    assert f"of {CHECKLIST_SIZE} driver-normative statements" in text
+    assert f"of {CHECKLIST_SIZE} driver-normative checklist items" in text
     assert "not observable from the device" in text
     assert "0 violated (MUST)" in text
 
@@ -357,7 +357,7 @@ def test_refdev_audit_prints_the_report_on_exit(tmp_path: Path) -> None:
         fs.close()
         rc, out = finish()
     assert rc == 0, out
-    assert f"of {CHECKLIST_SIZE} driver-normative statements" in out
+    assert f"of {CHECKLIST_SIZE} driver-normative checklist items" in out
     assert "0 violated (MUST)" in out
     assert "16    MUST   held" in out and "27    MUST   held" in out
 

@@ -181,8 +181,9 @@ STATEMENTS: tuple[Statement, ...] = (
        "when DRIVER_OK is set)."),
     _s("67", 67, "§1.5", MUST, "The driver MUST start a FUSE session with one FUSE_INIT on a "
        "request queue, before any other request (required for interop)."),
-    _s("67b", 67, "§1.5", MUST, "The session's byte order is fixed by FUSE_INIT: the driver "
-       "MUST send it little-endian, the device's byte order (required for interop)."),
+    _s("67b", 67, "§1.5", SHOULD, "The session's byte order is the one its FUSE_INIT was "
+       "sent in (§1.5: the driver chooses it, the device detects it): the driver SHOULD send "
+       "it little-endian, the only order virtiofsd and this device serve (for interop)."),
 )
 BY_ID = {s.id: s for s in STATEMENTS}
 
@@ -356,8 +357,8 @@ class AuditReport:
         tail = (f"; not exercised: {', '.join(map(str, cov['not_exercised']))}"
                 if cov["not_exercised"] else "")
         return (
-            f"covered {len(self.covered)} of {CHECKLIST_SIZE} driver-normative statements "
-            f"(checklist items {', '.join(str(n) for n in self.covered) or 'none'}), "
+            f"covered {len(self.covered)} of {CHECKLIST_SIZE} driver-normative checklist items "
+            f"({', '.join(str(n) for n in self.covered) or 'none'}), "
             f"{len(cov['not_observable'])} not observable from the device{tail}; "
             f"{len(self.violated)} violated (MUST), {len(self.warnings)} warning(s) (SHOULD)"
         )

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SocketError as exc:
         print(f"refdev: {exc}", file=sys.stderr)
         return 1
-    if args.audit:
+    if device.auditor is not None:  # --audit, or an --audit-probe (which implies it)
         report = device.audit_report()
         print(report.format_table(), flush=True)
         return 0 if report.ok else 1

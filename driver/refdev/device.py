@@ -128,9 +128,14 @@ class RefDevice:
             ring=ring,
         )
         self.locks = LockTable(max_waiting_locks)
+        audit = audit or bool(audit_probes)  # a probe is a departure of auditing mode
         if access_platform and (audit or auditor is not None):
             # the auditor reads rings by guest-physical address
             raise ValueError("auditing mode does not combine with access_platform")
+        if ring == "packed" and (audit or auditor is not None):
+            # auditing mode offers split rings only: no driver could use the device
+            raise ValueError("auditing mode offers split rings only: it does not combine "
+                             "with ring='packed' (--ring packed)")
         self.access_platform = access_platform
         if session_factory is None:
             session_factory = IotlbSession if access_platform else VhostUserSession
