@@ -163,3 +163,21 @@ def test_a_relative_state_dir_is_made_absolute(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("VFSDRV_STATE_DIR", "relstate")
     assert Sysfs().state_dir == Path.cwd() / "relstate"
     assert status.run_dir() == Path.cwd() / "relstate"
+
+
+def test_mount_timeout_reaches_a_pci_transport(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--timeout is how long the device may take over FUSE_INIT on PCI too (the relay
+    reads it from the transport; it was vhost-user's only, PCI waited 10 s)."""
+    from vfsdrv.pci import sysfs as sysfs_mod
+    from vfsdrv.tools import mount, pci_functions
+
+    s = fake_sysfs(tmp_path, driver="vfio-pci")
+    monkeypatch.setattr(sysfs_mod, "Sysfs", lambda *a, **k: s)
+
+    class Opened:
+        timeout = None
+
+    monkeypatch.setattr(pci_functions, "open_fs_function", lambda *a, **k: Opened())
+    t = mount._pci_transport(mount.MountRequest(mountpoint="/mnt/new", device=BDF, timeout=3))
+    assert t.timeout == 3

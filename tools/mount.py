@@ -526,8 +526,10 @@ def _pci_transport(req: MountRequest):
         if req.bound_here is not None:
             claims.record(sysfs, bdf, req.mountpoint)
         try:
-            return pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
-                                       allow_unpinned_4k=req.force_4k_noiommu)
+            t = pf.open_fs_function(bdf, poll=req.poll, backend=req.iommu,
+                                    allow_unpinned_4k=req.force_4k_noiommu)
+            t.timeout = req.timeout  # FUSE_INIT's, as over vhost-user
+            return t
         except BaseException:
             _give_back(req)
             raise

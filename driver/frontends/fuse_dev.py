@@ -74,6 +74,8 @@ PUMP_OPTIONS: dict[str, tuple[int, int, str]] = {
 #: when not chosen: a stalled device ends its mount after 2 minutes instead of
 #: leaving programs waiting forever (the kernel's hung-task warning comes at 120 s)
 DEFAULT_REQUEST_TIMEOUT = 120.0
+#: how long the device has to answer FUSE_INIT when its transport names no timeout
+INIT_TIMEOUT = 10.0
 REQUEST_TIMEOUT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 #: options that mount(8), fstab and systemd pass and that mean nothing to the file
 #: system (x-* and X-* too, see is_ignored)

@@ -83,6 +83,7 @@ from .fuse_dev import (
     DEFAULT_REQUEST_TIMEOUT,
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
+    INIT_TIMEOUT,
     MS_NODEV,
     MS_NOSUID,
     STOP_GRACE,
@@ -985,6 +986,7 @@ def serve(fs: VirtioFs, mountpoint: str, *, options: list[str], debug: bool = Fa
     opts = libfuse_options(options, source or tag)  # refuse bad options before INIT
     chosen = MountOptions.parse(list(options)).request_timeout
     client = FuseClient(fs)
+    client.timeout = fs.transport.timeout or INIT_TIMEOUT
     if getattr(fs, "init_out", None) is None:
         try:
             client.init(DEVICE_INIT_FLAGS)

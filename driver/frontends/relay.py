@@ -87,6 +87,7 @@ from .fuse_dev import (
     DEFAULT_REQUEST_TIMEOUT,
     DESTROY_TIMEOUT,
     FLUSH_LIMIT,
+    INIT_TIMEOUT,
     STOP_GRACE,
     STOP_SIGNALS,
     MountOptions,
@@ -201,6 +202,7 @@ class Relay:
         self._dropped_codes: set[int] = set()  # notification codes warned about
         #: SETLKWs whose INTERRUPT went to the device -> when to answer EINTR instead
         self._interrupted: dict[int, float] = {}
+        self._in_init = False  # waiting for the device's FUSE_INIT (a signal ends it)
         #: pump events taken, not yet handled (_take_events)
         self._events: collections.deque[tuple[Pump, tuple]] = collections.deque()
         self._next_progress = 0.0
@@ -339,6 +341,10 @@ class Relay:
         self._signals += 1
         log.info("signal %d: unmounting %s", signum, self.mountpoint)
         self.stop()
+        if self._in_init:
+            # the loop waits in the device's FUSE_INIT, up to --timeout: end that wait
+            # now, as before the mount (the teardown unmounts, the caller says why)
+            raise KeyboardInterrupt
 
     def stop(self) -> None:
         """Unmount and end serving (safe from signal handlers and other threads)."""
@@ -947,8 +953,12 @@ class Relay:
             # _size_readahead), not only the kernel's default: its reply is its limit
             ra_offer = max(kin.max_readahead,
                            self.options.session.get("max_readahead", self.fs.max_io))
-            out = self.fs.init(offer, minor=minor, max_readahead=ra_offer,
-                               timeout=getattr(self.fs.transport, "timeout", None) or 10.0)
+            self._in_init = True
+            try:
+                out = self.fs.init(offer, minor=minor, max_readahead=ra_offer,
+                                   timeout=self.fs.transport.timeout or INIT_TIMEOUT)
+            finally:
+                self._in_init = False
         except (VfsdrvError, OSError, TimeoutError) as exc:
             self._reply_error(self.fuse_fd, unique, -errno.EIO)
             raise FrontendError(f"FUSE_INIT with the device failed: {exc}") from exc

@@ -37,6 +37,9 @@ class Transport(ABC):
     #: did not stop): close() then leaves the DMA memory mapped, never pulled away
     #: under a running thread
     keep_memory_mapped: bool = False
+    #: how long the device may take over one setup exchange, FUSE_INIT included
+    #: (`vfsdrv mount --timeout`); None: each caller's own default
+    timeout: float | None = None
 
     # -- status and reset -------------------------------------------------------
     @abstractmethod

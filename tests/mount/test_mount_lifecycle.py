@@ -523,3 +523,54 @@ def test_mount_t_vfsdrv_through_mount8(tmp_path: Path) -> None:
         assert r.stdout.startswith(f"{sock} {mnt} fuse.vfsdrv ")  # the spec as given
         assert r.stdout.rstrip().endswith("hello")
         assert wait_exit(proc) == 0  # the serving process ended the session and let go
+
+
+@pytest.mark.parametrize("foreground", [True, False], ids=["-f", "background"])
+def test_a_signal_during_fuse_init_ends_the_wait_at_once(tmp_path: Path, monkeypatch,
+                                                         foreground: bool) -> None:
+    """The device takes its time over FUSE_INIT (here: forever; --timeout 60): a
+    SIGTERM to the mount command ends it within seconds, leaving nothing mounted,
+    instead of after the INIT deadline."""
+    import threading
+
+    from vfsdrv.refdev.device import RefDevice
+    from vfsdrv.refdev.fuse_server import FuseServer
+
+    release = threading.Event()
+
+    def init(self, hdr, body):
+        release.wait(120)
+        raise OSError(errno.EIO, "released")
+
+    monkeypatch.setattr(FuseServer, "init", init)
+    export, mnt = tmp_path / "export", tmp_path / "mnt"
+    export.mkdir()
+    mnt.mkdir()
+    dev = RefDevice(str(tmp_path / "d.sock"), str(export))
+    dev.start()
+    proc = None
+    try:
+        proc = subprocess.Popen([*VFSDRV, "mount", *(["-f"] if foreground else []),
+                                 "--timeout", "60", "--vhost-user", str(tmp_path / "d.sock"),
+                                 str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 20
+        while not dev.sessions or str(mnt) not in mount_points():
+            assert time.monotonic() < deadline and proc.poll() is None, "never got to INIT"
+            time.sleep(0.05)
+        time.sleep(0.5)  # FUSE_INIT is with the device now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+        assert took < 8, (took, err)
+        assert proc.returncode != 0, err
+        assert "Traceback" not in err, err
+        assert str(mnt) not in mount_points()
+    finally:
+        release.set()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mnt)
+        dev.stop()
