@@ -116,3 +116,20 @@ def test_unbind_refuses_while_a_process_holds_the_group(tmp_path: Path,
     monkeypatch.setattr(devices, "vfio_users", lambda sysfs, bdf: orig(sysfs, bdf, proc))
     with pytest.raises(DeviceBusyError, match=r"4242 \(vfsdrv mount.*vfsdrv umount"):
         devices.unbind(BDF, s)
+
+
+def test_unbind_by_tag_finds_the_function(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`vfsdrv unbind --tag T`, as `vfsdrv bind --tag T`."""
+    import argparse
+
+    from vfsdrv.tools import pci_functions
+
+    monkeypatch.setattr(pci_functions, "find_by_tag", lambda tag, *a: BDF if tag == "t" else
+                        pytest.fail(f"looked for {tag!r}"))
+    given: list[str] = []
+    monkeypatch.setattr(devices, "unbind", lambda bdf, sysfs=None: given.append(bdf) or
+                        "virtio-pci")
+    assert devices.run_unbind(argparse.Namespace(bdf=None, tag="t", command_parser=None)) == 0
+    assert given == [BDF]
+    assert f"{BDF}: given back to virtio-pci" in capsys.readouterr().out

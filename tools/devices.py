@@ -3,7 +3,7 @@ machine and who drives them.
 
     vfsdrv list [--json]
     vfsdrv bind (BDF | --tag TAG)      hand the function to vfio-pci (for vfsdrv)
-    vfsdrv unbind BDF                  give it back to its kernel driver (virtio-pci)
+    vfsdrv unbind (BDF | --tag TAG)    give it back to its kernel driver (virtio-pci)
 
 `list` shows every virtio-fs function (1af4:105a): address, tag, current driver
 (and the virtio device the kernel made of it), IOMMU group and the group's other
@@ -198,7 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("unbind", help="give a function back to its kernel driver",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    u.add_argument("bdf", metavar="BDF", help="PCI address, e.g. 0000:00:03.0")
+    u.add_argument("bdf", nargs="?", metavar="BDF", help="PCI address, e.g. 0000:00:03.0")
+    u.add_argument("--tag", type=fs_tag, help="the virtio-fs function with this tag")
     u.set_defaults(func=run_unbind)
 
 
@@ -293,6 +294,9 @@ def run_bind(args: argparse.Namespace) -> int:
 
 
 def run_unbind(args: argparse.Namespace) -> int:
-    now = unbind(args.bdf)
-    print(f"{normalize_bdf(args.bdf)}: given back to {now or 'no driver'}")
+    if bool(args.bdf) == bool(args.tag):  # as bind's
+        args.command_parser.error("give the function's address or --tag TAG (one of them)")
+    bdf = normalize_bdf(args.bdf) if args.bdf else pf.find_by_tag(args.tag)
+    now = unbind(bdf)
+    print(f"{bdf}: given back to {now or 'no driver'}")
     return 0
