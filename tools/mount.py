@@ -505,6 +505,7 @@ def _pci_transport(req: MountRequest):
     """A VFIO transport for --device BDF or --tag TAG. A function this command binds
     to vfio-pci goes back to its driver when the command ends (or fails)."""
     try:
+        from ..pci.errors import DeviceBusyError
         from ..pci.sysfs import Sysfs, normalize_bdf
         from . import claims
         from . import pci_functions as pf
@@ -530,6 +531,12 @@ def _pci_transport(req: MountRequest):
                                     allow_unpinned_4k=req.force_4k_noiommu)
             t.timeout = req.timeout  # FUSE_INIT's, as over vhost-user
             return t
+        except DeviceBusyError as exc:
+            _give_back(req)
+            users = _vfio_users(sysfs, bdf)
+            if users:  # say who, as `vfsdrv unbind` does
+                raise DeviceBusyError(f"{exc} (held by {', '.join(users)})") from None
+            raise
         except BaseException:
             _give_back(req)
             raise
