@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,33 +48,52 @@ def test_bad_source_is_a_usage_error(sock_dir: str) -> None:
     assert proc.returncode == 2 and "not a directory" in proc.stderr
 
 
-def test_module_serves_until_sigterm(sock_dir: str, tmp_path: Path) -> None:
-    (tmp_path / "hello").write_text("hi")
+@dataclass
+class Served:
+    fs: VirtioFs
+    returncode: int | None = None
+    out: str = ""
+    err: str = ""
+
+
+@contextmanager
+def session_with_refdev(sock_dir: str, source: Path, *args: str) -> Iterator[Served]:
+    """`python -m vfsdrv.refdev ARGS` serving `source` and one FUSE session with it
+    (FUSE_INIT done); at the end of the block the session closes and the device gets
+    SIGTERM: its status and output are then in the Served (killed if it hangs)."""
     sock = os.path.join(sock_dir, "dev.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(tmp_path),
-         "--tag", "clitag", "--request-queues", "2"],
-        stderr=subprocess.PIPE, text=True,
-    )
+        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(source),
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        fs = VirtioFs(VhostUserTransport(sock)).start()
+        served = Served(VirtioFs(VhostUserTransport(sock)).start())
         try:
-            fs.init()
-            assert fs.config.tag == "clitag" and fs.config.num_request_queues == 2
-            assert FuseClient(fs).lookup(ROOT_ID, "hello").attr.size == 2
+            served.fs.init()
+            yield served
         finally:
-            fs.close()
+            served.fs.close()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        assert not os.path.exists(sock)  # the socket is removed on the way out
+        served.out, served.err = proc.communicate(timeout=10)
+        served.returncode = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_module_serves_until_sigterm(sock_dir: str, tmp_path: Path) -> None:
+    (tmp_path / "hello").write_text("hi")
+    with session_with_refdev(sock_dir, tmp_path, "--tag", "clitag", "--request-queues",
+                             "2") as served:
+        fs = served.fs
+        assert fs.config.tag == "clitag" and fs.config.num_request_queues == 2
+        assert FuseClient(fs).lookup(ROOT_ID, "hello").attr.size == 2
+    assert served.returncode == 0, served.err
+    assert not os.path.exists(os.path.join(sock_dir, "dev.sock"))  # removed on the way out
 
 
 def test_audit_with_packed_rings_only_is_refused(sock_dir: str) -> None:
@@ -88,26 +109,8 @@ def test_audit_with_packed_rings_only_is_refused(sock_dir: str) -> None:
 
 def test_an_audit_probe_alone_prints_the_report(sock_dir: str, tmp_path: Path) -> None:
     """--audit-probe implies --audit: the report comes on exit, with its status."""
-    sock = os.path.join(sock_dir, "dev.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsdrv.refdev", "--socket", sock, "--source", str(tmp_path),
-         "--audit-probe", "unknown-feature"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        fs = VirtioFs(VhostUserTransport(sock)).start()
-        try:
-            fs.init()
-        finally:
-            fs.close()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err  # the driver left the unknown bit alone
-        assert "covered" in out and "held" in out, out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with session_with_refdev(sock_dir, tmp_path, "--audit-probe", "unknown-feature") as \
+            served:
+        pass
+    assert served.returncode == 0, served.err  # the driver left the unknown bit alone
+    assert "covered" in served.out and "held" in served.out, served.out
