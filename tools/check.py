@@ -158,9 +158,11 @@ def check_vhost_user(socket_path: str, opts: CheckOptions, *, tag: str | None = 
 
 
 def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
+    from ..pci.errors import DeviceBusyError
     from ..pci.resource import SysfsFunction
     from ..pci.sysfs import Sysfs, normalize_bdf, require_root
     from . import pci_functions as pf
+    from .devices import with_holders
 
     require_root()
     sysfs = Sysfs()
@@ -180,6 +182,9 @@ def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
         before = sysfs.driver(bdf)
         try:
             transport = pf.open_fs_function(bdf)
+        except DeviceBusyError as exc:
+            give_back()
+            raise with_holders(exc, sysfs, bdf) from None
         except BaseException:
             give_back()
             raise

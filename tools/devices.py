@@ -155,6 +155,13 @@ def list_devices(sysfs: Sysfs | None = None, **kw) -> list[DeviceInfo]:
     return [describe(bdf, sysfs, **kw) for bdf in fns]
 
 
+def with_holders(exc: DeviceBusyError, sysfs: Sysfs, bdf: str) -> DeviceBusyError:
+    """A busy open of `bdf`, saying which processes hold it through VFIO (as unbind
+    says it), when any can be named."""
+    users = vfio_users(sysfs, bdf)
+    return DeviceBusyError(f"{exc} (held by {', '.join(users)})") if users else exc
+
+
 def vfio_users(sysfs: Sysfs, bdf: str, proc: Path = Path("/proc")) -> list[str]:
     """'PID (command)' of processes holding the function's VFIO group or device node."""
     nodes = set()

@@ -533,10 +533,9 @@ def _pci_transport(req: MountRequest):
             return t
         except DeviceBusyError as exc:
             _give_back(req)
-            users = _vfio_users(sysfs, bdf)
-            if users:  # say who, as `vfsdrv unbind` does
-                raise DeviceBusyError(f"{exc} (held by {', '.join(users)})") from None
-            raise
+            from .devices import with_holders
+
+            raise with_holders(exc, sysfs, bdf) from None
         except BaseException:
             _give_back(req)
             raise
