@@ -93,7 +93,9 @@ def option_words() -> list[str]:
     """Every option `vfsdrv mount -o` takes, as typed ("ro", "max_read="): the error
     for an unknown one and the shell completion list them from here."""
     return [*FLAG_OPTIONS, "allow_other", "noallow_other", "default_permissions",
-            "nodefault_permissions", *(f"{k}=" for k in sorted(NUMERIC_FUSE_OPTIONS)),
+            "nodefault_permissions",
+            # blksize= is fuseblk's: vfsdrv mount refuses it with its own message
+            *(f"{k}=" for k in sorted(NUMERIC_FUSE_OPTIONS - {"blksize"})),
             *(f"{k}=" for k in sorted(SESSION_OPTIONS)), *(f"{k}=" for k in PUMP_OPTIONS),
             "request_timeout="]
 
