@@ -174,7 +174,6 @@ def run_uninstall(args: argparse.Namespace) -> int:
     removed = uninstall(args.root, reload=not args.no_reload, kept=kept)
     for path in removed:
         print(f"removed {path}")
-    udev.prune_empty_dirs(removed, args.root)
     if not removed and not kept:
         print(f"nothing of vfsdrv's is installed under {args.root}")
     for path in kept:

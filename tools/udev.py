@@ -329,22 +329,6 @@ def write_all(todo: list[Target], undo: str) -> list[Path]:
     return written
 
 
-def prune_empty_dirs(removed: list[Path], root: str) -> None:
-    """Under a private --root (not /, whose directories are the system's), the
-    directories the removed files leave empty go too, up to the root itself."""
-    if os.path.realpath(root) == "/":
-        return
-    top = Path(root).resolve()
-    for path in removed:
-        parent = path.parent.resolve()
-        while parent != top and top in parent.parents:
-            try:
-                parent.rmdir()  # only when empty
-            except OSError:
-                break
-            parent = parent.parent
-
-
 def targets(root: str = "/", command: str | None = None) -> list[Target]:
     """The rule, the unit template and the example config, as install writes them."""
     cmd = command or vfsdrv_command()
@@ -534,10 +518,8 @@ def run_uninstall(args: argparse.Namespace) -> int:
 
     args.root = check_root(args.root)
     kept: list[Path] = []
-    removed = uninstall(args.root, reload=not args.no_reload, kept=kept)
-    for path in removed:
+    for path in uninstall(args.root, reload=not args.no_reload, kept=kept):
         print(f"removed {path}")
-    prune_empty_dirs(removed, args.root)
     for path in kept:
         print(f"vfsdrv: kept {path}: not written by `vfsdrv udev install`, or changed since "
               "(remove it yourself if it is not needed)", file=sys.stderr)
