@@ -46,6 +46,16 @@ bind = no
     assert udev.load_config(tmp_path / "absent.conf") == []  # no file: nothing opted in
 
 
+def test_config_options_are_those_vfsdrv_mount_takes(tmp_path: Path) -> None:
+    """options = as `vfsdrv mount -o`: fsname= too (it names the source)."""
+    conf = write_conf(tmp_path, "[tag:a]\nmountpoint = /m\noptions = ro,fsname=share,"
+                      "request_timeout=30,nofail\nfrontend = pyfuse3\n")
+    (entry,) = udev.load_config(conf)
+    assert entry.options == ["ro", "fsname=share", "request_timeout=30", "nofail"]
+    with pytest.raises(udev.UdevConfigError, match="blksize= is for block-device FUSE"):
+        udev.load_config(write_conf(tmp_path, "[tag:a]\noptions = blksize=4096\n"))
+
+
 @pytest.mark.parametrize("text,words", [
     ("[shared]\n", ["[tag:TAG] or [pci:BDF]"]),
     ("[pci:zz]\n", ["[pci:zz]", "bad PCI address"]),

@@ -100,7 +100,7 @@ def targets(root: str = "/") -> list[udev.Target]:
 def install(root: str = "/", reload: bool = True) -> list[Path]:
     todo = targets(root)
     udev.check(todo, "`vfsdrv install`")  # all of them first: nothing half-installed
-    written = udev.write_all(todo, f"vfsdrv uninstall --root {root}")
+    written = udev.write_all(todo, f"vfsdrv uninstall --root {shlex.quote(root)}")
     if reload and root == "/":
         udev._reload()
     return written

@@ -192,8 +192,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="append the server's messages to FILE (also with -f and -d; without "
                    "it a background server logs to syslog/the journal)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
-                   help="how long the device may take to answer each setup message (default: "
-                   "the transport's, 10 s for vhost-user); the mount fails naming the device")
+                   help="how long the device may take to answer each setup message and "
+                   "FUSE_INIT (default: the transport's, 10 s for vhost-user; FUSE_INIT 10 s "
+                   "over PCI); the mount fails naming the device")
     p.add_argument("--force-4k-noiommu", action="store_true",
                    help="without an IOMMU, use 4 KiB pages for DMA even though the kernel may "
                    "move them (memory corruption); reserve huge pages instead "
@@ -946,7 +947,8 @@ HELPER_OWN_KEYS = frozenset(w.rstrip("=") for w in HELPER_OWN_OPTIONS) - {"fsnam
 FUSE_OWN = frozenset({"user_id", "group_id", "rootmode", "fd", "subtype"})
 #: what mount(8) passes back on a remount besides those: the mount table's options,
 #: and remount itself
-REMOUNT_PASSED = FUSE_OWN | {"remount", "blksize", "fsname", "max_read", "nofail"}
+REMOUNT_PASSED = FUSE_OWN | {"remount", "blksize", "fsname", "max_read", "nofail", "seclabel",
+                              "context", "fscontext", "defcontext", "rootcontext"}
 
 
 HELPER_USAGE = ("usage: mount.vfsdrv SPEC MOUNTPOINT [-sfnv] [-N NAMESPACE] [-o OPTIONS] "

@@ -16,7 +16,8 @@ socket), not as unserved; one unmounted lazily but still serving says it is
 
     vfsdrv status            one block per mount, then a line per unserved mount
     vfsdrv status --json     {"mounts": [{"mountpoint": ..., ...}, ...],
-                              "unserved": [{"mountpoint": ..., "source": ...}, ...]}
+                              "unserved": [{"mountpoint": ..., "source": ...}, ...],
+                              "unlisted": [...]}  (served, status socket not reachable)
 """
 
 from __future__ import annotations
@@ -418,7 +419,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="running vfsdrv mounts: device, queues, counters",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true",
-                   help='one JSON object {"mounts": [...], "unserved": [...]}')
+                   help='one JSON object {"mounts": [...], "unserved": [...], '
+                   '"unlisted": [...]}')
     p.set_defaults(func=run)
 
 

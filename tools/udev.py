@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def load_config(path: str | Path) -> list[Entry]:
         raise UdevConfigError(f"{path}: {exc}") from exc
     from ..cliargs import fs_tag
     from ..frontends.base import FRONTENDS
-    from ..frontends.fuse_dev import MountError, MountOptions
+    from ..frontends.fuse_dev import MountError
+    from .mount import MountRequest, check_request
 
     out: list[Entry] = []
     seen: dict[tuple[str, str], str] = {}
@@ -132,14 +134,17 @@ def load_config(path: str | Path) -> list[Entry]:
             raise UdevConfigError(f"{where}: a mountpoint needs bind = yes (vfsdrv mounts "
                                   "through vfio-pci)")
         opts = [o.strip() for o in (sec.get("options") or "").split(",") if o.strip()]
-        try:  # the mount's own check, now rather than at boot in the unit
-            MountOptions.parse([",".join(opts)]).check()
-        except MountError as exc:
-            raise UdevConfigError(f"{where}: options: {exc}") from None
         frontend = sec.get("frontend") or None
         if frontend is not None and frontend not in FRONTENDS:
             raise UdevConfigError(f"{where}: frontend = {frontend!r}: give one of "
                                   f"{', '.join(sorted(FRONTENDS))}")
+        try:  # the mount's own check (check_request), now rather than at boot in the unit
+            check_request(MountRequest(mountpoint=mp or "/", options=[",".join(opts)],
+                                       tag=key if kind == "tag" else None,
+                                       device=key if kind == "pci" else None,
+                                       **({"frontend": frontend} if frontend else {})))
+        except MountError as exc:
+            raise UdevConfigError(f"{where}: options: {exc}") from None
         timeout = None
         if sec.get("timeout"):
             try:
@@ -344,7 +349,7 @@ def targets(root: str = "/", command: str | None = None) -> list[Target]:
 def install(root: str = "/", reload: bool = True, command: str | None = None) -> list[Path]:
     todo = targets(root, command)
     check(todo, "`vfsdrv udev install`")
-    written = write_all(todo, f"vfsdrv udev uninstall --root {root}")
+    written = write_all(todo, f"vfsdrv udev uninstall --root {shlex.quote(root)}")
     if reload and root == "/":
         _reload()
     return written

@@ -954,6 +954,8 @@ class Relay:
             ra_offer = max(kin.max_readahead,
                            self.options.session.get("max_readahead", self.fs.max_io))
             self._in_init = True
+            if self._signals:  # one came between mount(2) and here: the same ending
+                raise KeyboardInterrupt
             try:
                 out = self.fs.init(offer, minor=minor, max_readahead=ra_offer,
                                    timeout=self.fs.transport.timeout or INIT_TIMEOUT)
