@@ -616,8 +616,16 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
                     record_ending(req.mountpoint, req.spec(), str(exc))
                 raise
         else:
-            get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
-                                       debug=req.debug, ready=on_ready, source=req.spec())
+            try:
+                get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
+                                           debug=req.debug, ready=on_ready, source=req.spec())
+            except VfsdrvError as exc:
+                # a failed device leaves the mount, as a dead daemon's: say why there
+                if mounted[0] is not None and mount_present(mounted[0]):
+                    from .status import record_ending
+
+                    record_ending(req.mountpoint, req.spec(), str(exc))
+                raise
     finally:
         if server is not None:  # it was mounted and served
             sd_notify("STOPPING=1")

@@ -139,6 +139,20 @@ def _wait_for(pattern: str, log: Path, timeout: float) -> str:
     return text
 
 
+def _why_unserved(mnt: Path) -> str:
+    """What `vfsdrv status --json` says of why the server of `mnt` ended, once it
+    lists the mount as unserved (the server may still be on its way out)."""
+    deadline = time.monotonic() + 15
+    while True:
+        st = json.loads(subprocess.run([*VFSDRV, "status", "--json"], capture_output=True,
+                                       text=True, timeout=30, check=True).stdout)
+        mine = [m for m in st["unserved"] if m["mountpoint"] == str(mnt)]
+        if mine:
+            return mine[0].get("why", "")
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+
+
 def _read_from_a_stalled_device(tmp_path: Path, mnt: Path, control: DeviceControl) -> None:
     """The device answers nothing from now on: a program reading a file it never
     looked up gets an error after about request_timeout seconds."""
@@ -177,15 +191,7 @@ def test_a_device_that_stops_answering_fails_the_mount(tmp_path: Path,
         assert "FUSE_DESTROY sent" not in text  # nothing more is asked of a dead device
         assert str(mnt) in mount_points()
         # status lists it as unserved, with why its server ended
-        deadline = time.monotonic() + 15
-        while True:
-            st = json.loads(subprocess.run([*VFSDRV, "status", "--json"], capture_output=True,
-                                           text=True, timeout=30, check=True).stdout)
-            mine = [m for m in st["unserved"] if m["mountpoint"] == str(mnt)]
-            if mine or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)  # the server is still on its way out
-        assert mine and "the device is unresponsive" in mine[0].get("why", ""), st
+        assert "the device is unresponsive" in _why_unserved(mnt)
         text_status = subprocess.run([*VFSDRV, "status"], capture_output=True, text=True,
                                      timeout=30, check=True).stdout
         assert f"{mnt}: " in text_status and "(no server (the device is unresponsive" \
@@ -488,6 +494,7 @@ def test_pyfuse3_fails_a_device_that_stops_answering(tmp_path: Path,
         with pytest.raises(OSError) as later:
             os.stat(mnt / "f")
         assert later.value.errno == errno.ENOTCONN
+        assert "the device is unresponsive" in _why_unserved(mnt)  # as for the relay
 
 
 def test_pyfuse3_finds_replies_sent_without_their_interrupt(tmp_path: Path,
