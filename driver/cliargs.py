@@ -46,9 +46,8 @@ def fs_tag(text: str) -> str:
 
     try:
         encode_tag(text)
-    except (ConfigError, UnicodeEncodeError):
-        raise argparse.ArgumentTypeError(
-            f"tag {text!r} must be 1-36 bytes of UTF-8 without NUL") from None
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -51,3 +51,24 @@ def test_left_behind_queues_are_timed_apart() -> None:
     c.left_behind_for(2, oldest=3, done_seq=5, now=1.0)
     assert c.left_behind_for(1, oldest=3, done_seq=5, now=2.0) == 2.0
     assert c.left_behind_for(2, oldest=3, done_seq=5, now=2.0) == 1.0
+
+
+def test_the_deadline_names_a_stall_or_a_request_left_behind_and_spares_a_held_queue(
+        ) -> None:
+    from vfsdrv.frontends.progress import RequestDeadline
+
+    d = RequestDeadline(2.0)
+    seen = {"done": 0, "in_flight": 1, "oldest": 7, "done_seq": 6}
+    assert d.judge(2, holding=False, now=0.0, where="request queue 2", **seen) is None
+    assert d.judge(2, holding=False, now=2.5, where="request queue 2", **seen) == (
+        "request queue 2 has 1 request(s) in flight and nothing completed for 2.5 s")
+    # an FSYNC ahead on the queue: a device serving in order answers nothing meanwhile
+    held = RequestDeadline(2.0)
+    assert held.judge(0, holding=True, now=0.0, **seen) is None
+    assert held.judge(0, holding=True, now=9.0, **seen) is None
+    # request 7 stays the oldest while 8 and 9 are answered
+    behind = RequestDeadline(2.0)
+    for t, done in ((0.0, 0), (1.0, 1), (2.5, 2)):
+        why = behind.judge(0, done=done, in_flight=1, holding=False, oldest=7, done_seq=9,
+                           now=t)
+    assert why == "a request has waited 2.5 s while the device answered later ones"

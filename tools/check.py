@@ -182,11 +182,10 @@ def check_pci(bdf: str | None, tag: str | None, opts: CheckOptions) -> Report:
         before = sysfs.driver(bdf)
         try:
             transport = pf.open_fs_function(bdf)
-        except DeviceBusyError as exc:
+        except BaseException as exc:
             give_back()
-            raise with_holders(exc, sysfs, bdf) from None
-        except BaseException:
-            give_back()
+            if isinstance(exc, DeviceBusyError):
+                raise with_holders(exc, sysfs, bdf) from None
             raise
     try:
         return run_checks(transport, report, opts)

@@ -143,16 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
-def check_root(root: str) -> str:
-    """--root as given, but "//" or "/." is / (and needs what / needs); "" would be
-    the working directory: refused."""
-    if not root:
-        raise VfsdrvError("--root needs a directory (/ for the system itself)")
-    return "/" if os.path.realpath(root) == "/" else root
-
-
 def run_install(args: argparse.Namespace) -> int:
-    args.root = check_root(args.root)
+    args.root = udev.check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("installing into / needs root")
     for path in install(args.root, reload=not args.no_reload):
@@ -167,7 +159,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    args.root = check_root(args.root)
+    args.root = udev.check_root(args.root)
     if args.root == "/" and os.geteuid() != 0:
         raise VfsdrvError("uninstalling from / needs root")
     kept: list[Path] = []

@@ -532,13 +532,12 @@ def _pci_transport(req: MountRequest):
                                     allow_unpinned_4k=req.force_4k_noiommu)
             t.timeout = req.timeout  # FUSE_INIT's, as over vhost-user
             return t
-        except DeviceBusyError as exc:
+        except BaseException as exc:
             _give_back(req)
-            from .devices import with_holders
+            if isinstance(exc, DeviceBusyError):
+                from .devices import with_holders
 
-            raise with_holders(exc, sysfs, bdf) from None
-        except BaseException:
-            _give_back(req)
+                raise with_holders(exc, sysfs, bdf) from None
             raise
 
 
@@ -605,27 +604,22 @@ def serve(req: MountRequest, ready: Callable[[], None] | None = None) -> None:
 
             # the source in the mount table is the spec, so that mount(8) sees an fstab
             # line as mounted
-            runner = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
-                           ready=on_ready, source=req.spec(), threads=req.threads)
-            try:
-                runner.run()
-            except VfsdrvError as exc:
-                if runner.dead and mounted[0] is not None:  # the mount stays: say why
-                    from .status import record_ending
-
-                    record_ending(req.mountpoint, req.spec(), str(exc))
-                raise
+            relay = Relay(fs, req.mountpoint, options=req.options, debug=req.debug,
+                          ready=on_ready, source=req.spec(), threads=req.threads)
+            runner, run = relay, relay.run
         else:
-            try:
+            def run() -> None:
                 get_frontend(req.frontend)(fs, req.mountpoint, options=req.options,
                                            debug=req.debug, ready=on_ready, source=req.spec())
-            except VfsdrvError as exc:
-                # a failed device leaves the mount, as a dead daemon's: say why there
-                if mounted[0] is not None and mount_present(mounted[0]):
-                    from .status import record_ending
+        try:
+            run()
+        except VfsdrvError as exc:
+            # a failed device leaves the mount, as a dead daemon's: say why there
+            if mounted[0] is not None and mount_present(mounted[0]):
+                from .status import record_ending
 
-                    record_ending(req.mountpoint, req.spec(), str(exc))
-                raise
+                record_ending(req.mountpoint, req.spec(), str(exc))
+            raise
     finally:
         if server is not None:  # it was mounted and served
             sd_notify("STOPPING=1")

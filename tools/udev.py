@@ -318,6 +318,14 @@ def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
     return path
 
 
+def check_root(root: str) -> str:
+    """--root as given, but "//" or "/." is / (and needs what / needs); "" would be
+    the working directory: refused."""
+    if not root:
+        raise VfsdrvError("--root needs a directory (/ for the system itself)")
+    return "/" if os.path.realpath(root) == "/" else root
+
+
 def write_all(todo: list[Target], undo: str) -> list[Path]:
     """Write every target in order; a failure part-way names what was written already
     and `undo`, the command that removes it."""
@@ -445,7 +453,7 @@ def handle_add(bdf: str, config: Path, sysfs: Sysfs | None = None, *,
 
 def mount_entry(instance: str, config: Path, foreground: bool) -> int:
     """Mount the function of a config section (the unit's ExecStart)."""
-    from .mount import MountRequest, check_request
+    from .mount import MountRequest
     from .mount import mount as do_mount
 
     entries = load_config(config)
@@ -470,8 +478,7 @@ def mount_entry(instance: str, config: Path, foreground: bool) -> int:
     )
     if entry.frontend:
         req.frontend = entry.frontend
-    check_request(req)  # a bad line is said before anything is made
-    os.makedirs(entry.mountpoint, exist_ok=True)
+    os.makedirs(entry.mountpoint, exist_ok=True)  # its line passed check_request already
     return do_mount(req)
 
 
@@ -507,8 +514,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from .install import check_root
-
     args.root = check_root(args.root)
     for path in install(args.root, reload=not args.no_reload):
         print(f"wrote {path}")
@@ -519,8 +524,6 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    from .install import check_root
-
     args.root = check_root(args.root)
     kept: list[Path] = []
     for path in uninstall(args.root, reload=not args.no_reload, kept=kept):

@@ -842,9 +842,9 @@ def _lock_check(fs: _ProbeFs, report: Report, opt: CheckOptions, use_notify: boo
     elif scratch is not None:
         name, parent = b"lockme", scratch.nodeid
         try:
-            _e, h = client.create(parent, name.decode(), 0o644)
+            made, h = client.create(parent, name.decode(), 0o644)
             scratch.names.append(name.decode())
-            client.release(_e.nodeid, h.fh)
+            client.release(made.nodeid, h.fh)
         except (VfsdrvError, OSError, TimeoutError) as exc:
             report.add("notify.lock", SKIP, f"cannot create a file to lock in the scratch "
                        f"directory: {exc}")

@@ -60,3 +60,33 @@ class LeftBehindClock:
         if seen is None or seen[0] != oldest:
             self._oldest[queue] = seen = (oldest, now)
         return now - seen[1] if done_seq > oldest else 0.0
+
+
+class RequestDeadline:
+    """-o request_timeout for one frontend, the one rule both use: per request
+    queue, both clocks above and the verdict. `in_flight` counts the requests on the
+    ring a sound device answers soon (SETLKW, FSYNC and FSYNCDIR aside: may_take_long
+    in core.c), `queued` those waiting for a buffer it keeps; while one that may hold
+    the queue is in flight (`holding`: an FSYNC a device serving in order finishes
+    before the rest), nothing counts as a stall."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._stall = ProgressClock()
+        self._left_behind = LeftBehindClock()
+
+    def judge(self, queue: int, *, done: int, in_flight: int, queued: int = 0,
+              holding: bool, oldest: int | None, done_seq: int, now: float,
+              where: str = "") -> str | None:
+        """Why the device is unresponsive on `queue` (`where` names it in the text),
+        or None."""
+        waiting = 0 if holding else in_flight + queued
+        stalled = self._stall.stalled_for(queue, done, waiting, now)
+        behind = self._left_behind.left_behind_for(queue, oldest, done_seq, now)
+        if stalled >= self.timeout:
+            return (f"{where + ' has ' if where else ''}{in_flight} request(s) in flight and "
+                    f"nothing completed for {stalled:.1f} s")
+        if behind >= self.timeout:
+            return (f"{where + ': ' if where else ''}a request has waited {behind:.1f} s "
+                    "while the device answered later ones")
+        return None

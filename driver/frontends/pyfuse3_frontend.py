@@ -95,7 +95,7 @@ from .fuse_dev import (
     syncfs,
     umount,
 )
-from .progress import LeftBehindClock, ProgressClock
+from .progress import RequestDeadline
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ class TrioDevice:
     def __init__(self, fs: VirtioFs, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         self.fs = fs
         self.request_timeout = request_timeout  # seconds; 0: off
-        self._stall = ProgressClock()
-        self._left_behind = LeftBehindClock()
+        self._deadline = RequestDeadline(request_timeout)
         self._done_seq = 0  # the highest unique answered
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -340,23 +339,14 @@ class TrioDevice:
                 continue
             counted = [p.unique for p in self._waiting
                        if not p.done and not lib.vfsdrv_may_take_long(p.opcode)]
-            now = trio.current_time()
-            done = self.fs.stats["replies"]
             # requests waiting for a buffer count too: a device that keeps every
-            # buffer (hiprio's FORGETs among them) stalls them as surely; none count
-            # while an FSYNC is in flight (a device serving in order finishes it first)
-            holding = any(not p.done and lib.vfsdrv_may_hold_queue(p.opcode)
-                          for p in self._waiting)
-            waiting = 0 if holding else len(counted) + self._slot_waiters
-            stalled = self._stall.stalled_for(0, done, waiting, now)
-            behind = self._left_behind.left_behind_for(0, min(counted, default=None),
-                                                       self._done_seq, now)
-            why = None
-            if stalled >= self.request_timeout:
-                why = (f"{len(counted)} request(s) in flight and nothing completed for "
-                       f"{stalled:.1f} s")
-            elif behind >= self.request_timeout:
-                why = f"a request has waited {behind:.1f} s while the device answered later ones"
+            # buffer (hiprio's FORGETs among them) stalls them as surely
+            why = self._deadline.judge(
+                0, done=self.fs.stats["replies"], in_flight=len(counted),
+                queued=self._slot_waiters, oldest=min(counted, default=None),
+                holding=any(not p.done and lib.vfsdrv_may_hold_queue(p.opcode)
+                            for p in self._waiting),
+                done_seq=self._done_seq, now=trio.current_time())
             if why:
                 exc = DeviceTimeoutError(f"the device is unresponsive: {why} "
                                          f"(-o request_timeout={self.request_timeout:g})")

@@ -103,7 +103,7 @@ from .fuse_dev import (
     syncfs,
     umount_busy_lazy,
 )
-from .progress import LeftBehindClock, ProgressClock
+from .progress import RequestDeadline
 from .pump import Pump
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,7 @@ class Relay:
         chosen = self.options.request_timeout  # seconds; 0: off
         self.request_timeout = DEFAULT_REQUEST_TIMEOUT if chosen is None else chosen
         self.unresponsive = False  # dead by request_timeout: nothing more is sent to it
-        self._progress = ProgressClock()
-        self._left_behind = LeftBehindClock()
+        self._deadline = RequestDeadline(self.request_timeout)
         self._dropped_codes: set[int] = set()  # notification codes warned about
         #: SETLKWs whose INTERRUPT went to the device -> when to answer EINTR instead
         self._interrupted: dict[int, float] = {}
@@ -462,21 +461,14 @@ class Relay:
             st = pump.stats()
             done, in_flight = st["replies"] + st["bad_replies"] + st["lock_waits"], st["in_flight"]
             oldest = pump.oldest()
-            if oldest is None or pump.holding():
+            if oldest is None:
                 # only requests a sound device may hold long on the ring (a SETLKW
-                # until the lock is free, an FSYNC the disk is slow to write back), or
-                # an FSYNC that a device serving in order finishes before the rest
+                # until the lock is free, an FSYNC the disk is slow to write back)
                 in_flight = 0
-            stalled = self._progress.stalled_for(pump.vq.index, done, in_flight, now)
-            behind = self._left_behind.left_behind_for(pump.vq.index, oldest,
-                                                       st["done_seq"], now)
-            why = None
-            if stalled >= self.request_timeout:
-                why = (f"request queue {pump.vq.index} has {in_flight} request(s) in flight "
-                       f"and nothing completed for {stalled:.1f} s")
-            elif behind >= self.request_timeout:
-                why = (f"request queue {pump.vq.index}: a request has waited {behind:.1f} s "
-                       "while the device answered later ones")
+            why = self._deadline.judge(pump.vq.index, done=done, in_flight=in_flight,
+                                       holding=pump.holding() > 0, oldest=oldest,
+                                       done_seq=st["done_seq"], now=now,
+                                       where=f"request queue {pump.vq.index}")
             if why:
                 self.stats["unresponsive"] += 1
                 self.unresponsive = True

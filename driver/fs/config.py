@@ -49,7 +49,10 @@ def decode_tag(raw: bytes) -> str:
 
 
 def encode_tag(tag: str) -> bytes:
-    raw = tag.encode("utf-8")
+    try:
+        raw = tag.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a command line (surrogates)
+        raw = b""
     if not raw or len(raw) > TAG_SIZE or b"\0" in raw:
         raise ConfigError(f"tag {tag!r} must be 1-{TAG_SIZE} bytes of UTF-8 without NUL")
     return raw.ljust(TAG_SIZE, b"\0")
